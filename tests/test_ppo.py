@@ -296,17 +296,18 @@ def test_missing_or_foreign_checkpoint_is_refused(capsys, log_dir, tmp_path):
 # -- learning -----------------------------------------------------------------------------
 @pytest.mark.slow
 def test_learns_cartpole(log_dir):
-    """Budget: 100k env steps (8 envs x 128 steps, 4 epochs x 4 minibatches, lr 2.5e-3 annealed,
-    no reward scaling), seed 1; threshold: final deterministic evaluation over 10 episodes
-    >= 475 (the maximum is 500)."""
+    """Budget: 120k env steps (8 envs x 128 steps, 10 epochs x 4 minibatches, lr 2.5e-3
+    annealed, entropy 0.01, no reward scaling); threshold: the final deterministic evaluation
+    over 10 episodes >= 475 (the maximum is 500). Seeds 1, 2 and 3 all reach 500 with this
+    budget; seed 1 is tested."""
     args = small_args(
         log_dir,
         env="CartPole-v1",
-        total_steps=100_000,
+        total_steps=120_000,
         num_envs=8,
         num_steps=128,
         num_minibatches=4,
-        update_epochs=4,
+        update_epochs=10,
         hidden_sizes=(64, 64),
         learning_rate=2.5e-3,
         norm_reward=False,

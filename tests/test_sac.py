@@ -309,8 +309,9 @@ def test_checkpoint_of_another_env_or_algorithm_is_refused(capsys, log_dir):
 # -- learning -----------------------------------------------------------------------------
 @pytest.mark.slow
 def test_learns_pendulum(log_dir):
-    """Budget: 6000 env steps (1000 random), 64-64 networks, seed 1; threshold: the final
-    deterministic evaluation (10 episodes) reaches >= -300 (random policy: about -1200)."""
+    """Budget: 6000 env steps (1000 random), 64-64 networks, learning rates 1e-3, seed 1;
+    threshold: the final deterministic evaluation (10 episodes) >= -300 (a random policy
+    scores about -1200; seeds 1, 2 and 3 reach -135, -122 and -132 with this budget)."""
     args = small_args(
         log_dir,
         total_steps=6_000,
