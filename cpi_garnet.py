@@ -15,10 +15,10 @@ Algorithm (per iteration n, on each of M MDPs; the function that does each line 
        of [0, 1], costs c(s, a) ~ U(0, 1), rho0 uniform                           [make_garnet]
     2. Features psi(s) = (binary encoding of s, 1); pi_0 uniform                      [features]
     CPI [CPI; DPI Sec. 6.1]:
-    3. N states s_i ~ d_pi_n: episodes of pi_n from rho0 that stop w.p. 1 - gamma [sample_visitation]
-    4. Qhat(s_i, a) for every a: take a in s_i, follow pi_n, sum the costs until it stops [estimate_q]
+    3. N states s_i ~ d_pi_n: episodes from rho0 that stop w.p. 1 - gamma    [sample_visitation]
+    4. Qhat(s_i, a), every a: take a in s_i, follow pi_n, sum costs until it stops  [estimate_q]
     5. One linear regressor per action, pi*_n(s) = argmin_a w_a . psi(s)  [fit_regressors, classify]
-    6. pi_{n+1} = (1 - beta) pi_n + beta pi*_n [DPI eq. 6], an exact S x A table [conservative_update]
+    6. pi_{n+1} = (1 - beta) pi_n + beta pi*_n [DPI eq. 6], an exact table  [conservative_update]
     AGGREVATED-VI [DPI Sec. 3.3, 6.1]:
     3'. N' episodes of pi_n from rho0; every transition goes into P_hat  [TransitionCounts.model]
     4'. eta_n by exact soft value iteration under P_hat on c' = c / mu - log pi_n [DPI eq. 10]
@@ -47,11 +47,11 @@ continues with the next MDP and ends identical to an uninterrupted one.
 Choices the paper leaves open (its App. B.1 is missing); each is a flag or named here:
     - Garnet: b = 5, c(s, a) ~ U(0, 1), rho0 uniform, gamma = 0.95 (ALGO_NOTES 4.1); beta = 0.1
       for both algorithms, no line search ([DPI] Sec. 6.1: beta tuned, value not given).
-    - Budget: --total-steps transitions per MDP and algorithm, in expectation (a fixed number
-      of iterations, so that every MDP's curve has the same x values). An episode is one rollout that
-      stops w.p. 1 - gamma before each action, from rho0 or, for CPI's Q estimates, from a
-      sampled state with a chosen first action (the [CPI] restart model); the x-axis counts
-      both kinds, as Fig. 1a counts episodes.
+    - Budget: --total-steps transitions per MDP and algorithm, in expectation: a fixed number
+      of iterations [num_iterations], so that all MDPs' curves share their x values. An
+      episode is one rollout that stops w.p. 1 - gamma before each action, from rho0 or, for
+      CPI's Q estimates, from a sampled state with a chosen first action (the [CPI] restart
+      model); the x-axis counts both kinds, as Fig. 1a counts episodes.
     - CPI: the A rollouts from one state share their random length (common random numbers,
       --common-horizon): every Qhat stays unbiased and the differences between actions, all
       that the argmin sees, lose the variance of the horizon (std 1.1 instead of 8.5 at the
@@ -171,7 +171,7 @@ class Args:
     vi_episodes: int = 200
     """Episodes of pi_n from rho0 per AGGREVATED-VI iteration (all of them fill P_hat)."""
     mu: float = 0.5
-    """Temperature mu of the cost c' = c / mu - log pi_n [DPI eq. 10], in cost units (0: plain VI)."""
+    """Temperature mu of c' = c / mu - log pi_n [DPI eq. 10], in cost units (0: plain VI)."""
 
 
 def check_args(args: Args) -> None:
@@ -252,9 +252,14 @@ def make_garnet(num_states: int, num_actions: int, branching: int, gamma: float,
     """
     rng = np.random.default_rng(seed)
     S, A, b = num_states, num_actions, branching
-    # b smallest of S uniform keys per row = b distinct states, uniformly without replacement
-    keys = rng.random((S * A, S))
-    next_states = np.sort(np.argpartition(keys, b - 1, axis=1)[:, :b], axis=1)  # [S * A, b]
+    # Floyd's algorithm, vectorised over the S * A rows: a uniform b-subset of range(S) in
+    # O(b^2) per row, where argsort of S keys per row would take S * A * S memory
+    next_states = np.empty((S * A, b), dtype=np.int64)
+    for k, j in enumerate(range(S - b, S)):
+        t = rng.integers(0, j + 1, size=S * A)
+        taken = (next_states[:, :k] == t[:, None]).any(axis=1)
+        next_states[:, k] = np.where(taken, j, t)
+    next_states.sort(axis=1)
     cuts = np.sort(rng.random((S * A, b - 1)), axis=1)
     edges = np.concatenate([np.zeros((S * A, 1)), cuts, np.ones((S * A, 1))], axis=1)
     probs = np.diff(edges, axis=1)  # [S * A, b], a random partition of [0, 1]
@@ -292,7 +297,7 @@ def rollouts(
     first_actions: np.ndarray | None,
     rng: np.random.Generator,
 ) -> Rollouts:
-    """E episodes of pi [S, A] on mdp, all advanced together; episode i makes lengths[i] transitions.
+    """E episodes of pi [S, A] on mdp, advanced together; episode i makes lengths[i] transitions.
 
     With first_actions, each episode's first action is that one instead of a draw from pi.
     The MDP must have the same number b of non-zeros per (s, a), as a Garnet does.
@@ -370,7 +375,7 @@ def estimate_q(
 
 # == 4. Networks =======================================================================
 def features(num_states: int) -> np.ndarray:
-    """psi(s) = (binary encoding of s in ceil(log2 S) bits, 1) [DPI Sec. 6.1] plus a bias: [S, F]."""
+    """psi(s) = (binary encoding of s in ceil(log2 S) bits [DPI Sec. 6.1], 1 as a bias): [S, F]."""
     bits = max(1, math.ceil(math.log2(num_states)))
     s = np.arange(num_states)[:, None]
     binary = (s >> np.arange(bits)[None, :]) & 1  # [S, bits], least significant bit first
@@ -388,7 +393,7 @@ def fit_regressors(psi: np.ndarray, targets: np.ndarray, ridge: float) -> np.nda
 
 
 def classify(psi: np.ndarray, W: np.ndarray) -> np.ndarray:
-    """The linear classifier pi*(s) = argmin_a w_a . psi(s): [S] actions from psi [S, F], W [F, A]."""
+    """The linear classifier pi*(s) = argmin_a w_a . psi(s): [S] from psi [S, F], W [F, A]."""
     return np.argmin(psi @ W, axis=1)
 
 
@@ -684,18 +689,19 @@ def saved_args(args: Args) -> dict:
 class Progress:
     """Averages metrics between log lines and writes the log line.
 
-    Adapted from sac.py: metrics arrive as floats (numpy, no device to sync), and the line
-    names the MDP, the algorithm and the exact cost of its policy instead of returns.
+    Adapted from sac.py: metrics arrive as floats (numpy, no device to sync) and are counted
+    per key (the two algorithms log different keys), and the line names the MDP, the
+    algorithm and the exact cost of its policy instead of returns.
     """
 
     def __init__(self, writer: SummaryWriter, start_step: int, start_updates: int):
-        self.writer, self.sums, self.count = writer, {}, 0
+        self.writer, self.sums, self.counts = writer, {}, {}
         self.last = (time.perf_counter(), start_step, start_updates)
 
     def add_metrics(self, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
-        self.count += 1
+            self.counts[k] = self.counts.get(k, 0) + 1
 
     def log(self, global_step: int, num_updates: int, where: str, cost: float) -> None:
         now = time.perf_counter()
@@ -705,12 +711,12 @@ class Progress:
         self.writer.add_scalar("charts/SPS", sps, global_step)
         self.writer.add_scalar("charts/updates_per_second", ups, global_step)
         for k, v in self.sums.items():
-            self.writer.add_scalar(k, v / self.count, global_step)
+            self.writer.add_scalar(k, v / self.counts[k], global_step)
         print(
             f"step {global_step} | {where} | cost {cost:.4f} | SPS {sps:.0f} | updates/s {ups:.1f}",
             flush=True,
         )
-        self.sums, self.count = {}, 0
+        self.sums, self.counts = {}, {}
         self.last = (now, global_step, num_updates)
 
 
@@ -726,11 +732,12 @@ def num_iterations(args: Args, algo: str) -> int:
     1 / (1 - gamma). A fixed count (rather than stopping at the budget) gives every MDP the
     same iterations, so the curves average over the MDPs at the same numbers of episodes.
     """
-    if algo == "cpi":
-        episodes = args.cpi_states * (args.gamma + args.num_actions * args.q_rollouts)
+    if algo == "cpi":  # N episodes from rho0, then N A R Q rollouts
+        transitions = args.cpi_states * (args.gamma + args.num_actions * args.q_rollouts)
     else:
-        episodes = args.vi_episodes * args.gamma
-    return max(1, math.ceil(args.total_steps * (1.0 - args.gamma) / episodes))
+        transitions = args.vi_episodes * args.gamma
+    transitions /= 1.0 - args.gamma  # expected transitions per iteration
+    return max(1, math.ceil(args.total_steps / transitions))
 
 
 def run_mdp(

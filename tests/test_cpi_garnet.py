@@ -60,18 +60,17 @@ def random_policy(rng: np.random.Generator, S: int, A: int) -> np.ndarray:
 
 
 def small_args(log_dir: str, **kw) -> Args:
-    """A few seconds' experiment: 3 small Garnets, short budget."""
-    base = dict(
-        num_states=32,
-        num_mdps=2,
-        total_steps=3_000,
-        cpi_states=20,
-        vi_episodes=20,
-        log_dir=log_dir,
-        log_every=1_000,
-    )
-    base.update(kw)
-    return Args(**base)
+    """A few seconds' experiment: 2 small Garnets, a short budget."""
+    base = {
+        "num_states": 32,
+        "num_mdps": 2,
+        "total_steps": 3_000,
+        "cpi_states": 20,
+        "vi_episodes": 20,
+        "log_dir": log_dir,
+        "log_every": 1_000,
+    }
+    return Args(**{**base, **kw})
 
 
 # -- Garnet generator ----------------------------------------------------------------
@@ -87,6 +86,18 @@ def test_garnet_rows_are_distributions_with_exactly_b_nonzeros(S, A, b):
     again, other = make_garnet(S, A, b, 0.9, seed=3), make_garnet(S, A, b, 0.9, seed=4)
     assert all(np.array_equal(x, y) for x, y in zip(mdp[:5], again[:5]))
     assert not np.array_equal(mdp.costs, other.costs)
+
+
+def test_garnet_next_state_sets_are_uniform_subsets():
+    """All C(4, 2) = 6 pairs of next states are equally likely (12000 rows, 2000 expected each,
+    binomial std 41), and each state appears equally often."""
+    mdp = make_garnet(4, 3000, 2, 0.9, seed=11)
+    pairs = mdp.cols.reshape(-1, 2)
+    assert (pairs[:, 0] < pairs[:, 1]).all()  # distinct, sorted
+    freq = np.bincount(pairs[:, 0] * 4 + pairs[:, 1], minlength=16)
+    expected = [0 * 4 + 1, 0 * 4 + 2, 0 * 4 + 3, 1 * 4 + 2, 1 * 4 + 3, 2 * 4 + 3]
+    assert freq.sum() == freq[expected].sum() == 12000
+    assert np.abs(freq[expected] - 2000).max() < 5 * 41
 
 
 def test_garnet_next_states_spread_over_all_states():
