@@ -194,7 +194,8 @@ def check_args(args: Args) -> None:
         raise UsageError("give either --resume or --checkpoint, not both")
     if args.cuda and not torch.cuda.is_available():
         raise UsageError("--cuda was given but torch sees no CUDA device")
-    # -- shared arguments that cannot apply to a tabular experiment
+    # -- algorithm ---------------------------------------------------------------------
+    # shared arguments that cannot apply to a tabular experiment
     if args.env != "Garnet":
         raise UsageError(
             f"--env {args.env!r} does not apply: this script generates Garnet MDPs "
@@ -206,7 +207,6 @@ def check_args(args: Args) -> None:
         raise UsageError("--cuda does not apply: the experiment is tabular numpy on the CPU")
     if args.capture_video:
         raise UsageError("--capture-video does not apply: Garnet MDPs have nothing to render")
-    # -- algorithm ---------------------------------------------------------------------
     if args.num_states < 2 or args.num_actions < 2:
         raise UsageError("--num-states and --num-actions must be at least 2")
     if not 1 <= args.branching <= args.num_states:
