@@ -323,11 +323,10 @@ class Simulator:
         if isinstance(getattr(self.env, "model", None), mujoco.MjModel):
             self.kind = "mujoco"
             self.size = mujoco.mj_stateSize(self.env.model, mujoco.mjtState.mjSTATE_INTEGRATION)
-        elif type(self.env).__module__.startswith("gymnasium.envs.classic_control") and hasattr(
-            self.env, "state"
-        ):
+        elif type(self.env).__module__.startswith("gymnasium.envs.classic_control"):
             self.kind = "classic"
-            self.env.reset(seed=0)  # creates `state`
+            if getattr(self.env, "state", None) is None:  # created by the first reset
+                self.env.reset(seed=0)
             self.size = len(np.asarray(self.env.state))
         else:
             raise UsageError(
@@ -687,12 +686,20 @@ def line_search(
     params = list(actor.parameters())
     for j in range(backtrack_iters):
         fraction = backtrack_coef**j
-        nn.utils.vector_to_parameters(theta_old + fraction * full_step, params)
+        set_parameters(params, theta_old + fraction * full_step)
         surrogate_new, kl = evaluate_step()
         if bool(kl <= delta) and bool(surrogate_new > surrogate_old):
             return fraction
-    nn.utils.vector_to_parameters(theta_old, params)
+    set_parameters(params, theta_old)
     return 0.0
+
+
+@torch.no_grad()
+def set_parameters(params: list[torch.Tensor], theta: torch.Tensor) -> None:
+    """Copy the flat vector theta [P] into the parameters in place. (vector_to_parameters
+    would make them views into theta, whose memory alignment can change matmul rounding.)"""
+    for p, chunk in zip(params, theta.split([p.numel() for p in params])):
+        p.copy_(chunk.view_as(p))
 
 
 def vine_rollouts(
