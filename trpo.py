@@ -6,59 +6,64 @@ References:
         algorithm, App. C conjugate gradient and line search, App. C.1 Fisher-vector
         products, App. D policies, Table 2 parameters.
     [GAE] Schulman, Moritz, Levine, Jordan, Abbeel 2016, "High-Dimensional Continuous Control
-        Using Generalized Advantage Estimation", ICLR (not in shared/papers): the advantages
-        and the learned value function of the single-path estimator (TRPO-GAE, the baseline
-        of [DPI] Sec. 6.2).
-    [SB3C] Stable-Baselines3-contrib TRPO and [SpinUp] Spinning Up TRPO: CG damping 0.1,
-        backtracking coefficient 0.8 and at most 10 backtracking steps (the paper gives none).
+        Using Generalized Advantage Estimation", arXiv:1506.02438: the advantages and the
+        learned value function of the single-path estimator (TRPO-GAE, the baseline of [DPI]
+        Sec. 6.2).
+    [SB3C] Stable-Baselines3-contrib TRPO and [SpinUp] Spinning Up TRPO: CG damping 0.1, line
+        search factor 0.8 and at most 10 backtracking steps (the paper gives none of them), and
+        the value-function fit.
+    ppo.py: the rollout, GAE, observation and reward normalisation and the policy network are
+        its code, so that `diff ppo.py trpo.py` shows the trust-region update and the vine.
 
 Algorithm (one iteration; the function that does each line in brackets):
-    1. Roll out pi_old for T steps in E envs; the vine also saves the simulator state of
-       every step (the "trunk")                                      [RolloutBuffer, Simulator]
-    2. Single path: A_t = GAE(gamma, lambda) with a learned V; Q - V is the [TRPO Sec. 5.1]
-       Monte Carlo estimate at lambda = 1                                                [gae]
-       Vine: pick N trunk states, K actions per state (q = pi for continuous actions,
-       uniform for discrete), restore each state and roll out L steps after each action,
-       the K branches of a state sharing their noise; Q_nk = discounted branch return
-                                                                        [vine_rollouts]
-    3. Surrogate L(theta): mean_t r_t(theta) A_t, r = pi_theta / pi_old [TRPO eq. 14]
-       [surrogate]; vine: mean_n sum_k w_nk Q_nk / sum_k w_nk, w = pi_theta / q
+    1. Roll out pi_old for num_steps steps in each of num_envs envs [Rollout]; the vine also
+       saves every step's simulator state (the "trunk")                   [Trunk, Simulator]
+    2. Single path [TRPO Sec. 5.1]: advantages A_t = GAE(gamma, lambda) with a learned V;
+       lambda = 1 gives the paper's Monte Carlo Q minus a baseline                     [gae]
+       Vine [TRPO Sec. 5.2]: R trunk states; at each, K actions (q = pi for Box actions,
+       uniform for Discrete ones); restore the state, take the action, follow pi for L - 1
+       steps, the K branches of a state sharing their noise; Q = discounted branch return
+                                                                [vine_batch, vine_rollouts]
+    3. Surrogate L(theta) = mean_t rho_t A_t, rho = pi_theta / pi_old [TRPO eq. 14]
+       [surrogate]; vine: mean_r sum_k w_rk Q_rk / sum_k w_rk, w = pi_theta / q
        [TRPO eq. 15-16]                                                    [vine_surrogate]
     4. g = grad L; s = A^-1 g by 10 conjugate-gradient steps on Fisher-vector products, the
-       Hessian of the mean KL on a 10% subsample   [conjugate_gradient, fisher_vector_product]
-    5. Full step beta s with beta = sqrt(2 delta / s^T A s); shrink it until L improves and
-       mean KL(pi_old || pi_theta) <= delta, else keep theta_old [TRPO App. C]   [line_search]
-    6. Single path: fit V to the GAE returns by minibatch Adam                  [update_value]
+       Hessian of the mean KL(pi_old || pi_theta) on a 10% subsample of the states
+                                                 [conjugate_gradient, fisher_vector_product]
+    5. Full step beta s, beta = sqrt(2 delta / s^T A s); shrink it by 0.8 until L improves
+       and the mean KL <= delta, else keep theta_old [TRPO App. C]  [update_policy, line_search]
+    6. Single path: fit V to the GAE returns by minibatch Adam                 [update_value]
 
-Shapes: T rollout steps, E envs, B = T * E batch, O observation size, A action size (Box) or
-number of actions (Discrete), D distribution parameters per state (2A or A), N rollout-set
-states, K actions per state, L branch length, P policy parameters.
+Shapes: T steps per env per rollout, N envs, B states in a batch, O observation size, A action
+size (or number of actions), D distribution parameters per state (2A or A), P policy
+parameters; vine: R rollout-set states (the paper's N), K actions per state, L branch length,
+Z simulator-state size.
 
 Usage:
     python trpo.py --env Hopper-v5
     python trpo.py --env Hopper-v5 --estimator vine
     python trpo.py --env Swimmer-v5 --estimator vine --vine-states 125 --vine-rollout-length 50
-    python trpo.py --env CartPole-v1 --total-steps 100000 --num-steps 2000
+    python trpo.py --env CartPole-v1 --num-steps 2000 --total-steps 20000
     python trpo.py --env Hopper-v5 --checkpoint runs/<run>/model.pt --eval-only
     python trpo.py --resume runs/<run>/resume.pt
-    [TRPO] Table 2 batch sizes: single path --num-steps 50000 (Swimmer) or 1000000 (Hopper);
-        vine trunk 16 x 1000 steps: --num-steps 16000
+    [TRPO] Table 2 batches: single path --num-steps 50000 (Swimmer) or 1000000 (Hopper); vine
+        trunk of 16 x 1000 steps: --num-steps 16000 (Swimmer: --vine-states 125
+        --vine-rollout-length 50; Hopper, Walker: the defaults)
 
 Deviations from the paper:
-    - Single path uses GAE(gamma, lambda) advantages with a learned value function [GAE]; the
-      paper uses Monte Carlo returns Q (--gae-lambda 1 gives returns minus the baseline V).
-      Advantages are normalised per batch (--no-norm-adv to turn off), as in [SB3C]/[SpinUp].
-    - 5,000 env steps per iteration by default instead of Table 2's 50,000-1,000,000, so that
-      the default 1M-step run makes the paper's 200 policy iterations.
-    - Networks: two hidden layers of 64 tanh units for the policy mean and for V, as ppo.py;
-      the paper used one hidden layer of 30 (Swimmer) or 50 (Hopper/Walker) units.
-    - Observations are normalised by running statistics, updated once per iteration (so the
-      policy is fixed while it collects data) and frozen at evaluation (--no-norm-obs: off).
+    - Single path uses GAE(gamma, lambda) advantages and a learned V [GAE] instead of plain
+      Monte Carlo returns (--gae-lambda 1 gives returns minus V); the advantages of a batch are
+      normalised ([SB3C], [SpinUp]; --no-norm-adv turns it off).
+    - 5,000 env steps per iteration instead of Table 2's 50,000-1,000,000, so that the default
+      1M-step run makes the paper's 200 policy iterations.
+    - Networks, orthogonal initialisation and observation and reward normalisation are
+      ppo.py's (two hidden layers of 64 tanh units; the paper used one layer of 30 or 50).
+      Reward scaling only changes V's targets: the step is normalised to delta anyway.
     - The vine estimates the KL constraint and the Fisher matrix on all trunk states, a larger
-      sample of the same state distribution than the N rollout-set states.
-    - A branch stops where the episode it branches from would hit its time limit.
-    - Gaussian actions are clipped to the action bounds in the env only; the unclipped sample
-      is what the log-probabilities and the importance ratios use.
+      sample of the same state distribution than the R rollout-set states, and a branch stops
+      where the episode it branches from would hit its time limit.
+    - Gaussian actions are clipped to the bounds in the env only; log-probabilities and
+      importance ratios use the unclipped sample.
 """
 
 # == 1. Imports ========================================================================
@@ -66,14 +71,13 @@ import dataclasses
 import difflib
 import functools
 import json
-import math
 import os
 import random
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import gymnasium as gym
 import mujoco  # the vine saves and restores MuJoCo states
@@ -128,52 +132,62 @@ class Args:
     capture_video: bool = False
     """Record evaluation episodes to <run>/videos (needs a rendering backend)."""
     # -- algorithm ---------------------------------------------------------------------
-    # Estimator [TRPO Sec. 5]
+    # Networks [TRPO App. D; ppo.py's sizes, the paper's were one layer of 30 or 50 units]
+    hidden_sizes: tuple[int, ...] = (64, 64)
+    """Hidden layer sizes of the policy and of the value network."""
+    activation: Literal["relu", "elu", "tanh"] = "tanh"
+    """Hidden activation ([TreePI] Table 2 uses elu)."""
+    layer_norm: bool = False
+    """LayerNorm after the first hidden layer (the 'LN' of [TreePI] Table 2)."""
+    # Rollouts [TRPO Sec. 5, Table 2]
     estimator: Literal["single-path", "vine"] = "single-path"
-    """Q/advantage estimator: single path [TRPO Sec. 5.1] or vine [TRPO Sec. 5.2]."""
+    """How Q is estimated: along the rollout [TRPO Sec. 5.1] or by branch rollouts [Sec. 5.2]."""
     num_steps: int = 5_000
-    """Env steps per env per iteration: the single-path batch or the vine's trunk (paper:
-    50,000 (Swimmer) to 1,000,000 (Hopper) single-path steps, a 16 x 1000 trunk [Table 2])."""
+    """Steps per env in each rollout: the single-path batch or the vine's trunk (paper: 50,000
+    to 1,000,000 single-path steps, a 16 x 1000-step trunk [Table 2])."""
     gamma: float = 0.99
     """Discount factor gamma [TRPO Table 2]."""
-    # Single path [TRPO Sec. 5.1] with GAE [GAE]
     gae_lambda: float = 0.97
-    """GAE lambda (1: Monte Carlo returns minus V, the paper's estimator; [SpinUp]: 0.97)."""
+    """GAE parameter lambda (1: Monte Carlo returns minus V, the paper's; [SpinUp]: 0.97)."""
     norm_adv: bool = True
-    """Normalise the advantages of each batch to mean 0, std 1 ([SB3C], [SpinUp])."""
-    value_lr: float = 1e-3
-    """Adam learning rate of the value function V ([SB3C], [SpinUp])."""
-    value_epochs: int = 10
-    """Passes over the batch per iteration when fitting V ([SB3C])."""
-    value_batch_size: int = 128
-    """Minibatch size when fitting V ([SB3C])."""
-    # Vine [TRPO Sec. 5.2; Table 2, Hopper/Walker column]
+    """Normalise the single-path advantages of each batch to mean 0 and std 1."""
+    # Vine [TRPO Sec. 5.2; Table 2, Hopper and Walker columns]
     vine_states: int = 625
-    """N, states in the rollout set (Table 2: 2500 Q-values / 4 actions; Swimmer: 500 / 4)."""
+    """R, states in the rollout set (Table 2: 2500 Q-values / 4 actions; Swimmer 500 / 4)."""
     vine_actions: int = 4
-    """K, actions per state, each with its own branch (Table 2: 4; Discrete: min(K, |A|))."""
+    """K, actions per rollout-set state, each with its own branch (Table 2: 4; Discrete
+    spaces use min(K, n) distinct actions)."""
     vine_rollout_length: int = 100
-    """L, env steps per branch, the first action included (Table 2: 100; Swimmer: 50)."""
+    """L, env steps per branch, its first action included (Table 2: 100; Swimmer 50)."""
     # Trust region [TRPO Sec. 6, App. C]
     delta: float = 0.01
     """delta, the bound on the mean KL(pi_old || pi_new) [TRPO Table 2]."""
     cg_iters: int = 10
-    """Conjugate-gradient iterations for s = A^-1 g [TRPO App. C: 10]."""
+    """Conjugate-gradient iterations for the direction s = A^-1 g [TRPO App. C]."""
     cg_damping: float = 0.1
-    """Damping lambda added to the Fisher, A + lambda I (paper: not given; [SB3C], [SpinUp])."""
+    """Damping lambda of the Fisher, A + lambda I (paper: not given; [SB3C], [SpinUp])."""
     fisher_fraction: float = 0.1
-    """Fraction of the batch on which Fisher-vector products are computed [TRPO App. C.1]."""
+    """Fraction of the states on which Fisher-vector products are computed [TRPO App. C.1]."""
     backtrack_coef: float = 0.8
-    """Line-search shrink factor per step (paper: 'exponentially'; [SB3C], [SpinUp]: 0.8)."""
+    """Line-search shrink factor (paper: 'exponentially'; [SB3C], [SpinUp])."""
     backtrack_iters: int = 10
-    """Line-search steps before the update is rejected ([SB3C], [SpinUp]: 10)."""
-    # Networks [TRPO App. D]
-    hidden_sizes: tuple[int, ...] = (64, 64)
-    """Hidden layer sizes of the policy mean/logits and of V (paper: one layer of 30 or 50)."""
-    activation: Literal["relu", "elu", "tanh"] = "tanh"
-    """Hidden activation."""
+    """Line-search steps tried before the update is rejected ([SB3C], [SpinUp])."""
+    # Value function, single path only [GAE; SB3C]
+    value_lr: float = 1e-3
+    """Adam learning rate of V ([SB3C], [SpinUp])."""
+    value_epochs: int = 10
+    """Epochs over each rollout when fitting V ([SB3C])."""
+    value_minibatches: int = 32
+    """Minibatches per epoch when fitting V (ppo.py's count; [SB3C]: size 128)."""
+    # Normalisation (baselines VecNormalize, as ppo.py)
     norm_obs: bool = True
-    """Normalise observations by running statistics (saved in checkpoints, frozen at eval)."""
+    """Normalise observations with running mean and variance."""
+    norm_reward: bool = True
+    """Divide rewards by the running std of the discounted return."""
+    obs_clip: float = 10.0
+    """Clip normalised observations to +-obs_clip."""
+    reward_clip: float = 10.0
+    """Clip scaled rewards to +-reward_clip."""
 
 
 def check_args(args: Args) -> None:
@@ -197,44 +211,41 @@ def check_args(args: Args) -> None:
     if args.cuda and not torch.cuda.is_available():
         raise UsageError("--cuda was given but torch sees no CUDA device")
     # -- algorithm ---------------------------------------------------------------------
+    if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
+        raise UsageError(f"--hidden-sizes must be positive, got {args.hidden_sizes}")
     if args.num_steps <= 0:
         raise UsageError(f"--num-steps must be positive, got {args.num_steps}")
-    if args.total_steps < args.num_steps * args.num_envs:
-        raise UsageError(
-            f"--total-steps {args.total_steps} is less than one iteration "
-            f"(--num-steps x --num-envs = {args.num_steps * args.num_envs})"
-        )
-    if not 0.0 <= args.gamma <= 1.0:
-        raise UsageError(f"--gamma must be in [0, 1], got {args.gamma}")
-    if not 0.0 <= args.gae_lambda <= 1.0:
-        raise UsageError(f"--gae-lambda must be in [0, 1], got {args.gae_lambda}")
-    if args.value_lr <= 0 or args.value_epochs <= 0 or args.value_batch_size <= 0:
-        raise UsageError("--value-lr, --value-epochs and --value-batch-size must be positive")
+    if not 0.0 <= args.gamma <= 1.0 or not 0.0 <= args.gae_lambda <= 1.0:
+        raise UsageError("--gamma and --gae-lambda must be in [0, 1]")
+    batch = args.num_envs * args.num_steps
     if args.estimator == "vine":
-        if args.vine_states <= 0 or args.vine_states > args.num_steps * args.num_envs:
+        if not 0 < args.vine_states <= batch:
             raise UsageError(
-                f"--vine-states must be in [1, --num-steps x --num-envs = "
-                f"{args.num_steps * args.num_envs}], got {args.vine_states}"
+                f"--vine-states must be in [1, {batch}] (the trunk: {args.num_envs} envs x "
+                f"{args.num_steps} steps), got {args.vine_states}"
             )
         if args.vine_actions < 2:
             raise UsageError(
-                f"--vine-actions must be at least 2 (one action per state has no gradient), "
-                f"got {args.vine_actions}"
+                f"--vine-actions must be at least 2 (with one action per state the "
+                f"self-normalised surrogate is constant), got {args.vine_actions}"
             )
         if args.vine_rollout_length <= 0:
             raise UsageError(
                 f"--vine-rollout-length must be positive, got {args.vine_rollout_length}"
             )
-    if args.delta <= 0:
-        raise UsageError(f"--delta must be positive, got {args.delta}")
-    if args.cg_iters <= 0 or args.cg_damping < 0:
-        raise UsageError("--cg-iters must be positive and --cg-damping >= 0")
+    if args.delta <= 0 or args.cg_iters <= 0 or args.cg_damping < 0:
+        raise UsageError("--delta and --cg-iters must be positive and --cg-damping >= 0")
     if not 0.0 < args.fisher_fraction <= 1.0:
         raise UsageError(f"--fisher-fraction must be in (0, 1], got {args.fisher_fraction}")
     if not 0.0 < args.backtrack_coef < 1.0 or args.backtrack_iters <= 0:
         raise UsageError("--backtrack-coef must be in (0, 1) and --backtrack-iters positive")
-    if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
-        raise UsageError(f"--hidden-sizes must be positive, got {args.hidden_sizes}")
+    if args.value_lr <= 0 or args.value_epochs <= 0 or args.value_minibatches <= 0:
+        raise UsageError("--value-lr, --value-epochs and --value-minibatches must be positive")
+    if args.value_minibatches > batch:
+        raise UsageError(
+            f"--value-minibatches {args.value_minibatches} is larger than the rollout "
+            f"({args.num_envs} envs x {args.num_steps} steps)"
+        )
 
 
 # == 3. Environment ====================================================================
@@ -244,8 +255,9 @@ def make_env(env_id: str, render_mode: str | None = None) -> gym.Env:
         close = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise UsageError(f"unknown env id {env_id!r}{hint}")
+    kwargs = {} if render_mode is None else {"render_mode": render_mode}
     try:
-        return gym.make(env_id, render_mode=render_mode)
+        return gym.make(env_id, **kwargs)
     except gym.error.DependencyNotInstalled as e:
         raise UsageError(f"{env_id} needs a package that is not installed: {e}") from None
 
@@ -283,11 +295,14 @@ def check_spaces(env_id: str, obs_space: gym.Space, action_space: gym.Space) -> 
         raise UsageError(
             f"{env_id} has observation space {obs_space}; this script needs a flat Box"
         )
-    if not isinstance(action_space, (gym.spaces.Box, gym.spaces.Discrete)) or (
-        isinstance(action_space, gym.spaces.Box) and len(action_space.shape) != 1
-    ):
+    if not isinstance(action_space, (gym.spaces.Box, gym.spaces.Discrete)):
         raise UsageError(
-            f"{env_id} has action space {action_space}; TRPO needs a flat Box or a Discrete one"
+            f"{env_id} has a {type(action_space).__name__} action space; TRPO here needs a Box "
+            "or a Discrete one"
+        )
+    if isinstance(action_space, gym.spaces.Box) and len(action_space.shape) != 1:
+        raise UsageError(
+            f"{env_id} has actions of shape {action_space.shape}; TRPO needs a flat Box"
         )
 
 
@@ -361,217 +376,255 @@ class Simulator:
 
 # == 4. Networks =======================================================================
 ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh}
-INIT_LOG_STD = 0.0  # initial log std r: sigma = 1 ([TRPO App. D] learns r; CleanRL starts at 0)
 
 
-def layer_init(layer: nn.Linear, std: float = math.sqrt(2)) -> nn.Linear:
-    """Orthogonal weights with gain `std` and zero biases (CleanRL's PPO initialisation)."""
-    nn.init.orthogonal_(layer.weight, std)
-    nn.init.zeros_(layer.bias)
-    return layer
-
-
-def mlp(in_dim: int, hidden_sizes: tuple[int, ...], activation: str) -> nn.Sequential:
-    """Linear + activation layers."""
+def mlp(
+    in_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool
+) -> nn.Sequential:
+    """Linear + activation layers; optional LayerNorm after the first Linear ([TreePI] '256-LN')."""
     layers: list[nn.Module] = []
-    for size in hidden_sizes:
-        layers += [layer_init(nn.Linear(in_dim, size)), ACTIVATIONS[activation]()]
+    for i, size in enumerate(hidden_sizes):
+        layers.append(nn.Linear(in_dim, size))
+        if layer_norm and i == 0:
+            layers.append(nn.LayerNorm(size))
+        layers.append(ACTIVATIONS[activation]())
         in_dim = size
     return nn.Sequential(*layers)
 
 
-class GaussianActor(nn.Module):
-    """Diagonal Gaussian pi(a|s) = N(mean_theta(s), exp(r)^2), r a state-independent log std.
+def orthogonal_init(module: nn.Module, gain: float) -> nn.Module:
+    """Orthogonal weights with the given gain and zero biases for every Linear (baselines ppo2)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.orthogonal_(layer.weight, gain)
+            nn.init.zeros_(layer.bias)
+    return module
 
-    [TRPO App. D]: forward returns the distribution parameters mu_theta(s) = [mean, log std]
-    of App. C.1 as one tensor [B, D = 2A]; the methods below take that tensor.
-    """
 
-    def __init__(self, obs_dim: int, action_space: gym.spaces.Box, args: Args):
+class Actor(nn.Module):
+    """pi(a|s): a diagonal Gaussian with a state-independent log std for Box actions, a
+    categorical over logits for Discrete ones [TRPO App. D]."""
+
+    def __init__(self, obs_dim: int, action_space: gym.Space, args: Args):
         super().__init__()
-        action_dim = action_space.shape[0]
-        self.mean = nn.Sequential(
-            mlp(obs_dim, args.hidden_sizes, args.activation),
-            layer_init(nn.Linear(args.hidden_sizes[-1], action_dim), std=0.01),
+        self.discrete = isinstance(action_space, gym.spaces.Discrete)
+        out_dim = int(action_space.n) if self.discrete else int(np.prod(action_space.shape))
+        self.trunk = orthogonal_init(
+            mlp(obs_dim, args.hidden_sizes, args.activation, args.layer_norm), np.sqrt(2)
         )
-        self.log_std = nn.Parameter(torch.full((action_dim,), INIT_LOG_STD))
-        self.register_buffer("action_low", torch.as_tensor(action_space.low, dtype=torch.float32))
-        self.register_buffer("action_high", torch.as_tensor(action_space.high, dtype=torch.float32))
-        self.action_shape, self.action_dtype = (action_dim,), torch.float32
+        # a small last layer starts the policy near uniform / zero mean (baselines ppo2)
+        self.head = orthogonal_init(nn.Linear(args.hidden_sizes[-1], out_dim), 0.01)
+        self.log_std = None if self.discrete else nn.Parameter(torch.zeros(out_dim))
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        mean = self.mean(obs)
-        return torch.cat([mean, self.log_std.expand_as(mean)], dim=-1)  # [B, 2A]
+        """Gaussian mean [B, A] or categorical logits [B, n]."""
+        return self.head(self.trunk(obs))
 
-    def noise(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """Standard normal noise for `shape` actions; sample() turns it into actions."""
-        return torch.randn(*shape, *self.action_shape, device=device)
+    def log_prob_entropy(
+        self, obs: torch.Tensor, actions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """log pi(a|s) and the entropy of pi(.|s), both [B]."""
+        out = self(obs)
+        if self.discrete:
+            return categorical_log_prob(out, actions), categorical_entropy(out)
+        log_std = self.log_std.expand_as(out)
+        return gaussian_log_prob(actions, out, log_std), gaussian_entropy(log_std)
 
-    def sample(self, dist: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        mean, log_std = dist.chunk(2, dim=-1)
-        return mean + log_std.exp() * noise
+    def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """An action a ~ pi(.|s) (unclipped; the env clips) and log pi(a|s) [B]."""
+        out = self(obs)
+        if self.discrete:
+            actions = torch.multinomial(out.softmax(-1), 1).squeeze(-1)
+            return actions, categorical_log_prob(out, actions)
+        noise = torch.randn_like(out)
+        actions = out + self.log_std.exp() * noise
+        # log N(a; mean, std) with (a - mean) / std = noise: no division needed
+        log_probs = (-0.5 * noise.pow(2) - self.log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
+        return actions, log_probs
 
-    def log_prob(self, dist: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        mean, log_std = dist.chunk(2, dim=-1)
-        z = (actions - mean) * torch.exp(-log_std)
-        return (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+    def deterministic(self, obs: torch.Tensor) -> torch.Tensor:
+        """The mean action or the most likely one, used for evaluation."""
+        out = self(obs)
+        return out.argmax(-1) if self.discrete else out
 
-    def kl(self, dist_old: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
-        """KL(old || new) = sum_i log(s_i / s_old_i) + (s_old_i^2 + (m_old_i - m_i)^2) / (2 s_i^2)
-        - 1/2, per state."""
-        mean_old, log_std_old = dist_old.chunk(2, dim=-1)
-        mean, log_std = dist.chunk(2, dim=-1)
-        var_ratio = torch.exp(2 * (log_std_old - log_std))
-        mahalanobis = ((mean_old - mean) * torch.exp(-log_std)).pow(2)
-        return (log_std - log_std_old + 0.5 * (var_ratio + mahalanobis) - 0.5).sum(-1)
-
-    def entropy(self, dist: torch.Tensor) -> torch.Tensor:
-        _, log_std = dist.chunk(2, dim=-1)
-        return (log_std + 0.5 * math.log(2 * math.pi * math.e)).sum(-1)
-
-    def deterministic(self, dist: torch.Tensor) -> torch.Tensor:
-        return dist.chunk(2, dim=-1)[0]
-
-    def env_action(self, actions: torch.Tensor) -> torch.Tensor:
-        """The action sent to the env: the sample clipped to the action bounds."""
-        return torch.clamp(actions, self.action_low, self.action_high)
-
-
-class CategoricalActor(nn.Module):
-    """Categorical pi(a|s) = softmax(logits_theta(s)) [TRPO App. D]; dist = logits [B, D = A]."""
-
-    def __init__(self, obs_dim: int, action_space: gym.spaces.Discrete, args: Args):
-        super().__init__()
-        self.logits = nn.Sequential(
-            mlp(obs_dim, args.hidden_sizes, args.activation),
-            layer_init(nn.Linear(args.hidden_sizes[-1], int(action_space.n)), std=0.01),
-        )
-        self.action_shape, self.action_dtype = (), torch.int64
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.logits(obs)  # [B, A]
-
-    def noise(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """Uniform noise u in [0, 1) for `shape` actions; sample() inverts the CDF at u."""
-        return torch.rand(*shape, device=device)
-
-    def sample(self, dist: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        cdf = torch.softmax(dist, dim=-1).cumsum(-1)
-        actions = (cdf <= noise.unsqueeze(-1)).sum(-1)  # the first a with cdf(a) > u
-        return actions.clamp_max(dist.shape[-1] - 1)  # cdf(A - 1) may round below 1
-
-    def log_prob(self, dist: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(dist, -1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+    def dist_params(self, obs: torch.Tensor) -> torch.Tensor:
+        """The distribution parameters mu_theta(s) of [TRPO App. C.1]: [mean, log std] [B, 2A]
+        for Box actions, the logits [B, n] for Discrete ones."""
+        out = self(obs)
+        return out if self.discrete else torch.cat([out, self.log_std.expand_as(out)], dim=-1)
 
     def kl(self, dist_old: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
-        """KL(old || new) = sum_a p_old(a) (log p_old(a) - log p(a)), per state."""
-        log_p_old = torch.log_softmax(dist_old, -1)
-        return (log_p_old.exp() * (log_p_old - torch.log_softmax(dist, -1))).sum(-1)
+        """KL(pi_old(.|s) || pi(.|s)) per state [B] from two dist_params outputs."""
+        if self.discrete:
+            return categorical_kl(dist_old, dist)
+        return gaussian_kl(*dist_old.chunk(2, dim=-1), *dist.chunk(2, dim=-1))
 
-    def entropy(self, dist: torch.Tensor) -> torch.Tensor:
-        log_p = torch.log_softmax(dist, -1)
-        return -(log_p.exp() * log_p).sum(-1)
+    def noise(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """The random numbers of `shape` actions: uniform [*shape] for Discrete actions,
+        standard normal [*shape, A] for Box ones."""
+        if self.discrete:
+            return torch.rand(shape, device=device)
+        return torch.randn(*shape, *self.log_std.shape, device=device)
 
-    def deterministic(self, dist: torch.Tensor) -> torch.Tensor:
-        return dist.argmax(-1)
-
-    def env_action(self, actions: torch.Tensor) -> torch.Tensor:
-        return actions
-
-
-Actor = GaussianActor | CategoricalActor
+    def sample_with_noise(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """a ~ pi(.|s) as a function of given noise, so branches can share it: mean + std noise,
+        or the inverse CDF of the categorical at the uniform noise."""
+        out = self(obs)
+        if self.discrete:
+            cdf = out.softmax(-1).cumsum(-1)
+            actions = (cdf <= noise.unsqueeze(-1)).sum(-1)  # the first a with cdf(a) > u
+            return actions.clamp_max(out.shape[-1] - 1)  # in case cdf(n - 1) rounds below u
+        return out + self.log_std.exp() * noise
 
 
 class Value(nn.Module):
-    """State value V(s), the single-path baseline [GAE]."""
+    """State-value function V(s)."""
 
     def __init__(self, obs_dim: int, args: Args):
         super().__init__()
-        self.net = nn.Sequential(
-            mlp(obs_dim, args.hidden_sizes, args.activation),
-            layer_init(nn.Linear(args.hidden_sizes[-1], 1), std=1.0),
+        self.trunk = orthogonal_init(
+            mlp(obs_dim, args.hidden_sizes, args.activation, args.layer_norm), np.sqrt(2)
         )
+        self.head = orthogonal_init(nn.Linear(args.hidden_sizes[-1], 1), 1.0)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(obs).squeeze(-1)  # [B]
+        return self.head(self.trunk(obs)).squeeze(-1)  # [B]
 
 
 # == 5. Storage ========================================================================
-OBS_CLIP = 10.0  # normalised observations are clipped to [-10, 10] (gymnasium's wrapper, SB3)
-OBS_NORM_EPS = 1e-8  # variance floor of the observation normalisation
-
-
 class RunningMeanStd:
-    """Running mean and variance of observations in plain tensors, so checkpoints can save
-    them and evaluation can use them frozen; merged per batch (Chan et al.'s parallel form).
-    float32 copies of the shift and scale make normalising one step a few cheap ops."""
+    """Mean and variance of everything seen so far, merged batch by batch (Chan et al. 1979, as
+    baselines' VecNormalize). Kept in float64 numpy for speed on the per-step path; state_dict()
+    gives tensors for the checkpoint."""
 
-    def __init__(self, obs_dim: int, device: torch.device):
-        self.mean = torch.zeros(obs_dim, dtype=torch.float64, device=device)
-        self.var = torch.ones(obs_dim, dtype=torch.float64, device=device)
-        self.count = torch.tensor(1e-4, dtype=torch.float64, device=device)  # as gymnasium
-        self._cache()
+    def __init__(self, shape: tuple[int, ...]):
+        self.mean = np.zeros(shape)
+        self.var = np.ones(shape)
+        self.count = 1e-4  # baselines' initial count: the first batch dominates at once
 
-    def _cache(self) -> None:
-        self.shift = self.mean.to(torch.float32)
-        self.scale = torch.sqrt(self.var + OBS_NORM_EPS).to(torch.float32)
-
-    def update(self, x: torch.Tensor) -> None:
-        x = x.to(torch.float64)
-        batch_mean, batch_var, n = x.mean(0), x.var(0, unbiased=False), x.shape[0]
+    def update(self, x: np.ndarray) -> None:
+        """Merge a batch x [n, *shape]."""
+        n = x.shape[0]
+        batch_mean = x.sum(axis=0) / n  # sum and square by hand: np.mean / np.var cost more
+        batch_var = np.square(x - batch_mean).sum(axis=0) / n
         delta, total = batch_mean - self.mean, self.count + n
         self.mean = self.mean + delta * n / total
-        m2 = self.var * self.count + batch_var * n + delta.pow(2) * self.count * n / total
+        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
         self.var, self.count = m2 / total, total
-        self._cache()
 
-    def normalize(self, obs: torch.Tensor) -> torch.Tensor:
-        return ((obs - self.shift) / self.scale).clamp(-OBS_CLIP, OBS_CLIP)
+    def normalize(self, x: np.ndarray, clip: float) -> np.ndarray:
+        return np.clip((x - self.mean) / np.sqrt(self.var + 1e-8), -clip, clip).astype(np.float32)
 
     def state_dict(self) -> dict:
-        return {"mean": self.mean, "var": self.var, "count": self.count}
+        return {
+            "mean": torch.as_tensor(np.asarray(self.mean)),
+            "var": torch.as_tensor(np.asarray(self.var)),
+            "count": torch.tensor(self.count, dtype=torch.float64),
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.mean, self.var, self.count = (
-            state[k].to(self.mean.device) for k in ("mean", "var", "count")
-        )
-        self._cache()
+        self.mean = state["mean"].double().cpu().numpy().copy()
+        self.var = state["var"].double().cpu().numpy().copy()
+        self.count = float(state["count"])
 
 
-class RolloutBuffer:
-    """One iteration's data, [T, E] per step. Raw observations are kept and normalised at
-    update time with the statistics the rollout used; what the env returns (rewards, flags)
-    stays in numpy until the update, so a step costs no tensor op. The vine's trunk also
-    keeps the simulator state of every step and the steps already taken in its episode."""
+class RewardScaler:
+    """r / std(G) with G_t = gamma G_{t-1} + r_t the discounted return of each env so far, reset
+    at episode ends, then clipped (baselines' VecNormalize)."""
 
-    def __init__(self, num_steps: int, num_envs: int, obs_dim: int, actor: Actor, state_size: int):
-        size, device = (num_steps, num_envs), next(actor.parameters()).device
-        self.obs = torch.zeros(*size, obs_dim, device=device)
-        self.actions = torch.zeros(
-            *size, *actor.action_shape, dtype=actor.action_dtype, device=device
-        )
-        self.rewards = np.zeros(size, dtype=np.float32)
-        self.terminated = np.zeros(size, dtype=np.float32)
-        self.truncated = np.zeros(size, dtype=np.float32)  # ended by the time limit only
-        self.final_obs = np.zeros((*size, obs_dim), dtype=np.float32)  # where truncated
-        self.sim_states = np.zeros((*size, state_size))
-        self.elapsed = np.zeros(size, dtype=np.int64)
-        self.num_steps, self.pos = num_steps, 0
+    def __init__(self, num_envs: int, gamma: float, clip: float):
+        self.rms, self.gamma, self.clip = RunningMeanStd(()), gamma, clip
+        self.returns = np.zeros(num_envs)
 
-    def add(self, **rows: torch.Tensor | np.ndarray) -> None:
-        """Store one vector step; `rows` are fields of this buffer with leading size E."""
-        for name, row in rows.items():
-            getattr(self, name)[self.pos] = row
-        self.pos += 1
+    def __call__(self, rewards: np.ndarray, ended: np.ndarray) -> np.ndarray:
+        self.returns = self.returns * self.gamma + rewards
+        self.rms.update(self.returns)
+        self.returns[ended] = 0.0
+        scaled = rewards / np.sqrt(self.rms.var + 1e-8)
+        return np.clip(scaled, -self.clip, self.clip).astype(np.float32)
 
-    def full(self) -> bool:
-        return self.pos == self.num_steps
+
+class Rollout(NamedTuple):
+    obs: torch.Tensor  # [T, N, O] normalised observations
+    actions: torch.Tensor  # [T, N, A] (float) or [T, N] (long)
+    log_probs: torch.Tensor  # [T, N] log pi_old(a|s)
+    rewards: torch.Tensor  # [T, N] scaled rewards, + gamma V(final obs) at truncations
+    dones: torch.Tensor  # [T, N] 1.0 where the episode ended after this step (either way)
+    values: torch.Tensor  # [T, N] V_old(s)
+
+
+def make_rollout(num_steps: int, num_envs: int, obs_dim: int, action_space: gym.Space) -> Rollout:
+    """Preallocated rollout storage, written in place step by step."""
+    discrete = isinstance(action_space, gym.spaces.Discrete)
+    tn = (num_steps, num_envs)
+    return Rollout(
+        obs=torch.zeros(*tn, obs_dim),
+        actions=torch.zeros(tn, dtype=torch.long)
+        if discrete
+        else torch.zeros(*tn, *action_space.shape),
+        log_probs=torch.zeros(tn),
+        rewards=torch.zeros(tn),
+        dones=torch.zeros(tn),
+        values=torch.zeros(tn),
+    )
+
+
+class Trunk(NamedTuple):
+    states: np.ndarray  # [T, N, Z] simulator state before each step
+    elapsed: np.ndarray  # [T, N] steps its episode had taken before it
+
+
+def make_trunk(num_steps: int, num_envs: int, state_size: int) -> Trunk:
+    """Storage for the vine's trunk [TRPO Sec. 5.2] (size-0 states for the single path)."""
+    return Trunk(
+        states=np.zeros((num_steps, num_envs, state_size)),
+        elapsed=np.zeros((num_steps, num_envs), dtype=np.int64),
+    )
 
 
 # == 6. Algorithm ======================================================================
 CG_RESIDUAL_TOL = 1e-10  # stop CG once |r|^2 is below this ([SB3C]; modular_rl)
 STEP_EPS = 1e-12  # guards beta = sqrt(2 delta / s^T A s) against s^T A s = 0
-ADV_EPS = 1e-8  # guards the advantage normalisation against a zero standard deviation
+
+
+def gaussian_log_prob(
+    actions: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor
+) -> torch.Tensor:
+    """log N(a; mean, diag(exp(log_std)^2)) summed over action dimensions: [B, A] -> [B]."""
+    z = (actions - mean) * torch.exp(-log_std)
+    return (-0.5 * z.pow(2) - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
+
+
+def gaussian_entropy(log_std: torch.Tensor) -> torch.Tensor:
+    """Entropy of a diagonal Gaussian, sum_i (log_std_i + (1 + log 2 pi) / 2): [B, A] -> [B]."""
+    return (log_std + 0.5 * (1.0 + np.log(2 * np.pi))).sum(-1)
+
+
+def categorical_log_prob(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[a]: [B, n], [B] -> [B]."""
+    return logits.log_softmax(-1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+
+
+def categorical_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """-sum_a p(a) log p(a): [B, n] -> [B]."""
+    log_p = logits.log_softmax(-1)
+    return -(log_p.exp() * log_p).sum(-1)
+
+
+def gaussian_kl(
+    mean_old: torch.Tensor, log_std_old: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor
+) -> torch.Tensor:
+    """KL(N_old || N) = sum_i log(s_i / s_old_i) + (s_old_i^2 + (m_old_i - m_i)^2) / (2 s_i^2)
+    - 1/2 for diagonal Gaussians: [B, A] each -> [B]."""
+    var_ratio = torch.exp(2 * (log_std_old - log_std))
+    mahalanobis = ((mean_old - mean) * torch.exp(-log_std)).pow(2)
+    return (log_std - log_std_old + 0.5 * (var_ratio + mahalanobis) - 0.5).sum(-1)
+
+
+def categorical_kl(logits_old: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_old || p) = sum_a p_old(a) (log p_old(a) - log p(a)): [B, n] each -> [B]."""
+    log_p_old = logits_old.log_softmax(-1)
+    return (log_p_old.exp() * (log_p_old - logits.log_softmax(-1))).sum(-1)
 
 
 def gae(
@@ -582,61 +635,61 @@ def gae(
     gamma: float,
     gae_lambda: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Advantages A_t = sum_l (gamma lambda)^l delta_{t+l} within the episode, and A + V.
+    """Generalized advantage estimation, cut at episode ends [PPO eq. 11-12; GAE eq. 16].
 
-    [GAE eq. 16] delta_t = r_t + gamma V(s_{t+1}) (1 - d_t) - V(s_t),
-    A_t = delta_t + gamma lambda (1 - d_t) A_{t+1}. d_t marks steps at which an episode ended
-    either way; a truncated step's r_t already includes gamma V(final observation). With
-    lambda = 1, A_t + V(s_t) is the discounted return, [TRPO Sec. 5.1]'s Q estimate.
-    Shapes: rewards, values, dones [T, E]; last_value [E] (V of the state after step T-1).
+    delta_t = r_t + gamma (1 - done_t) V(s_{t+1}) - V(s_t)
+    A_t = delta_t + gamma lambda (1 - done_t) A_{t+1},   returns R_t = A_t + V(s_t).
+    done_t marks a step after which the episode ended (terminated or truncated); a truncated
+    step's reward already holds gamma V(final obs), so the cut is right for both.
+    Shapes: rewards, values, dones [T, N]; last_value [N] = V(s_T); returns two [T, N].
     """
-    # the backward recursion runs in numpy: T small tensor ops would cost more than the math
-    r, v, d = (x.detach().cpu().numpy() for x in (rewards, values, dones))
-    advantages = np.zeros_like(r)
-    next_advantage, next_value = np.zeros_like(r[0]), last_value.detach().cpu().numpy()
-    for t in reversed(range(len(r))):
-        delta = r[t] + gamma * next_value * (1.0 - d[t]) - v[t]
-        next_advantage = delta + gamma * gae_lambda * (1.0 - d[t]) * next_advantage
-        advantages[t], next_value = next_advantage, v[t]
-    advantages = torch.as_tensor(advantages, device=values.device)
+    not_done = 1.0 - dones
+    next_values = torch.cat([values[1:], last_value.unsqueeze(0)])  # V(s_{t+1})
+    deltas = rewards + gamma * not_done * next_values - values
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(last_value)
+    discounts = gamma * gae_lambda * not_done
+    for t in reversed(range(rewards.shape[0])):
+        next_advantage = deltas[t] + discounts[t] * next_advantage
+        advantages[t] = next_advantage
     return advantages, advantages + values
 
 
 def surrogate(
-    log_prob: torch.Tensor, log_prob_old: torch.Tensor, advantages: torch.Tensor
+    log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor
 ) -> torch.Tensor:
-    """L(theta) = mean_t pi_theta(a_t|s_t) / pi_old(a_t|s_t) A_t.
+    """L(theta) = mean_t rho_t A_t, rho = pi_theta(a_t|s_t) / pi_old(a_t|s_t) [TRPO eq. 14].
 
-    [TRPO eq. 14] with q = pi_old (single path, Sec. 5.1); advantages in place of Q change L by
-    a constant only. Shapes: all [B]; returns a scalar.
+    Single path [TRPO Sec. 5.1]: q = pi_old, and advantages in place of Q change L by a
+    constant only. Shapes: all [B]; returns a scalar.
     """
-    return (torch.exp(log_prob - log_prob_old) * advantages).mean()
+    return (torch.exp(log_probs - old_log_probs) * advantages).mean()
 
 
 def vine_surrogate(
-    log_prob: torch.Tensor, log_q: torch.Tensor, q_values: torch.Tensor
+    log_probs: torch.Tensor, log_q: torch.Tensor, q_values: torch.Tensor
 ) -> torch.Tensor:
-    """L(theta) = mean_n sum_k w_nk Q_nk / sum_k w_nk with w_nk = pi_theta(a_nk|s_n) / q(a_nk|s_n).
+    """L(theta) = mean_r sum_k w_rk Q_rk / sum_k w_rk, w_rk = pi_theta(a_rk|s_r) / q(a_rk|s_r).
 
     [TRPO eq. 16] the self-normalised importance-sampling estimate at each rollout-set state,
-    written as softmax_k(log w_nk), which is exact and cannot overflow. With q = pi_old
-    (continuous actions) this is eq. 16 itself; with every action of a Discrete space and q
-    uniform, sum_k w_nk = 1 / q and it is eq. 15, sum_a pi_theta(a|s_n) Q(s_n, a).
-    Shapes: log_prob, log_q, q_values [N, K]; returns a scalar.
+    computed as softmax_k(log w_rk), which is exact and cannot overflow. With q = pi_old (Box
+    actions) it is eq. 16 as printed; with every action of a Discrete space once and q uniform,
+    sum_k w_rk = 1 / q and it is eq. 15, sum_a pi_theta(a|s_r) Q(s_r, a).
+    Shapes: log_probs, log_q, q_values [R, K]; returns a scalar.
     """
-    return (torch.softmax(log_prob - log_q, dim=-1) * q_values).sum(-1).mean()
+    return (torch.softmax(log_probs - log_q, dim=-1) * q_values).sum(-1).mean()
 
 
 def conjugate_gradient(
     avp: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int
 ) -> torch.Tensor:
-    """Approximate solution x of A x = b, A symmetric positive definite, from products A v.
+    """An approximate solution x of A x = b, A symmetric positive definite, from products A v.
 
-    [TRPO App. C] conjugate gradient from x_0 = 0 for `iters` steps (10 in the paper), or
-    until |r|^2 < CG_RESIDUAL_TOL. avp: v -> A v. Shapes: b [P]; returns x [P].
+    [TRPO App. C] conjugate gradient from x_0 = 0 for `iters` steps (the paper: 10), stopping
+    early once |b - A x|^2 < CG_RESIDUAL_TOL. avp: v -> A v. Shapes: b [P]; returns x [P].
     """
     x = torch.zeros_like(b)
-    r, p = b.clone(), b.clone()  # residual b - A x and search direction
+    r, p = b.clone(), b.clone()  # the residual b - A x and the search direction
     rr = r @ r
     for _ in range(iters):
         if rr < CG_RESIDUAL_TOL:
@@ -654,12 +707,12 @@ def conjugate_gradient(
 def fisher_vector_product(
     kl_grad: torch.Tensor, params: list[torch.Tensor], v: torch.Tensor, damping: float
 ) -> torch.Tensor:
-    """(A + damping I) v with A = d^2/dtheta^2 mean_s KL(pi_old(.|s) || pi_theta(.|s)) at theta_old.
+    """(A + damping I) v, A = d^2/dtheta^2 mean_s KL(pi_old(.|s) || pi_theta(.|s)) at theta_old.
 
-    [TRPO App. C.1] the Hessian-vector product of the analytic mean KL: kl_grad = dKL/dtheta
-    built with create_graph=True, differentiated once more along v. At theta = theta_old the
-    second term of eq. 57 vanishes, so this is the Fisher J^T M J v, M the Fisher of the
-    distribution parameters. Shapes: kl_grad, v [P]; params the P parameters as tensors.
+    [TRPO App. C.1] the Hessian-vector product of the analytic mean KL: kl_grad = dKL/dtheta,
+    built with create_graph=True at theta = theta_old, is differentiated once more along v.
+    There the second term of eq. 57 vanishes, so this is the Fisher J^T M J v, M the Fisher
+    of the distribution parameters. Shapes: kl_grad, v [P]; params the P parameters.
     """
     hvp = torch.autograd.grad(kl_grad @ v, params, retain_graph=True)
     return torch.cat([h.reshape(-1) for h in hvp]) + damping * v
@@ -675,13 +728,12 @@ def line_search(
     backtrack_coef: float,
     backtrack_iters: int,
 ) -> float:
-    """Set theta = theta_old + c^j full_step for the first j with L(theta) > L(theta_old) and
-    mean KL <= delta; if no j < backtrack_iters passes, restore theta_old exactly.
+    """theta = theta_old + c^j full_step for the first j with L(theta) > L(theta_old) and mean
+    KL <= delta; if no j < backtrack_iters passes, theta_old is restored exactly.
 
-    [TRPO App. C] the line search on L(theta) - X[KL <= delta], starting from the maximal step
-    and shrinking it exponentially. evaluate_step() returns (L, mean KL) at the actor's
-    current parameters. Shapes: theta_old, full_step [P]. Returns the accepted fraction c^j,
-    0.0 when the step is rejected.
+    [TRPO App. C] the line search on L(theta) - X[KL <= delta], from the maximal step down,
+    shrinking it exponentially. evaluate_step() returns (L, mean KL) at the actor's current
+    parameters. Shapes: theta_old, full_step [P]. Returns the accepted c^j, 0.0 if rejected.
     """
     params = list(actor.parameters())
     for j in range(backtrack_iters):
@@ -696,8 +748,8 @@ def line_search(
 
 @torch.no_grad()
 def set_parameters(params: list[torch.Tensor], theta: torch.Tensor) -> None:
-    """Copy the flat vector theta [P] into the parameters in place. (vector_to_parameters
-    would make them views into theta, whose memory alignment can change matmul rounding.)"""
+    """Copy the flat vector theta [P] into the parameters in place (vector_to_parameters would
+    make them views into theta, whose memory alignment can change matmul rounding)."""
     for p, chunk in zip(params, theta.split([p.numel() for p in params])):
         p.copy_(chunk.view_as(p))
 
@@ -711,22 +763,22 @@ def vine_rollouts(
     horizons: np.ndarray,
     gamma: float,
 ) -> tuple[np.ndarray, int]:
-    """Q_nk = sum_{t < L_n} gamma^t r_t of the branch that restores state s_n, takes a_nk,
-    then follows the policy; the K branches of s_n share their noise.
+    """Q_rk = sum_{t < L_r} gamma^t r_t of the branch that restores state s_r, takes a_rk and
+    then follows the policy, the K branches of s_r sharing their noise.
 
-    [TRPO Sec. 5.2] rollouts from the rollout set with common random numbers: branch (n, k)
-    at step t >= 1 acts with noise[n, t - 1] for every k, so branches of one state differ only
-    through their first action. All N K branches advance in lockstep, one batched policy
-    call per step; a branch stops when the episode terminates or after L_n = min(L, horizon_n)
-    steps. act(obs [M, O], noise [M, ...]) -> env actions [M, ...].
-    Shapes: states [N, S]; first_actions [N, K, ...] (env actions); noise [N, L - 1, ...];
-    horizons [N] (steps left before the time limit). Returns Q [N, K] and the sim steps taken.
+    [TRPO Sec. 5.2] rollouts from the rollout set with common random numbers: branch (r, k)
+    acts at step t >= 1 with noise[r, t - 1] for every k, so the branches of a state differ
+    through their first action only. All R K branches advance in lockstep, one batched policy
+    call per step; a branch stops when its episode terminates or after L_r = min(L, horizon_r)
+    steps. act(obs [R K, O], noise [R K, ...]) -> env actions [R K, ...].
+    Shapes: states [R, Z]; first_actions [R, K, ...] (env actions); noise [R, L - 1, ...];
+    horizons [R] (steps left before the time limit). Returns Q [R, K] and the steps taken.
     """
     num_states, num_actions = first_actions.shape[:2]
-    branch_states = np.repeat(states, num_actions, axis=0)  # [M = N K, S]
+    branch_states = np.repeat(states, num_actions, axis=0)  # [R K, Z]
     actions = first_actions.reshape(num_states * num_actions, *first_actions.shape[2:])
-    branch_noise = noise.repeat_interleave(num_actions, dim=0)  # [M, L - 1, ...]: CRN
-    limits = np.repeat(np.minimum(horizons, noise.shape[1] + 1), num_actions)  # [M]
+    branch_noise = noise.repeat_interleave(num_actions, dim=0)  # [R K, L - 1, ...]: CRN
+    limits = np.repeat(np.minimum(horizons, noise.shape[1] + 1), num_actions)  # [R K]
     q_values = np.zeros(len(branch_states))
     alive = np.ones(len(branch_states), dtype=bool)
     obs, sim_steps = None, 0
@@ -749,22 +801,22 @@ def vine_rollouts(
 
 # == 7. Updates ========================================================================
 def single_path_objective(actor: Actor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[TRPO eq. 14] on the rollout: states, actions, pi_old log-probabilities, advantages."""
-    log_prob = actor.log_prob(actor(batch["obs"]), batch["actions"])
-    return surrogate(log_prob, batch["log_prob_old"], batch["advantages"])
+    """[TRPO eq. 14] on the rollout: states, actions, log pi_old(a|s) and advantages, [B]."""
+    log_probs, _ = actor.log_prob_entropy(batch["obs"], batch["actions"])
+    return surrogate(log_probs, batch["log_probs"], batch["advantages"])
 
 
 def vine_objective(actor: Actor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[TRPO eq. 15-16] on the rollout set: N states, K actions each, log q, Q estimates."""
-    dist = actor(batch["obs"]).unsqueeze(1).expand(-1, batch["q_values"].shape[1], -1)
-    log_prob = actor.log_prob(dist, batch["actions"])  # [N, K]
-    return vine_surrogate(log_prob, batch["log_q"], batch["q_values"])
+    """[TRPO eq. 15-16] on the rollout set: states [R, O], actions, log q and Q, [R, K]."""
+    obs = batch["obs"].unsqueeze(1).expand(-1, batch["q_values"].shape[1], -1)  # [R, K, O]
+    log_probs, _ = actor.log_prob_entropy(obs, batch["actions"])
+    return vine_surrogate(log_probs, batch["log_q"], batch["q_values"])
 
 
 def update_policy(
     actor: Actor,
     objective: Callable[[], torch.Tensor],
-    kl_obs: torch.Tensor,
+    obs: torch.Tensor,
     delta: float,
     cg_iters: int,
     cg_damping: float,
@@ -772,18 +824,17 @@ def update_policy(
     backtrack_coef: float,
     backtrack_iters: int,
 ) -> dict[str, torch.Tensor]:
-    """One trust-region step: maximise objective() s.t. mean KL(pi_old || pi_theta) over kl_obs
-    <= delta, by CG on Fisher-vector products and a line search [TRPO Sec. 6, App. C]."""
+    """One trust-region step [TRPO Sec. 6, App. C]: maximise objective() subject to the mean
+    KL(pi_old || pi_theta) <= delta over the states obs [B, O]; returns the metrics."""
     params = list(actor.parameters())
-    theta_old = nn.utils.parameters_to_vector(params).detach().clone()
+    theta_old = torch.cat([p.detach().reshape(-1) for p in params])
     with torch.no_grad():
-        dist_old = actor(kl_obs)  # [B, D], pi_old held fixed for every KL below
+        dist_old = actor.dist_params(obs)  # [B, D], pi_old in every KL below
     surrogate_old = objective()
     g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(surrogate_old, params)])
     # [TRPO App. C.1] the Fisher on a random fraction of the states
-    n = max(1, round(fisher_fraction * len(kl_obs)))
-    idx = torch.randperm(len(kl_obs), device=kl_obs.device)[:n]
-    kl_fisher = actor.kl(dist_old[idx], actor(kl_obs[idx])).mean()
+    idx = torch.randperm(len(obs), device=obs.device)[: max(1, round(fisher_fraction * len(obs)))]
+    kl_fisher = actor.kl(dist_old[idx], actor.dist_params(obs[idx])).mean()
     kl_grad = torch.cat(
         [x.reshape(-1) for x in torch.autograd.grad(kl_fisher, params, create_graph=True)]
     )
@@ -794,27 +845,32 @@ def update_policy(
 
     @torch.no_grad()
     def evaluate_step() -> tuple[torch.Tensor, torch.Tensor]:
-        return objective(), actor.kl(dist_old, actor(kl_obs)).mean()
+        return objective(), actor.kl(dist_old, actor.dist_params(obs)).mean()
 
+    surrogate_old = surrogate_old.detach()
     fraction = line_search(
         actor,
         evaluate_step,
         theta_old,
         full_step,
-        surrogate_old.detach(),
+        surrogate_old,
         delta,
         backtrack_coef,
         backtrack_iters,
     )
     surrogate_new, kl = evaluate_step()
+    entropy = (
+        categorical_entropy(dist_old)
+        if actor.discrete
+        else gaussian_entropy(dist_old.chunk(2, dim=-1)[1])
+    )
     return {
         "losses/policy": -surrogate_new,
-        "stats/surrogate_improvement": surrogate_new - surrogate_old.detach(),
-        "stats/expected_improvement": fraction * (g @ full_step),
+        "stats/surrogate_improvement": surrogate_new - surrogate_old,
         "stats/kl": kl,
+        "stats/entropy": entropy.mean(),
         "stats/step_fraction": torch.tensor(fraction),
         "stats/line_search_rejected": torch.tensor(float(fraction == 0.0)),
-        "stats/entropy": actor.entropy(dist_old).mean(),
         "stats/grad_norm": g.norm(),
     }
 
@@ -825,20 +881,23 @@ def update_value(
     obs: torch.Tensor,
     returns: torch.Tensor,
     epochs: int,
-    batch_size: int,
+    num_minibatches: int,
 ) -> dict[str, torch.Tensor]:
-    """Fit V to the GAE returns: `epochs` passes of minibatch Adam on (V(s) - R)^2 / 2 [SB3C]."""
+    """Fit V to the returns R = A + V_old: `epochs` passes of minibatch Adam steps on
+    (V(s) - R)^2 / 2 ([SB3C]; the policy step does not touch V)."""
+    size = len(obs)
+    minibatch = size // num_minibatches
     total = torch.zeros((), device=obs.device)
     for _ in range(epochs):
-        perm = torch.randperm(len(obs), device=obs.device)
-        for start in range(0, len(obs), batch_size):
-            idx = perm[start : start + batch_size]
+        perm = torch.randperm(size, device=obs.device)
+        for start in range(0, minibatch * num_minibatches, minibatch):
+            idx = perm[start : start + minibatch]
             loss = 0.5 * (value(obs[idx]) - returns[idx]).pow(2).mean()
             value_opt.zero_grad(set_to_none=True)
             loss.backward()
             value_opt.step()
             total = total + loss.detach()
-    return {"losses/value": total / (epochs * math.ceil(len(obs) / batch_size))}
+    return {"losses/value": total / (epochs * num_minibatches)}
 
 
 # == 8. Evaluation =====================================================================
@@ -979,40 +1038,32 @@ class Progress:
         print(f"done: step {global_step} | eval {self.eval_return:.1f} | run {run_dir}", flush=True)
 
 
-def make_agent(
-    args: Args,
-    obs_dim: int,
-    action_space: gym.spaces.Box | gym.spaces.Discrete,
-    device: torch.device,
-) -> dict:
-    """The policy and, for the single-path estimator, V, by the names their state is saved under."""
-    if isinstance(action_space, gym.spaces.Discrete):
-        actor = CategoricalActor(obs_dim, action_space, args).to(device)
-    else:
-        actor = GaussianActor(obs_dim, action_space, args).to(device)
-    if args.estimator == "vine":  # the vine's self-normalised estimate needs no baseline
-        return {"actor": actor}
-    return {"actor": actor, "value": Value(obs_dim, args).to(device)}
-
-
-def make_obs_norm(args: Args, obs_dim: int, device: torch.device) -> RunningMeanStd | None:
-    return RunningMeanStd(obs_dim, device) if args.norm_obs else None
-
-
-def normalize(obs_norm: RunningMeanStd | None, obs: torch.Tensor) -> torch.Tensor:
-    return obs if obs_norm is None else obs_norm.normalize(obs)
+def make_agent(args: Args, obs_dim: int, action_space: gym.Space, device: torch.device) -> dict:
+    """Networks, by the names their state is saved under (the vine's estimator needs no V)."""
+    agent = {"actor": Actor(obs_dim, action_space, args).to(device)}
+    if args.estimator == "single-path":
+        agent["value"] = Value(obs_dim, args).to(device)
+    return agent
 
 
 def policy_fn(
-    actor: Actor, obs_norm: RunningMeanStd | None, device: torch.device
+    actor: Actor,
+    obs_rms: RunningMeanStd | None,
+    args: Args,
+    action_space: gym.Space,
+    device: torch.device,
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """act(obs) -> action with the deterministic action (mean or argmax), for `evaluate`."""
+    """act(obs) -> action with the deterministic action and frozen normalisation statistics."""
 
     @torch.no_grad()
     def act(obs: np.ndarray) -> np.ndarray:
+        if obs_rms is not None:
+            obs = obs_rms.normalize(obs, args.obs_clip)
         obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
-        dist = actor(normalize(obs_norm, obs_t))
-        return actor.env_action(actor.deterministic(dist)).cpu().numpy()
+        action = actor.deterministic(obs_t).cpu().numpy()
+        if isinstance(action_space, gym.spaces.Box):
+            action = np.clip(action, action_space.low, action_space.high)
+        return action
 
     return act
 
@@ -1030,88 +1081,53 @@ def load_agent_state(agent: dict, state: dict) -> None:
                 v.copy_(state[k])
 
 
-def single_path_batch(
-    actor: Actor,
-    value: Value,
-    obs_norm: RunningMeanStd | None,
-    rollout: RolloutBuffer,
-    next_obs: torch.Tensor,
-    args: Args,
-) -> dict[str, torch.Tensor]:
-    """[TRPO Sec. 5.1] the rollout's states and actions with GAE advantages [GAE] and V targets."""
-    obs_dim = rollout.obs.shape[-1]
-    obs = normalize(obs_norm, rollout.obs.reshape(-1, obs_dim))  # [B, O]
-    actions = rollout.actions.reshape(-1, *actor.action_shape)
-    rewards, terminated, truncated, final_obs = (
-        torch.as_tensor(x, device=obs.device)
-        for x in (rollout.rewards, rollout.terminated, rollout.truncated, rollout.final_obs)
-    )
-    with torch.no_grad():
-        values = value(obs).reshape(rewards.shape)  # [T, E]
-        last_value = value(normalize(obs_norm, next_obs))  # [E]
-        final_values = value(normalize(obs_norm, final_obs)).reshape(rewards.shape)
-        # a truncated episode bootstraps: its last reward gets gamma V(final obs)
-        rewards = rewards + args.gamma * truncated * final_values
-        dones = torch.maximum(terminated, truncated)
-        advantages, returns = gae(rewards, values, dones, last_value, args.gamma, args.gae_lambda)
-        advantages, returns, values = (x.reshape(-1) for x in (advantages, returns, values))
-        explained_variance = 1 - (returns - values).var() / returns.var()
-        if args.norm_adv:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + ADV_EPS)
-        log_prob_old = actor.log_prob(actor(obs), actions)
-    return {
-        "obs": obs,
-        "actions": actions,
-        "log_prob_old": log_prob_old,
-        "advantages": advantages,
-        "returns": returns,
-        "explained_variance": explained_variance,
-    }
-
-
 def vine_batch(
     actor: Actor,
-    obs_norm: RunningMeanStd | None,
-    rollout: RolloutBuffer,
+    obs_rms: RunningMeanStd | None,
+    data: Rollout,
+    trunk: Trunk,
     sim: Simulator,
     max_episode_steps: int,
     args: Args,
+    action_space: gym.Space,
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """[TRPO Sec. 5.2] the rollout set, K actions per state and the branches' Q estimates;
-    returns them and the simulator steps the branches took."""
-    device = rollout.obs.device
-    # the rollout set: N distinct trunk states, uniformly
-    flat_obs = rollout.obs.reshape(-1, rollout.obs.shape[-1])
-    idx = torch.randperm(len(flat_obs), device=device)[: args.vine_states]
-    obs = normalize(obs_norm, flat_obs[idx])  # [N, O]
-    idx_np = idx.cpu().numpy()
-    states = rollout.sim_states.reshape(len(flat_obs), -1)[idx_np]  # [N, S]
-    horizons = max_episode_steps - rollout.elapsed.reshape(-1)[idx_np]  # [N]
-    n = len(idx)
-    with torch.no_grad():
-        dist = actor(obs)  # [N, D]
-        if isinstance(actor, CategoricalActor):
-            # q uniform [TRPO Sec. 5.2]: K distinct actions, all of them when K >= |A| (eq. 15)
-            num_actions = dist.shape[-1]
-            k = min(args.vine_actions, num_actions)
-            actions = torch.rand(n, num_actions, device=device).argsort(-1)[:, :k]  # [N, K]
-            log_q = torch.full((n, k), -math.log(num_actions), device=device)
-        else:  # q = pi_old [TRPO Sec. 5.2]
-            dist_k = dist.unsqueeze(1).expand(-1, args.vine_actions, -1)  # [N, K, D]
-            actions = actor.sample(dist_k, actor.noise((n, args.vine_actions), device))  # [N, K, A]
-            log_q = actor.log_prob(dist_k, actions)  # [N, K]
-        noise = actor.noise(
-            (n, args.vine_rollout_length - 1), device
-        )  # one sequence per state: CRN
+    """[TRPO Sec. 5.2] the rollout set, K actions at each of its states and the branches' Q
+    estimates; returns them and the simulator steps the branches took."""
+    device = data.obs.device
+
+    def env_actions(actions: torch.Tensor) -> np.ndarray:
+        actions = actions.cpu().numpy()
+        if actor.discrete:
+            return actions
+        return np.clip(actions, action_space.low, action_space.high)  # pi keeps the sample
 
     @torch.no_grad()
-    def act(branch_obs: np.ndarray, branch_noise: torch.Tensor) -> np.ndarray:
-        branch_obs_t = torch.as_tensor(branch_obs, dtype=torch.float32, device=device)
-        branch_actions = actor.sample(actor(normalize(obs_norm, branch_obs_t)), branch_noise)
-        return actor.env_action(branch_actions).cpu().numpy()
+    def act(obs: np.ndarray, noise: torch.Tensor) -> np.ndarray:
+        if obs_rms is not None:
+            obs = obs_rms.normalize(obs, args.obs_clip)
+        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
+        return env_actions(actor.sample_with_noise(obs_t, noise))
 
+    # the rollout set: R distinct trunk states, uniformly
+    idx = torch.randperm(data.obs.shape[0] * data.obs.shape[1])[: args.vine_states]
+    obs = data.obs.flatten(0, 1)[idx.to(device)]  # [R, O], normalised as the trunk saw them
+    states = trunk.states.reshape(len(trunk.elapsed.reshape(-1)), -1)[idx.numpy()]  # [R, Z]
+    horizons = max_episode_steps - trunk.elapsed.reshape(-1)[idx.numpy()]  # [R]
+    num_states = len(idx)
+    with torch.no_grad():
+        if actor.discrete:  # q uniform: K distinct actions, all n if K >= n (eq. 15)
+            n = actor.head.out_features
+            k = min(args.vine_actions, n)
+            actions = torch.rand(num_states, n, device=device).argsort(-1)[:, :k]  # [R, K]
+            log_q = torch.full((num_states, k), -float(np.log(n)), device=device)
+        else:  # q = pi_old, the choice [TRPO Sec. 5.2] makes for continuous control
+            k = args.vine_actions
+            obs_k = obs.unsqueeze(1).expand(-1, k, -1)  # [R, K, O]
+            actions = actor.sample_with_noise(obs_k, actor.noise((num_states, k), device))
+            log_q, _ = actor.log_prob_entropy(obs_k, actions)  # [R, K]
+        noise = actor.noise((num_states, args.vine_rollout_length - 1), device)  # CRN
     q_values, sim_steps = vine_rollouts(
-        sim, states, actor.env_action(actions).cpu().numpy(), act, noise, horizons, args.gamma
+        sim, states, env_actions(actions), act, noise, horizons, args.gamma
     )
     batch = {
         "obs": obs,
@@ -1133,12 +1149,12 @@ def evaluate_only(args: Args) -> dict:
     check_spaces(args.env, env.observation_space, env.action_space)
     agent = make_agent(args, env.observation_space.shape[0], env.action_space, device)
     load_agent_state(agent, payload["state"])
-    obs_norm = make_obs_norm(args, env.observation_space.shape[0], device)
-    if obs_norm is not None:
-        obs_norm.load_state_dict(payload["obs_norm"])
-    returns = evaluate(
-        policy_fn(agent["actor"], obs_norm, device), env, args.eval_episodes, args.seed + 10_000
-    )
+    obs_rms = None
+    if payload["obs_norm"] is not None:
+        obs_rms = RunningMeanStd(env.observation_space.shape)
+        obs_rms.load_state_dict(payload["obs_norm"])
+    act = policy_fn(agent["actor"], obs_rms, args, env.action_space, device)
+    returns = evaluate(act, env, args.eval_episodes, args.seed + 10_000)
     env.close()
     print(
         f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns "
@@ -1167,30 +1183,32 @@ def train(args: Args) -> dict:
     video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
     eval_env = make_eval_env(args.env, video_dir, args.eval_episodes)
     obs_dim = envs.single_observation_space.shape[0]
+    action_space = envs.single_action_space
     # -- networks and optimizers
-    agent = make_agent(args, obs_dim, envs.single_action_space, device)
-    actor, value = agent["actor"], agent.get("value")
+    agent = make_agent(args, obs_dim, action_space, device)
+    actor, value = agent["actor"], agent.get("value")  # the vine has no V
     value_opt = (
-        torch.optim.Adam(value.parameters(), lr=args.value_lr, fused=True) if value else None
+        torch.optim.Adam(value.parameters(), lr=args.value_lr, fused=True)
+        if value is not None
+        else None
     )
-    optimizers = {"value_opt": value_opt}
-    obs_norm = make_obs_norm(args, obs_dim, device)
+    obs_rms = RunningMeanStd((obs_dim,))
+    reward_scaler = RewardScaler(args.num_envs, args.gamma, args.reward_clip)
     # -- storage
-    rollout = RolloutBuffer(
-        args.num_steps, args.num_envs, obs_dim, actor, trunk_sims[0].size if vine else 0
-    )
+    data = make_rollout(args.num_steps, args.num_envs, obs_dim, action_space)
+    data = Rollout(*(x.to(device) for x in data))
+    trunk = make_trunk(args.num_steps, args.num_envs, trunk_sims[0].size if vine else 0)
     global_step, num_updates, sim_steps = 0, 0, 0
     if resume is not None:
         load_agent_state(agent, resume["state"])
-        for name, opt in optimizers.items():
-            if opt is not None:
-                opt.load_state_dict(resume["train"][name])
-        if obs_norm is not None:
-            obs_norm.load_state_dict(resume["obs_norm"])
+        if value_opt is not None:
+            value_opt.load_state_dict(resume["train"]["value_opt"])
+        obs_rms.load_state_dict(resume["train"]["obs_rms"])
+        reward_scaler.rms.load_state_dict(resume["train"]["reward_rms"])
         set_rng_state(resume["train"]["rng"])
         global_step, num_updates = resume["global_step"], resume["train"]["num_updates"]
         sim_steps = resume["train"]["sim_steps"]
-    act = policy_fn(actor, obs_norm, device)
+    act = policy_fn(actor, obs_rms if args.norm_obs else None, args, action_space, device)
     stats = EpisodeStats(args.num_envs)
     progress = Progress(writer, global_step, num_updates)
 
@@ -1202,96 +1220,127 @@ def train(args: Args) -> dict:
             "args": saved_args(args),
             "global_step": global_step,
             "state": agent_state(agent),
-            "obs_norm": None if obs_norm is None else obs_norm.state_dict(),
+            "obs_norm": obs_rms.state_dict() if args.norm_obs else None,
         }
         if with_train_state:
-            out["train"] = {
-                name: opt.state_dict() for name, opt in optimizers.items() if opt is not None
-            }
-            out["train"].update(num_updates=num_updates, sim_steps=sim_steps, rng=rng_state())
+            out["train"] = {"value_opt": value_opt.state_dict()} if value_opt is not None else {}
+            out["train"].update(
+                num_updates=num_updates,
+                sim_steps=sim_steps,
+                obs_rms=obs_rms.state_dict(),
+                reward_rms=reward_scaler.rms.state_dict(),
+                rng=rng_state(),
+            )
         return out
 
-    # -- loop: whole iterations only, so a run ends with an update
-    total_steps = args.total_steps - args.total_steps % (args.num_steps * args.num_envs)
+    def observe(raw: np.ndarray, update: bool = True) -> torch.Tensor:
+        """Update the observation statistics with a batch and return it normalised."""
+        if not args.norm_obs:
+            return torch.as_tensor(raw, dtype=torch.float32, device=device)
+        if update:
+            obs_rms.update(raw)
+        return torch.as_tensor(obs_rms.normalize(raw, args.obs_clip), device=device)
+
+    # -- loop
     obs, _ = envs.reset(seed=args.seed + global_step)  # a resumed run starts fresh episodes
+    obs = observe(obs, update=False)  # statistics grow with the steps taken, so a resume is exact
     next_eval = global_step + args.eval_every if args.eval_every else None
     next_log = global_step + args.log_every
     next_ckpt = global_step + args.checkpoint_every if args.checkpoint_every else None
-    while global_step < total_steps:
-        # act: pi_old, with the observation statistics fixed for the whole rollout
-        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
-        if vine:  # the trunk's simulator states, to branch from [TRPO Sec. 5.2]
-            rollout.sim_states[rollout.pos] = [sim.get_state() for sim in trunk_sims]
-            rollout.elapsed[rollout.pos] = stats.lengths
-        with torch.no_grad():
-            actions = actor.sample(
-                actor(normalize(obs_norm, obs_t)), actor.noise((args.num_envs,), device)
+    while global_step < args.total_steps:
+        for t in range(args.num_steps):
+            # act
+            if vine:  # the trunk: every state it visits can be restored to branch from
+                trunk.states[t] = [sim.get_state() for sim in trunk_sims]
+                trunk.elapsed[t] = stats.lengths
+            with torch.no_grad():
+                actions, log_probs = actor.sample(obs)
+                values = value(obs) if value is not None else data.values[t]
+            env_actions = actions.cpu().numpy()
+            if not actor.discrete:  # the env gets the clipped action, pi_old keeps the sample
+                env_actions = np.clip(env_actions, action_space.low, action_space.high)
+            # step
+            next_obs, rewards, terminated, truncated, infos = envs.step(env_actions)
+            global_step += args.num_envs
+            sim_steps += args.num_envs
+            ended = terminated | truncated
+            for episode_return, length in stats.update(rewards, ended):
+                progress.add_episode(global_step, episode_return, length)
+            if args.norm_reward:
+                rewards = reward_scaler(rewards, ended)
+            rewards = torch.as_tensor(rewards, dtype=torch.float32, device=device)
+            # a time limit is not an MDP end: bootstrap from the true last observation
+            cut = np.flatnonzero(truncated & ~terminated) if value is not None else []
+            if len(cut):
+                final = np.stack([infos["final_obs"][i] for i in cut])
+                if args.norm_obs:
+                    final = obs_rms.normalize(final, args.obs_clip)
+                with torch.no_grad():
+                    final_t = torch.as_tensor(final, dtype=torch.float32, device=device)
+                    rewards[cut] += args.gamma * value(final_t)
+            # store
+            data.obs[t], data.actions[t], data.log_probs[t] = obs, actions, log_probs
+            data.rewards[t], data.values[t] = rewards, values
+            data.dones[t] = torch.as_tensor(ended, dtype=torch.float32, device=device)
+            obs = observe(next_obs)
+        # update: one trust-region step [TRPO Sec. 6] on the surrogate of either estimator
+        if vine:
+            batch, branch_steps = vine_batch(
+                actor,
+                obs_rms if args.norm_obs else None,
+                data,
+                trunk,
+                branch_sim,
+                max_episode_steps,
+                args,
+                action_space,
             )
-        # step
-        next_obs, rewards, terminated, truncated, infos = envs.step(
-            actor.env_action(actions).cpu().numpy()
-        )
-        global_step += args.num_envs
-        sim_steps += args.num_envs
-        ended = terminated | truncated
-        for episode_return, length in stats.update(rewards, ended):
-            progress.add_episode(global_step, episode_return, length)
-        # store: a truncated episode's true last observation, to bootstrap V from
-        truncated_only = truncated & ~terminated  # a terminal step at the limit is terminal
-        for i in np.flatnonzero(truncated_only):
-            rollout.final_obs[rollout.pos, i] = infos["final_obs"][i]
-        rollout.add(
-            obs=obs_t,
-            actions=actions,
-            rewards=rewards,
-            terminated=terminated,
-            truncated=truncated_only,
-        )
-        obs = next_obs
-        # update: one trust-region step per full rollout
-        if rollout.full():
-            trunk_obs = normalize(obs_norm, rollout.obs.reshape(-1, obs_dim))  # [B, O]
-            if vine:
-                batch, branch_steps = vine_batch(
-                    actor, obs_norm, rollout, branch_sim, max_episode_steps, args
+            sim_steps += branch_steps
+            objective = functools.partial(vine_objective, actor, batch)
+        else:
+            with torch.no_grad():
+                advantages, returns = gae(
+                    data.rewards, data.values, data.dones, value(obs), args.gamma, args.gae_lambda
                 )
-                sim_steps += branch_steps
-                objective = functools.partial(vine_objective, actor, batch)
-                progress.add_metrics({"stats/q_mean": batch["q_values"].mean()})
-            else:
-                next_obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
-                batch = single_path_batch(actor, value, obs_norm, rollout, next_obs_t, args)
-                objective = functools.partial(single_path_objective, actor, batch)
-            progress.add_metrics(
-                update_policy(
-                    actor,
-                    objective,
-                    trunk_obs,
-                    args.delta,
-                    args.cg_iters,
-                    args.cg_damping,
-                    args.fisher_fraction,
-                    args.backtrack_coef,
-                    args.backtrack_iters,
+            advantages = advantages.flatten()
+            if args.norm_adv:
+                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+            batch = {
+                "obs": data.obs.flatten(0, 1),
+                "actions": data.actions.flatten(0, 1),
+                "log_probs": data.log_probs.flatten(),
+                "advantages": advantages,
+            }
+            objective = functools.partial(single_path_objective, actor, batch)
+        metrics = update_policy(
+            actor,
+            objective,
+            data.obs.flatten(0, 1),
+            args.delta,
+            args.cg_iters,
+            args.cg_damping,
+            args.fisher_fraction,
+            args.backtrack_coef,
+            args.backtrack_iters,
+        )
+        if vine:
+            metrics["stats/q_mean"] = batch["q_values"].mean()
+        else:
+            returns, old_values = returns.flatten(), data.values.flatten()
+            metrics.update(
+                update_value(
+                    value,
+                    value_opt,
+                    batch["obs"],
+                    returns,
+                    args.value_epochs,
+                    args.value_minibatches,
                 )
             )
-            if value is not None:
-                progress.add_metrics(
-                    update_value(
-                        value,
-                        value_opt,
-                        batch["obs"],
-                        batch["returns"],
-                        args.value_epochs,
-                        args.value_batch_size,
-                    )
-                )
-                progress.add_metrics({"stats/explained_variance": batch["explained_variance"]})
-            if obs_norm is not None:  # after the update, which used the rollout's statistics
-                obs_norm.update(rollout.obs.reshape(-1, obs_dim))
-            rollout.pos = 0
-            num_updates += 1
-            writer.add_scalar("charts/sim_steps", sim_steps, global_step)
+            metrics["stats/explained_variance"] = 1 - (returns - old_values).var() / returns.var()
+        num_updates += 1
+        progress.add_metrics(metrics)
+        writer.add_scalar("charts/sim_steps", sim_steps, global_step)
         # log, evaluate and save
         if global_step >= next_log:
             progress.log(global_step, num_updates)
@@ -1303,8 +1352,7 @@ def train(args: Args) -> dict:
             if args.save_model:
                 save_checkpoint(os.path.join(run_dir, "model.pt"), payload(with_train_state=False))
             next_eval += args.eval_every
-        # an on-policy run is resumed between iterations: a partial rollout cannot be saved
-        if next_ckpt is not None and global_step >= next_ckpt and rollout.pos == 0:
+        if next_ckpt is not None and global_step >= next_ckpt:
             save_checkpoint(os.path.join(run_dir, "resume.pt"), payload(with_train_state=True))
             next_ckpt += args.checkpoint_every
     # -- finish: final evaluation, save, close

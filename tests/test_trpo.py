@@ -4,18 +4,16 @@ computations, then end-to-end runs, bad inputs, resume, determinism and a learni
 import glob
 import os
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 from torch.distributions import Categorical, Normal, kl_divergence
 
 from trpo import (
+    Actor,
     Args,
-    CategoricalActor,
-    GaussianActor,
-    RolloutBuffer,
     Simulator,
-    Value,
     conjugate_gradient,
     evaluate_only,
     fisher_vector_product,
@@ -24,7 +22,6 @@ from trpo import (
     load_checkpoint,
     main,
     make_env,
-    single_path_batch,
     single_path_objective,
     train,
     update_policy,
@@ -32,12 +29,9 @@ from trpo import (
     vine_surrogate,
 )
 
-import gymnasium as gym
-
 
 class NoRestoreEnv(gym.Env):
-    """A Box env that is neither MuJoCo nor classic control: the vine cannot restore it.
-    (conftest's Counting envs do not accept make_env's render_mode argument.)"""
+    """A Box env that is neither MuJoCo nor classic control: the vine cannot restore it."""
 
     def __init__(self, render_mode: str | None = None):
         self.observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
@@ -54,67 +48,67 @@ class NoRestoreEnv(gym.Env):
 gym.register("tests/NoRestore-v0", entry_point=NoRestoreEnv, max_episode_steps=10)
 
 
-def tiny_actor(kind: str, obs_dim: int = 3, seed: int = 0) -> GaussianActor | CategoricalActor:
+def tiny_actor(kind: str, obs_dim: int = 3, seed: int = 0) -> Actor:
     """A one-hidden-layer policy with random (not initial) parameters."""
     torch.manual_seed(seed)
-    args = Args(hidden_sizes=(5,))
     if kind == "gaussian":
-        actor = GaussianActor(obs_dim, gym.spaces.Box(-1.0, 1.0, (2,)), args)
+        space = gym.spaces.Box(-1.0, 1.0, (2,))
     else:
-        actor = CategoricalActor(obs_dim, gym.spaces.Discrete(3), args)
+        space = gym.spaces.Discrete(3)
+    actor = Actor(obs_dim, space, Args(hidden_sizes=(5,)))
     with torch.no_grad():
         for p in actor.parameters():
             p.copy_(0.5 * torch.randn_like(p))
     return actor
 
 
-def reference_dist(actor, dist: torch.Tensor):
-    """The same policy as a torch.distributions object (an independent implementation)."""
-    if isinstance(actor, GaussianActor):
-        mean, log_std = dist.chunk(2, dim=-1)
-        return Normal(mean, log_std.exp())
-    return Categorical(logits=dist)
+def reference_dist(actor: Actor, dist: torch.Tensor):
+    """The policy at dist_params as a torch.distributions object (an independent implementation)."""
+    if actor.discrete:
+        return Categorical(logits=dist)
+    mean, log_std = dist.chunk(2, dim=-1)
+    return Normal(mean, log_std.exp())
 
 
-def reference_log_prob(actor, dist: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+def reference_log_prob(actor: Actor, dist: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     lp = reference_dist(actor, dist).log_prob(actions)
-    return lp.sum(-1) if isinstance(actor, GaussianActor) else lp
+    return lp if actor.discrete else lp.sum(-1)
 
 
-def reference_kl(actor, dist_old: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+def reference_kl(actor: Actor, dist_old: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
     kl = kl_divergence(reference_dist(actor, dist_old), reference_dist(actor, dist))
-    return kl.sum(-1) if isinstance(actor, GaussianActor) else kl
+    return kl if actor.discrete else kl.sum(-1)
 
 
 # -- distributions ---------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["gaussian", "categorical"])
-def test_log_prob_kl_entropy_match_torch_distributions(kind):
-    actor = tiny_actor(kind)
+def test_kl_matches_torch_distributions(kind):
+    actor, other = tiny_actor(kind), tiny_actor(kind, seed=1)
     obs = torch.randn(6, 3)
     with torch.no_grad():
-        dist = actor(obs)
-        actor_new = tiny_actor(kind, seed=1)
-        dist_new = actor_new(obs)
-        actions = reference_dist(actor, dist).sample()
-        torch.testing.assert_close(
-            actor.log_prob(dist, actions), reference_log_prob(actor, dist, actions)
-        )
-        torch.testing.assert_close(
-            actor.kl(dist, dist_new), reference_kl(actor, dist, dist_new), rtol=1e-5, atol=1e-6
-        )
-        entropy = reference_dist(actor, dist).entropy()
-        entropy = entropy.sum(-1) if kind == "gaussian" else entropy
-        torch.testing.assert_close(actor.entropy(dist), entropy)
+        dist, dist_other = actor.dist_params(obs), other.dist_params(obs)
+        expected = reference_kl(actor, dist, dist_other)
+        torch.testing.assert_close(actor.kl(dist, dist_other), expected, rtol=1e-5, atol=1e-6)
+        assert (actor.kl(dist, dist) == 0).all()
 
 
-def test_categorical_inverse_cdf_sampling_matches_probabilities():
-    actor = tiny_actor("categorical")
+@pytest.mark.parametrize("kind", ["gaussian", "categorical"])
+def test_sample_with_noise_draws_from_the_policy(kind):
+    """Actions made from given noise (the vine's common random numbers) have the policy's
+    distribution: mean and std for the Gaussian, frequencies for the categorical."""
+    actor = tiny_actor(kind)
+    obs = torch.randn(1, 3).expand(200_000, -1)
     with torch.no_grad():
-        dist = actor(torch.randn(1, 3)).expand(200_000, -1)
-        actions = actor.sample(dist, actor.noise((200_000,), torch.device("cpu")))
-    freq = torch.bincount(actions, minlength=3).double() / len(actions)
-    # 5 standard errors of a frequency estimated from 200k draws
-    torch.testing.assert_close(freq, torch.softmax(dist[0].double(), -1), atol=0.006, rtol=0)
+        actions = actor.sample_with_noise(obs, actor.noise((200_000,), torch.device("cpu")))
+        dist = reference_dist(actor, actor.dist_params(obs[:1]))
+    # tolerances: 5 standard errors of estimates from 200k draws
+    if actor.discrete:
+        freq = torch.bincount(actions, minlength=3).double() / len(actions)
+        torch.testing.assert_close(freq, dist.probs[0].double(), atol=0.006, rtol=0)
+    else:
+        std = dist.stddev[0]
+        torch.testing.assert_close(actions.mean(0), dist.mean[0], atol=5 * std.max() / 447, rtol=0)
+        torch.testing.assert_close(actions.std(0), std, atol=0, rtol=0.01)
 
 
 # -- conjugate gradient and Fisher-vector products -------------------------------------
@@ -132,26 +126,38 @@ def test_conjugate_gradient_solves_random_spd_system():
     torch.testing.assert_close(x10, torch.linalg.solve(a_easy, b), rtol=1e-6, atol=1e-6)
 
 
+class DistParams(torch.nn.Module):
+    """actor.dist_params as a module's forward, for torch.func.functional_call."""
+
+    def __init__(self, actor: Actor):
+        super().__init__()
+        self.actor = actor
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.actor.dist_params(obs)
+
+
 def explicit_fisher(actor, obs: torch.Tensor) -> torch.Tensor:
     """mean_n J_n^T M_n J_n from per-sample Jacobians J_n = d mu(x_n) / d theta [TRPO App. C.1],
     M_n the Fisher of the distribution parameters: diag(1/sigma^2, 2) for (mean, log std)
     of a Gaussian, diag(p) - p p^T for the logits of a categorical."""
-    names = [n for n, _ in actor.named_parameters()]
-    values = tuple(p.detach() for _, p in actor.named_parameters())
+    wrapper = DistParams(actor)
+    names = [n for n, _ in wrapper.named_parameters()]
+    values = tuple(p.detach() for _, p in wrapper.named_parameters())
 
     def dist_params(*theta: torch.Tensor) -> torch.Tensor:
-        return torch.func.functional_call(actor, dict(zip(names, theta)), (obs,))
+        return torch.func.functional_call(wrapper, dict(zip(names, theta)), (obs,), strict=True)
 
     jac = torch.func.jacrev(dist_params, argnums=tuple(range(len(values))))(*values)
     jac = torch.cat([j.reshape(*j.shape[:2], -1) for j in jac], dim=-1)  # [B, D, P]
     with torch.no_grad():
-        dist = actor(obs)
-    if isinstance(actor, GaussianActor):
-        _, log_std = dist.chunk(2, dim=-1)
-        m = torch.diag_embed(torch.cat([torch.exp(-2 * log_std), 2 * torch.ones_like(log_std)], -1))
-    else:
+        dist = actor.dist_params(obs)
+    if actor.discrete:
         p = torch.softmax(dist, -1)
         m = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+    else:
+        _, log_std = dist.chunk(2, dim=-1)
+        m = torch.diag_embed(torch.cat([torch.exp(-2 * log_std), 2 * torch.ones_like(log_std)], -1))
     return torch.einsum("bdp,bde,beq->pq", jac, m, jac) / len(obs)
 
 
@@ -161,8 +167,8 @@ def test_fisher_vector_product_matches_explicit_fisher(kind):
     obs = torch.randn(7, 3, dtype=torch.float64)
     params = list(actor.parameters())
     with torch.no_grad():
-        dist_old = actor(obs)
-    kl = actor.kl(dist_old, actor(obs)).mean()
+        dist_old = actor.dist_params(obs)
+    kl = actor.kl(dist_old, actor.dist_params(obs)).mean()
     kl_grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(kl, params, create_graph=True)])
     fisher = explicit_fisher(actor, obs)
     for seed in range(3):
@@ -172,19 +178,13 @@ def test_fisher_vector_product_matches_explicit_fisher(kind):
 
 
 # -- the trust-region step -------------------------------------------------------------
-def policy_batch(actor, n: int = 256) -> dict[str, torch.Tensor]:
+def policy_batch(actor: Actor, n: int = 256) -> dict[str, torch.Tensor]:
     """A batch of states, sampled actions and random advantages under the actor."""
     torch.manual_seed(3)
-    obs = torch.randn(n, 3)
+    obs = torch.randn(n, 3, dtype=next(actor.parameters()).dtype)
     with torch.no_grad():
-        dist = actor(obs)
-        actions = actor.sample(dist, actor.noise((n,), obs.device))
-        return {
-            "obs": obs,
-            "actions": actions,
-            "log_prob_old": actor.log_prob(dist, actions),
-            "advantages": torch.randn(n),
-        }
+        actions, log_probs = actor.sample(obs)
+    return {"obs": obs, "actions": actions, "log_probs": log_probs, "advantages": torch.randn(n)}
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "categorical"])
@@ -192,7 +192,7 @@ def test_accepted_step_satisfies_kl_bound_and_improves_surrogate(kind):
     actor = tiny_actor(kind)
     batch = policy_batch(actor)
     with torch.no_grad():
-        dist_old = actor(batch["obs"])
+        dist_old = actor.dist_params(batch["obs"])
     theta_old = torch.nn.utils.parameters_to_vector(actor.parameters()).clone()
     delta = 0.01
     metrics = update_policy(
@@ -209,7 +209,7 @@ def test_accepted_step_satisfies_kl_bound_and_improves_surrogate(kind):
     assert float(metrics["stats/step_fraction"]) > 0  # a step was accepted
     assert not torch.equal(torch.nn.utils.parameters_to_vector(actor.parameters()), theta_old)
     with torch.no_grad():
-        dist_new = actor(batch["obs"])
+        dist_new = actor.dist_params(batch["obs"])
         kl = reference_kl(actor, dist_old, dist_new).mean()
         log_ratio = reference_log_prob(actor, dist_new, batch["actions"]) - reference_log_prob(
             actor, dist_old, batch["actions"]
@@ -220,6 +220,34 @@ def test_accepted_step_satisfies_kl_bound_and_improves_surrogate(kind):
     assert surrogate_new > batch["advantages"].mean()  # L(theta_old) = mean advantage
 
 
+def test_full_step_has_quadratic_kl_delta():
+    """beta = sqrt(2 delta / s^T A s) [TRPO App. C]: with no damping, the Fisher on every state
+    and one line-search try, the accepted step d has d^T F d / 2 = delta for the explicit F."""
+    actor = tiny_actor("gaussian").double()
+    batch = policy_batch(actor, n=64)
+    batch["advantages"] = batch["advantages"].double()
+    theta_old = torch.nn.utils.parameters_to_vector(actor.parameters()).detach().clone()
+    fisher = explicit_fisher(actor, batch["obs"])
+    delta = 1e-4  # small: the quadratic model of the KL is accurate, the full step accepted
+    metrics = update_policy(
+        actor,
+        lambda: single_path_objective(actor, batch),
+        batch["obs"],
+        delta,
+        10,
+        0.0,
+        1.0,
+        0.8,
+        1,
+    )
+    assert float(metrics["stats/step_fraction"]) == 1.0
+    step = torch.nn.utils.parameters_to_vector(actor.parameters()).detach() - theta_old
+    torch.testing.assert_close(
+        0.5 * step @ fisher @ step, torch.tensor(delta).double(), rtol=1e-6, atol=0
+    )
+    assert float(metrics["stats/kl"]) == pytest.approx(delta, rel=0.05)  # the true KL is close
+
+
 def test_forced_bad_direction_is_rejected_and_leaves_theta_unchanged():
     actor = tiny_actor("gaussian")
     batch = policy_batch(actor)
@@ -227,14 +255,14 @@ def test_forced_bad_direction_is_rejected_and_leaves_theta_unchanged():
     params = list(actor.parameters())
     theta_old = torch.nn.utils.parameters_to_vector(params).detach().clone()
     with torch.no_grad():
-        dist_old = actor(obs)
+        dist_old = actor.dist_params(obs)
     objective = lambda: single_path_objective(actor, batch)  # noqa: E731
     surrogate_old = objective()
     g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(surrogate_old, params)])
 
     @torch.no_grad()
     def evaluate_step():
-        return objective(), actor.kl(dist_old, actor(obs)).mean()
+        return objective(), actor.kl(dist_old, actor.dist_params(obs)).mean()
 
     # downhill: every fraction of -g lowers the surrogate; huge: every fraction breaks the KL bound
     for full_step in (-0.05 * g / g.norm(), 1e3 * g / g.norm()):
@@ -286,33 +314,6 @@ def test_gae_matches_forward_sums_across_termination_and_truncation():
         else:  # lambda = 1: A + V is the discounted (Monte Carlo) return [TRPO Sec. 5.1]
             _, ret1 = gae(rewards, values, dones, last_value, gamma, 1.0)
             torch.testing.assert_close(ret1, ret_ref, rtol=1e-5, atol=1e-5)
-
-
-def test_single_path_batch_bootstraps_truncation_from_final_obs():
-    """One env, 6 steps; the episode is truncated after step 2 (final obs f) and goes on.
-    V(s) = first observation entry, so the lambda = 1 returns are known by hand."""
-    args = Args(env="tests/Counting-v0", gamma=0.5, gae_lambda=1.0, norm_adv=False, norm_obs=False)
-    actor = GaussianActor(2, gym.spaces.Box(-1.0, 1.0, (1,)), Args(hidden_sizes=(4,)))
-    value = Value(2, Args(hidden_sizes=(4,)))
-    with torch.no_grad():  # V(s) = s[0]: a linear value through a ReLU-free path
-        value.net = torch.nn.Linear(2, 1)
-        value.net.weight.copy_(torch.tensor([[1.0, 0.0]]))
-        value.net.bias.zero_()
-    rollout = RolloutBuffer(6, 1, 2, actor, 0)
-    for t in range(6):
-        rollout.add(
-            obs=torch.tensor([[float(t), 0.0]]),
-            actions=torch.zeros(1, 1),
-            rewards=np.ones(1),
-            terminated=np.zeros(1),
-            truncated=np.array([t == 2]),
-        )
-    rollout.final_obs[2, 0] = [10.0, 0.0]  # V(final obs) = 10
-    batch = single_path_batch(actor, value, None, rollout, torch.tensor([[7.0, 0.0]]), args)
-    # steps 0-2: 1 + 0.5 (1 + 0.5 (1 + 0.5 * 10)); steps 3-5 bootstrap from V(next obs) = 7
-    expected = [1 + 0.5 * (1 + 0.5 * 6), 1 + 0.5 * 6, 6, 1 + 0.5 * (1 + 0.5 * 4.5), 1 + 0.5 * 4.5]
-    expected.append(4.5)
-    torch.testing.assert_close(batch["returns"], torch.tensor(expected))
 
 
 def test_vine_surrogate_matches_eq_15_and_16():
@@ -489,7 +490,8 @@ def test_help_exits_zero(capsys):
     [
         ["--env", "NoSuchEnv-v0"],
         ["--total-steps", "0"],
-        ["--env", "CartPole-v1", "--total-steps", "100", "--num-steps", "200"],
+        ["--estimator", "vine", "--vine-rollout-length", "0"],
+        ["--value-minibatches", "5001"],
         ["--delta", "0"],
         ["--fisher-fraction", "1.5"],
         ["--backtrack-coef", "1"],
