@@ -1255,7 +1255,7 @@ def train(args: Args) -> dict:
                 trunk.elapsed[t] = stats.lengths
             with torch.no_grad():
                 actions, log_probs = actor.sample(obs)
-                values = value(obs) if value is not None else data.values[t]
+                values = value(obs) if value is not None else data.values[t]  # vine: no V
             env_actions = actions.cpu().numpy()
             if not actor.discrete:  # the env gets the clipped action, pi_old keeps the sample
                 env_actions = np.clip(env_actions, action_space.low, action_space.high)
@@ -1338,6 +1338,10 @@ def train(args: Args) -> dict:
                 )
             )
             metrics["stats/explained_variance"] = 1 - (returns - old_values).var() / returns.var()
+        if float(metrics["stats/step_fraction"]) == 0.0:  # [TRPO App. C]: theta_old is kept
+            print(
+                f"step {global_step} | line search accepted no step: policy unchanged", flush=True
+            )
         num_updates += 1
         progress.add_metrics(metrics)
         writer.add_scalar("charts/sim_steps", sim_steps, global_step)

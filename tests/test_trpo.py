@@ -46,6 +46,12 @@ class NoRestoreEnv(gym.Env):
 
 
 gym.register("tests/NoRestore-v0", entry_point=NoRestoreEnv, max_episode_steps=10)
+# CartPole cut at 3 steps: a vine branch may only run to its episode's time limit
+gym.register(
+    "tests/CartPole3-v0",
+    entry_point="gymnasium.envs.classic_control.cartpole:CartPoleEnv",
+    max_episode_steps=3,
+)
 
 
 def tiny_actor(kind: str, obs_dim: int = 3, seed: int = 0) -> Actor:
@@ -469,6 +475,24 @@ def test_vine_end_to_end(log_dir, env_id):
     k = 2 if env_id == "CartPole-v1" else 4
     assert 400 < out["sim_steps"] <= 400 + 2 * 10 * k * 10
     assert_model_reproduces(out, args)
+
+
+def test_vine_branches_stop_at_the_time_limit(log_dir):
+    """Trunk episodes of 3 steps: a branch from the state after e steps runs 3 - e <= 3 steps
+    (CartPole cannot fall in 3), never the 10 of --vine-rollout-length."""
+    args = run_args(
+        log_dir,
+        env="tests/CartPole3-v0",
+        estimator="vine",
+        total_steps=300,
+        num_steps=150,
+        vine_states=20,
+        vine_rollout_length=10,
+    )
+    out = train(args)
+    branch_steps = out["sim_steps"] - out["global_step"]
+    assert 2 * 20 * 2 * 1 <= branch_steps <= 2 * 20 * 2 * 3  # iterations x R x K x (3 - e)
+    assert branch_steps < 2 * 20 * 2 * 3 * 0.9  # states after 1 or 2 steps are in the set
 
 
 def test_eval_only_through_main(log_dir, capsys):
