@@ -840,8 +840,8 @@ def update_policy(
     )
     fvp = functools.partial(fisher_vector_product, kl_grad, params, damping=cg_damping)
     step_dir = conjugate_gradient(fvp, g, cg_iters)  # s ~ A^-1 g
-    shs = step_dir @ fvp(step_dir)
-    full_step = torch.sqrt(2 * delta / shs.clamp_min(STEP_EPS)) * step_dir  # [TRPO App. C]
+    curvature = step_dir @ fvp(step_dir)  # s^T A s
+    full_step = torch.sqrt(2 * delta / curvature.clamp_min(STEP_EPS)) * step_dir  # [TRPO App. C]
 
     @torch.no_grad()
     def evaluate_step() -> tuple[torch.Tensor, torch.Tensor]:
