@@ -54,11 +54,12 @@ Deviations from the paper:
     - Single path uses GAE(gamma, lambda) advantages and a learned V [GAE] instead of plain
       Monte Carlo returns (--gae-lambda 1 gives returns minus V); the advantages of a batch are
       normalised ([SB3C], [SpinUp]; --no-norm-adv turns it off).
-    - 5,000 env steps per iteration instead of Table 2's 50,000-1,000,000, so that the default
-      1M-step run makes the paper's 200 policy iterations.
+    - 5,000 env steps per iteration instead of Table 2's 50,000-1,000,000 (single path) or
+      16 x 1000 (the vine's trunk), so that the default 1M-step run makes the paper's 200
+      policy iterations; --num-steps sets either.
     - Networks, orthogonal initialisation and observation and reward normalisation are
       ppo.py's (two hidden layers of 64 tanh units; the paper used one layer of 30 or 50).
-      Reward scaling only changes V's targets: the step is normalised to delta anyway.
+      Reward scaling rescales V's targets; the policy step is normalised to delta anyway.
     - The vine estimates the KL constraint and the Fisher matrix on all trunk states, a larger
       sample of the same state distribution than the R rollout-set states, and a branch stops
       where the episode it branches from would hit its time limit.
