@@ -32,7 +32,8 @@ Algorithm (one iteration; the function that does each line in brackets):
                                                  [conjugate_gradient, fisher_vector_product]
     5. Full step beta s, beta = sqrt(2 delta / s^T A s); shrink it by 0.8 until L improves
        and the mean KL <= delta, else keep theta_old [TRPO App. C]  [update_policy, line_search]
-    6. Single path: fit V to the GAE returns by minibatch Adam                 [update_value]
+    6. Single path, after the policy step: fit V to the returns R_t = A_t + V_old(s_t) with
+       10 epochs of 32 minibatch Adam steps (lr 1e-3) on (V - R)^2 / 2        [update_value]
 
 Shapes: T steps per env per rollout, N envs, B states in a batch, O observation size, A action
 size (or number of actions), D distribution parameters per state (2A or A), P policy
