@@ -262,7 +262,10 @@ def test_forced_bad_direction_is_rejected_and_leaves_theta_unchanged():
     theta_old = torch.nn.utils.parameters_to_vector(params).detach().clone()
     with torch.no_grad():
         dist_old = actor.dist_params(obs)
-    objective = lambda: single_path_objective(actor, batch)  # noqa: E731
+
+    def objective() -> torch.Tensor:
+        return single_path_objective(actor, batch)
+
     surrogate_old = objective()
     g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(surrogate_old, params)])
 
@@ -299,9 +302,8 @@ def test_gae_matches_forward_sums_across_termination_and_truncation():
     for lam_ref in (lam, 1.0):
         adv_ref, ret_ref = torch.zeros(t_len, n_envs), torch.zeros(t_len, n_envs)
         for e in range(n_envs):
-            for t in range(
-                t_len
-            ):  # A_t = sum_l (gamma lambda)^l delta_{t+l} until the episode ends
+            # A_t = sum_l (gamma lambda)^l delta_{t+l} until the episode ends
+            for t in range(t_len):
                 total, discounted_return = 0.0, 0.0
                 for k in range(t, t_len):
                     end = bool(dones[k, e])
@@ -436,9 +438,8 @@ def test_vine_branches_of_one_state_share_noise():
 
 # -- end to end ------------------------------------------------------------------------
 def run_args(log_dir: str, **kw) -> Args:
-    base = dict(log_dir=log_dir, eval_every=0, eval_episodes=2, log_every=500, checkpoint_every=0)
-    base.update(kw)
-    return Args(**base)
+    base = {"log_dir": log_dir, "eval_every": 0, "eval_episodes": 2, "log_every": 500}
+    return Args(**{**base, "checkpoint_every": 0, **kw})
 
 
 def assert_model_reproduces(out: dict, args: Args) -> None:
@@ -449,7 +450,7 @@ def assert_model_reproduces(out: dict, args: Args) -> None:
     assert loaded["eval_return"] == out["eval_return"]
 
 
-@pytest.mark.parametrize("env_id", ["Pendulum-v1", "CartPole-v1"])
+@pytest.mark.parametrize("env_id", ["Pendulum-v1", "CartPole-v1", "Hopper-v5"])
 def test_single_path_end_to_end(log_dir, env_id):
     args = run_args(log_dir, env=env_id, total_steps=1_000, num_steps=250, num_envs=2)
     out = train(args)
@@ -572,7 +573,7 @@ def test_resume_continues_from_the_saved_iteration(log_dir):
 
 @pytest.mark.parametrize("estimator", ["single-path", "vine"])
 def test_same_seed_gives_identical_runs(log_dir, estimator):
-    kw = dict(env="Pendulum-v1", total_steps=400, num_steps=200, estimator=estimator)
+    kw = {"env": "Pendulum-v1", "total_steps": 400, "num_steps": 200, "estimator": estimator}
     kw.update(vine_states=8, vine_rollout_length=8)
     outs = [train(run_args(os.path.join(log_dir, str(i)), **kw)) for i in range(2)]
     models = [load_checkpoint(os.path.join(o["run_dir"], "model.pt")) for o in outs]
