@@ -68,6 +68,7 @@ Deviations from the paper:
 # == 1. Imports ========================================================================
 import dataclasses
 import difflib
+import functools
 import json
 import os
 import random
@@ -171,15 +172,15 @@ class Args:
     beta: float = 0.02
     """beta: bound on (theta - theta_n)' F (theta - theta_n), i.e. 2x TRPO's delta."""
     cg_iters: int = 10
-    """Conjugate-gradient iterations for F^-1 g ([TRPO] App. C: 10)."""
+    """Conjugate-gradient iterations for the direction s = F^-1 g [TRPO App. C]."""
     cg_damping: float = 0.1
-    """Damping lambda added to the Fisher-vector product (F + lambda I) v."""
+    """Damping lambda of the Fisher, F + lambda I (paper: not given; as trpo.py)."""
     line_search: bool = True
-    """Backtrack the step until L(theta) decreases and the KL bound holds (paper: none)."""
+    """Backtrack until L(theta) decreases and 2 KL <= beta (paper: a plain step; as trpo.py)."""
+    backtrack_coef: float = 0.8
+    """Line-search shrink factor (as trpo.py)."""
     backtrack_iters: int = 10
-    """Most backtracking steps of the line search."""
-    backtrack_coeff: float = 0.8
-    """Step shrink factor per backtracking step."""
+    """Line-search steps tried before the update is rejected (as trpo.py)."""
     # Robust policy optimisation [DPI Sec. 6.3: 10 perturbed envs, 7 to train, 3 to test]
     robust: bool = False
     """Train on perturbed variants of --env (one model and eta each) and test on others."""
@@ -236,10 +237,10 @@ def check_args(args: Args) -> None:
         raise UsageError(f"--alpha and --beta must be positive, got {args.alpha}, {args.beta}")
     if not 0.0 < args.kl_tolerance < 1.0:
         raise UsageError(f"--kl-tolerance must be in (0, 1), got {args.kl_tolerance}")
-    if args.cg_damping < 0 or args.backtrack_iters < 0:
-        raise UsageError("--cg-damping and --backtrack-iters must be >= 0")
-    if not 0.0 < args.backtrack_coeff < 1.0:
-        raise UsageError(f"--backtrack-coeff must be in (0, 1), got {args.backtrack_coeff}")
+    if args.cg_damping < 0:
+        raise UsageError(f"--cg-damping must be >= 0, got {args.cg_damping}")
+    if not 0.0 < args.backtrack_coef < 1.0 or args.backtrack_iters <= 0:
+        raise UsageError("--backtrack-coef must be in (0, 1) and --backtrack-iters positive")
     if args.robust and min(args.robust_train_variants, args.robust_test_variants) <= 0:
         raise UsageError("--robust needs positive --robust-train-variants and test variants")
     for name, (low, high) in (
@@ -500,30 +501,30 @@ def mlp(
 
 
 class Actor(nn.Module):
-    """Gaussian policy pi(a|s) = N(mean(s), diag(exp(2 log_std))), state-independent std
-    ([TRPO] App. D), so that -log pi is a quadratic with a constant precision [DPI eq. 10]."""
+    """pi(a|s) = N(mean(s), diag(exp(log_std)^2)) with a state-independent log std ([TRPO]
+    App. D), so that -log pi is a quadratic with one precision for all states [DPI eq. 10]."""
 
     def __init__(self, obs_dim: int, action_dim: int, args: Args):
         super().__init__()
-        head = nn.Linear(args.hidden_sizes[-1], action_dim)
-        with torch.no_grad():  # a near-zero initial mean (common TRPO/PPO practice)
-            head.weight.mul_(0.01)
-            head.bias.zero_()
-        self.mean = nn.Sequential(
-            mlp(obs_dim, args.hidden_sizes, args.activation, layer_norm=False), head
-        )
+        self.trunk = mlp(obs_dim, args.hidden_sizes, args.activation, layer_norm=False)
+        self.head = nn.Linear(args.hidden_sizes[-1], action_dim)
+        with torch.no_grad():  # a small last layer starts the mean near zero (baselines ppo2)
+            self.head.weight.mul_(0.01)
+            self.head.bias.zero_()
         self.log_std = nn.Parameter(torch.full((action_dim,), float(args.init_log_std)))
 
-    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.mean(obs), self.log_std  # [B, A], [A]
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        """The Gaussian mean [B, A]."""
+        return self.head(self.trunk(obs))
 
     def sample(self, obs: torch.Tensor) -> torch.Tensor:
-        mean, log_std = self(obs)
-        return mean + log_std.exp() * torch.randn_like(mean)
+        """An action a ~ pi(.|s) [B, A] (unclipped; `rollout` clips)."""
+        mean = self(obs)
+        return mean + self.log_std.exp() * torch.randn_like(mean)
 
     def deterministic(self, obs: torch.Tensor) -> torch.Tensor:
         """The mean action, used for evaluation."""
-        return self.mean(obs)
+        return self(obs)
 
 
 # == 5. Storage ========================================================================
@@ -606,6 +607,8 @@ GMM_TOL = 1e-3  # EM stops when the mean log-likelihood per point improves by le
 MU_BOUNDS = (1e-8, 1e16)  # bracket of the dual search on mu ([GPS] min_eta, max_eta)
 MU_INIT = 1.0  # mu before the first search ([GPS] initial eta)
 LOG_2PI = float(np.log(2 * np.pi))
+CG_RESIDUAL_TOL = 1e-10  # stop CG once |r|^2 is below this ([SB3C]; modular_rl; as trpo.py)
+STEP_EPS = 1e-12  # guards sqrt(beta / g'F^-1 g) against g'F^-1 g = 0 (as trpo.py)
 
 
 class GMM(NamedTuple):
@@ -817,7 +820,7 @@ def linearize_policy(
     """
     x = obs.float().requires_grad_(True)  # [T, N, O]
     with torch.enable_grad():
-        mean = actor.mean(x)  # [T, N, A]
+        mean = actor(x)  # [T, N, A]
         # one backward pass per action dim gives that row of every sample's Jacobian
         jac = torch.stack(
             [
@@ -1087,58 +1090,88 @@ def expected_disadvantage(
 
 
 def gaussian_kl(
-    old_mean: torch.Tensor, old_log_std: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor
+    mean_old: torch.Tensor, log_std_old: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor
 ) -> torch.Tensor:
-    """KL(N(old_mean, old_std^2) || N(mean, std^2)) of diagonal Gaussians: [B, A] -> [B]."""
-    var_ratio = (2 * (old_log_std - log_std)).exp()
-    mean_term = ((old_mean - mean) / log_std.exp()).pow(2)
-    return 0.5 * (var_ratio + mean_term - 1.0 - 2 * (old_log_std - log_std)).sum(-1)
-
-
-@torch.no_grad()
-def set_flat_params(params: list[torch.Tensor], flat: torch.Tensor) -> None:
-    """Copy a flat vector into the parameters in place (vector_to_parameters would make them
-    views of `flat`, whose different memory layout changes the float results of later calls)."""
-    for p, chunk in zip(params, flat.split([p.numel() for p in params])):
-        p.copy_(chunk.view_as(p))
-
-
-def flat_grad(y: torch.Tensor, params: list[torch.Tensor], **kwargs) -> torch.Tensor:
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(y, params, **kwargs)])
-
-
-def fisher_vector_product(
-    actor: Actor, obs: torch.Tensor, v: torch.Tensor, damping: float
-) -> torch.Tensor:
-    """(F + damping I) v with F the Hessian of mean_s KL(pi_n(.|s) || pi_theta(.|s)) at theta_n
-    [DPI eq. 11; TRPO App. C]: a Hessian-vector product by double backprop.
-    Shapes: obs [B, O], v [P] -> [P].
-    """
-    params = list(actor.parameters())
-    mean, log_std = actor(obs)
-    kl = gaussian_kl(mean.detach(), log_std.detach(), mean, log_std).mean()
-    grad = flat_grad(kl, params, create_graph=True)
-    return flat_grad(grad @ v, params) + damping * v
+    """KL(N_old || N) = sum_i log(s_i / s_old_i) + (s_old_i^2 + (m_old_i - m_i)^2) / (2 s_i^2)
+    - 1/2 for diagonal Gaussians: [B, A] each -> [B]."""
+    var_ratio = torch.exp(2 * (log_std_old - log_std))
+    mahalanobis = ((mean_old - mean) * torch.exp(-log_std)).pow(2)
+    return (log_std - log_std_old + 0.5 * (var_ratio + mahalanobis) - 0.5).sum(-1)
 
 
 def conjugate_gradient(
-    Avp: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int, tol: float = 1e-10
+    avp: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int
 ) -> torch.Tensor:
-    """x ~ A^-1 b by conjugate gradient from x = 0 [TRPO App. C]; stops when |r|^2 < tol."""
+    """An approximate solution x of A x = b, A symmetric positive definite, from products A v.
+
+    [TRPO App. C] conjugate gradient from x_0 = 0 for `iters` steps (the paper: 10), stopping
+    early once |b - A x|^2 < CG_RESIDUAL_TOL. avp: v -> A v. Shapes: b [P]; returns x [P].
+    """
     x = torch.zeros_like(b)
-    r, p = b.clone(), b.clone()
+    r, p = b.clone(), b.clone()  # the residual b - A x and the search direction
     rr = r @ r
     for _ in range(iters):
-        if rr < tol:
+        if rr < CG_RESIDUAL_TOL:
             break
-        Ap = Avp(p)
-        step = rr / (p @ Ap)
-        x += step * p
-        r -= step * Ap
+        ap = avp(p)
+        alpha = rr / (p @ ap)
+        x += alpha * p
+        r -= alpha * ap
         rr_new = r @ r
         p = r + (rr_new / rr) * p
         rr = rr_new
     return x
+
+
+def fisher_vector_product(
+    kl_grad: torch.Tensor, params: list[torch.Tensor], v: torch.Tensor, damping: float
+) -> torch.Tensor:
+    """(A + damping I) v, A = d^2/dtheta^2 mean_s KL(pi_old(.|s) || pi_theta(.|s)) at theta_old.
+
+    [TRPO App. C.1] the Hessian-vector product of the analytic mean KL: kl_grad = dKL/dtheta,
+    built with create_graph=True at theta = theta_old, is differentiated once more along v.
+    There the second term of eq. 57 vanishes, so this is the Fisher J^T M J v, M the Fisher
+    of the distribution parameters. Shapes: kl_grad, v [P]; params the P parameters.
+    [DPI eq. 11] F_theta_n is this Hessian of E_s KL(pi_theta_n, pi_theta).
+    """
+    hvp = torch.autograd.grad(kl_grad @ v, params, retain_graph=True)
+    return torch.cat([h.reshape(-1) for h in hvp]) + damping * v
+
+
+def line_search(
+    actor: nn.Module,
+    evaluate_step: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    theta_old: torch.Tensor,
+    full_step: torch.Tensor,
+    surrogate_old: torch.Tensor,
+    delta: float,
+    backtrack_coef: float,
+    backtrack_iters: int,
+) -> float:
+    """theta = theta_old + c^j full_step for the first j with L(theta) > L(theta_old) and mean
+    KL <= delta; if no j < backtrack_iters passes, theta_old is restored exactly.
+
+    [TRPO App. C] the line search on L(theta) - X[KL <= delta], from the maximal step down,
+    shrinking it exponentially. evaluate_step() returns (L, mean KL) at the actor's current
+    parameters. Shapes: theta_old, full_step [P]. Returns the accepted c^j, 0.0 if rejected.
+    """
+    params = list(actor.parameters())
+    for j in range(backtrack_iters):
+        fraction = backtrack_coef**j
+        set_parameters(params, theta_old + fraction * full_step)
+        surrogate_new, kl = evaluate_step()
+        if bool(kl <= delta) and bool(surrogate_new > surrogate_old):
+            return fraction
+    set_parameters(params, theta_old)
+    return 0.0
+
+
+@torch.no_grad()
+def set_parameters(params: list[torch.Tensor], theta: torch.Tensor) -> None:
+    """Copy the flat vector theta [P] into the parameters in place (vector_to_parameters would
+    make them views into theta, whose memory alignment can change matmul rounding)."""
+    for p, chunk in zip(params, theta.split([p.numel() for p in params])):
+        p.copy_(chunk.view_as(p))
 
 
 # == 7. Updates ========================================================================
@@ -1222,7 +1255,7 @@ def surrogate(actor: Actor, targets: list[Imitation]) -> torch.Tensor:
     var = (2 * actor.log_std).exp().double()
     total = torch.zeros((), dtype=torch.float64)
     for target in targets:
-        mean = actor.mean(target.obs).double()
+        mean = actor(target.obs).double()
         total = (
             total
             + expected_disadvantage(target.A, target.obs.double(), target.steps, mean, var).mean()
@@ -1231,41 +1264,58 @@ def surrogate(actor: Actor, targets: list[Imitation]) -> torch.Tensor:
 
 
 def update_actor(actor: Actor, targets: list[Imitation], args: Args) -> dict[str, torch.Tensor]:
-    """One natural-gradient step on L(theta) with (theta - theta_n)'F(theta - theta_n) <= beta
-    [DPI eq. 11-12]: x = F^-1 g by CG, theta = theta_n - sqrt(beta / x'Fx) x, then (optional)
-    backtracking until L decreases and 2 KL <= beta (the quadratic model of the bound)."""
+    """One natural-gradient step on the cost L(theta) subject to (theta - theta_n)'F(theta -
+    theta_n) <= beta [DPI eq. 11-12], built as trpo.py's update_policy: s = F^-1 g by CG,
+    theta = theta_n - sqrt(beta / s'Fs) s, then (--line-search) TRPO's backtracking on -L
+    with the KL bound beta / 2 (the second-order model of the constraint is 2 KL)."""
     params = list(actor.parameters())
-    obs = torch.cat([target.obs for target in targets])  # states of every env for F
+    theta_old = torch.cat([p.detach().reshape(-1) for p in params])
+    obs = torch.cat([target.obs for target in targets])  # the states of every training env
     with torch.no_grad():
-        old_mean, old_log_std = (x.clone() for x in actor(obs))
-    loss = surrogate(actor, targets)
-    g = flat_grad(loss, params).float()
-    x = conjugate_gradient(
-        lambda v: fisher_vector_product(actor, obs, v, args.cg_damping), g, args.cg_iters
+        mean_old = actor(obs)  # [B, A], pi_theta_n in every KL below
+        log_std_old = actor.log_std.expand_as(mean_old).clone()
+
+    def mean_kl() -> torch.Tensor:
+        mean = actor(obs)
+        return gaussian_kl(mean_old, log_std_old, mean, actor.log_std.expand_as(mean)).mean()
+
+    loss_old = surrogate(actor, targets)  # L(theta_n), a cost
+    g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss_old, params)]).float()
+    kl_grad = torch.cat(
+        [x.reshape(-1) for x in torch.autograd.grad(mean_kl(), params, create_graph=True)]
     )
-    xFx = x @ fisher_vector_product(actor, obs, x, args.cg_damping)
-    step_size = torch.sqrt(args.beta / xFx.clamp_min(1e-12))  # [DPI eq. 12]
-    theta_n = nn.utils.parameters_to_vector(params).detach()
-    loss_old = loss.detach()
-    accepted, kl, new_loss = 0.0, torch.zeros(()), loss_old
-    for j in range(args.backtrack_iters + 1 if args.line_search else 1):
-        set_flat_params(params, theta_n - args.backtrack_coeff**j * step_size * x)
-        with torch.no_grad():
-            kl = gaussian_kl(old_mean, old_log_std, *actor(obs)).mean()
-            new_loss = surrogate(actor, targets)
-        if not args.line_search or (new_loss < loss_old and 2 * kl <= args.beta):
-            accepted = 1.0
-            break
-    if not accepted:  # no step passed the check: keep theta_n
-        set_flat_params(params, theta_n)
-        kl, new_loss = torch.zeros(()), loss_old
+    fvp = functools.partial(fisher_vector_product, kl_grad, params, damping=args.cg_damping)
+    step_dir = conjugate_gradient(fvp, g, args.cg_iters)  # s ~ F^-1 g
+    sfs = step_dir @ fvp(step_dir)
+    full_step = -torch.sqrt(args.beta / sfs.clamp_min(STEP_EPS)) * step_dir  # [DPI eq. 12]
+
+    @torch.no_grad()
+    def evaluate_step() -> tuple[torch.Tensor, torch.Tensor]:
+        return -surrogate(actor, targets), mean_kl()  # line_search maximises
+
+    loss_old = loss_old.detach()
+    if args.line_search:
+        fraction = line_search(
+            actor,
+            evaluate_step,
+            theta_old,
+            full_step,
+            -loss_old,
+            args.beta / 2,
+            args.backtrack_coef,
+            args.backtrack_iters,
+        )
+    else:  # the paper's plain step
+        set_parameters(params, theta_old + full_step)
+        fraction = 1.0
+    neg_loss_new, kl = evaluate_step()
     return {
-        "losses/policy": new_loss.detach(),
-        "stats/improvement": (loss_old - new_loss).detach(),
-        "stats/kl": kl.detach(),
-        "stats/step_size": step_size.detach(),
-        "stats/step_accepted": torch.tensor(accepted),
-        "stats/entropy": (actor.log_std.detach() + 0.5 * (1 + LOG_2PI)).sum(),
+        "losses/policy": -neg_loss_new,
+        "stats/surrogate_improvement": loss_old + neg_loss_new,
+        "stats/kl": kl,
+        "stats/entropy": (log_std_old[0] + 0.5 * (1.0 + LOG_2PI)).sum(),
+        "stats/step_fraction": torch.tensor(fraction),
+        "stats/line_search_rejected": torch.tensor(float(fraction == 0.0)),
         "stats/grad_norm": g.norm(),
     }
 

@@ -181,6 +181,34 @@ def test_gmm_prior_lets_a_few_samples_per_step_recover_the_dynamics():
     assert err_plain > 5 * err_prior, (err_plain, err_prior)
 
 
+def test_niw_posterior_equals_pooling_the_prior_pseudo_samples():
+    """A prior that is the mean and covariance of m pseudo-samples, with strength m, gives the
+    same model as a plain fit on the samples and pseudo-samples pooled (mean and scatter of a
+    union), at every step."""
+    gen = torch.Generator().manual_seed(15)
+    steps, n, m, obs_dim, d = 3, 7, 5, 2, 5
+    points = torch.randn(steps, n, d, generator=gen, dtype=F64)
+    pseudo = 2.0 + torch.randn(steps, m, d, generator=gen, dtype=F64)
+    mu0 = pseudo.mean(1)
+    centred = pseudo - mu0[:, None]
+    phi = centred.transpose(1, 2) @ centred / m
+    posterior = fit_dynamics(
+        points, torch.ones(steps, n, dtype=torch.bool), mu0, phi, float(m), 1e-6, obs_dim
+    )
+    pooled = torch.cat([points, pseudo], 1)
+    plain = fit_dynamics(
+        pooled,
+        torch.ones(steps, n + m, dtype=torch.bool),
+        torch.zeros(steps, d, dtype=F64),
+        torch.zeros(steps, d, d, dtype=F64),
+        0.0,
+        1e-6,
+        obs_dim,
+    )
+    for a, b in zip(posterior, plain):
+        torch.testing.assert_close(a, b)
+
+
 def test_gmm_fit_recovers_two_separated_clusters():
     gen = torch.Generator().manual_seed(2)
     centres = torch.tensor([[-5.0, 0.0, 1.0], [5.0, 2.0, -1.0]], dtype=F64)
@@ -269,7 +297,7 @@ def test_linearize_policy_matches_finite_differences():
     torch.manual_seed(0)
     actor = Actor(3, 2, Args(hidden_sizes=(8,)))
     with torch.no_grad():
-        actor.mean[-1].weight.normal_()  # a clearly non-linear mean
+        actor.head.weight.normal_()  # a clearly non-linear mean
     obs = torch.randn(2, 4, 3, dtype=F64)
     mask = torch.tensor([[True] * 4, [True, True, False, False]])
     Kbar, kbar = linearize_policy(actor, obs, mask)
@@ -282,12 +310,10 @@ def test_linearize_policy_matches_finite_differences():
             for j in range(3):
                 e = torch.zeros(3, dtype=F64)
                 e[j] = eps
-                cols.append(
-                    (actor.mean((s + e).float()) - actor.mean((s - e).float())).double() / (2 * eps)
-                )
+                cols.append((actor((s + e).float()) - actor((s - e).float())).double() / (2 * eps))
             jac = torch.stack(cols, 1)
             jacs.append(jac)
-            offsets.append(actor.mean(s.float()).double() - jac @ s)
+            offsets.append(actor(s.float()).double() - jac @ s)
         torch.testing.assert_close(Kbar[t], torch.stack(jacs).mean(0), atol=2e-3, rtol=0)
         torch.testing.assert_close(kbar[t], torch.stack(offsets).mean(0), atol=2e-3, rtol=0)
 
@@ -481,7 +507,7 @@ def small_actor_and_target(seed: int):
     torch.manual_seed(seed)
     actor = Actor(2, 2, Args(hidden_sizes=(4,), init_log_std=-0.5))
     with torch.no_grad():
-        actor.mean[-1].weight.normal_(0, 0.5)
+        actor.head.weight.normal_(0, 0.5)
     gen = torch.Generator().manual_seed(seed)
     _, A = random_problem(gen, steps=3, obs_dim=2, action_dim=2)
     obs = torch.randn(64, 2, generator=gen)
@@ -497,7 +523,7 @@ def explicit_fisher(actor: Actor, obs: torch.Tensor) -> torch.Tensor:
     var = (2 * actor.log_std.detach()).exp()
     fisher = torch.zeros(n_params, n_params, dtype=F64)
     for s in obs:
-        mean = actor.mean(s)
+        mean = actor(s)
         for j in range(len(mean)):
             grad = torch.autograd.grad(mean[j], params, allow_unused=True, retain_graph=True)
             row = torch.cat(
@@ -520,7 +546,12 @@ def test_fisher_vector_product_matches_the_explicit_fisher():
     assert names[0] == "log_std"
     fisher = explicit_fisher(actor, target.obs)
     v = torch.randn(len(fisher))
-    fvp = fisher_vector_product(actor, target.obs, v, damping=0.1)
+    mean = actor(target.obs)
+    log_std = actor.log_std.expand_as(mean)
+    kl = gaussian_kl(mean.detach(), log_std.detach(), mean, log_std).mean()
+    params = list(actor.parameters())
+    kl_grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(kl, params, create_graph=True)])
+    fvp = fisher_vector_product(kl_grad, params, v, damping=0.1)
     torch.testing.assert_close(
         fvp.double(), fisher @ v.double() + 0.1 * v.double(), atol=1e-4, rtol=1e-4
     )
@@ -543,7 +574,7 @@ def test_natural_gradient_step_satisfies_the_kl_bound():
     theta_n = torch.nn.utils.parameters_to_vector(actor.parameters()).detach().clone()
     fisher = explicit_fisher(actor, target.obs)
     with torch.no_grad():
-        old_mean, old_log_std = (x.clone() for x in actor(target.obs))
+        old_mean, old_log_std = actor(target.obs), actor.log_std.clone()
     args = Args(beta=beta, cg_iters=50, cg_damping=1e-4, line_search=False)
     update_actor(actor, [target], args)
     step = (torch.nn.utils.parameters_to_vector(actor.parameters()).detach() - theta_n).double()
@@ -551,18 +582,24 @@ def test_natural_gradient_step_satisfies_the_kl_bound():
     assert quad <= beta * (1 + 1e-3)
     assert quad >= 0.95 * beta  # the step uses its budget (damping 1e-4 is negligible)
     with torch.no_grad():
-        kl = gaussian_kl(old_mean, old_log_std, *actor(target.obs)).mean()
+        new_mean = actor(target.obs)
+        kl = gaussian_kl(
+            old_mean, old_log_std.expand_as(new_mean), new_mean, actor.log_std.expand_as(new_mean)
+        ).mean()
     assert float(kl) == pytest.approx(float(quad) / 2, rel=0.2)
 
 
 def test_natural_gradient_step_with_line_search_decreases_the_surrogate():
     actor, target = small_actor_and_target(14)
     with torch.no_grad():
-        old_mean, old_log_std = (x.clone() for x in actor(target.obs))
+        old_mean, old_log_std = actor(target.obs), actor.log_std.clone()
     metrics = update_actor(actor, [target], Args(beta=0.05))
-    assert metrics["stats/step_accepted"] == 1.0 and metrics["stats/improvement"] > 0
+    assert metrics["stats/step_fraction"] > 0 and metrics["stats/surrogate_improvement"] > 0
     with torch.no_grad():
-        kl = gaussian_kl(old_mean, old_log_std, *actor(target.obs)).mean()
+        new_mean = actor(target.obs)
+        kl = gaussian_kl(
+            old_mean, old_log_std.expand_as(new_mean), new_mean, actor.log_std.expand_as(new_mean)
+        ).mean()
     assert 2 * kl <= 0.05
 
 
@@ -743,8 +780,8 @@ def test_dpi_reaches_near_the_lqr_optimum_on_the_linear_quadratic_system(log_dir
     """Budget: 12,500 env steps (25 iterations of 10 episodes x 50 steps), seed 1.
     Threshold: the learned deterministic policy's mean cost over 100 episodes is within 10% of
     the optimal time-varying LQR controller's on the same episodes (same seeds, same noise);
-    the best stationary linear policy is 1.2% worse than that optimum, the initial policy
-    about 15 times worse."""
+    the best stationary linear policy is 1.2% worse than that optimum, the zero action 13
+    times worse. Seeds 1-3 reach 1.036-1.040 at this budget."""
     args = Args(
         env=LQ_ENV_ID,
         gamma=1.0,
