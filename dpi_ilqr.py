@@ -471,15 +471,15 @@ def make_variant_env(env_id: str, mass_scale: float, length_scale: float) -> gym
 
 def robust_variants(args: Args) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
     """(mass_scale, length_scale) of the training and the held-out test variants, drawn
-    uniformly from the ranges with a generator of their own (the same for a given seed)."""
+    uniformly from the ranges by a generator of their own. The test variants are drawn first,
+    so a seed gives the same test set for any number of training variants (one training
+    variant is the paper's "non-robust" baseline)."""
     rng = np.random.default_rng(args.seed)
-    count = args.robust_train_variants + args.robust_test_variants
-    masses = rng.uniform(*args.robust_mass_range, count)
-    lengths = rng.uniform(*args.robust_length_range, count)
-    if args.env != "InvertedPendulum-v5":
-        lengths = np.ones(count)
-    params = [(float(m), float(length)) for m, length in zip(masses, lengths)]
-    return params[: args.robust_train_variants], params[args.robust_train_variants :]
+    params = []
+    for _ in range(args.robust_test_variants + args.robust_train_variants):
+        mass, length = rng.uniform(*args.robust_mass_range), rng.uniform(*args.robust_length_range)
+        params.append((float(mass), float(length) if args.env == "InvertedPendulum-v5" else 1.0))
+    return params[args.robust_test_variants :], params[: args.robust_test_variants]
 
 
 # == 4. Networks =======================================================================
