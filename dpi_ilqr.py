@@ -58,11 +58,23 @@ Deviations from the paper:
       defined: the usual TRPO practice, and late states would otherwise carry no weight.
     - The natural-gradient step is followed by a TRPO-style backtracking check on the exact
       L(theta) and the KL (--line-search, on by default); the paper describes the plain step.
-    - GMM clusters are fitted by MAP-EM with one pseudo-point of the global covariance per
-      cluster (GPS adds 1e-6 I and reseeds empty clusters); the NIW posterior mean is shrunk
-      to the prior mean (GPS keeps the sample mean), so a step with one sample is defined.
+    - The quadratic of c is its exact expansion at the samples, averaged per step (GPS), not
+      a regression on sampled costs: c is known.
+    - mu is found by GPS's bracket search on log mu, not by projected gradient ascent.
     - Training episodes are cut at --horizon T (the LQR horizon); evaluation runs the env's
       own time limit.
+    - Where the paper is silent and GPS is followed, two changes to GPS: GMM components get
+      one pseudo-point of the global covariance (MAP-EM; GPS adds 1e-6 I and reseeds) and
+      start from a k-means assignment; the NIW posterior mean is shrunk to the prior mean
+      (GPS keeps the sample mean), so a step that one episode reached is defined.
+    - The robust variants (which masses and lengths, their ranges) are ours; the paper varies
+      the pole's mass and length for cart-pole and does not give ranges.
+
+Q_aa positive definite: the costs in COSTS are convex in a and -log pi_n adds Pbar > 0, so
+Q_aa = C_aa / mu + Pbar + gamma B'V_xx B is PD for convex problems; a mu whose backward pass
+meets a Q_aa that is not (a Cholesky failure) counts as too small in the dual search, which
+raises mu and so the weight of the PD term Pbar (GPS). No ridge is added to Q_aa: it would
+change the KL that mu controls.
 """
 
 # == 1. Imports ========================================================================
@@ -72,7 +84,6 @@ import functools
 import json
 import os
 import random
-import re
 import sys
 import tempfile
 import time
@@ -450,18 +461,16 @@ def make_variant_env(env_id: str, mass_scale: float, length_scale: float) -> gym
         assets = os.path.join(os.path.dirname(gym.__file__), "envs", "mujoco", "assets")
         with open(os.path.join(assets, "inverted_pendulum.xml")) as f:
             xml = f.read()
-        # the pole geom runs from the hinge to (0.001, 0, 0.6)
-        xml, count = re.subn(
-            r'fromto="0 0 0 0.001 0 0.6"', f'fromto="0 0 0 0.001 0 {0.6 * length_scale}"', xml
-        )
-        assert count == 1, "gymnasium's inverted_pendulum.xml changed"
+        pole = 'fromto="0 0 0 0.001 0 0.6"'  # the pole geom, from the hinge up
+        if xml.count(pole) != 1:
+            raise RuntimeError("gymnasium's inverted_pendulum.xml no longer has the pole geom")
+        xml = xml.replace(pole, f'fromto="0 0 0 0.001 0 {0.6 * length_scale}"')
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "inverted_pendulum.xml")
             with open(path, "w") as f:
                 f.write(xml)
             env = gym.make(env_id, xml_file=path)  # the model is compiled here
-        model = env.unwrapped.model
-        bodies = [mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_BODY, "pole")]
+        bodies = [env.unwrapped.model.body("pole").id]
     model = env.unwrapped.model
     model.body_mass[bodies] *= mass_scale
     model.body_inertia[bodies] *= mass_scale
@@ -565,6 +574,8 @@ def rollout(
                 i = group[j]
                 obs[i, t + 1], actions[i, t], mask[i, t] = next_obs, action, True
                 rewards[j] = reward
+                # Deviation: cut at the LQR horizon T, because one model is fitted per step
+                # and the paper's "relatively short" horizons [DPI Sec. 7] cannot cover 1000
                 ended[j] = terminated or truncated or t == horizon - 1
             finished += stats.update(rewards, ended)
             alive &= ~ended
@@ -713,6 +724,8 @@ def gmm_fit(points: torch.Tensor, clusters: int, iters: int, init: GMM | None) -
         weighted = (resp[:, :, None] * x[:, None]).reshape(num, -1)  # [P, K D]
         second = (weighted.T @ x).reshape(clusters, dim, dim)  # sum_p r_pk x_p x_p
         scatter = second - n_k[:, None, None] * means[:, :, None] * means[:, None, :]
+        # Deviation from [GPS] (1e-6 I, reseeding): a pseudo-point of the global covariance
+        # keeps a component with few points well conditioned (the paper is silent)
         covs = sym((scatter + global_cov) / (n_k + 1.0)[:, None, None])
         gmm, resp = GMM(torch.log(n_k / num), means, covs), None
     return GMM(gmm.log_weights, gmm.means + centre, gmm.covs)
@@ -765,6 +778,8 @@ def fit_dynamics(
     sigma = (scatter + strength * phi + coef * shift[:, :, None] * shift[:, None, :]) / (
         n + strength
     )[:, None, None]
+    # Deviation from [GPS], which keeps the sample mean: the NIW posterior mean, defined
+    # even for a step that only one episode reached
     mu = (n[:, None] * mean + strength * mu0) / (n + strength)[:, None]
     sigma = sym(sigma)
     y = points.shape[2] - obs_dim
@@ -789,6 +804,8 @@ def quadratic_cost(
     g, H the gradient and Hessian at y^ (exact for the quadratic costs in COSTS).
     Shapes: obs [T, N, O], actions [T, N, A], mask [T, N] -> Quadratic [T, Y, Y], [T, Y], [T].
     """
+    # Deviation: [DPI Sec. 5.1] fits a quadratic to sampled costs; c is known, so its exact
+    # local expansion is used instead (GPS)
     obs_dim = obs.shape[-1]
     y = torch.cat([obs, actions], -1).detach().requires_grad_(True)  # [T, N, Y]
     # Samples are independent, so the gradient of the summed cost is every sample's gradient
@@ -818,6 +835,8 @@ def linearize_policy(
     policy mean (GPS fits the same line by regression over the samples).
     Shapes: obs [T, N, O], mask [T, N] -> Kbar [T, A, O], kbar [T, A] (float64).
     """
+    # Deviation: -log pi_n of eq. 10 needs a quadratic in (s, a); the paper does not say how
+    # to get one from a neural policy, so its mean is linearised around the samples (GPS)
     x = obs.float().requires_grad_(True)  # [T, N, O]
     with torch.enable_grad():
         mean = actor(x)  # [T, N, A]
@@ -1047,6 +1066,8 @@ def dual_search(
     mu = max(sqrt(lo hi), hi / 10). Returns the last mu whose KL is within the tolerance or
     below alpha (the feasible side), its solution and KL, and the passes used.
     """
+    # Deviation: [DPI Sec. 5.1] updates mu "by projected gradient ascent"; the bracket search
+    # of [GPS] reaches the same fixed point (KL = alpha) in far fewer LQR passes
     lo, hi = MU_BOUNDS
     best: tuple[float, object, float] | None = None
     fallback: tuple[float, object, float] | None = None
@@ -1229,7 +1250,9 @@ def update_eta(
         args.kl_tolerance,
         args.dual_iters,
     )
-    # 7. A^eta = Q - V of eta under the model with the true cost [DPI Sec. 5.1]
+    # 7. A^eta = Q - V of eta under the model [DPI Sec. 5.1]. Deviation: with the true cost c,
+    # not c' (the paper leaves it open), so the KL bonus stays out of the imitation target
+    # and E_{a ~ eta} A^eta = 0 as for an advantage
     Q, V = lqr_evaluate(dynamics, cost, eta, args.gamma)
     _, V_pi = lqr_evaluate(dynamics, cost, pi_bar, args.gamma)
     flat_mask = rollouts.mask[:, :steps]
@@ -1252,6 +1275,8 @@ def update_eta(
 def surrogate(actor: Actor, targets: list[Imitation]) -> torch.Tensor:
     """L(theta) = sum over training envs of mean_s E_{a ~ pi_theta} A^eta_t(s, a) [DPI eq. 11,
     Sec. 6.3 for several envs]; states weighted uniformly (see the module docstring)."""
+    # Deviation: every visited state weighs the same (TRPO practice), not gamma^t as d_pi
+    # would, which would leave the late states of an episode almost no weight
     var = (2 * actor.log_std).exp().double()
     total = torch.zeros((), dtype=torch.float64)
     for target in targets:
@@ -1294,6 +1319,8 @@ def update_actor(actor: Actor, targets: list[Imitation], args: Args) -> dict[str
         return -surrogate(actor, targets), mean_kl()  # line_search maximises
 
     loss_old = loss_old.detach()
+    # Deviation: the paper takes the step of eq. 12 as it is; the backtracking check (on by
+    # default) keeps a step whose quadratic KL model is wrong from making pi worse
     if args.line_search:
         fraction = line_search(
             actor,
