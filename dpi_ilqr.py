@@ -1153,7 +1153,6 @@ def fisher_vector_product(
     built with create_graph=True at theta = theta_old, is differentiated once more along v.
     There the second term of eq. 57 vanishes, so this is the Fisher J^T M J v, M the Fisher
     of the distribution parameters. Shapes: kl_grad, v [P]; params the P parameters.
-    [DPI eq. 11] F_theta_n is this Hessian of E_s KL(pi_theta_n, pi_theta).
     """
     hvp = torch.autograd.grad(kl_grad @ v, params, retain_graph=True)
     return torch.cat([h.reshape(-1) for h in hvp]) + damping * v
@@ -1309,6 +1308,7 @@ def update_actor(actor: Actor, targets: list[Imitation], args: Args) -> dict[str
     kl_grad = torch.cat(
         [x.reshape(-1) for x in torch.autograd.grad(mean_kl(), params, create_graph=True)]
     )
+    # [DPI eq. 11] F_theta_n, the Hessian of E_s KL(pi_theta_n, pi_theta) at theta_n
     fvp = functools.partial(fisher_vector_product, kl_grad, params, damping=args.cg_damping)
     step_dir = conjugate_gradient(fvp, g, args.cg_iters)  # s ~ F^-1 g
     sfs = step_dir @ fvp(step_dir)
@@ -1562,12 +1562,13 @@ def train(args: Args) -> dict:
         train_params, test_params = robust_variants(args)
     else:
         train_params, test_params = [(1.0, 1.0)], []
-    make = (
-        (lambda p: make_variant_env(args.env, *p))
-        if args.robust
-        else (lambda p: make_env(args.env))
-    )
-    envs = [[make(p) for _ in range(args.num_envs)] for p in train_params]
+    envs = [
+        [
+            make_variant_env(args.env, *p) if args.robust else make_env(args.env)
+            for _ in range(args.num_envs)
+        ]
+        for p in train_params
+    ]
     space = envs[0][0].action_space
     check_spaces(args.env, envs[0][0].observation_space, space)
     run_dir, writer = open_run(args)
