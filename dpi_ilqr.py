@@ -34,7 +34,8 @@ Algorithm (one iteration; the function that does each line in brackets):
     step 9 on the summed L; held-out test variants are only evaluated.
 
 Shapes: N episodes, T time steps, O observation size, A action size, Y = O + A,
-D = 2 O + A (one transition), K mixture components, B states in a batch, P parameters.
+D = 2 O + A (one transition), K mixture components, M prior points, B states in a batch,
+P policy parameters.
 
 Usage:
     python dpi_ilqr.py --env InvertedPendulum-v5 --num-envs 10
@@ -603,7 +604,7 @@ class PriorBuffer:
         self.episodes = self.episodes[-self.capacity :]
 
     def points(self) -> torch.Tensor:
-        return torch.cat(self.episodes)  # [P, D]
+        return torch.cat(self.episodes)  # [M, D]
 
     def state_dict(self) -> dict:
         return {"episodes": list(self.episodes)}
@@ -623,6 +624,8 @@ STEP_EPS = 1e-12  # guards sqrt(beta / g'F^-1 g) against g'F^-1 g = 0 (as trpo.p
 
 
 class GMM(NamedTuple):
+    """Gaussian mixture sum_k w_k N(mu_k, Sigma_k) over transitions (s, a, s')."""
+
     log_weights: torch.Tensor  # [K]
     means: torch.Tensor  # [K, D]
     covs: torch.Tensor  # [K, D, D]
@@ -672,31 +675,32 @@ def masked_mean(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (w * x).sum(1) / w.sum(1).clamp_min(1.0)
 
 
-def gaussian_log_prob(points: torch.Tensor, gmm: GMM) -> torch.Tensor:
-    """log w_k + log N(x_p; mu_k, Sigma_k) for every point and component: [P, D] -> [P, K]."""
+def gmm_log_prob(points: torch.Tensor, gmm: GMM) -> torch.Tensor:
+    """log w_k + log N(x_m; mu_k, Sigma_k) for every point and component: [M, D] -> [M, K]."""
     chol = torch.linalg.cholesky(gmm.covs)  # [K, D, D], Sigma_k = L L'
     eye = torch.eye(points.shape[1], dtype=points.dtype)
     inv_t = torch.linalg.solve_triangular(chol, eye, upper=False).transpose(1, 2)  # L^-T
     num, (clusters, dim) = len(points), gmm.means.shape
-    # L_k^-1 (x - mu_k) for all k in one matrix product: [P, D] @ [D, K D] -> [P, K, D]
+    # L_k^-1 (x - mu_k) for all k in one matrix product: [M, D] @ [D, K D] -> [M, K, D]
     z = (points @ inv_t.transpose(0, 1).reshape(dim, -1)).reshape(num, clusters, dim)
     z = z - (gmm.means[:, None] @ inv_t)[:, 0]
     log_det = torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(1)  # [K]
-    log_n = -0.5 * z.pow(2).sum(2) - log_det - 0.5 * dim * LOG_2PI  # [P, K]
+    log_n = -0.5 * z.pow(2).sum(2) - log_det - 0.5 * dim * LOG_2PI  # [M, K]
     return log_n + gmm.log_weights
 
 
 def gmm_fit(points: torch.Tensor, clusters: int, iters: int, init: GMM | None) -> GMM:
     """Gaussian mixture over transitions by EM: the prior's source [iLQR "fit a global GMM"].
 
-    E-step: r_pk = w_k N(x_p; mu_k, Sigma_k) / sum_j w_j N(x_p; mu_j, Sigma_j).
+    E-step: r_mk = w_k N(x_m; mu_k, Sigma_k) / sum_j w_j N(x_m; mu_j, Sigma_j).
     M-step (MAP, one pseudo-point of the global covariance S per component):
-        N_k = sum_p r_pk, mu_k = sum_p r_pk x_p / N_k,
-        Sigma_k = (sum_p r_pk (x_p - mu_k)(x_p - mu_k)' + S) / (N_k + 1), w_k = N_k / P.
+        N_k = sum_m r_mk, mu_k = sum_m r_mk x_m / N_k,
+        Sigma_k = (sum_m r_mk (x_m - mu_k)(x_m - mu_k)' + S) / (N_k + 1), w_k = N_k / M.
     Warm-started from `init` when it has `clusters` components, else from the assignment of
     every point to the nearest of K distinct random points (torch's global generator; [GPS]
-    assigns at random, which starts every mean near the global mean). Stops when the mean log-likelihood gains less than GMM_TOL.
-    Shapes: points [P, D] float64 -> GMM with K = clusters.
+    assigns at random, which starts every mean near the global mean). Stops when the mean
+    log-likelihood gains less than GMM_TOL.
+    Shapes: points [M, D] float64 -> GMM with K = clusters.
     """
     num, dim = points.shape
     centre = points.mean(0)
@@ -711,18 +715,18 @@ def gmm_fit(points: torch.Tensor, clusters: int, iters: int, init: GMM | None) -
     last = -float("inf")
     for _ in range(iters):
         if resp is None:  # E-step
-            log_p = gaussian_log_prob(x, gmm)  # [P, K]
+            log_p = gmm_log_prob(x, gmm)  # [M, K]
             log_norm = torch.logsumexp(log_p, 1, keepdim=True)
             resp = (log_p - log_norm).exp()
             mean_ll = float(log_norm.mean())
             if mean_ll - last < GMM_TOL:
                 break
             last = mean_ll
-        # M-step: scatter_k = sum_p r_pk x_p x_p' - N_k mu_k mu_k'
+        # M-step: scatter_k = sum_m r_mk x_m x_m' - N_k mu_k mu_k'
         n_k = resp.sum(0).clamp_min(1e-12)  # [K]
         means = resp.T @ x / n_k[:, None]  # [K, D]
-        weighted = (resp[:, :, None] * x[:, None]).reshape(num, -1)  # [P, K D]
-        second = (weighted.T @ x).reshape(clusters, dim, dim)  # sum_p r_pk x_p x_p
+        weighted = (resp[:, :, None] * x[:, None]).reshape(num, -1)  # [M, K D]
+        second = (weighted.T @ x).reshape(clusters, dim, dim)  # sum_m r_mk x_m x_m'
         scatter = second - n_k[:, None, None] * means[:, :, None] * means[:, None, :]
         # Deviation from [GPS] (1e-6 I, reseeding): a pseudo-point of the global covariance
         # keeps a component with few points well conditioned (the paper is silent)
@@ -731,7 +735,9 @@ def gmm_fit(points: torch.Tensor, clusters: int, iters: int, init: GMM | None) -
     return GMM(gmm.log_weights, gmm.means + centre, gmm.covs)
 
 
-def prior_moments(gmm: GMM, points: torch.Tensor, mask: torch.Tensor) -> tuple:
+def prior_moments(
+    gmm: GMM, points: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """NIW prior mean mu0_t and scatter Phi_t at each step from the GMM [iLQR; GPS].
 
     w_tk = mean over the samples at t of their responsibilities;
@@ -739,7 +745,7 @@ def prior_moments(gmm: GMM, points: torch.Tensor, mask: torch.Tensor) -> tuple:
     Shapes: points [T, N, D], mask [T, N] -> mu0 [T, D], Phi [T, D, D].
     """
     steps, num, dim = points.shape
-    log_p = gaussian_log_prob(points.reshape(-1, dim), gmm)  # [T N, K]
+    log_p = gmm_log_prob(points.reshape(-1, dim), gmm)  # [T N, K]
     resp = (log_p - torch.logsumexp(log_p, 1, keepdim=True)).exp().reshape(steps, num, -1)
     w = masked_mean(resp, mask)  # [T, K]
     mu0 = w @ gmm.means  # [T, D]
@@ -921,7 +927,7 @@ def lqr_evaluate(
 ) -> tuple[Quadratic, ValueFunction]:
     """Q_t and V_t of a linear-Gaussian policy under the noisy model (policy evaluation).
 
-    Q_t(s, a) = c_t(s, a) + gamma E_{s'} V_{t+1}(s'), with E V(s') = V(F y + f) + 1/2 tr(V_xx cov_t);
+    Q_t(s, a) = c_t(s, a) + gamma E_{s'} V_{t+1}(s'), E V(s') = V(F y + f) + 1/2 tr(V_xx cov_t);
     V_t(s) = E_{a ~ eta_t} Q_t(s, a) = Q_t(s, K s + k) + 1/2 tr(Q_aa cov^eta_t).
     With M = [I; K], m = [0; k]: V_xx = M'Q_yy M, v_x = M'(Q_yy m + q_y), v0 = q0 + 1/2 m'Q_yy m
     + q_y'm + 1/2 tr(Q_aa cov^eta). The disadvantage is A_t = Q_t - V_t [DPI Sec. 5.1].
@@ -968,7 +974,7 @@ def disadvantage(Q: Quadratic, V: ValueFunction) -> Quadratic:
 
 
 def expected_value(V: ValueFunction, mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-    """E_{s ~ N(mean, cov)} V_0(s) = 1/2 mean'V_xx mean + 1/2 tr(V_xx cov) + v_x'mean + v0 at t = 0."""
+    """E_{s ~ N(mean, cov)} V_0(s) = 1/2 mean'V_xx mean + 1/2 tr(V_xx cov) + v_x'mean + v0."""
     return (
         0.5 * mean @ V.V_xx[0] @ mean
         + 0.5 * torch.trace(V.V_xx[0] @ cov)
