@@ -151,6 +151,18 @@ def test_fit_dynamics_recovers_a_synthetic_linear_gaussian_system():
     torch.testing.assert_close(fit.F, dynamics.F, atol=5e-3, rtol=0)
     torch.testing.assert_close(fit.f, dynamics.f, atol=5e-3, rtol=0)
     torch.testing.assert_close(fit.cov, dynamics.cov, atol=5e-4, rtol=0)  # entries ~1e-2
+    # the same data in units 1e4 times larger (inputs of variance ~1e-8, as once pi_n has
+    # converged): the same A, B; an absolute ridge of 1e-6 would shrink them by half
+    small = fit_dynamics(
+        points * 1e-4,
+        mask,
+        torch.zeros(steps, d, dtype=F64),
+        torch.zeros(steps, d, d, dtype=F64),
+        0.0,
+        1e-6,
+        obs_dim,
+    )
+    torch.testing.assert_close(small.F, fit.F, atol=1e-5, rtol=0)
 
 
 def test_gmm_prior_lets_a_few_samples_per_step_recover_the_dynamics():
