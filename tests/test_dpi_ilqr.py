@@ -93,13 +93,12 @@ def random_policy(gen: torch.Generator, steps: int, obs_dim: int, action_dim: in
     )
 
 
-def simulate(dynamics, policy, x0, gamma, cost, n, gen, first_action=None):
-    """Monte Carlo: n trajectories from x0 under the model; discounted cost and the log-ratio
-    sums for a second policy are left to the caller through the returned states/actions."""
+def simulate(dynamics, policy, x0, gamma, cost, n, gen, first_action=None) -> torch.Tensor:
+    """Discounted costs [n] of n sampled trajectories of `policy` from x0 under the model (the
+    first action fixed to first_action when given)."""
     steps, obs_dim = dynamics.f.shape
     x = x0.expand(n, -1).clone()
     total = torch.zeros(n, dtype=F64)
-    states, actions = [], []
     for t in range(steps):
         mean = x @ policy.K[t].T + policy.k[t]
         chol = torch.linalg.cholesky(policy.cov[t])
@@ -109,14 +108,12 @@ def simulate(dynamics, policy, x0, gamma, cost, n, gen, first_action=None):
         y = torch.cat([x, u], 1)
         step_cost = 0.5 * ((y @ cost.C[t]) * y).sum(1) + y @ cost.c[t] + cost.c0[t]
         total += gamma**t * step_cost
-        states.append(x)
-        actions.append(u)
         noise = (
             torch.randn(n, obs_dim, generator=gen, dtype=F64)
             @ torch.linalg.cholesky(dynamics.cov[t]).T
         )
         x = y @ dynamics.F[t].T + dynamics.f[t] + noise
-    return total, states, actions
+    return total
 
 
 def gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
@@ -253,10 +250,28 @@ def test_quadratic_cost_expansion_is_exact_and_matches_finite_differences():
     def f(y):
         return smooth(y[:2], y[2:])
 
-    h = torch.autograd.functional.hessian(f, y0)
-    g = torch.autograd.functional.jacobian(f, y0)
-    torch.testing.assert_close(q.C[1], h)
-    torch.testing.assert_close(q.c[1] + q.C[1] @ y0, g)
+    eps, eye = 1e-4, torch.eye(3, dtype=F64)
+    g = torch.stack([(f(y0 + eps * e) - f(y0 - eps * e)) / (2 * eps) for e in eye])
+    h = torch.stack(
+        [
+            torch.stack(
+                [
+                    (
+                        f(y0 + eps * (ei + ej))
+                        - f(y0 + eps * (ei - ej))
+                        - f(y0 - eps * (ei - ej))
+                        + f(y0 - eps * (ei + ej))
+                    )
+                    / (4 * eps**2)
+                    for ej in eye
+                ]
+            )
+            for ei in eye
+        ]
+    )
+    # central differences: O(eps^2) truncation, O(1e-16 / eps^2) rounding
+    torch.testing.assert_close(q.C[1], h, atol=1e-6, rtol=0)
+    torch.testing.assert_close(q.c[1] + q.C[1] @ y0, g, atol=1e-7, rtol=0)
     torch.testing.assert_close(0.5 * y0 @ q.C[1] @ y0 + q.c[1] @ y0 + q.c0[1], f(y0))
     # a quadratic cost is reproduced exactly everywhere, averaged or not
     lq = quadratic_cost(
@@ -407,11 +422,11 @@ def test_lqr_evaluate_matches_monte_carlo_and_the_disadvantage_has_zero_mean():
     eta = random_policy(gen, steps, 3, 2)
     Q, V = lqr_evaluate(dynamics, cost, eta, gamma)
     x0 = torch.randn(3, generator=gen, dtype=F64)
-    total, _, _ = simulate(dynamics, eta, x0, gamma, cost, n, gen)
+    total = simulate(dynamics, eta, x0, gamma, cost, n, gen)
     se = total.std() / n**0.5
     assert abs(total.mean() - (0.5 * x0 @ V.V_xx[0] @ x0 + V.v_x[0] @ x0 + V.v0[0])) < 4 * se
     a0 = torch.randn(2, generator=gen, dtype=F64)
-    total_a, _, _ = simulate(dynamics, eta, x0, gamma, cost, n, gen, first_action=a0)
+    total_a = simulate(dynamics, eta, x0, gamma, cost, n, gen, first_action=a0)
     y0 = torch.cat([x0, a0])
     q_value = 0.5 * y0 @ Q.C[0] @ y0 + Q.c[0] @ y0 + Q.c0[0]
     assert abs(total_a.mean() - q_value) < 4 * total_a.std() / n**0.5
