@@ -162,6 +162,37 @@ def test_fit_dynamics_recovers_a_synthetic_linear_gaussian_system():
     torch.testing.assert_close(small.F, fit.F, atol=1e-5, rtol=0)
 
 
+def test_fit_dynamics_without_prior_is_least_squares_on_the_unmasked_samples():
+    """strength 0 and no ridge: [F_t f_t] is numpy's least-squares fit of s' on [s, a, 1] over
+    the samples the mask keeps at step t, and cov_t the residuals' mean outer product (the
+    maximum-likelihood covariance), on few noisy samples where the fit is far from exact."""
+    rng = np.random.default_rng(16)
+    steps, n, obs_dim, action_dim = 3, 12, 2, 1
+    d = 2 * obs_dim + action_dim
+    points = torch.as_tensor(rng.standard_normal((steps, n, d)))
+    mask = torch.as_tensor(rng.random((steps, n)) < 0.8)
+    mask[:, :8] = True  # at least 8 samples for 4 regressors at every step
+    fit = fit_dynamics(
+        points,
+        mask,
+        torch.zeros(steps, d, dtype=F64),
+        torch.zeros(steps, d, d, dtype=F64),
+        0.0,
+        0.0,
+        obs_dim,
+    )
+    for t in range(steps):
+        kept = points[t][mask[t]].numpy()
+        inputs = np.hstack([kept[:, : obs_dim + action_dim], np.ones((len(kept), 1))])
+        coef, *_ = np.linalg.lstsq(inputs, kept[:, obs_dim + action_dim :], rcond=None)
+        residual = kept[:, obs_dim + action_dim :] - inputs @ coef
+        np.testing.assert_allclose(fit.F[t].numpy(), coef[:-1].T, atol=1e-10)
+        np.testing.assert_allclose(fit.f[t].numpy(), coef[-1], atol=1e-10)
+        np.testing.assert_allclose(
+            fit.cov[t].numpy(), residual.T @ residual / len(kept), atol=1e-10
+        )
+
+
 def test_gmm_prior_lets_a_few_samples_per_step_recover_the_dynamics():
     """With 4 samples per step (fewer than the 6 regression inputs) plain regression fails;
     the NIW posterior with a GMM prior fitted on all steps' data recovers A, B, c."""
