@@ -63,7 +63,8 @@ Deviations from the paper:
       a regression on sampled costs: c is known.
     - mu is found by GPS's bracket search on log mu, not by projected gradient ascent.
     - Training episodes are cut at --horizon T (the LQR horizon); evaluation runs the env's
-      own time limit.
+      own time limit. Nothing trains the policy on states after T: on Swimmer-v5 (T = 200,
+      time limit 1000) the learned policy swims during the first 200 steps and then stalls.
     - Where the paper is silent and GPS is followed, three changes to GPS: the dynamics ridge
       is relative to each input's variance (GPS: 1e-6 I, which biases the model once pi_n has
       converged and the states barely move; InvertedPendulum fell after ~55k steps); GMM
