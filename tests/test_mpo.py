@@ -316,7 +316,10 @@ def test_categorical_e_and_m_step_match_hand_computation():
         log_alpha_mean,
         log_alpha_cov,
         torch.zeros(1, 2),
-        args,
+        args.num_samples,
+        epsilon,
+        epsilon_mean,
+        args.epsilon_cov,
     )
     expected_logits = [logits[a] - grad_logits[a] for a in range(3)]
     assert actor.head.bias.tolist() == pytest.approx(expected_logits, rel=1e-5)
@@ -329,19 +332,21 @@ def test_categorical_e_and_m_step_match_hand_computation():
 
 # -- Snippet replay on the counting env ------------------------------------------------------
 def test_snippets_never_cross_episodes_and_keep_behaviour_log_probs(log_dir):
-    """Train on tests/Counting-v0 (through the shim) without updates and inspect the saved replay: within a
-    snippet, every valid step continues the previous one (same episode, t + 1), next_obs is the
-    true next observation (obs + [1, 0], also at the last step of an episode), termination is
-    flagged only where odd episodes end (t = 5), and the stored log b(a|s) is the log-probability
-    of the stored action under the (never updated) policy. A truncation (t = 8) still
-    bootstraps in the Retrace target, a termination does not."""
+    """Train on tests/Counting-v0 (through the shim) without updates and inspect the saved
+    replay: within a snippet, every valid step continues the previous one (same episode,
+    t + 1), next_obs is the true next observation (obs + [1, 0], also at the last step of an
+    episode), termination is flagged only where odd episodes end (t = 5), a snippet stops after
+    an episode end and nowhere else but the newest row, and the stored log b(a|s) is the
+    log-probability of the stored action under the (never updated) policy. A truncation (t = 8)
+    still bootstraps in the Retrace target, a termination does not. Loading the replay for a
+    resume ends the newest row's snippets there (the resumed run starts new episodes)."""
     result = train(
         Args(
             env="tests/CountingShim-v0",
-            total_steps=3 * 60,
+            total_steps=3 * 62,
             num_envs=3,
             learning_starts=10_000,
-            checkpoint_every=3 * 60,
+            checkpoint_every=3 * 62,
             log_dir=log_dir,
             **{**TINY, "retrace_steps": 4},
         )
@@ -351,7 +356,9 @@ def test_snippets_never_cross_episodes_and_keep_behaviour_log_probs(log_dir):
     args = Args(**{**TINY, "retrace_steps": 4})
     replay = SnippetReplay(10_000, 3, 2, 1, 4, torch.device("cpu"))
     replay.load_state_dict(resume["train"]["replay"])
-    replay.data["ended"][(replay.pos - 1) % replay.rows] = 0.0  # undo the resume cut, to test it
+    newest_row = (replay.pos - 1) % replay.rows  # step 62: in the middle of an episode
+    assert replay.data["ended"][newest_row].all()  # cut by load_state_dict, as for a resume
+    replay.data["ended"][newest_row] = 0.0  # undone here, to test the cut at the newest row
     torch.manual_seed(0)
     batch = replay.sample(2000)
     obs, next_obs, valid = batch.obs, batch.next_obs, batch.valid.bool()
@@ -384,9 +391,6 @@ def test_snippets_never_cross_episodes_and_keep_behaviour_log_probs(log_dir):
     last = valid & ended
     assert torch.allclose(target[last & expect_terminated], torch.tensor(1.0))  # r only
     assert torch.allclose(target[last & truncated], torch.tensor(1.5))  # r + gamma V'
-    # after a resume, the newest row stops every snippet (a fresh episode follows it)
-    replay.load_state_dict(resume["train"]["replay"])
-    assert replay.data["ended"][(replay.pos - 1) % replay.rows].all()
 
 
 # -- End-to-end runs -------------------------------------------------------------------------
