@@ -59,6 +59,13 @@ Deviations from the paper:
       the paper's Alg. 2 does 1000 gradient steps per batch of collected trajectories, then
       copies the targets (our default target period is its 1000).
     - A discrete action goes to the critic one-hot, as an input (paper: a DQN torso).
+
+Notes on choices the paper leaves implicit:
+    - Retrace and the E-step both use the target policy pi' (the paper's pi(a|s, theta_i)):
+      Q' estimates the value of pi', which the E-step improves on (ACME does the same).
+    - C_mean uses the online covariance, as eq. 27 prints it, so C_mean + C_cov is exactly
+      KL(pi' || pi); ACME uses the target covariance there (a fully decoupled gradient).
+    - The temperature dual keeps the epsilon that the extracted text of eq. 9 lost.
 """
 
 # == 1. Imports ========================================================================
@@ -567,7 +574,8 @@ def gaussian_log_prob(
 ) -> torch.Tensor:
     """log N(a; mean, L L^T) = -|L^-1 (a - mean)|^2 / 2 - sum_i log L_ii - A log(2 pi) / 2.
 
-    One triangular solve per state serves all M actions of that state.
+    The Gaussian policy of [MPO App. D] with Sigma = L L^T. One triangular solve per state
+    serves all M actions of that state.
     Shapes: actions [B, M, A]; mean [B, A]; scale_tril L [B, A, A] (lower triangular, positive
     diagonal); returns [B, M].
     """
@@ -635,7 +643,7 @@ def temperature_dual(
 def e_step_weights(q: torch.Tensor, eta: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
     """The non-parametric E-step solution on the candidates, normalised per state:
         q(a_j|s) = prior_j exp(Q(s, a_j) / eta) / sum_k prior_k exp(Q(s, a_k) / eta)
-    [MPO eq. 8 (unnumbered display of Sec. 3.2): q_i(a|s) prop. to pi(a|s, theta_i) exp(Q/eta*)].
+    [MPO eq. 8: q_i(a|s) proportional to pi(a|s, theta_i) exp(Q_theta_i(s, a) / eta*)].
     Symbols as in temperature_dual. Shapes: q, log_prior [B, M]; eta scalar; returns [B, M].
     """
     return torch.softmax(q / eta + log_prior, dim=-1)

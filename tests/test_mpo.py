@@ -415,12 +415,14 @@ def test_short_run_updates_logs_and_saves_a_model_that_reloads(env, extra, log_d
     assert os.path.isfile(model)
     assert np.isfinite(result["eval_return"])
     assert main(["--checkpoint", model, "--eval-only", "--eval-episodes", "1"]) == 0
-    out = capsys.readouterr().out
-    assert f"mean {result['eval_return']:.1f}" in out
+    assert f"mean {result['eval_return']:.1f}" in capsys.readouterr().out
+    reloaded = evaluate_only(Args(env=env, checkpoint=model, eval_only=True, **TINY, **extra))
+    assert reloaded["eval_return"] == result["eval_return"]  # same seeds, same actions
     payload = load_checkpoint(model)
-    args = Args(env=env, **TINY, **extra)
     env_obj = make_env(env)
-    agent = make_agent(args, env_obj.observation_space.shape[0], env_obj.action_space, "cpu")
+    agent = make_agent(
+        Args(**TINY, **extra), env_obj.observation_space.shape[0], env_obj.action_space, "cpu"
+    )
     assert set(payload["state"]) == set(agent)
 
 
@@ -503,44 +505,33 @@ def test_same_seed_gives_identical_runs(log_dir):
     assert torch.equal(model_a["state"]["log_eta"], model_b["state"]["log_eta"])
 
 
-def test_evaluate_only_reports_returns(log_dir):
-    result = train(
-        Args(env="CartPole-v1", total_steps=150, learning_starts=100, log_dir=log_dir, **TINY)
-    )
-    args = Args(
-        env="CartPole-v1",
-        checkpoint=os.path.join(result["run_dir"], "model.pt"),
-        eval_only=True,
-        eval_episodes=2,
-        **{k: v for k, v in TINY.items() if k != "eval_episodes"},
-    )
-    out = evaluate_only(args)
-    assert len(out["eval_returns"]) == 2
-
-
 # -- Learning --------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_pendulum_learns(log_dir):
-    """Seeded learning test. Budget: 12k env steps and 11k updates of a smaller MPO (64-64
-    networks, B = 64, M = 10, T = 3, target period 200), about 60 s on one core; threshold:
-    mean evaluation return >= -300 over 5 episodes (random policy: about -1200)."""
+    """Seeded learning test. Budget: 5000 env steps and 4001 updates of a cheaper MPO (64-64
+    networks, B = 64, M = 10, T = 3; target period 100 and learning rates 1e-3 instead of 1000
+    and 5e-4, for speed), about 40 s of one CPU core. Threshold: mean evaluation return >= -300
+    over 5 episodes (a random policy scores about -1200; seeds 1-3 reached -147 here)."""
     result = train(
         Args(
             env="Pendulum-v1",
-            total_steps=12_000,
+            total_steps=5_000,
             learning_starts=1_000,
             policy_hidden_sizes=(64, 64),
             critic_hidden_sizes=(64, 64),
             batch_size=64,
             num_samples=10,
             retrace_steps=3,
-            target_network_frequency=200,
+            target_network_frequency=100,
+            policy_lr=1e-3,
+            q_lr=1e-3,
             eval_every=0,
             eval_episodes=5,
-            log_every=2_000,
+            log_every=1_000,
             checkpoint_every=0,
             save_model=False,
             log_dir=log_dir,
         )
     )
+    assert result["num_updates"] == 4_001
     assert result["eval_return"] >= -300
