@@ -45,9 +45,10 @@ Usage:
         --buffer-size 2000000 --target-network-frequency 200
 
 Deviations from the paper:
-    - The dual variables eta, alpha_mean, alpha_cov are stored as logs and take Adam steps with
-      their own learning rate (paper: "gradient steps", rate not given; ACME: 1e-2) and are
-      clamped below at exp(-18) (ACME's clamp); ACME maps them through softplus instead of exp.
+    - The dual variables eta, alpha_mean, alpha_cov are softplus of parameters named log_eta,
+      log_alpha_mean, log_alpha_cov (ACME's parameterisation and names), which take Adam steps
+      with their own learning rate (paper: "gradient steps", rate not given; ACME: 1e-2) and are
+      clamped below at -18 (ACME).
     - Actions are rescaled to [-1, 1] (the control suite's range); the critic sees the clipped
       action the env executes (ACME), the replay and log b(a|s) keep the unclipped sample.
     - The paper leaves the snippet length N, the batch size, M, the warm-up and the activation
@@ -177,11 +178,12 @@ class Args:
     dual_lr: float = 1e-2
     """Adam learning rate of log eta, log alpha_mean, log alpha_cov (paper: not given; ACME)."""
     eta_init: float = 1.0
-    """Initial temperature eta."""
+    """Initial temperature eta (ACME: 10)."""
     alpha_mean_init: float = 1.0
-    """Initial multiplier alpha_mean of the mean (or categorical) KL bound."""
-    alpha_cov_init: float = 1.0
-    """Initial multiplier alpha_cov of the covariance KL bound."""
+    """Initial multiplier alpha_mean of the mean (or categorical) KL bound (ACME: 10)."""
+    alpha_cov_init: float = 100.0
+    """Initial multiplier alpha_cov of the covariance KL bound (ACME: 1000): large, so that the
+    small epsilon_cov holds from the start; it then falls while the bound is slack."""
 
 
 def check_args(args: Args) -> None:
@@ -569,6 +571,10 @@ class SnippetReplay:
 
 
 # == 6. Algorithm ======================================================================
+DUAL_MIN = 1e-8  # added to softplus in dual_variable, so that eta and alpha stay positive (ACME)
+LOG_DUAL_MIN = -18.0  # lower clamp of the dual parameters after each step (ACME's clamp)
+
+
 def gaussian_log_prob(
     actions: torch.Tensor, mean: torch.Tensor, scale_tril: torch.Tensor
 ) -> torch.Tensor:
@@ -649,6 +655,17 @@ def e_step_weights(q: torch.Tensor, eta: torch.Tensor, log_prior: torch.Tensor) 
     return torch.softmax(q / eta + log_prior, dim=-1)
 
 
+def dual_variable(log_dual: torch.Tensor) -> torch.Tensor:
+    """A positive dual variable (eta, alpha_mean, alpha_cov) from its parameter:
+        eta = softplus(log_eta) + DUAL_MIN
+    as in [ACME], which also calls the parameters log_* though softplus, not exp, maps them.
+    A multiplier then grows at most linearly while its bound is violated; with exp it grows
+    exponentially (alpha_cov reached 1e23 on HalfCheetah-v5 here, and Adam's second moment of
+    its gradient overflowed to inf, freezing it). Shapes: any; returns the same shape.
+    """
+    return F.softplus(log_dual) + DUAL_MIN
+
+
 def kl_penalty(
     kl: torch.Tensor, alpha: torch.Tensor, epsilon: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -694,7 +711,6 @@ def retrace_target(
 
 
 # == 7. Updates ========================================================================
-LOG_DUAL_MIN = -18.0  # lower clamp of log eta and log alpha after each step (ACME's clamp)
 
 
 def update_critic(
@@ -759,7 +775,7 @@ def update_policy(
         actions, log_prior = actor_target.candidates(params_old, num_samples)  # [B, M, A]
         q = critic_target(obs.unsqueeze(1), actor_target.critic_input(actions))  # [B, M]
     # E-step [MPO eq. 8-9]: eta steps on the dual; the weights use its current value
-    eta = log_eta.exp()
+    eta = dual_variable(log_eta)
     eta_loss = temperature_dual(eta, q, log_prior, epsilon)
     weights = e_step_weights(q, eta.detach(), log_prior)  # [B, M]
     # M-step [MPO eq. 10, 12]: weighted maximum likelihood of the candidate actions under the
@@ -767,7 +783,7 @@ def update_policy(
     params = actor(obs)
     policy_loss = -(weights * actor.log_prob(params, actions)).sum(-1).mean()
     kl_mean, kl_cov = actor.kl_terms(params_old, params)  # [B] each; no kl_cov when discrete
-    alpha_mean, alpha_cov = log_alpha_mean.exp(), log_alpha_cov.exp()
+    alpha_mean, alpha_cov = dual_variable(log_alpha_mean), dual_variable(log_alpha_cov)
     penalty, alpha_loss = kl_penalty(kl_mean, alpha_mean, epsilon_mean)
     metrics = {"stats/kl_mean": kl_mean.detach().mean(), "stats/alpha_mean": alpha_mean.detach()}
     if kl_cov is not None:
@@ -957,7 +973,9 @@ def make_agent(
     critic_target.requires_grad_(False)
 
     def log_dual(init: float) -> torch.Tensor:
-        return torch.tensor(float(np.log(init)), device=device, requires_grad=True)
+        """The parameter whose dual_variable is init: the inverse softplus, written stably."""
+        value = max(init - DUAL_MIN, DUAL_MIN)
+        return torch.tensor(value + np.log(-np.expm1(-value)), device=device, requires_grad=True)
 
     return {
         "actor": actor,
