@@ -147,7 +147,7 @@ class Args:
     """A full covariance (Cholesky factor) Gaussian policy instead of a diagonal [MPO App. D]."""
     # Replay and policy evaluation by Retrace [MPO Sec. 4]
     buffer_size: int = 1_000_000
-    """Replay capacity in transitions."""
+    """Replay buffer capacity in transitions."""
     batch_size: int = 256
     """Snippets per critic step and states per E/M-step (paper: not given; [TreePI] Table 2)."""
     learning_starts: int = 5_000
@@ -176,7 +176,7 @@ class Args:
     epsilon_cov: float = 1e-4
     """Bound epsilon_Sigma on the covariance part of KL(pi' || pi) [MPO Table 2: 1e-4]."""
     dual_lr: float = 1e-2
-    """Adam learning rate of log eta, log alpha_mean, log alpha_cov (paper: not given; ACME)."""
+    """Adam learning rate of the dual parameters log_eta, log_alpha_* (paper: not given; ACME)."""
     eta_init: float = 1.0
     """Initial temperature eta (ACME: 10)."""
     alpha_mean_init: float = 1.0
