@@ -25,7 +25,7 @@ class CountingEnv(gym.Env):
 
     metadata = {"render_modes": []}
 
-    def __init__(self, discrete: bool = False):
+    def __init__(self, discrete: bool = False, render_mode: str | None = None):
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
         self.action_space = (
             gym.spaces.Discrete(2) if discrete else gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
