@@ -238,8 +238,9 @@ def make_env(env_id: str, render_mode: str | None = None) -> gym.Env:
         close = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise UsageError(f"unknown env id {env_id!r}{hint}")
+    kwargs = {} if render_mode is None else {"render_mode": render_mode}
     try:
-        return gym.make(env_id, render_mode=render_mode)
+        return gym.make(env_id, **kwargs)
     except gym.error.DependencyNotInstalled as e:
         raise UsageError(f"{env_id} needs a package that is not installed: {e}") from None
 
