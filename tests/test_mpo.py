@@ -47,15 +47,6 @@ TINY = dict(
 
 
 # -- helpers -------------------------------------------------------------------------------
-def counting_env(render_mode: str | None = None) -> gym.Env:
-    """conftest's tests/Counting-v0 env, built by its registered entry point. A shim: mpo.py's
-    make_env (shared with sac.py) passes render_mode=None, which CountingEnv does not accept."""
-    return gym.spec("tests/Counting-v0").entry_point()
-
-
-gym.register("tests/CountingShim-v0", entry_point=counting_env, max_episode_steps=8)
-
-
 def inverse_softplus(y: float) -> float:
     """x with log(1 + exp(x)) = y."""
     return math.log(math.expm1(y))
@@ -343,7 +334,7 @@ def test_categorical_e_and_m_step_match_hand_computation():
 
 # -- Snippet replay on the counting env ------------------------------------------------------
 def test_snippets_never_cross_episodes_and_keep_behaviour_log_probs(log_dir):
-    """Train on tests/Counting-v0 (through the shim) without updates and inspect the saved
+    """Train on tests/Counting-v0 without updates and inspect the saved
     replay: within a snippet, every valid step continues the previous one (same episode,
     t + 1), next_obs is the true next observation (obs + [1, 0], also at the last step of an
     episode), termination is flagged only where odd episodes end (t = 5), a snippet stops after
@@ -353,7 +344,7 @@ def test_snippets_never_cross_episodes_and_keep_behaviour_log_probs(log_dir):
     resume ends the newest row's snippets there (the resumed run starts new episodes)."""
     result = train(
         Args(
-            env="tests/CountingShim-v0",
+            env="tests/Counting-v0",
             total_steps=3 * 62,
             num_envs=3,
             learning_starts=10_000,
@@ -389,7 +380,7 @@ def test_snippets_never_cross_episodes_and_keep_behaviour_log_probs(log_dir):
     assert not torch.any(ended[:, :-1] & valid[:, 1:])
     assert truncated.any() and expect_terminated.any() and stops.any()
     # the stored behaviour log-probabilities are the policy's at acting time
-    agent = make_agent(args, 2, make_env("tests/CountingShim-v0").action_space, torch.device("cpu"))
+    agent = make_agent(args, 2, make_env("tests/Counting-v0").action_space, torch.device("cpu"))
     agent["actor"].load_state_dict(resume["state"]["actor"])
     with torch.no_grad():
         flat = valid.flatten()
@@ -411,8 +402,13 @@ def event_files(run_dir: str) -> list[str]:
 
 @pytest.mark.parametrize(
     "env, extra",
-    [("Pendulum-v1", {}), ("Pendulum-v1", {"full_covariance": True}), ("CartPole-v1", {})],
-    ids=["continuous", "full-covariance", "discrete"],
+    [
+        ("Pendulum-v1", {}),
+        ("Pendulum-v1", {"full_covariance": True}),
+        ("CartPole-v1", {}),
+        ("Hopper-v5", {"full_covariance": True}),  # MuJoCo: 3-D actions, early terminations
+    ],
+    ids=["continuous", "full-covariance", "discrete", "mujoco"],
 )
 def test_short_run_updates_logs_and_saves_a_model_that_reloads(env, extra, log_dir, capsys):
     """train() does gradient steps, writes tensorboard events and model.pt, and the saved model,
