@@ -3,6 +3,7 @@
 Run: pytest tests/test_mpo.py (about 2 minutes on 2 CPU cores, the learning test included).
 """
 
+import copy
 import glob
 import math
 import os
@@ -16,6 +17,7 @@ import torch
 from mpo import (
     Args,
     CategoricalActor,
+    GaussianActor,
     SnippetReplay,
     categorical_kl,
     e_step_weights,
@@ -330,6 +332,91 @@ def test_categorical_e_and_m_step_match_hand_computation():
     assert log_alpha_mean.item() == pytest.approx(expected_x_alpha, rel=1e-5)
     assert log_alpha_cov.item() == 0.0  # a categorical policy has no covariance bound
     assert metrics["stats/kl_mean"].item() == pytest.approx(kl, rel=1e-5)
+
+
+@pytest.mark.parametrize("diagonal", [True, False])
+def test_gaussian_e_and_m_step_match_an_independent_lagrangian(diagonal):
+    """One update_policy step (plain SGD) on a Gaussian policy with fixed candidate actions,
+    against the same step computed independently: numpy E-step weights softmax_j(Q_j / eta);
+    the policy's step from autograd of -mean_s sum_j q_j log N(a_j; mu, Sigma)
+    + alpha_mean mean_s (mu - mu_old)^T Sigma^-1 (mu - mu_old) / 2 (explicit inverse)
+    + alpha_cov mean_s KL(N(mu_old, Sigma_old) || N(mu_old, Sigma)) (torch.distributions);
+    the duals' steps from the closed-form slopes of g(eta) and of alpha (epsilon - C)."""
+    torch.manual_seed(7)
+    num_states, num_samples, dim, lr = 3, 6, 2, 0.1
+    eta, alpha_mean, alpha_cov = 0.8, 3.0, 50.0
+    epsilon, epsilon_mean, epsilon_cov = 0.1, 0.05, 1e-3
+    args = Args(policy_hidden_sizes=(4,), full_covariance=not diagonal)
+    space = gym.spaces.Box(-1.0, 1.0, (dim,), np.float32)
+    fixed = torch.randn(num_states, num_samples, dim, dtype=torch.float64)
+
+    class FixedCandidates(GaussianActor):
+        """pi' whose M 'samples' are the fixed actions, so the test knows them."""
+
+        def candidates(self, params, num_samples):
+            return fixed, torch.full(fixed.shape[:-1], -math.log(num_samples), dtype=fixed.dtype)
+
+    actor = GaussianActor(2, space, args).double()
+    actor_target = FixedCandidates(2, space, args).double().requires_grad_(False)
+    before = copy.deepcopy(actor)
+    obs = torch.randn(num_states, 2, dtype=torch.float64)
+
+    def critic_target(obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return -3.0 * (actions - 0.3).pow(2).sum(-1)  # [B, M] from clipped actions [B, M, A]
+
+    q = critic_target(None, fixed.clamp(-1, 1)).numpy()
+    # independent E-step: weights and the dual's slope g'(eta) = eps + mean_s (log Z - E_q Q/eta)
+    log_z = np.log(np.mean(np.exp(q / eta), axis=1))
+    w = np.exp(q / eta - log_z[:, None]) / num_samples
+    dual_slope = epsilon + np.mean(log_z - np.sum(w * q, axis=1) / eta)
+    # independent M-step Lagrangian on the snapshot of the policy
+    mvn = torch.distributions.MultivariateNormal
+    with torch.no_grad():
+        mean_old, tril_old = actor_target(obs)
+    mean, tril = before(obs)
+    sigma = tril @ tril.transpose(-2, -1)
+    log_lik = mvn(mean.unsqueeze(1), scale_tril=tril.unsqueeze(1)).log_prob(fixed)  # [B, M]
+    diff = (mean - mean_old).unsqueeze(-1)
+    c_mean = 0.5 * (diff.transpose(-2, -1) @ torch.linalg.inv(sigma) @ diff).flatten()
+    c_cov = torch.distributions.kl_divergence(
+        mvn(mean_old, scale_tril=tril_old), mvn(mean_old, scale_tril=tril)
+    )
+    lagrangian = (
+        -(torch.tensor(w) * log_lik).sum(1).mean()
+        + alpha_mean * c_mean.mean()
+        + alpha_cov * c_cov.mean()
+    )
+    grads = torch.autograd.grad(lagrangian, list(before.parameters()))
+
+    def dual_param(value: float) -> torch.Tensor:
+        return torch.tensor(inverse_softplus(value - 1e-8), dtype=torch.float64, requires_grad=True)
+
+    log_eta, log_alpha_mean, log_alpha_cov = map(dual_param, (eta, alpha_mean, alpha_cov))
+    x = [p.item() for p in (log_eta, log_alpha_mean, log_alpha_cov)]
+    update_policy(
+        actor,
+        actor_target,
+        critic_target,
+        torch.optim.SGD(actor.parameters(), lr=lr),
+        torch.optim.SGD([log_eta, log_alpha_mean, log_alpha_cov], lr=lr),
+        log_eta,
+        log_alpha_mean,
+        log_alpha_cov,
+        obs,
+        num_samples,
+        epsilon,
+        epsilon_mean,
+        epsilon_cov,
+    )
+    for new, old, grad in zip(actor.parameters(), before.parameters(), grads):
+        assert torch.allclose(new, old - lr * grad, rtol=1e-9, atol=1e-12)
+    assert any(g.abs().max() > 1e-3 for g in grads)  # the step is not trivially zero
+    c_mean, c_cov = c_mean.mean().item(), c_cov.mean().item()
+    assert log_eta.item() == pytest.approx(x[0] - lr * sigmoid(x[0]) * dual_slope, rel=1e-9)
+    expected = x[1] - lr * sigmoid(x[1]) * (epsilon_mean - c_mean)
+    assert log_alpha_mean.item() == pytest.approx(expected, rel=1e-9)
+    expected = x[2] - lr * sigmoid(x[2]) * (epsilon_cov - c_cov)
+    assert log_alpha_cov.item() == pytest.approx(expected, rel=1e-9)
 
 
 # -- Snippet replay on the counting env ------------------------------------------------------
