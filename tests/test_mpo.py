@@ -1,0 +1,632 @@
+"""Tests for mpo.py: the math against independent computations, then short end-to-end runs.
+
+Run: pytest tests/test_mpo.py (about 1 minute of CPU time, 40 s of it the slow-marked learning
+test; 2.5 minutes of wall time on a 2-core machine shared with other jobs).
+"""
+
+import copy
+import glob
+import math
+import os
+import shutil
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from mpo import (
+    Args,
+    CategoricalActor,
+    GaussianActor,
+    SnippetReplay,
+    categorical_kl,
+    e_step_weights,
+    evaluate_only,
+    gaussian_kl_decoupled,
+    gaussian_log_prob,
+    load_checkpoint,
+    main,
+    make_agent,
+    make_env,
+    retrace_target,
+    temperature_dual,
+    train,
+    update_policy,
+)
+
+# Small settings that keep every end-to-end run to seconds.
+TINY = dict(
+    policy_hidden_sizes=(16, 16),
+    critic_hidden_sizes=(16, 16),
+    buffer_size=10_000,
+    batch_size=8,
+    num_samples=4,
+    retrace_steps=3,
+    eval_episodes=1,
+    log_every=100,
+    eval_every=0,
+)
+
+
+# -- helpers -------------------------------------------------------------------------------
+def inverse_softplus(y: float) -> float:
+    """x with log(1 + exp(x)) = y."""
+    return math.log(math.expm1(y))
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def golden_section_min(f, lo: float, hi: float, iters: int = 200) -> float:
+    """Minimiser of a unimodal f on [lo, hi] by golden-section search."""
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = lo, hi
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = f(c), f(d)
+    for _ in range(iters):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = f(d)
+    return (a + b) / 2
+
+
+def random_tril(batch: int, dim: int, gen: torch.Generator, diagonal: bool) -> torch.Tensor:
+    """Lower-triangular factors with a positive diagonal [batch, dim, dim], float64."""
+    raw = torch.randn(batch, dim, dim, generator=gen, dtype=torch.float64)
+    diag = torch.rand(batch, dim, generator=gen, dtype=torch.float64) + 0.3
+    off = torch.zeros_like(raw) if diagonal else raw.tril(-1)
+    return off + torch.diag_embed(diag)
+
+
+# -- E-step: the temperature dual ------------------------------------------------------------
+@pytest.mark.parametrize("prior", ["samples", "categorical"])
+def test_dual_minimiser_matches_bisection_and_puts_kl_at_epsilon(prior):
+    """The minimiser of temperature_dual (found by golden-section search on it) equals the root
+    of g'(eta) = epsilon - mean_s KL(q_eta || prior), found by bisection on a numpy float64
+    formula written from the derivation, and the weights at it have KL(q || prior) = epsilon."""
+    rng = np.random.default_rng(0)
+    num_states, num_actions, epsilon = 16, 20, 0.1
+    q = rng.normal(0.0, 3.0, (num_states, num_actions))
+    if prior == "samples":  # M samples of pi: every sample has prior weight 1 / M
+        log_prior = np.full((num_states, num_actions), -np.log(num_actions))
+    else:  # a categorical pi: the prior of each enumerated action is pi(a|s)
+        logits = rng.normal(0.0, 1.0, (num_states, num_actions))
+        log_prior = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+
+    def kl_at(eta: float) -> float:
+        z = q / eta + log_prior
+        w = np.exp(z - z.max(1, keepdims=True))
+        w /= w.sum(1, keepdims=True)
+        return float(np.mean(np.sum(w * (np.log(w) - log_prior), axis=1)))
+
+    lo, hi = 1e-3, 1e4  # the KL falls monotonically in eta: bisection on log eta
+    for _ in range(200):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if kl_at(mid) > epsilon else (lo, mid)
+    eta_bisection = math.sqrt(lo * hi)
+
+    q_t, log_prior_t = torch.tensor(q), torch.tensor(log_prior)
+
+    def dual(log_eta: float) -> float:
+        eta = torch.tensor(math.exp(log_eta), dtype=torch.float64)
+        return float(temperature_dual(eta, q_t, log_prior_t, epsilon))
+
+    eta_dual = math.exp(golden_section_min(dual, math.log(1e-3), math.log(1e4)))
+    assert eta_dual == pytest.approx(eta_bisection, rel=1e-6)  # a flat minimum: not 1e-12
+    weights = e_step_weights(q_t, torch.tensor(eta_bisection), log_prior_t).numpy()
+    assert np.allclose(weights.sum(1), 1.0)
+    kl = np.mean(np.sum(weights * (np.log(weights) - log_prior), axis=1))
+    assert kl == pytest.approx(epsilon, rel=1e-6)
+
+
+# -- Gaussian policy: log-probability and the decoupled KL ------------------------------------
+@pytest.mark.parametrize("diagonal", [True, False])
+def test_decoupled_kl_terms_sum_to_torch_kl(diagonal):
+    """C_mean + C_cov = KL(pi_old || pi) from torch.distributions; each part alone is the KL
+    when the other parameter is unchanged (C_cov: same mean; C_mean: same covariance)."""
+    gen = torch.Generator().manual_seed(1)
+    batch, dim = 32, 4
+    mean_old = torch.randn(batch, dim, generator=gen, dtype=torch.float64)
+    mean = torch.randn(batch, dim, generator=gen, dtype=torch.float64)
+    tril_old = random_tril(batch, dim, gen, diagonal)
+    tril = random_tril(batch, dim, gen, diagonal)
+    mvn = torch.distributions.MultivariateNormal
+    kl_mean, kl_cov = gaussian_kl_decoupled(mean_old, tril_old, mean, tril)
+    expected = torch.distributions.kl_divergence(
+        mvn(mean_old, scale_tril=tril_old), mvn(mean, scale_tril=tril)
+    )
+    assert torch.allclose(kl_mean + kl_cov, expected, rtol=1e-10)
+    cov_only = torch.distributions.kl_divergence(
+        mvn(mean_old, scale_tril=tril_old), mvn(mean_old, scale_tril=tril)
+    )
+    assert torch.allclose(kl_cov, cov_only, rtol=1e-10)
+    same_cov = gaussian_kl_decoupled(mean_old, tril_old, mean, tril_old)
+    mean_only = torch.distributions.kl_divergence(
+        mvn(mean_old, scale_tril=tril_old), mvn(mean, scale_tril=tril_old)
+    )
+    assert torch.allclose(same_cov[0], mean_only, rtol=1e-10)
+    assert torch.allclose(same_cov[1], torch.zeros(batch, dtype=torch.float64), atol=1e-12)
+    if diagonal:  # the diagonal policy's KL is also the sum of per-dimension Normal KLs
+        std_old, std = tril_old.diagonal(dim1=-2, dim2=-1), tril.diagonal(dim1=-2, dim2=-1)
+        normal = torch.distributions.Normal
+        per_dim = torch.distributions.kl_divergence(normal(mean_old, std_old), normal(mean, std))
+        assert torch.allclose(kl_mean + kl_cov, per_dim.sum(-1), rtol=1e-10)
+
+
+@pytest.mark.parametrize("diagonal", [True, False])
+def test_gaussian_log_prob_matches_torch(diagonal):
+    gen = torch.Generator().manual_seed(2)
+    batch, samples, dim = 8, 5, 3
+    mean = torch.randn(batch, dim, generator=gen, dtype=torch.float64)
+    tril = random_tril(batch, dim, gen, diagonal)
+    actions = torch.randn(batch, samples, dim, generator=gen, dtype=torch.float64)
+    dist = torch.distributions.MultivariateNormal(mean.unsqueeze(1), scale_tril=tril.unsqueeze(1))
+    assert torch.allclose(
+        gaussian_log_prob(actions, mean, tril), dist.log_prob(actions), rtol=1e-10
+    )
+
+
+def test_gaussian_actor_samples_have_the_policy_covariance():
+    """Samples of the full-covariance actor have covariance L L^T (Monte Carlo, 200k draws),
+    so candidates, log_prob and the Cholesky parameterisation agree."""
+    env = make_env("Pendulum-v1")
+    args = Args(policy_hidden_sizes=(8,), full_covariance=True)
+    actor = make_agent(args, 3, env.action_space, torch.device("cpu"))["actor"]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        params = actor(torch.randn(1, 3))
+        actions, log_prior = actor.candidates(params, 200_000)
+    expected = (params[1] @ params[1].transpose(-2, -1))[0]
+    assert torch.allclose(actions[0].T.cov(), expected, rtol=0.02)  # 200k samples: ~0.5% noise
+    assert torch.allclose(actions[0].mean(0), params[0][0], atol=0.01)
+    assert torch.allclose(log_prior.exp().sum(-1), torch.ones(1))
+
+
+# -- Retrace ---------------------------------------------------------------------------------
+def random_snippets(batch: int, steps: int, seed: int) -> dict[str, torch.Tensor]:
+    """Snippets as SnippetReplay returns them: a valid prefix of random length whose last step
+    may terminate (then the snippet stops; a truncation also stops it but bootstraps)."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, steps + 1, (batch,), generator=gen)
+    valid = (torch.arange(steps) < lengths.unsqueeze(1)).double()
+    terminated = torch.zeros(batch, steps, dtype=torch.float64)
+    ends = torch.rand(batch, generator=gen) < 0.5
+    terminated[ends, lengths[ends] - 1] = 1.0
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    return {
+        "rewards": rand(batch, steps),
+        "terminated": terminated,
+        "valid": valid,
+        "q_taken": rand(batch, steps),
+        "next_v": rand(batch, steps),
+        "traces": torch.rand(batch, steps, generator=gen, dtype=torch.float64),
+    }
+
+
+def test_retrace_matches_double_loop_over_eq13():
+    """Every step's target equals eq. 13 written as a plain double loop:
+    Q_ret(t) = Q'(t) + sum_{j >= t} gamma^(j-t) (prod_{k=t+1..j} c_k) delta_j,
+    delta_j = r_j + gamma (1 - terminated_j) V'(s'_j) - Q'(j), the sum over the snippet."""
+    gamma, batch, steps = 0.9, 64, 6
+    data = random_snippets(batch, steps, seed=3)
+    got = retrace_target(**data, gamma=gamma)
+    d = {k: v.tolist() for k, v in data.items()}
+    for b in range(batch):
+        length = int(sum(d["valid"][b]))
+        for t in range(steps):
+            if t >= length:
+                assert got[b, t] == 0.0
+                continue
+            total, coeff = d["q_taken"][b][t], 1.0
+            for j in range(t, length):
+                if j > t:
+                    coeff *= gamma * d["traces"][b][j]
+                delta = (
+                    d["rewards"][b][j]
+                    + gamma * (1.0 - d["terminated"][b][j]) * d["next_v"][b][j]
+                    - d["q_taken"][b][j]
+                )
+                total += coeff * delta
+            assert got[b, t].item() == pytest.approx(total, abs=1e-12)
+
+
+def test_retrace_is_n_step_return_when_pi_is_b_and_traces_are_one():
+    """With pi = b deterministic, c = 1 and V'(s_j) = Q'(s_j, a_j): the N-step return
+    sum_j gamma^j r_j + gamma^L V'(s_L), no bootstrap after a termination."""
+    gamma, batch, steps = 0.95, 64, 5
+    data = random_snippets(batch, steps, seed=4)
+    data["traces"] = torch.ones(batch, steps, dtype=torch.float64)
+    data["q_taken"][:, 1:] = data["next_v"][:, :-1]  # Q'(s_{j+1}, a_{j+1}) = V'(s'_j)
+    got = retrace_target(**data, gamma=gamma)[:, 0]
+    for b in range(batch):
+        length = int(data["valid"][b].sum())
+        expected = sum(gamma**j * data["rewards"][b, j].item() for j in range(length))
+        if data["terminated"][b, length - 1] == 0:
+            expected += gamma**length * data["next_v"][b, length - 1].item()
+        assert got[b].item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_retrace_is_one_step_target_when_traces_are_zero():
+    gamma, batch, steps = 0.99, 64, 5
+    data = random_snippets(batch, steps, seed=5)
+    data["traces"] = torch.zeros(batch, steps, dtype=torch.float64)
+    got = retrace_target(**data, gamma=gamma)
+    expected = data["rewards"] + gamma * (1 - data["terminated"]) * data["next_v"]
+    assert torch.allclose(got, expected * data["valid"], atol=1e-12)
+
+
+# -- Categorical MPO by hand -----------------------------------------------------------------
+def test_categorical_e_and_m_step_match_hand_computation():
+    """One update_policy step on a single state with 3 actions and plain SGD, against the
+    hand-derived quantities: q(a) = pi_old(a) exp(Q(a)/eta) / Z; the logits move by
+    -[(p - q) + alpha (p - p_old)]; the parameter x of eta = softplus(x) + 1e-8 by
+    -sigmoid(x) g'(eta) with g'(eta) = epsilon + log Z - sum_a q(a) Q(a) / eta; that of alpha
+    by -sigmoid(x) (epsilon_mean - KL(p_old || p))."""
+    logits_old, logits = [0.2, -0.5, 1.0], [0.6, -0.1, 0.4]
+    q_values, eta, alpha, epsilon, epsilon_mean = [1.0, 2.0, 0.5], 0.7, 2.0, 0.1, 0.05
+    p_old = [math.exp(x) / sum(math.exp(y) for y in logits_old) for x in logits_old]
+    p = [math.exp(x) / sum(math.exp(y) for y in logits) for x in logits]
+    unnormalised = [p_old[a] * math.exp(q_values[a] / eta) for a in range(3)]
+    z = sum(unnormalised)
+    q = [u / z for u in unnormalised]
+    kl = sum(p_old[a] * math.log(p_old[a] / p[a]) for a in range(3))
+    grad_logits = [(p[a] - q[a]) + alpha * (p[a] - p_old[a]) for a in range(3)]
+    dual_slope = epsilon + math.log(z) - sum(q[a] * q_values[a] for a in range(3)) / eta
+    x_eta, x_alpha = inverse_softplus(eta - 1e-8), inverse_softplus(alpha - 1e-8)
+
+    # the pure functions
+    log_prior = torch.tensor([p_old]).log()
+    q_t = torch.tensor([q_values])
+    weights = e_step_weights(q_t, torch.tensor(eta), log_prior)
+    assert weights[0].tolist() == pytest.approx(q, rel=1e-6)
+    dual = temperature_dual(torch.tensor(eta), q_t, log_prior, epsilon)
+    assert dual.item() == pytest.approx(eta * epsilon + eta * math.log(z), rel=1e-6)
+    kl_t = categorical_kl(torch.tensor([logits_old]), torch.tensor([logits]))
+    assert kl_t.item() == pytest.approx(kl, rel=1e-6)
+
+    # one step of update_policy with SGD (lr 1): a step is minus the gradient
+    args = Args(policy_hidden_sizes=(4,), epsilon=epsilon, epsilon_mean=epsilon_mean)
+    space = gym.spaces.Discrete(3)
+    actor, actor_target = CategoricalActor(2, space, args), CategoricalActor(2, space, args)
+    for net, values in ((actor, logits), (actor_target, logits_old)):
+        torch.nn.init.zeros_(net.head.weight)  # logits = bias, whatever the state
+        net.head.bias.data = torch.tensor(values)
+    actor_target.requires_grad_(False)
+
+    def critic_target(obs: torch.Tensor, one_hot: torch.Tensor) -> torch.Tensor:
+        return (one_hot * q_t).sum(-1)  # Q(s, a) from the table q_values
+
+    log_eta = torch.tensor(x_eta, requires_grad=True)
+    log_alpha_mean = torch.tensor(x_alpha, requires_grad=True)
+    log_alpha_cov = torch.tensor(0.0, requires_grad=True)
+    actor_opt = torch.optim.SGD(actor.parameters(), lr=1.0)
+    dual_opt = torch.optim.SGD([log_eta, log_alpha_mean, log_alpha_cov], lr=1.0)
+    metrics = update_policy(
+        actor,
+        actor_target,
+        critic_target,
+        actor_opt,
+        dual_opt,
+        log_eta,
+        log_alpha_mean,
+        log_alpha_cov,
+        torch.zeros(1, 2),
+        args.num_samples,
+        epsilon,
+        epsilon_mean,
+        args.epsilon_cov,
+    )
+    expected_logits = [logits[a] - grad_logits[a] for a in range(3)]
+    assert actor.head.bias.tolist() == pytest.approx(expected_logits, rel=1e-5)
+    assert log_eta.item() == pytest.approx(x_eta - sigmoid(x_eta) * dual_slope, rel=1e-5)
+    expected_x_alpha = x_alpha - sigmoid(x_alpha) * (epsilon_mean - kl)
+    assert log_alpha_mean.item() == pytest.approx(expected_x_alpha, rel=1e-5)
+    assert log_alpha_cov.item() == 0.0  # a categorical policy has no covariance bound
+    assert metrics["stats/kl_mean"].item() == pytest.approx(kl, rel=1e-5)
+
+
+@pytest.mark.parametrize("diagonal", [True, False])
+def test_gaussian_e_and_m_step_match_an_independent_lagrangian(diagonal):
+    """One update_policy step (plain SGD) on a Gaussian policy with fixed candidate actions,
+    against the same step computed independently: numpy E-step weights softmax_j(Q_j / eta);
+    the policy's step from autograd of -mean_s sum_j q_j log N(a_j; mu, Sigma)
+    + alpha_mean mean_s (mu - mu_old)^T Sigma^-1 (mu - mu_old) / 2 (explicit inverse)
+    + alpha_cov mean_s KL(N(mu_old, Sigma_old) || N(mu_old, Sigma)) (torch.distributions);
+    the duals' steps from the closed-form slopes of g(eta) and of alpha (epsilon - C)."""
+    torch.manual_seed(7)
+    num_states, num_samples, dim, lr = 3, 6, 2, 0.1
+    eta, alpha_mean, alpha_cov = 0.8, 3.0, 50.0
+    epsilon, epsilon_mean, epsilon_cov = 0.1, 0.05, 1e-3
+    args = Args(policy_hidden_sizes=(4,), full_covariance=not diagonal)
+    space = gym.spaces.Box(-1.0, 1.0, (dim,), np.float32)
+    fixed = torch.randn(num_states, num_samples, dim, dtype=torch.float64)
+
+    class FixedCandidates(GaussianActor):
+        """pi' whose M 'samples' are the fixed actions, so the test knows them."""
+
+        def candidates(self, params, num_samples):
+            return fixed, torch.full(fixed.shape[:-1], -math.log(num_samples), dtype=fixed.dtype)
+
+    actor = GaussianActor(2, space, args).double()
+    actor_target = FixedCandidates(2, space, args).double().requires_grad_(False)
+    before = copy.deepcopy(actor)
+    obs = torch.randn(num_states, 2, dtype=torch.float64)
+
+    def critic_target(obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return -3.0 * (actions - 0.3).pow(2).sum(-1)  # [B, M] from clipped actions [B, M, A]
+
+    q = critic_target(None, fixed.clamp(-1, 1)).numpy()
+    # independent E-step: weights and the dual's slope g'(eta) = eps + mean_s (log Z - E_q Q/eta)
+    log_z = np.log(np.mean(np.exp(q / eta), axis=1))
+    w = np.exp(q / eta - log_z[:, None]) / num_samples
+    dual_slope = epsilon + np.mean(log_z - np.sum(w * q, axis=1) / eta)
+    # independent M-step Lagrangian on the snapshot of the policy
+    mvn = torch.distributions.MultivariateNormal
+    with torch.no_grad():
+        mean_old, tril_old = actor_target(obs)
+    mean, tril = before(obs)
+    sigma = tril @ tril.transpose(-2, -1)
+    log_lik = mvn(mean.unsqueeze(1), scale_tril=tril.unsqueeze(1)).log_prob(fixed)  # [B, M]
+    diff = (mean - mean_old).unsqueeze(-1)
+    c_mean = 0.5 * (diff.transpose(-2, -1) @ torch.linalg.inv(sigma) @ diff).flatten()
+    c_cov = torch.distributions.kl_divergence(
+        mvn(mean_old, scale_tril=tril_old), mvn(mean_old, scale_tril=tril)
+    )
+    lagrangian = (
+        -(torch.tensor(w) * log_lik).sum(1).mean()
+        + alpha_mean * c_mean.mean()
+        + alpha_cov * c_cov.mean()
+    )
+    grads = torch.autograd.grad(lagrangian, list(before.parameters()))
+
+    def dual_param(value: float) -> torch.Tensor:
+        return torch.tensor(inverse_softplus(value - 1e-8), dtype=torch.float64, requires_grad=True)
+
+    log_eta, log_alpha_mean, log_alpha_cov = map(dual_param, (eta, alpha_mean, alpha_cov))
+    x = [p.item() for p in (log_eta, log_alpha_mean, log_alpha_cov)]
+    update_policy(
+        actor,
+        actor_target,
+        critic_target,
+        torch.optim.SGD(actor.parameters(), lr=lr),
+        torch.optim.SGD([log_eta, log_alpha_mean, log_alpha_cov], lr=lr),
+        log_eta,
+        log_alpha_mean,
+        log_alpha_cov,
+        obs,
+        num_samples,
+        epsilon,
+        epsilon_mean,
+        epsilon_cov,
+    )
+    for new, old, grad in zip(actor.parameters(), before.parameters(), grads):
+        assert torch.allclose(new, old - lr * grad, rtol=1e-9, atol=1e-12)
+    assert any(g.abs().max() > 1e-3 for g in grads)  # the step is not trivially zero
+    c_mean, c_cov = c_mean.mean().item(), c_cov.mean().item()
+    assert log_eta.item() == pytest.approx(x[0] - lr * sigmoid(x[0]) * dual_slope, rel=1e-9)
+    expected = x[1] - lr * sigmoid(x[1]) * (epsilon_mean - c_mean)
+    assert log_alpha_mean.item() == pytest.approx(expected, rel=1e-9)
+    expected = x[2] - lr * sigmoid(x[2]) * (epsilon_cov - c_cov)
+    assert log_alpha_cov.item() == pytest.approx(expected, rel=1e-9)
+
+
+# -- Snippet replay on the counting env ------------------------------------------------------
+def test_snippets_never_cross_episodes_and_keep_behaviour_log_probs(log_dir):
+    """Train on tests/Counting-v0 without updates and inspect the saved
+    replay: within a snippet, every valid step continues the previous one (same episode,
+    t + 1), next_obs is the true next observation (obs + [1, 0], also at the last step of an
+    episode), termination is flagged only where odd episodes end (t = 5), a snippet stops after
+    an episode end and nowhere else but the newest row, and the stored log b(a|s) is the
+    log-probability of the stored action under the (never updated) policy. A truncation (t = 8)
+    still bootstraps in the Retrace target, a termination does not. Loading the replay for a
+    resume ends the newest row's snippets there (the resumed run starts new episodes)."""
+    result = train(
+        Args(
+            env="tests/Counting-v0",
+            total_steps=3 * 62,
+            num_envs=3,
+            learning_starts=10_000,
+            checkpoint_every=3 * 62,
+            log_dir=log_dir,
+            **{**TINY, "retrace_steps": 4},
+        )
+    )
+    assert result["num_updates"] == 0
+    resume = load_checkpoint(os.path.join(result["run_dir"], "resume.pt"))
+    args = Args(**{**TINY, "retrace_steps": 4})
+    replay = SnippetReplay(10_000, 3, 2, 1, 4, torch.device("cpu"))
+    replay.load_state_dict(resume["train"]["replay"])
+    newest_row = (replay.pos - 1) % replay.rows  # step 62: in the middle of an episode
+    assert replay.data["ended"][newest_row].all()  # cut by load_state_dict, as for a resume
+    replay.data["ended"][newest_row] = 0.0  # undone here, to test the cut at the newest row
+    torch.manual_seed(0)
+    batch = replay.sample(2000)
+    obs, next_obs, valid = batch.obs, batch.next_obs, batch.valid.bool()
+    assert torch.equal(next_obs[valid], obs[valid] + torch.tensor([1.0, 0.0]))
+    inner = valid[:, 1:]
+    assert torch.equal(obs[:, 1:][inner], next_obs[:, :-1][inner])  # one episode, in order
+    t_next, episode = next_obs[..., 0], next_obs[..., 1]
+    expect_terminated = (episode % 2 == 1) & (t_next == 5)
+    assert torch.equal(batch.terminated.bool()[valid], expect_terminated[valid])
+    truncated = (episode % 2 == 0) & (t_next == 8) & valid
+    ended = expect_terminated | truncated
+    # a snippet stops right after an end, and only there (or at its length, or at the newest row)
+    stops = valid[:, :-1] & ~valid[:, 1:]
+    newest_obs = replay.data["obs"][(replay.pos - 1) % replay.rows, 0]  # the envs run in step
+    newest = (obs[:, :-1] == newest_obs).all(-1)
+    assert torch.all(ended[:, :-1][stops] | newest[stops])
+    assert not torch.any(ended[:, :-1] & valid[:, 1:])
+    assert truncated.any() and expect_terminated.any() and stops.any()
+    # the stored behaviour log-probabilities are the policy's at acting time
+    agent = make_agent(args, 2, make_env("tests/Counting-v0").action_space, torch.device("cpu"))
+    agent["actor"].load_state_dict(resume["state"]["actor"])
+    with torch.no_grad():
+        flat = valid.flatten()
+        params = agent["actor"](obs.flatten(0, 1)[flat])
+        log_pi = agent["actor"].log_prob(params, batch.actions.flatten(0, 1)[flat].unsqueeze(1))
+    assert torch.allclose(log_pi[:, 0], batch.behaviour_log_prob.flatten()[flat], atol=1e-5)
+    # Retrace on these snippets: a truncated step bootstraps, a terminated one does not
+    ones = torch.ones_like(batch.rewards)
+    target = retrace_target(batch.rewards, batch.terminated, batch.valid, ones, ones, ones, 0.5)
+    last = valid & ended
+    assert torch.allclose(target[last & expect_terminated], torch.tensor(1.0))  # r only
+    assert torch.allclose(target[last & truncated], torch.tensor(1.5))  # r + gamma V'
+
+
+# -- End-to-end runs -------------------------------------------------------------------------
+def event_files(run_dir: str) -> list[str]:
+    return glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize(
+    "env, extra",
+    [
+        ("Pendulum-v1", {}),
+        ("Pendulum-v1", {"full_covariance": True}),
+        ("CartPole-v1", {}),
+        ("Hopper-v5", {"full_covariance": True}),  # MuJoCo: 3-D actions, early terminations
+    ],
+    ids=["continuous", "full-covariance", "discrete", "mujoco"],
+)
+def test_short_run_updates_logs_and_saves_a_model_that_reloads(env, extra, log_dir, capsys):
+    """train() does gradient steps, writes tensorboard events and model.pt, and the saved model,
+    evaluated through --eval-only, takes the same actions (the same return, deterministic env)."""
+    result = train(
+        Args(env=env, total_steps=300, learning_starts=100, log_dir=log_dir, **TINY, **extra)
+    )
+    assert result["num_updates"] == 201  # one per step from step 100 (included) to 300
+    assert event_files(result["run_dir"])
+    model = os.path.join(result["run_dir"], "model.pt")
+    assert os.path.isfile(model)
+    assert np.isfinite(result["eval_return"])
+    assert main(["--checkpoint", model, "--eval-only", "--eval-episodes", "1"]) == 0
+    assert f"mean {result['eval_return']:.1f}" in capsys.readouterr().out
+    reloaded = evaluate_only(Args(env=env, checkpoint=model, eval_only=True, **TINY, **extra))
+    assert reloaded["eval_return"] == result["eval_return"]  # same seeds, same actions
+    payload = load_checkpoint(model)
+    env_obj = make_env(env)
+    agent = make_agent(
+        Args(**TINY, **extra), env_obj.observation_space.shape[0], env_obj.action_space, "cpu"
+    )
+    assert set(payload["state"]) == set(agent)
+
+
+def test_help_exits_zero(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--epsilon-mean" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--total-steps", "0"],
+        ["--env", "Pendulum-v9"],
+        ["--env", "Blackjack-v1"],
+        ["--epsilon", "0"],
+        ["--epsilon-cov", "-1"],
+        ["--retrace-steps", "0"],
+        ["--retrace-lambda", "1.5"],
+        ["--num-samples", "0"],
+        ["--batch-size", "0"],
+        ["--buffer-size", "3", "--retrace-steps", "5"],
+        ["--eta-init", "0"],
+        ["--eval-only"],
+        ["--checkpoint", "does/not/exist.pt"],
+    ],
+)
+def test_bad_input_is_one_line_on_stderr(argv, log_dir, capsys):
+    assert main([*argv, "--log-dir", log_dir]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "Traceback" not in err
+
+
+def test_checkpoint_of_another_algorithm_is_refused(tmp_path, capsys):
+    path = str(tmp_path / "model.pt")
+    torch.save({"format": 1, "algo": "sac", "env": "Pendulum-v1", "args": {}}, path)
+    assert main(["--checkpoint", path, "--eval-only"]) == 2
+    assert "sac checkpoint" in capsys.readouterr().err
+
+
+def test_resume_continues_from_saved_step_with_saved_weights(log_dir):
+    """A run resumed from resume.pt starts at its step and update count with its weights:
+    resumed with no steps left, it saves the same weights and evaluates to the same return;
+    resumed with more steps, it counts on from there and the weights move."""
+    args = Args(env="Pendulum-v1", total_steps=200, learning_starts=100, log_dir=log_dir, **TINY)
+    first = train(args)
+    resume = os.path.join(first["run_dir"], "resume.pt")
+    saved = load_checkpoint(resume)
+    backup = resume + ".first"
+    shutil.copy(resume, backup)
+    same = train(Args(**{**vars(args), "resume": backup}))
+    assert (same["global_step"], same["num_updates"]) == (200, 101)
+    assert same["eval_return"] == first["eval_return"]
+    model = load_checkpoint(os.path.join(first["run_dir"], "model.pt"))
+    for name, state in saved["state"].items():
+        for key, value in state.items() if isinstance(state, dict) else [("", state)]:
+            loaded = model["state"][name][key] if key else model["state"][name]
+            assert torch.equal(loaded, value), (name, key)
+    more = train(Args(**{**vars(args), "resume": backup, "total_steps": 260}))
+    assert (more["global_step"], more["num_updates"]) == (260, 161)
+    moved = load_checkpoint(os.path.join(first["run_dir"], "model.pt"))
+    assert moved["global_step"] == 260
+    weight = "head.weight"
+    assert not torch.equal(moved["state"]["actor"][weight], saved["state"]["actor"][weight])
+
+
+def test_same_seed_gives_identical_runs(log_dir):
+    def run() -> tuple[float, dict]:
+        result = train(
+            Args(env="Pendulum-v1", total_steps=250, learning_starts=100, log_dir=log_dir, **TINY)
+        )
+        return result["eval_return"], load_checkpoint(os.path.join(result["run_dir"], "model.pt"))
+
+    (return_a, model_a), (return_b, model_b) = run(), run()
+    assert return_a == return_b
+    for key, value in model_a["state"]["critic"].items():
+        assert torch.equal(value, model_b["state"]["critic"][key]), key
+    assert torch.equal(model_a["state"]["log_eta"], model_b["state"]["log_eta"])
+
+
+# -- Learning --------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_pendulum_learns(log_dir):
+    """Seeded learning test. Budget: 5000 env steps and 4001 updates of a cheaper MPO (64-64
+    networks, B = 64, M = 10, T = 3; target period 100 and learning rates 1e-3 instead of 1000
+    and 5e-4, for speed), about 40 s of one CPU core. Threshold: mean evaluation return >= -300
+    over 5 episodes (a random policy scores about -1200; seeds 1, 2, 3 reached -127, -147, -148)."""
+    result = train(
+        Args(
+            env="Pendulum-v1",
+            total_steps=5_000,
+            learning_starts=1_000,
+            policy_hidden_sizes=(64, 64),
+            critic_hidden_sizes=(64, 64),
+            batch_size=64,
+            num_samples=10,
+            retrace_steps=3,
+            target_network_frequency=100,
+            policy_lr=1e-3,
+            q_lr=1e-3,
+            eval_every=0,
+            eval_episodes=5,
+            log_every=1_000,
+            checkpoint_every=0,
+            save_model=False,
+            log_dir=log_dir,
+        )
+    )
+    assert result["num_updates"] == 4_001
+    assert result["eval_return"] >= -300
