@@ -1,0 +1,231 @@
+"""Tests for treepi.py: the search against independent computations, the models, the loop."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from treepi import (
+    Args,
+    LatentModel,
+    Simulator,
+    full_tree_size,
+    gaussian_kl,
+    gaussian_log_prob,
+    main,
+    make_env,
+    q_target,
+    root_weights,
+    search,
+)
+
+
+# -- a tiny deterministic problem with known rewards and leaf values -------------------------
+def toy_propose(states: torch.Tensor, num_actions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """M actions that depend on the state (so every node has its own), and a leaf Q."""
+    j = torch.arange(1, num_actions + 1, dtype=states.dtype)
+    actions = torch.sin(states[:, :1] * j + j)[..., None]  # [n, M, 1]
+    q = torch.cos(states[:, :1] + 2 * actions[..., 0]) + states[:, 1:2]  # [n, M]
+    return actions, q
+
+
+def toy_expand(states, actions, terminal_above=math.inf):
+    """f(s, a) = (0.9 s_0 + a, s_1 + 0.1 a), r = sin(s_0 - a); terminal where s_0 > bound."""
+    next_states = torch.stack([0.9 * states[:, 0] + actions[:, 0], states[:, 1] + 0.1 * actions[:, 0]], 1)
+    rewards = torch.sin(states[:, 0] - actions[:, 0])
+    cont = (next_states[:, 0] <= terminal_above).to(states.dtype)
+    return next_states, rewards, cont
+
+
+def brute_force_q(state, depth, num_actions, alpha, gamma, terminal_above=math.inf):
+    """Q-hat^K(s, a^j) of the full tree by plain recursion over python floats [TreePI Sec. 4]:
+    Q-hat^1 = Qbar; Q-hat^k(s, a) = r + gamma (1 - term) alpha log mean_j exp(Q-hat^{k-1}(s', a'_j)/alpha)."""
+    s = torch.tensor([state], dtype=torch.float64)
+    actions, q = toy_propose(s, num_actions)
+    if depth == 1:
+        return [float(x) for x in q[0]]
+    out = []
+    for j in range(num_actions):
+        s2, r, cont = toy_expand(s, actions[:, j], terminal_above)
+        child = brute_force_q(s2[0].tolist(), depth - 1, num_actions, alpha, gamma, terminal_above)
+        value = alpha * math.log(sum(math.exp(c / alpha) for c in child) / num_actions)
+        out.append(float(r[0]) + gamma * float(cont[0]) * value)
+    return out
+
+
+@pytest.mark.parametrize("num_actions,depth", [(2, 2), (2, 3), (3, 2), (3, 3)])
+@pytest.mark.parametrize("terminal_above", [math.inf, 0.5])
+def test_full_search_equals_brute_force_recursion(num_actions, depth, terminal_above):
+    roots = torch.tensor([[0.3, -0.2], [-1.1, 0.4], [0.8, 0.0]], dtype=torch.float64)
+    full = full_tree_size(num_actions, depth)
+    tree = search(
+        roots,
+        lambda s: toy_propose(s, num_actions),
+        lambda s, a: toy_expand(s, a, terminal_above),
+        num_rollouts=full + 5,
+        depth=depth,
+        alpha=0.7,
+        gamma=0.9,
+    )
+    for b in range(len(roots)):
+        expected = brute_force_q(roots[b].tolist(), depth, num_actions, 0.7, 0.9, terminal_above)
+        np.testing.assert_allclose(tree.q[b, 0], expected, rtol=1e-12, atol=1e-12)
+    assert tree.complete[:, 0].all()  # the root is complete: nothing was left to expand
+    if terminal_above == math.inf:
+        assert (tree.size == full).all()  # one node per rollout, never more than the full tree
+
+
+def test_partial_search_adds_one_node_per_rollout_and_keeps_its_invariants():
+    """N below the full tree: every rollout inserts one node, no node is deeper than
+    K-1, an expanded action holds r + gamma (1 - term) V(child), an unexpanded one its Qbar,
+    and an action is complete exactly when its subtree is."""
+    torch.manual_seed(0)
+    num_actions, depth, alpha, gamma, n = 3, 4, 0.5, 0.95, 17
+    roots = torch.randn(5, 2, dtype=torch.float64)
+    tree = search(
+        roots,
+        lambda s: toy_propose(s, num_actions),
+        lambda s, a: toy_expand(s, a, 1.0),
+        n,
+        depth,
+        alpha,
+        gamma,
+    )
+    assert tree.q.shape[1] == n
+    # one node per rollout, unless terminals made the whole tree smaller than N
+    assert ((tree.size == n) | tree.complete[:, 0].all(1)).all() and (tree.size == n).sum() >= 3
+    assert tree.depth.max() == depth - 1
+    for b in range(len(roots)):
+        for node in range(tree.size[b]):
+            _, leaf_q = toy_propose(tree.states[b, node][None], num_actions)
+            for j in range(num_actions):
+                child = tree.children[b, node, j]
+                if child < 0:
+                    assert tree.q[b, node, j] == pytest.approx(float(leaf_q[0, j]), abs=1e-12)
+                    leaf = tree.depth[b, node] == depth - 1
+                    terminal = node > 0 and tree.discounts[b, node] == 0
+                    assert tree.complete[b, node, j] == (leaf or terminal)
+                    continue
+                assert tree.parent[b, child] == node and tree.slot[b, child] == j
+                child_q = tree.q[b, child]
+                value = alpha * math.log(np.mean(np.exp(child_q / alpha)))
+                expected = tree.rewards[b, child] + tree.discounts[b, child] * value
+                assert tree.q[b, node, j] == pytest.approx(expected, abs=1e-12)
+                terminal = tree.discounts[b, child] == 0
+                full_below = tree.depth[b, child] == depth - 1 or tree.complete[b, child].all()
+                assert tree.complete[b, node, j] == (terminal or full_below)
+    assert (tree.discounts[:, 1:] == 0).any() and (tree.discounts[:, 1:] == gamma).any()
+
+
+def test_selection_samples_root_actions_with_softmax_q_over_alpha():
+    """[TreePI eq. 4] With N = 2 the only descent is the root's: over many identical trees
+    the expanded root action is distributed as softmax(Qbar/alpha) (chi-square, 3 dof)."""
+    np.random.seed(0)
+    num_actions, alpha, count = 4, 0.6, 20_000
+    roots = torch.tensor([[0.2, 0.1]], dtype=torch.float64).expand(count, 2)
+    tree = search(
+        roots, lambda s: toy_propose(s, num_actions), toy_expand, 2, 3, alpha, gamma=1.0
+    )
+    _, q = toy_propose(roots[:1], num_actions)
+    expected = torch.softmax(q[0] / alpha, 0).numpy() * count
+    chosen = tree.slot[:, 1]
+    observed = np.bincount(chosen, minlength=num_actions)
+    chi2 = ((observed - expected) ** 2 / expected).sum()
+    assert chi2 < 16.3  # the 0.999 quantile of chi-square with 3 degrees of freedom
+    assert expected.max() / expected.min() > 2  # the test discriminates: far from uniform
+
+
+def test_completed_subtrees_are_never_revisited():
+    """With alpha -> 0 selection is greedy; without the completeness mask the best root action
+    would be chosen again after its one-node subtree (depth 2, terminal children) is done.
+    Every rollout must still expand a new root action, in decreasing Qbar order."""
+    num_actions = 3
+    roots = torch.tensor([[0.4, 0.0]], dtype=torch.float64)
+    tree = search(
+        roots,
+        lambda s: toy_propose(s, num_actions),
+        lambda s, a: toy_expand(s, a, -math.inf),  # every transition terminates
+        num_rollouts=4,
+        depth=3,
+        alpha=1e-3,
+        gamma=0.9,
+    )
+    _, q = toy_propose(roots, num_actions)
+    assert tree.size[0] == 4 and tree.complete[0, 0].all()
+    assert list(tree.slot[0, 1:]) == list(np.argsort(-q[0].numpy()))
+
+
+def test_batched_search_equals_single_searches_with_the_same_random_numbers():
+    num_actions, depth, n = 3, 4, 12
+    roots = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    uniforms = 1.0 - np.random.default_rng(2).random((n - 1, depth - 1, len(roots), num_actions))
+
+    def run(r, u):
+        return search(r, lambda s: toy_propose(s, num_actions), toy_expand, n, depth, 0.3, 0.9, u)
+
+    batched = run(roots, uniforms)
+    for b in range(len(roots)):
+        single = run(roots[b : b + 1], uniforms[:, :, b : b + 1])
+        for field in ("q", "children", "complete", "rewards", "parent", "size"):
+            np.testing.assert_array_equal(getattr(batched, field)[b], getattr(single, field)[0])
+        torch.testing.assert_close(batched.states[b], single.states[0], rtol=0, atol=0)
+    # the random numbers matter: other numbers give another (partial) tree
+    other = run(roots, 1.0 - np.random.default_rng(3).random(uniforms.shape))
+    assert not np.array_equal(other.children, batched.children)
+
+
+def test_depth_one_gives_mpo_weights_without_model_calls():
+    """K = 1: the search is the root alone, and its weights are MPO's E-step weights
+    softmax_j(Qbar(s, a_j)/alpha) over M samples of pi [TreePI Sec. 6.1, MPO+Predictive]."""
+    torch.manual_seed(4)
+    mean, std = torch.randn(6, 2), torch.rand(6, 2) + 0.1
+    w_critic = torch.randn(2)
+    sampled = {}
+
+    def propose(states):
+        actions = mean[:, None] + std[:, None] * torch.randn(6, 20, 2)
+        sampled["actions"] = actions
+        return actions, actions @ w_critic + states[:, :1]
+
+    def expand(states, actions):
+        raise AssertionError("depth 1 makes no model call")
+
+    tree = search(torch.randn(6, 3), propose, expand, 100, 1, 0.1, 0.99)
+    q = (sampled["actions"] @ w_critic + tree.states[:, 0, :1]).double().numpy()
+    logits = q / 0.1
+    expected = np.exp(logits - logits.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    np.testing.assert_allclose(root_weights(tree, 0.1).numpy(), expected, rtol=1e-5, atol=1e-7)
+    assert tree.size.tolist() == [1] * 6
+    torch.testing.assert_close(tree.actions[:, 0], sampled["actions"])
+
+
+def test_unbiased_in_exp_space_with_gamma_one_and_alpha_one():
+    """[TreePI App. A.2] gamma = alpha = 1, deterministic f: E[exp Q-hat^K(s, a)] =
+    exp Q*^K(s, a). Problem: pi = N(0, sigma^2), f(s, a) = s + a, r(s, a) = c (s + a),
+    Qbar(s, a) = c' (s + a). Then Q*^K(s, a) = (c (K-1) + c')(s + a)
+        + sigma^2/2 sum_{i=2..K} (c (K-i) + c')^2 (a Gaussian sum of the K-1 later actions).
+    Over 4000 full trees (K = 3, M = 3) the mean of exp(Q-hat - Q*) is 1 within 4 standard
+    errors, while Q-hat itself is biased low in log space (Jensen), which this test also sees."""
+    torch.manual_seed(5)
+    c, c_leaf, sigma, depth, num_actions, count, s0 = 0.5, 0.3, 0.5, 3, 3, 4000, 0.2
+
+    def propose(states):
+        actions = sigma * torch.randn(len(states), num_actions, 1, dtype=torch.float64)
+        return actions, c_leaf * (states[:, None, :1] + actions)[..., 0]
+
+    def expand(states, actions):
+        nxt = states + actions
+        return nxt, c * nxt[:, 0], torch.ones(len(states), dtype=torch.float64)
+
+    roots = torch.full((count, 1), s0, dtype=torch.float64)
+    tree = search(roots, propose, expand, full_tree_size(num_actions, depth), depth, 1.0, 1.0)
+    a = tree.actions[:, 0, :, 0].numpy()  # [count, M]
+    variance = sum((c * (depth - i) + c_leaf) ** 2 for i in range(2, depth + 1))
+    q_star = (c * (depth - 1) + c_leaf) * (s0 + a) + sigma**2 / 2 * variance
+    ratio = np.exp(tree.q[:, 0] - q_star).ravel()
+    stderr = ratio.std() / math.sqrt(ratio.size)
+    assert abs(ratio.mean() - 1.0) < 4 * stderr
+    log_gap = (tree.q[:, 0] - q_star).ravel()
+    assert log_gap.mean() < -4 * log_gap.std() / math.sqrt(log_gap.size)
