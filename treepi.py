@@ -71,7 +71,6 @@ Deviations from the paper:
 import dataclasses
 import difflib
 import json
-import math
 import os
 import random
 import sys
@@ -138,63 +137,75 @@ class Args:
     # -- algorithm ---------------------------------------------------------------------
     # Model and acting [TreePI Sec. 5, 6.1, 6.2]
     model: Literal["learned", "true"] = "learned"
-    """Search model: a learned latent model (Sec. 5) or the MuJoCo simulator, stepped from saved
-    states (Sec. 6.2)."""
+    """Search model: a learned latent model (Sec. 5) or the MuJoCo simulator itself, stepped
+    from saved states (Sec. 6.2)."""
     act: Literal["policy", "search"] = "policy"
     """Act with pi^(i) (TreePI/pi) or with an action drawn from a search at every step
-    (TreePI/search); evaluation uses the mode of the same rule."""
+    (TreePI/search); evaluation uses the greedy form of the same rule."""
     # Networks [TreePI Table 1, App. B]
     model_sizes: tuple[int, ...] = (256, 256)
     """Layer sizes of the encoder and of the transition; the last is the latent size
-    (Table 1: 256-LN-256, latent 256)."""
-    head_sizes: tuple[int, ...] = (256, 256, 256)
-    """Hidden sizes of the policy, Q and reward networks (Table 1: 256-LN-256-256)."""
+    [TreePI Table 1: 256-LN-256, latent 256]."""
+    policy_hidden_sizes: tuple[int, ...] = (256, 256, 256)
+    """Hidden layer sizes of the policy [TreePI Table 1: 256-LN-256-256]."""
+    critic_hidden_sizes: tuple[int, ...] = (256, 256, 256)
+    """Hidden layer sizes of the Q-function and of the reward network [TreePI Table 1, App. B]."""
     activation: Literal["relu", "elu", "tanh"] = "elu"
-    """Hidden activation (Table 1: elu)."""
+    """Hidden activation [TreePI Table 1: elu]."""
     layer_norm: bool = True
-    """LayerNorm after the first hidden layer of every network (Table 1: 'LN')."""
-    # Search [TreePI Alg. 1, Table 1]
-    num_actions: int = 20
-    """Branching factor M: actions sampled from pi^(i) at each node (Table 1: 20)."""
-    depth: int = 10
-    """Maximum depth K; 1 is MPO+Predictive's one-step E-step (Table 1: 10)."""
-    num_rollouts: int = 100
-    """Rollouts N per search, the root's insertion included (Table 1: 100; Sec. 6.1: 200)."""
-    alpha: float = 0.1
-    """Temperature alpha of the search's softmax and soft backup (Table 1: 0.1)."""
-    search_states: int = 16
-    """Latent states searched per update, from the start of the batch (0: all batch_size x
-    snippet_length, the paper; 16 keeps a CPU run usable)."""
+    """LayerNorm after the first hidden layer of every network [TreePI Table 1: 'LN']."""
+    full_covariance: bool = False
+    """Gaussian policy with a full covariance (Cholesky factor) instead of a diagonal [MPO App. D]
+    ([TreePI] App. B: diagonal)."""
     # Replay [TreePI Sec. 5, Table 1]
     buffer_size: int = 2_000_000
-    """Replay capacity in env steps (Table 1: 2e6); allocated up to total_steps only."""
+    """Replay capacity in transitions [TreePI Table 1: 2e6]."""
     batch_size: int = 256
-    """Snippets per gradient step (Table 1: 256)."""
+    """Snippets per gradient step [TreePI Table 1: 256]."""
     snippet_length: int = 5
-    """Steps T of each snippet the latent model is unrolled over (paper: not stated)."""
+    """Steps T of a snippet, over which the latent model is unrolled (paper: not given)."""
     learning_starts: int = 5_000
-    """Env steps of uniform random actions before learning starts (paper: not stated)."""
+    """Env steps of uniform random actions before gradient steps begin (paper: not given)."""
     updates_per_step: int = 1
-    """Gradient steps per env step (Fig. 1: 10; Fig. 2 sweeps 1-20; 1 for a CPU)."""
-    # Losses [TreePI eq. 6]
+    """Gradient steps per env step (paper: 10 in Fig. 1, 1-20 in Fig. 2; 1 keeps a CPU run
+    usable)."""
     gamma: float = 0.99
-    """Discount factor gamma of the TD target and of the tree (Table 1: 0.99)."""
-    lr: float = 3e-4
-    """Adam learning rate of all networks (Table 1: 3e-4)."""
-    target_samples: int = 20
-    """Actions from pi^(i) that estimate E_pi Qbar(s_{t+1}, .) in the TD target (paper: not
-    stated; M)."""
+    """Discount factor gamma of the TD target and of the tree [TreePI Table 1]."""
     target_network_frequency: int = 200
-    """Gradient steps between copies Qbar <- Q (Table 1: 200)."""
+    """Gradient steps between copies Q' <- Q [TreePI Table 1: 200]."""
     policy_target_frequency: int = 500
-    """Gradient steps between policy rounds pi^(i+1) <- pi_theta (Sec. 5: 500)."""
-    # Trust region [TreePI eq. 6, R]
-    epsilon: float = 0.005
-    """KL bound eps_KL of R = eta (KL[pi^(i) || pi_theta] - eps_KL) (Sec. 5: 0.005)."""
-    init_eta: float = 1.0
-    """Initial multiplier eta of the trust region (paper: not stated)."""
+    """Gradient steps between policy rounds pi^(i+1) <- pi [TreePI Sec. 5: 500]."""
+    q_lr: float = 3e-4
+    """Adam learning rate of the Q-function, the reward network and the model [TreePI Table 1]."""
+    policy_lr: float = 3e-4
+    """Adam learning rate of the policy [TreePI Table 1]."""
+    # Search, the E-step [TreePI Alg. 1, Table 1]
+    num_samples: int = 20
+    """Branching factor M: actions sampled from pi^(i) per node, and for E_pi Q' [TreePI Table 1]."""
+    depth: int = 10
+    """Maximum depth K of the tree; 1 gives MPO+Predictive's one-step weights [TreePI Table 1]."""
+    num_rollouts: int = 100
+    """Rollouts N per search, the one that inserts the root included [TreePI Table 1: 100;
+    Sec. 6.1: 200]."""
+    eta: float = 0.1
+    """Temperature of the search's softmax and soft backup: alpha of [TreePI] (Table 1: 0.1),
+    MPO's eta held fixed."""
+    search_states: int = 16
+    """States of each batch that are searched, from its start (0: all batch_size x
+    snippet_length, the paper; a search per state is what makes a CPU update slow)."""
+    # M-step trust region [TreePI eq. 6, MPO App. D]
+    epsilon_mean: float = 0.005
+    """Bound eps_KL on KL(pi^(i) || pi) [TreePI Sec. 5: 0.005]; with --epsilon-cov, the bound on
+    its mean part only [MPO]."""
+    epsilon_cov: float | None = None
+    """Bound on the covariance part of KL(pi^(i) || pi) (None: one bound on the whole KL, as
+    [TreePI] eq. 6; a value: MPO's decoupled bounds, [TreePI] Table 2's MPO uses 1e-4)."""
     dual_lr: float = 1e-2
-    """Adam learning rate of log eta (paper: not stated; ACME's dual learning rate)."""
+    """Adam learning rate of log alpha_mean and log alpha_cov (paper: not given; ACME)."""
+    alpha_mean_init: float = 1.0
+    """Initial multiplier alpha_mean of the (whole or mean) KL bound: eta of [TreePI] eq. 6."""
+    alpha_cov_init: float = 1.0
+    """Initial multiplier alpha_cov of the covariance KL bound."""
 
 
 def check_args(args: Args) -> None:
@@ -220,34 +231,32 @@ def check_args(args: Args) -> None:
     # -- algorithm ---------------------------------------------------------------------
     if len(args.model_sizes) < 2 or min(args.model_sizes) <= 0:
         raise UsageError(f"--model-sizes needs two or more positive sizes, got {args.model_sizes}")
-    if not args.head_sizes or min(args.head_sizes) <= 0:
-        raise UsageError(f"--head-sizes must be positive, got {args.head_sizes}")
-    if min(args.num_actions, args.depth, args.num_rollouts) <= 0:
-        raise UsageError("--num-actions, --depth and --num-rollouts must be positive")
-    if args.alpha <= 0:
-        raise UsageError(f"--alpha must be positive, got {args.alpha}")
-    if args.search_states < 0:
-        raise UsageError(f"--search-states must be >= 0, got {args.search_states}")
-    if min(args.buffer_size, args.batch_size, args.snippet_length) <= 0:
-        raise UsageError("--buffer-size, --batch-size and --snippet-length must be positive")
-    if args.snippet_length > args.buffer_size:
-        raise UsageError(
-            f"--snippet-length {args.snippet_length} is longer than --buffer-size "
-            f"{args.buffer_size}"
-        )
-    if args.learning_starts < 0:
-        raise UsageError(f"--learning-starts must be >= 0, got {args.learning_starts}")
-    if args.updates_per_step < 0:
-        raise UsageError(f"--updates-per-step must be >= 0, got {args.updates_per_step}")
+    if min(args.policy_hidden_sizes + args.critic_hidden_sizes, default=0) <= 0:
+        raise UsageError("--policy-hidden-sizes and --critic-hidden-sizes must be positive")
+    if args.buffer_size <= 0 or args.batch_size <= 0:
+        raise UsageError("--buffer-size and --batch-size must be positive")
+    if args.snippet_length <= 0:
+        raise UsageError(f"--snippet-length must be positive, got {args.snippet_length}")
+    if args.buffer_size < args.num_envs * args.snippet_length:
+        raise UsageError("--buffer-size must hold --snippet-length steps of every env")
+    if args.learning_starts < 0 or args.updates_per_step < 0:
+        raise UsageError("--learning-starts and --updates-per-step must be >= 0")
     if not 0.0 <= args.gamma <= 1.0:
         raise UsageError(f"--gamma must be in [0, 1], got {args.gamma}")
-    if min(args.lr, args.dual_lr, args.init_eta, args.epsilon) <= 0:
-        raise UsageError("--lr, --dual-lr, --init-eta and --epsilon must be positive")
-    if min(args.target_samples, args.target_network_frequency, args.policy_target_frequency) <= 0:
+    if min(args.target_network_frequency, args.policy_target_frequency) <= 0:
         raise UsageError(
-            "--target-samples, --target-network-frequency and --policy-target-frequency must be "
-            "positive"
+            "--target-network-frequency and --policy-target-frequency must be positive"
         )
+    if min(args.q_lr, args.policy_lr, args.dual_lr) <= 0:
+        raise UsageError("learning rates must be positive")
+    if min(args.num_samples, args.depth, args.num_rollouts) <= 0:
+        raise UsageError("--num-samples, --depth and --num-rollouts must be positive")
+    if args.eta <= 0 or args.search_states < 0:
+        raise UsageError("--eta must be positive and --search-states >= 0")
+    if min(args.epsilon_mean, args.epsilon_cov or 1.0) <= 0:
+        raise UsageError("--epsilon-mean and --epsilon-cov must be positive")
+    if min(args.alpha_mean_init, args.alpha_cov_init) <= 0:
+        raise UsageError("--alpha-mean-init and --alpha-cov-init must be positive")
 
 
 # == 3. Environment ====================================================================
@@ -321,13 +330,6 @@ class EpisodeStats:
         self.returns[ended] = 0.0
         self.lengths[ended] = 0
         return finished
-
-
-def env_actions(actions: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """Policy actions in [-1, 1] (clipped there, as ACME clips to the action spec) mapped to the
-    env's bounds; the simulator and the training loop use this one function, so a searched and
-    an executed action are the same numbers."""
-    return low + (actions.clamp(-1.0, 1.0) + 1.0) * (high - low) / 2
 
 
 # The true model's observation, reward and termination of gymnasium's v5 MuJoCo envs, vectorised
@@ -408,8 +410,10 @@ class Simulator:
         env.reset(seed=0)
         self.env, self.mj_model = env, env.model
         self.obs_dim = env.observation_space.shape[0]
-        self.low = torch.as_tensor(env.action_space.low, dtype=torch.float32)
-        self.high = torch.as_tensor(env.action_space.high, dtype=torch.float32)
+        low = torch.as_tensor(env.action_space.low, dtype=torch.float32).flatten()
+        high = torch.as_tensor(env.action_space.high, dtype=torch.float32).flatten()
+        # GaussianActor.env_action's numbers, so a searched action is the one the env executes
+        self.action_scale, self.action_bias = (high - low) / 2, (high + low) / 2
         entry = f"{type(env).__module__}:{type(env).__name__}"
         self.outcome = FAST_ENVS.get(entry)
         self.datas = [mujoco.MjData(self.mj_model) for _ in range(threads)]  # one per thread
@@ -434,9 +438,8 @@ class Simulator:
         """One env step from each node state: next states [n, S], rewards [n] and continuation
         1 - terminated [n], the env's own reward and termination."""
         physics = states[:, self.obs_dim :].cpu().numpy()  # [n, P]
-        acts = env_actions(
-            actions.cpu(), self.low, self.high
-        ).numpy()  # [n, A] float32 as in env.step
+        # the env's action [n, A], float32 as the training loop passes it to env.step
+        acts = (actions.cpu().clamp(-1.0, 1.0) * self.action_scale + self.action_bias).numpy()
         if self.outcome is not None:
             control = np.repeat(acts[:, None].astype(np.float64), self.env.frame_skip, axis=1)
             # [n, frame_skip, P]: the state after each mj_step; the last one ends the env step
@@ -469,7 +472,9 @@ class Simulator:
 
 # == 4. Networks =======================================================================
 ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh}
-MIN_STD = 1e-4  # floor on the policy's standard deviation (numerical guard)
+SCALE_MIN = (
+    1e-6  # added to the softplus'd diagonal of the Cholesky factor: a numerical guard (ACME)
+)
 
 
 def mlp(
@@ -486,45 +491,147 @@ def mlp(
     return nn.Sequential(*layers)
 
 
-class Actor(nn.Module):
-    """Gaussian policy pi(a|s) = N(mu(s), diag(std(s)^2)), std = softplus(.) [TreePI App. B],
-    in actions scaled to [-1, 1] (unbounded samples; the env gets them clipped)."""
+class GaussianActor(nn.Module):
+    """Gaussian policy pi(a|s) = N(mean(s), L(s) L(s)^T) on actions rescaled to [-1, 1]^A
+    [MPO App. D]: L is diagonal, or with --full-covariance a full lower-triangular Cholesky
+    factor; its diagonal goes through softplus. Samples are unbounded (the replay stores them and
+    their log-probability); the env executes them clipped to its bounds.
 
-    def __init__(self, in_dim: int, action_dim: int, args: Args):
+    The distribution parameters `params` are the pair (mean [B, A], scale_tril [B, A, A]).
+    """
+
+    def __init__(self, obs_dim: int, action_space: gym.spaces.Box, args: Args):
         super().__init__()
-        self.trunk = mlp(in_dim, args.head_sizes, args.activation, args.layer_norm)
-        self.mean = nn.Linear(args.head_sizes[-1], action_dim)
-        self.std = nn.Linear(args.head_sizes[-1], action_dim)
+        self.action_dim = self.critic_action_dim = int(np.prod(action_space.shape))
+        self.full_covariance = args.full_covariance
+        num_scale = self.action_dim * (self.action_dim + 1) // 2 if args.full_covariance else 0
+        self.trunk = mlp(obs_dim, args.policy_hidden_sizes, args.activation, args.layer_norm)
+        self.head = nn.Linear(
+            args.policy_hidden_sizes[-1], self.action_dim + (num_scale or self.action_dim)
+        )
+        low = torch.as_tensor(action_space.low, dtype=torch.float32).flatten()
+        high = torch.as_tensor(action_space.high, dtype=torch.float32).flatten()
+        self.register_buffer("action_scale", (high - low) / 2)
+        self.register_buffer("action_bias", (high + low) / 2)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.trunk(x)
-        return self.mean(h), F.softplus(self.std(h)) + MIN_STD  # [B, A] each
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, raw = self.head(self.trunk(obs)).split(
+            [self.action_dim, self.head.out_features - self.action_dim], dim=-1
+        )
+        if not self.full_covariance:
+            return mean, torch.diag_embed(F.softplus(raw) + SCALE_MIN)  # [B, A], [B, A, A]
+        rows, cols = torch.tril_indices(self.action_dim, self.action_dim, device=obs.device)
+        tril = raw.new_zeros(*raw.shape[:-1], self.action_dim, self.action_dim)
+        tril[..., rows, cols] = raw  # [B, A, A]
+        diagonal = F.softplus(tril.diagonal(dim1=-2, dim2=-1)) + SCALE_MIN  # [MPO App. D]
+        return mean, tril.tril(-1) + torch.diag_embed(diagonal)
 
-    def sample(self, x: torch.Tensor, num: int) -> torch.Tensor:
-        """num actions per state from pi(.|x): [B, num, A]."""
-        mean, std = self(x)
-        noise = torch.randn(mean.shape[0], num, mean.shape[1], device=mean.device)
-        return mean[:, None] + std[:, None] * noise
+    def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """An action a ~ pi(.|s) [B, A] (unclipped) and its log-probability [B]."""
+        params = self(obs)
+        actions = self.candidates(params, 1)[0]  # [B, 1, A]
+        return actions[:, 0], self.log_prob(params, actions)[:, 0]
+
+    def candidates(
+        self, params: tuple[torch.Tensor, torch.Tensor], num_samples: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """M actions a_j ~ pi(.|s) per state [B, M, A] and their prior weights log(1/M) [B, M]
+        in the E-step: the samples stand in for the integral over actions [MPO Alg. 2, line 11]."""
+        mean, scale_tril = params
+        noise = torch.randn(*mean.shape[:-1], num_samples, self.action_dim, device=mean.device)
+        actions = mean.unsqueeze(-2) + noise @ scale_tril.transpose(-2, -1)  # a = mean + L noise
+        return actions, torch.full(
+            actions.shape[:-1], -float(np.log(num_samples)), device=mean.device
+        )
+
+    def log_prob(
+        self, params: tuple[torch.Tensor, torch.Tensor], actions: torch.Tensor
+    ) -> torch.Tensor:
+        """log pi(a_j|s) [B, M] of actions [B, M, A]."""
+        return gaussian_log_prob(actions, *params)
+
+    def kl_terms(
+        self,
+        params_old: tuple[torch.Tensor, torch.Tensor],
+        params: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The mean and covariance parts C_mean, C_cov [B] of KL(pi_old || pi) [MPO eq. 27]."""
+        return gaussian_kl_decoupled(*params_old, *params)
+
+    def entropy(self, params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """H = A log(2 pi e) / 2 + sum_i log L_ii  [B]."""
+        log_diagonal = params[1].diagonal(dim1=-2, dim2=-1).log()
+        return 0.5 * self.action_dim * float(np.log(2 * np.pi * np.e)) + log_diagonal.sum(-1)
+
+    def critic_input(self, actions: torch.Tensor) -> torch.Tensor:
+        """The action the env executes, in [-1, 1]: Q(s, a) = Q(s, clip(a)) holds exactly, so the
+        critic never extrapolates outside the bounds (ACME clips the critic's input too)."""
+        return actions.clamp(-1.0, 1.0)
+
+    def env_action(self, actions: torch.Tensor) -> torch.Tensor:
+        """The executed action: clipped to [-1, 1] and rescaled to the env's bounds."""
+        return self.critic_input(actions) * self.action_scale + self.action_bias
+
+    def deterministic(self, obs: torch.Tensor) -> torch.Tensor:
+        """The mean, executed as env_action, used for evaluation."""
+        return self.env_action(self(obs)[0])
+
+
+Actor = GaussianActor
 
 
 class Critic(nn.Module):
-    """Q(s, a) of the clipped action [TreePI App. B: 256-LN-256-256, action concatenated]."""
+    """E Q-functions Q_e(s, a) with stacked weights [E, in, out], evaluated in one batched
+    pass (one matmul per layer for all critics instead of one per critic); MPO learns one."""
 
-    def __init__(self, in_dim: int, action_dim: int, args: Args):
+    def __init__(self, obs_dim: int, action_dim: int, args: Args, num_critics: int = 1):
         super().__init__()
-        self.trunk = mlp(in_dim + action_dim, args.head_sizes, args.activation, args.layer_norm)
-        self.out = nn.Linear(args.head_sizes[-1], 1)
+        sizes = [obs_dim + action_dim, *args.critic_hidden_sizes, 1]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            bound = fan_in**-0.5  # nn.Linear's default initialisation, per critic
+            self.weights.append(
+                nn.Parameter(torch.empty(num_critics, fan_in, fan_out).uniform_(-bound, bound))
+            )
+            self.biases.append(
+                nn.Parameter(torch.empty(num_critics, 1, fan_out).uniform_(-bound, bound))
+            )
+        width = args.critic_hidden_sizes[0]
+        self.norm_weight = (
+            nn.Parameter(torch.ones(num_critics, 1, width)) if args.layer_norm else None
+        )
+        self.norm_bias = (
+            nn.Parameter(torch.zeros(num_critics, 1, width)) if args.layer_norm else None
+        )
+        self.act = ACTIVATIONS[args.activation]()
 
-    def forward(self, x: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """x [..., X], actions [..., A] -> Q [...]; x broadcasts over extra action dims."""
-        x = x.expand(*actions.shape[:-1], x.shape[-1])
-        return self.out(self.trunk(torch.cat([x, actions.clamp(-1.0, 1.0)], -1))).squeeze(-1)
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([obs, actions], dim=-1)  # [B, O + A]
+        x = torch.baddbmm(self.biases[0], x.expand(len(self.biases[0]), *x.shape), self.weights[0])
+        if self.norm_weight is not None:  # [E, B, H]
+            x = F.layer_norm(x, x.shape[-1:]) * self.norm_weight + self.norm_bias
+        for w, b in zip(self.weights[1:-1], self.biases[1:-1]):
+            x = torch.baddbmm(b, self.act(x), w)  # [E, B, H]
+        # The output layer as multiply-and-sum: a bmm with one output column has a slow
+        # backward on the CPU (an outer product done as a matmul of inner size 1).
+        return (self.act(x) * self.weights[-1].transpose(1, 2)).sum(-1) + self.biases[-1].squeeze(
+            -1
+        )  # [E, B]
+
+    def score(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Q(s, a_j) [N, M] of the first critic for M actions per state (obs [N, O], actions
+        [N, M, A] as the critic takes them), all in one pass."""
+        num = actions.shape[1]
+        obs = obs.unsqueeze(1).expand(-1, num, -1)
+        return self(obs.flatten(0, 1), actions.flatten(0, 1))[0].view(-1, num)
 
 
 class LatentModel(nn.Module):
     """The learned model [TreePI Sec. 5, App. B]: encoder s_1 = f_enc(o_1), transition
     s_{t+1} = s_t + f_trans(s_t, a_t) (a predicted delta), and a reward network r(s_t, a_t)
-    whose second output is the termination logit (our addition, see Deviations)."""
+    whose second output is the termination logit (our addition, see Deviations). The policy
+    and the Q-function read these latent states."""
 
     def __init__(self, obs_dim: int, action_dim: int, args: Args):
         super().__init__()
@@ -535,21 +642,22 @@ class LatentModel(nn.Module):
             nn.Linear(sizes[-2], latent),
         )
         self.reward = nn.Sequential(
-            mlp(latent + action_dim, args.head_sizes, args.activation, args.layer_norm),
-            nn.Linear(args.head_sizes[-1], 2),
+            mlp(latent + action_dim, args.critic_hidden_sizes, args.activation, args.layer_norm),
+            nn.Linear(args.critic_hidden_sizes[-1], 2),
         )
 
     def features(self, states: torch.Tensor) -> torch.Tensor:
-        """The networks' input at a node: the latent state itself."""
+        """The networks' input at a search node: the latent state itself."""
         return states
 
     def predict(
         self, states: torch.Tensor, actions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Next latent, reward and termination logit of (s, a): [n, L], [n], [n]."""
-        sa = torch.cat([states, actions.clamp(-1.0, 1.0)], -1)
-        reward, logit = self.reward(sa).unbind(-1)
-        return states + self.transition(sa), reward, logit
+        """Next latent, reward and termination logit of (s, a), actions clipped as executed:
+        [n, L], [n], [n]."""
+        inputs = torch.cat([states, actions.clamp(-1.0, 1.0)], -1)
+        reward, logit = self.reward(inputs).unbind(-1)
+        return states + self.transition(inputs), reward, logit
 
     def step(
         self, states: torch.Tensor, actions: torch.Tensor
@@ -575,18 +683,23 @@ class LatentModel(nn.Module):
 # == 5. Storage ========================================================================
 class Batch(NamedTuple):
     obs: torch.Tensor  # [B, T, O]
-    actions: torch.Tensor  # [B, T, A] executed actions, clipped to [-1, 1]
+    actions: torch.Tensor  # [B, T, A], the policy's samples as stored (before clipping)
     rewards: torch.Tensor  # [B, T]
-    next_obs: torch.Tensor  # [B, T, O], the true last observation where an episode ended
+    next_obs: torch.Tensor  # [B, T, O]
     terminated: torch.Tensor  # [B, T], 1.0 where the MDP ended (no bootstrap)
-    valid: torch.Tensor  # [B, T], 1.0 until the snippet has crossed the end of an episode
-    physics: torch.Tensor  # [B, T, P] saved simulator state of obs (P = 0 without --model true)
+    valid: torch.Tensor  # [B, T], 1.0 for the steps that belong to the snippet
+    physics: torch.Tensor  # [B, T, P], the simulator's state at obs (--model true; else P = 0)
 
 
 class SnippetReplay:
-    """Preallocated ring buffer of env steps in time order, one column per parallel env.
-    A sample is B snippets of T consecutive steps of one env [TreePI Sec. 5]; `valid` masks the
-    steps after an episode ended inside a snippet (they belong to the next episode)."""
+    """Ring buffer of transitions in time order per env ([rows, num_envs, ...]), sampled as
+    snippets of T consecutive steps of one env, the trajectories the model unrolls over
+    [TreePI Sec. 5]. A snippet stops after the first episode end (terminated or truncated) and
+    at the newest row, so it never joins two episodes; next_obs is stored per row, so the last
+    step of an episode keeps its true last observation. With --model true each row also keeps
+    the simulator's state, where the searches of the update start."""
+
+    COLUMNS = ("obs", "actions", "rewards", "next_obs", "terminated", "ended", "physics")
 
     def __init__(
         self,
@@ -595,91 +708,133 @@ class SnippetReplay:
         obs_dim: int,
         action_dim: int,
         physics_dim: int,
+        snippet_length: int,
         device: torch.device,
     ):
-        self.capacity, self.num_envs, self.pos, self.size = capacity, num_envs, 0, 0
-        shapes = {
-            "obs": (obs_dim,),
-            "actions": (action_dim,),
-            "rewards": (),
-            "next_obs": (obs_dim,),
-            "terminated": (),
-            "ended": (),  # terminated or truncated
-            "physics": (physics_dim,),
-        }
+        self.rows, self.num_envs, self.length = capacity // num_envs, num_envs, snippet_length
+        self.pos, self.size = 0, 0  # in rows (one row = one vector step)
+        widths = {"obs": (obs_dim,), "actions": (action_dim,), "next_obs": (obs_dim,)}
+        widths["physics"] = (physics_dim,)
         self.data = {
             name: torch.zeros(
-                capacity,
+                self.rows,
                 num_envs,
-                *shape,
+                *widths.get(name, ()),
                 device=device,
-                dtype=torch.float64 if name == "physics" else torch.float32,
+                dtype=torch.float64 if name == "physics" else torch.float32,  # mj_getState's
             )
-            for name, shape in shapes.items()
+            for name in self.COLUMNS
         }
 
-    def add(self, **rows: np.ndarray) -> None:
-        """Store one vector step: arrays with leading size num_envs, one per field of `data`."""
+    def add(self, **columns: np.ndarray | torch.Tensor) -> None:
+        """Store one vector step: one array per column with leading size num_envs."""
         for name, column in self.data.items():
-            column[self.pos] = torch.as_tensor(rows[name], dtype=column.dtype)
-        self.pos = (self.pos + 1) % self.capacity
-        self.size = min(self.size + 1, self.capacity)
+            column[self.pos] = torch.as_tensor(columns[name], dtype=column.dtype)
+        self.pos = (self.pos + 1) % self.rows
+        self.size = min(self.size + 1, self.rows)
 
-    def sample(self, batch_size: int, length: int) -> Batch:
-        """batch_size snippets of `length` steps, uniform over stored starts and envs."""
+    def sample(self, batch_size: int) -> Batch:
+        """batch_size snippets: start row and env uniform with replacement; step k is valid when
+        a row after the start holds it and no episode ended at the steps before it."""
         device = self.data["rewards"].device
-        start = torch.randint(0, self.size - length + 1, (batch_size, 1), device=device)
+        start = torch.randint(0, self.size, (batch_size,), device=device)
         env = torch.randint(0, self.num_envs, (batch_size, 1), device=device)
-        oldest = (self.pos - self.size) % self.capacity
-        t = (oldest + start + torch.arange(length, device=device)) % self.capacity  # [B, T]
-        rows = {name: column[t, env] for name, column in self.data.items()}
-        alive = 1.0 - rows["ended"][:, :-1]
-        valid = torch.cat([torch.ones_like(alive[:, :1]), alive.cumprod(1)], 1)
+        steps = torch.arange(self.length, device=device)
+        rows = (start.unsqueeze(1) + steps) % self.rows  # [B, T]
+        snippet = {name: column[rows, env] for name, column in self.data.items()}
+        newer = (self.pos - 1 - start) % self.rows  # rows written after the start row
+        ended_before = snippet["ended"].cumsum(1) - snippet["ended"]  # [B, T]
+        valid = (steps <= newer.unsqueeze(1)) & (ended_before == 0)
         return Batch(
-            obs=rows["obs"],
-            actions=rows["actions"],
-            rewards=rows["rewards"],
-            next_obs=rows["next_obs"],
-            terminated=rows["terminated"],
-            valid=valid,
-            physics=rows["physics"],
+            **{name: snippet[name] for name in Batch._fields if name != "valid"},
+            valid=valid.float(),
         )
 
     def state_dict(self) -> dict:
         return {
             "pos": self.pos,
             "size": self.size,
-            "data": {name: column[: self.size] for name, column in self.data.items()},
+            "data": {k: v[: self.size] for k, v in self.data.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.pos, self.size = state["pos"], state["size"]
         for name, column in self.data.items():
             column[: self.size] = state["data"][name].to(column.device)
+        # The saving run stopped mid-episode and a resumed run starts fresh episodes, so the
+        # newest row ends its snippets (as a truncation would: it still bootstraps).
+        if self.size:
+            self.data["ended"][(self.pos - 1) % self.rows] = 1.0
 
 
 # == 6. Algorithm ======================================================================
-def gaussian_log_prob(mean: torch.Tensor, std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """log N(a; mean, diag(std^2)) summed over action dimensions.
-
-    Shapes: mean, std [..., A] (broadcast against actions [..., A]); returns [...].
-    """
-    z = (actions - mean) / std
-    return (-0.5 * z.pow(2) - std.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
-
-
-def gaussian_kl(
-    mean_p: torch.Tensor, std_p: torch.Tensor, mean_q: torch.Tensor, std_q: torch.Tensor
+def gaussian_log_prob(
+    actions: torch.Tensor, mean: torch.Tensor, scale_tril: torch.Tensor
 ) -> torch.Tensor:
-    """KL[p || q] of diagonal Gaussians, summed over action dimensions.
+    """log N(a; mean, L L^T) = -|L^-1 (a - mean)|^2 / 2 - sum_i log L_ii - A log(2 pi) / 2.
 
-    KL = sum_d log(std_q/std_p) + (std_p^2 + (mean_p - mean_q)^2) / (2 std_q^2) - 1/2.
-    [TreePI eq. 6] uses KL[pi^(i)(.|s) || pi_theta(.|s)]: p the old policy, q the new one.
-    Shapes: all [..., A]; returns [...].
+    One triangular solve per state serves all M actions of that state.
+    Shapes: actions [B, M, A]; mean [B, A]; scale_tril L [B, A, A] (lower triangular, positive
+    diagonal); returns [B, M].
     """
-    var_ratio = (std_p / std_q).pow(2)
-    mahalanobis = ((mean_p - mean_q) / std_q).pow(2)
-    return 0.5 * (var_ratio + mahalanobis - 1.0 - var_ratio.log()).sum(-1)
+    diff = (actions - mean.unsqueeze(-2)).transpose(-2, -1)  # [B, A, M]
+    z = torch.linalg.solve_triangular(scale_tril, diff, upper=False)  # [B, A, M]
+    log_det = scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1, keepdim=True)  # [B, 1]
+    return -0.5 * z.pow(2).sum(-2) - log_det - 0.5 * mean.shape[-1] * float(np.log(2 * np.pi))
+
+
+def gaussian_kl_decoupled(
+    mean_old: torch.Tensor,
+    scale_tril_old: torch.Tensor,
+    mean: torch.Tensor,
+    scale_tril: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(pi_old || pi) of two Gaussians split into a mean and a covariance part [MPO App. D,
+    eq. 27], KL = C_mean + C_cov:
+        C_mean = (mean - mean_old)^T Sigma^-1 (mean - mean_old) / 2,
+        C_cov  = (tr(Sigma^-1 Sigma_old) - A + log(|Sigma| / |Sigma_old|)) / 2,
+    with Sigma = L L^T the online and Sigma_old the old (target) covariance. The extracted paper
+    text prints the two labels swapped; this is the assignment that makes "mean" and "cov"
+    mean what they say. (ACME puts Sigma_old into C_mean instead, which decouples the gradients
+    fully but makes the sum differ from the KL once Sigma moves; we keep the paper's exact sum.)
+    Symbols: mu_i, Sigma_i = mean_old, L_old L_old^T; mu, Sigma = mean, L L^T; n = A.
+    Shapes: mean_old, mean [B, A]; scale_tril_old, scale_tril [B, A, A]; returns two [B].
+    """
+    diff = (mean - mean_old).unsqueeze(-1)  # [B, A, 1]
+    # |L^-1 (mean - mean_old)|^2 is the Mahalanobis term, |L^-1 L_old|_F^2 = tr(Sigma^-1 Sigma_old)
+    whitened = torch.linalg.solve_triangular(
+        scale_tril, torch.cat([diff, scale_tril_old], dim=-1), upper=False
+    )  # [B, A, 1 + A]
+    log_det_ratio = 2 * (
+        scale_tril.diagonal(dim1=-2, dim2=-1).log()
+        - scale_tril_old.diagonal(dim1=-2, dim2=-1).log()
+    ).sum(-1)  # log |Sigma| / |Sigma_old|
+    kl_mean = 0.5 * whitened[..., 0].pow(2).sum(-1)
+    kl_cov = 0.5 * (whitened[..., 1:].pow(2).sum((-2, -1)) - mean.shape[-1] + log_det_ratio)
+    return kl_mean, kl_cov
+
+
+def e_step_weights(q: torch.Tensor, eta: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
+    """The non-parametric E-step solution on the candidates, normalised per state:
+        q(a_j|s) = prior_j exp(Q(s, a_j) / eta) / sum_k prior_k exp(Q(s, a_k) / eta)
+    [MPO eq. 8 (unnumbered display of Sec. 3.2): q_i(a|s) prop. to pi(a|s, theta_i) exp(Q/eta*)].
+    Symbols as in temperature_dual. Shapes: q, log_prior [B, M]; eta scalar; returns [B, M].
+    """
+    return torch.softmax(q / eta + log_prior, dim=-1)
+
+
+def kl_penalty(
+    kl: torch.Tensor, alpha: torch.Tensor, epsilon: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Lagrangian term alpha (epsilon - E_s KL) of the M-step [MPO App. D.3], split for
+    simultaneous gradient steps: the policy minimises sg(alpha) E_s KL, the multiplier
+    minimises alpha (epsilon - sg(E_s KL)), so alpha grows while the bound is violated.
+    Symbols: eta_mu / eta_Sigma of App. D.3 = alpha (alpha_mean / alpha_cov here, as eta is the
+    E-step's temperature), epsilon_mu / epsilon_Sigma = epsilon, C_mu / C_Sigma = kl.
+    Shapes: kl [B]; alpha scalar; returns (policy term, multiplier loss), two scalars.
+    """
+    kl = kl.mean()
+    return alpha.detach() * kl, alpha * (epsilon - kl.detach())
 
 
 def q_target(
@@ -731,46 +886,45 @@ def search(
     expand: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]],
     num_rollouts: int,
     depth: int,
-    alpha: float,
+    eta: float,
     gamma: float,
     uniforms: np.ndarray | None = None,
 ) -> Tree:
     """TreePI's search from B root states at once [TreePI Alg. 1, Sec. 4].
 
-    Each of N rollouts (the first inserts the roots):
-      forward rollout: from the root, sample action j among the node's incomplete actions with
-        p_j ∝ exp(Q-hat[s, a^j]/alpha) (eq. 4, by Gumbel-max) and follow it while it leads to a
-        node; the first action that leads nowhere is expanded,
-      insert: s' = f(s, a^j), r, terminated from the model (one call for all trees); the node
-        draws a^{1:M} ~ pi^(i)(.|s') and sets Q-hat[s', a^k] = Qbar(s', a^k) (one call),
-      soft backup to the root: V(s') = alpha log (1/M) sum_k exp(Q-hat[s', a^k]/alpha),
-        Q-hat[s, a^j] = r + gamma (1 - terminated) V(s').
-    Nodes exist at depths 0 .. K-1; a depth K-1 node keeps Qbar, so the root's values are K-step
-    estimates (K = 1: Qbar itself, MPO's E-step). An action is complete once its node is at
-    depth K-1, terminal, or has M complete actions; complete actions are never revisited
-    ("preventing fully expanded subtrees from being revisited", Sec. 4), so every rollout adds
-    a node, and after full_tree_size(M, K) rollouts the root's Q-hat is the full-tree estimator
-    Q-hat^K(s, a) = r + gamma V-hat^{K-1}(f(s, a)) of Sec. 4 exactly.
+    Each of the N rollouts after the first (which inserts the roots):
+      forward rollout: from the root, draw action j among the node's incomplete actions with
+        p_j ∝ exp(Q-hat[s, a^j] / eta) (eq. 4, by Gumbel-max) and follow it while it leads to
+        a node; the first action that leads nowhere is expanded,
+      insert: s' = f(s, a^j), r(s, a^j) and terminated from the model (one call for all trees);
+        the new node draws a^{1:M} ~ pi^(i)(.|s') and sets Q-hat[s', a^k] = Q'(s', a^k),
+      soft backup to the root: V(s') = eta log (1/M) sum_k exp(Q-hat[s', a^k] / eta),
+        Q-hat[s, a^j] = r(s, a^j) + gamma (1 - terminated) V(s').
+    Nodes live at depths 0 .. K-1 and a depth K-1 node keeps Q', so the root holds K-step
+    estimates (K = 1: Q' itself, MPO's E-step). An action is complete once the node it leads to
+    is at depth K-1, terminal, or has M complete actions; complete actions are never drawn again
+    ("preventing fully expanded subtrees from being revisited", Sec. 4), so each rollout adds a
+    node and after full_tree_size(M, K) rollouts the root's Q-hat is exactly the full-tree
+    estimator Q-hat^K(s, a) = r + gamma V-hat^{K-1}(f(s, a)) of Sec. 4.
 
-    Symbols: M actions per node (from propose), N num_rollouts, K depth, alpha, gamma.
+    Symbols: alpha of [TreePI] = eta (MPO's name for the temperature); M = num_samples from
+    propose; N = num_rollouts; K = depth; Q^pi_pi(i) = Q' (the target critic).
     Args:
         roots: [B, S] root states (latents, or the simulator's [obs | physics]).
-        propose: states [n, S] -> (actions [n, M, A] ~ pi^(i), Qbar(s, a) [n, M]).
+        propose: states [n, S] -> (actions [n, M, A] ~ pi^(i), Q'(s, a) [n, M]).
         expand: (states [n, S], actions [n, A]) -> (next states [n, S], rewards [n],
             continuation 1 - terminated [n]).
         uniforms: optional [N-1, K-1, B, M] numbers in (0, 1] for the Gumbel draws (tests pass
             them to compare searches); by default drawn from numpy's global generator.
     Returns: the Tree; the root's actions are `actions[:, 0]`, its weights `root_weights`.
     """
-    num_trees, dev = roots.shape[0], roots.device
+    num_trees, device = roots.shape[0], roots.device
     root_actions, root_q = propose(roots)  # [B, M, A], [B, M]
     num_actions = root_q.shape[1]
     capacity = min(num_rollouts, full_tree_size(num_actions, depth))
     states = roots.new_zeros(num_trees, capacity, *roots.shape[1:])
     actions = root_actions.new_zeros(num_trees, capacity, *root_actions.shape[1:])
     states[:, 0], actions[:, 0] = roots, root_actions
-    # Node arrays [B, C, ...] and flat views [B*C, ...] of the same memory: node n of tree b is
-    # row b*C + n, so one fancy index reads a node's M values.
     q = np.zeros((num_trees, capacity, num_actions))
     q[:, 0] = root_q.cpu().numpy()
     rewards, discounts = np.zeros((num_trees, capacity)), np.zeros((num_trees, capacity))
@@ -778,9 +932,11 @@ def search(
     slot = np.zeros((num_trees, capacity), dtype=np.int64)
     children = np.full((num_trees, capacity, num_actions), -1)
     complete = np.zeros((num_trees, capacity, num_actions), dtype=bool)
-    complete[:, 0] = depth == 1  # a depth-1 tree is its root: Qbar is final
+    complete[:, 0] = depth == 1  # the root is at depth K-1 = 0: Q' is final
     node_depth = np.zeros((num_trees, capacity), dtype=np.int64)
     size = np.ones(num_trees, dtype=np.int64)
+    # Flat views [B*C, ...] of the same memory: node n of tree b is row b*C + n, so a single
+    # fancy index reads or writes one node of every tree.
     qf, cf, kf = (x.reshape(-1, num_actions) for x in (q, complete, children))
     rf, df, pf, sf = (x.reshape(-1) for x in (rewards, discounts, parent, slot))
     for i in range(1, num_rollouts):  # rollout 0 inserted the roots
@@ -793,99 +949,103 @@ def search(
             else 1.0 - np.random.random((depth - 1, trees.size, num_actions))
         )
         gumbel = -np.log(-np.log(u))  # [K-1, n, M]
-        base = trees * capacity  # row of each searched tree's root
-        # forward rollout [TreePI Alg. 1]: sample with p ∝ exp(Q/alpha) among incomplete actions
+        base = trees * capacity  # the root's row of each tree searched
+        # forward rollout [TreePI Alg. 1]: descend through expanded, incomplete actions
         row, leaf_slot = base.copy(), np.zeros(trees.size, dtype=np.int64)
         down = np.arange(trees.size)  # trees still descending
-        for d in range(depth - 1):  # a node at depth K-1 is complete: never descended into
-            r = row[down]
-            logits = qf[r] / alpha + gumbel[d, down]
-            logits[cf[r]] = -np.inf
-            j = logits.argmax(1)  # [eq. 4] a ~ Categorical(softmax(Q-hat/alpha)), Gumbel-max
-            child = kf[r, j]
+        for d in range(depth - 1):  # a depth K-1 node is complete: never descended into
+            at = row[down]
+            logits = qf[at] / eta + gumbel[d, down]
+            logits[cf[at]] = -np.inf
+            j = logits.argmax(1)  # [eq. 4] a ~ Categorical(softmax(Q-hat / alpha))
+            child = kf[at, j]
             leaf_slot[down] = j
             go_on = child >= 0
             down = down[go_on]
             row[down] = base[down] + child[go_on]
             if down.size == 0:
                 break
-        # insert: one model call and one policy/critic call for all trees [TreePI Alg. 1]
-        node = row - base  # [n] the expanded node of each tree
-        t_trees, t_node = torch.from_numpy(trees), torch.from_numpy(node)
-        t_slot = torch.from_numpy(leaf_slot).to(actions.device)
-        next_states, r, cont = expand(
-            states[t_trees.to(dev), t_node.to(dev)],
-            actions[t_trees.to(actions.device), t_node.to(actions.device), t_slot],
+        # insert [TreePI Alg. 1]: one model call and one policy/critic call for all trees
+        node, new = row - base, size[trees]  # [n] the expanded node and the new one
+        b_state, b_action = torch.from_numpy(trees).to(device), torch.from_numpy(trees)
+        b_action = b_action.to(actions.device)
+        next_states, reward, cont = expand(
+            states[b_state, torch.from_numpy(node).to(device)],
+            actions[
+                b_action,
+                torch.from_numpy(node).to(actions.device),
+                torch.from_numpy(leaf_slot).to(actions.device),
+            ],
         )
         new_actions, new_q = propose(next_states)
-        new = size[trees]
-        t_new = torch.from_numpy(new)
-        states[t_trees.to(dev), t_new.to(dev)] = next_states.to(states.dtype)
-        actions[t_trees.to(actions.device), t_new.to(actions.device)] = new_actions
-        cont = cont.cpu().numpy()
-        new_row = base + new
+        states[b_state, torch.from_numpy(new).to(device)] = next_states.to(states.dtype)
+        actions[b_action, torch.from_numpy(new).to(actions.device)] = new_actions
+        cont, new_row = cont.cpu().numpy(), base + new
         qf[new_row] = new_q.cpu().numpy()
-        rf[new_row], df[new_row] = r.cpu().numpy(), gamma * cont
-        pf[new_row], sf[new_row] = node, leaf_slot
-        kf[row, leaf_slot] = new
+        rf[new_row], df[new_row] = reward.cpu().numpy(), gamma * cont
+        pf[new_row], sf[new_row], kf[row, leaf_slot] = node, leaf_slot, new
         node_depth[trees, new] = node_depth[trees, node] + 1
         cf[new_row] = ((node_depth[trees, new] == depth - 1) | (cont == 0))[:, None]
         size[trees] += 1
         # soft backup to the root [TreePI Alg. 1]
         row, up = new_row, np.arange(trees.size)  # trees still climbing
         while up.size:
-            r = row[up]
-            value = alpha * log_mean_exp(qf[r] / alpha)  # V(s') = alpha log mean exp(Q/alpha)
-            p = base[up] + pf[r]  # the parent's row
-            qf[p, sf[r]] = rf[r] + df[r] * value  # Q-hat[s, a] = r + gamma (1 - term) V(s')
-            cf[p, sf[r]] = cf[r].all(1)
-            row[up] = p
-            up = up[pf[r] > 0]
+            at = row[up]
+            value = eta * log_mean_exp(qf[at] / eta)  # V(s') = alpha log mean exp(Q-hat / alpha)
+            above = base[up] + pf[at]  # the parent's row
+            qf[above, sf[at]] = rf[at] + df[at] * value  # Q-hat = r + gamma (1 - term) V(s')
+            cf[above, sf[at]] = cf[at].all(1)
+            row[up] = above
+            up = up[pf[at] > 0]
     return Tree(
         states, actions, q, rewards, discounts, parent, slot, children, complete, node_depth, size
     )
 
 
-def root_weights(tree: Tree, alpha: float) -> torch.Tensor:
-    """Normalised weights w^j = softmax_j(Q-hat[root, a^j]/alpha) [TreePI eq. 4]: [B, M]."""
-    logits = torch.from_numpy(tree.q[:, 0] / alpha)
-    return torch.softmax(logits, -1).to(device=tree.actions.device, dtype=torch.float32)
+def root_weights(tree: Tree, eta: float) -> torch.Tensor:
+    """The root's normalised weights w^j = softmax_j(Q-hat[root, a^j] / eta) [TreePI eq. 4]:
+    MPO's E-step weights with the search's Q-hat in place of Q' [B, M]."""
+    q = torch.from_numpy(tree.q[:, 0])  # float64, as the tree backs up
+    log_prior = torch.full_like(q, -float(np.log(q.shape[1])))  # M samples of pi^(i)
+    weights = e_step_weights(q, torch.tensor(eta, dtype=q.dtype), log_prior)
+    return weights.to(device=tree.actions.device, dtype=torch.float32)
 
 
 # == 7. Updates ========================================================================
+LOG_DUAL_MIN = -18.0  # lower clamp of log eta and log alpha after each step (ACME's clamp)
+
+
 @torch.no_grad()
 def run_search(
     roots: torch.Tensor,
-    model: "LatentModel | Simulator",
+    model: LatentModel | Simulator,
     actor_target: Actor,
     critic_target: Critic,
     args: Args,
-    uniforms: np.ndarray | None = None,
 ) -> Tree:
-    """`search` with pi^(i) and Qbar [TreePI Alg. 1 inputs] on the learned or the true model."""
-    device = next(actor_target.parameters()).device
+    """`search` with pi^(i) and Q' [TreePI Alg. 1's inputs] on the learned or the true model."""
+    device = actor_target.action_scale.device
 
     def propose(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = model.features(states).to(device)  # [n, X]
-        actions = actor_target.sample(x, args.num_actions)  # [n, M, A]
-        return actions, critic_target(x[:, None], actions)  # [n, M]
+        actions, _ = actor_target.candidates(actor_target(x), args.num_samples)  # [n, M, A]
+        return actions, critic_target.score(x, actor_target.critic_input(actions))  # [n, M]
 
-    return search(
-        roots, propose, model.step, args.num_rollouts, args.depth, args.alpha, args.gamma, uniforms
-    )
+    return search(roots, propose, model.step, args.num_rollouts, args.depth, args.eta, args.gamma)
 
 
 def search_roots(
-    batch: Batch, states: torch.Tensor, simulator: "Simulator | None", count: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `count` valid (snippet, t) pairs of the batch (0: all) as flat indices [n] and
-    root states [n, S]: detached latents, or the simulator's [obs | physics]."""
-    index = batch.valid.flatten().nonzero().squeeze(1)
-    index = index[:count] if count else index
+    batch: Batch, states: torch.Tensor, simulator: Simulator | None, count: int
+) -> torch.Tensor:
+    """Root states [n, S] at the first `count` valid steps of the batch (0: all of them), in
+    the order of batch.valid.flatten(): the latents (no gradient), or the simulator's
+    [obs | physics]."""
+    mask = batch.valid.flatten().bool()
+    limit = count or int(mask.sum())
     if simulator is None:
-        return index, states.flatten(0, 1)[index].detach()
-    obs = batch.obs.flatten(0, 1)[index].cpu().numpy()
-    return index, simulator.roots(obs, batch.physics.flatten(0, 1)[index].cpu().numpy())
+        return states.flatten(0, 1)[mask][:limit].detach()
+    obs = batch.obs.flatten(0, 1)[mask][:limit].cpu().numpy()
+    return simulator.roots(obs, batch.physics.flatten(0, 1)[mask][:limit].cpu().numpy())
 
 
 def update(
@@ -894,74 +1054,90 @@ def update(
     critic: Critic,
     critic_target: Critic,
     model: LatentModel | None,
-    simulator: "Simulator | None",
+    simulator: Simulator | None,
     actor_opt: torch.optim.Optimizer,
     critic_opt: torch.optim.Optimizer,
-    log_eta: torch.Tensor,
     dual_opt: torch.optim.Optimizer,
+    log_alpha_mean: torch.Tensor,
+    log_alpha_cov: torch.Tensor,
     batch: Batch,
     args: Args,
 ) -> dict[str, torch.Tensor]:
-    """One Adam step on L = sum_t L_r + L_Q + L_pi [TreePI eq. 6] and one ascent step on eta."""
-    valid = batch.valid
-    count = valid.sum()
+    """One gradient step on L = sum_t L_r + L_Q + L_pi [TreePI eq. 6]: the model, the critic
+    and the policy in one backward pass (they share the latent states), and the multipliers on
+    alpha (epsilon - KL), which are then clamped from below."""
+    valid, count = batch.valid, batch.valid.sum()
     metrics = {}
-    # states s_t: the latent unroll from o_1 on the observed actions, or the true observations
+    # s_t: the latent unroll from o_1 on the stored actions [TreePI Sec. 5], or the true state
     if model is not None:
         latents, rewards, logits = model.unroll(batch.obs[:, 0], batch.actions)  # [B, T+1, L]
         states, next_states = latents[:, :-1], latents[:, 1:].detach()
         reward_loss = ((rewards - batch.rewards).pow(2) * valid).sum() / count  # [eq. 6] L_r
-        # Deviation: a termination head, so the tree can stop where the env would
-        done_loss = F.binary_cross_entropy_with_logits(logits, batch.terminated, reduction="none")
-        model_loss = reward_loss + (done_loss * valid).sum() / count
+        # Deviation: a termination head, so that the tree stops where the env would
+        done = F.binary_cross_entropy_with_logits(logits, batch.terminated, reduction="none")
+        model_loss = reward_loss + (done * valid).sum() / count
         metrics["losses/reward"] = reward_loss.detach()
     else:
         states, next_states = batch.obs, batch.next_obs
-        model_loss = torch.zeros((), device=valid.device)
-    # L_Q: TD to r + gamma (1 - terminated) E_{pi^(i)} Qbar(s_{t+1}, .) [eq. 6]
+        model_loss = torch.zeros((), device=count.device)
+    flat_states = states.flatten(0, 1)  # [B T, X]
+    # L_Q [eq. 6]: TD to r_t + gamma (1 - terminated_t) E_{a ~ pi^(i)} Q'(s_{t+1}, a)
     with torch.no_grad():
-        next_actions = actor_target.sample(next_states.flatten(0, 1), args.target_samples)
-        next_q = critic_target(next_states.flatten(0, 1)[:, None], next_actions)  # [B*T, K]
+        next_flat = next_states.flatten(0, 1)
+        next_actions, _ = actor_target.candidates(actor_target(next_flat), args.num_samples)
+        next_q = critic_target.score(next_flat, actor_target.critic_input(next_actions))
         target = q_target(
             batch.rewards, batch.terminated, next_q.view(*valid.shape, -1), args.gamma
         )
-    q = critic(states, batch.actions)  # [B, T]
-    q_loss = ((q - target).pow(2) * valid).sum() / count
-    # L_pi: -sum_j w_j log pi_theta(a_j|s) with (a_j, w_j) from the search [eq. 6]
-    index, roots = search_roots(batch, states, simulator, args.search_states)
+    q = critic(flat_states, actor_target.critic_input(batch.actions.flatten(0, 1)))[0]  # [B T]
+    q_loss = ((q.view_as(valid) - target).pow(2) * valid).sum() / count
+    # E-step [TreePI Alg. 1]: a search from each root replaces MPO's softmax(Q'/eta) weights
+    roots = search_roots(batch, states, simulator, args.search_states)
     tree = run_search(
-        roots, model if model is not None else simulator, actor_target, critic_target, args
+        roots, simulator if model is None else model, actor_target, critic_target, args
     )
-    weights, search_actions = root_weights(tree, args.alpha), tree.actions[:, 0]  # [n, M(, A)]
-    mean, std = actor(states)  # [B, T, A]
-    log_prob = gaussian_log_prob(
-        mean.flatten(0, 1)[index][:, None], std.flatten(0, 1)[index][:, None], search_actions
-    )  # [n, M]
-    policy_loss = -(weights * log_prob).sum(1).mean()
-    # R = eta (KL[pi^(i)(.|s) || pi_theta(.|s)] - eps_KL): sg(eta) for the policy, sg(KL) for eta
+    actions, weights = tree.actions[:, 0], root_weights(tree, args.eta)  # [n, M, A], [n, M]
+    # M-step [TreePI eq. 6, MPO eq. 10]: weighted maximum likelihood of the searched actions,
+    # under the KL bound to pi^(i) on every valid state (R of [TreePI eq. 6])
+    mask = valid.flatten().bool()
     with torch.no_grad():
-        mean_old, std_old = actor_target(states.detach())
-    kl = (gaussian_kl(mean_old, std_old, mean, std) * valid).sum() / count
-    eta = log_eta.exp()
-    loss = model_loss + q_loss + policy_loss + eta.detach() * kl
-    dual_loss = eta * (args.epsilon - kl.detach())  # gradient ascent on eta [eq. 6 argmax_eta]
+        params_old = actor_target(flat_states[mask])
+    params = actor(flat_states[mask])  # the roots are the first len(roots) valid states
+    root_params = tuple(p[: len(roots)] for p in params)
+    policy_loss = -(weights * actor.log_prob(root_params, actions)).sum(-1).mean()
+    kl_mean, kl_cov = actor.kl_terms(params_old, params)  # [n_valid] each
+    if args.epsilon_cov is None:  # [TreePI eq. 6] one bound on the whole KL
+        kl_mean, kl_cov = kl_mean + kl_cov, None
+    alpha_mean, alpha_cov = log_alpha_mean.exp(), log_alpha_cov.exp()
+    penalty, alpha_loss = kl_penalty(kl_mean, alpha_mean, args.epsilon_mean)
+    metrics.update(
+        {"stats/kl_mean": kl_mean.detach().mean(), "stats/alpha_mean": alpha_mean.detach()}
+    )
+    if kl_cov is not None:
+        penalty_cov, alpha_loss_cov = kl_penalty(kl_cov, alpha_cov, args.epsilon_cov)
+        penalty, alpha_loss = penalty + penalty_cov, alpha_loss + alpha_loss_cov
+        metrics.update(
+            {"stats/kl_cov": kl_cov.detach().mean(), "stats/alpha_cov": alpha_cov.detach()}
+        )
+    # disjoint parameters: one backward serves the model, critic, policy and dual steps
     actor_opt.zero_grad(set_to_none=True)
     critic_opt.zero_grad(set_to_none=True)
     dual_opt.zero_grad(set_to_none=True)
-    (loss + dual_loss).backward()  # disjoint parameters: one backward serves all three steps
+    (model_loss + q_loss + policy_loss + penalty + alpha_loss).backward()
     actor_opt.step()
     critic_opt.step()
     dual_opt.step()
-    entropy = (0.5 * math.log(2 * math.pi * math.e) + std.detach().log()).sum(-1)
+    with torch.no_grad():
+        for log_dual in (log_alpha_mean, log_alpha_cov):
+            log_dual.clamp_(min=LOG_DUAL_MIN)
+    entropy = actor.entropy(params).detach()
     metrics.update(
         {
             "losses/q": q_loss.detach(),
             "losses/policy": policy_loss.detach(),
-            "losses/dual": dual_loss.detach(),
-            "stats/q_mean": (q.detach() * valid).sum() / count,
-            "stats/kl": kl.detach(),
-            "stats/eta": eta.detach(),
-            "stats/entropy": (entropy * valid).sum() / count,
+            "losses/dual": alpha_loss.detach(),
+            "stats/q_mean": (q.detach().view_as(valid) * valid).sum() / count,
+            "stats/entropy": entropy.mean(),
         }
     )
     return metrics
@@ -1108,18 +1284,31 @@ class Progress:
 def make_agent(
     args: Args, obs_dim: int, action_space: gym.spaces.Box, device: torch.device
 ) -> dict:
-    """Networks, their pi^(i) and Qbar copies and the multiplier, by the names their state is
-    saved under; the learned model's heads read latents, the true model's read observations."""
-    action_dim = int(np.prod(action_space.shape))
-    in_dim = obs_dim if args.model == "true" else args.model_sizes[-1]
-    agent = {}
-    for name, net in (("actor", Actor), ("critic", Critic)):
-        online, target = net(in_dim, action_dim, args).to(device), net(in_dim, action_dim, args)
-        target.to(device).load_state_dict(online.state_dict())
-        agent[name], agent[f"{name}_target"] = online, target.requires_grad_(False)
+    """Networks, their targets pi^(i) and Q', the learned model and the dual variables, by the
+    names their state is saved under; the policy and Q read latents or true observations."""
+    in_dim = args.model_sizes[-1] if args.model == "learned" else obs_dim
+    actor = GaussianActor(in_dim, action_space, args).to(device)
+    actor_target = GaussianActor(in_dim, action_space, args).to(device)
+    actor_target.load_state_dict(actor.state_dict())
+    actor_target.requires_grad_(False)
+    critic = Critic(in_dim, actor.critic_action_dim, args).to(device)
+    critic_target = Critic(in_dim, actor.critic_action_dim, args).to(device)
+    critic_target.load_state_dict(critic.state_dict())
+    critic_target.requires_grad_(False)
+
+    def log_dual(init: float) -> torch.Tensor:
+        return torch.tensor(float(np.log(init)), device=device, requires_grad=True)
+
+    agent = {
+        "actor": actor,
+        "actor_target": actor_target,
+        "critic": critic,
+        "critic_target": critic_target,
+        "log_alpha_mean": log_dual(args.alpha_mean_init),
+        "log_alpha_cov": log_dual(args.alpha_cov_init),
+    }
     if args.model == "learned":
-        agent["model"] = LatentModel(obs_dim, action_dim, args).to(device)
-    agent["log_eta"] = torch.tensor(math.log(args.init_eta), device=device, requires_grad=True)
+        agent["model"] = LatentModel(obs_dim, actor.action_dim, args).to(device)
     return agent
 
 
@@ -1129,39 +1318,36 @@ def select_actions(
     simulator: Simulator | None,
     args: Args,
     obs: np.ndarray,
-    physics: np.ndarray | None,
+    physics: np.ndarray,
     greedy: bool,
 ) -> torch.Tensor:
-    """Actions [n, A] in policy units for observations [n, O] (and the simulator's saved states):
-    from pi^(i) (--act policy, [TreePI Alg. 2]) or from a search (--act search, a ~ mu-hat_K,
-    eq. 4); greedy gives the Gaussian's mean, or the root action of highest weight."""
-    actor = agent["actor_target"]
-    x = torch.as_tensor(obs, dtype=torch.float32, device=next(actor.parameters()).device)
+    """Actions [n, A] (unclipped, in [-1, 1] units) for observations [n, O] and the simulator's
+    saved states [n, P]: a ~ pi^(i) (--act policy, [TreePI Alg. 2]) or a ~ mu-hat_K, the
+    search's root weights (--act search, eq. 4); greedy: the mean, or the heaviest root action."""
+    actor_target = agent["actor_target"]
+    x = torch.as_tensor(obs, dtype=torch.float32, device=actor_target.action_scale.device)
     if args.model == "learned":
         x = agent["model"].encoder(x)
     if args.act == "policy":
-        mean, std = actor(x)
-        return mean if greedy else mean + std * torch.randn_like(mean)
-    model = agent["model"] if simulator is None else simulator
+        return actor_target(x)[0] if greedy else actor_target.sample(x)[0]
     roots = x if simulator is None else simulator.roots(obs, physics)
-    tree = run_search(roots, model, actor, agent["critic_target"], args)
-    weights = root_weights(tree, args.alpha)  # [n, M]
-    j = weights.argmax(1) if greedy else torch.multinomial(weights, 1).squeeze(1)
+    model = agent["model"] if simulator is None else simulator
+    tree = run_search(roots, model, actor_target, agent["critic_target"], args)
+    weights = root_weights(tree, args.eta)  # [n, M]
+    j = weights.argmax(1) if greedy else torch.multinomial(weights, 1)[:, 0]
     return tree.actions[torch.arange(len(j), device=j.device), 0, j]
 
 
 def policy_fn(
     agent: dict, simulator: Simulator | None, args: Args, env: gym.Env
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """act(obs) -> env action with the greedy rule of --act, for `evaluate` on `env` (whose
-    simulation the search starts from with --model true)."""
-    low = torch.as_tensor(env.action_space.low, dtype=torch.float32)
-    high = torch.as_tensor(env.action_space.high, dtype=torch.float32)
+    """act(obs) -> action by the greedy rule of --act, for `evaluate` on `env` (where a search
+    with --model true starts: from env's own simulation state)."""
 
     def act(obs: np.ndarray) -> np.ndarray:
-        physics = simulator.physics(env)[None] if simulator is not None else None
+        physics = simulator.physics(env)[None] if simulator is not None else obs[None, :0]
         actions = select_actions(agent, simulator, args, obs[None], physics, greedy=True)
-        return env_actions(actions.cpu(), low, high)[0].numpy()
+        return agent["actor_target"].env_action(actions)[0].cpu().numpy()
 
     return act
 
@@ -1218,26 +1404,37 @@ def train(args: Args) -> dict:
     video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
     eval_env = make_eval_env(args.env, video_dir, args.eval_episodes)
     obs_dim = envs.single_observation_space.shape[0]
-    action_dim = int(np.prod(envs.single_action_space.shape))
-    low = torch.as_tensor(envs.single_action_space.low, dtype=torch.float32)
-    high = torch.as_tensor(envs.single_action_space.high, dtype=torch.float32)
     # -- networks and optimizers
     agent = make_agent(args, obs_dim, envs.single_action_space, device)
-    actor, actor_target, critic, critic_target, log_eta = (
-        agent[k] for k in ("actor", "actor_target", "critic", "critic_target", "log_eta")
+    actor, actor_target, critic, critic_target, log_alpha_mean, log_alpha_cov = (
+        agent[k]
+        for k in (
+            "actor",
+            "actor_target",
+            "critic",
+            "critic_target",
+            "log_alpha_mean",
+            "log_alpha_cov",
+        )
     )
-    model = agent.get("model")
+    model = agent.get("model")  # None with --model true
     # fused Adam: one kernel per step for all parameters instead of several per tensor
-    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.lr, fused=True)
-    # the model's encoder and transition learn from all losses; their step rides with the critic's
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, fused=True)
+    # the model learns from every loss through the latents; its step rides with the critic's
     critic_params = [*critic.parameters(), *(model.parameters() if model is not None else [])]
-    critic_opt = torch.optim.Adam(critic_params, lr=args.lr, fused=True)
-    dual_opt = torch.optim.Adam([log_eta], lr=args.dual_lr, fused=True)
+    critic_opt = torch.optim.Adam(critic_params, lr=args.q_lr, fused=True)
+    dual_opt = torch.optim.Adam([log_alpha_mean, log_alpha_cov], lr=args.dual_lr, fused=True)
     optimizers = {"actor_opt": actor_opt, "critic_opt": critic_opt, "dual_opt": dual_opt}
-    # -- storage: time steps per env column, no more than the run can fill
-    capacity = min(args.buffer_size, args.total_steps) // args.num_envs + 1
-    physics_dim = simulator.state_size if simulator is not None else 0
-    rb = SnippetReplay(capacity, args.num_envs, obs_dim, action_dim, physics_dim, device)
+    # -- storage: never more rows than the run can fill (Table 1's 2e6 would be 0.5 GB)
+    rb = SnippetReplay(
+        min(args.buffer_size, args.total_steps + args.num_envs * args.snippet_length),
+        args.num_envs,
+        obs_dim,
+        actor.action_dim,
+        simulator.state_size if simulator is not None else 0,
+        args.snippet_length,
+        device,
+    )
     global_step, num_updates = 0, 0
     if resume is not None:
         load_agent_state(agent, resume["state"])
@@ -1274,20 +1471,16 @@ def train(args: Args) -> dict:
     next_log = global_step + args.log_every
     next_ckpt = global_step + args.checkpoint_every if args.checkpoint_every else None
     while global_step < args.total_steps:
-        # act: the simulator's state of each env is where a search starts (and a snippet's root)
+        # act: with pi^(i), or a search from each env's current state [TreePI Alg. 2]
         physics = (
             np.stack([simulator.physics(env) for env in envs.envs])
             if simulator is not None
             else np.zeros((args.num_envs, 0))
         )
-        if global_step < args.learning_starts:
-            actions = torch.rand(args.num_envs, action_dim) * 2 - 1
-        else:
-            actions = select_actions(agent, simulator, args, obs, physics, greedy=False)
-        actions = actions.clamp(-1.0, 1.0).cpu()
-        # step
+        actions = select_actions(agent, simulator, args, obs, physics, greedy=False)
+        # step: the env executes the action clipped to its bounds; the replay keeps the sample
         next_obs, rewards, terminated, truncated, infos = envs.step(
-            env_actions(actions, low, high).numpy()
+            actor.env_action(actions).cpu().numpy()
         )
         global_step += args.num_envs
         ended = terminated | truncated
@@ -1299,7 +1492,7 @@ def train(args: Args) -> dict:
             real_next_obs[i] = infos["final_obs"][i]
         rb.add(
             obs=obs,
-            actions=actions.numpy(),
+            actions=actions,
             rewards=rewards,
             next_obs=real_next_obs,
             terminated=terminated,
@@ -1307,10 +1500,10 @@ def train(args: Args) -> dict:
             physics=physics,
         )
         obs = next_obs
-        # update: updates_per_step gradient steps per environment step
-        if global_step >= args.learning_starts and rb.size >= args.snippet_length:
+        # update: updates_per_step gradient steps on eq. 6 per environment step
+        if global_step >= args.learning_starts:
             for _ in range(args.updates_per_step * args.num_envs):
-                batch = rb.sample(args.batch_size, args.snippet_length)
+                batch = rb.sample(args.batch_size)
                 progress.add_metrics(
                     update(
                         actor,
@@ -1321,17 +1514,18 @@ def train(args: Args) -> dict:
                         simulator,
                         actor_opt,
                         critic_opt,
-                        log_eta,
                         dual_opt,
+                        log_alpha_mean,
+                        log_alpha_cov,
                         batch,
                         args,
                     )
                 )
                 num_updates += 1
                 if num_updates % args.target_network_frequency == 0:
-                    critic_target.load_state_dict(critic.state_dict())  # Qbar <- Q [Table 1]
+                    critic_target.load_state_dict(critic.state_dict())  # Q' <- Q [Table 1]
                 if num_updates % args.policy_target_frequency == 0:
-                    actor_target.load_state_dict(actor.state_dict())  # pi^(i+1) <- pi_theta
+                    actor_target.load_state_dict(actor.state_dict())  # pi^(i+1) <- pi [Sec. 5]
         # log, evaluate and save
         if global_step >= next_log:
             progress.log(global_step, num_updates)

@@ -6,19 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from treepi import (
-    Args,
-    LatentModel,
-    Simulator,
-    full_tree_size,
-    gaussian_kl,
-    gaussian_log_prob,
-    main,
-    make_env,
-    q_target,
-    root_weights,
-    search,
-)
+from treepi import Simulator, full_tree_size, make_env, root_weights, search
 
 
 # -- a tiny deterministic problem with known rewards and leaf values -------------------------
@@ -32,15 +20,17 @@ def toy_propose(states: torch.Tensor, num_actions: int) -> tuple[torch.Tensor, t
 
 def toy_expand(states, actions, terminal_above=math.inf):
     """f(s, a) = (0.9 s_0 + a, s_1 + 0.1 a), r = sin(s_0 - a); terminal where s_0 > bound."""
-    next_states = torch.stack([0.9 * states[:, 0] + actions[:, 0], states[:, 1] + 0.1 * actions[:, 0]], 1)
+    next_states = torch.stack(
+        [0.9 * states[:, 0] + actions[:, 0], states[:, 1] + 0.1 * actions[:, 0]], 1
+    )
     rewards = torch.sin(states[:, 0] - actions[:, 0])
     cont = (next_states[:, 0] <= terminal_above).to(states.dtype)
     return next_states, rewards, cont
 
 
-def brute_force_q(state, depth, num_actions, alpha, gamma, terminal_above=math.inf):
+def brute_force_q(state, depth, num_actions, eta, gamma, terminal_above=math.inf):
     """Q-hat^K(s, a^j) of the full tree by plain recursion over python floats [TreePI Sec. 4]:
-    Q-hat^1 = Qbar; Q-hat^k(s, a) = r + gamma (1 - term) alpha log mean_j exp(Q-hat^{k-1}(s', a'_j)/alpha)."""
+    Q-hat^1 = Qbar; Q-hat^k(s, a) = r + gamma (1 - term) eta log mean_j exp(Q-hat^{k-1}(s', a'_j)/eta)."""
     s = torch.tensor([state], dtype=torch.float64)
     actions, q = toy_propose(s, num_actions)
     if depth == 1:
@@ -48,8 +38,8 @@ def brute_force_q(state, depth, num_actions, alpha, gamma, terminal_above=math.i
     out = []
     for j in range(num_actions):
         s2, r, cont = toy_expand(s, actions[:, j], terminal_above)
-        child = brute_force_q(s2[0].tolist(), depth - 1, num_actions, alpha, gamma, terminal_above)
-        value = alpha * math.log(sum(math.exp(c / alpha) for c in child) / num_actions)
+        child = brute_force_q(s2[0].tolist(), depth - 1, num_actions, eta, gamma, terminal_above)
+        value = eta * math.log(sum(math.exp(c / eta) for c in child) / num_actions)
         out.append(float(r[0]) + gamma * float(cont[0]) * value)
     return out
 
@@ -65,7 +55,7 @@ def test_full_search_equals_brute_force_recursion(num_actions, depth, terminal_a
         lambda s, a: toy_expand(s, a, terminal_above),
         num_rollouts=full + 5,
         depth=depth,
-        alpha=0.7,
+        eta=0.7,
         gamma=0.9,
     )
     for b in range(len(roots)):
@@ -81,7 +71,7 @@ def test_partial_search_adds_one_node_per_rollout_and_keeps_its_invariants():
     K-1, an expanded action holds r + gamma (1 - term) V(child), an unexpanded one its Qbar,
     and an action is complete exactly when its subtree is."""
     torch.manual_seed(0)
-    num_actions, depth, alpha, gamma, n = 3, 4, 0.5, 0.95, 17
+    num_actions, depth, eta, gamma, n = 3, 4, 0.5, 0.95, 17
     roots = torch.randn(5, 2, dtype=torch.float64)
     tree = search(
         roots,
@@ -89,7 +79,7 @@ def test_partial_search_adds_one_node_per_rollout_and_keeps_its_invariants():
         lambda s, a: toy_expand(s, a, 1.0),
         n,
         depth,
-        alpha,
+        eta,
         gamma,
     )
     assert tree.q.shape[1] == n
@@ -109,7 +99,7 @@ def test_partial_search_adds_one_node_per_rollout_and_keeps_its_invariants():
                     continue
                 assert tree.parent[b, child] == node and tree.slot[b, child] == j
                 child_q = tree.q[b, child]
-                value = alpha * math.log(np.mean(np.exp(child_q / alpha)))
+                value = eta * math.log(np.mean(np.exp(child_q / eta)))
                 expected = tree.rewards[b, child] + tree.discounts[b, child] * value
                 assert tree.q[b, node, j] == pytest.approx(expected, abs=1e-12)
                 terminal = tree.discounts[b, child] == 0
@@ -118,17 +108,15 @@ def test_partial_search_adds_one_node_per_rollout_and_keeps_its_invariants():
     assert (tree.discounts[:, 1:] == 0).any() and (tree.discounts[:, 1:] == gamma).any()
 
 
-def test_selection_samples_root_actions_with_softmax_q_over_alpha():
+def test_selection_samples_root_actions_with_softmax_q_over_eta():
     """[TreePI eq. 4] With N = 2 the only descent is the root's: over many identical trees
-    the expanded root action is distributed as softmax(Qbar/alpha) (chi-square, 3 dof)."""
+    the expanded root action is distributed as softmax(Qbar/eta) (chi-square, 3 dof)."""
     np.random.seed(0)
-    num_actions, alpha, count = 4, 0.6, 20_000
+    num_actions, eta, count = 4, 0.6, 20_000
     roots = torch.tensor([[0.2, 0.1]], dtype=torch.float64).expand(count, 2)
-    tree = search(
-        roots, lambda s: toy_propose(s, num_actions), toy_expand, 2, 3, alpha, gamma=1.0
-    )
+    tree = search(roots, lambda s: toy_propose(s, num_actions), toy_expand, 2, 3, eta, gamma=1.0)
     _, q = toy_propose(roots[:1], num_actions)
-    expected = torch.softmax(q[0] / alpha, 0).numpy() * count
+    expected = torch.softmax(q[0] / eta, 0).numpy() * count
     chosen = tree.slot[:, 1]
     observed = np.bincount(chosen, minlength=num_actions)
     chi2 = ((observed - expected) ** 2 / expected).sum()
@@ -137,7 +125,7 @@ def test_selection_samples_root_actions_with_softmax_q_over_alpha():
 
 
 def test_completed_subtrees_are_never_revisited():
-    """With alpha -> 0 selection is greedy; without the completeness mask the best root action
+    """With eta -> 0 selection is greedy; without the completeness mask the best root action
     would be chosen again after its one-node subtree (depth 2, terminal children) is done.
     Every rollout must still expand a new root action, in decreasing Qbar order."""
     num_actions = 3
@@ -148,7 +136,7 @@ def test_completed_subtrees_are_never_revisited():
         lambda s, a: toy_expand(s, a, -math.inf),  # every transition terminates
         num_rollouts=4,
         depth=3,
-        alpha=1e-3,
+        eta=1e-3,
         gamma=0.9,
     )
     _, q = toy_propose(roots, num_actions)
@@ -177,7 +165,7 @@ def test_batched_search_equals_single_searches_with_the_same_random_numbers():
 
 def test_depth_one_gives_mpo_weights_without_model_calls():
     """K = 1: the search is the root alone, and its weights are MPO's E-step weights
-    softmax_j(Qbar(s, a_j)/alpha) over M samples of pi [TreePI Sec. 6.1, MPO+Predictive]."""
+    softmax_j(Qbar(s, a_j)/eta) over M samples of pi [TreePI Sec. 6.1, MPO+Predictive]."""
     torch.manual_seed(4)
     mean, std = torch.randn(6, 2), torch.rand(6, 2) + 0.1
     w_critic = torch.randn(2)
@@ -201,8 +189,8 @@ def test_depth_one_gives_mpo_weights_without_model_calls():
     torch.testing.assert_close(tree.actions[:, 0], sampled["actions"])
 
 
-def test_unbiased_in_exp_space_with_gamma_one_and_alpha_one():
-    """[TreePI App. A.2] gamma = alpha = 1, deterministic f: E[exp Q-hat^K(s, a)] =
+def test_unbiased_in_exp_space_with_gamma_one_and_eta_one():
+    """[TreePI App. A.2] gamma = eta (alpha of the paper) = 1, deterministic f: E[exp Q-hat^K(s, a)] =
     exp Q*^K(s, a). Problem: pi = N(0, sigma^2), f(s, a) = s + a, r(s, a) = c (s + a),
     Qbar(s, a) = c' (s + a). Then Q*^K(s, a) = (c (K-1) + c')(s + a)
         + sigma^2/2 sum_{i=2..K} (c (K-i) + c')^2 (a Gaussian sum of the K-1 later actions).
@@ -229,3 +217,91 @@ def test_unbiased_in_exp_space_with_gamma_one_and_alpha_one():
     assert abs(ratio.mean() - 1.0) < 4 * stderr
     log_gap = (tree.q[:, 0] - q_star).ravel()
     assert log_gap.mean() < -4 * log_gap.std() / math.sqrt(log_gap.size)
+
+
+# -- the true model ------------------------------------------------------------------------
+def executed_action_map(env) -> tuple[np.ndarray, np.ndarray]:
+    """float32 scale and bias from [-1, 1] to the env's bounds (what the training loop sends)."""
+    low, high = env.action_space.low, env.action_space.high
+    return (high - low) / 2, (high + low) / 2
+
+
+@pytest.mark.parametrize(
+    "env_id",
+    [
+        "HalfCheetah-v5",
+        "Hopper-v5",
+        "Walker2d-v5",
+        "Swimmer-v5",
+        "InvertedPendulum-v5",
+        "InvertedDoublePendulum-v5",  # not in FAST_ENVS: stepped by its own step()
+    ],
+)
+def test_simulator_reproduces_env_step(env_id):
+    """From a saved state, the simulator's next observation, reward and termination for an
+    action sequence equal what the env returns when the same actions are stepped. Three
+    branches start from one state in one batched call, with actions beyond the bounds."""
+    sim = Simulator(env_id, threads=1)
+    env = make_env(env_id)
+    obs, _ = env.reset(seed=3)
+    rng = np.random.default_rng(3)
+    steps, branches = 12, 3
+    actions = rng.uniform(-1.3, 1.3, (branches, steps, sim.action_scale.numel())).astype(np.float32)
+    states = sim.roots(
+        np.repeat(obs[None], branches, 0), np.repeat(sim.physics(env)[None], branches, 0)
+    )
+    predicted = []
+    for t in range(steps):
+        states, rewards, cont = sim.step(states, torch.from_numpy(actions[:, t]))
+        predicted.append((states[:, : sim.obs_dim].numpy(), rewards.numpy(), cont.numpy()))
+    scale, bias = executed_action_map(env)
+    ended = 0
+    for k in range(branches):
+        env.reset(seed=3)
+        for t in range(steps):
+            env_obs, env_reward, terminated, _, _ = env.step(
+                np.clip(actions[k, t], -1, 1) * scale + bias
+            )
+            sim_obs, sim_rewards, sim_cont = predicted[t]
+            np.testing.assert_allclose(sim_obs[k], env_obs, rtol=0, atol=1e-9)
+            # env.step sums a float32 control cost; the simulator sums it in float64
+            assert sim_rewards[k] == pytest.approx(float(env_reward), abs=1e-5)
+            assert sim_cont[k] == (0.0 if terminated else 1.0)
+            if terminated:
+                ended += 1
+                break
+    assert (sim.outcome is None) == (env_id == "InvertedDoublePendulum-v5")
+    if env_id == "InvertedPendulum-v5":
+        assert ended > 0  # the termination path was exercised
+
+
+def test_true_model_search_path_replays_in_the_env():
+    """The rewards and states a true-model search stores along its deepest path equal what
+    the env returns when the path's actions are stepped from the root state."""
+    torch.manual_seed(6)
+    sim = Simulator("Hopper-v5", threads=1)
+    env = make_env("Hopper-v5")
+    obs, _ = env.reset(seed=7)
+    roots = sim.roots(obs[None], sim.physics(env)[None])
+
+    def propose(states):
+        actions = torch.rand(len(states), 4, 3) * 2 - 1
+        return actions, sim.features(states)[:, :1].expand(-1, 4) * 0  # Qbar = 0
+
+    tree = search(roots, propose, sim.step, num_rollouts=30, depth=6, eta=1.0, gamma=0.99)
+    node = int(np.argmax(tree.depth[0]))
+    path = []
+    while node > 0:
+        path.append(node)
+        node = tree.parent[0, node]
+    path.reverse()
+    assert len(path) == 5  # depth K-1
+    scale, bias = executed_action_map(env)
+    parent = 0
+    for node in path:
+        a = tree.actions[0, parent, tree.slot[0, node]].numpy()
+        env_obs, reward, terminated, _, _ = env.step(np.clip(a, -1, 1) * scale + bias)
+        np.testing.assert_allclose(tree.states[0, node, : sim.obs_dim].numpy(), env_obs, atol=1e-9)
+        assert tree.rewards[0, node] == pytest.approx(float(reward), abs=1e-5)
+        assert tree.discounts[0, node] == (0.0 if terminated else 0.99)
+        parent = node
