@@ -1,12 +1,41 @@
 """Tests for treepi.py: the search against independent computations, the models, the loop."""
 
+import glob
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
+from conftest import COUNTING_TERMINATE_AT, COUNTING_TIME_LIMIT
 
+import treepi
 from treepi import Simulator, full_tree_size, make_env, root_weights, search
+
+
+def small_args(log_dir: str, **overrides) -> treepi.Args:
+    """A run that finishes in seconds: tiny networks and trees, short episodes."""
+    base = dict(
+        env="InvertedPendulum-v5",
+        total_steps=120,
+        learning_starts=60,
+        batch_size=8,
+        snippet_length=3,
+        model_sizes=(16, 16),
+        policy_hidden_sizes=(16,),
+        critic_hidden_sizes=(16,),
+        num_samples=4,
+        depth=3,
+        num_rollouts=6,
+        search_states=4,
+        log_every=60,
+        eval_every=0,
+        eval_episodes=1,
+        checkpoint_every=60,
+        log_dir=log_dir,
+    )
+    base.update(overrides)
+    return treepi.Args(**base)
 
 
 # -- a tiny deterministic problem with known rewards and leaf values -------------------------
@@ -305,3 +334,247 @@ def test_true_model_search_path_replays_in_the_env():
         assert tree.rewards[0, node] == pytest.approx(float(reward), abs=1e-5)
         assert tree.discounts[0, node] == (0.0 if terminated else 0.99)
         parent = node
+
+
+# -- the losses and the model ----------------------------------------------------------------
+def test_tree_backup_and_td_target_share_reward_discount_and_termination():
+    """K = 2 and M = 1 through run_search with a random latent model: the root's value is
+    r + gamma (1 - p_term) V(s'), V(s') = Q'(s', a') (one action), which is exactly q_target
+    with the model's reward and termination and the same a': one convention for both."""
+    torch.manual_seed(8)
+    args = treepi.Args(
+        model_sizes=(8, 8),
+        policy_hidden_sizes=(8,),
+        critic_hidden_sizes=(8,),
+        num_samples=1,
+        depth=2,
+        num_rollouts=2,
+        gamma=0.9,
+        eta=0.3,
+    )
+    space = make_env("InvertedPendulum-v5").action_space
+    agent = treepi.make_agent(args, 4, space, torch.device("cpu"))
+    model = agent["model"]
+    roots = model.encoder(torch.randn(5, 4)).detach()
+    tree = treepi.run_search(roots, model, agent["actor_target"], agent["critic_target"], args)
+    assert tree.size.tolist() == [2] * 5
+    with torch.no_grad():
+        next_states, rewards, logits = model.predict(roots, tree.actions[:, 0, 0])
+        next_q = agent["critic_target"](next_states, tree.actions[:, 1, 0].clamp(-1, 1))[0]
+        expected = treepi.q_target(rewards, torch.sigmoid(logits), next_q[:, None], args.gamma)
+    np.testing.assert_allclose(tree.q[:, 0, 0], expected.double().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_gaussian_log_prob_and_kl_match_torch_distributions():
+    torch.manual_seed(9)
+    mean_old, mean = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    tril_old = torch.randn(5, 3, 3, dtype=torch.float64).tril(-1) + torch.diag_embed(
+        torch.rand(5, 3, dtype=torch.float64) + 0.3
+    )
+    tril = torch.diag_embed(torch.rand(5, 3, dtype=torch.float64) + 0.3)
+    actions = torch.randn(5, 7, 3, dtype=torch.float64)
+    dist = torch.distributions.MultivariateNormal(mean[:, None], scale_tril=tril[:, None])
+    torch.testing.assert_close(
+        treepi.gaussian_log_prob(actions, mean, tril), dist.log_prob(actions)
+    )
+    kl_mean, kl_cov = treepi.gaussian_kl_decoupled(mean_old, tril_old, mean, tril)
+    old = torch.distributions.MultivariateNormal(mean_old, scale_tril=tril_old)
+    new = torch.distributions.MultivariateNormal(mean, scale_tril=tril)
+    torch.testing.assert_close(kl_mean + kl_cov, torch.distributions.kl_divergence(old, new))
+    # the covariance part is the KL between the two covariances at one mean
+    old_cov = torch.distributions.MultivariateNormal(mean, scale_tril=tril_old)
+    torch.testing.assert_close(kl_cov, torch.distributions.kl_divergence(old_cov, new))
+
+
+def test_q_target_matches_elementwise_formula():
+    torch.manual_seed(10)
+    rewards, terminated = torch.randn(2, 3), torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    next_q = torch.randn(2, 3, 4)
+    y = treepi.q_target(rewards, terminated, next_q, 0.95)
+    for i in range(2):
+        for t in range(3):
+            bootstrap = 0.0 if terminated[i, t] else 0.95 * next_q[i, t].mean().item()
+            assert y[i, t].item() == pytest.approx(rewards[i, t].item() + bootstrap, abs=1e-6)
+
+
+def test_latent_unroll_is_causal_and_matches_stepwise_predictions():
+    """s_t = f(o_1, a_1..a_{t-1}): changing a_3 leaves s_1..s_3 and r_1, r_2 unchanged, and
+    the unroll equals encoding o_1 and calling predict step by step."""
+    torch.manual_seed(11)
+    args = treepi.Args(model_sizes=(8, 8), critic_hidden_sizes=(8,))
+    model = treepi.LatentModel(3, 2, args)
+    obs, actions = torch.randn(4, 3), torch.randn(4, 5, 2)
+    states, rewards, logits = model.unroll(obs, actions)
+    assert states.shape == (4, 6, 8) and rewards.shape == (4, 5) == logits.shape
+    s = model.encoder(obs)
+    for t in range(5):
+        s, r, logit = model.predict(s, actions[:, t])
+        torch.testing.assert_close(states[:, t + 1], s)
+        torch.testing.assert_close(rewards[:, t], r)
+    changed = actions.clone()
+    changed[:, 3] += 1.0
+    states2, rewards2, _ = model.unroll(obs, changed)
+    torch.testing.assert_close(states2[:, :4], states[:, :4])
+    torch.testing.assert_close(rewards2[:, :3], rewards[:, :3])
+    assert not torch.allclose(states2[:, 4], states[:, 4])
+
+
+# -- storage and end to end ---------------------------------------------------------------
+def test_snippets_never_cross_an_episode_end(log_dir):
+    """Counting env, 2 envs: in every sampled snippet the valid steps are consecutive steps of
+    one episode (obs_{t+1} = next_obs_t = obs_t + [1, 0]), an episode's end is its last valid
+    step, terminated only where the odd episodes end, truncation kept with its final obs."""
+    out = treepi.train(
+        small_args(log_dir, env="tests/Counting-v0", num_envs=2, total_steps=80, snippet_length=4)
+    )
+    saved = torch.load(os.path.join(out["run_dir"], "resume.pt"), weights_only=True)
+    rb = treepi.SnippetReplay(80, 2, 2, 1, 0, 4, torch.device("cpu"))
+    rb.load_state_dict(saved["train"]["replay"])
+    torch.manual_seed(0)
+    batch = rb.sample(500)
+    valid = batch.valid.bool()
+    steps = torch.tensor([1.0, 0.0])
+    torch.testing.assert_close(batch.next_obs[valid], batch.obs[valid] + steps)
+    inner = valid[:, 1:]  # a valid step after the first continues the previous step
+    torch.testing.assert_close(batch.obs[:, 1:][inner], batch.next_obs[:, :-1][inner])
+    terminated = batch.terminated[valid].bool()
+    last = batch.next_obs[valid]
+    odd = last[:, 1] % 2 == 1
+    assert torch.equal(terminated, odd & (last[:, 0] == COUNTING_TERMINATE_AT))
+    truncated = ~odd & (last[:, 0] == COUNTING_TIME_LIMIT)
+    assert truncated.any() and terminated.any() and not terminated[truncated].any()
+    assert (valid.sum(1) < 4).any() and (valid.sum(1) == 4).any()  # some snippets stop early
+
+
+@pytest.mark.parametrize(
+    "model,act",
+    [("learned", "policy"), ("learned", "search"), ("true", "policy"), ("true", "search")],
+)
+def test_end_to_end_runs_log_and_round_trip(model, act, log_dir, capsys):
+    out = treepi.train(small_args(log_dir, model=model, act=act))
+    assert out["global_step"] == 120 and out["num_updates"] == 61  # steps 60..120
+    run_dir = out["run_dir"]
+    assert glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
+    payload = treepi.load_checkpoint(os.path.join(run_dir, "model.pt"), "InvertedPendulum-v5")
+    assert payload["algo"] == "treepi" and payload["global_step"] == 120
+    assert ("model" in payload["state"]) == (model == "learned")
+    # a fresh agent with the loaded weights acts exactly like the trained one
+    args = small_args(log_dir, model=model, act=act)
+    space = make_env(args.env).action_space
+    loaded = treepi.make_agent(args, 4, space, torch.device("cpu"))
+    treepi.load_agent_state(loaded, payload["state"])
+    fresh = treepi.make_agent(args, 4, space, torch.device("cpu"))
+    simulator = Simulator(args.env, 1) if model == "true" else None
+    env = make_env(args.env)
+    obs = np.stack([env.reset(seed=s)[0] for s in range(3)])
+    physics = np.stack([simulator.physics(env)] * 3) if simulator else obs[:, :0]
+    acts = {}
+    for name, agent in (("saved", payload["state"]), ("loaded", loaded), ("fresh", fresh)):
+        if name == "saved":
+            agent = treepi.make_agent(args, 4, space, torch.device("cpu"))
+            treepi.load_agent_state(agent, payload["state"])
+        torch.manual_seed(12)
+        np.random.seed(12)
+        acts[name] = treepi.select_actions(agent, simulator, args, obs, physics, greedy=True)
+    torch.testing.assert_close(acts["saved"], acts["loaded"], rtol=0, atol=0)
+    if act == "policy":  # a search from untrained nets can land on the same root action
+        assert not torch.allclose(acts["fresh"], acts["loaded"])
+    # --eval-only loads it and evaluates through the same act rule
+    capsys.readouterr()
+    code = treepi.main(["--checkpoint", os.path.join(run_dir, "model.pt"), "--eval-only"])
+    assert code == 0 and "eval over 1 episodes" in capsys.readouterr().out
+
+
+def test_resume_continues_from_the_saved_step_with_the_saved_state(log_dir):
+    first = treepi.train(small_args(log_dir, total_steps=100))
+    resume_path = os.path.join(first["run_dir"], "resume.pt")
+    saved = torch.load(resume_path, weights_only=True)
+    assert saved["global_step"] == 100 and saved["train"]["replay"]["size"] == 100
+    same = treepi.train(small_args(log_dir, total_steps=100, resume=resume_path))
+    assert same["num_updates"] == first["num_updates"]
+    again = torch.load(resume_path, weights_only=True)
+    for name in ("actor", "actor_target", "critic", "critic_target", "model"):
+        for k, v in saved["state"][name].items():
+            torch.testing.assert_close(again["state"][name][k], v, rtol=0, atol=0)
+    more = treepi.train(small_args(log_dir, total_steps=140, resume=resume_path))
+    assert more["global_step"] == 140 and more["num_updates"] == first["num_updates"] + 40
+    assert more["run_dir"] == first["run_dir"]
+    assert treepi.main(["--resume", resume_path, "--total-steps", "150"]) == 0
+    assert torch.load(resume_path, weights_only=True)["global_step"] == 150
+
+
+def test_same_seed_gives_identical_runs(log_dir):
+    """Seeded searches (numpy's Gumbel draws, torch's samples) make two runs identical."""
+    a = treepi.train(small_args(log_dir, act="search", checkpoint_every=0))
+    b = treepi.train(small_args(log_dir, act="search", checkpoint_every=0))
+    assert a["eval_return"] == b["eval_return"]
+    wa, wb = (
+        torch.load(os.path.join(r["run_dir"], "model.pt"), weights_only=True)["state"]
+        for r in (a, b)
+    )
+    for name in ("actor", "critic", "model"):
+        for k in wa[name]:
+            assert torch.equal(wa[name][k], wb[name][k])
+    c = treepi.train(small_args(log_dir, act="search", checkpoint_every=0, seed=2))
+    wc = torch.load(os.path.join(c["run_dir"], "model.pt"), weights_only=True)["state"]
+    assert not torch.equal(wa["actor"]["head.weight"], wc["actor"]["head.weight"])
+
+
+# -- the command line ---------------------------------------------------------------------
+def test_help_lists_documented_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        treepi.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--num-rollouts" in out and "paper: 100" in out and "--model" in out
+
+
+def run_bad(argv: list[str], capsys) -> str:
+    code = treepi.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_true_model_on_an_env_without_saved_states_is_refused(capsys, log_dir):
+    line = run_bad(["--env", "Pendulum-v1", "--model", "true", "--log-dir", log_dir], capsys)
+    assert "MuJoCo" in line and "--model learned" in line
+    assert not os.path.exists(log_dir)  # refused before a run directory was made
+
+
+def test_discrete_and_unknown_envs_are_refused(capsys, log_dir):
+    assert "Discrete" in run_bad(["--env", "CartPole-v1", "--log-dir", log_dir], capsys)
+    assert "Hopper-v5" in run_bad(["--env", "Hopper-v9", "--log-dir", log_dir], capsys)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--total-steps", "0"],
+        ["--num-rollouts", "0"],
+        ["--depth", "0"],
+        ["--eta", "0"],
+        ["--model-sizes", "64"],
+        ["--buffer-size", "4", "--snippet-length", "5"],
+        ["--search-states", "-1"],
+        ["--epsilon-cov", "0"],
+        ["--eval-only"],
+    ],
+)
+def test_invalid_arguments_are_one_line_errors(argv, capsys, log_dir):
+    run_bad([*argv, "--log-dir", log_dir], capsys)
+
+
+def test_checkpoint_of_another_env_or_algorithm_is_refused(capsys, log_dir, tmp_path):
+    assert "not found" in run_bad(["--checkpoint", str(tmp_path / "no.pt"), "--eval-only"], capsys)
+    out = treepi.train(small_args(log_dir, total_steps=70, checkpoint_every=0))
+    model = os.path.join(out["run_dir"], "model.pt")
+    line = run_bad(["--checkpoint", model, "--eval-only", "--env", "Hopper-v5"], capsys)
+    assert "InvertedPendulum-v5" in line
+    payload = torch.load(model, weights_only=True)
+    payload["algo"] = "mpo"
+    torch.save(payload, tmp_path / "other.pt")
+    assert "mpo" in run_bad(["--checkpoint", str(tmp_path / "other.pt"), "--eval-only"], capsys)
