@@ -393,11 +393,13 @@ class Simulator:
     """The true model [TreePI Sec. 6.2]: copies of the env's MuJoCo simulation stepped from saved
     states. A node state is [observation (O) | mj_getState(FULLPHYSICS) (P)] in float64.
 
-    Envs in FAST_ENVS are stepped by `mujoco.rollout` (frame_skip mj_steps per env step, in C,
-    over all states at once) and their reward, termination and observation are recomputed from
-    the states. Any other gymnasium MujocoEnv is stepped by its own step() on a private copy,
-    after mj_setState: slower, but exact for any MuJoCo task. The private copies live below the
-    TimeLimit wrapper, so searching never advances an episode's step counter.
+    Envs in FAST_ENVS take frame_skip mj_steps per env step on a bare MjData, and their reward,
+    termination and observation are recomputed from the states. With one thread a plain loop of
+    mj_setState / mj_step does this (as fast per state as `mujoco.rollout`, without its ~0.3 ms
+    per call); with --threads > 1 `mujoco.rollout` steps all states in parallel in C. Any
+    other gymnasium MujocoEnv is stepped by its own step() on a private copy after
+    mj_setState: slower, but exact for any MuJoCo task. Nothing here runs through the TimeLimit
+    wrapper, so a search never advances an episode's step counter (GYMNASIUM_NOTES).
     """
 
     def __init__(self, env_id: str, threads: int):
@@ -440,11 +442,22 @@ class Simulator:
         physics = states[:, self.obs_dim :].cpu().numpy()  # [n, P]
         # the env's action [n, A], float32 as the training loop passes it to env.step
         acts = (actions.cpu().clamp(-1.0, 1.0) * self.action_scale + self.action_bias).numpy()
-        if self.outcome is not None:
+        if self.outcome is not None and len(self.datas) > 1:
             control = np.repeat(acts[:, None].astype(np.float64), self.env.frame_skip, axis=1)
             # [n, frame_skip, P]: the state after each mj_step; the last one ends the env step
-            trajectory, _ = mujoco.rollout.rollout(self.mj_model, self.datas, physics, control)
+            trajectory, _ = mujoco.rollout.rollout(
+                self.mj_model, self.datas, physics, control, persistent_pool=True
+            )
             next_physics = trajectory[:, -1]
+        elif self.outcome is not None:
+            next_physics, data = np.empty_like(physics), self.datas[0]
+            for i in range(len(physics)):
+                mujoco.mj_setState(self.mj_model, data, physics[i], STATE_SPEC)
+                data.qacc_warmstart[:] = 0.0  # as a fresh rollout: independent of the last row
+                data.ctrl[:] = acts[i]
+                mujoco.mj_step(self.mj_model, data, nstep=self.env.frame_skip)
+                mujoco.mj_getState(self.mj_model, data, next_physics[i], STATE_SPEC)
+        if self.outcome is not None:
             obs, rewards, terminated = self.outcome(
                 self.env,
                 physics[:, self.qpos],
@@ -857,8 +870,8 @@ def full_tree_size(num_actions: int, depth: int) -> int:
 
 def log_mean_exp(x: np.ndarray) -> np.ndarray:
     """log (1/M) sum_j exp(x_j) over the last axis, stable for large |x|."""
-    peak = x.max(-1)
-    return peak + np.log(np.exp(x - peak[..., None]).mean(-1))
+    peak = x.max(-1, keepdims=True)
+    return (peak + np.log(np.exp(x - peak).sum(-1, keepdims=True) / x.shape[-1]))[..., 0]
 
 
 class Tree(NamedTuple):
@@ -955,8 +968,7 @@ def search(
         down = np.arange(trees.size)  # trees still descending
         for d in range(depth - 1):  # a depth K-1 node is complete: never descended into
             at = row[down]
-            logits = qf[at] / eta + gumbel[d, down]
-            logits[cf[at]] = -np.inf
+            logits = np.where(cf[at], -np.inf, qf[at] / eta + gumbel[d, down])
             j = logits.argmax(1)  # [eq. 4] a ~ Categorical(softmax(Q-hat / alpha))
             child = kf[at, j]
             leaf_slot[down] = j

@@ -578,3 +578,19 @@ def test_checkpoint_of_another_env_or_algorithm_is_refused(capsys, log_dir, tmp_
     payload["algo"] = "mpo"
     torch.save(payload, tmp_path / "other.pt")
     assert "mpo" in run_bad(["--checkpoint", str(tmp_path / "other.pt"), "--eval-only"], capsys)
+
+
+def test_parallel_rollout_path_equals_the_single_thread_loop():
+    """--threads 2 steps the states with mujoco.rollout's thread pool, --threads 1 with a loop of
+    mj_step on one MjData: the same next states and rewards, bit for bit."""
+    single, parallel = Simulator("Hopper-v5", threads=1), Simulator("Hopper-v5", threads=2)
+    env = make_env("Hopper-v5")
+    env.reset(seed=4)
+    obs, physics = [], []
+    for _ in range(6):
+        obs.append(env.step(env.action_space.sample())[0])
+        physics.append(single.physics(env))
+    roots = single.roots(np.stack(obs), np.stack(physics))
+    actions = torch.rand(6, 3, generator=torch.Generator().manual_seed(5)) * 2.4 - 1.2
+    for a, b in zip(single.step(roots, actions), parallel.step(roots, actions)):
+        assert torch.equal(a, b)
