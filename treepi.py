@@ -3,68 +3,88 @@
 References:
     [TreePI] Springenberg, Heess, Mankowitz, Merel, Byravan, Abdolmaleki, Kay, Degrave,
         Schrittwieser, Tassa, Buchli, Belov, Riedmiller 2020, "Local Search for Policy Iteration
-        in Continuous Control", arXiv:2010.05545 (Alg. 1 the search, eq. 3-6, App. A.3 Alg. 2
-        the training loop, App. B and Table 1 the networks and hyperparameters).
+        in Continuous Control", arXiv:2010.05545 (Alg. 1 the search, eq. 3-6, App. A.2 the
+        estimator, App. A.3 Alg. 2 the training loop, App. B and Table 1 the networks).
     [MPO] Abdolmaleki, Springenberg, Tassa, Munos, Heess, Riedmiller 2018, "Maximum a Posteriori
-        Policy Optimisation": the sampled-action E-step that TreePI recovers at depth 1 and the
-        KL trust region of the M-step.
-    [ACME] google-deepmind/acme, MPO losses: the softplus-free dual parametrisation is ours, the
-        sg() split of the trust-region term follows its `compute_parametric_kl_penalty_and_dual_loss`.
+        Policy Optimisation": the sampled-action E-step that TreePI recovers at depth 1, and the
+        KL-bounded M-step; this file shares mpo.py's code and names for both.
+    [ACME] Hoffman et al. 2020, acme/jax/losses/mpo.py: the dual learning rate and clamp, the
+        clipped critic input (as in mpo.py).
+
+Names: mpo.py's names hold for the shared policy machinery, so the paper's symbols map as
+    alpha (search temperature, fixed)  -> eta          (MPO's temperature)
+    eta (trust-region multiplier)      -> alpha_mean   (MPO's M-step multiplier)
+    eps_KL                             -> epsilon_mean
+    pi^(i), Q-hat^pi_pi(i)             -> actor_target, critic_target (pi', Q')
 
 Algorithm (one environment step; the function that does each line in brackets):
-    1. Act with pi^(i) (--act policy, TreePI/pi), or search from the current state and sample
-       the executed action from the root's weights (--act search, TreePI/search)  [act_fn, search]
-    2. Store the step in a replay of per-env sequences                             [SnippetReplay]
-    3. updates_per_step times: sample snippets (o_1, a_1, r_1, ..., o_T, a_T, r_T); latent
-       states s_t = f_trans(f_enc(o_1), a_1..a_{t-1}) (--model learned) or the true
-       observations (--model true)                                             [LatentModel.unroll]
-    4. L_r = (r_t - r(s_t, a_t))^2 (learned model only)                                  [update]
-    5. L_Q = (r_t + gamma (1 - terminated_t) E_{a ~ pi^(i)} Qbar(s_{t+1}, a) - Q(s_t, a_t))^2
-                                                                                     [q_target]
-    6. Search from s_t [TreePI Alg. 1]: a tree of depth K, branching M, N rollouts; each rollout
-       descends by sampling among a node's incomplete actions with p ∝ exp(Q/alpha) (eq. 4),
-       inserts one node (M actions from pi^(i), Q from Qbar), and backs up
-       V = alpha log mean_j exp(Q_j/alpha), Q[parent, a] = r + gamma V               [search]
-    7. L_pi = -sum_j w_j log pi_theta(a_j|s_t) + eta (KL[pi^(i)(.|s_t) || pi_theta(.|s_t)] - eps)
-       with (a_j, w_j) the root's actions and normalised weights; eta by gradient ascent
-                                                                     [gaussian_kl, update]
-    8. Every target_network_frequency updates Qbar <- Q; every policy_target_frequency updates
-       pi^(i+1) <- pi_theta                                                              [train]
+    1. Act a ~ pi^(i)(.|s) (--act policy, TreePI/pi), or search from the env's current state
+       and draw a from the root's weights (--act search, TreePI/search)       [select_actions]
+    2. Store the step per env in time order                                  [SnippetReplay]
+    3. updates_per_step times: sample B snippets (o_1, a_1, r_1, ..., o_T, a_T, r_T); states
+       s_t = f_trans(f_enc(o_1), a_1..a_{t-1}) (--model learned) or s_t = o_t (--model true)
+                                                                         [LatentModel.unroll]
+    4. L_r = (r_t - r(s_t, a_t))^2, learned model only                                [update]
+    5. L_Q = (r_t + gamma (1 - terminated_t) E_{a ~ pi^(i)} Q'(s_{t+1}, a) - Q(s_t, a_t))^2
+                                                                                   [q_target]
+    6. E-step: search from s_t (Alg. 1), depth K, M actions per node, N rollouts; a rollout
+       descends by drawing among a node's incomplete actions with p ∝ exp(Q-hat / alpha)
+       (eq. 4), inserts one node (M actions from pi^(i), values Q') and backs up
+       V = alpha log mean_j exp(Q-hat_j / alpha), Q-hat[s, a] = r + gamma (1 - terminated) V;
+       the root gives actions a_j and weights w_j = softmax(Q-hat_j / alpha)
+                                                           [run_search, search, root_weights]
+    7. M-step: L_pi = -sum_j w_j log pi(a_j|s_t) + eta_KL (KL[pi^(i)(.|s_t) || pi(.|s_t)] - eps_KL),
+       eta_KL by gradient ascent (eq. 6)                      [gaussian_kl_decoupled, kl_penalty]
+    8. Every target_network_frequency updates Q' <- Q; every policy_target_frequency updates
+       pi^(i+1) <- pi                                                                     [train]
 
-Shapes: B batch of snippets (or of searched roots), T snippet length, O observation size,
-A action size, M actions per node, K maximum depth, N rollouts, C node capacity of a tree,
-L latent size, S node-state size (L, or O + P for the simulator with P physics numbers).
+Shapes: B batch (snippets, or searched roots), T snippet length, O observation size, A action
+size, M actions per node, K depth, N rollouts, C node capacity of a tree, L latent size, S node
+state size (L, or O + P for the simulator's [observation | P physics numbers]).
 
 Usage:
     python treepi.py --env HalfCheetah-v5
     python treepi.py --env Hopper-v5 --act search --seed 2
     python treepi.py --env Hopper-v5 --model true --act search
-    python treepi.py --env HalfCheetah-v5 --depth 1 (MPO+Predictive: weights softmax(Q/alpha))
+    python treepi.py --env HalfCheetah-v5 --depth 1      (MPO+Predictive, [TreePI] Fig. 1)
     python treepi.py --env HalfCheetah-v5 --checkpoint runs/<run>/model.pt --eval-only
     python treepi.py --resume runs/<run>/resume.pt
-    [TreePI] Table 1 (a GPU workload): --model-sizes 256 256 --head-sizes 256 256 256
-        --batch-size 256 --search-states 0 --num-rollouts 100 --updates-per-step 10 --cuda
+    [TreePI] Table 1 and Fig. 1 (a GPU workload): --model-sizes 256 256 --policy-hidden-sizes
+        256 256 256 --critic-hidden-sizes 256 256 256 --batch-size 256 --num-rollouts 100
+        --search-states 0 --updates-per-step 10 --target-network-frequency 200
+        --policy-target-frequency 500 --cuda
 
 Resolved inconsistencies of the paper:
-    - N = 100 rollouts (Table 1) rather than the 200 of Sec. 6.1's text: the table is the
-      summary the authors tuned on Walker and fixed ("All parameters are listed in Table 1").
-    - Target periods: Table 1's "target network update period 200" is the Q target; Sec. 5's
-      "after 500 steps we set pi^(i+1) = pi_theta" is the policy round. Alg. 2 copies both at
-      one rate; --policy-target-frequency 200 recovers it.
-    - Rewards: the paper writes r(s) in eq. 3, Sec. 4 and Alg. 1, and r_phi(s_t) in eq. 6; we use
-      the transition reward r(s_t, a_t) everywhere, exactly as in the critic's TD target, so
-      the tree and the critic back up the same quantity.
-    - eq. 6 prints E_pi[Qbar(s_t, .)] inside the TD target; the target is at s_{t+1}.
+    - N = 100 rollouts (Table 1), not the 200 of Sec. 6.1's text: Table 1 is the list the
+      authors say holds for all experiments ("All parameters are listed in Table 1").
+    - Periods: Table 1's "target network update period 200" is the Q target; Sec. 5's "after
+      500 steps we set pi^(i+1) = pi_theta" is the policy round. Alg. 2 copies both at one
+      rate: equal --target-network-frequency and --policy-target-frequency recover it.
+    - Rewards: eq. 3, Sec. 4 and Alg. 1 write r(s) and eq. 6 r_phi(s_t); we use the transition
+      reward r(s_t, a_t) in the model, the tree and the TD target alike, with the critic's
+      terminal convention, so the tree backs up exactly what the critic learns.
+    - eq. 6 prints E_pi[Q'(s_t, .)] inside the TD target; the target is taken at s_{t+1}.
+    - Alg. 1 descending "while s in T[d], d < K" would insert at depth K; nodes live at depths
+      0 .. K-1 (Sec. 4's tree: Q-hat^K = r + gamma V-hat^{K-1}, leaves Q^pi), and complete
+      subtrees are skipped, so N = full_tree_size(M, K) <= M^K rollouts give the exact tree.
 
 Deviations from the paper:
-    - Termination: gymnasium's Hopper or Walker2d end episodes, which the control suite never
-      does. The learned model also predicts termination (a logit next to the reward, trained
-      by cross-entropy); the tree uses gamma (1 - p_terminated) where the critic's target uses
-      gamma (1 - terminated), and the true model uses the env's own termination.
-    - Cost on a CPU: the defaults search `--search-states 16` of each batch's states (paper:
-      all), use smaller networks and batches and one update per env step (paper: 10); every
-      reduced default names the paper's value in --help, and the Usage line above restores them.
-    - The policy loss runs on the searched states only; the trust-region KL on all states.
+    - Termination: gymnasium's Hopper or InvertedPendulum end episodes, which the control suite
+      never does. The learned reward network also predicts a termination logit (trained by
+      cross-entropy); the tree uses gamma (1 - p_terminated) where the TD target uses
+      gamma (1 - terminated); the true model uses the env's own termination.
+    - Cost on a CPU: 64-wide networks, batch 64, N = 32, one update per env step, and a search
+      from `--search-states 16` states of each batch (paper: 256, 256, 100, 10 and all); the
+      policy loss then averages over the searched states, the KL bound over all of them. With
+      one update per env step instead of ten, the target periods are cut tenfold (20 and 50
+      updates, paper: 200 and 500) so that Q' and pi^(i) advance at the paper's pace per env
+      step. --help names every paper value and the Usage line above restores them.
+    - With the true model the policy loss stays eq. 6's searched one: Sec. 6.2's switch to the
+      likelihood of actor-searched actions serves its 16 distributed actors, not one learner.
+    - Acting starts with the initial pi^(i) or search (no uniform warm-up), as mpo.py does;
+      `learning_starts` only delays the gradient steps.
+    - The latent states of the TD target come from the online model (no gradient); only the Q
+      head has a target copy (eq. 6's phi'_Q), and every loss trains the representation.
 """
 
 # == 1. Imports ========================================================================
@@ -165,16 +185,19 @@ class Args:
     snippet_length: int = 5
     """Steps T of a snippet, over which the latent model is unrolled (paper: not given)."""
     learning_starts: int = 5_000
-    """Env steps of uniform random actions before gradient steps begin (paper: not given)."""
+    """Env steps (acting with the initial pi^(i) or search) before gradient steps begin (paper:
+    not given)."""
     updates_per_step: int = 1
     """Gradient steps per env step (paper: 10 in Fig. 1, 1-20 in Fig. 2; 1 keeps a CPU run
     usable)."""
     gamma: float = 0.99
     """Discount factor gamma of the TD target and of the tree [TreePI Table 1]."""
-    target_network_frequency: int = 200
-    """Gradient steps between copies Q' <- Q [TreePI Table 1: 200]."""
-    policy_target_frequency: int = 500
-    """Gradient steps between policy rounds pi^(i+1) <- pi [TreePI Sec. 5: 500]."""
+    target_network_frequency: int = 20
+    """Gradient steps between copies Q' <- Q (paper: 200, Table 1, at 10 updates per env step:
+    every 20 env steps; 20 keeps that pace at one update per step)."""
+    policy_target_frequency: int = 50
+    """Gradient steps between policy rounds pi^(i+1) <- pi (paper: 500, Sec. 5, at 10 updates
+    per env step: every 50 env steps; 50 keeps that pace at one update per step)."""
     q_lr: float = 3e-4
     """Adam learning rate of the Q-function, the reward network and the model [TreePI Table 1]."""
     policy_lr: float = 3e-4
@@ -485,9 +508,7 @@ class Simulator:
 
 # == 4. Networks =======================================================================
 ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh}
-SCALE_MIN = (
-    1e-6  # added to the softplus'd diagonal of the Cholesky factor: a numerical guard (ACME)
-)
+SCALE_MIN = 1e-6  # added to the softplus'd Cholesky diagonal: a numerical guard (ACME's value)
 
 
 def mlp(
@@ -517,11 +538,10 @@ class GaussianActor(nn.Module):
         super().__init__()
         self.action_dim = self.critic_action_dim = int(np.prod(action_space.shape))
         self.full_covariance = args.full_covariance
-        num_scale = self.action_dim * (self.action_dim + 1) // 2 if args.full_covariance else 0
+        size = self.action_dim
+        num_scale = size * (size + 1) // 2 if args.full_covariance else size  # entries of L
         self.trunk = mlp(obs_dim, args.policy_hidden_sizes, args.activation, args.layer_norm)
-        self.head = nn.Linear(
-            args.policy_hidden_sizes[-1], self.action_dim + (num_scale or self.action_dim)
-        )
+        self.head = nn.Linear(args.policy_hidden_sizes[-1], size + num_scale)  # mean, L
         low = torch.as_tensor(action_space.low, dtype=torch.float32).flatten()
         high = torch.as_tensor(action_space.high, dtype=torch.float32).flatten()
         self.register_buffer("action_scale", (high - low) / 2)
@@ -594,50 +614,26 @@ Actor = GaussianActor
 
 
 class Critic(nn.Module):
-    """E Q-functions Q_e(s, a) with stacked weights [E, in, out], evaluated in one batched
-    pass (one matmul per layer for all critics instead of one per critic); MPO learns one."""
+    """Q(s, a), an MLP on [s, a] [MPO Sec. 4; one Q-function, no twin]. The first layer is
+    split into its state and action columns, so the M actions of one state share the state's
+    half: obs [N, 1, O] against actions [N, M, A] gives Q [N, M] in one pass."""
 
-    def __init__(self, obs_dim: int, action_dim: int, args: Args, num_critics: int = 1):
+    def __init__(self, obs_dim: int, action_dim: int, args: Args):
         super().__init__()
-        sizes = [obs_dim + action_dim, *args.critic_hidden_sizes, 1]
-        self.weights = nn.ParameterList()
-        self.biases = nn.ParameterList()
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-            bound = fan_in**-0.5  # nn.Linear's default initialisation, per critic
-            self.weights.append(
-                nn.Parameter(torch.empty(num_critics, fan_in, fan_out).uniform_(-bound, bound))
-            )
-            self.biases.append(
-                nn.Parameter(torch.empty(num_critics, 1, fan_out).uniform_(-bound, bound))
-            )
         width = args.critic_hidden_sizes[0]
-        self.norm_weight = (
-            nn.Parameter(torch.ones(num_critics, 1, width)) if args.layer_norm else None
-        )
-        self.norm_bias = (
-            nn.Parameter(torch.zeros(num_critics, 1, width)) if args.layer_norm else None
-        )
+        self.obs_layer = nn.Linear(obs_dim, width)
+        self.action_layer = nn.Linear(action_dim, width, bias=False)
+        bound = (obs_dim + action_dim) ** -0.5  # nn.Linear's initialisation of the joint layer
+        for p in (*self.obs_layer.parameters(), self.action_layer.weight):
+            nn.init.uniform_(p, -bound, bound)
+        self.norm = nn.LayerNorm(width) if args.layer_norm else nn.Identity()
         self.act = ACTIVATIONS[args.activation]()
+        self.body = mlp(width, args.critic_hidden_sizes[1:], args.activation, False)
+        self.head = nn.Linear(args.critic_hidden_sizes[-1], 1)
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([obs, actions], dim=-1)  # [B, O + A]
-        x = torch.baddbmm(self.biases[0], x.expand(len(self.biases[0]), *x.shape), self.weights[0])
-        if self.norm_weight is not None:  # [E, B, H]
-            x = F.layer_norm(x, x.shape[-1:]) * self.norm_weight + self.norm_bias
-        for w, b in zip(self.weights[1:-1], self.biases[1:-1]):
-            x = torch.baddbmm(b, self.act(x), w)  # [E, B, H]
-        # The output layer as multiply-and-sum: a bmm with one output column has a slow
-        # backward on the CPU (an outer product done as a matmul of inner size 1).
-        return (self.act(x) * self.weights[-1].transpose(1, 2)).sum(-1) + self.biases[-1].squeeze(
-            -1
-        )  # [E, B]
-
-    def score(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Q(s, a_j) [N, M] of the first critic for M actions per state (obs [N, O], actions
-        [N, M, A] as the critic takes them), all in one pass."""
-        num = actions.shape[1]
-        obs = obs.unsqueeze(1).expand(-1, num, -1)
-        return self(obs.flatten(0, 1), actions.flatten(0, 1))[0].view(-1, num)
+        x = self.action_layer(actions).add_(self.obs_layer(obs))  # broadcast: [N, M, H] or [B, H]
+        return self.head(self.body(self.act(self.norm(x)))).squeeze(-1)  # [N, M] or [B]
 
 
 class LatentModel(nn.Module):
@@ -853,12 +849,12 @@ def kl_penalty(
 def q_target(
     rewards: torch.Tensor, terminated: torch.Tensor, next_q: torch.Tensor, gamma: float
 ) -> torch.Tensor:
-    """y = r_t + gamma (1 - terminated_t) mean_k Qbar(s_{t+1}, a_k), a_k ~ pi^(i)(.|s_{t+1}).
+    """y = r_t + gamma (1 - terminated_t) mean_k Q'(s_{t+1}, a_k), a_k ~ pi^(i)(.|s_{t+1}).
 
     [TreePI eq. 6, L_Q]: the TD target with the expectation over pi^(i) estimated by samples.
     A truncated episode still bootstraps: only `terminated` masks. The tree backs up the same
     quantity, Q[parent, a] = r + gamma (1 - terminated) V(child) (`search`).
-    Shapes: rewards, terminated [...]; next_q [..., K]; returns [...].
+    Shapes: rewards, terminated [...]; next_q [..., M]; returns [...].
     """
     return rewards + gamma * (1.0 - terminated) * next_q.mean(-1)
 
@@ -882,7 +878,7 @@ class Tree(NamedTuple):
 
     states: torch.Tensor  # [B, C, S] node states s
     actions: torch.Tensor  # [B, C, M, A] actions a^{1:M} ~ pi^(i)(.|s) of each node
-    q: np.ndarray  # [B, C, M] Q-hat[s, a^j]: Qbar(s, a^j) at insertion, then r + gamma V(child)
+    q: np.ndarray  # [B, C, M] Q-hat[s, a^j]: Q'(s, a^j) at insertion, then r + gamma V(child)
     rewards: np.ndarray  # [B, C] r of the transition from the parent into the node
     discounts: np.ndarray  # [B, C] gamma (1 - terminated) of that transition
     parent: np.ndarray  # [B, C] parent node (-1 for the root)
@@ -1041,7 +1037,7 @@ def run_search(
     def propose(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = model.features(states).to(device)  # [n, X]
         actions, _ = actor_target.candidates(actor_target(x), args.num_samples)  # [n, M, A]
-        return actions, critic_target.score(x, actor_target.critic_input(actions))  # [n, M]
+        return actions, critic_target(x.unsqueeze(1), actor_target.critic_input(actions))
 
     return search(roots, propose, model.step, args.num_rollouts, args.depth, args.eta, args.gamma)
 
@@ -1097,11 +1093,11 @@ def update(
     with torch.no_grad():
         next_flat = next_states.flatten(0, 1)
         next_actions, _ = actor_target.candidates(actor_target(next_flat), args.num_samples)
-        next_q = critic_target.score(next_flat, actor_target.critic_input(next_actions))
+        next_q = critic_target(next_flat.unsqueeze(1), actor_target.critic_input(next_actions))
         target = q_target(
             batch.rewards, batch.terminated, next_q.view(*valid.shape, -1), args.gamma
         )
-    q = critic(flat_states, actor_target.critic_input(batch.actions.flatten(0, 1)))[0]  # [B T]
+    q = critic(flat_states, actor_target.critic_input(batch.actions.flatten(0, 1)))  # [B T]
     q_loss = ((q.view_as(valid) - target).pow(2) * valid).sum() / count
     # E-step [TreePI Alg. 1]: a search from each root replaces MPO's softmax(Q'/eta) weights
     roots = search_roots(batch, states, simulator, args.search_states)

@@ -86,7 +86,7 @@ def main() -> None:
                 if simulator is None and i > 0:
                     model.step(roots, actions[:, 0])
                 a, _ = actor.candidates(actor(x), args.num_samples)
-                critic.score(x, actor.critic_input(a))
+                critic(x.unsqueeze(1), actor.critic_input(a))
 
         def search():
             treepi.run_search(roots, model, actor, critic, args)

@@ -360,7 +360,7 @@ def test_tree_backup_and_td_target_share_reward_discount_and_termination():
     assert tree.size.tolist() == [2] * 5
     with torch.no_grad():
         next_states, rewards, logits = model.predict(roots, tree.actions[:, 0, 0])
-        next_q = agent["critic_target"](next_states, tree.actions[:, 1, 0].clamp(-1, 1))[0]
+        next_q = agent["critic_target"](next_states, tree.actions[:, 1, 0].clamp(-1, 1))
         expected = treepi.q_target(rewards, torch.sigmoid(logits), next_q[:, None], args.gamma)
     np.testing.assert_allclose(tree.q[:, 0, 0], expected.double().numpy(), rtol=1e-5, atol=1e-6)
 
