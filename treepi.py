@@ -782,7 +782,8 @@ def gaussian_log_prob(
 ) -> torch.Tensor:
     """log N(a; mean, L L^T) = -|L^-1 (a - mean)|^2 / 2 - sum_i log L_ii - A log(2 pi) / 2.
 
-    One triangular solve per state serves all M actions of that state.
+    The Gaussian policy of [MPO App. D] with Sigma = L L^T. One triangular solve per state
+    serves all M actions of that state.
     Shapes: actions [B, M, A]; mean [B, A]; scale_tril L [B, A, A] (lower triangular, positive
     diagonal); returns [B, M].
     """
@@ -826,8 +827,9 @@ def gaussian_kl_decoupled(
 def e_step_weights(q: torch.Tensor, eta: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
     """The non-parametric E-step solution on the candidates, normalised per state:
         q(a_j|s) = prior_j exp(Q(s, a_j) / eta) / sum_k prior_k exp(Q(s, a_k) / eta)
-    [MPO eq. 8 (unnumbered display of Sec. 3.2): q_i(a|s) prop. to pi(a|s, theta_i) exp(Q/eta*)].
-    Symbols as in temperature_dual. Shapes: q, log_prior [B, M]; eta scalar; returns [B, M].
+    [MPO eq. 8: q_i(a|s) proportional to pi(a|s, theta_i) exp(Q_theta_i(s, a) / eta*)].
+    Symbols: eta the temperature (alpha of [TreePI], fixed). Shapes: q, log_prior [B, M]; eta
+    scalar; returns [B, M].
     """
     return torch.softmax(q / eta + log_prior, dim=-1)
 
@@ -1082,8 +1084,8 @@ def update(
         states, next_states = latents[:, :-1], latents[:, 1:].detach()
         reward_loss = ((rewards - batch.rewards).pow(2) * valid).sum() / count  # [eq. 6] L_r
         # Deviation: a termination head, so that the tree stops where the env would
-        done = F.binary_cross_entropy_with_logits(logits, batch.terminated, reduction="none")
-        model_loss = reward_loss + (done * valid).sum() / count
+        term_loss = F.binary_cross_entropy_with_logits(logits, batch.terminated, reduction="none")
+        model_loss = reward_loss + (term_loss * valid).sum() / count
         metrics["losses/reward"] = reward_loss.detach()
     else:
         states, next_states = batch.obs, batch.next_obs
@@ -1138,14 +1140,16 @@ def update(
     with torch.no_grad():
         for log_dual in (log_alpha_mean, log_alpha_cov):
             log_dual.clamp_(min=LOG_DUAL_MIN)
-    entropy = actor.entropy(params).detach()
+    log_prior = -float(np.log(args.num_samples))
+    kl_q = (torch.xlogy(weights, weights) - weights * log_prior).sum(-1).mean()  # KL(q || pi')
     metrics.update(
         {
             "losses/q": q_loss.detach(),
             "losses/policy": policy_loss.detach(),
             "losses/dual": alpha_loss.detach(),
             "stats/q_mean": (q.detach().view_as(valid) * valid).sum() / count,
-            "stats/entropy": entropy.mean(),
+            "stats/kl_q": kl_q,
+            "stats/entropy": actor.entropy(params).detach().mean(),
         }
     )
     return metrics
@@ -1414,17 +1418,10 @@ def train(args: Args) -> dict:
     obs_dim = envs.single_observation_space.shape[0]
     # -- networks and optimizers
     agent = make_agent(args, obs_dim, envs.single_action_space, device)
-    actor, actor_target, critic, critic_target, log_alpha_mean, log_alpha_cov = (
-        agent[k]
-        for k in (
-            "actor",
-            "actor_target",
-            "critic",
-            "critic_target",
-            "log_alpha_mean",
-            "log_alpha_cov",
-        )
+    actor, actor_target, critic, critic_target = (
+        agent[k] for k in ("actor", "actor_target", "critic", "critic_target")
     )
+    log_alpha_mean, log_alpha_cov = (agent[k] for k in ("log_alpha_mean", "log_alpha_cov"))
     model = agent.get("model")  # None with --model true
     # fused Adam: one kernel per step for all parameters instead of several per tensor
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, fused=True)

@@ -594,3 +594,70 @@ def test_parallel_rollout_path_equals_the_single_thread_loop():
     actions = torch.rand(6, 3, generator=torch.Generator().manual_seed(5)) * 2.4 - 1.2
     for a, b in zip(single.step(roots, actions), parallel.step(roots, actions)):
         assert torch.equal(a, b)
+
+
+# -- learning and planning ----------------------------------------------------------------
+def test_true_model_search_improves_on_the_untrained_policy():
+    """[TreePI Sec. 6.2] With the true model the search alone improves on pi: on
+    HalfCheetah-v5 (reward: forward velocity - control cost) with untrained networks and Q' set
+    to 0, the greedy search (K = 4, M = 8, N = 12: up to three steps of true rewards) earns
+    more over 40 steps than pi's greedy action. Seed 0; threshold: the search's return exceeds
+    pi's by 10 (measured at N = 16, 60 steps: +37 against -37)."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    args = treepi.Args(
+        env="HalfCheetah-v5",
+        model="true",
+        act="search",
+        num_samples=8,
+        depth=4,
+        num_rollouts=12,
+        policy_hidden_sizes=(16,),
+        critic_hidden_sizes=(16,),
+    )
+    env = make_env(args.env)
+    agent = treepi.make_agent(args, 17, env.action_space, torch.device("cpu"))
+    with torch.no_grad():
+        agent["critic_target"].head.weight.zero_()
+        agent["critic_target"].head.bias.zero_()
+    simulator = Simulator(args.env, 1)
+    search_act = treepi.policy_fn(agent, simulator, args, env)
+    args_pi = treepi.Args(**{**vars(args), "act": "policy"})
+    policy_act = treepi.policy_fn(agent, simulator, args_pi, env)
+
+    def episode_return(act, seed: int) -> float:
+        obs, _ = env.reset(seed=seed)
+        total = 0.0
+        for _ in range(40):
+            obs, reward, _, _, _ = env.step(act(obs))
+            total += float(reward)
+        return total
+
+    assert episode_return(search_act, 0) > episode_return(policy_act, 0) + 10
+
+
+def test_learns_to_hold_the_pendulum(log_dir):
+    """TreePI/pi with the learned model. Budget: 1200 env steps of InvertedPendulum-v5 (300
+    before learning), 32-wide networks, batch 32 x 4 steps, searches of 8 states with K = 4,
+    M = 10, N = 8, seed 1, about a minute. Threshold: the final greedy evaluation (5 episodes)
+    reaches >= 30 steps upright; the untrained policy manages about 5 (measured: 1500 steps
+    gave 97)."""
+    args = small_args(
+        log_dir,
+        total_steps=1200,
+        learning_starts=300,
+        model_sizes=(32, 32),
+        policy_hidden_sizes=(32, 32),
+        critic_hidden_sizes=(32, 32),
+        batch_size=32,
+        snippet_length=4,
+        num_samples=10,
+        depth=4,
+        num_rollouts=8,
+        search_states=8,
+        eval_episodes=5,
+        log_every=300,
+        checkpoint_every=0,
+    )
+    out = treepi.train(args)
+    assert out["eval_return"] >= 30
