@@ -164,8 +164,8 @@ class Args:
     (TreePI/search); evaluation uses the greedy form of the same rule."""
     # Networks [TreePI Table 1, App. B]
     model_sizes: tuple[int, ...] = (64, 64)
-    """Layer sizes of the encoder and of the transition; the last is the latent size
-    (paper: 256 256, Table 1's 256-LN-256; 64 wide keeps a CPU update near 50 ms)."""
+    """Layer sizes of the encoder and of the transition; the last is the latent size (paper:
+    256 256, Table 1's 256-LN-256; 64 wide for a CPU: an update is about 4x cheaper)."""
     policy_hidden_sizes: tuple[int, ...] = (64, 64, 64)
     """Hidden layer sizes of the policy (paper: 256 256 256, Table 1's 256-LN-256-256)."""
     critic_hidden_sizes: tuple[int, ...] = (64, 64, 64)
@@ -179,7 +179,8 @@ class Args:
     ([TreePI] App. B: diagonal)."""
     # Replay [TreePI Sec. 5, Table 1]
     buffer_size: int = 2_000_000
-    """Replay capacity in transitions [TreePI Table 1: 2e6]."""
+    """Replay capacity in transitions [TreePI Table 1: 2e6]; memory is taken for no more than
+    total_steps of them."""
     batch_size: int = 64
     """Snippets per gradient step (paper: 256, Table 1; 64 for a CPU)."""
     snippet_length: int = 5
@@ -359,29 +360,33 @@ class EpisodeStats:
 # over a batch of (qpos before, qpos after, qvel after, action) and reading the env's own weights.
 # They restate each env's step() (gymnasium 1.4 source); tests compare them with env.step.
 # Envs not listed here are stepped through their own step() from a restored state instead.
-def _forward_velocity(env, qpos0: np.ndarray, qpos: np.ndarray) -> np.ndarray:
+Array = np.ndarray  # [n, ...] batches of states or actions
+Outcome = tuple[np.ndarray, np.ndarray, np.ndarray]  # observations, rewards, terminated
+
+
+def _forward_velocity(env: gym.Env, qpos0: Array, qpos: Array) -> Array:
     return (qpos[:, 0] - qpos0[:, 0]) / env.dt
 
 
-def _ctrl_cost(env, actions: np.ndarray) -> np.ndarray:
+def _ctrl_cost(env: gym.Env, actions: Array) -> Array:
     return env._ctrl_cost_weight * np.square(actions).sum(1)
 
 
-def _half_cheetah(env, qpos0, qpos, qvel, actions):
+def _half_cheetah(env: gym.Env, qpos0: Array, qpos: Array, qvel: Array, actions: Array) -> Outcome:
     reward = env._forward_reward_weight * _forward_velocity(env, qpos0, qpos)
     position = qpos[:, 1:] if env._exclude_current_positions_from_observation else qpos
     obs = np.concatenate([position, qvel], 1)
     return obs, reward - _ctrl_cost(env, actions), np.zeros(len(qpos), dtype=bool)
 
 
-def _swimmer(env, qpos0, qpos, qvel, actions):
+def _swimmer(env: gym.Env, qpos0: Array, qpos: Array, qvel: Array, actions: Array) -> Outcome:
     reward = env._forward_reward_weight * _forward_velocity(env, qpos0, qpos)
     position = qpos[:, 2:] if env._exclude_current_positions_from_observation else qpos
     obs = np.concatenate([position, qvel], 1)
     return obs, reward - _ctrl_cost(env, actions), np.zeros(len(qpos), dtype=bool)
 
 
-def _hopper_walker(env, qpos0, qpos, qvel, actions):
+def _hopper_walker(env: gym.Env, qpos0: Array, qpos: Array, qvel: Array, actions: Array) -> Outcome:
     z, angle = qpos[:, 1], qpos[:, 2]
     healthy = (env._healthy_z_range[0] < z) & (z < env._healthy_z_range[1])
     healthy &= (env._healthy_angle_range[0] < angle) & (angle < env._healthy_angle_range[1])
@@ -396,7 +401,9 @@ def _hopper_walker(env, qpos0, qpos, qvel, actions):
     return obs, reward, ~healthy & env._terminate_when_unhealthy
 
 
-def _inverted_pendulum(env, qpos0, qpos, qvel, actions):
+def _inverted_pendulum(
+    env: gym.Env, qpos0: Array, qpos: Array, qvel: Array, actions: Array
+) -> Outcome:
     obs = np.concatenate([qpos, qvel], 1)
     terminated = ~np.isfinite(obs).all(1) | (np.abs(obs[:, 1]) > 0.2)
     return obs, (~terminated).astype(np.float64), terminated
