@@ -448,7 +448,7 @@ class Simulator:
         self.action_scale, self.action_bias = (high - low) / 2, (high + low) / 2
         entry = f"{type(env).__module__}:{type(env).__name__}"
         self.outcome = FAST_ENVS.get(entry)
-        self.datas = [mujoco.MjData(self.mj_model) for _ in range(threads)]  # one per thread
+        self.thread_data = [mujoco.MjData(self.mj_model) for _ in range(threads)]  # one per thread
         self.state_size = mujoco.mj_stateSize(self.mj_model, STATE_SPEC)
         start = mujoco.mj_stateSize(self.mj_model, mujoco.mjtState.mjSTATE_TIME)
         self.qpos = slice(start, start + self.mj_model.nq)
@@ -472,15 +472,15 @@ class Simulator:
         physics = states[:, self.obs_dim :].cpu().numpy()  # [n, P]
         # the env's action [n, A], float32 as the training loop passes it to env.step
         acts = (actions.cpu().clamp(-1.0, 1.0) * self.action_scale + self.action_bias).numpy()
-        if self.outcome is not None and len(self.datas) > 1:
+        if self.outcome is not None and len(self.thread_data) > 1:
             control = np.repeat(acts[:, None].astype(np.float64), self.env.frame_skip, axis=1)
             # [n, frame_skip, P]: the state after each mj_step; the last one ends the env step
             trajectory, _ = mujoco.rollout.rollout(
-                self.mj_model, self.datas, physics, control, persistent_pool=True
+                self.mj_model, self.thread_data, physics, control, persistent_pool=True
             )
             next_physics = trajectory[:, -1]
         elif self.outcome is not None:
-            next_physics, data = np.empty_like(physics), self.datas[0]
+            next_physics, data = np.empty_like(physics), self.thread_data[0]
             for i in range(len(physics)):
                 mujoco.mj_setState(self.mj_model, data, physics[i], STATE_SPEC)
                 data.qacc_warmstart[:] = 0.0  # as a fresh rollout: independent of the last row

@@ -101,7 +101,9 @@ def main() -> None:
 
             def rollout():
                 for _ in range(n - 1):
-                    mujoco.rollout.rollout(model.mj_model, model.datas, physics_rows, controls)
+                    mujoco.rollout.rollout(
+                        model.mj_model, model.thread_data, physics_rows, controls
+                    )
 
             def mj_step():
                 for _ in range(n - 1):
