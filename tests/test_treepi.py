@@ -419,6 +419,67 @@ def test_latent_unroll_is_causal_and_matches_stepwise_predictions():
     assert not torch.allclose(states2[:, 4], states[:, 4])
 
 
+@pytest.mark.parametrize("epsilon_cov", [None, 1e-4])
+def test_one_update_moves_the_multipliers_of_the_bounds_it_uses(epsilon_cov):
+    """One update on random snippets. pi = pi^(i) at the start, so KL = 0 < epsilon and every
+    multiplier in use steps down (dual loss alpha (epsilon - KL)); with one bound on the whole
+    KL ([TreePI] eq. 6, epsilon_cov None) alpha_cov gets no gradient, with MPO's decoupled
+    bounds it steps too. The model, critic and policy all change."""
+    torch.manual_seed(13)
+    args = treepi.Args(
+        model_sizes=(8, 8),
+        policy_hidden_sizes=(8,),
+        critic_hidden_sizes=(8,),
+        num_samples=4,
+        depth=3,
+        num_rollouts=5,
+        search_states=3,
+        batch_size=6,
+        snippet_length=3,
+        epsilon_cov=epsilon_cov,
+    )
+    space = make_env("InvertedPendulum-v5").action_space
+    agent = treepi.make_agent(args, 4, space, torch.device("cpu"))
+    rb = treepi.SnippetReplay(20, 1, 4, 1, 0, 3, torch.device("cpu"))
+    for t in range(20):
+        rb.add(
+            obs=torch.randn(1, 4),
+            actions=torch.randn(1, 1),
+            rewards=torch.ones(1),
+            next_obs=torch.randn(1, 4),
+            terminated=torch.zeros(1),
+            ended=torch.tensor([float(t % 7 == 6)]),
+            physics=torch.zeros(1, 0),
+        )
+    nets = ("actor", "critic", "model")
+    before = {k: [p.detach().clone() for p in agent[k].parameters()] for k in nets}
+    duals = [agent["log_alpha_mean"], agent["log_alpha_cov"]]
+    opts = [
+        torch.optim.Adam(agent["actor"].parameters(), lr=1e-3),
+        torch.optim.Adam([*agent["critic"].parameters(), *agent["model"].parameters()], lr=1e-3),
+        torch.optim.Adam(duals, lr=0.01),
+    ]
+    metrics = treepi.update(
+        agent["actor"],
+        agent["actor_target"],
+        agent["critic"],
+        agent["critic_target"],
+        agent["model"],
+        None,
+        *opts,
+        *duals,
+        rb.sample(args.batch_size),
+        args,
+    )
+    assert metrics["stats/kl_mean"].item() == pytest.approx(0.0, abs=1e-6)
+    assert agent["log_alpha_mean"].item() == pytest.approx(-0.01, abs=1e-4)  # Adam: one lr step
+    expected_cov = 0.0 if epsilon_cov is None else -0.01
+    assert agent["log_alpha_cov"].item() == pytest.approx(expected_cov, abs=1e-4)
+    assert ("stats/kl_cov" in metrics) == (epsilon_cov is not None)
+    for k in nets:
+        assert any(not torch.equal(a, b) for a, b in zip(before[k], agent[k].parameters()))
+
+
 # -- storage and end to end ---------------------------------------------------------------
 def test_snippets_never_cross_an_episode_end(log_dir):
     """Counting env, 2 envs: in every sampled snippet the valid steps are consecutive steps of
