@@ -13,6 +13,8 @@ raw / search (1 = the search costs no more than what it calls).
 
     python benchmarks/treepi_speed.py --model learned --roots 1 16 64
     python benchmarks/treepi_speed.py --model true --env HalfCheetah-v5 --roots 1 16 64
+    python benchmarks/treepi_speed.py --roots 16 64 --flags="--num-rollouts 100 --model-sizes
+        256 256 --policy-hidden-sizes 256 256 256 --critic-hidden-sizes 256 256 256"
 """
 
 import argparse
@@ -45,10 +47,11 @@ def main() -> None:
     parser.add_argument("--env", default="HalfCheetah-v5")
     parser.add_argument("--roots", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--flags", nargs="*", default=[], help="treepi.py flags, e.g. --depth 5")
+    parser.add_argument("--flags", default="", help='treepi.py flags, e.g. --flags="--depth 5"')
     cli = parser.parse_args()
     torch.set_num_threads(1)
-    args = treepi.tyro.cli(treepi.Args, args=["--env", cli.env, "--model", cli.model, *cli.flags])
+    flags = ["--env", cli.env, "--model", cli.model, *cli.flags.split()]
+    args = treepi.tyro.cli(treepi.Args, args=flags)
     env = treepi.make_env(cli.env)
     obs_dim = env.observation_space.shape[0]
     agent = treepi.make_agent(args, obs_dim, env.action_space, torch.device("cpu"))
