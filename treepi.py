@@ -8,8 +8,8 @@ References:
     [MPO] Abdolmaleki, Springenberg, Tassa, Munos, Heess, Riedmiller 2018, "Maximum a Posteriori
         Policy Optimisation": the sampled-action E-step that TreePI recovers at depth 1, and the
         KL-bounded M-step; this file shares mpo.py's code and names for both.
-    [ACME] Hoffman et al. 2020, acme/jax/losses/mpo.py: the dual learning rate and clamp, the
-        clipped critic input (as in mpo.py).
+    [ACME] Hoffman et al. 2020, acme/jax/losses/mpo.py: the softplus duals, their learning rate
+        and clamp, the clipped critic input (as in mpo.py).
 
 Names: mpo.py's names hold for the shared policy machinery, so the paper's symbols map as
     alpha (search temperature, fixed)  -> eta          (MPO's temperature)
@@ -85,6 +85,9 @@ Deviations from the paper:
       `learning_starts` only delays the gradient steps.
     - The latent states of the TD target come from the online model (no gradient); only the Q
       head has a target copy (eq. 6's phi'_Q), and every loss trains the representation.
+    - The multiplier of eq. 6 (alpha_mean) is softplus of a parameter that takes Adam steps at
+      --dual-lr and is clamped below, as in mpo.py and ACME; the paper says only that it is
+      optimised "via gradient descent / ascent" with the other parameters.
 """
 
 # == 1. Imports ========================================================================
@@ -225,11 +228,14 @@ class Args:
     """Bound on the covariance part of KL(pi^(i) || pi) (None: one bound on the whole KL, as
     [TreePI] eq. 6; a value: MPO's decoupled bounds, [TreePI] Table 2's MPO uses 1e-4)."""
     dual_lr: float = 1e-2
-    """Adam learning rate of log alpha_mean and log alpha_cov (paper: not given; ACME)."""
+    """Adam learning rate of the dual parameters log_alpha_mean and log_alpha_cov (paper: not
+    given; ACME)."""
     alpha_mean_init: float = 1.0
-    """Initial multiplier alpha_mean of the (whole or mean) KL bound: eta of [TreePI] eq. 6."""
-    alpha_cov_init: float = 1.0
-    """Initial multiplier alpha_cov of the covariance KL bound."""
+    """Initial multiplier alpha_mean of the (whole or mean) KL bound: eta of [TreePI] eq. 6
+    (paper: not given; ACME: 10)."""
+    alpha_cov_init: float = 100.0
+    """Initial multiplier alpha_cov of the covariance KL bound (ACME: 1000): large, so that the
+    small epsilon_cov holds from the start; it then falls while the bound is slack."""
 
 
 def check_args(args: Args) -> None:
@@ -784,6 +790,10 @@ class SnippetReplay:
 
 
 # == 6. Algorithm ======================================================================
+DUAL_MIN = 1e-8  # added to softplus in dual_variable, so that eta and alpha stay positive (ACME)
+LOG_DUAL_MIN = -18.0  # lower clamp of the dual parameters after each step (ACME's clamp)
+
+
 def gaussian_log_prob(
     actions: torch.Tensor, mean: torch.Tensor, scale_tril: torch.Tensor
 ) -> torch.Tensor:
@@ -839,6 +849,17 @@ def e_step_weights(q: torch.Tensor, eta: torch.Tensor, log_prior: torch.Tensor) 
     scalar; returns [B, M].
     """
     return torch.softmax(q / eta + log_prior, dim=-1)
+
+
+def dual_variable(log_dual: torch.Tensor) -> torch.Tensor:
+    """A positive dual variable (eta, alpha_mean, alpha_cov) from its parameter:
+        eta = softplus(log_eta) + DUAL_MIN
+    as in [ACME], which also calls the parameters log_* though softplus, not exp, maps them.
+    A multiplier then grows at most linearly while its bound is violated; with exp it grows
+    exponentially (alpha_cov reached 1e23 on HalfCheetah-v5 here, and Adam's second moment of
+    its gradient overflowed to inf, freezing it). Shapes: any; returns the same shape.
+    """
+    return F.softplus(log_dual) + DUAL_MIN
 
 
 def kl_penalty(
@@ -1029,9 +1050,6 @@ def root_weights(tree: Tree, eta: float) -> torch.Tensor:
 
 
 # == 7. Updates ========================================================================
-LOG_DUAL_MIN = -18.0  # lower clamp of log eta and log alpha after each step (ACME's clamp)
-
-
 @torch.no_grad()
 def run_search(
     roots: torch.Tensor,
@@ -1125,7 +1143,7 @@ def update(
     kl_mean, kl_cov = actor.kl_terms(params_old, params)  # [n_valid] each
     if args.epsilon_cov is None:  # [TreePI eq. 6] one bound on the whole KL
         kl_mean, kl_cov = kl_mean + kl_cov, None
-    alpha_mean, alpha_cov = log_alpha_mean.exp(), log_alpha_cov.exp()
+    alpha_mean, alpha_cov = dual_variable(log_alpha_mean), dual_variable(log_alpha_cov)
     penalty, alpha_loss = kl_penalty(kl_mean, alpha_mean, args.epsilon_mean)
     metrics.update(
         {"stats/kl_mean": kl_mean.detach().mean(), "stats/alpha_mean": alpha_mean.detach()}
@@ -1316,7 +1334,9 @@ def make_agent(
     critic_target.requires_grad_(False)
 
     def log_dual(init: float) -> torch.Tensor:
-        return torch.tensor(float(np.log(init)), device=device, requires_grad=True)
+        """The parameter whose dual_variable is init: the inverse softplus, written stably."""
+        value = max(init - DUAL_MIN, DUAL_MIN)
+        return torch.tensor(value + np.log(-np.expm1(-value)), device=device, requires_grad=True)
 
     agent = {
         "actor": actor,
