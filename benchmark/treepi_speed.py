@@ -11,9 +11,9 @@ a shared machine's load hits both sides alike:
 and reports roots searched per second, model transitions per second, and the ratios
 raw / search (1 = the search costs no more than what it calls).
 
-    python benchmarks/treepi_speed.py --model learned --roots 1 16 64
-    python benchmarks/treepi_speed.py --model true --env HalfCheetah-v5 --roots 1 16 64
-    python benchmarks/treepi_speed.py --roots 16 64 --flags="--num-rollouts 100 --model-sizes
+    python benchmark/treepi_speed.py --model learned --roots 1 16 64
+    python benchmark/treepi_speed.py --model true --env HalfCheetah-v5 --roots 1 16 64
+    python benchmark/treepi_speed.py --roots 16 64 --flags="--num-rollouts 100 --model-sizes
         256 256 --policy-hidden-sizes 256 256 256 --critic-hidden-sizes 256 256 256"
 """
 
