@@ -11,7 +11,6 @@ Runs go `--jobs` at a time, each niced; a script found in none of --script-dirs 
 """
 
 import argparse
-import glob
 import os
 import subprocess
 import sys

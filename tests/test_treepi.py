@@ -412,6 +412,7 @@ def test_latent_unroll_is_causal_and_matches_stepwise_predictions():
         s, r, logit = model.predict(s, actions[:, t])
         torch.testing.assert_close(states[:, t + 1], s)
         torch.testing.assert_close(rewards[:, t], r)
+        torch.testing.assert_close(logits[:, t], logit)
     changed = actions.clone()
     changed[:, 3] += 1.0
     states2, rewards2, _ = model.unroll(obs, changed)
