@@ -11,6 +11,7 @@ Runs go `--jobs` at a time, each niced; a script found in none of --script-dirs 
 """
 
 import argparse
+import glob
 import os
 import subprocess
 import sys
@@ -28,6 +29,10 @@ ALGOS = {
     "MPO": ("mpo.py", []),
     "SAC": ("sac.py", []),
 }
+
+
+def algo_dir(log_dir: str, name: str) -> str:
+    return os.path.join(log_dir, name.replace("/", "_").replace("+", "_"))
 
 
 def eval_curve(run_dir: str) -> dict[int, float]:
@@ -50,13 +55,16 @@ def main() -> None:
     parser.add_argument("--eval-episodes", type=int, default=5)
     parser.add_argument("--search-eval-episodes", type=int, default=3, help="TreePI/search only")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument(
+        "--table-only", action="store_true", help="only print the table of the runs in --log-dir"
+    )
     parser.add_argument("--log-dir", default="runs/compare")
     parser.add_argument(
         "--script-dirs", nargs="+", default=[ROOT], help="where to look for each script, in order"
     )
     cli = parser.parse_args()
-    queue, runs = [], {}
-    for name in cli.algos:
+    queue = []
+    for name in [] if cli.table_only else cli.algos:
         script, flags = ALGOS[name]
         found = [os.path.join(d, script) for d in cli.script_dirs]
         found = [p for p in found if os.path.exists(p)]
@@ -66,7 +74,6 @@ def main() -> None:
         path = found[0]
         episodes = cli.search_eval_episodes if "--act" in flags else cli.eval_episodes
         for seed in cli.seeds:
-            log_dir = os.path.join(cli.log_dir, name.replace("/", "_").replace("+", "_"))
             argv = [
                 *("nice", "-n", "10", sys.executable, path, *flags),
                 *("--env", cli.env, "--seed", str(seed), "--threads", "1"),
@@ -74,7 +81,7 @@ def main() -> None:
                 *("--learning-starts", str(cli.learning_starts)),
                 *("--eval-every", str(cli.eval_every), "--eval-episodes", str(episodes)),
                 *("--log-every", str(cli.eval_every), "--checkpoint-every", "0"),
-                *("--log-dir", log_dir),
+                *("--log-dir", algo_dir(cli.log_dir, name)),
             ]
             queue.append((name, seed, argv))
     running = []
@@ -96,10 +103,15 @@ def main() -> None:
             run_dir = lines[-1].split("| run ")[-1] if lines else None
             minutes = (time.perf_counter() - start) / 60
             print(f"{name} seed {seed}: exit {proc.returncode}, {minutes:.1f} min, {run_dir}")
-            if run_dir is not None:
-                runs.setdefault(name, []).append(eval_curve(run_dir))
+    # every run under log_dir that reached --total-steps: separate invocations make one table
+    runs = {}
+    for name in cli.algos:
+        for run_dir in sorted(glob.glob(os.path.join(algo_dir(cli.log_dir, name), "*", ""))):
+            curve = eval_curve(run_dir)
+            if curve and max(curve) >= cli.total_steps:
+                runs.setdefault(name, []).append(curve)
     steps = sorted({s for curves in runs.values() for curve in curves for s in curve})
-    print(f"\n{cli.env}: eval return, mean ± standard error over seeds {cli.seeds}")
+    print(f"\n{cli.env}: eval return by env step, mean ± standard error over seeds")
     print("| algorithm | " + " | ".join(str(s) for s in steps) + " |")
     print("| --- |" + " --- |" * len(steps))
     for name, curves in runs.items():
