@@ -11,6 +11,7 @@ import torch
 from torch.distributions import Categorical, Normal, kl_divergence
 
 from trpo import (
+    CG_RESIDUAL_TOL,
     Actor,
     Args,
     Simulator,
@@ -124,8 +125,14 @@ def test_conjugate_gradient_solves_random_spd_system():
     a = m @ m.T + 0.5 * torch.eye(30, dtype=torch.float64)  # SPD, condition number ~ 1e3
     b = torch.randn(30, generator=gen, dtype=torch.float64)
     x = conjugate_gradient(lambda v: a @ v, b, iters=60)
-    # exact in at most 30 steps in exact arithmetic; float64 rounding leaves ~1e-10
-    torch.testing.assert_close(x, torch.linalg.solve(a, b), rtol=1e-8, atol=1e-8)
+    # CG stops once |b - A x|^2 < CG_RESIDUAL_TOL, so the guarantee is on the residual, and
+    # through it on the error: |x - x*| <= |A x - b| / lambda_min(A). How far below the
+    # threshold the last step lands depends on the BLAS's rounding, so only the bound is tested.
+    residual = (a @ x - b).norm()
+    assert residual**2 <= 1.01 * CG_RESIDUAL_TOL
+    error = (x - torch.linalg.solve(a, b)).norm()
+    assert error <= 1.01 * CG_RESIDUAL_TOL**0.5 / torch.linalg.eigvalsh(a)[0]
+    assert error < 1e-4 * torch.linalg.solve(a, b).norm()
     # 10 iterations (the paper's) on a well-conditioned system already solve it closely
     a_easy = torch.eye(30, dtype=torch.float64) + 0.05 * (m @ m.T) / 30
     x10 = conjugate_gradient(lambda v: a_easy @ v, b, iters=10)
