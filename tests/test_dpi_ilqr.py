@@ -135,30 +135,22 @@ def test_fit_dynamics_recovers_a_synthetic_linear_gaussian_system():
     points = torch.cat([s, a, s_next], 2)
     mask = torch.ones(steps, n, dtype=torch.bool)
     d = points.shape[2]
-    fit = fit_dynamics(
-        points,
-        mask,
-        torch.zeros(steps, d, dtype=F64),
-        torch.zeros(steps, d, d, dtype=F64),
-        0.0,
-        1e-6,
-        obs_dim,
-    )
+
+    def fit_without_prior(pts):  # no prior mean/covariance, no prior weight, ridge 1e-6
+        zeros_mean, zeros_cov = (
+            torch.zeros(steps, d, dtype=F64),
+            torch.zeros(steps, d, d, dtype=F64),
+        )
+        return fit_dynamics(pts, mask, zeros_mean, zeros_cov, 0.0, 1e-6, obs_dim)
+
+    fit = fit_without_prior(points)
     # standard errors: noise std 0.1 / sqrt(20000) ~ 7e-4 per coefficient
     torch.testing.assert_close(fit.F, dynamics.F, atol=5e-3, rtol=0)
     torch.testing.assert_close(fit.f, dynamics.f, atol=5e-3, rtol=0)
     torch.testing.assert_close(fit.cov, dynamics.cov, atol=5e-4, rtol=0)  # entries ~1e-2
     # the same data in units 1e4 times larger (inputs of variance ~1e-8, as once pi_n has
     # converged): the same A, B; an absolute ridge of 1e-6 would shrink them by half
-    small = fit_dynamics(
-        points * 1e-4,
-        mask,
-        torch.zeros(steps, d, dtype=F64),
-        torch.zeros(steps, d, d, dtype=F64),
-        0.0,
-        1e-6,
-        obs_dim,
-    )
+    small = fit_without_prior(points * 1e-4)
     torch.testing.assert_close(small.F, fit.F, atol=1e-5, rtol=0)
 
 
