@@ -643,7 +643,7 @@ def load_checkpoint(path: str, env: str | None = None, device: str | torch.devic
         raise UsageError(f"checkpoint not found: {path}")
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (whatever makes the file unreadable: one clear line)
         raise UsageError(f"cannot read checkpoint {path}: {type(e).__name__}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(

@@ -96,13 +96,12 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import gymnasium as gym
+import mujoco
 import numpy as np
 import torch
-import torch.nn as nn
 import tyro
+from torch import nn
 from torch.utils.tensorboard import SummaryWriter
-
-import mujoco
 
 ALGO = "dpi_ilqr"
 CHECKPOINT_FORMAT = 1
@@ -295,9 +294,9 @@ def make_eval_env(env_id: str, video_dir: str | None, episodes: int) -> gym.Env:
     try:
         env.reset(seed=0)
         env.render()  # fails here without a GL backend
-        trigger = lambda episode: episode % episodes == 0  # noqa: E731
+        trigger = lambda episode: episode % episodes == 0
         return gym.wrappers.RecordVideo(env, video_dir, episode_trigger=trigger, name_prefix="eval")
-    except Exception as e:  # no GL backend, moviepy missing, ...
+    except Exception as e:  # noqa: BLE001 (no GL backend, moviepy missing, ...)
         print(f"video capture disabled: {type(e).__name__}: {e}".splitlines()[0], flush=True)
         env.close()
         return make_env(env_id)
@@ -353,7 +352,7 @@ def lq_matrices(mass: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
 class LinearQuadraticEnv(gym.Env):
     """x' = A x + B u + w, w ~ N(0, LQ_NOISE_STD^2 I); reward -(x'Qx + u'Ru); no termination."""
 
-    metadata = {"render_modes": []}
+    metadata = {"render_modes": []}  # noqa: RUF012 (gymnasium.Env convention)
 
     def __init__(self, mass: float = 1.0, render_mode: str | None = None):
         self.a, self.b = lq_matrices(mass)
@@ -1392,7 +1391,7 @@ def load_checkpoint(path: str, env: str | None = None, device: str | torch.devic
         raise UsageError(f"checkpoint not found: {path}")
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (whatever makes the file unreadable: one clear line)
         raise UsageError(f"cannot read checkpoint {path}: {type(e).__name__}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(

@@ -85,8 +85,8 @@ import gymnasium as gym
 import mujoco  # the vine saves and restores MuJoCo states
 import numpy as np
 import torch
-import torch.nn as nn
 import tyro
+from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 ALGO = "trpo"
@@ -283,9 +283,9 @@ def make_eval_env(env_id: str, video_dir: str | None, episodes: int) -> gym.Env:
     try:
         env.reset(seed=0)
         env.render()  # fails here without a GL backend
-        trigger = lambda episode: episode % episodes == 0  # noqa: E731
+        trigger = lambda episode: episode % episodes == 0
         return gym.wrappers.RecordVideo(env, video_dir, episode_trigger=trigger, name_prefix="eval")
-    except Exception as e:  # no GL backend, moviepy missing, ...
+    except Exception as e:  # noqa: BLE001 (no GL backend, moviepy missing, ...)
         print(f"video capture disabled: {type(e).__name__}: {e}".splitlines()[0], flush=True)
         env.close()
         return make_env(env_id)
@@ -933,7 +933,7 @@ def load_checkpoint(path: str, env: str | None = None, device: str | torch.devic
         raise UsageError(f"checkpoint not found: {path}")
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (whatever makes the file unreadable: one clear line)
         raise UsageError(f"cannot read checkpoint {path}: {type(e).__name__}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import treepi  # noqa: E402
+import treepi
 
 
 def timed(fn, repeats: int) -> float:

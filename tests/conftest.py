@@ -23,7 +23,7 @@ class CountingEnv(gym.Env):
     transition (obs, next_obs) is consistent iff next_obs = obs + [1, 0].
     """
 
-    metadata = {"render_modes": []}
+    metadata = {"render_modes": []}  # noqa: RUF012 (gymnasium.Env convention)
 
     def __init__(self, discrete: bool = False, render_mode: str | None = None):
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)

@@ -4,7 +4,6 @@ import glob
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

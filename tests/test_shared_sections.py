@@ -33,7 +33,7 @@ SHARED = [
 ]
 EXCEPTIONS = {
     # a tabular experiment: float metrics, one line per MDP and algorithm (see its comment)
-    ("cpi_garnet.py", "Progress"),
+    ("cpi_garnet.py", "Progress")
 }
 
 
@@ -54,13 +54,13 @@ def definitions(text: str) -> dict[str, str]:
 
 def shared_args_block(text: str) -> str:
     """The shared half of Args, with the two defaults that may differ (env, total_steps) blanked."""
-    block = re.search(r"# -- shared.*?\n(.*?)    # -- algorithm", text, re.S).group(1)
+    block = re.search(r"# -- shared.*?\n(.*?)    # -- algorithm", text, re.DOTALL).group(1)
     block = re.sub(r"(\n    env: str = ).*", r"\1...", "\n" + block)
     return re.sub(r"(\n    total_steps: int = ).*", r"\1...", block)
 
 
 def shared_check_args(text: str) -> str:
-    return re.search(r"(def check_args\(.*?)    # -- algorithm", text, re.S).group(1)
+    return re.search(r"(def check_args\(.*?)    # -- algorithm", text, re.DOTALL).group(1)
 
 
 def present() -> list[str]:
@@ -88,7 +88,7 @@ def test_shared_arguments_and_checks_are_identical_to_sac(name):
 
 @pytest.mark.parametrize("name", ["sac.py", *present()])
 def test_sections_are_numbered_in_order(name):
-    banners = re.findall(r"^# == (\d+)\. ", source(os.path.join(ROOT, name)), re.M)
+    banners = re.findall(r"^# == (\d+)\. ", source(os.path.join(ROOT, name)), re.MULTILINE)
     assert [int(b) for b in banners] == list(range(1, 12))
 
 
