@@ -26,7 +26,6 @@ started again when it has none.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -210,10 +209,7 @@ def get_comparison(name: str) -> Comparison:
 
 
 def select(
-    comp: Comparison,
-    seeds: tuple[int, ...] | None,
-    envs: tuple[str, ...] | None,
-    steps: int | None,
+    comp: Comparison, seeds: tuple[int, ...] | None, envs: tuple[str, ...] | None, steps: int | None
 ) -> tuple[tuple[int, ...], tuple[str, ...], int]:
     """The comparison's seeds, envs and budget, with the command line's overrides checked."""
     for env in envs or ():
@@ -298,10 +294,10 @@ def start(run: Run, nice: int) -> tuple[subprocess.Popen, tuple[str, ...], float
     with open(os.path.join(run.dir, "run.log"), "a") as log:
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
+        niced = ("nice", "-n", str(nice)) if nice else ()
         proc = subprocess.Popen(
-            cmd, cwd=run.dir, env=env, stdout=log, stderr=subprocess.STDOUT,
-            preexec_fn=(lambda: os.nice(nice)) if nice else None,
-        )  # fmt: skip
+            niced + cmd, cwd=run.dir, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     return proc, cmd, time.time()
 
 
@@ -329,8 +325,12 @@ def run_all(runs: list[Run], jobs: int, nice: int = 0, status_every: float = 5.0
                 wall = time.time() - began
                 if code == 0:
                     done += 1
-                    record = dict(command=list(cmd), exit_status=0, wall_seconds=round(wall, 1),
-                                  finished=time.strftime("%Y-%m-%dT%H:%M:%S"))  # fmt: skip
+                    record = {
+                        "command": list(cmd),
+                        "exit_status": 0,
+                        "wall_seconds": round(wall, 1),
+                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    }
                     with open(os.path.join(run.dir, "done.json"), "w") as f:
                         json.dump(record, f, indent=2)
                     print(f"done    {name_of(run)} in {wall / 60:.1f} min", flush=True)
@@ -343,7 +343,7 @@ def run_all(runs: list[Run], jobs: int, nice: int = 0, status_every: float = 5.0
             now = time.time()
             if running and (counts != last_counts or now - last_status >= status_every):
                 percent = ", ".join(
-                    f"{name_of(r)} {100 * last_step(os.path.join(r.dir, 'run.log')) / r.steps:.0f}%"
+                    f"{name_of(r)} {min(100, 100 * last_step(os.path.join(r.dir, 'run.log')) / r.steps):.0f}%"
                     for r in running
                 )
                 print(f"[{time.strftime('%H:%M:%S')}] done {done} | running {len(running)} | "
@@ -380,6 +380,7 @@ def merge_events(
     the first step of the next file are dropped (they were lost when the run was interrupted
     and the resumed part logs them again), so the later file replaces them.
     """
+
     def first_wall(scalars: dict) -> float:
         walls = [ev[1] for events in scalars.values() for ev in events]
         return min(walls) if walls else float("inf")
@@ -423,7 +424,9 @@ def write_csv(runs: list[Run], path: str) -> int:
                 if not tag.startswith("charts/"):
                     continue
                 for step, wall, value in events:
-                    f.write(f"{run.variant},{run.env},{run.seed},{tag},{step},{wall:.3f},{value!r}\n")
+                    f.write(
+                        f"{run.variant},{run.env},{run.seed},{tag},{step},{wall:.3f},{value!r}\n"
+                    )
                     rows += 1
     os.replace(path + ".tmp", path)
     return rows
@@ -538,10 +541,11 @@ def summarise(data: dict, comp: Comparison, env: str, total: float) -> list[dict
         mean, lo, hi = bootstrap_ci(values)
         span = grid[-1] - grid[0]
         auc = np.trapezoid(values, grid, axis=1) / span if span > 0 else values[:, 0]
-        out.append(dict(
-            line=line, seeds=seeds, grid=grid, values=values, per_seed=per_seed, mean=mean,
-            lo=lo, hi=hi, auc=float(np.mean(auc)), sps=speed(data, line.variant, env, seeds),
-        ))  # fmt: skip
+        out.append({
+            "line": line, "seeds": seeds, "grid": grid, "values": values, "per_seed": per_seed,
+            "mean": mean, "lo": lo, "hi": hi, "auc": float(np.mean(auc)),
+            "sps": speed(data, line.variant, env, seeds),
+        })  # fmt: skip
     return out
 
 

@@ -17,7 +17,9 @@ STEPS = 384  # 6 PPO rollouts of 64 steps; SAC learns from step 100
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "benchmark", "bench.py"))
+    spec = importlib.util.spec_from_file_location(
+        "bench", os.path.join(ROOT, "benchmark", "bench.py")
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules["bench"] = module  # dataclasses and tyro resolve annotations through it
     spec.loader.exec_module(module)
@@ -68,7 +70,7 @@ def test_merge_events_lets_the_resumed_file_replace_the_lost_part(tmp_path):
     """Run A logs steps 0..10, is checkpointed at 5 and dies; the resumed B logs 6..15 later."""
     from torch.utils.tensorboard import SummaryWriter
 
-    for name, steps, value, wall in (("a", range(0, 11), 1.0, 1000.0), ("b", range(6, 16), 2.0, 2000.0)):  # fmt: skip
+    for name, steps, value, wall in (("a", range(11), 1.0, 1000.0), ("b", range(6, 16), 2.0, 2000.0)):  # fmt: skip
         writer = SummaryWriter(str(tmp_path / name))
         for s in steps:
             writer.add_scalar("charts/eval_return", value, s, walltime=wall + s)
@@ -139,7 +141,7 @@ def test_run_finishes_every_run(tiny):
 
 
 def test_csv_has_every_run_with_monotone_steps(tiny):
-    out, comp, _ = tiny
+    out, _, _ = tiny
     assert bench.main(["csv", "tiny", "--out", out]) == 0
     rows = read_rows(out)
     for variant, seed in itertools.product(("tiny_sac", "tiny_ppo"), ("1", "2")):
@@ -172,12 +174,14 @@ def test_second_run_starts_no_process(tiny, monkeypatch):
 
     monkeypatch.setattr(bench.subprocess, "Popen", no_popen)
     assert bench.main(["run", "tiny", "--out", out]) == 0
-    assert mtimes == [os.path.getmtime(os.path.join(r.dir, "done.json")) for r in runs_of(out, comp)]
+    assert mtimes == [
+        os.path.getmtime(os.path.join(r.dir, "done.json")) for r in runs_of(out, comp)
+    ]
 
 
 def test_unfinished_run_without_resume_file_starts_over(tiny):
     out, comp, _ = tiny
-    run = [r for r in runs_of(out, comp) if (r.variant, r.seed) == ("tiny_ppo", 2)][0]
+    run = next(r for r in runs_of(out, comp) if (r.variant, r.seed) == ("tiny_ppo", 2))
     os.remove(os.path.join(run.dir, "done.json"))
     for path in glob.glob(os.path.join(run.dir, "*", "resume.pt")):
         os.remove(path)
@@ -195,7 +199,7 @@ def test_interrupted_run_is_resumed_and_its_csv_has_no_duplicate_steps(tiny):
     from torch.utils.tensorboard import SummaryWriter
 
     out, comp, _ = tiny
-    run = [r for r in runs_of(out, comp) if (r.variant, r.seed) == ("tiny_sac", 1)][0]
+    run = next(r for r in runs_of(out, comp) if (r.variant, r.seed) == ("tiny_sac", 1))
     subprocess.run(["rm", "-rf", run.dir], check=True)
     os.makedirs(run.dir)
     cmd = list(run.cmd)
@@ -224,3 +228,24 @@ def test_interrupted_run_is_resumed_and_its_csv_has_no_duplicate_steps(tiny):
         assert steps == sorted(set(steps)), tag  # strictly increasing: no step twice
     eval_steps = [int(r["step"]) for r in mine if r["tag"] == "charts/eval_return"]
     assert eval_steps[0] <= 200 and eval_steps[-1] == STEPS  # both parts are there
+
+
+def test_failed_run_is_reported_and_the_command_exits_nonzero(tiny, monkeypatch, capsys):
+    """A broken variant fails (tyro rejects its flag); the finished tiny_sac run it shares with
+    the tiny comparison is not started again, and the failure's log tail is printed."""
+    out, _, _ = tiny
+    monkeypatch.setitem(bench.VARIANTS, "broken", bench.Variant("sac.py", ("--no-such-flag",)))
+    both = bench.Comparison(
+        "fails",
+        (bench.Line("SAC", "tiny_sac"), bench.Line("broken", "broken")),
+        envs=("Pendulum-v1",),
+        steps=STEPS,
+        seeds=(1,),
+    )
+    monkeypatch.setitem(bench.COMPARISONS, "fails", both)
+    assert bench.main(["run", "fails", "--out", out]) == 1
+    printed = capsys.readouterr().out
+    assert "2 runs: 1 done, 1 to run" in printed
+    assert "FAILED  broken/Pendulum-v1/seed1 (exit 2)" in printed and "no-such-flag" in printed
+    (broken,) = [r for r in bench.plan(both, (1,), both.envs, STEPS, out) if r.variant == "broken"]
+    assert not os.path.exists(os.path.join(broken.dir, "done.json"))
