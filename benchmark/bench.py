@@ -87,6 +87,16 @@ class Comparison:
     """Run one process at a time whatever --jobs says (timings must not compete)."""
     published: dict[tuple[str, str], tuple[int, float, str]] = field(default_factory=dict)
     """Quoted results: (line label, env) -> (steps, return, where it is quoted)."""
+    env_steps: dict[str, int] = field(default_factory=dict)
+    """Budgets of the envs that differ from `steps`."""
+    variant_steps: dict[str, int] = field(default_factory=dict)
+    """Budgets of the variants that differ (for `speed`, where only the rate matters)."""
+    variant_args: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Flags added to one variant's runs in this comparison only (part of the run's identity)."""
+
+    def budget(self, env: str, override: int | None = None, variant: str = "") -> int:
+        """Env steps per run: the command line's --steps, else the variant's, the env's, steps."""
+        return override or self.variant_steps.get(variant, self.env_steps.get(env, self.steps))
 
 
 VARIANTS: dict[str, Variant] = {
@@ -100,6 +110,7 @@ VARIANTS: dict[str, Variant] = {
     "mpo": Variant("mpo.py", doc="MPO"),
     "treepi_pi": Variant("treepi.py", ("--act", "policy"), doc="TreePI acting with the policy"),
     "treepi_search": Variant("treepi.py", ("--act", "search"), doc="TreePI acting by search"),
+    "treepi_depth1": Variant("treepi.py", ("--depth", "1"), doc="MPO+Predictive"),
     "trpo_single": Variant("trpo.py", doc="TRPO, single-path estimator"),
     "trpo_vine": Variant(
         "trpo.py",
@@ -112,40 +123,46 @@ VARIANTS: dict[str, Variant] = {
     "cpi_garnet": Variant("cpi_garnet.py", doc="CPI and AGGREVATED-VI on Garnet MDPs"),
 }
 
-# Budgets are placeholders for the owner to set; `--steps` overrides them.
+# Budgets are what a 2-core CPU runs in an afternoon, far below the papers'; `--steps` overrides.
+OFF_POLICY_SHORT = ("--learning-starts", "1000")  # `speed`: reach the learning phase quickly
 COMPARISONS: dict[str, Comparison] = {
     "treepi_fig1": Comparison(
-        "TreePI: acting by search vs by the policy, against MPO and SAC",
+        "TreePI/π against MPO+Predictive (TreePI at depth 1), MPO and SAC",
         (
-            Line("TreePI/search", "treepi_search"),
             Line("TreePI/π", "treepi_pi"),
+            Line("MPO+Predictive", "treepi_depth1"),
             Line("MPO", "mpo"),
             Line("SAC", "sac"),
         ),
-        envs=("Hopper-v5",),
-        steps=200_000,
+        envs=("InvertedPendulum-v5",),
+        steps=2_000,
+        extra_args=("--learning-starts", "500", "--eval-every", "500", "--eval-episodes", "5"),
         wall_clock=True,
-        paper="[TreePI] Fig. 1",
+        paper="[TreePI] Fig. 1 (TreePI/search is left out here: about 1.5 env steps/s on this CPU)",
     ),
     "mpo_vs_sac_ppo": Comparison(
         "MPO against SAC and PPO",
         (Line("MPO", "mpo"), Line("SAC", "sac"), Line("PPO", "ppo")),
         envs=("HalfCheetah-v5", "Walker2d-v5"),
-        steps=1_000_000,
-        paper="[MPO] Fig. 4 (baselines differ)",
+        steps=10_000,
+        extra_args=("--eval-every", "2500", "--eval-episodes", "5"),
+        paper="[MPO] Fig. 4 (there against DDPG, NAF, PPO and SVG; SAC is the later baseline)",
     ),
     "trpo_fig4": Comparison(
         "TRPO: single path vs vine",
         (Line("single path", "trpo_single"), Line("vine", "trpo_vine")),
         envs=("Swimmer-v5", "Hopper-v5"),
-        steps=1_000_000,
+        steps=50_000,
+        extra_args=("--eval-every", "10000", "--eval-episodes", "5"),
         paper="[TRPO] Fig. 4",
     ),
     "dpi_fig1": Comparison(
         "DPI: AGGREVATED-ILQR vs TRPO-GAE",
         (Line("AGGREVATED-ILQR", "dpi_ilqr"), Line("TRPO-GAE", "trpo_gae")),
         envs=("InvertedPendulum-v5", "Swimmer-v5"),
-        steps=200_000,
+        steps=30_000,
+        env_steps={"Swimmer-v5": 100_000},
+        extra_args=("--eval-every", "4000", "--eval-episodes", "5"),
         paper="[DPI] Fig. 1b-c",
     ),
     "cpi_fig1a": Comparison(
@@ -156,11 +173,12 @@ COMPARISONS: dict[str, Comparison] = {
         ),
         envs=("Garnet",),
         steps=500_000,
-        paper="[DPI] Fig. 1a",
+        extra_args=("--num-mdps", "4"),
+        paper="[DPI] Fig. 1a (each seed averages 4 random MDPs)",
     ),
     # cpi_garnet.py is left out: it has no MuJoCo env.
     "speed": Comparison(
-        "Speed of every algorithm on one task (one run at a time)",
+        "Speed of every algorithm on Hopper-v5 (one run at a time)",
         (
             Line("SAC", "sac"),
             Line("PPO", "ppo"),
@@ -170,7 +188,14 @@ COMPARISONS: dict[str, Comparison] = {
             Line("AGGREVATED-ILQR", "dpi_ilqr"),
         ),
         envs=("Hopper-v5",),
-        steps=20_000,
+        steps=10_000,
+        variant_steps={"mpo": 3_000, "treepi_pi": 2_000},
+        variant_args={
+            "sac": OFF_POLICY_SHORT,
+            "mpo": OFF_POLICY_SHORT,
+            "treepi_pi": OFF_POLICY_SHORT,
+        },
+        extra_args=("--log-every", "500", "--eval-every", "0", "--eval-episodes", "1"),
         seeds=(1,),
         wall_clock=True,
         serial=True,
@@ -183,7 +208,15 @@ COMPARISONS: dict[str, Comparison] = {
         ),
         envs=("HalfCheetah-v5", "Hopper-v5"),
         steps=300_000,
-        published={},  # (label, env) -> (steps, return, source); the owner fills it
+        env_steps={"Hopper-v5": 150_000},
+        # docs.cleanrl.dev (docs/rl-algorithms/{sac,ppo}.md at CleanRL fe8d8a0): mean ± sd of the
+        # training episodic return at the end of 1M steps, 3 seeds; SAC on -v2, PPO on -v4
+        published={
+            ("SAC", "HalfCheetah-v5"): (1_000_000, 9634.89, "CleanRL, HalfCheetah-v2, 1M steps"),
+            ("SAC", "Hopper-v5"): (1_000_000, 2310.46, "CleanRL, Hopper-v2, 1M steps"),
+            ("PPO", "HalfCheetah-v5"): (1_000_000, 1442.64, "CleanRL, HalfCheetah-v4, 1M steps"),
+            ("PPO", "Hopper-v5"): (1_000_000, 2382.86, "CleanRL, Hopper-v4, 1M steps"),
+        },
     ),
 }
 
@@ -210,36 +243,39 @@ def get_comparison(name: str) -> Comparison:
 
 def select(
     comp: Comparison, seeds: tuple[int, ...] | None, envs: tuple[str, ...] | None, steps: int | None
-) -> tuple[tuple[int, ...], tuple[str, ...], int]:
+) -> tuple[tuple[int, ...], tuple[str, ...], int | None]:
     """The comparison's seeds, envs and budget, with the command line's overrides checked."""
     for env in envs or ():
         if env not in comp.envs:
             raise UsageError(f"env {env!r} is not in this comparison; its envs: {comp.envs}")
     if steps is not None and steps <= 0:
         raise UsageError(f"--steps must be positive, got {steps}")
-    return seeds or comp.seeds, envs or comp.envs, steps or comp.steps
+    return seeds or comp.seeds, envs or comp.envs, steps
 
 
 def plan(
-    comp: Comparison, seeds: tuple[int, ...], envs: tuple[str, ...], steps: int, out: str,
+    comp: Comparison, seeds: tuple[int, ...], envs: tuple[str, ...], steps: int | None, out: str,
     python: str = sys.executable,
 ) -> list[Run]:  # fmt: skip
-    """Every run the comparison needs, one per (variant, env, seed), in a fixed order."""
+    """Every run the comparison needs, one per (variant, env, seed), in a fixed order; `steps`
+    overrides the comparison's budgets."""
     runs = []
     for env in envs:
         for name in dict.fromkeys(line.variant for line in comp.lines):  # two tags: one run
             variant = VARIANTS[name]
+            env_budget = comp.budget(env, steps, name)
+            extra = (*comp.variant_args.get(name, ()), *comp.extra_args)
             for seed in seeds:
-                leaf = f"seed{seed}_{steps}"
-                if comp.extra_args:  # another command, so another run
-                    leaf += "_" + hashlib.sha1(" ".join(comp.extra_args).encode()).hexdigest()[:8]
+                leaf = f"seed{seed}_{env_budget}"
+                if extra:  # another command, so another run
+                    leaf += "_" + hashlib.sha1(" ".join(extra).encode()).hexdigest()[:8]
                 run_dir = os.path.join(os.path.abspath(out), "runs", name, env, leaf)
                 cmd = (
                     python, os.path.join(ROOT, variant.script), "--env", env, "--seed", str(seed),
-                    "--total-steps", str(steps), "--threads", "1", "--log-dir", run_dir,
-                    *variant.args, *variant.env_args.get(env, ()), *comp.extra_args,
+                    "--total-steps", str(env_budget), "--threads", "1", "--log-dir", run_dir,
+                    *variant.args, *variant.env_args.get(env, ()), *extra,
                 )  # fmt: skip
-                runs.append(Run(name, env, seed, steps, run_dir, cmd))
+                runs.append(Run(name, env, seed, env_budget, run_dir, cmd))
     return runs
 
 
@@ -528,13 +564,14 @@ def speed(data: dict, variant: str, env: str, seeds: list[int]) -> float:
     return float(np.mean(rates)) if rates else float("nan")
 
 
-def summarise(data: dict, comp: Comparison, env: str, total: float) -> list[dict]:
+def summarise(data: dict, comp: Comparison, env: str, steps: int | None) -> list[dict]:
     """Per line on one env: curves and the table's numbers."""
     out = []
     for line in comp.lines:
         seeds = sorted(s for v, e, s, t in data if (v, e, t) == (line.variant, env, line.tag))
         if not seeds:
             continue
+        total = comp.budget(env, steps, line.variant)
         grid, values, per_seed = curves(data, line.variant, env, line.tag, seeds, total)
         if len(grid) == 0:
             continue
@@ -568,7 +605,7 @@ def table(comp: Comparison, env: str, rows: list[dict]) -> str:
     return "\n".join(text) + "\n"
 
 
-def plot(comp: Comparison, name: str, data: dict, envs: tuple[str, ...], total: float,
+def plot(comp: Comparison, name: str, data: dict, envs: tuple[str, ...], steps: int | None,
          figures: str) -> tuple[str, str]:  # fmt: skip
     """Write <figures>/<name>.png and <figures>/<name>.md; return their paths."""
     import matplotlib
@@ -576,7 +613,7 @@ def plot(comp: Comparison, name: str, data: dict, envs: tuple[str, ...], total: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summaries = {env: summarise(data, comp, env, total) for env in envs}
+    summaries = {env: summarise(data, comp, env, steps) for env in envs}
     if not any(summaries.values()):
         raise UsageError(f"no data for comparison {name!r} in the CSV")
     nrows = 2 if comp.wall_clock else 1
@@ -593,10 +630,10 @@ def plot(comp: Comparison, name: str, data: dict, envs: tuple[str, ...], total: 
                 mean, lo, hi = bootstrap_ci(wall_values)
                 axes[1, col].plot(wall_grid, mean, color=c, label=label)
                 axes[1, col].fill_between(wall_grid, lo, hi, color=c, alpha=0.2, linewidth=0)
-        for (label, penv), (steps, value, note) in comp.published.items():
-            if penv == env:
-                axes[0, col].plot([steps], [value], marker="*", markersize=10, linestyle="none",
-                                  color=colors.get(label, "k"), label=f"{label} ({note})")  # fmt: skip
+        for (label, penv), (_, value, note) in comp.published.items():
+            if penv == env:  # a level, not a point: the quoted budget is usually off this axis
+                axes[0, col].axhline(value, color=colors.get(label, "k"), linestyle="--",
+                                     linewidth=1, label=f"{label}: {note}")  # fmt: skip
         ylabel = comp.lines[0].tag.split("/")[-1]
         axes[0, col].set(title=env, xlabel="env steps", ylabel=ylabel)
         if comp.wall_clock:
@@ -611,7 +648,8 @@ def plot(comp: Comparison, name: str, data: dict, envs: tuple[str, ...], total: 
     fig.savefig(png, dpi=100)
     plt.close(fig)
     head = f"## {comp.title}\n\n{comp.paper + '. ' if comp.paper else ''}"
-    head += f"Budget {total:.0f} steps; mean over seeds, 95% bootstrap CI over seeds; "
+    budgets = ", ".join(f"{env} {comp.budget(env, steps):,}" for env in envs)
+    head += f"Env steps per run: {budgets}; mean over seeds, 95% bootstrap CI over seeds; "
     head += "'mean over training' is the area under the curve divided by the step range.\n\n"
     text = head + "\n".join(table(comp, env, summaries[env]) for env in envs if summaries[env])
     with open(md, "w") as f:
@@ -678,7 +716,7 @@ Command = (
 
 def list_comparisons(out: str) -> None:
     for name, comp in COMPARISONS.items():
-        runs = plan(comp, comp.seeds, comp.envs, comp.steps, out)
+        runs = plan(comp, comp.seeds, comp.envs, None, out)
         done = sum(is_done(r) for r in runs)
         lines = ", ".join(f"{line.label}={line.variant}" for line in comp.lines)
         print(f"{name}: {comp.title}" + (f" ({comp.paper})" if comp.paper else ""))
