@@ -1,0 +1,757 @@
+"""Benchmark runner: the training runs behind each comparison, their CSV, figures and tables.
+
+A comparison (COMPARISONS below) is a set of lines (a variant and a tensorboard tag) on a set of
+envs, seeds and a step budget. A variant (VARIANTS) is one of the scripts with fixed flags. The
+runner starts every (variant, env, seed, steps) that is not finished as its own process, one
+torch thread each, `--jobs` at a time; it never imports the scripts.
+
+Usage (from anywhere; paths are relative to the current directory):
+    python benchmark/bench.py list                          # comparisons and the runs they need
+    python benchmark/bench.py run trpo_fig4 --jobs 2        # run what is not finished
+    python benchmark/bench.py run cleanrl --seeds 1 --steps 20000 --envs Hopper-v5
+    python benchmark/bench.py csv trpo_fig4                 # runs/bench/csv/trpo_fig4.csv
+    python benchmark/bench.py plot trpo_fig4                # benchmark/figures/trpo_fig4.{png,md}
+
+Layout under --out (default runs/bench):
+    runs/<variant>/<env>/seed<S>_<N>/     one run: run.log, done.json and the script's own
+        <env>__<algo>__<S>__<stamp>/      run directory (tensorboard events, resume.pt, ...)
+    csv/<comparison>.csv                  variant,env,seed,tag,step,wall,value
+
+A run's identity is (variant, env, seed, steps), not the comparison, so two comparisons that
+need the same run share it. A comparison's `extra_args` change the command, so they add a short
+hash of those arguments to the directory name. A run is finished when done.json exists (exit
+status 0); an unfinished one is resumed from its resume.pt with `--resume`, or deleted and
+started again when it has none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Annotated
+
+import numpy as np
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class UsageError(Exception):
+    """Bad user input: `main` prints it as one line on stderr and returns 2."""
+
+
+# == Config ==========================================================================
+@dataclass(frozen=True)
+class Variant:
+    """One script with fixed flags."""
+
+    script: str
+    """File name of the script in the repository root."""
+    args: tuple[str, ...] = ()
+    """Flags added to every run of this variant."""
+    doc: str = ""
+    """What the variant is, in a few words."""
+    env_args: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Flags added only on the given env (after `args`)."""
+
+
+@dataclass(frozen=True)
+class Line:
+    """One curve of a comparison: a variant's tensorboard tag."""
+
+    label: str
+    variant: str
+    tag: str = "charts/eval_return"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Lines on envs, over seeds, each run for `steps` env steps (transitions for Garnet)."""
+
+    title: str
+    lines: tuple[Line, ...]
+    envs: tuple[str, ...]
+    steps: int
+    seeds: tuple[int, ...] = (1, 2, 3)
+    extra_args: tuple[str, ...] = ()
+    wall_clock: bool = False
+    paper: str = ""
+    serial: bool = False
+    """Run one process at a time whatever --jobs says (timings must not compete)."""
+    published: dict[tuple[str, str], tuple[int, float, str]] = field(default_factory=dict)
+    """Quoted results: (line label, env) -> (steps, return, where it is quoted)."""
+    env_steps: dict[str, int] = field(default_factory=dict)
+    """Budgets of the envs that differ from `steps`."""
+    variant_steps: dict[str, int] = field(default_factory=dict)
+    """Budgets of the variants that differ (for `speed`, where only the rate matters)."""
+    variant_args: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Flags added to one variant's runs in this comparison only (part of the run's identity)."""
+
+    def budget(self, env: str, override: int | None = None, variant: str = "") -> int:
+        """Env steps per run: the command line's --steps, else the variant's, the env's, steps."""
+        return override or self.variant_steps.get(variant, self.env_steps.get(env, self.steps))
+
+
+VARIANTS: dict[str, Variant] = {
+    "sac": Variant("sac.py", doc="SAC with the paper's settings"),
+    "sac_cleanrl": Variant(
+        "sac.py",
+        ("--q-lr", "1e-3", "--alpha-lr", "1e-3", "--policy-frequency", "2"),
+        doc="SAC with CleanRL's settings",
+    ),
+    "ppo": Variant("ppo.py", doc="PPO (defaults are CleanRL's)"),
+    "mpo": Variant("mpo.py", doc="MPO"),
+    "treepi_pi": Variant("treepi.py", ("--act", "policy"), doc="TreePI acting with the policy"),
+    "treepi_search": Variant("treepi.py", ("--act", "search"), doc="TreePI acting by search"),
+    "treepi_depth1": Variant("treepi.py", ("--depth", "1"), doc="MPO+Predictive"),
+    "trpo_single": Variant("trpo.py", doc="TRPO, single-path estimator"),
+    "trpo_vine": Variant(
+        "trpo.py",
+        ("--estimator", "vine", "--vine-states", "125"),
+        doc="TRPO, vine estimator",
+        env_args={"Swimmer-v5": ("--vine-rollout-length", "50")},
+    ),
+    "trpo_gae": Variant("trpo.py", ("--num-steps", "2000"), doc="TRPO-GAE, the DPI baseline"),
+    "dpi_ilqr": Variant("dpi_ilqr.py", ("--num-envs", "10"), doc="AGGREVATED-ILQR"),
+    "cpi_garnet": Variant("cpi_garnet.py", doc="CPI and AGGREVATED-VI on Garnet MDPs"),
+}
+
+# Budgets are what a 2-core CPU runs in an afternoon, far below the papers'; `--steps` overrides.
+OFF_POLICY_SHORT = ("--learning-starts", "1000")  # `speed`: reach the learning phase quickly
+COMPARISONS: dict[str, Comparison] = {
+    "treepi_fig1": Comparison(
+        "TreePI/π against MPO+Predictive (TreePI at depth 1), MPO and SAC",
+        (
+            Line("TreePI/π", "treepi_pi"),
+            Line("MPO+Predictive", "treepi_depth1"),
+            Line("MPO", "mpo"),
+            Line("SAC", "sac"),
+        ),
+        envs=("InvertedPendulum-v5",),
+        steps=2_000,
+        extra_args=("--learning-starts", "500", "--eval-every", "500", "--eval-episodes", "5"),
+        wall_clock=True,
+        paper="[TreePI] Fig. 1 (TreePI/search is left out here: about 1.5 env steps/s on this CPU)",
+    ),
+    "mpo_vs_sac_ppo": Comparison(
+        "MPO against SAC and PPO",
+        (Line("MPO", "mpo"), Line("SAC", "sac"), Line("PPO", "ppo")),
+        envs=("HalfCheetah-v5", "Walker2d-v5"),
+        steps=10_000,
+        extra_args=("--eval-every", "2500", "--eval-episodes", "5"),
+        paper="[MPO] Fig. 4 (there against DDPG, NAF, PPO and SVG; SAC is the later baseline)",
+    ),
+    "trpo_fig4": Comparison(
+        "TRPO: single path vs vine",
+        (Line("single path", "trpo_single"), Line("vine", "trpo_vine")),
+        envs=("Swimmer-v5", "Hopper-v5"),
+        steps=50_000,
+        extra_args=("--eval-every", "10000", "--eval-episodes", "5"),
+        paper="[TRPO] Fig. 4",
+    ),
+    "dpi_fig1": Comparison(
+        "DPI: AGGREVATED-ILQR vs TRPO-GAE",
+        (Line("AGGREVATED-ILQR", "dpi_ilqr"), Line("TRPO-GAE", "trpo_gae")),
+        envs=("InvertedPendulum-v5", "Swimmer-v5"),
+        steps=30_000,
+        env_steps={"Swimmer-v5": 100_000},
+        extra_args=("--eval-every", "4000", "--eval-episodes", "5"),
+        paper="[DPI] Fig. 1b-c",
+    ),
+    "cpi_fig1a": Comparison(
+        "DPI on Garnet MDPs: CPI vs AGGREVATED-VI (cost, lower is better)",
+        (
+            Line("CPI", "cpi_garnet", "charts/cost_cpi"),
+            Line("AGGREVATED-VI", "cpi_garnet", "charts/cost_aggrevated_vi"),
+        ),
+        envs=("Garnet",),
+        steps=500_000,
+        extra_args=("--num-mdps", "4"),
+        paper="[DPI] Fig. 1a (each seed averages 4 random MDPs)",
+    ),
+    # cpi_garnet.py is left out: it has no MuJoCo env.
+    "speed": Comparison(
+        "Speed of every algorithm on Hopper-v5 (one run at a time)",
+        (
+            Line("SAC", "sac"),
+            Line("PPO", "ppo"),
+            Line("MPO", "mpo"),
+            Line("TreePI/π", "treepi_pi"),
+            Line("TRPO", "trpo_single"),
+            Line("AGGREVATED-ILQR", "dpi_ilqr"),
+        ),
+        envs=("Hopper-v5",),
+        steps=10_000,
+        variant_steps={"mpo": 3_000, "treepi_pi": 2_000},
+        variant_args={
+            "sac": OFF_POLICY_SHORT,
+            "mpo": OFF_POLICY_SHORT,
+            "treepi_pi": OFF_POLICY_SHORT,
+        },
+        extra_args=("--log-every", "500", "--eval-every", "0", "--eval-episodes", "1"),
+        seeds=(1,),
+        wall_clock=True,
+        serial=True,
+    ),
+    "cleanrl": Comparison(
+        "SAC and PPO with CleanRL's settings (training episodes)",
+        (
+            Line("SAC", "sac_cleanrl", "charts/episodic_return"),
+            Line("PPO", "ppo", "charts/episodic_return"),
+        ),
+        envs=("HalfCheetah-v5", "Hopper-v5"),
+        steps=300_000,
+        env_steps={"Hopper-v5": 150_000},
+        # docs.cleanrl.dev (docs/rl-algorithms/{sac,ppo}.md at CleanRL fe8d8a0): mean ± sd of the
+        # training episodic return at the end of 1M steps, 3 seeds; SAC on -v2, PPO on -v4
+        published={
+            ("SAC", "HalfCheetah-v5"): (1_000_000, 9634.89, "CleanRL, HalfCheetah-v2, 1M steps"),
+            ("SAC", "Hopper-v5"): (1_000_000, 2310.46, "CleanRL, Hopper-v2, 1M steps"),
+            ("PPO", "HalfCheetah-v5"): (1_000_000, 1442.64, "CleanRL, HalfCheetah-v4, 1M steps"),
+            ("PPO", "Hopper-v5"): (1_000_000, 2382.86, "CleanRL, Hopper-v4, 1M steps"),
+        },
+    ),
+}
+
+
+# == Running =========================================================================
+@dataclass(frozen=True)
+class Run:
+    """One training process: its identity, directory and command (without --resume)."""
+
+    variant: str
+    env: str
+    seed: int
+    steps: int
+    dir: str
+    cmd: tuple[str, ...]
+
+
+def get_comparison(name: str) -> Comparison:
+    """The comparison called `name`, or a UsageError naming the known ones."""
+    if name not in COMPARISONS:
+        raise UsageError(f"unknown comparison {name!r}; known: {', '.join(COMPARISONS)}")
+    return COMPARISONS[name]
+
+
+def select(
+    comp: Comparison, seeds: tuple[int, ...] | None, envs: tuple[str, ...] | None, steps: int | None
+) -> tuple[tuple[int, ...], tuple[str, ...], int | None]:
+    """The comparison's seeds, envs and budget, with the command line's overrides checked."""
+    for env in envs or ():
+        if env not in comp.envs:
+            raise UsageError(f"env {env!r} is not in this comparison; its envs: {comp.envs}")
+    if steps is not None and steps <= 0:
+        raise UsageError(f"--steps must be positive, got {steps}")
+    return seeds or comp.seeds, envs or comp.envs, steps
+
+
+def plan(
+    comp: Comparison, seeds: tuple[int, ...], envs: tuple[str, ...], steps: int | None, out: str,
+    python: str = sys.executable,
+) -> list[Run]:  # fmt: skip
+    """Every run the comparison needs, one per (variant, env, seed), in a fixed order; `steps`
+    overrides the comparison's budgets."""
+    runs = []
+    for env in envs:
+        for name in dict.fromkeys(line.variant for line in comp.lines):  # two tags: one run
+            variant = VARIANTS[name]
+            env_budget = comp.budget(env, steps, name)
+            extra = (*comp.variant_args.get(name, ()), *comp.extra_args)
+            for seed in seeds:
+                leaf = f"seed{seed}_{env_budget}"
+                if extra:  # another command, so another run
+                    leaf += "_" + hashlib.sha1(" ".join(extra).encode()).hexdigest()[:8]
+                run_dir = os.path.join(os.path.abspath(out), "runs", name, env, leaf)
+                cmd = (
+                    python, os.path.join(ROOT, variant.script), "--env", env, "--seed", str(seed),
+                    "--total-steps", str(env_budget), "--threads", "1", "--log-dir", run_dir,
+                    *variant.args, *variant.env_args.get(env, ()), *extra,
+                )  # fmt: skip
+                runs.append(Run(name, env, seed, env_budget, run_dir, cmd))
+    return runs
+
+
+def is_done(run: Run) -> bool:
+    return os.path.exists(os.path.join(run.dir, "done.json"))
+
+
+def script_dirs(run: Run) -> list[str]:
+    """The script's own run directories inside the run's directory (one, unless a bug)."""
+    if not os.path.isdir(run.dir):
+        return []
+    subs = [os.path.join(run.dir, d) for d in sorted(os.listdir(run.dir))]
+    return [d for d in subs if os.path.isdir(d)]
+
+
+def resume_file(run: Run) -> str | None:
+    """The resume.pt of an interrupted run, if it wrote one."""
+    for sub in script_dirs(run):
+        if os.path.exists(os.path.join(sub, "resume.pt")):
+            return os.path.join(sub, "resume.pt")
+    return None
+
+
+def last_step(log: str) -> int:
+    """The last `step N` printed to a run.log (0 if none yet); reads only the file's tail."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, os.path.getsize(log) - 4096))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return 0
+    found = re.findall(r"\bstep (\d+)", tail)
+    return int(found[-1]) if found else 0
+
+
+def log_tail(log: str, lines: int = 15) -> str:
+    try:
+        with open(log, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return "(no run.log)"
+
+
+def start(run: Run, nice: int) -> tuple[subprocess.Popen, tuple[str, ...], float]:
+    """Start a run: resume it from its resume.pt, or clear its directory and begin afresh."""
+    resume = resume_file(run)
+    if resume is None and os.path.exists(run.dir):
+        shutil.rmtree(run.dir)
+    os.makedirs(run.dir, exist_ok=True)
+    cmd = run.cmd + (("--resume", resume) if resume else ())
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    with open(os.path.join(run.dir, "run.log"), "a") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        niced = ("nice", "-n", str(nice)) if nice else ()
+        proc = subprocess.Popen(
+            niced + cmd, cwd=run.dir, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    return proc, cmd, time.time()
+
+
+def name_of(run: Run) -> str:
+    return f"{run.variant}/{run.env}/seed{run.seed}"
+
+
+def run_all(runs: list[Run], jobs: int, nice: int = 0, status_every: float = 5.0) -> int:
+    """Run every unfinished run, `jobs` at a time; the number that failed."""
+    queue = [r for r in runs if not is_done(r)]
+    done, failed = len(runs) - len(queue), []
+    print(f"{len(runs)} runs: {done} done, {len(queue)} to run, {jobs} at a time", flush=True)
+    running: dict[Run, tuple[subprocess.Popen, tuple[str, ...], float]] = {}
+    last_status, last_counts = 0.0, None
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                run = queue.pop(0)
+                running[run] = start(run, nice)
+            for run, (proc, cmd, began) in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                del running[run]
+                wall = time.time() - began
+                if code == 0:
+                    done += 1
+                    record = {
+                        "command": list(cmd),
+                        "exit_status": 0,
+                        "wall_seconds": round(wall, 1),
+                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    }
+                    with open(os.path.join(run.dir, "done.json"), "w") as f:
+                        json.dump(record, f, indent=2)
+                    print(f"done    {name_of(run)} in {wall / 60:.1f} min", flush=True)
+                else:
+                    failed.append(run)
+                    log = os.path.join(run.dir, "run.log")
+                    print(f"FAILED  {name_of(run)} (exit {code}) after {wall / 60:.1f} min; "
+                          f"{log} ends:\n{log_tail(log)}", flush=True)  # fmt: skip
+            counts = (done, len(running), len(queue), len(failed))
+            now = time.time()
+            if running and (counts != last_counts or now - last_status >= status_every):
+                percent = ", ".join(
+                    f"{name_of(r)} {min(100, 100 * last_step(os.path.join(r.dir, 'run.log')) / r.steps):.0f}%"
+                    for r in running
+                )
+                print(f"[{time.strftime('%H:%M:%S')}] done {done} | running {len(running)} | "
+                      f"queued {len(queue)} | failed {len(failed)} | {percent}", flush=True)  # fmt: skip
+                last_status, last_counts = now, counts
+            time.sleep(0.2)
+    except KeyboardInterrupt:  # the children got the same SIGINT; wait so their files close
+        for proc, _, _ in running.values():
+            proc.wait()
+        raise
+    print(f"finished: {done} done, {len(failed)} failed", flush=True)
+    return len(failed)
+
+
+# == Reading =========================================================================
+def read_events(path: str) -> dict[str, list[tuple[int, float, float]]]:
+    """Scalars of one events file: tag -> [(step, wall_time, value)], all of them kept."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(path, size_guidance={"scalars": 0})
+    acc.Reload()
+    return {
+        tag: [(e.step, e.wall_time, e.value) for e in acc.Scalars(tag)]
+        for tag in acc.Tags()["scalars"]
+    }
+
+
+def merge_events(
+    files: list[dict[str, list[tuple[int, float, float]]]],
+) -> dict[str, list[tuple[int, float, float]]]:
+    """One run's scalars from its events files (a resumed run has several).
+
+    Files are ordered by their first event's wall time; from each file the events at steps >=
+    the first step of the next file are dropped (they were lost when the run was interrupted
+    and the resumed part logs them again), so the later file replaces them.
+    """
+
+    def first_wall(scalars: dict) -> float:
+        walls = [ev[1] for events in scalars.values() for ev in events]
+        return min(walls) if walls else float("inf")
+
+    files = sorted((f for f in files if f), key=first_wall)
+    merged: dict[str, list[tuple[int, float, float]]] = {}
+    for i, scalars in enumerate(files):
+        later = [ev[0] for f in files[i + 1 : i + 2] for events in f.values() for ev in events]
+        cut = min(later) if later else None
+        for tag, events in scalars.items():
+            keep = [ev for ev in events if cut is None or ev[0] < cut]
+            merged.setdefault(tag, []).extend(keep)
+    return merged
+
+
+def run_scalars(run: Run) -> dict[str, list[tuple[int, float, float]]]:
+    """The merged scalars of a finished run, wall times as seconds since its first event."""
+    paths = [
+        os.path.join(sub, name)
+        for sub in script_dirs(run)
+        for name in sorted(os.listdir(sub))
+        if name.startswith("events.out.tfevents")
+    ]
+    merged = merge_events([read_events(p) for p in paths])
+    walls = [ev[1] for events in merged.values() for ev in events]
+    t0 = min(walls) if walls else 0.0
+    return {tag: [(s, w - t0, v) for s, w, v in events] for tag, events in merged.items()}
+
+
+def write_csv(runs: list[Run], path: str) -> int:
+    """variant,env,seed,tag,step,wall,value of the finished runs' `charts/` scalars; row count."""
+    finished = [r for r in runs if is_done(r)]
+    if not finished:
+        raise UsageError("no finished runs for this selection; `run` it first")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rows = 0
+    with open(path + ".tmp", "w") as f:
+        f.write("variant,env,seed,tag,step,wall,value\n")
+        for run in finished:
+            for tag, events in sorted(run_scalars(run).items()):
+                if not tag.startswith("charts/"):
+                    continue
+                for step, wall, value in events:
+                    f.write(
+                        f"{run.variant},{run.env},{run.seed},{tag},{step},{wall:.3f},{value!r}\n"
+                    )
+                    rows += 1
+    os.replace(path + ".tmp", path)
+    return rows
+
+
+def read_csv(path: str) -> dict[tuple[str, str, int, str], np.ndarray]:
+    """(variant, env, seed, tag) -> array [n, 3] of (step, wall, value), sorted by step."""
+    if not os.path.exists(path):
+        raise UsageError(f"no {path}; run `csv` first")
+    raw: dict[tuple[str, str, int, str], list[tuple[float, float, float]]] = {}
+    with open(path) as f:
+        next(f)
+        for row in f:
+            variant, env, seed, tag, step, wall, value = row.rstrip("\n").split(",")
+            raw.setdefault((variant, env, int(seed), tag), []).append(
+                (float(step), float(wall), float(value))
+            )
+    out = {}
+    for key, rows in raw.items():
+        arr = np.array(rows)
+        out[key] = arr[np.argsort(arr[:, 0], kind="stable")]
+    return out
+
+
+# == Plotting ========================================================================
+N_BINS = 30  # bins of the step axis for per-episode returns
+N_GRID = 50  # points of the common grid for regularly logged metrics and for wall-clock axes
+N_BOOT = 2000  # bootstrap resamples
+CI_LEVEL = 0.95
+
+
+def bootstrap_ci(
+    values: np.ndarray, n: int = N_BOOT, level: float = CI_LEVEL, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean over seeds and its percentile bootstrap interval, resampling seeds.
+
+    values [S, T] (S seeds, T grid points) -> mean, lo, hi, each [T]: draw S seeds with
+    replacement n times, average each draw, take the (1 - level)/2 and (1 + level)/2 quantiles.
+    """
+    values = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, values.shape[0], size=(n, values.shape[0]))  # [n, S]
+    means = values[idx].mean(axis=1)  # [n, T]
+    lo, hi = np.percentile(means, [50 * (1 - level), 50 * (1 + level)], axis=0)
+    return values.mean(axis=0), lo, hi
+
+
+def bin_episodes(steps: np.ndarray, returns: np.ndarray, total: float, bins: int = N_BINS):
+    """Per-episode returns onto `bins` equal bins of [0, total]: (bin centres, mean per bin).
+
+    An episode counts in the bin its end step falls in (the last bin includes `total`); an empty
+    bin carries the previous bin's value forward, and is NaN before the first episode.
+    """
+    edges = np.linspace(0.0, total, bins + 1)
+    which = np.clip(np.searchsorted(edges, steps, side="right") - 1, 0, bins - 1)
+    means = np.full(bins, np.nan)
+    for b in range(bins):
+        if np.any(which == b):
+            means[b] = returns[which == b].mean()
+        elif b > 0:
+            means[b] = means[b - 1]
+    return (edges[:-1] + edges[1:]) / 2, means
+
+
+def curves(
+    data: dict, variant: str, env: str, tag: str, seeds: list[int], total: float
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Every seed's curve on one step grid: (grid [T], values [S, T], each seed's events)."""
+    per_seed = [data[(variant, env, s, tag)] for s in seeds]
+    if tag == "charts/episodic_return":
+        grid = bin_episodes(np.zeros(0), np.zeros(0), total)[0]
+        values = np.stack([bin_episodes(ev[:, 0], ev[:, 2], total)[1] for ev in per_seed])
+        keep = ~np.isnan(values).any(axis=0)  # grid points before some seed's first episode
+        return grid[keep], values[:, keep], per_seed
+    same = all(len(ev) == len(per_seed[0]) and np.all(ev[:, 0] == per_seed[0][:, 0]) for ev in per_seed)  # fmt: skip
+    if same:
+        grid = per_seed[0][:, 0]
+    else:
+        lo, hi = max(ev[0, 0] for ev in per_seed), min(ev[-1, 0] for ev in per_seed)
+        grid = np.linspace(lo, hi, N_GRID)
+    values = np.stack([np.interp(grid, ev[:, 0], ev[:, 2]) for ev in per_seed])
+    return grid, values, per_seed
+
+
+def to_wall_clock(grid: np.ndarray, values: np.ndarray, per_seed: list[np.ndarray]):
+    """The same curves against seconds: each seed's step -> wall map, then one common grid."""
+    walls = [np.interp(grid, ev[:, 0], ev[:, 1]) for ev in per_seed]
+    wall_grid = np.linspace(max(w[0] for w in walls), min(w[-1] for w in walls), N_GRID)
+    return wall_grid, np.stack([np.interp(wall_grid, w, v) for w, v in zip(walls, values)])
+
+
+def speed(data: dict, variant: str, env: str, seeds: list[int]) -> float:
+    """Steps/second: the median of charts/SPS over each run's second half, mean over seeds."""
+    rates = []
+    for s in seeds:
+        ev = data.get((variant, env, s, "charts/SPS"))
+        if ev is not None and len(ev):
+            rates.append(np.median(ev[ev[:, 0] >= ev[-1, 0] / 2, 2]))
+    return float(np.mean(rates)) if rates else float("nan")
+
+
+def summarise(data: dict, comp: Comparison, env: str, steps: int | None) -> list[dict]:
+    """Per line on one env: curves and the table's numbers."""
+    out = []
+    for line in comp.lines:
+        seeds = sorted(s for v, e, s, t in data if (v, e, t) == (line.variant, env, line.tag))
+        if not seeds:
+            continue
+        total = comp.budget(env, steps, line.variant)
+        grid, values, per_seed = curves(data, line.variant, env, line.tag, seeds, total)
+        if len(grid) == 0:
+            continue
+        mean, lo, hi = bootstrap_ci(values)
+        span = grid[-1] - grid[0]
+        auc = np.trapezoid(values, grid, axis=1) / span if span > 0 else values[:, 0]
+        out.append({
+            "line": line, "seeds": seeds, "grid": grid, "values": values, "per_seed": per_seed,
+            "mean": mean, "lo": lo, "hi": hi, "auc": float(np.mean(auc)),
+            "sps": speed(data, line.variant, env, seeds),
+        })  # fmt: skip
+    return out
+
+
+def table(comp: Comparison, env: str, rows: list[dict]) -> str:
+    """The markdown table of one env."""
+    text = [
+        f"### {env}",
+        "",
+        "| line | final return (mean ± 95% CI) | final step | mean over training | steps/s | seeds |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        half = (r["hi"][-1] - r["lo"][-1]) / 2
+        final = f"{r['mean'][-1]:.1f} ± {half:.1f} [{r['lo'][-1]:.1f}, {r['hi'][-1]:.1f}]"
+        text.append(f"| {r['line'].label} | {final} | {r['grid'][-1]:.0f} | {r['auc']:.1f} | "
+                    f"{r['sps']:.0f} | {len(r['seeds'])} |")  # fmt: skip
+    for (label, penv), (steps, value, note) in comp.published.items():
+        if penv == env:
+            text.append(f"| {label} (published: {note}) | {value:.1f} | {steps} | | | |")
+    return "\n".join(text) + "\n"
+
+
+def plot(comp: Comparison, name: str, data: dict, envs: tuple[str, ...], steps: int | None,
+         figures: str) -> tuple[str, str]:  # fmt: skip
+    """Write <figures>/<name>.png and <figures>/<name>.md; return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summaries = {env: summarise(data, comp, env, steps) for env in envs}
+    if not any(summaries.values()):
+        raise UsageError(f"no data for comparison {name!r} in the CSV")
+    nrows = 2 if comp.wall_clock else 1
+    fig, axes = plt.subplots(nrows, len(envs), figsize=(4 * len(envs), 3 * nrows), squeeze=False)
+    colors = {line.label: f"C{i}" for i, line in enumerate(comp.lines)}
+    for col, env in enumerate(envs):
+        for r in summaries[env]:
+            c, label = colors[r["line"].label], r["line"].label
+            ax = axes[0, col]
+            ax.plot(r["grid"], r["mean"], color=c, label=label)
+            ax.fill_between(r["grid"], r["lo"], r["hi"], color=c, alpha=0.2, linewidth=0)
+            if comp.wall_clock:
+                wall_grid, wall_values = to_wall_clock(r["grid"], r["values"], r["per_seed"])
+                mean, lo, hi = bootstrap_ci(wall_values)
+                axes[1, col].plot(wall_grid, mean, color=c, label=label)
+                axes[1, col].fill_between(wall_grid, lo, hi, color=c, alpha=0.2, linewidth=0)
+        for (label, penv), (_, value, note) in comp.published.items():
+            if penv == env:  # a level, not a point: the quoted budget is usually off this axis
+                axes[0, col].axhline(value, color=colors.get(label, "k"), linestyle="--",
+                                     linewidth=1, label=f"{label}: {note}")  # fmt: skip
+        ylabel = comp.lines[0].tag.split("/")[-1]
+        axes[0, col].set(title=env, xlabel="env steps", ylabel=ylabel)
+        if comp.wall_clock:
+            axes[1, col].set(xlabel="wall-clock seconds", ylabel=ylabel)
+        for ax in axes[:, col]:
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(comp.title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(figures, exist_ok=True)
+    png, md = os.path.join(figures, f"{name}.png"), os.path.join(figures, f"{name}.md")
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    head = f"## {comp.title}\n\n{comp.paper + '. ' if comp.paper else ''}"
+    budgets = ", ".join(f"{env} {comp.budget(env, steps):,}" for env in envs)
+    head += f"Env steps per run: {budgets}; mean over seeds, 95% bootstrap CI over seeds; "
+    head += "'mean over training' is the area under the curve divided by the step range.\n\n"
+    text = head + "\n".join(table(comp, env, summaries[env]) for env in envs if summaries[env])
+    with open(md, "w") as f:
+        f.write(text)
+    print(text)
+    return png, md
+
+
+# == CLI =============================================================================
+@dataclass
+class Select:
+    name: tyro.conf.Positional[str]
+    """Name of the comparison (see `list`)."""
+    seeds: tuple[int, ...] | None = None
+    """Seeds to use instead of the comparison's."""
+    envs: tuple[str, ...] | None = None
+    """A subset of the comparison's envs."""
+    steps: int | None = None
+    """Env steps per run instead of the comparison's budget."""
+    out: str = "runs/bench"
+    """Directory of the runs (runs/) and CSV files (csv/)."""
+
+
+@dataclass
+class ListCmd:
+    """Print the comparisons and the runs each needs (with their state under --out)."""
+
+    out: str = "runs/bench"
+    """Directory of the runs, to show which are done."""
+
+
+@dataclass
+class RunCmd(Select):
+    """Run every (variant, env, seed) of a comparison that is not finished."""
+
+    jobs: int = os.cpu_count() or 1
+    """Runs at once (one torch thread each); a serial comparison uses 1."""
+    nice: int = 0
+    """Niceness added to each run's process (0: as this process)."""
+    python: str = sys.executable
+    """The Python that runs the scripts."""
+
+
+@dataclass
+class CsvCmd(Select):
+    """Read the finished runs' tensorboard events into <out>/csv/<name>.csv."""
+
+
+@dataclass
+class PlotCmd(Select):
+    """Plot the CSV: <figures>/<name>.png and the table <figures>/<name>.md."""
+
+    figures: str = "benchmark/figures"
+    """Directory for the figure and the markdown table."""
+
+
+Command = (
+    Annotated[ListCmd, tyro.conf.subcommand("list")]
+    | Annotated[RunCmd, tyro.conf.subcommand("run")]
+    | Annotated[CsvCmd, tyro.conf.subcommand("csv")]
+    | Annotated[PlotCmd, tyro.conf.subcommand("plot")]
+)
+
+
+def list_comparisons(out: str) -> None:
+    for name, comp in COMPARISONS.items():
+        runs = plan(comp, comp.seeds, comp.envs, None, out)
+        done = sum(is_done(r) for r in runs)
+        lines = ", ".join(f"{line.label}={line.variant}" for line in comp.lines)
+        print(f"{name}: {comp.title}" + (f" ({comp.paper})" if comp.paper else ""))
+        print(f"  lines {lines}; envs {', '.join(comp.envs)}; seeds {comp.seeds}; "
+              f"{comp.steps:,} steps{'; serial' if comp.serial else ''}; {done}/{len(runs)} done")  # fmt: skip
+        for r in runs:
+            state = "done" if is_done(r) else "partial" if os.path.exists(r.dir) else "todo"
+            print(f"    {state:7s} {name_of(r)} {r.steps} steps")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cmd = tyro.cli(Command, args=argv, description=__doc__.split("\n\n")[0])
+    try:
+        if isinstance(cmd, ListCmd):
+            list_comparisons(cmd.out)
+            return 0
+        comp = get_comparison(cmd.name)
+        seeds, envs, steps = select(comp, cmd.seeds, cmd.envs, cmd.steps)
+        csv = os.path.join(cmd.out, "csv", f"{cmd.name}.csv")
+        if isinstance(cmd, RunCmd):
+            if cmd.jobs <= 0:
+                raise UsageError(f"--jobs must be positive, got {cmd.jobs}")
+            runs = plan(comp, seeds, envs, steps, cmd.out, cmd.python)
+            return 1 if run_all(runs, 1 if comp.serial else cmd.jobs, cmd.nice) else 0
+        if isinstance(cmd, CsvCmd):
+            rows = write_csv(plan(comp, seeds, envs, steps, cmd.out), csv)
+            print(f"{rows} rows -> {csv}")
+            return 0
+        png, md = plot(comp, cmd.name, read_csv(csv), envs, steps, cmd.figures)
+        print(f"-> {png}, {md}")
+        return 0
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

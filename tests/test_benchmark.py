@@ -1,0 +1,251 @@
+"""benchmark/bench.py: the pure functions against hand-made data, and one tiny comparison end
+to end (sac.py and ppo.py on Pendulum-v1, 2 seeds, 384 steps, 2 jobs: about 30 s in all)."""
+
+import glob
+import importlib.util
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 384  # 6 PPO rollouts of 64 steps; SAC learns from step 100
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location(
+        "bench", os.path.join(ROOT, "benchmark", "bench.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = module  # dataclasses and tyro resolve annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_bench()
+
+
+# -- pure functions ----------------------------------------------------------------------------
+def test_bootstrap_ci_matches_enumeration_of_all_resamples():
+    """3 seeds have 27 equally likely resamples: the percentile interval of many random ones
+    must land on the enumerated distribution's quantiles (values chosen so no quantile sits
+    on a jump of its CDF: the 25% and 75% points fall 0.009 inside a step, ~6 sd at n=1e5)."""
+    x = np.array([[1.0], [2.0], [7.0]])
+    means = np.sort([x[list(idx), 0].mean() for idx in itertools.product(range(3), repeat=3)])
+    q25, q75 = means[int(np.ceil(0.25 * 27)) - 1], means[int(np.ceil(0.75 * 27)) - 1]
+    mean, lo, hi = bench.bootstrap_ci(x, n=100_000, level=0.5, seed=1)
+    assert mean[0] == pytest.approx(10 / 3)
+    assert (lo[0], hi[0]) == (pytest.approx(q25), pytest.approx(q75))
+    # at 95% the tails are below 1/27, the mass of the all-min and all-max resamples
+    _, lo, hi = bench.bootstrap_ci(x, n=100_000, level=0.95, seed=1)
+    assert (lo[0], hi[0]) == (1.0, 7.0)
+
+
+def test_bootstrap_ci_is_seeded_and_per_grid_point():
+    values = np.array([[0.0, 10.0], [1.0, 20.0], [2.0, 60.0]])
+    a, b = bench.bootstrap_ci(values), bench.bootstrap_ci(values)
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+    mean, lo, hi = a
+    np.testing.assert_allclose(mean, [1.0, 30.0])
+    assert np.all(lo <= mean) and np.all(mean <= hi) and hi[1] - lo[1] > hi[0] - lo[0]
+
+
+def test_bin_episodes_averages_per_bin_and_carries_forward():
+    # bins of [0, 100]: [0, 25) [25, 50) [50, 75) [75, 100]
+    centres, means = bench.bin_episodes(
+        np.array([10, 20, 60, 75, 100]), np.array([1.0, 3.0, 5.0, 6.0, 8.0]), 100, bins=4
+    )
+    np.testing.assert_allclose(centres, [12.5, 37.5, 62.5, 87.5])
+    np.testing.assert_allclose(means, [2.0, 2.0, 5.0, 7.0])  # bin 1 empty: carried forward
+    _, means = bench.bin_episodes(np.array([60]), np.array([4.0]), 100, bins=4)
+    np.testing.assert_array_equal(means, [np.nan, np.nan, 4.0, 4.0])  # nothing before
+
+
+def test_merge_events_lets_the_resumed_file_replace_the_lost_part(tmp_path):
+    """Run A logs steps 0..10, is checkpointed at 5 and dies; the resumed B logs 6..15 later."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for name, steps, value, wall in (("a", range(11), 1.0, 1000.0), ("b", range(6, 16), 2.0, 2000.0)):  # fmt: skip
+        writer = SummaryWriter(str(tmp_path / name))
+        for s in steps:
+            writer.add_scalar("charts/eval_return", value, s, walltime=wall + s)
+        writer.close()
+    files = [bench.read_events(p) for p in sorted(glob.glob(str(tmp_path / "*" / "events*")))]
+    merged = bench.merge_events(files[::-1])  # given in the wrong order: sorted by wall time
+    steps = [s for s, _, _ in merged["charts/eval_return"]]
+    values = [v for _, _, v in merged["charts/eval_return"]]
+    assert steps == list(range(16))
+    assert values == [1.0] * 6 + [2.0] * 10
+
+
+def test_runs_are_shared_between_comparisons_and_errors_exit_2(tmp_path, monkeypatch, capsys):
+    a = bench.Comparison("a", (bench.Line("SAC", "sac"),), envs=("Hopper-v5",), steps=100)
+    b = bench.Comparison("b", (bench.Line("x", "sac"), bench.Line("y", "ppo")), ("Hopper-v5",), 100)
+    run_a = bench.plan(a, (1,), a.envs, 100, str(tmp_path))
+    run_b = bench.plan(b, (1,), b.envs, 100, str(tmp_path))
+    assert run_a[0].dir == run_b[0].dir and len(run_b) == 2
+    monkeypatch.setitem(bench.COMPARISONS, "a", a)
+    for argv in (["run", "nope"], ["run", "a", "--envs", "Walker2d-v5"], ["csv", "a", "--out", str(tmp_path)], ["plot", "a", "--out", str(tmp_path)]):  # fmt: skip
+        assert bench.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+# -- end to end --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A registered two-algorithm comparison, run once by `run tiny --jobs 2`."""
+    common = ("--eval-every", "300", "--eval-episodes", "1", "--log-every", "100")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(bench.VARIANTS, "tiny_sac", bench.Variant("sac.py", (
+            "--learning-starts", "100", "--batch-size", "32", "--hidden-sizes", "32", "32",
+            "--buffer-size", "1000", *common)))  # fmt: skip
+        mp.setitem(bench.VARIANTS, "tiny_ppo", bench.Variant("ppo.py", (
+            "--num-steps", "64", "--num-minibatches", "2", "--update-epochs", "1", *common)))  # fmt: skip
+        comp = bench.Comparison(
+            "tiny",
+            (bench.Line("SAC", "tiny_sac"), bench.Line("PPO", "tiny_ppo"),
+             bench.Line("SAC train", "tiny_sac", "charts/episodic_return")),
+            envs=("Pendulum-v1",), steps=STEPS, seeds=(1, 2), wall_clock=True,
+        )  # fmt: skip
+        mp.setitem(bench.COMPARISONS, "tiny", comp)
+        out = str(tmp_path_factory.mktemp("bench"))
+        code = bench.main(["run", "tiny", "--out", out, "--jobs", "2"])
+        yield out, comp, code
+
+
+def runs_of(out, comp):
+    return bench.plan(comp, comp.seeds, comp.envs, comp.steps, out)
+
+
+def read_rows(out):
+    with open(os.path.join(out, "csv", "tiny.csv")) as f:
+        header = next(f).strip().split(",")
+        return [dict(zip(header, row.strip().split(","))) for row in f]
+
+
+def test_run_finishes_every_run(tiny):
+    out, comp, code = tiny
+    assert code == 0
+    for run in runs_of(out, comp):
+        with open(os.path.join(run.dir, "done.json")) as f:
+            done = json.load(f)
+        assert done["exit_status"] == 0 and done["wall_seconds"] > 0
+        assert "--threads" in done["command"] and run.dir in done["command"]
+        assert os.path.exists(os.path.join(run.dir, "run.log"))
+
+
+def test_csv_has_every_run_with_monotone_steps(tiny):
+    out, _, _ = tiny
+    assert bench.main(["csv", "tiny", "--out", out]) == 0
+    rows = read_rows(out)
+    for variant, seed in itertools.product(("tiny_sac", "tiny_ppo"), ("1", "2")):
+        mine = [r for r in rows if (r["variant"], r["seed"]) == (variant, seed)]
+        for tag in ("charts/eval_return", "charts/episodic_return", "charts/SPS"):
+            steps = [int(r["step"]) for r in mine if r["tag"] == tag]
+            assert steps and steps == sorted(steps), (variant, seed, tag)
+        walls = [float(r["wall"]) for r in mine]
+        assert min(walls) == 0.0
+
+
+def test_plot_writes_png_and_one_table_row_per_line(tiny, tmp_path, capsys):
+    out, comp, _ = tiny
+    assert bench.main(["csv", "tiny", "--out", out]) == 0
+    assert bench.main(["plot", "tiny", "--out", out, "--figures", str(tmp_path)]) == 0
+    png = tmp_path / "tiny.png"
+    assert png.stat().st_size > 1000
+    table = (tmp_path / "tiny.md").read_text()
+    for line in comp.lines:
+        assert sum(row.startswith(f"| {line.label} |") for row in table.splitlines()) == 1
+    assert "| SAC |" in capsys.readouterr().out
+
+
+def test_second_run_starts_no_process(tiny, monkeypatch):
+    out, comp, _ = tiny
+    mtimes = [os.path.getmtime(os.path.join(r.dir, "done.json")) for r in runs_of(out, comp)]
+
+    def no_popen(*args, **kwargs):
+        raise AssertionError("a finished run was started again")
+
+    monkeypatch.setattr(bench.subprocess, "Popen", no_popen)
+    assert bench.main(["run", "tiny", "--out", out]) == 0
+    assert mtimes == [
+        os.path.getmtime(os.path.join(r.dir, "done.json")) for r in runs_of(out, comp)
+    ]
+
+
+def test_unfinished_run_without_resume_file_starts_over(tiny):
+    out, comp, _ = tiny
+    run = next(r for r in runs_of(out, comp) if (r.variant, r.seed) == ("tiny_ppo", 2))
+    os.remove(os.path.join(run.dir, "done.json"))
+    for path in glob.glob(os.path.join(run.dir, "*", "resume.pt")):
+        os.remove(path)
+    open(os.path.join(run.dir, "stale"), "w").close()
+    assert bench.main(["run", "tiny", "--out", out]) == 0
+    assert not os.path.exists(os.path.join(run.dir, "stale"))  # the directory was cleared
+    with open(os.path.join(run.dir, "done.json")) as f:
+        assert "--resume" not in json.load(f)["command"]
+    assert len(glob.glob(os.path.join(run.dir, "*", "events.out.tfevents*"))) == 1
+
+
+def test_interrupted_run_is_resumed_and_its_csv_has_no_duplicate_steps(tiny):
+    """The run stops at step 200 with a resume.pt; a third events file stands for the part
+    logged after the checkpoint and lost (value -999 at the final step): it must be dropped."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    out, comp, _ = tiny
+    run = next(r for r in runs_of(out, comp) if (r.variant, r.seed) == ("tiny_sac", 1))
+    subprocess.run(["rm", "-rf", run.dir], check=True)
+    os.makedirs(run.dir)
+    cmd = list(run.cmd)
+    cmd[cmd.index("--total-steps") + 1] = "200"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    subprocess.run(cmd, cwd=run.dir, env=env, check=True, capture_output=True)
+    (sub,) = bench.script_dirs(run)
+    assert os.path.exists(os.path.join(sub, "resume.pt"))
+    writer = SummaryWriter(sub)
+    for tag in ("charts/eval_return", "charts/episodic_return", "charts/SPS"):
+        writer.add_scalar(tag, -999.0, STEPS)
+    writer.close()
+
+    assert bench.main(["run", "tiny", "--out", out]) == 0
+    with open(os.path.join(run.dir, "done.json")) as f:
+        command = json.load(f)["command"]
+    assert command[-2:] == ["--resume", os.path.join(sub, "resume.pt")]
+    assert bench.script_dirs(run) == [sub]  # the same run directory, a third events file
+    assert len(glob.glob(os.path.join(sub, "events.out.tfevents*"))) == 3
+
+    assert bench.main(["csv", "tiny", "--out", out]) == 0
+    mine = [r for r in read_rows(out) if (r["variant"], r["seed"]) == ("tiny_sac", "1")]
+    assert all(float(r["value"]) != -999.0 for r in mine)
+    for tag in {r["tag"] for r in mine}:
+        steps = [int(r["step"]) for r in mine if r["tag"] == tag]
+        assert steps == sorted(set(steps)), tag  # strictly increasing: no step twice
+    eval_steps = [int(r["step"]) for r in mine if r["tag"] == "charts/eval_return"]
+    assert eval_steps[0] <= 200 and eval_steps[-1] == STEPS  # both parts are there
+
+
+def test_failed_run_is_reported_and_the_command_exits_nonzero(tiny, monkeypatch, capsys):
+    """A broken variant fails (tyro rejects its flag); the finished tiny_sac run it shares with
+    the tiny comparison is not started again, and the failure's log tail is printed."""
+    out, _, _ = tiny
+    monkeypatch.setitem(bench.VARIANTS, "broken", bench.Variant("sac.py", ("--no-such-flag",)))
+    both = bench.Comparison(
+        "fails",
+        (bench.Line("SAC", "tiny_sac"), bench.Line("broken", "broken")),
+        envs=("Pendulum-v1",),
+        steps=STEPS,
+        seeds=(1,),
+    )
+    monkeypatch.setitem(bench.COMPARISONS, "fails", both)
+    assert bench.main(["run", "fails", "--out", out]) == 1
+    printed = capsys.readouterr().out
+    assert "2 runs: 1 done, 1 to run" in printed
+    assert "FAILED  broken/Pendulum-v1/seed1 (exit 2)" in printed and "no-such-flag" in printed
+    (broken,) = [r for r in bench.plan(both, (1,), both.envs, STEPS, out) if r.variant == "broken"]
+    assert not os.path.exists(os.path.join(broken.dir, "done.json"))
