@@ -921,7 +921,7 @@ class Progress:
     """Sums metric tensors between log lines (no host sync per step) and writes the log line."""
 
     def __init__(self, writer: SummaryWriter, start_step: int, start_updates: int):
-        self.writer, self.sums, self.count = writer, {}, 0
+        self.writer, self.sums, self.counts = writer, {}, {}
         self.returns: list[float] = []
         self.eval_return = float("nan")
         self.last = (time.perf_counter(), start_step, start_updates)
@@ -929,7 +929,7 @@ class Progress:
     def add_metrics(self, metrics: dict[str, torch.Tensor]) -> None:
         for k, v in metrics.items():
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
-        self.count += 1
+            self.counts[k] = self.counts.get(k, 0) + 1  # per key: updates log different keys
 
     def add_episode(self, global_step: int, episode_return: float, length: int) -> None:
         self.writer.add_scalar("charts/episodic_return", episode_return, global_step)
@@ -948,14 +948,14 @@ class Progress:
         self.writer.add_scalar("charts/SPS", sps, global_step)
         self.writer.add_scalar("charts/updates_per_second", ups, global_step)
         for k, v in self.sums.items():
-            self.writer.add_scalar(k, (v / self.count).item(), global_step)
+            self.writer.add_scalar(k, (v / self.counts[k]).item(), global_step)
         ret = f"{np.mean(self.returns):.1f}" if self.returns else "-"
         print(
             f"step {global_step} | return {ret} | eval {self.eval_return:.1f} | SPS {sps:.0f} | "
             f"updates/s {ups:.0f}",
             flush=True,
         )
-        self.sums, self.count, self.returns = {}, 0, []
+        self.sums, self.counts, self.returns = {}, {}, []
         self.last = (now, global_step, num_updates)
 
     def finish(self, global_step: int, num_updates: int, run_dir: str) -> None:

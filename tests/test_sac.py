@@ -327,3 +327,32 @@ def test_learns_pendulum(log_dir):
     )
     out = sac.train(args)
     assert out["eval_return"] >= -300
+
+
+class RecordingWriter:
+    """Stands in for SummaryWriter: keeps every add_scalar call."""
+
+    def __init__(self):
+        self.scalars: dict[str, list[tuple[int, float]]] = {}
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.scalars.setdefault(tag, []).append((step, float(value)))
+
+
+def test_progress_averages_each_metric_over_its_own_updates(capsys):
+    """Critic metrics arrive every update, actor metrics every other one (--policy-frequency 2):
+    each is the mean of its own values, not of its sum over all updates."""
+    writer = RecordingWriter()
+    progress = sac.Progress(writer, start_step=0, start_updates=0)
+    critic_q, actor_alpha = [1.0, 2.0, 3.0, 6.0], [0.5, 0.1]
+    for i, q in enumerate(critic_q):
+        progress.add_metrics({"losses/q": torch.tensor(q)})
+        if i % 2 == 1:
+            progress.add_metrics({"stats/alpha": torch.tensor(actor_alpha[i // 2])})
+    progress.log(global_step=100, num_updates=4)
+    assert writer.scalars["losses/q"] == [(100, pytest.approx(sum(critic_q) / 4))]
+    assert writer.scalars["stats/alpha"] == [(100, pytest.approx(sum(actor_alpha) / 2))]
+    progress.add_metrics({"losses/q": torch.tensor(10.0)})  # a new window starts from zero
+    progress.log(global_step=200, num_updates=5)
+    assert writer.scalars["losses/q"][-1] == (200, pytest.approx(10.0))
+    assert "step 200" in capsys.readouterr().out
