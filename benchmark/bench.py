@@ -89,6 +89,9 @@ class Comparison:
     """Quoted results: (line label, env) -> (steps, return, where it is quoted)."""
     env_steps: dict[str, int] = field(default_factory=dict)
     """Budgets of the envs that differ from `steps`."""
+    made_by: str = ""
+    """The command that makes this comparison's runs where `run` cannot (CleanRL needs its own
+    virtual environment); `csv` and `plot` read them as any other."""
     variant_steps: dict[str, int] = field(default_factory=dict)
     """Budgets of the variants that differ (for `speed`, where only the rate matters)."""
     variant_args: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -121,9 +124,26 @@ VARIANTS: dict[str, Variant] = {
     "trpo_gae": Variant("trpo.py", ("--num-steps", "2000"), doc="TRPO-GAE, the DPI baseline"),
     "dpi_ilqr": Variant("dpi_ilqr.py", ("--num-envs", "10"), doc="AGGREVATED-ILQR"),
     "cpi_garnet": Variant("cpi_garnet.py", doc="CPI and AGGREVATED-VI on Garnet MDPs"),
+    # CleanRL's files on the -v4 envs under gymnasium 0.29, stored under the -v5 name so they
+    # share a subplot with ours; benchmark/cleanrl_compare.py runs them (made_by below)
+    "cleanrl_sac": Variant("../cleanrl/cleanrl/sac_continuous_action.py", doc="CleanRL's SAC"),
+    "cleanrl_ppo": Variant("../cleanrl/cleanrl/ppo_continuous_action.py", doc="CleanRL's PPO"),
 }
 
 # Budgets are what a 2-core CPU runs in an afternoon, far below the papers'; `--steps` overrides.
+# docs.cleanrl.dev (docs/rl-algorithms/sac.md and docs/benchmark/ppo_continuous_action.md at
+# CleanRL fe8d8a0): mean ± sd over 3 seeds of the training episodic return after 1M steps;
+# SAC on the -v2 envs, PPO on -v4. Drawn as levels: the budgets here are far shorter.
+CLEANRL_PUBLISHED = {
+    "sac": {
+        ("CleanRL", "HalfCheetah-v5"): (1_000_000, 9634.89, "-v2, 1M steps"),
+        ("CleanRL", "Hopper-v5"): (1_000_000, 2310.46, "-v2, 1M steps"),
+    },
+    "ppo": {
+        ("CleanRL", "HalfCheetah-v5"): (1_000_000, 1442.64, "-v4, 1M steps"),
+        ("CleanRL", "Hopper-v5"): (1_000_000, 2382.86, "-v4, 1M steps"),
+    },
+}
 OFF_POLICY_SHORT = ("--learning-starts", "1000")  # `speed`: reach the learning phase quickly
 COMPARISONS: dict[str, Comparison] = {
     "treepi_fig1": Comparison(
@@ -200,23 +220,29 @@ COMPARISONS: dict[str, Comparison] = {
         wall_clock=True,
         serial=True,
     ),
-    "cleanrl": Comparison(
-        "SAC and PPO with CleanRL's settings (training episodes)",
+    "cleanrl_sac": Comparison(
+        "SAC against CleanRL's, side by side, CleanRL's settings (training episodes)",
         (
-            Line("SAC", "sac_cleanrl", "charts/episodic_return"),
-            Line("PPO", "ppo", "charts/episodic_return"),
+            Line("sac.py", "sac_cleanrl", "charts/episodic_return"),
+            Line("CleanRL", "cleanrl_sac", "charts/episodic_return"),
+        ),
+        envs=("HalfCheetah-v5", "Hopper-v5"),
+        steps=15_000,
+        env_steps={"Hopper-v5": 30_000},
+        made_by="python benchmark/cleanrl_compare.py learn --algo sac",
+        published=CLEANRL_PUBLISHED["sac"],
+    ),
+    "cleanrl_ppo": Comparison(
+        "PPO against CleanRL's, side by side (training episodes)",
+        (
+            Line("ppo.py", "ppo", "charts/episodic_return"),
+            Line("CleanRL", "cleanrl_ppo", "charts/episodic_return"),
         ),
         envs=("HalfCheetah-v5", "Hopper-v5"),
         steps=300_000,
         env_steps={"Hopper-v5": 150_000},
-        # docs.cleanrl.dev (docs/rl-algorithms/{sac,ppo}.md at CleanRL fe8d8a0): mean ± sd of the
-        # training episodic return at the end of 1M steps, 3 seeds; SAC on -v2, PPO on -v4
-        published={
-            ("SAC", "HalfCheetah-v5"): (1_000_000, 9634.89, "CleanRL, HalfCheetah-v2, 1M steps"),
-            ("SAC", "Hopper-v5"): (1_000_000, 2310.46, "CleanRL, Hopper-v2, 1M steps"),
-            ("PPO", "HalfCheetah-v5"): (1_000_000, 1442.64, "CleanRL, HalfCheetah-v4, 1M steps"),
-            ("PPO", "Hopper-v5"): (1_000_000, 2382.86, "CleanRL, Hopper-v4, 1M steps"),
-        },
+        made_by="python benchmark/cleanrl_compare.py learn --algo ppo",
+        published=CLEANRL_PUBLISHED["ppo"],
     ),
 }
 
@@ -581,7 +607,8 @@ def summarise(data: dict, comp: Comparison, env: str, steps: int | None) -> list
         out.append({
             "line": line, "seeds": seeds, "grid": grid, "values": values, "per_seed": per_seed,
             "mean": mean, "lo": lo, "hi": hi, "auc": float(np.mean(auc)),
-            "sps": speed(data, line.variant, env, seeds),
+            # CleanRL's SPS is a running average from the start, ours a windowed rate: no column
+            "sps": float("nan") if comp.made_by else speed(data, line.variant, env, seeds),
         })  # fmt: skip
     return out
 
@@ -597,8 +624,9 @@ def table(comp: Comparison, env: str, rows: list[dict]) -> str:
     for r in rows:
         half = (r["hi"][-1] - r["lo"][-1]) / 2
         final = f"{r['mean'][-1]:.1f} ± {half:.1f} [{r['lo'][-1]:.1f}, {r['hi'][-1]:.1f}]"
+        sps = "–" if np.isnan(r["sps"]) else f"{r['sps']:.0f}"
         text.append(f"| {r['line'].label} | {final} | {r['grid'][-1]:.0f} | {r['auc']:.1f} | "
-                    f"{r['sps']:.0f} | {len(r['seeds'])} |")  # fmt: skip
+                    f"{sps} | {len(r['seeds'])} |")  # fmt: skip
     for (label, penv), (steps, value, note) in comp.published.items():
         if penv == env:
             text.append(f"| {label} (published: {note}) | {value:.1f} | {steps} | | | |")
@@ -631,9 +659,9 @@ def plot(comp: Comparison, name: str, data: dict, envs: tuple[str, ...], steps: 
                 axes[1, col].plot(wall_grid, mean, color=c, label=label)
                 axes[1, col].fill_between(wall_grid, lo, hi, color=c, alpha=0.2, linewidth=0)
         for (label, penv), (_, value, note) in comp.published.items():
-            if penv == env:  # a level, not a point: the quoted budget is usually off this axis
-                axes[0, col].axhline(value, color=colors.get(label, "k"), linestyle="--",
-                                     linewidth=1, label=f"{label}: {note}")  # fmt: skip
+            if penv == env:  # as text: a level at 1M steps would squash these short curves
+                axes[0, col].text(0.02, 0.97, f"{label} published: {value:.0f} ({note})",
+                                  transform=axes[0, col].transAxes, va="top", fontsize=7)  # fmt: skip
         ylabel = comp.lines[0].tag.split("/")[-1]
         axes[0, col].set(title=env, xlabel="env steps", ylabel=ylabel)
         if comp.wall_clock:
@@ -737,6 +765,10 @@ def main(argv: list[str] | None = None) -> int:
         seeds, envs, steps = select(comp, cmd.seeds, cmd.envs, cmd.steps)
         csv = os.path.join(cmd.out, "csv", f"{cmd.name}.csv")
         if isinstance(cmd, RunCmd):
+            if comp.made_by:
+                raise UsageError(
+                    f"{cmd.name}'s runs are made by `{comp.made_by}`; csv/plot read them"
+                )
             if cmd.jobs <= 0:
                 raise UsageError(f"--jobs must be positive, got {cmd.jobs}")
             runs = plan(comp, seeds, envs, steps, cmd.out, cmd.python)

@@ -12,8 +12,8 @@ Then, from the repository root:
 
     python benchmark/cleanrl_compare.py speed --algo sac --threads 2     # updates/s, both files
     python benchmark/cleanrl_compare.py speed --algo ppo --threads 1     # env steps/s
-    python benchmark/cleanrl_compare.py learn                             # 3 seeds x 2 envs x 2 algos
-    python benchmark/cleanrl_compare.py summary                           # the returns table
+    python benchmark/cleanrl_compare.py learn --algo sac                  # 3 seeds x 2 envs, both
+    python benchmark/bench.py csv cleanrl_sac && python benchmark/bench.py plot cleanrl_sac
 
 Both implementations get the same hyperparameters: CleanRL's (ours with `--q-lr 1e-3
 --alpha-lr 1e-3 --policy-frequency 2` for SAC; ppo.py's defaults are already CleanRL's).
@@ -24,17 +24,21 @@ random steps before learning starts cancel. For SAC every env step after `learni
 one gradient step of the critics, so that rate is updates per second.
 
 `learn` runs every (algo, env, seed, implementation) as its own process, `--jobs` at a time,
-with one torch thread each; a run whose log says it finished is not run again. `summary` reads
-the tensorboard events of both (`charts/episodic_return`, which both write) and prints the mean
-training return of the episodes that ended in the last 10% of the budget, and the mean over the
-whole run (a proxy for the area under the learning curve), per seed and over seeds.
+with one torch thread each, into benchmark/bench.py's layout (`<out>/runs/<variant>/<env>/
+seed<S>_<N>/` with run.log and, once it finished, done.json; CleanRL's runs are stored under
+the -v5 name so that they share a subplot with ours). A finished run is not run again. The
+budgets are those of bench.py's `cleanrl_sac` and `cleanrl_ppo` comparisons, whose `csv` and
+`plot` then draw both implementations' training returns (`charts/episodic_return`, which
+both write) with CleanRL's published 1M-step numbers as reference levels.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
+import importlib.util
+import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -45,13 +49,17 @@ from typing import Literal
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "benchmark", "bench.py"))
+bench = importlib.util.module_from_spec(_spec)  # the budgets and the run layout are bench.py's
+sys.modules["bench"] = bench
+_spec.loader.exec_module(bench)
 
 
 @dataclasses.dataclass
 class Args:
-    mode: tyro.conf.Positional[Literal["speed", "learn", "summary"]]
-    """speed: updates/s (SAC) or steps/s (PPO) of both; learn: the training runs; summary:
-    the returns table from the runs that `learn` wrote"""
+    mode: tyro.conf.Positional[Literal["speed", "learn"]]
+    """speed: updates/s (SAC) or steps/s (PPO) of both; learn: the training runs of both, for
+    `benchmark/bench.py csv/plot cleanrl_sac` (or cleanrl_ppo)"""
     algo: Literal["sac", "ppo", "both"] = "both"
     """which algorithm(s); `speed` needs one of sac, ppo"""
     cleanrl_dir: str = "../cleanrl"
@@ -60,8 +68,8 @@ class Args:
     """the Python of CleanRL's virtual environment (gymnasium 0.29, mujoco 2.3)"""
     python: str = sys.executable
     """the Python that runs our files"""
-    out: str = "runs_cleanrl_compare"
-    """where `learn` writes logs and tensorboard runs, and `summary` reads them"""
+    out: str = "runs/bench"
+    """where `learn` writes its runs (bench.py's --out) and `speed` its scratch runs"""
     threads: int = 1
     """torch CPU threads for both implementations (OMP_NUM_THREADS and ours' --threads)"""
     reps: int = 3
@@ -73,13 +81,9 @@ class Args:
     ppo_steps: tuple[int, int] = (4096, 24576)
     """speed, PPO: the two budgets N1, N2 in env steps (multiples of the 2048-step rollout)"""
     envs: tuple[str, ...] = ("HalfCheetah", "Hopper")
-    """learn/summary: envs, without version"""
+    """learn: envs, without version"""
     seeds: tuple[int, ...] = (1, 2, 3)
-    """learn/summary: seeds, the same for both implementations"""
-    sac_total_steps: int = 20_000
-    """learn: env steps per SAC run (learning starts after 5000)"""
-    ppo_total_steps: int = 300_000
-    """learn: env steps per PPO run"""
+    """learn: seeds, the same for both implementations"""
     jobs: int = 2
     """learn: runs at once (one per CPU core)"""
 
@@ -153,100 +157,70 @@ def speed(args: Args) -> None:
 
 
 # -- learn ---------------------------------------------------------------------------------------
+VARIANTS = {"sac": ("sac_cleanrl", "cleanrl_sac"), "ppo": ("ppo", "cleanrl_ppo")}  # bench.py's
+
+
 def algos(args: Args) -> list[str]:
     return ["ppo", "sac"] if args.algo == "both" else [args.algo]
 
 
-def budget(args: Args, algo: str) -> int:
-    return args.sac_total_steps if algo == "sac" else args.ppo_total_steps
-
-
 def learn(args: Args) -> None:
-    out = os.path.abspath(args.out)
-    for sub in ("logs", "ours", "cleanrl"):
-        os.makedirs(os.path.join(out, sub), exist_ok=True)
+    comparisons = bench.COMPARISONS
     jobs = []
     for algo in algos(args):
+        comp = comparisons[f"cleanrl_{algo}"]
         for env_id in args.envs:
+            steps = comp.budget(f"{env_id}-v5")
             for seed in args.seeds:
-                steps = budget(args, algo)
-                for impl in ("ours", "cleanrl"):  # pairs side by side: same load for both
-                    log = os.path.join(out, "logs", f"{algo}_{impl}_{env_id}_{seed}_{steps}.log")
-                    if os.path.exists(log + ".done"):
+                for impl, variant in zip(("ours", "cleanrl"), VARIANTS[algo]):  # side by side
+                    run_dir = os.path.join(
+                        os.path.abspath(args.out), "runs", variant, f"{env_id}-v5",
+                        f"seed{seed}_{steps}",
+                    )  # fmt: skip
+                    if os.path.exists(os.path.join(run_dir, "done.json")):
                         continue
                     if impl == "ours":
                         cmd = ours_cmd(args, algo, env_id, steps, seed)
                         every = "10000" if algo == "sac" else "50000"  # CleanRL does not evaluate
                         cmd += ["--eval-every", every, "--eval-episodes", "5"]
-                        cmd += ["--log-dir", os.path.join(out, "ours")]
-                        jobs.append((cmd, env_for(args.threads), out, log))
-                    else:
+                        cmd += ["--log-dir", run_dir]
+                        jobs.append((cmd, env_for(args.threads), run_dir))
+                    else:  # CleanRL writes runs/<name>/ under its working directory
                         cmd = cleanrl_cmd(args, algo, env_id, steps, seed)
-                        jobs.append((cmd, env_for(args.threads, args), os.path.join(out, "cleanrl"), log))  # fmt: skip
-    print(f"{len(jobs)} runs to do, {args.jobs} at a time; logs in {out}/logs", flush=True)
+                        jobs.append((cmd, env_for(args.threads, args), run_dir))
+    print(f"{len(jobs)} runs to do, {args.jobs} at a time, in {args.out}/runs", flush=True)
 
     def run(job: tuple) -> None:
-        cmd, env, cwd, log = job
+        cmd, env, run_dir = job
+        if os.path.exists(run_dir):
+            shutil.rmtree(run_dir)  # an interrupted run starts over
+        os.makedirs(run_dir)
         start = time.perf_counter()
-        with open(log, "w") as f:
+        with open(os.path.join(run_dir, "run.log"), "w") as f:
             code = subprocess.run(
-                cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, check=False
+                cmd, cwd=run_dir, env=env, stdout=f, stderr=subprocess.STDOUT, check=False
             ).returncode
-        minutes = (time.perf_counter() - start) / 60
+        wall = time.perf_counter() - start
+        inner = os.path.join(run_dir, "runs")
+        for name in os.listdir(inner) if os.path.isdir(inner) else []:  # CleanRL's run directory
+            os.rename(os.path.join(inner, name), os.path.join(run_dir, name))
         if code == 0:
-            open(log + ".done", "w").close()
-        print(f"{'done' if code == 0 else f'FAILED ({code})'} in {minutes:.1f} min: "
-              f"{os.path.basename(log)}", flush=True)  # fmt: skip
+            record = {"command": cmd, "exit_status": 0, "wall_seconds": round(wall, 1),
+                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+            with open(os.path.join(run_dir, "done.json"), "w") as f:
+                json.dump(record, f, indent=2)
+        print(f"{'done' if code == 0 else f'FAILED ({code})'} in {wall / 60:.1f} min: "
+              f"{os.path.relpath(run_dir, args.out)}", flush=True)  # fmt: skip
 
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(run, jobs))
 
 
-# -- summary -------------------------------------------------------------------------------------
-def episodic_returns(run_dir: str) -> list[tuple[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
-    acc.Reload()
-    if "charts/episodic_return" not in acc.Tags()["scalars"]:
-        return []
-    return [(e.step, e.value) for e in acc.Scalars("charts/episodic_return")]
-
-
-def summary(args: Args) -> None:
-    out = os.path.abspath(args.out)
-    roots = {"ours": os.path.join(out, "ours"), "CleanRL": os.path.join(out, "cleanrl", "runs")}
-    print("| algo | env | impl | steps | last 10% return (mean ± sd) | per seed | mean over run |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for algo in algos(args):
-        steps = budget(args, algo)
-        for env_id in args.envs:
-            for impl, root in roots.items():
-                finals, means, seeds = [], [], []
-                for seed in args.seeds:
-                    pattern = os.path.join(root, f"{env_id}-v?__{algo}*__{seed}__*")
-                    for run_dir in sorted(glob.glob(pattern)):
-                        returns = episodic_returns(run_dir)
-                        if not returns or returns[-1][0] < 0.97 * steps:
-                            continue  # unfinished, or another budget
-                        last = [r for s, r in returns if s >= 0.9 * steps]
-                        finals.append(statistics.mean(last))
-                        means.append(statistics.mean(r for _, r in returns))
-                        seeds.append(seed)
-                        break
-                if not finals:
-                    continue
-                sd = statistics.stdev(finals) if len(finals) > 1 else float("nan")
-                per_seed = ", ".join(f"{s}: {f:.0f}" for s, f in zip(seeds, finals))
-                print(f"| {algo} | {env_id} | {impl} | {steps:,} | {statistics.mean(finals):.0f} ± "
-                      f"{sd:.0f} | {per_seed} | {statistics.mean(means):.0f} |")  # fmt: skip
-
-
 def main() -> None:
     args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
-    if args.mode != "summary" and not os.path.exists(args.cleanrl_python):
+    if not os.path.exists(args.cleanrl_python):
         sys.exit(f"error: no CleanRL Python at {args.cleanrl_python} (see --help for the setup)")
-    {"speed": speed, "learn": learn, "summary": summary}[args.mode](args)
+    {"speed": speed, "learn": learn}[args.mode](args)
 
 
 if __name__ == "__main__":
