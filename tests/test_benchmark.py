@@ -96,6 +96,31 @@ def test_runs_are_shared_between_comparisons_and_errors_exit_2(tmp_path, monkeyp
         assert err.startswith("error: ") and err.count("\n") == 1, err
 
 
+def test_budgets_per_env_and_variant_and_their_flags_make_distinct_runs(tmp_path):
+    comp = bench.Comparison(
+        "c", (bench.Line("SAC", "sac"), bench.Line("MPO", "mpo")), ("Hopper-v5", "Swimmer-v5"),
+        steps=100, env_steps={"Swimmer-v5": 300}, variant_steps={"mpo": 50},
+        variant_args={"mpo": ("--learning-starts", "10")},
+    )  # fmt: skip
+    runs = {(r.variant, r.env): r for r in bench.plan(comp, (1,), comp.envs, None, str(tmp_path))}
+    assert runs["sac", "Hopper-v5"].steps == 100 and runs["sac", "Swimmer-v5"].steps == 300
+    assert runs["mpo", "Hopper-v5"].steps == 50 and runs["mpo", "Swimmer-v5"].steps == 50
+    assert "--learning-starts" in runs["mpo", "Hopper-v5"].cmd
+    assert "--learning-starts" not in runs["sac", "Hopper-v5"].cmd
+    plain = bench.Comparison("p", (bench.Line("MPO", "mpo"),), ("Hopper-v5",), steps=50)
+    (same_budget,) = bench.plan(plain, (1,), plain.envs, None, str(tmp_path))
+    assert same_budget.dir != runs["mpo", "Hopper-v5"].dir  # other flags, another run
+    overridden = bench.plan(comp, (1,), comp.envs, 7, str(tmp_path))
+    assert {r.steps for r in overridden} == {7}
+
+
+def test_comparisons_made_elsewhere_are_refused_by_run(tmp_path, capsys):
+    assert bench.COMPARISONS["cleanrl_sac"].made_by
+    assert bench.main(["run", "cleanrl_sac", "--out", str(tmp_path)]) == 2
+    assert "cleanrl_compare.py learn" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(tmp_path, "runs"))
+
+
 # -- end to end --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
