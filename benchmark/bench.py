@@ -89,6 +89,10 @@ class Comparison:
     """Quoted results: (line label, env) -> (steps, return, where it is quoted)."""
     env_steps: dict[str, int] = field(default_factory=dict)
     """Budgets of the envs that differ from `steps`."""
+    y_label: str = ""
+    """The quantity on the y axis (default: the first line's tag without its prefix)."""
+    x_label: str = "env steps"
+    """What the scripts log as the step (cpi_garnet.py: episodes per MDP)."""
     made_by: str = ""
     """The command that makes this comparison's runs where `run` cannot (CleanRL needs its own
     virtual environment); `csv` and `plot` read them as any other."""
@@ -194,6 +198,8 @@ COMPARISONS: dict[str, Comparison] = {
         envs=("Garnet",),
         steps=500_000,
         extra_args=("--num-mdps", "4"),
+        x_label="episodes per MDP",
+        y_label="cost",
         paper="[DPI] Fig. 1a (each seed averages 4 random MDPs)",
     ),
     # cpi_garnet.py is left out: it has no MuJoCo env.
@@ -618,7 +624,10 @@ def table(comp: Comparison, env: str, rows: list[dict]) -> str:
     text = [
         f"### {env}",
         "",
-        "| line | final return (mean ± 95% CI) | final step | mean over training | steps/s | seeds |",
+        (
+            f"| line | final {comp.y_label or comp.lines[0].tag.split('/')[-1]} (mean ± 95% CI) | final step | "
+            "mean over training | steps/s | seeds |"
+        ),
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
@@ -662,8 +671,8 @@ def plot(comp: Comparison, name: str, data: dict, envs: tuple[str, ...], steps: 
             if penv == env:  # as text: a level at 1M steps would squash these short curves
                 axes[0, col].text(0.02, 0.97, f"{label} published: {value:.0f} ({note})",
                                   transform=axes[0, col].transAxes, va="top", fontsize=7)  # fmt: skip
-        ylabel = comp.lines[0].tag.split("/")[-1]
-        axes[0, col].set(title=env, xlabel="env steps", ylabel=ylabel)
+        ylabel = comp.y_label or comp.lines[0].tag.split("/")[-1]
+        axes[0, col].set(title=env, xlabel=comp.x_label, ylabel=ylabel)
         if comp.wall_clock:
             axes[1, col].set(xlabel="wall-clock seconds", ylabel=ylabel)
         for ax in axes[:, col]:
