@@ -619,6 +619,11 @@ def summarise(data: dict, comp: Comparison, env: str, steps: int | None) -> list
     return out
 
 
+def num(x: float) -> str:
+    """Returns in whole numbers, costs and small returns with three significant digits."""
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.1f}" if abs(x) >= 10 else f"{x:.3g}"
+
+
 def table(comp: Comparison, env: str, rows: list[dict]) -> str:
     """The markdown table of one env."""
     text = [
@@ -632,13 +637,13 @@ def table(comp: Comparison, env: str, rows: list[dict]) -> str:
     ]
     for r in rows:
         half = (r["hi"][-1] - r["lo"][-1]) / 2
-        final = f"{r['mean'][-1]:.1f} ± {half:.1f} [{r['lo'][-1]:.1f}, {r['hi'][-1]:.1f}]"
+        final = f"{num(r['mean'][-1])} ± {num(half)} [{num(r['lo'][-1])}, {num(r['hi'][-1])}]"
         sps = "–" if np.isnan(r["sps"]) else f"{r['sps']:.0f}"
-        text.append(f"| {r['line'].label} | {final} | {r['grid'][-1]:.0f} | {r['auc']:.1f} | "
+        text.append(f"| {r['line'].label} | {final} | {r['grid'][-1]:.0f} | {num(r['auc'])} | "
                     f"{sps} | {len(r['seeds'])} |")  # fmt: skip
     for (label, penv), (steps, value, note) in comp.published.items():
         if penv == env:
-            text.append(f"| {label} (published: {note}) | {value:.1f} | {steps} | | | |")
+            text.append(f"| {label} (published: {note}) | {num(value)} | {steps} | | | |")
     return "\n".join(text) + "\n"
 
 
@@ -654,7 +659,9 @@ def plot(comp: Comparison, name: str, data: dict, envs: tuple[str, ...], steps: 
     if not any(summaries.values()):
         raise UsageError(f"no data for comparison {name!r} in the CSV")
     nrows = 2 if comp.wall_clock else 1
-    fig, axes = plt.subplots(nrows, len(envs), figsize=(4 * len(envs), 3 * nrows), squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, len(envs), figsize=(max(5.5, 4 * len(envs)), 3 * nrows), squeeze=False
+    )
     colors = {line.label: f"C{i}" for i, line in enumerate(comp.lines)}
     for col, env in enumerate(envs):
         for r in summaries[env]:
