@@ -164,6 +164,15 @@ COMPARISONS: dict[str, Comparison] = {
         wall_clock=True,
         paper="[TreePI] Fig. 1 (TreePI/search is left out here: about 1.5 env steps/s on this CPU)",
     ),
+    "treepi_search": Comparison(
+        "TreePI acting by search against acting by its policy",
+        (Line("TreePI/search", "treepi_search"), Line("TreePI/π", "treepi_pi")),
+        envs=("InvertedPendulum-v5",),
+        steps=2_000,
+        extra_args=("--learning-starts", "500", "--eval-every", "500", "--eval-episodes", "3"),
+        wall_clock=True,
+        paper="[TreePI] Fig. 1 (a search per env step: about an hour per seed on 2 CPU cores)",
+    ),
     "mpo_vs_sac_ppo": Comparison(
         "MPO against SAC and PPO",
         (Line("MPO", "mpo"), Line("SAC", "sac"), Line("PPO", "ppo")),
