@@ -8,7 +8,7 @@ torch thread each, `--jobs` at a time; it never imports the scripts.
 Usage (from anywhere; paths are relative to the current directory):
     python benchmark/bench.py list                          # comparisons and the runs they need
     python benchmark/bench.py run trpo_fig4 --jobs 2        # run what is not finished
-    python benchmark/bench.py run cleanrl --seeds 1 --steps 20000 --envs Hopper-v5
+    python benchmark/bench.py run mpo_vs_sac_ppo --seeds 1 --steps 20000 --envs Walker2d-v5
     python benchmark/bench.py csv trpo_fig4                 # runs/bench/csv/trpo_fig4.csv
     python benchmark/bench.py plot trpo_fig4                # benchmark/figures/trpo_fig4.{png,md}
 
@@ -17,11 +17,13 @@ Layout under --out (default runs/bench):
         <env>__<algo>__<S>__<stamp>/      run directory (tensorboard events, resume.pt, ...)
     csv/<comparison>.csv                  variant,env,seed,tag,step,wall,value
 
-A run's identity is (variant, env, seed, steps), not the comparison, so two comparisons that
-need the same run share it. A comparison's `extra_args` change the command, so they add a short
-hash of those arguments to the directory name. A run is finished when done.json exists (exit
+A run's identity is (variant, env, seed, steps, flags), not the comparison, so two comparisons
+that need the same run share it. A comparison's `extra_args` and `variant_args` change the
+command, so they add a short hash of those flags to the directory name. A run is finished when done.json exists (exit
 status 0); an unfinished one is resumed from its resume.pt with `--resume`, or deleted and
-started again when it has none.
+started again when it has none. The cleanrl_* comparisons' runs are made by
+benchmark/cleanrl_compare.py (CleanRL needs its own virtual environment); `csv` and `plot`
+read them like any other.
 """
 
 from __future__ import annotations
