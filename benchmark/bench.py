@@ -598,12 +598,21 @@ def to_wall_clock(grid: np.ndarray, values: np.ndarray, per_seed: list[np.ndarra
 
 
 def speed(data: dict, variant: str, env: str, seeds: list[int]) -> float:
-    """Steps/second: the median of charts/SPS over each run's second half, mean over seeds."""
+    """Steps/second over the second half of each run (off-policy warm-up and start-up excluded),
+    from the wall times of its events: (N - N/2) / (t(N) - t(N/2)); the mean over seeds."""
     rates = []
     for s in seeds:
-        ev = data.get((variant, env, s, "charts/SPS"))
-        if ev is not None and len(ev):
-            rates.append(np.median(ev[ev[:, 0] >= ev[-1, 0] / 2, 2]))
+        runs = [
+            ev[:, :2] for (v, e, seed, _), ev in data.items() if (v, e, seed) == (variant, env, s)
+        ]
+        if not runs:
+            continue
+        points = np.concatenate(runs)
+        points = points[np.argsort(points[:, 0], kind="stable")]  # (step, wall)
+        end, mid = points[-1, 0], points[-1, 0] / 2
+        seconds = points[:, 1].max() - np.interp(mid, points[:, 0], points[:, 1])
+        if seconds > 0:
+            rates.append((end - mid) / seconds)
     return float(np.mean(rates)) if rates else float("nan")
 
 
@@ -641,8 +650,8 @@ def table(comp: Comparison, env: str, rows: list[dict]) -> str:
         f"### {env}",
         "",
         (
-            f"| line | final {comp.y_label or comp.lines[0].tag.split('/')[-1]} (mean ± 95% CI) | final step | "
-            "mean over training | steps/s | seeds |"
+            f"| line | final {comp.y_label or comp.lines[0].tag.split('/')[-1]} (mean ± 95% CI) | last of {comp.x_label} | "
+            f"mean over training | {comp.x_label}/s, 2nd half | seeds |"
         ),
         "| --- | --- | --- | --- | --- | --- |",
     ]

@@ -66,6 +66,21 @@ def test_bin_episodes_averages_per_bin_and_carries_forward():
     np.testing.assert_array_equal(means, [np.nan, np.nan, 4.0, 4.0])  # nothing before
 
 
+def test_speed_is_the_rate_over_the_second_half_of_each_run():
+    """A run of 1000 steps: 500 warm-up steps in 1 s, then 500 steps in 50 s (10 steps/s); a
+    second seed twice as fast; the rate ignores the warm-up and averages the seeds."""
+    steps = np.arange(0, 1001, 100.0)
+    wall = np.where(steps <= 500, steps / 500, 1 + (steps - 500) / 10)
+    data = {}
+    for seed, factor in ((1, 1.0), (2, 0.5)):
+        rows = np.stack([steps, wall * factor, np.zeros_like(steps)], axis=1)
+        data["v", "E", seed, "charts/eval_return"] = rows[::2]
+        data["v", "E", seed, "charts/SPS"] = rows[1::2]
+    assert bench.speed(data, "v", "E", [1]) == pytest.approx(10.0)
+    assert bench.speed(data, "v", "E", [1, 2]) == pytest.approx((10.0 + 20.0) / 2)
+    assert np.isnan(bench.speed(data, "v", "E", [3]))
+
+
 def test_merge_events_lets_the_resumed_file_replace_the_lost_part(tmp_path):
     """Run A logs steps 0..10, is checkpointed at 5 and dies; the resumed B logs 6..15 later."""
     from torch.utils.tensorboard import SummaryWriter
