@@ -93,6 +93,8 @@ class Comparison:
     """Budgets of the envs that differ from `steps`."""
     y_label: str = ""
     """The quantity on the y axis (default: the first line's tag without its prefix)."""
+    log_y: bool = False
+    """A logarithmic y axis (rates that differ by orders of magnitude)."""
     x_label: str = "env steps"
     """What the scripts log as the step (cpi_garnet.py: episodes per MDP)."""
     made_by: str = ""
@@ -217,15 +219,17 @@ COMPARISONS: dict[str, Comparison] = {
     "speed": Comparison(
         "Speed of every algorithm on Hopper-v5 (one run at a time)",
         (
-            Line("SAC", "sac"),
-            Line("PPO", "ppo"),
-            Line("MPO", "mpo"),
-            Line("TreePI/π", "treepi_pi"),
-            Line("TRPO", "trpo_single"),
-            Line("AGGREVATED-ILQR", "dpi_ilqr"),
+            Line("SAC", "sac", "charts/SPS"),
+            Line("PPO", "ppo", "charts/SPS"),
+            Line("MPO", "mpo", "charts/SPS"),
+            Line("TreePI/π", "treepi_pi", "charts/SPS"),
+            Line("TRPO", "trpo_single", "charts/SPS"),
+            Line("AGGREVATED-ILQR", "dpi_ilqr", "charts/SPS"),
         ),
         envs=("Hopper-v5",),
         steps=10_000,
+        y_label="env steps/s",
+        log_y=True,
         variant_steps={"mpo": 3_000, "treepi_pi": 2_000},
         variant_args={
             "sac": OFF_POLICY_SHORT,
@@ -234,7 +238,6 @@ COMPARISONS: dict[str, Comparison] = {
         },
         extra_args=("--log-every", "500", "--eval-every", "0", "--eval-episodes", "1"),
         seeds=(1,),
-        wall_clock=True,
         serial=True,
     ),
     "cleanrl_sac": Comparison(
@@ -704,6 +707,8 @@ def plot(comp: Comparison, name: str, data: dict, envs: tuple[str, ...], steps: 
             axes[1, col].set(xlabel="wall-clock seconds", ylabel=ylabel)
         for ax in axes[:, col]:
             ax.grid(alpha=0.3)
+            if comp.log_y:
+                ax.set_yscale("log")
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(comp.title, fontsize=9)
     fig.tight_layout()
