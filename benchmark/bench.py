@@ -189,7 +189,7 @@ COMPARISONS: dict[str, Comparison] = {
         "TRPO: single path vs vine",
         (Line("single path", "trpo_single"), Line("vine", "trpo_vine")),
         envs=("Swimmer-v5", "Hopper-v5"),
-        steps=30_000,
+        steps=200_000,
         extra_args=("--eval-every", "10000", "--eval-episodes", "5"),
         paper="[TRPO] Fig. 4",
     ),
