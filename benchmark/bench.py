@@ -153,6 +153,23 @@ CLEANRL_PUBLISHED = {
     },
 }
 OFF_POLICY_SHORT = ("--learning-starts", "1000")  # `speed`: reach the learning phase quickly
+
+
+def against_cleanrl(algo: str, ours: str, title: str, steps: int, hopper_steps: int) -> Comparison:
+    """Our file against CleanRL's of the same algorithm, training episodes on HalfCheetah and
+    Hopper; the runs are made by cleanrl_compare.py (CleanRL needs its own environment)."""
+    episodes = "charts/episodic_return"
+    return Comparison(
+        f"{title} (training episodes)",
+        (Line(f"{algo}.py", ours, episodes), Line("CleanRL", f"cleanrl_{algo}", episodes)),
+        envs=("HalfCheetah-v5", "Hopper-v5"),
+        steps=steps,
+        env_steps={"Hopper-v5": hopper_steps},
+        made_by=f"python benchmark/cleanrl_compare.py learn --algo {algo}",
+        published=CLEANRL_PUBLISHED[algo],
+    )
+
+
 COMPARISONS: dict[str, Comparison] = {
     "treepi_fig1": Comparison(
         "TreePI/π against MPO+Predictive (TreePI at depth 1), MPO and SAC",
@@ -240,29 +257,15 @@ COMPARISONS: dict[str, Comparison] = {
         seeds=(1,),
         serial=True,
     ),
-    "cleanrl_sac": Comparison(
-        "SAC against CleanRL's, side by side, CleanRL's settings (training episodes)",
-        (
-            Line("sac.py", "sac_cleanrl", "charts/episodic_return"),
-            Line("CleanRL", "cleanrl_sac", "charts/episodic_return"),
-        ),
-        envs=("HalfCheetah-v5", "Hopper-v5"),
-        steps=15_000,
-        env_steps={"Hopper-v5": 30_000},
-        made_by="python benchmark/cleanrl_compare.py learn --algo sac",
-        published=CLEANRL_PUBLISHED["sac"],
+    "cleanrl_sac": against_cleanrl(
+        "sac",
+        "sac_cleanrl",
+        "SAC against CleanRL's, side by side, CleanRL's settings",
+        15_000,
+        30_000,
     ),
-    "cleanrl_ppo": Comparison(
-        "PPO against CleanRL's, side by side (training episodes)",
-        (
-            Line("ppo.py", "ppo", "charts/episodic_return"),
-            Line("CleanRL", "cleanrl_ppo", "charts/episodic_return"),
-        ),
-        envs=("HalfCheetah-v5", "Hopper-v5"),
-        steps=300_000,
-        env_steps={"Hopper-v5": 150_000},
-        made_by="python benchmark/cleanrl_compare.py learn --algo ppo",
-        published=CLEANRL_PUBLISHED["ppo"],
+    "cleanrl_ppo": against_cleanrl(
+        "ppo", "ppo", "PPO against CleanRL's, side by side", 300_000, 150_000
     ),
 }
 
