@@ -155,6 +155,11 @@ CLEANRL_PUBLISHED = {
 OFF_POLICY_SHORT = ("--learning-starts", "1000")  # `speed`: reach the learning phase quickly
 
 
+def evaluate_every(steps: int) -> tuple[str, ...]:
+    """The evaluation flags every learning-curve comparison uses: 5 episodes every `steps`."""
+    return ("--eval-every", str(steps), "--eval-episodes", "5")
+
+
 def against_cleanrl(algo: str, ours: str, title: str, steps: int, hopper_steps: int) -> Comparison:
     """Our file against CleanRL's of the same algorithm, training episodes on HalfCheetah and
     Hopper; the runs are made by cleanrl_compare.py (CleanRL needs its own environment)."""
@@ -182,7 +187,7 @@ COMPARISONS: dict[str, Comparison] = {
         ),
         envs=("InvertedPendulum-v5",),
         steps=1_500,
-        extra_args=("--learning-starts", "500", "--eval-every", "250", "--eval-episodes", "5"),
+        extra_args=("--learning-starts", "500", *evaluate_every(250)),
         wall_clock=True,
         paper="[TreePI] Fig. 1",
     ),
@@ -191,7 +196,7 @@ COMPARISONS: dict[str, Comparison] = {
         (Line("MPO", "mpo"), Line("SAC", "sac"), Line("PPO", "ppo")),
         envs=("HalfCheetah-v5", "Walker2d-v5"),
         steps=10_000,
-        extra_args=("--eval-every", "2500", "--eval-episodes", "5"),
+        extra_args=evaluate_every(2_500),
         paper="[MPO] Fig. 4 (there against DDPG, NAF, PPO and SVG; SAC is the later baseline)",
     ),
     "trpo_fig4": Comparison(
@@ -199,7 +204,7 @@ COMPARISONS: dict[str, Comparison] = {
         (Line("single path", "trpo_single"), Line("vine", "trpo_vine")),
         envs=("Swimmer-v5", "Hopper-v5"),
         steps=200_000,
-        extra_args=("--eval-every", "10000", "--eval-episodes", "5"),
+        extra_args=evaluate_every(10_000),
         paper="[TRPO] Fig. 4",
     ),
     "dpi_fig1": Comparison(
@@ -208,7 +213,7 @@ COMPARISONS: dict[str, Comparison] = {
         envs=("InvertedPendulum-v5", "Swimmer-v5"),
         steps=30_000,
         env_steps={"Swimmer-v5": 100_000},
-        extra_args=("--eval-every", "4000", "--eval-episodes", "5"),
+        extra_args=evaluate_every(4_000),
         paper="[DPI] Fig. 1b-c",
     ),
     "cpi_fig1a": Comparison(
