@@ -136,6 +136,10 @@ VARIANTS: dict[str, Variant] = {
     # share a subplot with ours; benchmark/cleanrl_compare.py runs them (made_by below)
     "cleanrl_sac": Variant("../cleanrl/cleanrl/sac_continuous_action.py", doc="CleanRL's SAC"),
     "cleanrl_ppo": Variant("../cleanrl/cleanrl/ppo_continuous_action.py", doc="CleanRL's PPO"),
+    "cleanrl_sac_gymnasium1": Variant(
+        "runs/bench/cleanrl_gymnasium1/sac_continuous_action.py",
+        doc="CleanRL's SAC patched for gymnasium 1.x, on the -v5 envs (our stack)",
+    ),
 }
 
 # Budgets are what a 2-core CPU runs in an afternoon, far below the papers'; `--steps` overrides.
@@ -160,17 +164,28 @@ def evaluate_every(steps: int) -> tuple[str, ...]:
     return ("--eval-every", str(steps), "--eval-episodes", "5")
 
 
-def against_cleanrl(algo: str, ours: str, title: str, steps: int, hopper_steps: int) -> Comparison:
+def against_cleanrl(
+    algo: str,
+    ours: str,
+    title: str,
+    steps: int,
+    hopper_steps: int,
+    stack: str = "cleanrl",
+    seeds: tuple[int, ...] = (1, 2, 3),
+) -> Comparison:
     """Our file against CleanRL's of the same algorithm, training episodes on HalfCheetah and
-    Hopper; the runs are made by cleanrl_compare.py (CleanRL needs its own environment)."""
+    Hopper; the runs are made by cleanrl_compare.py (CleanRL needs its own environment, or with
+    `--stack ours` a patched copy of its file)."""
     episodes = "charts/episodic_return"
+    theirs = f"cleanrl_{algo}" if stack == "cleanrl" else f"cleanrl_{algo}_gymnasium1"
     return Comparison(
         f"{title} (training episodes)",
-        (Line(f"{algo}.py", ours, episodes), Line("CleanRL", f"cleanrl_{algo}", episodes)),
+        (Line(f"{algo}.py", ours, episodes), Line("CleanRL", theirs, episodes)),
         envs=("HalfCheetah-v5", "Hopper-v5"),
         steps=steps,
+        seeds=seeds,
         env_steps={"Hopper-v5": hopper_steps},
-        made_by=f"python benchmark/cleanrl_compare.py learn --algo {algo}",
+        made_by=f"python benchmark/cleanrl_compare.py learn --algo {algo} --stack {stack}",
         published=CLEANRL_PUBLISHED[algo],
     )
 
@@ -263,6 +278,15 @@ COMPARISONS: dict[str, Comparison] = {
     ),
     "cleanrl_ppo": against_cleanrl(
         "ppo", "ppo", "PPO against CleanRL's, side by side", 300_000, 150_000
+    ),
+    "cleanrl_sac_same_stack": against_cleanrl(
+        "sac",
+        "sac_cleanrl",
+        "SAC against CleanRL's on one simulator stack (-v5, gymnasium 1.x, mujoco 3)",
+        15_000,
+        30_000,
+        stack="ours",
+        seeds=tuple(range(1, 9)),
     ),
 }
 

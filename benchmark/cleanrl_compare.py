@@ -15,6 +15,15 @@ Then, from the repository root:
     python benchmark/cleanrl_compare.py learn --algo sac                  # 3 seeds x 2 envs, both
     python benchmark/bench.py csv cleanrl_sac && python benchmark/bench.py plot cleanrl_sac
 
+With `--stack ours` CleanRL's SAC runs on our simulator stack instead (-v5 envs, gymnasium 1.x,
+mujoco 3, the Python that runs our files): a copy of its file is patched for gymnasium 1.x's
+vector API (same-step autoreset, which 0.29 did by default, and the `final_obs` and
+`final_info` keys that replaced `final_observation` and the list of final infos) and nothing
+else, so a difference in returns is the two implementations' and not the simulators':
+
+    python benchmark/cleanrl_compare.py learn --algo sac --stack ours     # 8 seeds x 2 envs
+    python benchmark/bench.py csv cleanrl_sac_same_stack && python benchmark/bench.py plot cleanrl_sac_same_stack
+
 Both implementations get the same hyperparameters: CleanRL's (ours with `--q-lr 1e-3
 --alpha-lr 1e-3 --policy-frequency 2` for SAC; ppo.py's defaults are already CleanRL's).
 
@@ -82,10 +91,14 @@ class Args:
     """speed, PPO: the two budgets N1, N2 in env steps (multiples of the 2048-step rollout)"""
     envs: tuple[str, ...] = ("HalfCheetah", "Hopper")
     """learn: envs, without version"""
-    seeds: tuple[int, ...] = (1, 2, 3)
-    """learn: seeds, the same for both implementations"""
+    seeds: tuple[int, ...] = ()
+    """learn: seeds, the same for both implementations (default: the comparison's)"""
     jobs: int = 2
     """learn: runs at once (one per CPU core)"""
+    stack: Literal["cleanrl", "ours"] = "cleanrl"
+    """cleanrl: CleanRL in its own environment on the -v4 envs; ours: CleanRL's SAC patched for
+    gymnasium 1.x and run by --python on the -v5 envs (SAC only; bench.py's
+    cleanrl_sac_same_stack)"""
 
 
 LEARNING_STARTS = 5_000  # CleanRL's and sac.py's default
@@ -98,11 +111,59 @@ def env_for(threads: int, cleanrl: Args | None = None) -> dict:
     return env
 
 
+# CleanRL's SAC (fe8d8a0) under gymnasium 1.x: (what its file says, what it says instead)
+GYMNASIUM1_PATCH = (
+    (  # 0.29's vector envs reset an ended env in the same step; 1.x's default is the next step
+        "for i in range(args.num_envs)]\n    )",
+        (
+            "for i in range(args.num_envs)],\n"
+            "        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,\n    )"
+        ),
+    ),
+    (  # 1.x gives the final infos as one dict of arrays with a mask, not a list of dicts
+        """            for info in infos["final_info"]:
+                if info is not None:
+                    print(f"global_step={global_step}, episodic_return={info['episode']['r']}")
+                    writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
+                    writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
+                    break""",
+        """            for i in np.flatnonzero(infos["_final_info"]):
+                episode = infos["final_info"]["episode"]
+                print(f"global_step={global_step}, episodic_return={episode['r'][i]}")
+                writer.add_scalar("charts/episodic_return", episode["r"][i], global_step)
+                writer.add_scalar("charts/episodic_length", episode["l"][i], global_step)
+                break""",
+    ),
+    ('infos["final_observation"]', 'infos["final_obs"]'),  # renamed in 1.x
+)
+
+
+def cleanrl_for_gymnasium1(args: Args) -> str:
+    """A copy of CleanRL's SAC with GYMNASIUM1_PATCH applied, under --out; returns its path."""
+    src = os.path.join(os.path.abspath(args.cleanrl_dir), "cleanrl", "sac_continuous_action.py")
+    with open(src) as f:
+        text = f.read()
+    for old, new in GYMNASIUM1_PATCH:
+        if text.count(old) != 1:
+            sys.exit(f"error: {src} is not the CleanRL file the gymnasium 1.x patch expects "
+                     f"(fe8d8a0); it lacks {old.strip().splitlines()[0]!r}")  # fmt: skip
+        text = text.replace(old, new)
+    dst = os.path.join(os.path.abspath(args.out), "cleanrl_gymnasium1", "sac_continuous_action.py")
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    with open(dst, "w") as f:
+        f.write(text)
+    return dst
+
+
 def cleanrl_cmd(args: Args, algo: str, env_id: str, steps: int, seed: int) -> list[str]:
-    script = {"sac": "sac_continuous_action.py", "ppo": "ppo_continuous_action.py"}[algo]
-    return [args.cleanrl_python, os.path.join(os.path.abspath(args.cleanrl_dir), "cleanrl", script),
-            "--env-id", f"{env_id}-v4", "--total-timesteps", str(steps), "--seed", str(seed),
-            "--no-cuda"]  # fmt: skip
+    if args.stack == "ours":  # the patched copy, our Python, the -v5 env
+        python, script, version = args.python, cleanrl_for_gymnasium1(args), "v5"
+    else:
+        name = {"sac": "sac_continuous_action.py", "ppo": "ppo_continuous_action.py"}[algo]
+        script = os.path.join(os.path.abspath(args.cleanrl_dir), "cleanrl", name)
+        python, version = args.cleanrl_python, "v4"
+    return [python, script, "--env-id", f"{env_id}-{version}", "--total-timesteps", str(steps),
+            "--seed", str(seed), "--no-cuda"]  # fmt: skip
 
 
 def ours_cmd(args: Args, algo: str, env_id: str, steps: int, seed: int) -> list[str]:
@@ -157,7 +218,12 @@ def speed(args: Args) -> None:
 
 
 # -- learn ---------------------------------------------------------------------------------------
-VARIANTS = {"sac": ("sac_cleanrl", "cleanrl_sac"), "ppo": ("ppo", "cleanrl_ppo")}  # bench.py's
+# bench.py's comparison and its two variants (ours, CleanRL's), per algorithm and stack
+COMPARISONS = {
+    ("sac", "cleanrl"): ("cleanrl_sac", "sac_cleanrl", "cleanrl_sac"),
+    ("ppo", "cleanrl"): ("cleanrl_ppo", "ppo", "cleanrl_ppo"),
+    ("sac", "ours"): ("cleanrl_sac_same_stack", "sac_cleanrl", "cleanrl_sac_gymnasium1"),
+}
 
 
 def algos(args: Args) -> list[str]:
@@ -165,14 +231,14 @@ def algos(args: Args) -> list[str]:
 
 
 def learn(args: Args) -> None:
-    comparisons = bench.COMPARISONS
     jobs = []
     for algo in algos(args):
-        comp = comparisons[f"cleanrl_{algo}"]
+        name, *variants = COMPARISONS[algo, args.stack]
+        comp = bench.COMPARISONS[name]
         for env_id in args.envs:
             steps = comp.budget(f"{env_id}-v5")
-            for seed in args.seeds:
-                for impl, variant in zip(("ours", "cleanrl"), VARIANTS[algo]):  # side by side
+            for seed in args.seeds or comp.seeds:
+                for impl, variant in zip(("ours", "cleanrl"), variants):  # side by side
                     run_dir = os.path.join(
                         os.path.abspath(args.out), "runs", variant, f"{env_id}-v5",
                         f"seed{seed}_{steps}",
@@ -218,7 +284,9 @@ def learn(args: Args) -> None:
 
 def main() -> None:
     args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
-    if not os.path.exists(args.cleanrl_python):
+    if args.stack == "ours" and args.algo != "sac":
+        sys.exit("error: --stack ours patches CleanRL's SAC only: use --algo sac")
+    if args.stack == "cleanrl" and not os.path.exists(args.cleanrl_python):
         sys.exit(f"error: no CleanRL Python at {args.cleanrl_python} (see --help for the setup)")
     {"speed": speed, "learn": learn}[args.mode](args)
 

@@ -136,6 +136,66 @@ def test_comparisons_made_elsewhere_are_refused_by_run(tmp_path, capsys):
     assert not os.path.exists(os.path.join(tmp_path, "runs"))
 
 
+def load_cleanrl_compare():
+    spec = importlib.util.spec_from_file_location(
+        "cleanrl_compare", os.path.join(ROOT, "benchmark", "cleanrl_compare.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["cleanrl_compare"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gymnasium1_patch_reads_what_gymnasium_1_gives(tmp_path):
+    """CleanRL's SAC patched for gymnasium 1.x: the file is patched or refused with a clear
+    message, and the patched lines, run against gymnasium 1.x's vector env, log the ended
+    episode's return and store its true final observation (not the next episode's first)."""
+    import gymnasium as gym
+
+    cc = load_cleanrl_compare()
+    cleanrl = tmp_path / "cleanrl"
+    (cleanrl / "cleanrl").mkdir(parents=True)
+    script = cleanrl / "cleanrl" / "sac_continuous_action.py"
+    script.write_text("\n#\n".join(old for old, _ in cc.GYMNASIUM1_PATCH))
+    args = cc.Args(mode="learn", stack="ours", cleanrl_dir=str(cleanrl), out=str(tmp_path))
+    cmd = cc.cleanrl_cmd(args, "sac", "Hopper", 30_000, 4)
+    assert cmd[0] == args.python and cmd[2:4] == ["--env-id", "Hopper-v5"]
+    with open(cmd[1]) as f:
+        patched = f.read()
+    assert all(new in patched and old not in patched for old, new in cc.GYMNASIUM1_PATCH)
+    script.write_text("a different file")
+    with pytest.raises(SystemExit, match="not the CleanRL file"):
+        cc.cleanrl_for_gymnasium1(args)
+
+    def make():
+        return gym.wrappers.RecordEpisodeStatistics(gym.make("Pendulum-v1", max_episode_steps=5))
+
+    assert "autoreset_mode=gym.vector.AutoresetMode.SAME_STEP" in cc.GYMNASIUM1_PATCH[0][1]
+    envs = gym.vector.SyncVectorEnv([make, make], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    logged, rewards = [], []
+
+    class Writer:
+        def add_scalar(self, tag, value, step):
+            logged.append((tag, float(value)))
+
+    envs.reset(seed=0)
+    single = make()  # the same episode without a vector env: its last observation is the truth
+    single.reset(seed=0)
+    for global_step in range(5):
+        actions = envs.action_space.sample()
+        next_obs, reward, _, truncations, infos = envs.step(actions)
+        true_last, *_ = single.step(actions[0])
+        rewards.append(reward[0])
+        if "final_info" in infos:
+            namespace = {"infos": infos, "np": np, "writer": Writer(), "global_step": global_step}
+            exec("for _ in [0]:\n" + cc.GYMNASIUM1_PATCH[1][1], namespace)  # noqa: S102 (the patch)
+    assert truncations.all() and dict(logged)["charts/episodic_length"] == 5
+    assert dict(logged)["charts/episodic_return"] == pytest.approx(sum(rewards), rel=1e-5)
+    final = eval(cc.GYMNASIUM1_PATCH[2][1] + "[0]", {"infos": infos})
+    assert final == pytest.approx(true_last)
+    assert not np.allclose(final, next_obs[0])  # next_obs holds the next episode's first
+
+
 # -- end to end --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
