@@ -22,6 +22,7 @@ vector API (same-step autoreset, which 0.29 did by default, and the `final_obs` 
 else, so a difference in returns is the two implementations' and not the simulators':
 
     python benchmark/cleanrl_compare.py learn --algo sac --stack ours     # 8 seeds x 2 envs
+    python benchmark/cleanrl_compare.py speed --algo sac --stack ours     # both on HalfCheetah-v5
     python benchmark/bench.py csv cleanrl_sac_same_stack && python benchmark/bench.py plot cleanrl_sac_same_stack
 
 Both implementations get the same hyperparameters: CleanRL's (ours with `--q-lr 1e-3
@@ -36,8 +37,8 @@ one gradient step of the critics, so that rate is updates per second.
 with one torch thread each, into benchmark/bench.py's layout (`<out>/runs/<variant>/<env>/
 seed<S>_<N>/` with run.log and, once it finished, done.json; CleanRL's runs are stored under
 the -v5 name so that they share a subplot with ours). A finished run is not run again. The
-budgets are those of bench.py's `cleanrl_sac` and `cleanrl_ppo` comparisons, whose `csv` and
-`plot` then draw both implementations' training returns (`charts/episodic_return`, which
+budgets and seeds are those of bench.py's `cleanrl_sac`, `cleanrl_ppo` and
+`cleanrl_sac_same_stack` comparisons, whose `csv` and `plot` then draw both implementations' training returns (`charts/episodic_return`, which
 both write) with CleanRL's published 1M-step numbers as reference levels.
 """
 
