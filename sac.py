@@ -112,6 +112,10 @@ class Args:
     """Hidden activation ([TreePI] Table 2 uses elu)."""
     layer_norm: bool = False
     """LayerNorm after the first hidden layer (the 'LN' of [TreePI] Table 2)."""
+    bf16: bool = False
+    """Matrix products of the updates in bfloat16 (torch.autocast), for speed on CPUs with
+    AVX512-BF16 or AMX and on GPUs; weights, Q-values, log-probabilities, losses and Adam stay
+    float32. Off by default: the paper's and CleanRL's arithmetic is float32."""
     # Replay [SAC Sec. 7]
     buffer_size: int = 1_000_000
     """Replay buffer capacity in transitions."""
@@ -290,7 +294,8 @@ class Actor(nn.Module):
         self.register_buffer("action_bias", (high + low) / 2)
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, log_std = self.head(self.trunk(obs)).chunk(2, dim=-1)  # [B, A] each
+        # float32 even under --bf16, so that the log-probability is computed in float32
+        mean, log_std = self.head(self.trunk(obs)).float().chunk(2, dim=-1)  # [B, A] each
         # tanh keeps log std in [LOG_STD_MIN, LOG_STD_MAX] with a gradient everywhere (CleanRL)
         log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(log_std) + 1)
         return mean, log_std
@@ -341,7 +346,8 @@ class Critic(nn.Module):
         for w, b in zip(self.weights[1:-1], self.biases[1:-1]):
             x = torch.baddbmm(b, self.act(x), w)  # [E, B, H]
         # The output layer as multiply-and-sum: a bmm with one output column has a slow
-        # backward on the CPU (an outer product done as a matmul of inner size 1).
+        # backward on the CPU (an outer product done as a matmul of inner size 1). Its float32
+        # weights make Q float32 under --bf16 too.
         return (self.act(x) * self.weights[-1].transpose(1, 2)).sum(-1) + self.biases[-1].squeeze(
             -1
         )  # [E, B]
@@ -797,30 +803,31 @@ def train(args: Args) -> dict:
         obs = next_obs
         # update: one gradient step per environment step
         if global_step >= args.learning_starts:
-            for _ in range(args.num_envs):
-                batch = rb.sample(args.batch_size)
-                alpha = log_alpha.detach().exp()
-                progress.add_metrics(
-                    update_critic(
-                        actor, critic, critic_target, critic_opt, batch, alpha, args.gamma
-                    )
-                )
-                num_updates += 1
-                if num_updates % args.policy_frequency == 0:
-                    for _ in range(args.policy_frequency):
-                        progress.add_metrics(
-                            update_actor(
-                                actor,
-                                critic,
-                                actor_opt,
-                                log_alpha,
-                                alpha_opt,
-                                batch.obs,
-                                target_entropy,
-                            )
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):  # --bf16
+                for _ in range(args.num_envs):
+                    batch = rb.sample(args.batch_size)
+                    alpha = log_alpha.detach().exp()
+                    progress.add_metrics(
+                        update_critic(
+                            actor, critic, critic_target, critic_opt, batch, alpha, args.gamma
                         )
-                if num_updates % args.target_network_frequency == 0:
-                    soft_update(critic_target, critic, args.tau)
+                    )
+                    num_updates += 1
+                    if num_updates % args.policy_frequency == 0:
+                        for _ in range(args.policy_frequency):
+                            progress.add_metrics(
+                                update_actor(
+                                    actor,
+                                    critic,
+                                    actor_opt,
+                                    log_alpha,
+                                    alpha_opt,
+                                    batch.obs,
+                                    target_entropy,
+                                )
+                            )
+                    if num_updates % args.target_network_frequency == 0:
+                        soft_update(critic_target, critic, args.tau)
         # log, evaluate and save
         if global_step >= next_log:
             progress.log(global_step, num_updates)

@@ -121,6 +121,42 @@ def test_batched_critic_equals_two_separate_mlps(layer_norm):
         torch.testing.assert_close(q[e], x.squeeze(-1))
 
 
+def test_bf16_products_keep_q_and_log_prob_float32_and_close():
+    """--bf16: the matrix products run in bfloat16 (the results differ from float32), while Q
+    and log pi come out float32 and within bfloat16's rounding of the float32 values."""
+    torch.manual_seed(4)
+    args = sac.Args(hidden_sizes=(256, 256))
+    space = sac.gym.spaces.Box(-2.0, 2.0, (3,))
+    critic, actor = sac.Critic(11, 3, args), sac.Actor(11, space, args)
+    obs, actions = torch.randn(64, 11), torch.rand(64, 3) * 4 - 2
+    noise = torch.randn(64, 3)
+
+    def outputs():
+        mean, log_std = actor(obs)
+        a, log_prob = sac.squashed_gaussian(
+            mean, log_std, noise, actor.action_scale, actor.action_bias
+        )
+        return critic(obs, actions), a, log_prob
+
+    exact = outputs()
+    with torch.autocast("cpu", torch.bfloat16):  # what train() does under --bf16
+        low = outputs()
+    for x, y in zip(exact, low):
+        assert y.dtype == torch.float32
+        assert not torch.equal(x, y)  # bfloat16 products: 8 bits of mantissa
+        torch.testing.assert_close(y, x, rtol=0.05, atol=0.05 * x.abs().mean().item())
+
+
+def test_end_to_end_bf16_trains_with_float32_weights(log_dir):
+    out = sac.train(small_args(log_dir, bf16=True, save_model=True))
+    assert out["num_updates"] == 201 and math.isfinite(out["eval_return"])
+    model = torch.load(os.path.join(out["run_dir"], "model.pt"), weights_only=True)
+    weights = [
+        w for part in model["state"].values() if isinstance(part, dict) for w in part.values()
+    ]
+    assert weights and all(w.dtype == torch.float32 and w.isfinite().all() for w in weights)
+
+
 def test_squashed_density_integrates_to_one_over_the_action_box():
     """Midpoint-rule integral of pi(a) over the box [-1, 1] x [0, 0.5] is 1, with a and its
     noise related by noise = (atanh((a - bias) / scale) - mean) / std."""
