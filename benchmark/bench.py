@@ -117,6 +117,11 @@ VARIANTS: dict[str, Variant] = {
         ("--q-lr", "1e-3", "--alpha-lr", "1e-3", "--policy-frequency", "2"),
         doc="SAC with CleanRL's settings",
     ),
+    "sac_cleanrl_bf16": Variant(
+        "sac.py",
+        ("--q-lr", "1e-3", "--alpha-lr", "1e-3", "--policy-frequency", "2", "--bf16"),
+        doc="SAC with CleanRL's settings, matrix products in bfloat16",
+    ),
     "ppo": Variant("ppo.py", doc="PPO (defaults are CleanRL's)"),
     "mpo": Variant("mpo.py", doc="MPO"),
     "treepi_pi": Variant("treepi.py", ("--act", "policy"), doc="TreePI acting with the policy"),
@@ -278,6 +283,17 @@ COMPARISONS: dict[str, Comparison] = {
     ),
     "cleanrl_ppo": against_cleanrl(
         "ppo", "ppo", "PPO against CleanRL's, side by side", 300_000, 150_000
+    ),
+    "sac_bf16": Comparison(
+        "sac.py with its updates' matrix products in bfloat16 (--bf16) and in float32, CleanRL's "
+        "settings (training episodes)",
+        (
+            Line("float32", "sac_cleanrl", "charts/episodic_return"),
+            Line("--bf16", "sac_cleanrl_bf16", "charts/episodic_return"),
+        ),
+        envs=("HalfCheetah-v5", "Hopper-v5"),
+        steps=15_000,
+        env_steps={"Hopper-v5": 30_000},
     ),
     "cleanrl_sac_same_stack": against_cleanrl(
         "sac",

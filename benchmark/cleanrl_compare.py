@@ -96,6 +96,8 @@ class Args:
     """learn: seeds, the same for both implementations (default: the comparison's)"""
     jobs: int = 2
     """learn: runs at once (one per CPU core)"""
+    bf16: bool = False
+    """speed: our file with --bf16 (its matrix products in bfloat16; CleanRL's stay float32)"""
     stack: Literal["cleanrl", "ours"] = "cleanrl"
     """cleanrl: CleanRL in its own environment on the -v4 envs; ours: CleanRL's SAC patched for
     gymnasium 1.x and run by --python on the -v5 envs (SAC only; bench.py's
@@ -202,6 +204,7 @@ def speed(args: Args) -> None:
                 times.append(wall_time(cmd, env_for(args.threads, args), scratch))
             else:
                 cmd = ours_cmd(args, args.algo, args.env, offset + n, 1) + quiet
+                cmd += ["--bf16"] if args.bf16 else []
                 times.append(wall_time(cmd, env_for(args.threads), scratch))
         return (n2 - n1) / (times[1] - times[0])
 
