@@ -30,6 +30,7 @@ Usage:
     [TreePI] Table 2 baseline: --hidden-sizes 256 256 256 --layer-norm --activation elu
         --target-entropy-scale 0.5 --batch-size 512 --tau 1 --target-network-frequency 200
     [CleanRL] defaults: --q-lr 1e-3 --alpha-lr 1e-3 --policy-frequency 2
+    python sac.py --bf16        # bfloat16 matrix products (CPUs with AVX512-BF16 or AMX, GPUs)
 
 Deviations from the paper:
     - The log standard deviation is squashed into [LOG_STD_MIN, LOG_STD_MAX] by tanh, as in
