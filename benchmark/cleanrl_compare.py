@@ -38,8 +38,9 @@ with one torch thread each, into benchmark/bench.py's layout (`<out>/runs/<varia
 seed<S>_<N>/` with run.log and, once it finished, done.json; CleanRL's runs are stored under
 the -v5 name so that they share a subplot with ours). A finished run is not run again. The
 budgets and seeds are those of bench.py's `cleanrl_sac`, `cleanrl_ppo` and
-`cleanrl_sac_same_stack` comparisons, whose `csv` and `plot` then draw both implementations' training returns (`charts/episodic_return`, which
-both write) with CleanRL's published 1M-step numbers as reference levels.
+`cleanrl_sac_same_stack` comparisons, whose `csv` and `plot` then draw both implementations'
+training returns (`charts/episodic_return`, which both write) with CleanRL's published
+1M-step numbers as reference levels.
 """
 
 from __future__ import annotations
@@ -288,6 +289,8 @@ def learn(args: Args) -> None:
 
 def main() -> None:
     args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
+    if args.bf16 and args.algo != "sac":
+        sys.exit("error: --bf16 is a flag of sac.py only: use --algo sac")
     if args.stack == "ours" and args.algo != "sac":
         sys.exit("error: --stack ours patches CleanRL's SAC only: use --algo sac")
     if args.stack == "cleanrl" and not os.path.exists(args.cleanrl_python):
