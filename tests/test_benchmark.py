@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 384  # 6 PPO rollouts of 64 steps; SAC learns from step 100
@@ -194,6 +195,35 @@ def test_gymnasium1_patch_reads_what_gymnasium_1_gives(tmp_path):
     final = eval(cc.GYMNASIUM1_PATCH[2][1] + "[0]", {"infos": infos})
     assert final == pytest.approx(true_last)
     assert not np.allclose(final, next_obs[0])  # next_obs holds the next episode's first
+
+
+def test_sac_update_flop_count_matches_torch_flop_counter():
+    """sac_update_speed.py's hand count of one update's matrix-product FLOPs (a critic step and
+    an actor step) equals what torch's FlopCounterMode sees sac.py's update functions do."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    spec = importlib.util.spec_from_file_location(
+        "sac_update_speed", os.path.join(ROOT, "benchmark", "sac_update_speed.py")
+    )
+    speed = importlib.util.module_from_spec(spec)
+    sys.modules["sac_update_speed"] = speed
+    spec.loader.exec_module(speed)
+    sac = speed.sac
+    cfg = sac.Args()
+    space = sac.gym.spaces.Box(-1.0, 1.0, (speed.ACT,))
+    agent = sac.make_agent(cfg, speed.OBS, space, torch.device("cpu"))
+    actor, critic, target, log_alpha = (
+        agent[k] for k in ("actor", "critic", "critic_target", "log_alpha")
+    )
+    opts = [torch.optim.Adam(p, lr=1e-3) for p in (actor.parameters(), critic.parameters())]
+    rb = sac.ReplayBuffer(512, speed.OBS, speed.ACT, torch.device("cpu"))
+    rb.add(obs=np.ones((512, speed.OBS)), actions=np.zeros((512, speed.ACT)),
+           rewards=np.zeros(512), next_obs=np.ones((512, speed.OBS)), terminated=np.zeros(512))  # fmt: skip
+    batch = rb.sample(256)
+    with FlopCounterMode(display=False) as counter:
+        sac.update_critic(actor, critic, target, opts[1], batch, torch.tensor(0.1), 0.99)
+        sac.update_actor(actor, critic, opts[0], log_alpha, None, batch.obs, -6.0)
+    assert counter.get_total_flops() == speed.flops_per_update()
 
 
 # -- end to end --------------------------------------------------------------------------------
