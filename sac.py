@@ -737,6 +737,9 @@ def train(args: Args) -> dict:
         torch.optim.Adam([log_alpha], lr=args.alpha_lr, fused=True) if args.autotune else None
     )
     optimizers = {"actor_opt": actor_opt, "critic_opt": critic_opt, "alpha_opt": alpha_opt}
+    # --bf16: the update steps under torch.autocast (bfloat16 matrix products); off, a no-op
+    precision = torch.autocast(device.type, torch.bfloat16, enabled=args.bf16)
+    critic_step, actor_step = precision(update_critic), precision(update_actor)
     target_entropy = -args.target_entropy_scale * float(np.prod(envs.single_action_space.shape))
     # -- storage
     rb = ReplayBuffer(
@@ -804,31 +807,28 @@ def train(args: Args) -> dict:
         obs = next_obs
         # update: one gradient step per environment step
         if global_step >= args.learning_starts:
-            with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):  # --bf16
-                for _ in range(args.num_envs):
-                    batch = rb.sample(args.batch_size)
-                    alpha = log_alpha.detach().exp()
-                    progress.add_metrics(
-                        update_critic(
-                            actor, critic, critic_target, critic_opt, batch, alpha, args.gamma
-                        )
-                    )
-                    num_updates += 1
-                    if num_updates % args.policy_frequency == 0:
-                        for _ in range(args.policy_frequency):
-                            progress.add_metrics(
-                                update_actor(
-                                    actor,
-                                    critic,
-                                    actor_opt,
-                                    log_alpha,
-                                    alpha_opt,
-                                    batch.obs,
-                                    target_entropy,
-                                )
+            for _ in range(args.num_envs):
+                batch = rb.sample(args.batch_size)
+                alpha = log_alpha.detach().exp()
+                progress.add_metrics(
+                    critic_step(actor, critic, critic_target, critic_opt, batch, alpha, args.gamma)
+                )
+                num_updates += 1
+                if num_updates % args.policy_frequency == 0:
+                    for _ in range(args.policy_frequency):
+                        progress.add_metrics(
+                            actor_step(
+                                actor,
+                                critic,
+                                actor_opt,
+                                log_alpha,
+                                alpha_opt,
+                                batch.obs,
+                                target_entropy,
                             )
-                    if num_updates % args.target_network_frequency == 0:
-                        soft_update(critic_target, critic, args.tau)
+                        )
+                if num_updates % args.target_network_frequency == 0:
+                    soft_update(critic_target, critic, args.tau)
         # log, evaluate and save
         if global_step >= next_log:
             progress.log(global_step, num_updates)

@@ -148,13 +148,20 @@ def test_bf16_products_keep_q_and_log_prob_float32_and_close():
 
 
 def test_end_to_end_bf16_trains_with_float32_weights(log_dir):
-    out = sac.train(small_args(log_dir, bf16=True, save_model=True))
+    """--bf16 reaches the updates (same seed, other weights than float32) and keeps the
+    weights float32 and finite."""
+
+    def weights(run_dir: str) -> list[torch.Tensor]:
+        model = torch.load(os.path.join(run_dir, "model.pt"), weights_only=True)
+        return [w for part in model["state"].values() if isinstance(part, dict)
+                for w in part.values()]  # fmt: skip
+
+    out = sac.train(small_args(log_dir, bf16=True))
     assert out["num_updates"] == 201 and math.isfinite(out["eval_return"])
-    model = torch.load(os.path.join(out["run_dir"], "model.pt"), weights_only=True)
-    weights = [
-        w for part in model["state"].values() if isinstance(part, dict) for w in part.values()
-    ]
-    assert weights and all(w.dtype == torch.float32 and w.isfinite().all() for w in weights)
+    low = weights(out["run_dir"])
+    assert low and all(w.dtype == torch.float32 and w.isfinite().all() for w in low)
+    exact = weights(sac.train(small_args(log_dir))["run_dir"])
+    assert any(not torch.equal(a, b) for a, b in zip(low, exact))
 
 
 def test_squashed_density_integrates_to_one_over_the_action_box():
