@@ -210,9 +210,7 @@ def check_args(args: Args) -> None:
     if args.num_states < 2 or args.num_actions < 2:
         raise UsageError("--num-states and --num-actions must be at least 2")
     if not 1 <= args.branching <= args.num_states:
-        raise UsageError(
-            f"--branching must be in [1, --num-states={args.num_states}], got {args.branching}"
-        )
+        raise UsageError(f"--branching must be in [1, --num-states={args.num_states}], got {args.branching}")
     if args.num_mdps <= 0:
         raise UsageError(f"--num-mdps must be positive, got {args.num_mdps}")
     if not 0.0 < args.gamma < 1.0:
@@ -332,9 +330,7 @@ def rollouts(
     return Rollouts(s, total, states, actions, costs, next_states)
 
 
-def sample_visitation(
-    mdp: MDP, pi: np.ndarray, num_episodes: int, rng: np.random.Generator
-) -> Rollouts:
+def sample_visitation(mdp: MDP, pi: np.ndarray, num_episodes: int, rng: np.random.Generator) -> Rollouts:
     """Episodes of pi from rho0 that stop before each action with probability 1 - gamma [CPI].
 
     An episode stops in s_t with probability (1 - gamma) gamma^t, so end_states ~ d_pi, and it
@@ -346,12 +342,7 @@ def sample_visitation(
 
 
 def estimate_q(
-    mdp: MDP,
-    pi: np.ndarray,
-    states: np.ndarray,
-    num_rollouts: int,
-    common_horizon: bool,
-    rng: np.random.Generator,
+    mdp: MDP, pi: np.ndarray, states: np.ndarray, num_rollouts: int, common_horizon: bool, rng: np.random.Generator
 ) -> tuple[np.ndarray, Rollouts]:
     """Qhat(s_i, a) for every action: the mean over num_rollouts episodes that take a in s_i,
     then follow pi, of the undiscounted cost until the episode stops [CPI].
@@ -367,9 +358,7 @@ def estimate_q(
     shape = (N, R, 1) if common_horizon else (N, R, A)
     lengths = np.broadcast_to(rng.geometric(1.0 - mdp.gamma, size=shape), (N, R, A))
     # episode i * R * A + r * A + a starts in states[i] with action a
-    q = rollouts(
-        mdp, pi, np.repeat(states, R * A), lengths.ravel(), np.tile(np.arange(A), N * R), rng
-    )
+    q = rollouts(mdp, pi, np.repeat(states, R * A), lengths.ravel(), np.tile(np.arange(A), N * R), rng)
     return q.total_costs.reshape(N, R, A).mean(axis=1), q
 
 
@@ -408,13 +397,9 @@ class TransitionCounts:
         self.cost_sum = np.zeros(num_states * num_actions)  # [S * A]
         self.visits = np.zeros(num_states * num_actions, dtype=np.int64)  # n(s, a)
 
-    def add(
-        self, states: np.ndarray, actions: np.ndarray, costs: np.ndarray, next_states: np.ndarray
-    ) -> None:
+    def add(self, states: np.ndarray, actions: np.ndarray, costs: np.ndarray, next_states: np.ndarray) -> None:
         rows = states * self.A + actions
-        keys, inverse = np.unique(
-            np.concatenate([self.keys, rows * self.S + next_states]), return_inverse=True
-        )
+        keys, inverse = np.unique(np.concatenate([self.keys, rows * self.S + next_states]), return_inverse=True)
         weights = np.concatenate([self.counts, np.ones(len(rows), dtype=np.int64)])
         self.keys = keys
         self.counts = np.bincount(inverse, weights=weights, minlength=len(keys)).astype(np.int64)
@@ -453,11 +438,7 @@ def bellman_q(mdp: MDP, V: np.ndarray) -> np.ndarray:
 
 
 def value_iteration(
-    mdp: MDP,
-    V: np.ndarray | None = None,
-    mu: float = 0.0,
-    prior: np.ndarray | None = None,
-    tol: float = VI_TOL,
+    mdp: MDP, V: np.ndarray | None = None, mu: float = 0.0, prior: np.ndarray | None = None, tol: float = VI_TOL
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Exact (soft) value iteration: the fixed point of [DPI eq. 10] with temperature mu.
 
@@ -646,9 +627,7 @@ def load_checkpoint(path: str, env: str | None = None, device: str | torch.devic
     except Exception as e:  # noqa: BLE001 (whatever makes the file unreadable: one clear line)
         raise UsageError(f"cannot read checkpoint {path}: {type(e).__name__}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(
-            f"{path} is not a checkpoint of this repository (format {CHECKPOINT_FORMAT})"
-        )
+        raise UsageError(f"{path} is not a checkpoint of this repository (format {CHECKPOINT_FORMAT})")
     if payload["algo"] != ALGO:
         raise UsageError(f"{path} is a {payload['algo']} checkpoint, not {ALGO}")
     if env is not None and payload["env"] != env:
@@ -681,9 +660,7 @@ def open_run(args: Args) -> tuple[str, SummaryWriter]:
 
 def saved_args(args: Args) -> dict:
     """Arguments stored in a checkpoint: the run's settings without the load/resume paths."""
-    return dataclasses.asdict(
-        dataclasses.replace(args, checkpoint=None, resume=None, eval_only=False)
-    )
+    return dataclasses.asdict(dataclasses.replace(args, checkpoint=None, resume=None, eval_only=False))
 
 
 class Progress:
@@ -712,10 +689,7 @@ class Progress:
         self.writer.add_scalar("charts/updates_per_second", ups, global_step)
         for k, v in self.sums.items():
             self.writer.add_scalar(k, v / self.counts[k], global_step)
-        print(
-            f"step {global_step} | {where} | cost {cost:.4f} | SPS {sps:.0f} | updates/s {ups:.1f}",
-            flush=True,
-        )
+        print(f"step {global_step} | {where} | cost {cost:.4f} | SPS {sps:.0f} | updates/s {ups:.1f}", flush=True)
         self.sums, self.counts = {}, {}
         self.last = (now, global_step, num_updates)
 
@@ -741,13 +715,7 @@ def num_iterations(args: Args, algo: str) -> int:
 
 
 def run_mdp(
-    mdp: MDP,
-    mdp_seed: int,
-    algo: str,
-    args: Args,
-    progress: Progress,
-    counters: dict[str, int],
-    where: str,
+    mdp: MDP, mdp_seed: int, algo: str, args: Args, progress: Progress, counters: dict[str, int], where: str
 ) -> dict[str, torch.Tensor]:
     """Train one algorithm on one MDP for num_iterations(args, algo) iterations.
 
@@ -769,9 +737,7 @@ def run_mdp(
         if algo == "cpi":
             pi, W, metrics, used_episodes, used_steps = cpi_step(mdp, pi, psi, args, rng)
         else:
-            pi, W, V, metrics, used_episodes, used_steps = aggrevated_vi_step(
-                mdp, pi, psi, counts, V, args, rng
-            )
+            pi, W, V, metrics, used_episodes, used_steps = aggrevated_vi_step(mdp, pi, psi, counts, V, args, rng)
         classifiers.append(W)
         episodes.append(episodes[-1] + used_episodes)
         steps.append(steps[-1] + used_steps)
@@ -781,10 +747,7 @@ def run_mdp(
         progress.add_metrics(metrics)
         if steps[-1] >= next_log:
             progress.log(
-                counters["global_step"],
-                counters["num_updates"],
-                f"{where} | {algo} | episodes {episodes[-1]}",
-                costs[-1],
+                counters["global_step"], counters["num_updates"], f"{where} | {algo} | episodes {episodes[-1]}", costs[-1]
             )
             next_log += args.log_every
     return {
@@ -874,9 +837,7 @@ def evaluate_only(args: Args) -> dict:
     out: dict[str, list[float]] = {algo: [] for algo in ALGORITHMS}
     out["optimal"] = []
     for i, result in enumerate(payload["state"]["mdps"]):
-        mdp = make_garnet(
-            args.num_states, args.num_actions, args.branching, args.gamma, result["mdp_seed"]
-        )
+        mdp = make_garnet(args.num_states, args.num_actions, args.branching, args.gamma, result["mdp_seed"])
         out["optimal"].append(float(mdp.rho0 @ policy_iteration(mdp)[0]))
         for algo in ALGORITHMS:
             pi = mixture_policy(result[algo]["classifiers"].numpy(), psi, args.beta)
@@ -948,15 +909,9 @@ def train(args: Args) -> dict:
     if args.save_model:
         save_checkpoint(os.path.join(run_dir, "model.pt"), payload(with_train_state=False))
     writer.close()
-    final = {
-        f"cost_{algo}": float(np.mean([r[algo]["costs"][-1].item() for r in results]))
-        for algo in ALGORITHMS
-    }
+    final = {f"cost_{algo}": float(np.mean([r[algo]["costs"][-1].item() for r in results])) for algo in ALGORITHMS}
     final["cost_optimal"] = float(np.mean([r["optimal_cost"] for r in results]))
-    print(
-        "done: " + " | ".join(f"{k} {v:.4f}" for k, v in final.items()) + f" | run {run_dir}",
-        flush=True,
-    )
+    print("done: " + " | ".join(f"{k} {v:.4f}" for k, v in final.items()) + f" | run {run_dir}", flush=True)
     return {
         **final,
         "global_step": counters["global_step"],
@@ -975,9 +930,7 @@ def parse_args(argv: list[str] | None) -> Args:
     if path is not None:
         saved = load_checkpoint(path)["args"]
         fields = {f.name for f in dataclasses.fields(Args)}
-        defaults = Args(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields}
-        )
+        defaults = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
         args = tyro.cli(Args, args=argv, default=defaults)
     return args
 

@@ -232,9 +232,7 @@ def check_args(args: Args) -> None:
     if args.cuda:
         raise UsageError(f"{ALGO}.py runs on the CPU: its LQR and fits are small and sequential")
     if args.env not in COSTS:
-        raise UsageError(
-            f"{args.env} has no known cost in {ALGO}.py; supported: {', '.join(COSTS)}"
-        )
+        raise UsageError(f"{args.env} has no known cost in {ALGO}.py; supported: {', '.join(COSTS)}")
     if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
         raise UsageError(f"--hidden-sizes must be positive, got {args.hidden_sizes}")
     if args.episodes < 2 or args.horizon <= 0:
@@ -305,9 +303,7 @@ def make_eval_env(env_id: str, video_dir: str | None, episodes: int) -> gym.Env:
 def check_spaces(env_id: str, obs_space: gym.Space, action_space: gym.Space) -> None:
     """DPI needs flat Box observations (the LQR state) and Box actions."""
     if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-        raise UsageError(
-            f"{env_id} has observation space {obs_space}; this script needs a flat Box"
-        )
+        raise UsageError(f"{env_id} has observation space {obs_space}; this script needs a flat Box")
     if not isinstance(action_space, gym.spaces.Box) or len(action_space.shape) != 1:
         raise UsageError(f"{env_id} has action space {action_space}; DPI needs a flat Box")
 
@@ -420,9 +416,7 @@ def hopper_cost(obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     the healthy reward is paid only inside the healthy set and the episode ends outside it,
     which the LQR cannot see, so a quadratic torso-angle term stands in for the angle limit.
     """
-    return (
-        -1.0 - obs[..., 5] + 1e-3 * (actions**2).sum(-1) + (obs[..., 1] / HOPPER_ANGLE_LIMIT) ** 2
-    )
+    return -1.0 - obs[..., 5] + 1e-3 * (actions**2).sum(-1) + (obs[..., 1] / HOPPER_ANGLE_LIMIT) ** 2
 
 
 def half_cheetah_cost(obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -499,9 +493,7 @@ def robust_variants(args: Args) -> tuple[list[tuple[float, float]], list[tuple[f
 ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh}
 
 
-def mlp(
-    in_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool
-) -> nn.Sequential:
+def mlp(in_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool) -> nn.Sequential:
     """Linear + activation layers; optional LayerNorm after the first Linear ([TreePI] '256-LN')."""
     layers: list[nn.Module] = []
     for i, size in enumerate(hidden_sizes):
@@ -601,9 +593,7 @@ class PriorBuffer:
     def add(self, rollouts: Rollouts) -> None:
         for obs, actions, mask in zip(*rollouts):
             length = int(mask.sum())
-            self.episodes.append(
-                torch.cat([obs[:length], actions[:length], obs[1 : length + 1]], 1)
-            )
+            self.episodes.append(torch.cat([obs[:length], actions[:length], obs[1 : length + 1]], 1))
         self.episodes = self.episodes[-self.capacity :]
 
     def points(self) -> torch.Tensor:
@@ -739,9 +729,7 @@ def gmm_fit(points: torch.Tensor, clusters: int, iters: int, init: GMM | None) -
     return GMM(gmm.log_weights, gmm.means + centre, gmm.covs)
 
 
-def prior_moments(
-    gmm: GMM, points: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def prior_moments(gmm: GMM, points: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """NIW prior mean mu0_t and scatter Phi_t at each step from the GMM [iLQR; GPS].
 
     w_tk = mean over the samples at t of their responsibilities;
@@ -759,13 +747,7 @@ def prior_moments(
 
 
 def fit_dynamics(
-    points: torch.Tensor,
-    mask: torch.Tensor,
-    mu0: torch.Tensor,
-    phi: torch.Tensor,
-    strength: float,
-    reg: float,
-    obs_dim: int,
+    points: torch.Tensor, mask: torch.Tensor, mu0: torch.Tensor, phi: torch.Tensor, strength: float, reg: float, obs_dim: int
 ) -> Dynamics:
     """Per-step linear-Gaussian dynamics from a normal-inverse-Wishart posterior [DPI eq. 8].
 
@@ -786,9 +768,7 @@ def fit_dynamics(
     scatter = diff.transpose(1, 2) @ diff  # [T, D, D]
     shift = mean - mu0
     coef = (n * strength / (n + strength).clamp_min(1e-12))[:, None, None]
-    sigma = (scatter + strength * phi + coef * shift[:, :, None] * shift[:, None, :]) / (
-        n + strength
-    )[:, None, None]
+    sigma = (scatter + strength * phi + coef * shift[:, :, None] * shift[:, None, :]) / (n + strength)[:, None, None]
     # Deviation from [GPS], which keeps the sample mean: the NIW posterior mean, defined
     # even for a step that only one episode reached
     mu = (n[:, None] * mean + strength * mu0) / (n + strength)[:, None]
@@ -806,10 +786,7 @@ def fit_dynamics(
 
 
 def quadratic_cost(
-    cost_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    obs: torch.Tensor,
-    actions: torch.Tensor,
-    mask: torch.Tensor,
+    cost_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], obs: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor
 ) -> Quadratic:
     """Second-order expansion of c around every sample, re-centred and averaged per step [GPS].
 
@@ -827,21 +804,16 @@ def quadratic_cost(
         value = cost_fn(y[..., :obs_dim], y[..., obs_dim:])  # [T, N]
         (grad,) = torch.autograd.grad(value.sum(), y, create_graph=True)  # [T, N, Y]
         rows = [
-            torch.autograd.grad(grad[..., i].sum(), y, retain_graph=True, allow_unused=True)[0]
-            for i in range(y.shape[-1])
+            torch.autograd.grad(grad[..., i].sum(), y, retain_graph=True, allow_unused=True)[0] for i in range(y.shape[-1])
         ]
     hess = torch.stack([torch.zeros_like(y) if r is None else r for r in rows], -2)
     y, value, grad, hess = y.detach(), value.detach(), grad.detach(), hess.detach()
     hy = (hess @ y[..., None])[..., 0]  # [T, N, Y]
     c0 = value - (grad * y).sum(-1) + 0.5 * (hy * y).sum(-1)
-    return Quadratic(
-        masked_mean(sym(hess), mask), masked_mean(grad - hy, mask), masked_mean(c0, mask)
-    )
+    return Quadratic(masked_mean(sym(hess), mask), masked_mean(grad - hy, mask), masked_mean(c0, mask))
 
 
-def linearize_policy(
-    actor: Actor, obs: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def linearize_policy(actor: Actor, obs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Linear mean of pi_n per step: mean(s) ~ Kbar_t s + kbar_t near the samples at t.
 
     Kbar_t = mean_i J(s_i), kbar_t = mean_i (mean(s_i) - J(s_i) s_i), J the Jacobian of the
@@ -855,11 +827,7 @@ def linearize_policy(
         mean = actor(x)  # [T, N, A]
         # one backward pass per action dim gives that row of every sample's Jacobian
         jac = torch.stack(
-            [
-                torch.autograd.grad(mean[..., i].sum(), x, retain_graph=True)[0]
-                for i in range(mean.shape[-1])
-            ],
-            -2,
+            [torch.autograd.grad(mean[..., i].sum(), x, retain_graph=True)[0] for i in range(mean.shape[-1])], -2
         ).double()  # [T, N, A, O]
     offset = mean.detach().double() - (jac @ obs[..., None])[..., 0]
     return masked_mean(jac, mask), masked_mean(offset, mask)
@@ -881,14 +849,10 @@ def augmented_cost(cost: Quadratic, mu: float, pi_bar: LinearGaussianPolicy) -> 
     pkk = (precision @ kbar[..., None])[..., 0]  # [T, A]
     kl_c = torch.cat([(Kbar.transpose(1, 2) @ pkk[..., None])[..., 0], -pkk], 1)
     kl_c0 = 0.5 * (kbar * pkk).sum(1) + 0.5 * torch.logdet(2 * np.pi * pi_bar.cov)
-    return Quadratic(
-        cost.C / mu + torch.cat([top, bottom], 1), cost.c / mu + kl_c, cost.c0 / mu + kl_c0
-    )
+    return Quadratic(cost.C / mu + torch.cat([top, bottom], 1), cost.c / mu + kl_c, cost.c0 / mu + kl_c0)
 
 
-def lqr_backward(
-    dynamics: Dynamics, cost: Quadratic, gamma: float
-) -> tuple[LinearGaussianPolicy, ValueFunction] | None:
+def lqr_backward(dynamics: Dynamics, cost: Quadratic, gamma: float) -> tuple[LinearGaussianPolicy, ValueFunction] | None:
     """Maximum-entropy LQR on the model [DPI eq. 10; GPS backward]; None if Q_aa is not PD.
 
     From V_T = 0, for t = T-1 .. 0 (F = F_t, f = f_t):
@@ -982,12 +946,7 @@ def disadvantage(Q: Quadratic, V: ValueFunction) -> Quadratic:
 
 def expected_value(V: ValueFunction, mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     """E_{s ~ N(mean, cov)} V_0(s) = 1/2 mean'V_xx mean + 1/2 tr(V_xx cov) + v_x'mean + v0."""
-    return (
-        0.5 * mean @ V.V_xx[0] @ mean
-        + 0.5 * torch.trace(V.V_xx[0] @ cov)
-        + V.v_x[0] @ mean
-        + V.v0[0]
-    )
+    return 0.5 * mean @ V.V_xx[0] @ mean + 0.5 * torch.trace(V.V_xx[0] @ cov) + V.v_x[0] @ mean + V.v0[0]
 
 
 def forward_marginals(
@@ -1007,19 +966,14 @@ def forward_marginals(
         K = policy.K[t]
         y_mean = torch.cat([mu, K @ mu + policy.k[t]])
         sk = sigma @ K.T
-        y_cov = torch.cat(
-            [torch.cat([sigma, sk], 1), torch.cat([sk.T, K @ sk + policy.cov[t]], 1)], 0
-        )
+        y_cov = torch.cat([torch.cat([sigma, sk], 1), torch.cat([sk.T, K @ sk + policy.cov[t]], 1)], 0)
         mu = dynamics.F[t] @ y_mean + dynamics.f[t]
         sigma = sym(dynamics.F[t] @ y_cov @ dynamics.F[t].T + dynamics.cov[t])
     return torch.stack(mus), torch.stack(sigmas)
 
 
 def trajectory_kl(
-    policy: LinearGaussianPolicy,
-    pi_bar: LinearGaussianPolicy,
-    mu: torch.Tensor,
-    sigma: torch.Tensor,
+    policy: LinearGaussianPolicy, pi_bar: LinearGaussianPolicy, mu: torch.Tensor, sigma: torch.Tensor
 ) -> torch.Tensor:
     """E_{s ~ N(mu_t, Sigma_t)} KL(eta_t(.|s) || pi_n(.|s)) per step [DPI eq. 9; iLQR; GPS].
 
@@ -1064,11 +1018,7 @@ def solve_eta(
 
 
 def dual_search(
-    solve: Callable[[float], tuple[float, object] | None],
-    alpha: float,
-    mu: float,
-    tolerance: float,
-    max_iters: int,
+    solve: Callable[[float], tuple[float, object] | None], alpha: float, mu: float, tolerance: float, max_iters: int
 ) -> tuple[float, object, float, int]:
     """Find mu with |KL(mu) - alpha| <= tolerance * alpha [DPI eq. 9; GPS bracket search].
 
@@ -1123,9 +1073,7 @@ def expected_disadvantage(
     return quad + noise + (A.c[steps] * y).sum(1) + A.c0[steps]
 
 
-def gaussian_kl(
-    mean_old: torch.Tensor, log_std_old: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor
-) -> torch.Tensor:
+def gaussian_kl(mean_old: torch.Tensor, log_std_old: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
     """KL(N_old || N) = sum_i log(s_i / s_old_i) + (s_old_i^2 + (m_old_i - m_i)^2) / (2 s_i^2)
     - 1/2 for diagonal Gaussians: [B, A] each -> [B]."""
     var_ratio = torch.exp(2 * (log_std_old - log_std))
@@ -1133,9 +1081,7 @@ def gaussian_kl(
     return (log_std - log_std_old + 0.5 * (var_ratio + mahalanobis) - 0.5).sum(-1)
 
 
-def conjugate_gradient(
-    avp: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int
-) -> torch.Tensor:
+def conjugate_gradient(avp: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int) -> torch.Tensor:
     """An approximate solution x of A x = b, A symmetric positive definite, from products A v.
 
     [TRPO App. C] conjugate gradient from x_0 = 0 for `iters` steps (the paper: 10), stopping
@@ -1157,9 +1103,7 @@ def conjugate_gradient(
     return x
 
 
-def fisher_vector_product(
-    kl_grad: torch.Tensor, params: list[torch.Tensor], v: torch.Tensor, damping: float
-) -> torch.Tensor:
+def fisher_vector_product(kl_grad: torch.Tensor, params: list[torch.Tensor], v: torch.Tensor, damping: float) -> torch.Tensor:
     """(A + damping I) v, A = d^2/dtheta^2 mean_s KL(pi_old(.|s) || pi_theta(.|s)) at theta_old.
 
     [TRPO App. C.1] the Hessian-vector product of the analytic mean KL: kl_grad = dKL/dtheta,
@@ -1246,9 +1190,7 @@ def update_eta(
     residual = masked_mean((pred - points[..., -obs_dim:]).pow(2).sum(-1), mask)
     x0 = obs[0]  # [N, O]: every episode has step 0
     x0_mean = x0.mean(0)
-    x0_cov = sym(torch.cov(x0.T).reshape(obs_dim, obs_dim)) + 1e-6 * torch.eye(
-        obs_dim, dtype=x0.dtype
-    )
+    x0_cov = sym(torch.cov(x0.T).reshape(obs_dim, obs_dim)) + 1e-6 * torch.eye(obs_dim, dtype=x0.dtype)
     # 4. true cost and linearised pi_n [DPI eq. 10]
     cost = quadratic_cost(cost_fn, obs[:-1], actions, mask)
     Kbar, kbar = linearize_policy(actor, obs[:-1], mask)
@@ -1269,9 +1211,7 @@ def update_eta(
     _, V_pi = lqr_evaluate(dynamics, cost, pi_bar, args.gamma)
     flat_mask = rollouts.mask[:, :steps]
     time_index = torch.arange(steps).expand(len(flat_mask), -1)
-    imitation = Imitation(
-        disadvantage(Q, V), rollouts.obs[:, :steps][flat_mask].float(), time_index[flat_mask]
-    )
+    imitation = Imitation(disadvantage(Q, V), rollouts.obs[:, :steps][flat_mask].float(), time_index[flat_mask])
     metrics = {
         "stats/mu": torch.tensor(mu),
         "stats/kl_eta": torch.tensor(kl),
@@ -1293,10 +1233,7 @@ def surrogate(actor: Actor, targets: list[Imitation]) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float64)
     for target in targets:
         mean = actor(target.obs).double()
-        total = (
-            total
-            + expected_disadvantage(target.A, target.obs.double(), target.steps, mean, var).mean()
-        )
+        total = total + expected_disadvantage(target.A, target.obs.double(), target.steps, mean, var).mean()
     return total
 
 
@@ -1318,9 +1255,7 @@ def update_actor(actor: Actor, targets: list[Imitation], args: Args) -> dict[str
 
     loss_old = surrogate(actor, targets)  # L(theta_n), a cost
     g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss_old, params)]).float()
-    kl_grad = torch.cat(
-        [x.reshape(-1) for x in torch.autograd.grad(mean_kl(), params, create_graph=True)]
-    )
+    kl_grad = torch.cat([x.reshape(-1) for x in torch.autograd.grad(mean_kl(), params, create_graph=True)])
     # [DPI eq. 11] F_theta_n, the Hessian of E_s KL(pi_theta_n, pi_theta) at theta_n
     fvp = functools.partial(fisher_vector_product, kl_grad, params, damping=args.cg_damping)
     step_dir = conjugate_gradient(fvp, g, args.cg_iters)  # s ~ F^-1 g
@@ -1336,14 +1271,7 @@ def update_actor(actor: Actor, targets: list[Imitation], args: Args) -> dict[str
     # default) keeps a step whose quadratic KL model is wrong from making pi worse
     if args.line_search:
         fraction = line_search(
-            actor,
-            evaluate_step,
-            theta_old,
-            full_step,
-            -loss_old,
-            args.beta / 2,
-            args.backtrack_coef,
-            args.backtrack_iters,
+            actor, evaluate_step, theta_old, full_step, -loss_old, args.beta / 2, args.backtrack_coef, args.backtrack_iters
         )
     else:  # the paper's plain step
         set_parameters(params, theta_old + full_step)
@@ -1361,9 +1289,7 @@ def update_actor(actor: Actor, targets: list[Imitation], args: Args) -> dict[str
 
 
 # == 8. Evaluation =====================================================================
-def evaluate(
-    act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int
-) -> list[float]:
+def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int) -> list[float]:
     """Undiscounted returns of `episodes` episodes of act(obs) -> action, reset with seed + i."""
     returns = []
     for i in range(episodes):
@@ -1394,9 +1320,7 @@ def load_checkpoint(path: str, env: str | None = None, device: str | torch.devic
     except Exception as e:  # noqa: BLE001 (whatever makes the file unreadable: one clear line)
         raise UsageError(f"cannot read checkpoint {path}: {type(e).__name__}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(
-            f"{path} is not a checkpoint of this repository (format {CHECKPOINT_FORMAT})"
-        )
+        raise UsageError(f"{path} is not a checkpoint of this repository (format {CHECKPOINT_FORMAT})")
     if payload["algo"] != ALGO:
         raise UsageError(f"{path} is a {payload['algo']} checkpoint, not {ALGO}")
     if env is not None and payload["env"] != env:
@@ -1446,9 +1370,7 @@ def open_run(args: Args) -> tuple[str, SummaryWriter]:
 
 def saved_args(args: Args) -> dict:
     """Arguments stored in a checkpoint: the run's settings without the load/resume paths."""
-    return dataclasses.asdict(
-        dataclasses.replace(args, checkpoint=None, resume=None, eval_only=False)
-    )
+    return dataclasses.asdict(dataclasses.replace(args, checkpoint=None, resume=None, eval_only=False))
 
 
 class Progress:
@@ -1485,8 +1407,7 @@ class Progress:
             self.writer.add_scalar(k, (v / self.counts[k]).item(), global_step)
         ret = f"{np.mean(self.returns):.1f}" if self.returns else "-"
         print(
-            f"step {global_step} | return {ret} | eval {self.eval_return:.1f} | SPS {sps:.0f} | "
-            f"updates/s {ups:.0f}",
+            f"step {global_step} | return {ret} | eval {self.eval_return:.1f} | SPS {sps:.0f} | updates/s {ups:.0f}",
             flush=True,
         )
         self.sums, self.counts, self.returns = {}, {}, []
@@ -1498,26 +1419,20 @@ class Progress:
         print(f"done: step {global_step} | eval {self.eval_return:.1f} | run {run_dir}", flush=True)
 
 
-def make_agent(
-    args: Args, obs_dim: int, action_space: gym.spaces.Box, device: torch.device
-) -> dict:
+def make_agent(args: Args, obs_dim: int, action_space: gym.spaces.Box, device: torch.device) -> dict:
     """The reactive policy by the name its state is saved under (eta is rebuilt each
     iteration; its dual variables are training state)."""
     return {"actor": Actor(obs_dim, int(np.prod(action_space.shape)), args).to(device)}
 
 
-def policy_fn(
-    actor: Actor, device: torch.device, action_space: gym.spaces.Box
-) -> Callable[[np.ndarray], np.ndarray]:
+def policy_fn(actor: Actor, device: torch.device, action_space: gym.spaces.Box) -> Callable[[np.ndarray], np.ndarray]:
     """act(obs) -> action with the deterministic (mean) action inside the bounds, for
     `evaluate` (a Gaussian policy, unlike sac.py's squashed one, can leave the bounds)."""
 
     @torch.no_grad()
     def act(obs: np.ndarray) -> np.ndarray:
         obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
-        return np.clip(
-            actor.deterministic(obs_t).cpu().numpy(), action_space.low, action_space.high
-        )
+        return np.clip(actor.deterministic(obs_t).cpu().numpy(), action_space.low, action_space.high)
 
     return act
 
@@ -1540,23 +1455,15 @@ def evaluate_only(args: Args) -> dict:
     register_envs()
     device = torch.device("cuda" if args.cuda else "cpu")
     payload = load_checkpoint(args.checkpoint, args.env, device)
-    video_dir = (
-        os.path.join(os.path.dirname(args.checkpoint), "videos") if args.capture_video else None
-    )
+    video_dir = os.path.join(os.path.dirname(args.checkpoint), "videos") if args.capture_video else None
     env = make_eval_env(args.env, video_dir, args.eval_episodes)
     check_spaces(args.env, env.observation_space, env.action_space)
     agent = make_agent(args, env.observation_space.shape[0], env.action_space, device)
     load_agent_state(agent, payload["state"])
-    returns = evaluate(
-        policy_fn(agent["actor"], device, env.action_space),
-        env,
-        args.eval_episodes,
-        args.seed + 10_000,
-    )
+    returns = evaluate(policy_fn(agent["actor"], device, env.action_space), env, args.eval_episodes, args.seed + 10_000)
     env.close()
     print(
-        f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns "
-        + " ".join(f"{r:.1f}" for r in returns),
+        f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns " + " ".join(f"{r:.1f}" for r in returns),
         flush=True,
     )
     return {"eval_return": float(np.mean(returns)), "eval_returns": returns}
@@ -1576,10 +1483,7 @@ def train(args: Args) -> dict:
     else:
         train_params, test_params = [(1.0, 1.0)], []
     envs = [
-        [
-            make_variant_env(args.env, *p) if args.robust else make_env(args.env)
-            for _ in range(args.num_envs)
-        ]
+        [make_variant_env(args.env, *p) if args.robust else make_env(args.env) for _ in range(args.num_envs)]
         for p in train_params
     ]
     space = envs[0][0].action_space
@@ -1630,10 +1534,7 @@ def train(args: Args) -> dict:
                 "num_updates": num_updates,
                 "mu": torch.tensor(mus, dtype=torch.float64),
                 "priors": [
-                    {
-                        "buffer": p["buffer"].state_dict(),
-                        "gmm": list(p["gmm"]) if p["gmm"] is not None else None,
-                    }
+                    {"buffer": p["buffer"].state_dict(), "gmm": list(p["gmm"]) if p["gmm"] is not None else None}
                     for p in priors
                 ],
                 "rng": rng_state(),
@@ -1642,19 +1543,12 @@ def train(args: Args) -> dict:
 
     def evaluate_all() -> None:
         if args.robust:  # [DPI Sec. 6.3]: test variants are never trained on
-            per_env = [
-                np.mean(evaluate(act, e, args.eval_episodes, args.seed + 10_000)) for e in test_envs
-            ]
-            train_returns = [
-                np.mean(evaluate(act, e, args.eval_episodes, args.seed + 10_000))
-                for e in train_eval_envs
-            ]
+            per_env = [np.mean(evaluate(act, e, args.eval_episodes, args.seed + 10_000)) for e in test_envs]
+            train_returns = [np.mean(evaluate(act, e, args.eval_episodes, args.seed + 10_000)) for e in train_eval_envs]
             writer.add_scalar("charts/eval_return_train", np.mean(train_returns), global_step)
             progress.add_eval(global_step, per_env)
         else:
-            progress.add_eval(
-                global_step, evaluate(act, eval_env, args.eval_episodes, args.seed + 10_000)
-            )
+            progress.add_eval(global_step, evaluate(act, eval_env, args.eval_episodes, args.seed + 10_000))
 
     # -- loop: one DPI iteration per pass [DPI Alg. 1]
     next_eval = global_step + args.eval_every if args.eval_every else None
@@ -1671,9 +1565,7 @@ def train(args: Args) -> dict:
                 progress.add_episode(global_step, episode_return, length)
             # update (a): local model, eta and A^eta for this env [DPI Sec. 5.1]
             target, mus[v], metrics = update_eta(rollouts, actor, cost_fn, prior, mus[v], args)
-            metrics["stats/episode_cost"] = (
-                (cost_fn(rollouts.obs[:, :-1], rollouts.actions) * rollouts.mask).sum(1).mean()
-            )
+            metrics["stats/episode_cost"] = (cost_fn(rollouts.obs[:, :-1], rollouts.actions) * rollouts.mask).sum(1).mean()
             for k, value in metrics.items():  # the mean over training envs
                 eta_metrics[k] = eta_metrics.get(k, 0.0) + value / len(envs)
             targets.append(target)
@@ -1721,9 +1613,7 @@ def parse_args(argv: list[str] | None) -> Args:
     if path is not None:
         saved = load_checkpoint(path)["args"]
         fields = {f.name for f in dataclasses.fields(Args)}
-        defaults = Args(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields}
-        )
+        defaults = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
         args = tyro.cli(Args, args=argv, default=defaults)
     return args
 

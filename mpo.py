@@ -249,8 +249,7 @@ def make_vec_env(env_id: str, num_envs: int) -> gym.vector.SyncVectorEnv:
     """Training envs in SAME_STEP autoreset mode: an ended episode's last observation is in
     infos["final_obs"] and the returned observation already starts the next episode."""
     return gym.vector.SyncVectorEnv(
-        [lambda: make_env(env_id) for _ in range(num_envs)],
-        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+        [lambda: make_env(env_id) for _ in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
     )
 
 
@@ -275,15 +274,12 @@ def make_eval_env(env_id: str, video_dir: str | None, episodes: int) -> gym.Env:
 def check_spaces(env_id: str, obs_space: gym.Space, action_space: gym.Space) -> None:
     """MPO needs flat Box observations and a bounded Box or a Discrete action space."""
     if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-        raise UsageError(
-            f"{env_id} has observation space {obs_space}; this script needs a flat Box"
-        )
+        raise UsageError(f"{env_id} has observation space {obs_space}; this script needs a flat Box")
     if isinstance(action_space, gym.spaces.Discrete):
         return
     if not isinstance(action_space, gym.spaces.Box):
         raise UsageError(
-            f"{env_id} has a {type(action_space).__name__} action space; MPO needs a continuous "
-            "(Box) or a Discrete one"
+            f"{env_id} has a {type(action_space).__name__} action space; MPO needs a continuous (Box) or a Discrete one"
         )
     if not (np.isfinite(action_space.low).all() and np.isfinite(action_space.high).all()):
         raise UsageError(f"{env_id} has unbounded actions; MPO rescales its actions to the bounds")
@@ -311,9 +307,7 @@ ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh}
 SCALE_MIN = 1e-6  # added to the softplus'd Cholesky diagonal: a numerical guard (ACME's value)
 
 
-def mlp(
-    in_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool
-) -> nn.Sequential:
+def mlp(in_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool) -> nn.Sequential:
     """Linear + activation layers; optional LayerNorm after the first Linear ([TreePI] '256-LN')."""
     layers: list[nn.Module] = []
     for i, size in enumerate(hidden_sizes):
@@ -348,9 +342,7 @@ class GaussianActor(nn.Module):
         self.register_buffer("action_bias", (high + low) / 2)
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, raw = self.head(self.trunk(obs)).split(
-            [self.action_dim, self.head.out_features - self.action_dim], dim=-1
-        )
+        mean, raw = self.head(self.trunk(obs)).split([self.action_dim, self.head.out_features - self.action_dim], dim=-1)
         if not self.full_covariance:
             return mean, torch.diag_embed(F.softplus(raw) + SCALE_MIN)  # [B, A], [B, A, A]
         rows, cols = torch.tril_indices(self.action_dim, self.action_dim, device=obs.device)
@@ -365,28 +357,20 @@ class GaussianActor(nn.Module):
         actions = self.candidates(params, 1)[0]  # [B, 1, A]
         return actions[:, 0], self.log_prob(params, actions)[:, 0]
 
-    def candidates(
-        self, params: tuple[torch.Tensor, torch.Tensor], num_samples: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def candidates(self, params: tuple[torch.Tensor, torch.Tensor], num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
         """M actions a_j ~ pi(.|s) per state [B, M, A] and their prior weights log(1/M) [B, M]
         in the E-step: the samples stand in for the integral over actions [MPO Alg. 2, line 11]."""
         mean, scale_tril = params
         noise = torch.randn(*mean.shape[:-1], num_samples, self.action_dim, device=mean.device)
         actions = mean.unsqueeze(-2) + noise @ scale_tril.transpose(-2, -1)  # a = mean + L noise
-        return actions, torch.full(
-            actions.shape[:-1], -float(np.log(num_samples)), device=mean.device
-        )
+        return actions, torch.full(actions.shape[:-1], -float(np.log(num_samples)), device=mean.device)
 
-    def log_prob(
-        self, params: tuple[torch.Tensor, torch.Tensor], actions: torch.Tensor
-    ) -> torch.Tensor:
+    def log_prob(self, params: tuple[torch.Tensor, torch.Tensor], actions: torch.Tensor) -> torch.Tensor:
         """log pi(a_j|s) [B, M] of actions [B, M, A]."""
         return gaussian_log_prob(actions, *params)
 
     def kl_terms(
-        self,
-        params_old: tuple[torch.Tensor, torch.Tensor],
-        params: tuple[torch.Tensor, torch.Tensor],
+        self, params_old: tuple[torch.Tensor, torch.Tensor], params: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The mean and covariance parts C_mean, C_cov [B] of KL(pi_old || pi) [MPO eq. 27]."""
         return gaussian_kl_decoupled(*params_old, *params)
@@ -434,9 +418,7 @@ class CategoricalActor(nn.Module):
         actions = torch.multinomial(logits.softmax(-1), 1).float()  # [B, 1]
         return actions, self.log_prob(logits, actions.unsqueeze(1))[:, 0]
 
-    def candidates(
-        self, logits: torch.Tensor, num_samples: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def candidates(self, logits: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All n actions per state [B, n, 1] with prior weights log pi(a|s) [B, n]: the E-step
         sums over the actions exactly (num_samples is not used)."""
         actions = torch.arange(self.num_actions, device=logits.device, dtype=torch.float32)
@@ -446,9 +428,7 @@ class CategoricalActor(nn.Module):
         """log pi(a_j|s) [B, M] of action indices [B, M, 1]."""
         return logits.log_softmax(-1).gather(-1, actions[..., 0].long())
 
-    def kl_terms(
-        self, logits_old: torch.Tensor, logits: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def kl_terms(self, logits_old: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The whole KL(pi_old || pi) [B], bounded by epsilon_mean; there is no covariance part."""
         return categorical_kl(logits_old, logits), None
 
@@ -513,22 +493,11 @@ class SnippetReplay:
 
     COLUMNS = ("obs", "actions", "behaviour_log_prob", "rewards", "next_obs", "terminated", "ended")
 
-    def __init__(
-        self,
-        capacity: int,
-        num_envs: int,
-        obs_dim: int,
-        action_dim: int,
-        snippet_length: int,
-        device: torch.device,
-    ):
+    def __init__(self, capacity: int, num_envs: int, obs_dim: int, action_dim: int, snippet_length: int, device: torch.device):
         self.rows, self.num_envs, self.length = capacity // num_envs, num_envs, snippet_length
         self.pos, self.size = 0, 0  # in rows (one row = one vector step)
         widths = {"obs": (obs_dim,), "actions": (action_dim,), "next_obs": (obs_dim,)}
-        self.data = {
-            name: torch.zeros(self.rows, num_envs, *widths.get(name, ()), device=device)
-            for name in self.COLUMNS
-        }
+        self.data = {name: torch.zeros(self.rows, num_envs, *widths.get(name, ()), device=device) for name in self.COLUMNS}
 
     def add(self, **columns: np.ndarray | torch.Tensor) -> None:
         """Store one vector step: one array per column with leading size num_envs."""
@@ -549,17 +518,10 @@ class SnippetReplay:
         newer = (self.pos - 1 - start) % self.rows  # rows written after the start row
         ended_before = snippet["ended"].cumsum(1) - snippet["ended"]  # [B, T]
         valid = (steps <= newer.unsqueeze(1)) & (ended_before == 0)
-        return Batch(
-            **{name: snippet[name] for name in Batch._fields if name != "valid"},
-            valid=valid.float(),
-        )
+        return Batch(**{name: snippet[name] for name in Batch._fields if name != "valid"}, valid=valid.float())
 
     def state_dict(self) -> dict:
-        return {
-            "pos": self.pos,
-            "size": self.size,
-            "data": {k: v[: self.size] for k, v in self.data.items()},
-        }
+        return {"pos": self.pos, "size": self.size, "data": {k: v[: self.size] for k, v in self.data.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.pos, self.size = state["pos"], state["size"]
@@ -576,9 +538,7 @@ DUAL_MIN = 1e-8  # added to softplus in dual_variable, so that eta and alpha sta
 LOG_DUAL_MIN = -18.0  # lower clamp of the dual parameters after each step (ACME's clamp)
 
 
-def gaussian_log_prob(
-    actions: torch.Tensor, mean: torch.Tensor, scale_tril: torch.Tensor
-) -> torch.Tensor:
+def gaussian_log_prob(actions: torch.Tensor, mean: torch.Tensor, scale_tril: torch.Tensor) -> torch.Tensor:
     """log N(a; mean, L L^T) = -|L^-1 (a - mean)|^2 / 2 - sum_i log L_ii - A log(2 pi) / 2.
 
     The Gaussian policy of [MPO App. D] with Sigma = L L^T. One triangular solve per state
@@ -593,10 +553,7 @@ def gaussian_log_prob(
 
 
 def gaussian_kl_decoupled(
-    mean_old: torch.Tensor,
-    scale_tril_old: torch.Tensor,
-    mean: torch.Tensor,
-    scale_tril: torch.Tensor,
+    mean_old: torch.Tensor, scale_tril_old: torch.Tensor, mean: torch.Tensor, scale_tril: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """KL(pi_old || pi) of two Gaussians split into a mean and a covariance part [MPO App. D,
     eq. 27], KL = C_mean + C_cov:
@@ -614,10 +571,9 @@ def gaussian_kl_decoupled(
     whitened = torch.linalg.solve_triangular(
         scale_tril, torch.cat([diff, scale_tril_old], dim=-1), upper=False
     )  # [B, A, 1 + A]
-    log_det_ratio = 2 * (
-        scale_tril.diagonal(dim1=-2, dim2=-1).log()
-        - scale_tril_old.diagonal(dim1=-2, dim2=-1).log()
-    ).sum(-1)  # log |Sigma| / |Sigma_old|
+    log_det_ratio = 2 * (scale_tril.diagonal(dim1=-2, dim2=-1).log() - scale_tril_old.diagonal(dim1=-2, dim2=-1).log()).sum(
+        -1
+    )  # log |Sigma| / |Sigma_old|
     kl_mean = 0.5 * whitened[..., 0].pow(2).sum(-1)
     kl_cov = 0.5 * (whitened[..., 1:].pow(2).sum((-2, -1)) - mean.shape[-1] + log_det_ratio)
     return kl_mean, kl_cov
@@ -632,9 +588,7 @@ def categorical_kl(logits_old: torch.Tensor, logits: torch.Tensor) -> torch.Tens
     return (log_p_old.exp() * (log_p_old - logits.log_softmax(-1))).sum(-1)
 
 
-def temperature_dual(
-    eta: torch.Tensor, q: torch.Tensor, log_prior: torch.Tensor, epsilon: float
-) -> torch.Tensor:
+def temperature_dual(eta: torch.Tensor, q: torch.Tensor, log_prior: torch.Tensor, epsilon: float) -> torch.Tensor:
     """The convex dual of the E-step (eq. 7), estimated on each state's candidate actions:
         g(eta) = eta epsilon + eta mean_s log sum_j prior_j exp(Q(s, a_j) / eta)
     [MPO eq. 9, App. D.2]. prior_j is 1/M for M samples of pi_old and pi_old(a_j|s) for the
@@ -667,9 +621,7 @@ def dual_variable(log_dual: torch.Tensor) -> torch.Tensor:
     return F.softplus(log_dual) + DUAL_MIN
 
 
-def kl_penalty(
-    kl: torch.Tensor, alpha: torch.Tensor, epsilon: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def kl_penalty(kl: torch.Tensor, alpha: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The Lagrangian term alpha (epsilon - E_s KL) of the M-step [MPO App. D.3], split for
     simultaneous gradient steps: the policy minimises sg(alpha) E_s KL, the multiplier
     minimises alpha (epsilon - sg(E_s KL)), so alpha grows while the bound is violated.
@@ -742,15 +694,11 @@ def update_critic(
         for next_obs_chunk in next_obs.split(chunk):  # [chunk, O]
             params = actor_target(next_obs_chunk)
             next_actions, log_prior = actor_target.candidates(params, num_samples)  # [chunk, M, A]
-            next_q = critic_target(
-                next_obs_chunk.unsqueeze(1), actor_target.critic_input(next_actions)
-            )  # [chunk, M]
+            next_q = critic_target(next_obs_chunk.unsqueeze(1), actor_target.critic_input(next_actions))  # [chunk, M]
             next_v.append((log_prior.exp() * next_q).sum(-1))
         next_v = torch.cat(next_v).view_as(batch.rewards)  # [B, T]
         q_taken = critic_target(obs, actor_target.critic_input(actions)).view_as(batch.rewards)
-        target = retrace_target(
-            batch.rewards, batch.terminated, batch.valid, q_taken, next_v, traces, gamma
-        )[:, 0]  # [B]
+        target = retrace_target(batch.rewards, batch.terminated, batch.valid, q_taken, next_v, traces, gamma)[:, 0]  # [B]
     q = critic(batch.obs[:, 0], actor_target.critic_input(batch.actions[:, 0]))  # [B]
     loss = 0.5 * (q - target).pow(2).mean()  # [MPO Sec. 4] squared loss to Q_ret
     critic_opt.zero_grad(set_to_none=True)
@@ -800,9 +748,7 @@ def update_policy(
     if kl_cov is not None:
         penalty_cov, alpha_loss_cov = kl_penalty(kl_cov, alpha_cov, epsilon_cov)
         penalty, alpha_loss = penalty + penalty_cov, alpha_loss + alpha_loss_cov
-        metrics.update(
-            {"stats/kl_cov": kl_cov.detach().mean(), "stats/alpha_cov": alpha_cov.detach()}
-        )
+        metrics.update({"stats/kl_cov": kl_cov.detach().mean(), "stats/alpha_cov": alpha_cov.detach()})
     dual_loss = eta_loss + alpha_loss
     # disjoint parameters: one backward serves the policy and the dual steps
     actor_opt.zero_grad(set_to_none=True)
@@ -827,9 +773,7 @@ def update_policy(
 
 
 # == 8. Evaluation =====================================================================
-def evaluate(
-    act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int
-) -> list[float]:
+def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int) -> list[float]:
     """Undiscounted returns of `episodes` episodes of act(obs) -> action, reset with seed + i."""
     returns = []
     for i in range(episodes):
@@ -860,9 +804,7 @@ def load_checkpoint(path: str, env: str | None = None, device: str | torch.devic
     except Exception as e:  # noqa: BLE001 (whatever makes the file unreadable: one clear line)
         raise UsageError(f"cannot read checkpoint {path}: {type(e).__name__}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(
-            f"{path} is not a checkpoint of this repository (format {CHECKPOINT_FORMAT})"
-        )
+        raise UsageError(f"{path} is not a checkpoint of this repository (format {CHECKPOINT_FORMAT})")
     if payload["algo"] != ALGO:
         raise UsageError(f"{path} is a {payload['algo']} checkpoint, not {ALGO}")
     if env is not None and payload["env"] != env:
@@ -912,9 +854,7 @@ def open_run(args: Args) -> tuple[str, SummaryWriter]:
 
 def saved_args(args: Args) -> dict:
     """Arguments stored in a checkpoint: the run's settings without the load/resume paths."""
-    return dataclasses.asdict(
-        dataclasses.replace(args, checkpoint=None, resume=None, eval_only=False)
-    )
+    return dataclasses.asdict(dataclasses.replace(args, checkpoint=None, resume=None, eval_only=False))
 
 
 class Progress:
@@ -951,8 +891,7 @@ class Progress:
             self.writer.add_scalar(k, (v / self.counts[k]).item(), global_step)
         ret = f"{np.mean(self.returns):.1f}" if self.returns else "-"
         print(
-            f"step {global_step} | return {ret} | eval {self.eval_return:.1f} | SPS {sps:.0f} | "
-            f"updates/s {ups:.0f}",
+            f"step {global_step} | return {ret} | eval {self.eval_return:.1f} | SPS {sps:.0f} | updates/s {ups:.0f}",
             flush=True,
         )
         self.sums, self.counts, self.returns = {}, {}, []
@@ -964,16 +903,9 @@ class Progress:
         print(f"done: step {global_step} | eval {self.eval_return:.1f} | run {run_dir}", flush=True)
 
 
-def make_agent(
-    args: Args,
-    obs_dim: int,
-    action_space: gym.spaces.Box | gym.spaces.Discrete,
-    device: torch.device,
-) -> dict:
+def make_agent(args: Args, obs_dim: int, action_space: gym.spaces.Box | gym.spaces.Discrete, device: torch.device) -> dict:
     """Networks, their targets and the dual variables, by the names their state is saved under."""
-    actor_class = (
-        CategoricalActor if isinstance(action_space, gym.spaces.Discrete) else GaussianActor
-    )
+    actor_class = CategoricalActor if isinstance(action_space, gym.spaces.Discrete) else GaussianActor
     actor = actor_class(obs_dim, action_space, args).to(device)
     actor_target = actor_class(obs_dim, action_space, args).to(device)
     actor_target.load_state_dict(actor.state_dict())
@@ -1027,20 +959,15 @@ def evaluate_only(args: Args) -> dict:
     """--eval-only: load the checkpoint's policy and evaluate it."""
     device = torch.device("cuda" if args.cuda else "cpu")
     payload = load_checkpoint(args.checkpoint, args.env, device)
-    video_dir = (
-        os.path.join(os.path.dirname(args.checkpoint), "videos") if args.capture_video else None
-    )
+    video_dir = os.path.join(os.path.dirname(args.checkpoint), "videos") if args.capture_video else None
     env = make_eval_env(args.env, video_dir, args.eval_episodes)
     check_spaces(args.env, env.observation_space, env.action_space)
     agent = make_agent(args, env.observation_space.shape[0], env.action_space, device)
     load_agent_state(agent, payload["state"])
-    returns = evaluate(
-        policy_fn(agent["actor"], device), env, args.eval_episodes, args.seed + 10_000
-    )
+    returns = evaluate(policy_fn(agent["actor"], device), env, args.eval_episodes, args.seed + 10_000)
     env.close()
     print(
-        f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns "
-        + " ".join(f"{r:.1f}" for r in returns),
+        f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns " + " ".join(f"{r:.1f}" for r in returns),
         flush=True,
     )
     return {"eval_return": float(np.mean(returns)), "eval_returns": returns}
@@ -1062,23 +989,15 @@ def train(args: Args) -> dict:
     obs_dim = envs.single_observation_space.shape[0]
     # -- networks and optimizers
     agent = make_agent(args, obs_dim, envs.single_action_space, device)
-    actor, actor_target, critic, critic_target = (
-        agent[k] for k in ("actor", "actor_target", "critic", "critic_target")
-    )
-    log_eta, log_alpha_mean, log_alpha_cov = (
-        agent[k] for k in ("log_eta", "log_alpha_mean", "log_alpha_cov")
-    )
+    actor, actor_target, critic, critic_target = (agent[k] for k in ("actor", "actor_target", "critic", "critic_target"))
+    log_eta, log_alpha_mean, log_alpha_cov = (agent[k] for k in ("log_eta", "log_alpha_mean", "log_alpha_cov"))
     # fused Adam: one kernel per step for all parameters instead of several per tensor
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, fused=True)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.q_lr, fused=True)
-    dual_opt = torch.optim.Adam(
-        [log_eta, log_alpha_mean, log_alpha_cov], lr=args.dual_lr, fused=True
-    )
+    dual_opt = torch.optim.Adam([log_eta, log_alpha_mean, log_alpha_cov], lr=args.dual_lr, fused=True)
     optimizers = {"actor_opt": actor_opt, "critic_opt": critic_opt, "dual_opt": dual_opt}
     # -- storage
-    rb = SnippetReplay(
-        args.buffer_size, args.num_envs, obs_dim, actor.action_dim, args.retrace_steps, device
-    )
+    rb = SnippetReplay(args.buffer_size, args.num_envs, obs_dim, actor.action_dim, args.retrace_steps, device)
     global_step, num_updates = 0, 0
     if resume is not None:
         load_agent_state(agent, resume["state"])
@@ -1103,9 +1022,7 @@ def train(args: Args) -> dict:
             "obs_norm": None,
         }
         if with_train_state:
-            out["train"] = {
-                name: opt.state_dict() for name, opt in optimizers.items() if opt is not None
-            }
+            out["train"] = {name: opt.state_dict() for name, opt in optimizers.items() if opt is not None}
             out["train"].update(num_updates=num_updates, replay=rb.state_dict(), rng=rng_state())
         return out
 
@@ -1117,13 +1034,9 @@ def train(args: Args) -> dict:
     while global_step < args.total_steps:
         # act: pi from the first step (no uniform warm-up), so b(a|s) is known for every action
         with torch.no_grad():
-            actions, log_probs = actor.sample(
-                torch.as_tensor(obs, dtype=torch.float32, device=device)
-            )
+            actions, log_probs = actor.sample(torch.as_tensor(obs, dtype=torch.float32, device=device))
         # step: the env executes the action clipped to its bounds; the replay keeps the sample
-        next_obs, rewards, terminated, truncated, infos = envs.step(
-            actor.env_action(actions).cpu().numpy()
-        )
+        next_obs, rewards, terminated, truncated, infos = envs.step(actor.env_action(actions).cpu().numpy())
         global_step += args.num_envs
         ended = terminated | truncated
         for episode_return, length in stats.update(rewards, ended):
@@ -1147,14 +1060,7 @@ def train(args: Args) -> dict:
             for _ in range(args.num_envs):
                 batch = rb.sample(args.batch_size)
                 metrics = update_critic(
-                    actor_target,
-                    critic,
-                    critic_target,
-                    critic_opt,
-                    batch,
-                    args.gamma,
-                    args.retrace_lambda,
-                    args.num_samples,
+                    actor_target, critic, critic_target, critic_opt, batch, args.gamma, args.retrace_lambda, args.num_samples
                 )
                 metrics.update(
                     update_policy(
@@ -1184,9 +1090,7 @@ def train(args: Args) -> dict:
             progress.log(global_step, num_updates)
             next_log += args.log_every
         if next_eval is not None and global_step >= next_eval:
-            progress.add_eval(
-                global_step, evaluate(act, eval_env, args.eval_episodes, args.seed + 10_000)
-            )
+            progress.add_eval(global_step, evaluate(act, eval_env, args.eval_episodes, args.seed + 10_000))
             if args.save_model:
                 save_checkpoint(os.path.join(run_dir, "model.pt"), payload(with_train_state=False))
             next_eval += args.eval_every
@@ -1203,12 +1107,7 @@ def train(args: Args) -> dict:
     envs.close()
     eval_env.close()
     writer.close()
-    return {
-        "global_step": global_step,
-        "num_updates": num_updates,
-        "eval_return": progress.eval_return,
-        "run_dir": run_dir,
-    }
+    return {"global_step": global_step, "num_updates": num_updates, "eval_return": progress.eval_return, "run_dir": run_dir}
 
 
 # == 11. Entry point ===================================================================
@@ -1220,9 +1119,7 @@ def parse_args(argv: list[str] | None) -> Args:
     if path is not None:
         saved = load_checkpoint(path)["args"]
         fields = {f.name for f in dataclasses.fields(Args)}
-        defaults = Args(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields}
-        )
+        defaults = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
         args = tyro.cli(Args, args=argv, default=defaults)
     return args
 

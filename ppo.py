@@ -209,8 +209,7 @@ def make_vec_env(env_id: str, num_envs: int) -> gym.vector.SyncVectorEnv:
     """Training envs in SAME_STEP autoreset mode: an ended episode's last observation is in
     infos["final_obs"] and the returned observation already starts the next episode."""
     return gym.vector.SyncVectorEnv(
-        [lambda: make_env(env_id) for _ in range(num_envs)],
-        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+        [lambda: make_env(env_id) for _ in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
     )
 
 
@@ -235,18 +234,11 @@ def make_eval_env(env_id: str, video_dir: str | None, episodes: int) -> gym.Env:
 def check_spaces(env_id: str, obs_space: gym.Space, action_space: gym.Space) -> None:
     """PPO needs flat Box observations and a Box or Discrete action space."""
     if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-        raise UsageError(
-            f"{env_id} has observation space {obs_space}; this script needs a flat Box"
-        )
+        raise UsageError(f"{env_id} has observation space {obs_space}; this script needs a flat Box")
     if not isinstance(action_space, (gym.spaces.Box, gym.spaces.Discrete)):
-        raise UsageError(
-            f"{env_id} has a {type(action_space).__name__} action space; PPO here needs a Box "
-            "or a Discrete one"
-        )
+        raise UsageError(f"{env_id} has a {type(action_space).__name__} action space; PPO here needs a Box or a Discrete one")
     if isinstance(action_space, gym.spaces.Box) and len(action_space.shape) != 1:
-        raise UsageError(
-            f"{env_id} has actions of shape {action_space.shape}; PPO needs a flat Box"
-        )
+        raise UsageError(f"{env_id} has actions of shape {action_space.shape}; PPO needs a flat Box")
 
 
 class EpisodeStats:
@@ -271,9 +263,7 @@ ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh}
 ADAM_EPS = 1e-5  # Adam epsilon of baselines ppo2 and CleanRL (PyTorch's default is 1e-8)
 
 
-def mlp(
-    in_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool
-) -> nn.Sequential:
+def mlp(in_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool) -> nn.Sequential:
     """Linear + activation layers; optional LayerNorm after the first Linear ([TreePI] '256-LN')."""
     layers: list[nn.Module] = []
     for i, size in enumerate(hidden_sizes):
@@ -302,9 +292,7 @@ class Actor(nn.Module):
         super().__init__()
         self.discrete = isinstance(action_space, gym.spaces.Discrete)
         out_dim = int(action_space.n) if self.discrete else int(np.prod(action_space.shape))
-        self.trunk = orthogonal_init(
-            mlp(obs_dim, args.hidden_sizes, args.activation, args.layer_norm), np.sqrt(2)
-        )
+        self.trunk = orthogonal_init(mlp(obs_dim, args.hidden_sizes, args.activation, args.layer_norm), np.sqrt(2))
         # a small last layer starts the policy near uniform / zero mean (baselines ppo2)
         self.head = orthogonal_init(nn.Linear(args.hidden_sizes[-1], out_dim), 0.01)
         self.log_std = None if self.discrete else nn.Parameter(torch.zeros(out_dim))
@@ -313,9 +301,7 @@ class Actor(nn.Module):
         """Gaussian mean [B, A] or categorical logits [B, n]."""
         return self.head(self.trunk(obs))
 
-    def log_prob_entropy(
-        self, obs: torch.Tensor, actions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def log_prob_entropy(self, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """log pi(a|s) and the entropy of pi(.|s), both [B]."""
         out = self(obs)
         if self.discrete:
@@ -346,9 +332,7 @@ class Value(nn.Module):
 
     def __init__(self, obs_dim: int, args: Args):
         super().__init__()
-        self.trunk = orthogonal_init(
-            mlp(obs_dim, args.hidden_sizes, args.activation, args.layer_norm), np.sqrt(2)
-        )
+        self.trunk = orthogonal_init(mlp(obs_dim, args.hidden_sizes, args.activation, args.layer_norm), np.sqrt(2))
         self.head = orthogonal_init(nn.Linear(args.hidden_sizes[-1], 1), 1.0)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
@@ -423,9 +407,7 @@ def make_rollout(num_steps: int, num_envs: int, obs_dim: int, action_space: gym.
     tn = (num_steps, num_envs)
     return Rollout(
         obs=torch.zeros(*tn, obs_dim),
-        actions=torch.zeros(tn, dtype=torch.long)
-        if discrete
-        else torch.zeros(*tn, *action_space.shape),
+        actions=torch.zeros(tn, dtype=torch.long) if discrete else torch.zeros(*tn, *action_space.shape),
         log_probs=torch.zeros(tn),
         rewards=torch.zeros(tn),
         dones=torch.zeros(tn),
@@ -434,9 +416,7 @@ def make_rollout(num_steps: int, num_envs: int, obs_dim: int, action_space: gym.
 
 
 # == 6. Algorithm ======================================================================
-def gaussian_log_prob(
-    actions: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor
-) -> torch.Tensor:
+def gaussian_log_prob(actions: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
     """log N(a; mean, diag(exp(log_std)^2)) summed over action dimensions: [B, A] -> [B]."""
     z = (actions - mean) * torch.exp(-log_std)
     return (-0.5 * z.pow(2) - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
@@ -459,12 +439,7 @@ def categorical_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def gae(
-    rewards: torch.Tensor,
-    values: torch.Tensor,
-    dones: torch.Tensor,
-    last_value: torch.Tensor,
-    gamma: float,
-    gae_lambda: float,
+    rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, last_value: torch.Tensor, gamma: float, gae_lambda: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation, cut at episode ends [PPO eq. 11-12; GAE eq. 16].
 
@@ -495,9 +470,7 @@ def clipped_surrogate(
     return -torch.min(ratio * advantages, clipped * advantages).mean()
 
 
-def value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float | None
-) -> torch.Tensor:
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float | None) -> torch.Tensor:
     """(V - R)^2 / 2, or with clip the max of that and (V_old + clip(V - V_old, +-clip) - R)^2 / 2
     (baselines ppo2's value clipping; [PPO eq. 9] has the plain squared error)."""
     loss = (values - returns).pow(2)
@@ -562,9 +535,7 @@ def update_ppo(
 
 
 # == 8. Evaluation =====================================================================
-def evaluate(
-    act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int
-) -> list[float]:
+def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int) -> list[float]:
     """Undiscounted returns of `episodes` episodes of act(obs) -> action, reset with seed + i."""
     returns = []
     for i in range(episodes):
@@ -595,9 +566,7 @@ def load_checkpoint(path: str, env: str | None = None, device: str | torch.devic
     except Exception as e:  # noqa: BLE001 (whatever makes the file unreadable: one clear line)
         raise UsageError(f"cannot read checkpoint {path}: {type(e).__name__}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(
-            f"{path} is not a checkpoint of this repository (format {CHECKPOINT_FORMAT})"
-        )
+        raise UsageError(f"{path} is not a checkpoint of this repository (format {CHECKPOINT_FORMAT})")
     if payload["algo"] != ALGO:
         raise UsageError(f"{path} is a {payload['algo']} checkpoint, not {ALGO}")
     if env is not None and payload["env"] != env:
@@ -647,9 +616,7 @@ def open_run(args: Args) -> tuple[str, SummaryWriter]:
 
 def saved_args(args: Args) -> dict:
     """Arguments stored in a checkpoint: the run's settings without the load/resume paths."""
-    return dataclasses.asdict(
-        dataclasses.replace(args, checkpoint=None, resume=None, eval_only=False)
-    )
+    return dataclasses.asdict(dataclasses.replace(args, checkpoint=None, resume=None, eval_only=False))
 
 
 class Progress:
@@ -686,8 +653,7 @@ class Progress:
             self.writer.add_scalar(k, (v / self.counts[k]).item(), global_step)
         ret = f"{np.mean(self.returns):.1f}" if self.returns else "-"
         print(
-            f"step {global_step} | return {ret} | eval {self.eval_return:.1f} | SPS {sps:.0f} | "
-            f"updates/s {ups:.0f}",
+            f"step {global_step} | return {ret} | eval {self.eval_return:.1f} | SPS {sps:.0f} | updates/s {ups:.0f}",
             flush=True,
         )
         self.sums, self.counts, self.returns = {}, {}, []
@@ -701,18 +667,11 @@ class Progress:
 
 def make_agent(args: Args, obs_dim: int, action_space: gym.Space, device: torch.device) -> dict:
     """Networks, by the names their state is saved under."""
-    return {
-        "actor": Actor(obs_dim, action_space, args).to(device),
-        "value": Value(obs_dim, args).to(device),
-    }
+    return {"actor": Actor(obs_dim, action_space, args).to(device), "value": Value(obs_dim, args).to(device)}
 
 
 def policy_fn(
-    actor: Actor,
-    obs_rms: RunningMeanStd | None,
-    args: Args,
-    action_space: gym.Space,
-    device: torch.device,
+    actor: Actor, obs_rms: RunningMeanStd | None, args: Args, action_space: gym.Space, device: torch.device
 ) -> Callable[[np.ndarray], np.ndarray]:
     """act(obs) -> action with the deterministic action and frozen normalisation statistics."""
 
@@ -746,9 +705,7 @@ def evaluate_only(args: Args) -> dict:
     """--eval-only: load the checkpoint's policy and evaluate it."""
     device = torch.device("cuda" if args.cuda else "cpu")
     payload = load_checkpoint(args.checkpoint, args.env, device)
-    video_dir = (
-        os.path.join(os.path.dirname(args.checkpoint), "videos") if args.capture_video else None
-    )
+    video_dir = os.path.join(os.path.dirname(args.checkpoint), "videos") if args.capture_video else None
     env = make_eval_env(args.env, video_dir, args.eval_episodes)
     check_spaces(args.env, env.observation_space, env.action_space)
     agent = make_agent(args, env.observation_space.shape[0], env.action_space, device)
@@ -761,8 +718,7 @@ def evaluate_only(args: Args) -> dict:
     returns = evaluate(act, env, args.eval_episodes, args.seed + 10_000)
     env.close()
     print(
-        f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns "
-        + " ".join(f"{r:.1f}" for r in returns),
+        f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns " + " ".join(f"{r:.1f}" for r in returns),
         flush=True,
     )
     return {"eval_return": float(np.mean(returns)), "eval_returns": returns}
@@ -786,9 +742,7 @@ def train(args: Args) -> dict:
     # -- networks and optimizers
     agent = make_agent(args, obs_dim, action_space, device)
     actor, value = agent["actor"], agent["value"]
-    optimizer = torch.optim.Adam(
-        [*actor.parameters(), *value.parameters()], lr=args.learning_rate, eps=ADAM_EPS, fused=True
-    )
+    optimizer = torch.optim.Adam([*actor.parameters(), *value.parameters()], lr=args.learning_rate, eps=ADAM_EPS, fused=True)
     obs_rms = RunningMeanStd((obs_dim,))
     reward_scaler = RewardScaler(args.num_envs, args.gamma, args.reward_clip)
     # -- storage
@@ -842,9 +796,7 @@ def train(args: Args) -> dict:
     next_ckpt = global_step + args.checkpoint_every if args.checkpoint_every else None
     while global_step < args.total_steps:
         if args.anneal_lr:  # linear decay to 0 over the run (baselines ppo2)
-            optimizer.param_groups[0]["lr"] = args.learning_rate * (
-                1.0 - global_step / args.total_steps
-            )
+            optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - global_step / args.total_steps)
         for t in range(args.num_steps):
             # act
             with torch.no_grad():
@@ -878,23 +830,17 @@ def train(args: Args) -> dict:
             obs = observe(next_obs)
         # update
         with torch.no_grad():
-            advantages, returns = gae(
-                data.rewards, data.values, data.dones, value(obs), args.gamma, args.gae_lambda
-            )
+            advantages, returns = gae(data.rewards, data.values, data.dones, value(obs), args.gamma, args.gae_lambda)
         metrics, steps = update_ppo(actor, value, optimizer, data, advantages, returns, args)
         num_updates += steps
         progress.add_metrics(metrics)
         # log, evaluate and save
         if global_step >= next_log:
-            progress.writer.add_scalar(
-                "charts/learning_rate", optimizer.param_groups[0]["lr"], global_step
-            )
+            progress.writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
             progress.log(global_step, num_updates)
             next_log += args.log_every
         if next_eval is not None and global_step >= next_eval:
-            progress.add_eval(
-                global_step, evaluate(act, eval_env, args.eval_episodes, args.seed + 10_000)
-            )
+            progress.add_eval(global_step, evaluate(act, eval_env, args.eval_episodes, args.seed + 10_000))
             if args.save_model:
                 save_checkpoint(os.path.join(run_dir, "model.pt"), payload(with_train_state=False))
             next_eval += args.eval_every
@@ -911,12 +857,7 @@ def train(args: Args) -> dict:
     envs.close()
     eval_env.close()
     writer.close()
-    return {
-        "global_step": global_step,
-        "num_updates": num_updates,
-        "eval_return": progress.eval_return,
-        "run_dir": run_dir,
-    }
+    return {"global_step": global_step, "num_updates": num_updates, "eval_return": progress.eval_return, "run_dir": run_dir}
 
 
 # == 11. Entry point ===================================================================
@@ -928,9 +869,7 @@ def parse_args(argv: list[str] | None) -> Args:
     if path is not None:
         saved = load_checkpoint(path)["args"]
         fields = {f.name for f in dataclasses.fields(Args)}
-        defaults = Args(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields}
-        )
+        defaults = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
         args = tyro.cli(Args, args=argv, default=defaults)
     return args
 

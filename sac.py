@@ -174,9 +174,7 @@ def check_args(args: Args) -> None:
     if args.buffer_size <= 0 or args.batch_size <= 0:
         raise UsageError("--buffer-size and --batch-size must be positive")
     if args.batch_size > args.buffer_size:
-        raise UsageError(
-            f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}"
-        )
+        raise UsageError(f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}")
     if args.learning_starts < 0:
         raise UsageError(f"--learning-starts must be >= 0, got {args.learning_starts}")
     if not 0.0 <= args.gamma <= 1.0:
@@ -207,8 +205,7 @@ def make_vec_env(env_id: str, num_envs: int) -> gym.vector.SyncVectorEnv:
     """Training envs in SAME_STEP autoreset mode: an ended episode's last observation is in
     infos["final_obs"] and the returned observation already starts the next episode."""
     return gym.vector.SyncVectorEnv(
-        [lambda: make_env(env_id) for _ in range(num_envs)],
-        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+        [lambda: make_env(env_id) for _ in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
     )
 
 
@@ -233,9 +230,7 @@ def make_eval_env(env_id: str, video_dir: str | None, episodes: int) -> gym.Env:
 def check_spaces(env_id: str, obs_space: gym.Space, action_space: gym.Space) -> None:
     """SAC needs flat Box observations and a bounded Box action space."""
     if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-        raise UsageError(
-            f"{env_id} has observation space {obs_space}; this script needs a flat Box"
-        )
+        raise UsageError(f"{env_id} has observation space {obs_space}; this script needs a flat Box")
     if not isinstance(action_space, gym.spaces.Box):
         raise UsageError(
             f"{env_id} has a {type(action_space).__name__} action space; SAC needs a continuous "
@@ -267,9 +262,7 @@ ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh}
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # log-std range (CleanRL / Spinning Up; paper code: -20, 2)
 
 
-def mlp(
-    in_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool
-) -> nn.Sequential:
+def mlp(in_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool) -> nn.Sequential:
     """Linear + activation layers; optional LayerNorm after the first Linear ([TreePI] '256-LN')."""
     layers: list[nn.Module] = []
     for i, size in enumerate(hidden_sizes):
@@ -324,19 +317,11 @@ class Critic(nn.Module):
         self.biases = nn.ParameterList()
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
             bound = fan_in**-0.5  # nn.Linear's default initialisation, per critic
-            self.weights.append(
-                nn.Parameter(torch.empty(num_critics, fan_in, fan_out).uniform_(-bound, bound))
-            )
-            self.biases.append(
-                nn.Parameter(torch.empty(num_critics, 1, fan_out).uniform_(-bound, bound))
-            )
+            self.weights.append(nn.Parameter(torch.empty(num_critics, fan_in, fan_out).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(num_critics, 1, fan_out).uniform_(-bound, bound)))
         width = args.hidden_sizes[0]
-        self.norm_weight = (
-            nn.Parameter(torch.ones(num_critics, 1, width)) if args.layer_norm else None
-        )
-        self.norm_bias = (
-            nn.Parameter(torch.zeros(num_critics, 1, width)) if args.layer_norm else None
-        )
+        self.norm_weight = nn.Parameter(torch.ones(num_critics, 1, width)) if args.layer_norm else None
+        self.norm_bias = nn.Parameter(torch.zeros(num_critics, 1, width)) if args.layer_norm else None
         self.act = ACTIVATIONS[args.activation]()
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -349,9 +334,7 @@ class Critic(nn.Module):
         # The output layer as multiply-and-sum: a bmm with one output column has a slow
         # backward on the CPU (an outer product done as a matmul of inner size 1). Its float32
         # weights make Q float32 under --bf16 too.
-        return (self.act(x) * self.weights[-1].transpose(1, 2)).sum(-1) + self.biases[-1].squeeze(
-            -1
-        )  # [E, B]
+        return (self.act(x) * self.weights[-1].transpose(1, 2)).sum(-1) + self.biases[-1].squeeze(-1)  # [E, B]
 
 
 # == 5. Storage ========================================================================
@@ -380,11 +363,7 @@ class ReplayBuffer:
     def add(self, **rows: np.ndarray) -> None:
         """Store n transitions given as arrays with leading size n (the fields of Batch)."""
         n, end = len(rows["rewards"]), self.pos + len(rows["rewards"])
-        idx = (
-            slice(self.pos, end)
-            if end <= self.capacity
-            else torch.arange(self.pos, end) % self.capacity
-        )
+        idx = slice(self.pos, end) if end <= self.capacity else torch.arange(self.pos, end) % self.capacity
         for name, column in zip(Batch._fields, self.data):
             column[idx] = torch.as_tensor(rows[name], dtype=torch.float32)
         self.pos = (self.pos + n) % self.capacity
@@ -406,11 +385,7 @@ class ReplayBuffer:
 
 # == 6. Algorithm ======================================================================
 def squashed_gaussian(
-    mean: torch.Tensor,
-    log_std: torch.Tensor,
-    noise: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor,
+    mean: torch.Tensor, log_std: torch.Tensor, noise: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Action a = scale * tanh(u) + bias with u = mean + std * noise, and log pi(a|s).
 
@@ -506,9 +481,7 @@ def update_actor(
 
 
 # == 8. Evaluation =====================================================================
-def evaluate(
-    act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int
-) -> list[float]:
+def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int) -> list[float]:
     """Undiscounted returns of `episodes` episodes of act(obs) -> action, reset with seed + i."""
     returns = []
     for i in range(episodes):
@@ -539,9 +512,7 @@ def load_checkpoint(path: str, env: str | None = None, device: str | torch.devic
     except Exception as e:  # noqa: BLE001 (whatever makes the file unreadable: one clear line)
         raise UsageError(f"cannot read checkpoint {path}: {type(e).__name__}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(
-            f"{path} is not a checkpoint of this repository (format {CHECKPOINT_FORMAT})"
-        )
+        raise UsageError(f"{path} is not a checkpoint of this repository (format {CHECKPOINT_FORMAT})")
     if payload["algo"] != ALGO:
         raise UsageError(f"{path} is a {payload['algo']} checkpoint, not {ALGO}")
     if env is not None and payload["env"] != env:
@@ -591,9 +562,7 @@ def open_run(args: Args) -> tuple[str, SummaryWriter]:
 
 def saved_args(args: Args) -> dict:
     """Arguments stored in a checkpoint: the run's settings without the load/resume paths."""
-    return dataclasses.asdict(
-        dataclasses.replace(args, checkpoint=None, resume=None, eval_only=False)
-    )
+    return dataclasses.asdict(dataclasses.replace(args, checkpoint=None, resume=None, eval_only=False))
 
 
 class Progress:
@@ -630,8 +599,7 @@ class Progress:
             self.writer.add_scalar(k, (v / self.counts[k]).item(), global_step)
         ret = f"{np.mean(self.returns):.1f}" if self.returns else "-"
         print(
-            f"step {global_step} | return {ret} | eval {self.eval_return:.1f} | SPS {sps:.0f} | "
-            f"updates/s {ups:.0f}",
+            f"step {global_step} | return {ret} | eval {self.eval_return:.1f} | SPS {sps:.0f} | updates/s {ups:.0f}",
             flush=True,
         )
         self.sums, self.counts, self.returns = {}, {}, []
@@ -643,9 +611,7 @@ class Progress:
         print(f"done: step {global_step} | eval {self.eval_return:.1f} | run {run_dir}", flush=True)
 
 
-def make_agent(
-    args: Args, obs_dim: int, action_space: gym.spaces.Box, device: torch.device
-) -> dict:
+def make_agent(args: Args, obs_dim: int, action_space: gym.spaces.Box, device: torch.device) -> dict:
     """Networks and the temperature, by the names their state is saved under."""
     action_dim = int(np.prod(action_space.shape))
     critic = Critic(obs_dim, action_dim, args).to(device)
@@ -655,12 +621,7 @@ def make_agent(
     alpha = 1.0 if args.autotune else args.alpha  # softlearning and CleanRL start at alpha = 1
     log_alpha = torch.tensor(float(np.log(alpha)), device=device, requires_grad=args.autotune)
     actor = Actor(obs_dim, action_space, args).to(device)
-    return {
-        "actor": actor,
-        "critic": critic,
-        "critic_target": critic_target,
-        "log_alpha": log_alpha,
-    }
+    return {"actor": actor, "critic": critic, "critic_target": critic_target, "log_alpha": log_alpha}
 
 
 def policy_fn(actor: Actor, device: torch.device) -> Callable[[np.ndarray], np.ndarray]:
@@ -691,20 +652,15 @@ def evaluate_only(args: Args) -> dict:
     """--eval-only: load the checkpoint's policy and evaluate it."""
     device = torch.device("cuda" if args.cuda else "cpu")
     payload = load_checkpoint(args.checkpoint, args.env, device)
-    video_dir = (
-        os.path.join(os.path.dirname(args.checkpoint), "videos") if args.capture_video else None
-    )
+    video_dir = os.path.join(os.path.dirname(args.checkpoint), "videos") if args.capture_video else None
     env = make_eval_env(args.env, video_dir, args.eval_episodes)
     check_spaces(args.env, env.observation_space, env.action_space)
     agent = make_agent(args, env.observation_space.shape[0], env.action_space, device)
     load_agent_state(agent, payload["state"])
-    returns = evaluate(
-        policy_fn(agent["actor"], device), env, args.eval_episodes, args.seed + 10_000
-    )
+    returns = evaluate(policy_fn(agent["actor"], device), env, args.eval_episodes, args.seed + 10_000)
     env.close()
     print(
-        f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns "
-        + " ".join(f"{r:.1f}" for r in returns),
+        f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns " + " ".join(f"{r:.1f}" for r in returns),
         flush=True,
     )
     return {"eval_return": float(np.mean(returns)), "eval_returns": returns}
@@ -727,24 +683,18 @@ def train(args: Args) -> dict:
     envs.action_space.seed(args.seed)  # the uniform actions before learning starts
     # -- networks and optimizers
     agent = make_agent(args, obs_dim, envs.single_action_space, device)
-    actor, critic, critic_target, log_alpha = (
-        agent[k] for k in ("actor", "critic", "critic_target", "log_alpha")
-    )
+    actor, critic, critic_target, log_alpha = (agent[k] for k in ("actor", "critic", "critic_target", "log_alpha"))
     # fused Adam: one kernel per step for all parameters instead of several per tensor
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, fused=True)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.q_lr, fused=True)
-    alpha_opt = (
-        torch.optim.Adam([log_alpha], lr=args.alpha_lr, fused=True) if args.autotune else None
-    )
+    alpha_opt = torch.optim.Adam([log_alpha], lr=args.alpha_lr, fused=True) if args.autotune else None
     optimizers = {"actor_opt": actor_opt, "critic_opt": critic_opt, "alpha_opt": alpha_opt}
     # --bf16: the update steps under torch.autocast (bfloat16 matrix products); off, a no-op
     precision = torch.autocast(device.type, torch.bfloat16, enabled=args.bf16)
     critic_step, actor_step = precision(update_critic), precision(update_actor)
     target_entropy = -args.target_entropy_scale * float(np.prod(envs.single_action_space.shape))
     # -- storage
-    rb = ReplayBuffer(
-        args.buffer_size, obs_dim, int(np.prod(envs.single_action_space.shape)), device
-    )
+    rb = ReplayBuffer(args.buffer_size, obs_dim, int(np.prod(envs.single_action_space.shape)), device)
     global_step, num_updates = 0, 0
     if resume is not None:
         load_agent_state(agent, resume["state"])
@@ -769,9 +719,7 @@ def train(args: Args) -> dict:
             "obs_norm": None,
         }
         if with_train_state:
-            out["train"] = {
-                name: opt.state_dict() for name, opt in optimizers.items() if opt is not None
-            }
+            out["train"] = {name: opt.state_dict() for name, opt in optimizers.items() if opt is not None}
             out["train"].update(num_updates=num_updates, replay=rb.state_dict(), rng=rng_state())
         return out
 
@@ -786,11 +734,7 @@ def train(args: Args) -> dict:
             actions = envs.action_space.sample()
         else:
             with torch.no_grad():
-                actions = (
-                    actor.sample(torch.as_tensor(obs, dtype=torch.float32, device=device))[0]
-                    .cpu()
-                    .numpy()
-                )
+                actions = actor.sample(torch.as_tensor(obs, dtype=torch.float32, device=device))[0].cpu().numpy()
         # step
         next_obs, rewards, terminated, truncated, infos = envs.step(actions)
         global_step += args.num_envs
@@ -801,31 +745,19 @@ def train(args: Args) -> dict:
         real_next_obs = next_obs.copy()
         for i in np.flatnonzero(ended):
             real_next_obs[i] = infos["final_obs"][i]
-        rb.add(
-            obs=obs, actions=actions, rewards=rewards, next_obs=real_next_obs, terminated=terminated
-        )
+        rb.add(obs=obs, actions=actions, rewards=rewards, next_obs=real_next_obs, terminated=terminated)
         obs = next_obs
         # update: one gradient step per environment step
         if global_step >= args.learning_starts:
             for _ in range(args.num_envs):
                 batch = rb.sample(args.batch_size)
                 alpha = log_alpha.detach().exp()
-                progress.add_metrics(
-                    critic_step(actor, critic, critic_target, critic_opt, batch, alpha, args.gamma)
-                )
+                progress.add_metrics(critic_step(actor, critic, critic_target, critic_opt, batch, alpha, args.gamma))
                 num_updates += 1
                 if num_updates % args.policy_frequency == 0:
                     for _ in range(args.policy_frequency):
                         progress.add_metrics(
-                            actor_step(
-                                actor,
-                                critic,
-                                actor_opt,
-                                log_alpha,
-                                alpha_opt,
-                                batch.obs,
-                                target_entropy,
-                            )
+                            actor_step(actor, critic, actor_opt, log_alpha, alpha_opt, batch.obs, target_entropy)
                         )
                 if num_updates % args.target_network_frequency == 0:
                     soft_update(critic_target, critic, args.tau)
@@ -834,9 +766,7 @@ def train(args: Args) -> dict:
             progress.log(global_step, num_updates)
             next_log += args.log_every
         if next_eval is not None and global_step >= next_eval:
-            progress.add_eval(
-                global_step, evaluate(act, eval_env, args.eval_episodes, args.seed + 10_000)
-            )
+            progress.add_eval(global_step, evaluate(act, eval_env, args.eval_episodes, args.seed + 10_000))
             if args.save_model:
                 save_checkpoint(os.path.join(run_dir, "model.pt"), payload(with_train_state=False))
             next_eval += args.eval_every
@@ -853,12 +783,7 @@ def train(args: Args) -> dict:
     envs.close()
     eval_env.close()
     writer.close()
-    return {
-        "global_step": global_step,
-        "num_updates": num_updates,
-        "eval_return": progress.eval_return,
-        "run_dir": run_dir,
-    }
+    return {"global_step": global_step, "num_updates": num_updates, "eval_return": progress.eval_return, "run_dir": run_dir}
 
 
 # == 11. Entry point ===================================================================
@@ -870,9 +795,7 @@ def parse_args(argv: list[str] | None) -> Args:
     if path is not None:
         saved = load_checkpoint(path)["args"]
         fields = {f.name for f in dataclasses.fields(Args)}
-        defaults = Args(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields}
-        )
+        defaults = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
         args = tyro.cli(Args, args=argv, default=defaults)
     return args
 

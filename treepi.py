@@ -273,9 +273,7 @@ def check_args(args: Args) -> None:
     if not 0.0 <= args.gamma <= 1.0:
         raise UsageError(f"--gamma must be in [0, 1], got {args.gamma}")
     if min(args.target_network_frequency, args.policy_target_frequency) <= 0:
-        raise UsageError(
-            "--target-network-frequency and --policy-target-frequency must be positive"
-        )
+        raise UsageError("--target-network-frequency and --policy-target-frequency must be positive")
     if min(args.q_lr, args.policy_lr, args.dual_lr) <= 0:
         raise UsageError("learning rates must be positive")
     if min(args.num_samples, args.depth, args.num_rollouts) <= 0:
@@ -306,8 +304,7 @@ def make_vec_env(env_id: str, num_envs: int) -> gym.vector.SyncVectorEnv:
     """Training envs in SAME_STEP autoreset mode: an ended episode's last observation is in
     infos["final_obs"] and the returned observation already starts the next episode."""
     return gym.vector.SyncVectorEnv(
-        [lambda: make_env(env_id) for _ in range(num_envs)],
-        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+        [lambda: make_env(env_id) for _ in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
     )
 
 
@@ -332,14 +329,9 @@ def make_eval_env(env_id: str, video_dir: str | None, episodes: int) -> gym.Env:
 def check_spaces(env_id: str, obs_space: gym.Space, action_space: gym.Space) -> None:
     """TreePI needs flat Box observations and a bounded Box action space."""
     if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-        raise UsageError(
-            f"{env_id} has observation space {obs_space}; this script needs a flat Box"
-        )
+        raise UsageError(f"{env_id} has observation space {obs_space}; this script needs a flat Box")
     if not isinstance(action_space, gym.spaces.Box):
-        raise UsageError(
-            f"{env_id} has a {type(action_space).__name__} action space; TreePI needs a "
-            "continuous (Box) one"
-        )
+        raise UsageError(f"{env_id} has a {type(action_space).__name__} action space; TreePI needs a continuous (Box) one")
     if not (np.isfinite(action_space.low).all() and np.isfinite(action_space.high).all()):
         raise UsageError(f"{env_id} has unbounded actions; TreePI clips actions to finite bounds")
 
@@ -406,9 +398,7 @@ def _hopper_walker(env: gym.Env, qpos0: Array, qpos: Array, qvel: Array, actions
     return obs, reward, ~healthy & env._terminate_when_unhealthy
 
 
-def _inverted_pendulum(
-    env: gym.Env, qpos0: Array, qpos: Array, qvel: Array, actions: Array
-) -> Outcome:
+def _inverted_pendulum(env: gym.Env, qpos0: Array, qpos: Array, qvel: Array, actions: Array) -> Outcome:
     obs = np.concatenate([qpos, qvel], 1)
     terminated = ~np.isfinite(obs).all(1) | (np.abs(obs[:, 1]) > 0.2)
     return obs, (~terminated).astype(np.float64), terminated
@@ -469,9 +459,7 @@ class Simulator:
         """The networks' input at a node: its observation [n, O] (float32)."""
         return states[:, : self.obs_dim].float()
 
-    def step(
-        self, states: torch.Tensor, actions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def step(self, states: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One env step from each node state: next states [n, S], rewards [n] and continuation
         1 - terminated [n], the env's own reward and termination."""
         physics = states[:, self.obs_dim :].cpu().numpy()  # [n, P]
@@ -480,9 +468,7 @@ class Simulator:
         if self.outcome is not None and len(self.thread_data) > 1:
             control = np.repeat(acts[:, None].astype(np.float64), self.env.frame_skip, axis=1)
             # [n, frame_skip, P]: the state after each mj_step; the last one ends the env step
-            trajectory, _ = mujoco.rollout.rollout(
-                self.mj_model, self.thread_data, physics, control, persistent_pool=True
-            )
+            trajectory, _ = mujoco.rollout.rollout(self.mj_model, self.thread_data, physics, control, persistent_pool=True)
             next_physics = trajectory[:, -1]
         elif self.outcome is not None:
             next_physics, data = np.empty_like(physics), self.thread_data[0]
@@ -494,11 +480,7 @@ class Simulator:
                 mujoco.mj_getState(self.mj_model, data, next_physics[i], STATE_SPEC)
         if self.outcome is not None:
             obs, rewards, terminated = self.outcome(
-                self.env,
-                physics[:, self.qpos],
-                next_physics[:, self.qpos],
-                next_physics[:, self.qvel],
-                acts,
+                self.env, physics[:, self.qpos], next_physics[:, self.qpos], next_physics[:, self.qvel], acts
             )
         else:
             env, data = self.env, self.env.data
@@ -523,9 +505,7 @@ ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh}
 SCALE_MIN = 1e-6  # added to the softplus'd Cholesky diagonal: a numerical guard (ACME's value)
 
 
-def mlp(
-    in_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool
-) -> nn.Sequential:
+def mlp(in_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool) -> nn.Sequential:
     """Linear + activation layers; optional LayerNorm after the first Linear ([TreePI] '256-LN')."""
     layers: list[nn.Module] = []
     for i, size in enumerate(hidden_sizes):
@@ -560,9 +540,7 @@ class GaussianActor(nn.Module):
         self.register_buffer("action_bias", (high + low) / 2)
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, raw = self.head(self.trunk(obs)).split(
-            [self.action_dim, self.head.out_features - self.action_dim], dim=-1
-        )
+        mean, raw = self.head(self.trunk(obs)).split([self.action_dim, self.head.out_features - self.action_dim], dim=-1)
         if not self.full_covariance:
             return mean, torch.diag_embed(F.softplus(raw) + SCALE_MIN)  # [B, A], [B, A, A]
         rows, cols = torch.tril_indices(self.action_dim, self.action_dim, device=obs.device)
@@ -577,28 +555,20 @@ class GaussianActor(nn.Module):
         actions = self.candidates(params, 1)[0]  # [B, 1, A]
         return actions[:, 0], self.log_prob(params, actions)[:, 0]
 
-    def candidates(
-        self, params: tuple[torch.Tensor, torch.Tensor], num_samples: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def candidates(self, params: tuple[torch.Tensor, torch.Tensor], num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
         """M actions a_j ~ pi(.|s) per state [B, M, A] and their prior weights log(1/M) [B, M]
         in the E-step: the samples stand in for the integral over actions [MPO Alg. 2, line 11]."""
         mean, scale_tril = params
         noise = torch.randn(*mean.shape[:-1], num_samples, self.action_dim, device=mean.device)
         actions = mean.unsqueeze(-2) + noise @ scale_tril.transpose(-2, -1)  # a = mean + L noise
-        return actions, torch.full(
-            actions.shape[:-1], -float(np.log(num_samples)), device=mean.device
-        )
+        return actions, torch.full(actions.shape[:-1], -float(np.log(num_samples)), device=mean.device)
 
-    def log_prob(
-        self, params: tuple[torch.Tensor, torch.Tensor], actions: torch.Tensor
-    ) -> torch.Tensor:
+    def log_prob(self, params: tuple[torch.Tensor, torch.Tensor], actions: torch.Tensor) -> torch.Tensor:
         """log pi(a_j|s) [B, M] of actions [B, M, A]."""
         return gaussian_log_prob(actions, *params)
 
     def kl_terms(
-        self,
-        params_old: tuple[torch.Tensor, torch.Tensor],
-        params: tuple[torch.Tensor, torch.Tensor],
+        self, params_old: tuple[torch.Tensor, torch.Tensor], params: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The mean and covariance parts C_mean, C_cov [B] of KL(pi_old || pi) [MPO eq. 27]."""
         return gaussian_kl_decoupled(*params_old, *params)
@@ -659,8 +629,7 @@ class LatentModel(nn.Module):
         sizes, latent = args.model_sizes, args.model_sizes[-1]
         self.encoder = mlp(obs_dim, sizes, args.activation, args.layer_norm)
         self.transition = nn.Sequential(
-            mlp(latent + action_dim, sizes[:-1], args.activation, args.layer_norm),
-            nn.Linear(sizes[-2], latent),
+            mlp(latent + action_dim, sizes[:-1], args.activation, args.layer_norm), nn.Linear(sizes[-2], latent)
         )
         self.reward = nn.Sequential(
             mlp(latent + action_dim, args.critic_hidden_sizes, args.activation, args.layer_norm),
@@ -671,25 +640,19 @@ class LatentModel(nn.Module):
         """The networks' input at a search node: the latent state itself."""
         return states
 
-    def predict(
-        self, states: torch.Tensor, actions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def predict(self, states: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Next latent, reward and termination logit of (s, a), actions clipped as executed:
         [n, L], [n], [n]."""
         inputs = torch.cat([states, actions.clamp(-1.0, 1.0)], -1)
         reward, logit = self.reward(inputs).unbind(-1)
         return states + self.transition(inputs), reward, logit
 
-    def step(
-        self, states: torch.Tensor, actions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def step(self, states: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The search's model call: next states, rewards and continuation 1 - p(terminated)."""
         next_states, reward, logit = self.predict(states, actions)
         return next_states, reward, torch.sigmoid(-logit)
 
-    def unroll(
-        self, obs: torch.Tensor, actions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def unroll(self, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """s_t = f(o_1, a_1..a_{t-1}) [TreePI Sec. 5]: latents [B, T+1, L] for t = 1..T+1,
         predicted rewards and termination logits [B, T], from o_1 [B, O] and actions [B, T, A]."""
         states, rewards, logits = [self.encoder(obs)], [], []
@@ -766,17 +729,10 @@ class SnippetReplay:
         newer = (self.pos - 1 - start) % self.rows  # rows written after the start row
         ended_before = snippet["ended"].cumsum(1) - snippet["ended"]  # [B, T]
         valid = (steps <= newer.unsqueeze(1)) & (ended_before == 0)
-        return Batch(
-            **{name: snippet[name] for name in Batch._fields if name != "valid"},
-            valid=valid.float(),
-        )
+        return Batch(**{name: snippet[name] for name in Batch._fields if name != "valid"}, valid=valid.float())
 
     def state_dict(self) -> dict:
-        return {
-            "pos": self.pos,
-            "size": self.size,
-            "data": {k: v[: self.size] for k, v in self.data.items()},
-        }
+        return {"pos": self.pos, "size": self.size, "data": {k: v[: self.size] for k, v in self.data.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.pos, self.size = state["pos"], state["size"]
@@ -793,9 +749,7 @@ DUAL_MIN = 1e-8  # added to softplus in dual_variable, so that eta and alpha sta
 LOG_DUAL_MIN = -18.0  # lower clamp of the dual parameters after each step (ACME's clamp)
 
 
-def gaussian_log_prob(
-    actions: torch.Tensor, mean: torch.Tensor, scale_tril: torch.Tensor
-) -> torch.Tensor:
+def gaussian_log_prob(actions: torch.Tensor, mean: torch.Tensor, scale_tril: torch.Tensor) -> torch.Tensor:
     """log N(a; mean, L L^T) = -|L^-1 (a - mean)|^2 / 2 - sum_i log L_ii - A log(2 pi) / 2.
 
     The Gaussian policy of [MPO App. D] with Sigma = L L^T. One triangular solve per state
@@ -810,10 +764,7 @@ def gaussian_log_prob(
 
 
 def gaussian_kl_decoupled(
-    mean_old: torch.Tensor,
-    scale_tril_old: torch.Tensor,
-    mean: torch.Tensor,
-    scale_tril: torch.Tensor,
+    mean_old: torch.Tensor, scale_tril_old: torch.Tensor, mean: torch.Tensor, scale_tril: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """KL(pi_old || pi) of two Gaussians split into a mean and a covariance part [MPO App. D,
     eq. 27], KL = C_mean + C_cov:
@@ -831,10 +782,9 @@ def gaussian_kl_decoupled(
     whitened = torch.linalg.solve_triangular(
         scale_tril, torch.cat([diff, scale_tril_old], dim=-1), upper=False
     )  # [B, A, 1 + A]
-    log_det_ratio = 2 * (
-        scale_tril.diagonal(dim1=-2, dim2=-1).log()
-        - scale_tril_old.diagonal(dim1=-2, dim2=-1).log()
-    ).sum(-1)  # log |Sigma| / |Sigma_old|
+    log_det_ratio = 2 * (scale_tril.diagonal(dim1=-2, dim2=-1).log() - scale_tril_old.diagonal(dim1=-2, dim2=-1).log()).sum(
+        -1
+    )  # log |Sigma| / |Sigma_old|
     kl_mean = 0.5 * whitened[..., 0].pow(2).sum(-1)
     kl_cov = 0.5 * (whitened[..., 1:].pow(2).sum((-2, -1)) - mean.shape[-1] + log_det_ratio)
     return kl_mean, kl_cov
@@ -861,9 +811,7 @@ def dual_variable(log_dual: torch.Tensor) -> torch.Tensor:
     return F.softplus(log_dual) + DUAL_MIN
 
 
-def kl_penalty(
-    kl: torch.Tensor, alpha: torch.Tensor, epsilon: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def kl_penalty(kl: torch.Tensor, alpha: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The Lagrangian term alpha (epsilon - E_s KL) of the M-step [MPO App. D.3], split for
     simultaneous gradient steps: the policy minimises sg(alpha) E_s KL, the multiplier
     minimises alpha (epsilon - sg(E_s KL)), so alpha grows while the bound is violated.
@@ -875,9 +823,7 @@ def kl_penalty(
     return alpha.detach() * kl, alpha * (epsilon - kl.detach())
 
 
-def q_target(
-    rewards: torch.Tensor, terminated: torch.Tensor, next_q: torch.Tensor, gamma: float
-) -> torch.Tensor:
+def q_target(rewards: torch.Tensor, terminated: torch.Tensor, next_q: torch.Tensor, gamma: float) -> torch.Tensor:
     """y = r_t + gamma (1 - terminated_t) mean_k Q'(s_{t+1}, a_k), a_k ~ pi^(i)(.|s_{t+1}).
 
     [TreePI eq. 6, L_Q]: the TD target with the expectation over pi^(i) estimated by samples.
@@ -981,11 +927,7 @@ def search(
         trees = np.flatnonzero(~complete[:, 0].all(1))  # a complete root has nothing to add
         if trees.size == 0:
             break
-        u = (
-            uniforms[i - 1][:, trees]
-            if uniforms is not None
-            else 1.0 - np.random.random((depth - 1, trees.size, num_actions))
-        )
+        u = uniforms[i - 1][:, trees] if uniforms is not None else 1.0 - np.random.random((depth - 1, trees.size, num_actions))
         gumbel = -np.log(-np.log(u))  # [K-1, n, M]
         base = trees * capacity  # the root's row of each tree searched
         # forward rollout [TreePI Alg. 1]: descend through expanded, incomplete actions
@@ -1008,11 +950,7 @@ def search(
         b_action = b_action.to(actions.device)
         next_states, reward, cont = expand(
             states[b_state, torch.from_numpy(node).to(device)],
-            actions[
-                b_action,
-                torch.from_numpy(node).to(actions.device),
-                torch.from_numpy(leaf_slot).to(actions.device),
-            ],
+            actions[b_action, torch.from_numpy(node).to(actions.device), torch.from_numpy(leaf_slot).to(actions.device)],
         )
         new_actions, new_q = propose(next_states)
         states[b_state, torch.from_numpy(new).to(device)] = next_states.to(states.dtype)
@@ -1034,9 +972,7 @@ def search(
             cf[above, sf[at]] = cf[at].all(1)
             row[up] = above
             up = up[pf[at] > 0]
-    return Tree(
-        states, actions, q, rewards, discounts, parent, slot, children, complete, node_depth, size
-    )
+    return Tree(states, actions, q, rewards, discounts, parent, slot, children, complete, node_depth, size)
 
 
 def root_weights(tree: Tree, eta: float) -> torch.Tensor:
@@ -1051,11 +987,7 @@ def root_weights(tree: Tree, eta: float) -> torch.Tensor:
 # == 7. Updates ========================================================================
 @torch.no_grad()
 def run_search(
-    roots: torch.Tensor,
-    model: LatentModel | Simulator,
-    actor_target: Actor,
-    critic_target: Critic,
-    args: Args,
+    roots: torch.Tensor, model: LatentModel | Simulator, actor_target: Actor, critic_target: Critic, args: Args
 ) -> Tree:
     """`search` with pi^(i) and Q' [TreePI Alg. 1's inputs] on the learned or the true model."""
     device = actor_target.action_scale.device
@@ -1068,9 +1000,7 @@ def run_search(
     return search(roots, propose, model.step, args.num_rollouts, args.depth, args.eta, args.gamma)
 
 
-def search_roots(
-    batch: Batch, states: torch.Tensor, simulator: Simulator | None, count: int
-) -> torch.Tensor:
+def search_roots(batch: Batch, states: torch.Tensor, simulator: Simulator | None, count: int) -> torch.Tensor:
     """Root states [n, S] at the first `count` valid steps of the batch (0: all of them), in
     the order of batch.valid.flatten(): the latents (no gradient), or the simulator's
     [obs | physics]."""
@@ -1120,16 +1050,12 @@ def update(
         next_flat = next_states.flatten(0, 1)
         next_actions, _ = actor_target.candidates(actor_target(next_flat), args.num_samples)
         next_q = critic_target(next_flat.unsqueeze(1), actor_target.critic_input(next_actions))
-        target = q_target(
-            batch.rewards, batch.terminated, next_q.view(*valid.shape, -1), args.gamma
-        )
+        target = q_target(batch.rewards, batch.terminated, next_q.view(*valid.shape, -1), args.gamma)
     q = critic(flat_states, actor_target.critic_input(batch.actions.flatten(0, 1)))  # [B T]
     q_loss = ((q.view_as(valid) - target).pow(2) * valid).sum() / count
     # E-step [TreePI Alg. 1]: a search from each root replaces MPO's softmax(Q'/eta) weights
     roots = search_roots(batch, states, simulator, args.search_states)
-    tree = run_search(
-        roots, simulator if model is None else model, actor_target, critic_target, args
-    )
+    tree = run_search(roots, simulator if model is None else model, actor_target, critic_target, args)
     actions, weights = tree.actions[:, 0], root_weights(tree, args.eta)  # [n, M, A], [n, M]
     # M-step [TreePI eq. 6, MPO eq. 10]: weighted maximum likelihood of the searched actions,
     # under the KL bound to pi^(i) on every valid state (R of [TreePI eq. 6])
@@ -1144,15 +1070,11 @@ def update(
         kl_mean, kl_cov = kl_mean + kl_cov, None
     alpha_mean, alpha_cov = dual_variable(log_alpha_mean), dual_variable(log_alpha_cov)
     penalty, alpha_loss = kl_penalty(kl_mean, alpha_mean, args.epsilon_mean)
-    metrics.update(
-        {"stats/kl_mean": kl_mean.detach().mean(), "stats/alpha_mean": alpha_mean.detach()}
-    )
+    metrics.update({"stats/kl_mean": kl_mean.detach().mean(), "stats/alpha_mean": alpha_mean.detach()})
     if kl_cov is not None:
         penalty_cov, alpha_loss_cov = kl_penalty(kl_cov, alpha_cov, args.epsilon_cov)
         penalty, alpha_loss = penalty + penalty_cov, alpha_loss + alpha_loss_cov
-        metrics.update(
-            {"stats/kl_cov": kl_cov.detach().mean(), "stats/alpha_cov": alpha_cov.detach()}
-        )
+        metrics.update({"stats/kl_cov": kl_cov.detach().mean(), "stats/alpha_cov": alpha_cov.detach()})
     # disjoint parameters: one backward serves the model, critic, policy and dual steps
     actor_opt.zero_grad(set_to_none=True)
     critic_opt.zero_grad(set_to_none=True)
@@ -1180,9 +1102,7 @@ def update(
 
 
 # == 8. Evaluation =====================================================================
-def evaluate(
-    act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int
-) -> list[float]:
+def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int) -> list[float]:
     """Undiscounted returns of `episodes` episodes of act(obs) -> action, reset with seed + i."""
     returns = []
     for i in range(episodes):
@@ -1213,9 +1133,7 @@ def load_checkpoint(path: str, env: str | None = None, device: str | torch.devic
     except Exception as e:  # noqa: BLE001 (whatever makes the file unreadable: one clear line)
         raise UsageError(f"cannot read checkpoint {path}: {type(e).__name__}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(
-            f"{path} is not a checkpoint of this repository (format {CHECKPOINT_FORMAT})"
-        )
+        raise UsageError(f"{path} is not a checkpoint of this repository (format {CHECKPOINT_FORMAT})")
     if payload["algo"] != ALGO:
         raise UsageError(f"{path} is a {payload['algo']} checkpoint, not {ALGO}")
     if env is not None and payload["env"] != env:
@@ -1265,9 +1183,7 @@ def open_run(args: Args) -> tuple[str, SummaryWriter]:
 
 def saved_args(args: Args) -> dict:
     """Arguments stored in a checkpoint: the run's settings without the load/resume paths."""
-    return dataclasses.asdict(
-        dataclasses.replace(args, checkpoint=None, resume=None, eval_only=False)
-    )
+    return dataclasses.asdict(dataclasses.replace(args, checkpoint=None, resume=None, eval_only=False))
 
 
 class Progress:
@@ -1304,8 +1220,7 @@ class Progress:
             self.writer.add_scalar(k, (v / self.counts[k]).item(), global_step)
         ret = f"{np.mean(self.returns):.1f}" if self.returns else "-"
         print(
-            f"step {global_step} | return {ret} | eval {self.eval_return:.1f} | SPS {sps:.0f} | "
-            f"updates/s {ups:.0f}",
+            f"step {global_step} | return {ret} | eval {self.eval_return:.1f} | SPS {sps:.0f} | updates/s {ups:.0f}",
             flush=True,
         )
         self.sums, self.counts, self.returns = {}, {}, []
@@ -1317,9 +1232,7 @@ class Progress:
         print(f"done: step {global_step} | eval {self.eval_return:.1f} | run {run_dir}", flush=True)
 
 
-def make_agent(
-    args: Args, obs_dim: int, action_space: gym.spaces.Box, device: torch.device
-) -> dict:
+def make_agent(args: Args, obs_dim: int, action_space: gym.spaces.Box, device: torch.device) -> dict:
     """Networks, their targets pi^(i) and Q', the learned model and the dual variables, by the
     names their state is saved under; the policy and Q read latents or true observations."""
     in_dim = args.model_sizes[-1] if args.model == "learned" else obs_dim
@@ -1352,12 +1265,7 @@ def make_agent(
 
 @torch.no_grad()
 def select_actions(
-    agent: dict,
-    simulator: Simulator | None,
-    args: Args,
-    obs: np.ndarray,
-    physics: np.ndarray,
-    greedy: bool,
+    agent: dict, simulator: Simulator | None, args: Args, obs: np.ndarray, physics: np.ndarray, greedy: bool
 ) -> torch.Tensor:
     """Actions [n, A] (unclipped, in [-1, 1] units) for observations [n, O] and the simulator's
     saved states [n, P]: a ~ pi^(i) (--act policy, [TreePI Alg. 2]) or a ~ mu-hat_K, the
@@ -1376,9 +1284,7 @@ def select_actions(
     return tree.actions[torch.arange(len(j), device=j.device), 0, j]
 
 
-def policy_fn(
-    agent: dict, simulator: Simulator | None, args: Args, env: gym.Env
-) -> Callable[[np.ndarray], np.ndarray]:
+def policy_fn(agent: dict, simulator: Simulator | None, args: Args, env: gym.Env) -> Callable[[np.ndarray], np.ndarray]:
     """act(obs) -> action by the greedy rule of --act, for `evaluate` on `env` (where a search
     with --model true starts: from env's own simulation state)."""
 
@@ -1407,21 +1313,16 @@ def evaluate_only(args: Args) -> dict:
     """--eval-only: load the checkpoint's policy and evaluate it."""
     device = torch.device("cuda" if args.cuda else "cpu")
     payload = load_checkpoint(args.checkpoint, args.env, device)
-    video_dir = (
-        os.path.join(os.path.dirname(args.checkpoint), "videos") if args.capture_video else None
-    )
+    video_dir = os.path.join(os.path.dirname(args.checkpoint), "videos") if args.capture_video else None
     env = make_eval_env(args.env, video_dir, args.eval_episodes)
     check_spaces(args.env, env.observation_space, env.action_space)
     simulator = Simulator(args.env, args.threads) if args.model == "true" else None
     agent = make_agent(args, env.observation_space.shape[0], env.action_space, device)
     load_agent_state(agent, payload["state"])
-    returns = evaluate(
-        policy_fn(agent, simulator, args, env), env, args.eval_episodes, args.seed + 10_000
-    )
+    returns = evaluate(policy_fn(agent, simulator, args, env), env, args.eval_episodes, args.seed + 10_000)
     env.close()
     print(
-        f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns "
-        + " ".join(f"{r:.1f}" for r in returns),
+        f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns " + " ".join(f"{r:.1f}" for r in returns),
         flush=True,
     )
     return {"eval_return": float(np.mean(returns)), "eval_returns": returns}
@@ -1444,9 +1345,7 @@ def train(args: Args) -> dict:
     obs_dim = envs.single_observation_space.shape[0]
     # -- networks and optimizers
     agent = make_agent(args, obs_dim, envs.single_action_space, device)
-    actor, actor_target, critic, critic_target = (
-        agent[k] for k in ("actor", "actor_target", "critic", "critic_target")
-    )
+    actor, actor_target, critic, critic_target = (agent[k] for k in ("actor", "actor_target", "critic", "critic_target"))
     log_alpha_mean, log_alpha_cov = (agent[k] for k in ("log_alpha_mean", "log_alpha_cov"))
     model = agent.get("model")  # None with --model true
     # fused Adam: one kernel per step for all parameters instead of several per tensor
@@ -1490,9 +1389,7 @@ def train(args: Args) -> dict:
             "obs_norm": None,
         }
         if with_train_state:
-            out["train"] = {
-                name: opt.state_dict() for name, opt in optimizers.items() if opt is not None
-            }
+            out["train"] = {name: opt.state_dict() for name, opt in optimizers.items() if opt is not None}
             out["train"].update(num_updates=num_updates, replay=rb.state_dict(), rng=rng_state())
         return out
 
@@ -1504,15 +1401,11 @@ def train(args: Args) -> dict:
     while global_step < args.total_steps:
         # act: with pi^(i), or a search from each env's current state [TreePI Alg. 2]
         physics = (
-            np.stack([simulator.physics(env) for env in envs.envs])
-            if simulator is not None
-            else np.zeros((args.num_envs, 0))
+            np.stack([simulator.physics(env) for env in envs.envs]) if simulator is not None else np.zeros((args.num_envs, 0))
         )
         actions = select_actions(agent, simulator, args, obs, physics, greedy=False)
         # step: the env executes the action clipped to its bounds; the replay keeps the sample
-        next_obs, rewards, terminated, truncated, infos = envs.step(
-            actor.env_action(actions).cpu().numpy()
-        )
+        next_obs, rewards, terminated, truncated, infos = envs.step(actor.env_action(actions).cpu().numpy())
         global_step += args.num_envs
         ended = terminated | truncated
         for episode_return, length in stats.update(rewards, ended):
@@ -1562,9 +1455,7 @@ def train(args: Args) -> dict:
             progress.log(global_step, num_updates)
             next_log += args.log_every
         if next_eval is not None and global_step >= next_eval:
-            progress.add_eval(
-                global_step, evaluate(act, eval_env, args.eval_episodes, args.seed + 10_000)
-            )
+            progress.add_eval(global_step, evaluate(act, eval_env, args.eval_episodes, args.seed + 10_000))
             if args.save_model:
                 save_checkpoint(os.path.join(run_dir, "model.pt"), payload(with_train_state=False))
             next_eval += args.eval_every
@@ -1581,12 +1472,7 @@ def train(args: Args) -> dict:
     envs.close()
     eval_env.close()
     writer.close()
-    return {
-        "global_step": global_step,
-        "num_updates": num_updates,
-        "eval_return": progress.eval_return,
-        "run_dir": run_dir,
-    }
+    return {"global_step": global_step, "num_updates": num_updates, "eval_return": progress.eval_return, "run_dir": run_dir}
 
 
 # == 11. Entry point ===================================================================
@@ -1598,9 +1484,7 @@ def parse_args(argv: list[str] | None) -> Args:
     if path is not None:
         saved = load_checkpoint(path)["args"]
         fields = {f.name for f in dataclasses.fields(Args)}
-        defaults = Args(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields}
-        )
+        defaults = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
         args = tyro.cli(Args, args=argv, default=defaults)
     return args
 

@@ -232,9 +232,7 @@ def check_args(args: Args) -> None:
                 f"self-normalised surrogate is constant), got {args.vine_actions}"
             )
         if args.vine_rollout_length <= 0:
-            raise UsageError(
-                f"--vine-rollout-length must be positive, got {args.vine_rollout_length}"
-            )
+            raise UsageError(f"--vine-rollout-length must be positive, got {args.vine_rollout_length}")
     if args.delta <= 0 or args.cg_iters <= 0 or args.cg_damping < 0:
         raise UsageError("--delta and --cg-iters must be positive and --cg-damping >= 0")
     if not 0.0 < args.fisher_fraction <= 1.0:
@@ -268,8 +266,7 @@ def make_vec_env(env_id: str, num_envs: int) -> gym.vector.SyncVectorEnv:
     """Training envs in SAME_STEP autoreset mode: an ended episode's last observation is in
     infos["final_obs"] and the returned observation already starts the next episode."""
     return gym.vector.SyncVectorEnv(
-        [lambda: make_env(env_id) for _ in range(num_envs)],
-        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+        [lambda: make_env(env_id) for _ in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
     )
 
 
@@ -294,18 +291,11 @@ def make_eval_env(env_id: str, video_dir: str | None, episodes: int) -> gym.Env:
 def check_spaces(env_id: str, obs_space: gym.Space, action_space: gym.Space) -> None:
     """TRPO needs flat Box observations and a Box or Discrete action space."""
     if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-        raise UsageError(
-            f"{env_id} has observation space {obs_space}; this script needs a flat Box"
-        )
+        raise UsageError(f"{env_id} has observation space {obs_space}; this script needs a flat Box")
     if not isinstance(action_space, (gym.spaces.Box, gym.spaces.Discrete)):
-        raise UsageError(
-            f"{env_id} has a {type(action_space).__name__} action space; TRPO here needs a Box "
-            "or a Discrete one"
-        )
+        raise UsageError(f"{env_id} has a {type(action_space).__name__} action space; TRPO here needs a Box or a Discrete one")
     if isinstance(action_space, gym.spaces.Box) and len(action_space.shape) != 1:
-        raise UsageError(
-            f"{env_id} has actions of shape {action_space.shape}; TRPO needs a flat Box"
-        )
+        raise UsageError(f"{env_id} has actions of shape {action_space.shape}; TRPO needs a flat Box")
 
 
 class EpisodeStats:
@@ -354,17 +344,13 @@ class Simulator:
     def get_state(self) -> np.ndarray:
         if self.kind == "mujoco":
             state = np.empty(self.size)
-            mujoco.mj_getState(
-                self.env.model, self.env.data, state, mujoco.mjtState.mjSTATE_INTEGRATION
-            )
+            mujoco.mj_getState(self.env.model, self.env.data, state, mujoco.mjtState.mjSTATE_INTEGRATION)
             return state
         return np.array(self.env.state, dtype=np.float64)
 
     def set_state(self, state: np.ndarray) -> None:
         if self.kind == "mujoco":
-            mujoco.mj_setState(
-                self.env.model, self.env.data, state, mujoco.mjtState.mjSTATE_INTEGRATION
-            )
+            mujoco.mj_setState(self.env.model, self.env.data, state, mujoco.mjtState.mjSTATE_INTEGRATION)
         else:
             self.env.state = state.copy()
             if hasattr(self.env, "steps_beyond_terminated"):  # CartPole's post-termination count
@@ -380,9 +366,7 @@ class Simulator:
 ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh}
 
 
-def mlp(
-    in_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool
-) -> nn.Sequential:
+def mlp(in_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool) -> nn.Sequential:
     """Linear + activation layers; optional LayerNorm after the first Linear ([TreePI] '256-LN')."""
     layers: list[nn.Module] = []
     for i, size in enumerate(hidden_sizes):
@@ -411,9 +395,7 @@ class Actor(nn.Module):
         super().__init__()
         self.discrete = isinstance(action_space, gym.spaces.Discrete)
         out_dim = int(action_space.n) if self.discrete else int(np.prod(action_space.shape))
-        self.trunk = orthogonal_init(
-            mlp(obs_dim, args.hidden_sizes, args.activation, args.layer_norm), np.sqrt(2)
-        )
+        self.trunk = orthogonal_init(mlp(obs_dim, args.hidden_sizes, args.activation, args.layer_norm), np.sqrt(2))
         # a small last layer starts the policy near uniform / zero mean (baselines ppo2)
         self.head = orthogonal_init(nn.Linear(args.hidden_sizes[-1], out_dim), 0.01)
         self.log_std = None if self.discrete else nn.Parameter(torch.zeros(out_dim))
@@ -422,9 +404,7 @@ class Actor(nn.Module):
         """Gaussian mean [B, A] or categorical logits [B, n]."""
         return self.head(self.trunk(obs))
 
-    def log_prob_entropy(
-        self, obs: torch.Tensor, actions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def log_prob_entropy(self, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """log pi(a|s) and the entropy of pi(.|s), both [B]."""
         out = self(obs)
         if self.discrete:
@@ -484,9 +464,7 @@ class Value(nn.Module):
 
     def __init__(self, obs_dim: int, args: Args):
         super().__init__()
-        self.trunk = orthogonal_init(
-            mlp(obs_dim, args.hidden_sizes, args.activation, args.layer_norm), np.sqrt(2)
-        )
+        self.trunk = orthogonal_init(mlp(obs_dim, args.hidden_sizes, args.activation, args.layer_norm), np.sqrt(2))
         self.head = orthogonal_init(nn.Linear(args.hidden_sizes[-1], 1), 1.0)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
@@ -561,9 +539,7 @@ def make_rollout(num_steps: int, num_envs: int, obs_dim: int, action_space: gym.
     tn = (num_steps, num_envs)
     return Rollout(
         obs=torch.zeros(*tn, obs_dim),
-        actions=torch.zeros(tn, dtype=torch.long)
-        if discrete
-        else torch.zeros(*tn, *action_space.shape),
+        actions=torch.zeros(tn, dtype=torch.long) if discrete else torch.zeros(*tn, *action_space.shape),
         log_probs=torch.zeros(tn),
         rewards=torch.zeros(tn),
         dones=torch.zeros(tn),
@@ -578,10 +554,7 @@ class Trunk(NamedTuple):
 
 def make_trunk(num_steps: int, num_envs: int, state_size: int) -> Trunk:
     """Storage for the vine's trunk [TRPO Sec. 5.2] (size-0 states for the single path)."""
-    return Trunk(
-        states=np.zeros((num_steps, num_envs, state_size)),
-        elapsed=np.zeros((num_steps, num_envs), dtype=np.int64),
-    )
+    return Trunk(states=np.zeros((num_steps, num_envs, state_size)), elapsed=np.zeros((num_steps, num_envs), dtype=np.int64))
 
 
 # == 6. Algorithm ======================================================================
@@ -589,9 +562,7 @@ CG_RESIDUAL_TOL = 1e-10  # stop CG once |r|^2 is below this ([SB3C]; modular_rl)
 STEP_EPS = 1e-12  # guards beta = sqrt(2 delta / s^T A s) against s^T A s = 0
 
 
-def gaussian_log_prob(
-    actions: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor
-) -> torch.Tensor:
+def gaussian_log_prob(actions: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
     """log N(a; mean, diag(exp(log_std)^2)) summed over action dimensions: [B, A] -> [B]."""
     z = (actions - mean) * torch.exp(-log_std)
     return (-0.5 * z.pow(2) - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
@@ -613,9 +584,7 @@ def categorical_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).sum(-1)
 
 
-def gaussian_kl(
-    mean_old: torch.Tensor, log_std_old: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor
-) -> torch.Tensor:
+def gaussian_kl(mean_old: torch.Tensor, log_std_old: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
     """KL(N_old || N) = sum_i log(s_i / s_old_i) + (s_old_i^2 + (m_old_i - m_i)^2) / (2 s_i^2)
     - 1/2 for diagonal Gaussians: [B, A] each -> [B]."""
     var_ratio = torch.exp(2 * (log_std_old - log_std))
@@ -630,12 +599,7 @@ def categorical_kl(logits_old: torch.Tensor, logits: torch.Tensor) -> torch.Tens
 
 
 def gae(
-    rewards: torch.Tensor,
-    values: torch.Tensor,
-    dones: torch.Tensor,
-    last_value: torch.Tensor,
-    gamma: float,
-    gae_lambda: float,
+    rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, last_value: torch.Tensor, gamma: float, gae_lambda: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation, cut at episode ends [PPO eq. 11-12; GAE eq. 16].
 
@@ -657,9 +621,7 @@ def gae(
     return advantages, advantages + values
 
 
-def surrogate(
-    log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor
-) -> torch.Tensor:
+def surrogate(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
     """L(theta) = mean_t rho_t A_t, rho = pi_theta(a_t|s_t) / pi_old(a_t|s_t) [TRPO eq. 14].
 
     Single path [TRPO Sec. 5.1]: q = pi_old, and advantages in place of Q change L by a
@@ -668,9 +630,7 @@ def surrogate(
     return (torch.exp(log_probs - old_log_probs) * advantages).mean()
 
 
-def vine_surrogate(
-    log_probs: torch.Tensor, log_q: torch.Tensor, q_values: torch.Tensor
-) -> torch.Tensor:
+def vine_surrogate(log_probs: torch.Tensor, log_q: torch.Tensor, q_values: torch.Tensor) -> torch.Tensor:
     """L(theta) = mean_r sum_k w_rk Q_rk / sum_k w_rk, w_rk = pi_theta(a_rk|s_r) / q(a_rk|s_r).
 
     [TRPO eq. 16] the self-normalised importance-sampling estimate at each rollout-set state,
@@ -682,9 +642,7 @@ def vine_surrogate(
     return (torch.softmax(log_probs - log_q, dim=-1) * q_values).sum(-1).mean()
 
 
-def conjugate_gradient(
-    avp: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int
-) -> torch.Tensor:
+def conjugate_gradient(avp: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int) -> torch.Tensor:
     """An approximate solution x of A x = b, A symmetric positive definite, from products A v.
 
     [TRPO App. C] conjugate gradient from x_0 = 0 for `iters` steps (the paper: 10), stopping
@@ -706,9 +664,7 @@ def conjugate_gradient(
     return x
 
 
-def fisher_vector_product(
-    kl_grad: torch.Tensor, params: list[torch.Tensor], v: torch.Tensor, damping: float
-) -> torch.Tensor:
+def fisher_vector_product(kl_grad: torch.Tensor, params: list[torch.Tensor], v: torch.Tensor, damping: float) -> torch.Tensor:
     """(A + damping I) v, A = d^2/dtheta^2 mean_s KL(pi_old(.|s) || pi_theta(.|s)) at theta_old.
 
     [TRPO App. C.1] the Hessian-vector product of the analytic mean KL: kl_grad = dKL/dtheta,
@@ -837,9 +793,7 @@ def update_policy(
     # [TRPO App. C.1] the Fisher on a random fraction of the states
     idx = torch.randperm(len(obs), device=obs.device)[: max(1, round(fisher_fraction * len(obs)))]
     kl_fisher = actor.kl(dist_old[idx], actor.dist_params(obs[idx])).mean()
-    kl_grad = torch.cat(
-        [x.reshape(-1) for x in torch.autograd.grad(kl_fisher, params, create_graph=True)]
-    )
+    kl_grad = torch.cat([x.reshape(-1) for x in torch.autograd.grad(kl_fisher, params, create_graph=True)])
     fvp = functools.partial(fisher_vector_product, kl_grad, params, damping=cg_damping)
     step_dir = conjugate_gradient(fvp, g, cg_iters)  # s ~ A^-1 g
     curvature = step_dir @ fvp(step_dir)  # s^T A s
@@ -850,22 +804,9 @@ def update_policy(
         return objective(), actor.kl(dist_old, actor.dist_params(obs)).mean()
 
     surrogate_old = surrogate_old.detach()
-    fraction = line_search(
-        actor,
-        evaluate_step,
-        theta_old,
-        full_step,
-        surrogate_old,
-        delta,
-        backtrack_coef,
-        backtrack_iters,
-    )
+    fraction = line_search(actor, evaluate_step, theta_old, full_step, surrogate_old, delta, backtrack_coef, backtrack_iters)
     surrogate_new, kl = evaluate_step()
-    entropy = (
-        categorical_entropy(dist_old)
-        if actor.discrete
-        else gaussian_entropy(dist_old.chunk(2, dim=-1)[1])
-    )
+    entropy = categorical_entropy(dist_old) if actor.discrete else gaussian_entropy(dist_old.chunk(2, dim=-1)[1])
     return {
         "losses/policy": -surrogate_new,
         "stats/surrogate_improvement": surrogate_new - surrogate_old,
@@ -878,12 +819,7 @@ def update_policy(
 
 
 def update_value(
-    value: Value,
-    value_opt: torch.optim.Optimizer,
-    obs: torch.Tensor,
-    returns: torch.Tensor,
-    epochs: int,
-    num_minibatches: int,
+    value: Value, value_opt: torch.optim.Optimizer, obs: torch.Tensor, returns: torch.Tensor, epochs: int, num_minibatches: int
 ) -> dict[str, torch.Tensor]:
     """Fit V to the returns R = A + V_old: `epochs` passes of minibatch Adam steps on
     (V(s) - R)^2 / 2 ([SB3C]; the policy step does not touch V)."""
@@ -903,9 +839,7 @@ def update_value(
 
 
 # == 8. Evaluation =====================================================================
-def evaluate(
-    act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int
-) -> list[float]:
+def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int) -> list[float]:
     """Undiscounted returns of `episodes` episodes of act(obs) -> action, reset with seed + i."""
     returns = []
     for i in range(episodes):
@@ -936,9 +870,7 @@ def load_checkpoint(path: str, env: str | None = None, device: str | torch.devic
     except Exception as e:  # noqa: BLE001 (whatever makes the file unreadable: one clear line)
         raise UsageError(f"cannot read checkpoint {path}: {type(e).__name__}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(
-            f"{path} is not a checkpoint of this repository (format {CHECKPOINT_FORMAT})"
-        )
+        raise UsageError(f"{path} is not a checkpoint of this repository (format {CHECKPOINT_FORMAT})")
     if payload["algo"] != ALGO:
         raise UsageError(f"{path} is a {payload['algo']} checkpoint, not {ALGO}")
     if env is not None and payload["env"] != env:
@@ -988,9 +920,7 @@ def open_run(args: Args) -> tuple[str, SummaryWriter]:
 
 def saved_args(args: Args) -> dict:
     """Arguments stored in a checkpoint: the run's settings without the load/resume paths."""
-    return dataclasses.asdict(
-        dataclasses.replace(args, checkpoint=None, resume=None, eval_only=False)
-    )
+    return dataclasses.asdict(dataclasses.replace(args, checkpoint=None, resume=None, eval_only=False))
 
 
 class Progress:
@@ -1027,8 +957,7 @@ class Progress:
             self.writer.add_scalar(k, (v / self.counts[k]).item(), global_step)
         ret = f"{np.mean(self.returns):.1f}" if self.returns else "-"
         print(
-            f"step {global_step} | return {ret} | eval {self.eval_return:.1f} | SPS {sps:.0f} | "
-            f"updates/s {ups:.0f}",
+            f"step {global_step} | return {ret} | eval {self.eval_return:.1f} | SPS {sps:.0f} | updates/s {ups:.0f}",
             flush=True,
         )
         self.sums, self.counts, self.returns = {}, {}, []
@@ -1049,11 +978,7 @@ def make_agent(args: Args, obs_dim: int, action_space: gym.Space, device: torch.
 
 
 def policy_fn(
-    actor: Actor,
-    obs_rms: RunningMeanStd | None,
-    args: Args,
-    action_space: gym.Space,
-    device: torch.device,
+    actor: Actor, obs_rms: RunningMeanStd | None, args: Args, action_space: gym.Space, device: torch.device
 ) -> Callable[[np.ndarray], np.ndarray]:
     """act(obs) -> action with the deterministic action and frozen normalisation statistics."""
 
@@ -1128,9 +1053,7 @@ def vine_batch(
             actions = actor.sample_with_noise(obs_k, actor.noise((num_states, k), device))
             log_q, _ = actor.log_prob_entropy(obs_k, actions)  # [R, K]
         noise = actor.noise((num_states, args.vine_rollout_length - 1), device)  # CRN
-    q_values, sim_steps = vine_rollouts(
-        sim, states, env_actions(actions), act, noise, horizons, args.gamma
-    )
+    q_values, sim_steps = vine_rollouts(sim, states, env_actions(actions), act, noise, horizons, args.gamma)
     batch = {
         "obs": obs,
         "actions": actions,
@@ -1144,9 +1067,7 @@ def evaluate_only(args: Args) -> dict:
     """--eval-only: load the checkpoint's policy and evaluate it."""
     device = torch.device("cuda" if args.cuda else "cpu")
     payload = load_checkpoint(args.checkpoint, args.env, device)
-    video_dir = (
-        os.path.join(os.path.dirname(args.checkpoint), "videos") if args.capture_video else None
-    )
+    video_dir = os.path.join(os.path.dirname(args.checkpoint), "videos") if args.capture_video else None
     env = make_eval_env(args.env, video_dir, args.eval_episodes)
     check_spaces(args.env, env.observation_space, env.action_space)
     agent = make_agent(args, env.observation_space.shape[0], env.action_space, device)
@@ -1159,8 +1080,7 @@ def evaluate_only(args: Args) -> dict:
     returns = evaluate(act, env, args.eval_episodes, args.seed + 10_000)
     env.close()
     print(
-        f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns "
-        + " ".join(f"{r:.1f}" for r in returns),
+        f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns " + " ".join(f"{r:.1f}" for r in returns),
         flush=True,
     )
     return {"eval_return": float(np.mean(returns)), "eval_returns": returns}
@@ -1189,11 +1109,7 @@ def train(args: Args) -> dict:
     # -- networks and optimizers
     agent = make_agent(args, obs_dim, action_space, device)
     actor, value = agent["actor"], agent.get("value")  # the vine has no V
-    value_opt = (
-        torch.optim.Adam(value.parameters(), lr=args.value_lr, fused=True)
-        if value is not None
-        else None
-    )
+    value_opt = torch.optim.Adam(value.parameters(), lr=args.value_lr, fused=True) if value is not None else None
     obs_rms = RunningMeanStd((obs_dim,))
     reward_scaler = RewardScaler(args.num_envs, args.gamma, args.reward_clip)
     # -- storage
@@ -1288,22 +1204,13 @@ def train(args: Args) -> dict:
         # update: one trust-region step [TRPO Sec. 6] on the surrogate of either estimator
         if vine:
             batch, branch_steps = vine_batch(
-                actor,
-                obs_rms if args.norm_obs else None,
-                data,
-                trunk,
-                branch_sim,
-                max_episode_steps,
-                args,
-                action_space,
+                actor, obs_rms if args.norm_obs else None, data, trunk, branch_sim, max_episode_steps, args, action_space
             )
             sim_steps += branch_steps
             objective = functools.partial(vine_objective, actor, batch)
         else:
             with torch.no_grad():
-                advantages, returns = gae(
-                    data.rewards, data.values, data.dones, value(obs), args.gamma, args.gae_lambda
-                )
+                advantages, returns = gae(data.rewards, data.values, data.dones, value(obs), args.gamma, args.gae_lambda)
             advantages = advantages.flatten()
             if args.norm_adv:
                 advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
@@ -1329,21 +1236,10 @@ def train(args: Args) -> dict:
             metrics["stats/q_mean"] = batch["q_values"].mean()
         else:
             returns, old_values = returns.flatten(), data.values.flatten()
-            metrics.update(
-                update_value(
-                    value,
-                    value_opt,
-                    batch["obs"],
-                    returns,
-                    args.value_epochs,
-                    args.value_minibatches,
-                )
-            )
+            metrics.update(update_value(value, value_opt, batch["obs"], returns, args.value_epochs, args.value_minibatches))
             metrics["stats/explained_variance"] = 1 - (returns - old_values).var() / returns.var()
         if float(metrics["stats/step_fraction"]) == 0.0:  # [TRPO App. C]: theta_old is kept
-            print(
-                f"step {global_step} | line search accepted no step: policy unchanged", flush=True
-            )
+            print(f"step {global_step} | line search accepted no step: policy unchanged", flush=True)
         num_updates += 1
         progress.add_metrics(metrics)
         writer.add_scalar("charts/sim_steps", sim_steps, global_step)
@@ -1352,9 +1248,7 @@ def train(args: Args) -> dict:
             progress.log(global_step, num_updates)
             next_log += args.log_every
         if next_eval is not None and global_step >= next_eval:
-            progress.add_eval(
-                global_step, evaluate(act, eval_env, args.eval_episodes, args.seed + 10_000)
-            )
+            progress.add_eval(global_step, evaluate(act, eval_env, args.eval_episodes, args.seed + 10_000))
             if args.save_model:
                 save_checkpoint(os.path.join(run_dir, "model.pt"), payload(with_train_state=False))
             next_eval += args.eval_every
@@ -1389,9 +1283,7 @@ def parse_args(argv: list[str] | None) -> Args:
     if path is not None:
         saved = load_checkpoint(path)["args"]
         fields = {f.name for f in dataclasses.fields(Args)}
-        defaults = Args(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields}
-        )
+        defaults = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
         args = tyro.cli(Args, args=argv, default=defaults)
     return args
 

@@ -113,9 +113,7 @@ class Comparison:
 VARIANTS: dict[str, Variant] = {
     "sac": Variant("sac.py", doc="SAC with the paper's settings"),
     "sac_cleanrl": Variant(
-        "sac.py",
-        ("--q-lr", "1e-3", "--alpha-lr", "1e-3", "--policy-frequency", "2"),
-        doc="SAC with CleanRL's settings",
+        "sac.py", ("--q-lr", "1e-3", "--alpha-lr", "1e-3", "--policy-frequency", "2"), doc="SAC with CleanRL's settings"
     ),
     "sac_cleanrl_bf16": Variant(
         "sac.py",
@@ -170,13 +168,7 @@ def evaluate_every(steps: int) -> tuple[str, ...]:
 
 
 def against_cleanrl(
-    algo: str,
-    ours: str,
-    title: str,
-    steps: int,
-    hopper_steps: int,
-    stack: str = "cleanrl",
-    seeds: tuple[int, ...] = (1, 2, 3),
+    algo: str, ours: str, title: str, steps: int, hopper_steps: int, stack: str = "cleanrl", seeds: tuple[int, ...] = (1, 2, 3)
 ) -> Comparison:
     """Our file against CleanRL's of the same algorithm, training episodes on HalfCheetah and
     Hopper; the runs are made by cleanrl_compare.py (CleanRL needs its own environment, or with
@@ -238,10 +230,7 @@ COMPARISONS: dict[str, Comparison] = {
     ),
     "cpi_fig1a": Comparison(
         "DPI on Garnet MDPs: CPI vs AGGREVATED-VI (cost, lower is better)",
-        (
-            Line("CPI", "cpi_garnet", "charts/cost_cpi"),
-            Line("AGGREVATED-VI", "cpi_garnet", "charts/cost_aggrevated_vi"),
-        ),
+        (Line("CPI", "cpi_garnet", "charts/cost_cpi"), Line("AGGREVATED-VI", "cpi_garnet", "charts/cost_aggrevated_vi")),
         envs=("Garnet",),
         steps=500_000,
         extra_args=("--num-mdps", "4"),
@@ -265,28 +254,17 @@ COMPARISONS: dict[str, Comparison] = {
         y_label="env steps/s",
         log_y=True,
         variant_steps={"mpo": 3_000, "treepi_pi": 2_000},
-        variant_args={
-            "sac": OFF_POLICY_SHORT,
-            "mpo": OFF_POLICY_SHORT,
-            "treepi_pi": OFF_POLICY_SHORT,
-        },
+        variant_args={"sac": OFF_POLICY_SHORT, "mpo": OFF_POLICY_SHORT, "treepi_pi": OFF_POLICY_SHORT},
         extra_args=("--log-every", "500", "--eval-every", "0", "--eval-episodes", "1"),
         seeds=(1,),
         serial=True,
     ),
     "cleanrl_sac": against_cleanrl(
-        "sac",
-        "sac_cleanrl",
-        "SAC against CleanRL's, side by side, CleanRL's settings",
-        15_000,
-        30_000,
+        "sac", "sac_cleanrl", "SAC against CleanRL's, side by side, CleanRL's settings", 15_000, 30_000
     ),
-    "cleanrl_ppo": against_cleanrl(
-        "ppo", "ppo", "PPO against CleanRL's, side by side", 300_000, 150_000
-    ),
+    "cleanrl_ppo": against_cleanrl("ppo", "ppo", "PPO against CleanRL's, side by side", 300_000, 150_000),
     "sac_bf16": Comparison(
-        "sac.py with its updates' matrix products in bfloat16 (--bf16) and in float32, CleanRL's "
-        "settings (training episodes)",
+        "sac.py with its updates' matrix products in bfloat16 (--bf16) and in float32, CleanRL's settings (training episodes)",
         (
             Line("float32", "sac_cleanrl", "charts/episodic_return"),
             Line("--bf16", "sac_cleanrl_bf16", "charts/episodic_return"),
@@ -417,9 +395,7 @@ def start(run: Run, nice: int) -> tuple[subprocess.Popen, tuple[str, ...], float
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
         niced = ("nice", "-n", str(nice)) if nice else ()
-        proc = subprocess.Popen(
-            niced + cmd, cwd=run.dir, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
+        proc = subprocess.Popen(niced + cmd, cwd=run.dir, env=env, stdout=log, stderr=subprocess.STDOUT)
     return proc, cmd, time.time()
 
 
@@ -465,8 +441,7 @@ def run_all(runs: list[Run], jobs: int, nice: int = 0, status_every: float = 5.0
             now = time.time()
             if running and (counts != last_counts or now - last_status >= status_every):
                 percent = ", ".join(
-                    f"{name_of(r)} {min(100, 100 * last_step(os.path.join(r.dir, 'run.log')) / r.steps):.0f}%"
-                    for r in running
+                    f"{name_of(r)} {min(100, 100 * last_step(os.path.join(r.dir, 'run.log')) / r.steps):.0f}%" for r in running
                 )
                 print(f"[{time.strftime('%H:%M:%S')}] done {done} | running {len(running)} | "
                       f"queued {len(queue)} | failed {len(failed)} | {percent}", flush=True)  # fmt: skip
@@ -487,15 +462,10 @@ def read_events(path: str) -> dict[str, list[tuple[int, float, float]]]:
 
     acc = EventAccumulator(path, size_guidance={"scalars": 0})
     acc.Reload()
-    return {
-        tag: [(e.step, e.wall_time, e.value) for e in acc.Scalars(tag)]
-        for tag in acc.Tags()["scalars"]
-    }
+    return {tag: [(e.step, e.wall_time, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def merge_events(
-    files: list[dict[str, list[tuple[int, float, float]]]],
-) -> dict[str, list[tuple[int, float, float]]]:
+def merge_events(files: list[dict[str, list[tuple[int, float, float]]]]) -> dict[str, list[tuple[int, float, float]]]:
     """One run's scalars from its events files (a resumed run has several).
 
     Files are ordered by their first event's wall time; from each file the events at steps >=
@@ -546,9 +516,7 @@ def write_csv(runs: list[Run], path: str) -> int:
                 if not tag.startswith("charts/"):
                     continue
                 for step, wall, value in events:
-                    f.write(
-                        f"{run.variant},{run.env},{run.seed},{tag},{step},{wall:.3f},{value!r}\n"
-                    )
+                    f.write(f"{run.variant},{run.env},{run.seed},{tag},{step},{wall:.3f},{value!r}\n")
                     rows += 1
     os.replace(path + ".tmp", path)
     return rows
@@ -563,9 +531,7 @@ def read_csv(path: str) -> dict[tuple[str, str, int, str], np.ndarray]:
         next(f)
         for row in f:
             variant, env, seed, tag, step, wall, value = row.rstrip("\n").split(",")
-            raw.setdefault((variant, env, int(seed), tag), []).append(
-                (float(step), float(wall), float(value))
-            )
+            raw.setdefault((variant, env, int(seed), tag), []).append((float(step), float(wall), float(value)))
     out = {}
     for key, rows in raw.items():
         arr = np.array(rows)
@@ -645,9 +611,7 @@ def speed(data: dict, variant: str, env: str, seeds: list[int]) -> float:
     from the wall times of its events: (N - N/2) / (t(N) - t(N/2)); the mean over seeds."""
     rates = []
     for s in seeds:
-        runs = [
-            ev[:, :2] for (v, e, seed, _), ev in data.items() if (v, e, seed) == (variant, env, s)
-        ]
+        runs = [ev[:, :2] for (v, e, seed, _), ev in data.items() if (v, e, seed) == (variant, env, s)]
         if not runs:
             continue
         points = np.concatenate(runs)
@@ -722,9 +686,7 @@ def plot(comp: Comparison, name: str, data: dict, envs: tuple[str, ...], steps: 
     if not any(summaries.values()):
         raise UsageError(f"no data for comparison {name!r} in the CSV")
     nrows = 2 if comp.wall_clock else 1
-    fig, axes = plt.subplots(
-        nrows, len(envs), figsize=(max(5.5, 4 * len(envs)), 3 * nrows), squeeze=False
-    )
+    fig, axes = plt.subplots(nrows, len(envs), figsize=(max(5.5, 4 * len(envs)), 3 * nrows), squeeze=False)
     colors = {line.label: f"C{i}" for i, line in enumerate(comp.lines)}
     for col, env in enumerate(envs):
         for r in summaries[env]:
@@ -847,9 +809,7 @@ def main(argv: list[str] | None = None) -> int:
         csv = os.path.join(cmd.out, "csv", f"{cmd.name}.csv")
         if isinstance(cmd, RunCmd):
             if comp.made_by:
-                raise UsageError(
-                    f"{cmd.name}'s runs are made by `{comp.made_by}`; csv/plot read them"
-                )
+                raise UsageError(f"{cmd.name}'s runs are made by `{comp.made_by}`; csv/plot read them")
             if cmd.jobs <= 0:
                 raise UsageError(f"--jobs must be positive, got {cmd.jobs}")
             runs = plan(comp, seeds, envs, steps, cmd.out, cmd.python)

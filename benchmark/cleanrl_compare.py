@@ -119,10 +119,7 @@ def env_for(threads: int, cleanrl: Args | None = None) -> dict:
 GYMNASIUM1_PATCH = (
     (  # 0.29's vector envs reset an ended env in the same step; 1.x's default is the next step
         "for i in range(args.num_envs)]\n    )",
-        (
-            "for i in range(args.num_envs)],\n"
-            "        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,\n    )"
-        ),
+        ("for i in range(args.num_envs)],\n        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,\n    )"),
     ),
     (  # 1.x gives the final infos as one dict of arrays with a mask, not a list of dicts
         """            for info in infos["final_info"]:
@@ -268,9 +265,7 @@ def learn(args: Args) -> None:
         os.makedirs(run_dir)
         start = time.perf_counter()
         with open(os.path.join(run_dir, "run.log"), "w") as f:
-            code = subprocess.run(
-                cmd, cwd=run_dir, env=env, stdout=f, stderr=subprocess.STDOUT, check=False
-            ).returncode
+            code = subprocess.run(cmd, cwd=run_dir, env=env, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
         wall = time.perf_counter() - start
         inner = os.path.join(run_dir, "runs")
         for name in os.listdir(inner) if os.path.isdir(inner) else []:  # CleanRL's run directory

@@ -60,9 +60,7 @@ def make_updates(args: Args):
     cfg = sac.Args(q_lr=1e-3, alpha_lr=1e-3, policy_frequency=2)
     space = gym.spaces.Box(-1.0, 1.0, (ACT,), np.float32)
     agent = sac.make_agent(cfg, OBS, space, torch.device("cpu"))
-    actor, critic, target, log_alpha = (
-        agent[k] for k in ("actor", "critic", "critic_target", "log_alpha")
-    )
+    actor, critic, target, log_alpha = (agent[k] for k in ("actor", "critic", "critic_target", "log_alpha"))
     actor_opt = torch.optim.Adam(actor.parameters(), lr=cfg.policy_lr, fused=True)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=cfg.q_lr, fused=True)
     alpha_opt = torch.optim.Adam([log_alpha], lr=cfg.alpha_lr, fused=True)
@@ -79,11 +77,7 @@ def make_updates(args: Args):
         next_obs=rng.normal(size=(n, OBS)),
         terminated=(rng.random(n) < 0.01).astype(np.float32),
     )
-    precision = (
-        (lambda: torch.autocast("cpu", torch.bfloat16))
-        if args.mode == "bf16"
-        else contextlib.nullcontext
-    )
+    precision = (lambda: torch.autocast("cpu", torch.bfloat16)) if args.mode == "bf16" else contextlib.nullcontext
 
     def run(k: int) -> None:
         with precision():
@@ -93,9 +87,7 @@ def make_updates(args: Args):
                 sac.update_critic(actor, critic, target, critic_opt, batch, alpha, cfg.gamma)
                 if u % cfg.policy_frequency == 0:
                     for _ in range(cfg.policy_frequency):
-                        sac.update_actor(
-                            actor, critic, actor_opt, log_alpha, alpha_opt, batch.obs, -ACT
-                        )
+                        sac.update_actor(actor, critic, actor_opt, log_alpha, alpha_opt, batch.obs, -ACT)
                 sac.soft_update(target, critic, cfg.tau)
 
     return run

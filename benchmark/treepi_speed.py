@@ -107,16 +107,12 @@ def main() -> None:
         results = {"search": [], "network": [], "rollout": [], "mj_step": []}
         if simulator is not None:
             controls = actions[:, 0].clamp(-1, 1) * simulator.action_scale + simulator.action_bias
-            controls = np.repeat(
-                controls.numpy()[:, None].astype(np.float64), model.env.frame_skip, 1
-            )
+            controls = np.repeat(controls.numpy()[:, None].astype(np.float64), model.env.frame_skip, 1)
             data = mujoco.MjData(model.mj_model)
 
             def rollout():
                 for _ in range(n - 1):
-                    mujoco.rollout.rollout(
-                        model.mj_model, model.thread_data, physics_rows, controls
-                    )
+                    mujoco.rollout.rollout(model.mj_model, model.thread_data, physics_rows, controls)
 
             def mj_step():
                 for _ in range(n - 1):

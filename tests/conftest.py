@@ -27,9 +27,7 @@ class CountingEnv(gym.Env):
 
     def __init__(self, discrete: bool = False, render_mode: str | None = None):
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
-        self.action_space = (
-            gym.spaces.Discrete(2) if discrete else gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
-        )
+        self.action_space = gym.spaces.Discrete(2) if discrete else gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
         self.episode, self.t = -1, 0
 
     def _obs(self) -> np.ndarray:
@@ -49,9 +47,7 @@ class CountingEnv(gym.Env):
 
 gym.register("tests/Counting-v0", entry_point=CountingEnv, max_episode_steps=COUNTING_TIME_LIMIT)
 gym.register(
-    "tests/CountingDiscrete-v0",
-    entry_point=partial(CountingEnv, discrete=True),
-    max_episode_steps=COUNTING_TIME_LIMIT,
+    "tests/CountingDiscrete-v0", entry_point=partial(CountingEnv, discrete=True), max_episode_steps=COUNTING_TIME_LIMIT
 )
 
 

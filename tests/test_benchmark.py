@@ -18,9 +18,7 @@ STEPS = 384  # 6 PPO rollouts of 64 steps; SAC learns from step 100
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench", os.path.join(ROOT, "benchmark", "bench.py")
-    )
+    spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "benchmark", "bench.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules["bench"] = module  # dataclasses and tyro resolve annotations through it
     spec.loader.exec_module(module)
@@ -58,9 +56,7 @@ def test_bootstrap_ci_is_seeded_and_per_grid_point():
 
 def test_bin_episodes_averages_per_bin_and_carries_forward():
     # bins of [0, 100]: [0, 25) [25, 50) [50, 75) [75, 100]
-    centres, means = bench.bin_episodes(
-        np.array([10, 20, 60, 75, 100]), np.array([1.0, 3.0, 5.0, 6.0, 8.0]), 100, bins=4
-    )
+    centres, means = bench.bin_episodes(np.array([10, 20, 60, 75, 100]), np.array([1.0, 3.0, 5.0, 6.0, 8.0]), 100, bins=4)
     np.testing.assert_allclose(centres, [12.5, 37.5, 62.5, 87.5])
     np.testing.assert_allclose(means, [2.0, 2.0, 5.0, 7.0])  # bin 1 empty: carried forward
     _, means = bench.bin_episodes(np.array([60]), np.array([4.0]), 100, bins=4)
@@ -138,9 +134,7 @@ def test_comparisons_made_elsewhere_are_refused_by_run(tmp_path, capsys):
 
 
 def load_cleanrl_compare():
-    spec = importlib.util.spec_from_file_location(
-        "cleanrl_compare", os.path.join(ROOT, "benchmark", "cleanrl_compare.py")
-    )
+    spec = importlib.util.spec_from_file_location("cleanrl_compare", os.path.join(ROOT, "benchmark", "cleanrl_compare.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules["cleanrl_compare"] = module
     spec.loader.exec_module(module)
@@ -202,9 +196,7 @@ def test_sac_update_flop_count_matches_torch_flop_counter():
     an actor step) equals what torch's FlopCounterMode sees sac.py's update functions do."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    spec = importlib.util.spec_from_file_location(
-        "sac_update_speed", os.path.join(ROOT, "benchmark", "sac_update_speed.py")
-    )
+    spec = importlib.util.spec_from_file_location("sac_update_speed", os.path.join(ROOT, "benchmark", "sac_update_speed.py"))
     speed = importlib.util.module_from_spec(spec)
     sys.modules["sac_update_speed"] = speed
     spec.loader.exec_module(speed)
@@ -212,9 +204,7 @@ def test_sac_update_flop_count_matches_torch_flop_counter():
     cfg = sac.Args()
     space = sac.gym.spaces.Box(-1.0, 1.0, (speed.ACT,))
     agent = sac.make_agent(cfg, speed.OBS, space, torch.device("cpu"))
-    actor, critic, target, log_alpha = (
-        agent[k] for k in ("actor", "critic", "critic_target", "log_alpha")
-    )
+    actor, critic, target, log_alpha = (agent[k] for k in ("actor", "critic", "critic_target", "log_alpha"))
     opts = [torch.optim.Adam(p, lr=1e-3) for p in (actor.parameters(), critic.parameters())]
     rb = sac.ReplayBuffer(512, speed.OBS, speed.ACT, torch.device("cpu"))
     rb.add(obs=np.ones((512, speed.OBS)), actions=np.zeros((512, speed.ACT)),
@@ -304,9 +294,7 @@ def test_second_run_starts_no_process(tiny, monkeypatch):
 
     monkeypatch.setattr(bench.subprocess, "Popen", no_popen)
     assert bench.main(["run", "tiny", "--out", out]) == 0
-    assert mtimes == [
-        os.path.getmtime(os.path.join(r.dir, "done.json")) for r in runs_of(out, comp)
-    ]
+    assert mtimes == [os.path.getmtime(os.path.join(r.dir, "done.json")) for r in runs_of(out, comp)]
 
 
 def test_unfinished_run_without_resume_file_starts_over(tiny):

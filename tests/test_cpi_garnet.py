@@ -189,11 +189,7 @@ def test_value_iteration_reaches_the_optimum_and_policy_iteration_agrees():
     P = dense(mdp)
     # brute force: the optimal V is the componentwise minimum over all A^S deterministic policies
     V_best = np.min(
-        [
-            solve_values(P, mdp.costs, np.eye(A)[list(p)], gamma)
-            for p in itertools.product(range(A), repeat=S)
-        ],
-        axis=0,
+        [solve_values(P, mdp.costs, np.eye(A)[list(p)], gamma) for p in itertools.product(range(A), repeat=S)], axis=0
     )
     V_vi, Q_vi, eta, sweeps = value_iteration(mdp)
     V_pi, policy = policy_iteration(mdp)
@@ -317,15 +313,7 @@ def test_aggrevated_vi_beats_cpi_at_equal_samples_on_small_garnets(log_dir):
     """[DPI Sec. 6.1] claim on 3 small Garnets (64 states, 5 actions), 15k transitions each:
     at the episode count CPI ends with, AGGREVATED-VI's policy costs less on every MDP.
     (Measured: CPI improves J by < 0.3, AGGREVATED-VI by > 1.5 on each.)"""
-    args = Args(
-        num_states=64,
-        num_mdps=3,
-        total_steps=15_000,
-        cpi_states=50,
-        vi_episodes=50,
-        log_dir=log_dir,
-        log_every=10**9,
-    )
+    args = Args(num_states=64, num_mdps=3, total_steps=15_000, cpi_states=50, vi_episodes=50, log_dir=log_dir, log_every=10**9)
     out = train(args)
     mdps = load_checkpoint(os.path.join(out["run_dir"], "model.pt"))["state"]["mdps"]
     for result in mdps:
@@ -350,9 +338,7 @@ def test_end_to_end_writes_csv_png_events_and_a_model_that_eval_only_reproduces(
         assert len(mine) >= 2 and int(mine[0]["episodes"]) == 0
         assert all(int(r["num_mdps"]) == 2 for r in mine)
         assert float(mine[-1]["cost_mean"]) == pytest.approx(out[f"cost_{algo}"])
-        assert float(mine[0]["log2_cost_mean"]) == pytest.approx(
-            np.log2(float(mine[0]["cost_mean"]))
-        )
+        assert float(mine[0]["log2_cost_mean"]) == pytest.approx(np.log2(float(mine[0]["cost_mean"])))
     with open(os.path.join(run_dir, "fig1a.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

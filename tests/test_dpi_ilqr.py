@@ -68,9 +68,7 @@ def random_spd(gen: torch.Generator, *shape: int, scale: float = 1.0) -> torch.T
 def random_problem(gen: torch.Generator, steps: int = 5, obs_dim: int = 3, action_dim: int = 2):
     """A time-varying linear-Gaussian model and a convex quadratic cost."""
     y = obs_dim + action_dim
-    a = torch.eye(obs_dim, dtype=F64) + 0.2 * torch.randn(
-        steps, obs_dim, obs_dim, generator=gen, dtype=F64
-    )
+    a = torch.eye(obs_dim, dtype=F64) + 0.2 * torch.randn(steps, obs_dim, obs_dim, generator=gen, dtype=F64)
     b = 0.5 * torch.randn(steps, obs_dim, action_dim, generator=gen, dtype=F64)
     dynamics = Dynamics(
         torch.cat([a, b], 2),
@@ -108,10 +106,7 @@ def simulate(dynamics, policy, x0, gamma, cost, n, gen, first_action=None) -> to
         y = torch.cat([x, u], 1)
         step_cost = 0.5 * ((y @ cost.C[t]) * y).sum(1) + y @ cost.c[t] + cost.c0[t]
         total += gamma**t * step_cost
-        noise = (
-            torch.randn(n, obs_dim, generator=gen, dtype=F64)
-            @ torch.linalg.cholesky(dynamics.cov[t]).T
-        )
+        noise = torch.randn(n, obs_dim, generator=gen, dtype=F64) @ torch.linalg.cholesky(dynamics.cov[t]).T
         x = y @ dynamics.F[t].T + dynamics.f[t] + noise
     return total
 
@@ -128,19 +123,14 @@ def test_fit_dynamics_recovers_a_synthetic_linear_gaussian_system():
     n = 20_000
     s = torch.randn(steps, n, obs_dim, generator=gen, dtype=F64) + 1.0
     a = torch.randn(steps, n, y - obs_dim, generator=gen, dtype=F64)
-    noise = torch.randn(steps, n, obs_dim, generator=gen, dtype=F64) @ torch.linalg.cholesky(
-        dynamics.cov
-    ).transpose(1, 2)
+    noise = torch.randn(steps, n, obs_dim, generator=gen, dtype=F64) @ torch.linalg.cholesky(dynamics.cov).transpose(1, 2)
     s_next = (torch.cat([s, a], 2) @ dynamics.F.transpose(1, 2)) + dynamics.f[:, None] + noise
     points = torch.cat([s, a, s_next], 2)
     mask = torch.ones(steps, n, dtype=torch.bool)
     d = points.shape[2]
 
     def fit_without_prior(pts):  # no prior mean/covariance, no prior weight, ridge 1e-6
-        zeros_mean, zeros_cov = (
-            torch.zeros(steps, d, dtype=F64),
-            torch.zeros(steps, d, d, dtype=F64),
-        )
+        zeros_mean, zeros_cov = (torch.zeros(steps, d, dtype=F64), torch.zeros(steps, d, d, dtype=F64))
         return fit_dynamics(pts, mask, zeros_mean, zeros_cov, 0.0, 1e-6, obs_dim)
 
     fit = fit_without_prior(points)
@@ -164,15 +154,7 @@ def test_fit_dynamics_without_prior_is_least_squares_on_the_unmasked_samples():
     points = torch.as_tensor(rng.standard_normal((steps, n, d)))
     mask = torch.as_tensor(rng.random((steps, n)) < 0.8)
     mask[:, :8] = True  # at least 8 samples for 4 regressors at every step
-    fit = fit_dynamics(
-        points,
-        mask,
-        torch.zeros(steps, d, dtype=F64),
-        torch.zeros(steps, d, d, dtype=F64),
-        0.0,
-        0.0,
-        obs_dim,
-    )
+    fit = fit_dynamics(points, mask, torch.zeros(steps, d, dtype=F64), torch.zeros(steps, d, d, dtype=F64), 0.0, 0.0, obs_dim)
     for t in range(steps):
         kept = points[t][mask[t]].numpy()
         inputs = np.hstack([kept[:, : obs_dim + action_dim], np.ones((len(kept), 1))])
@@ -180,9 +162,7 @@ def test_fit_dynamics_without_prior_is_least_squares_on_the_unmasked_samples():
         residual = kept[:, obs_dim + action_dim :] - inputs @ coef
         np.testing.assert_allclose(fit.F[t].numpy(), coef[:-1].T, atol=1e-10)
         np.testing.assert_allclose(fit.f[t].numpy(), coef[-1], atol=1e-10)
-        np.testing.assert_allclose(
-            fit.cov[t].numpy(), residual.T @ residual / len(kept), atol=1e-10
-        )
+        np.testing.assert_allclose(fit.cov[t].numpy(), residual.T @ residual / len(kept), atol=1e-10)
 
 
 def test_gmm_prior_lets_a_few_samples_per_step_recover_the_dynamics():
@@ -224,9 +204,7 @@ def test_niw_posterior_equals_pooling_the_prior_pseudo_samples():
     mu0 = pseudo.mean(1)
     centred = pseudo - mu0[:, None]
     phi = centred.transpose(1, 2) @ centred / m
-    posterior = fit_dynamics(
-        points, torch.ones(steps, n, dtype=torch.bool), mu0, phi, float(m), 1e-6, obs_dim
-    )
+    posterior = fit_dynamics(points, torch.ones(steps, n, dtype=torch.bool), mu0, phi, float(m), 1e-6, obs_dim)
     pooled = torch.cat([points, pseudo], 1)
     plain = fit_dynamics(
         pooled,
@@ -249,9 +227,7 @@ def test_gmm_fit_recovers_two_separated_clusters():
     gmm = gmm_fit(x, 2, 100, None)
     order = gmm.means[:, 0].argsort()
     torch.testing.assert_close(gmm.means[order], centres, atol=0.1, rtol=0)
-    torch.testing.assert_close(
-        gmm.log_weights.exp(), torch.full((2,), 0.5, dtype=F64), atol=0.01, rtol=0
-    )
+    torch.testing.assert_close(gmm.log_weights.exp(), torch.full((2,), 0.5, dtype=F64), atol=0.01, rtol=0)
     eye = 0.25 * torch.eye(3, dtype=F64).expand(2, -1, -1)
     torch.testing.assert_close(gmm.covs, eye, atol=0.05, rtol=0)
 
@@ -279,12 +255,7 @@ def test_quadratic_cost_expansion_is_exact_and_matches_finite_differences():
         [
             torch.stack(
                 [
-                    (
-                        f(y0 + eps * (ei + ej))
-                        - f(y0 + eps * (ei - ej))
-                        - f(y0 - eps * (ei - ej))
-                        + f(y0 - eps * (ei + ej))
-                    )
+                    (f(y0 + eps * (ei + ej)) - f(y0 + eps * (ei - ej)) - f(y0 - eps * (ei - ej)) + f(y0 - eps * (ei + ej)))
                     / (4 * eps**2)
                     for ej in eye
                 ]
@@ -298,15 +269,10 @@ def test_quadratic_cost_expansion_is_exact_and_matches_finite_differences():
     torch.testing.assert_close(0.5 * y0 @ q.C[1] @ y0 + q.c[1] @ y0 + q.c0[1], f(y0))
     # a quadratic cost is reproduced exactly everywhere, averaged or not
     lq = quadratic_cost(
-        COSTS[LQ_ENV_ID],
-        torch.randn(1, 5, 4, dtype=F64),
-        torch.randn(1, 5, 2, dtype=F64),
-        torch.ones(1, 5, dtype=torch.bool),
+        COSTS[LQ_ENV_ID], torch.randn(1, 5, 4, dtype=F64), torch.randn(1, 5, 2, dtype=F64), torch.ones(1, 5, dtype=torch.bool)
     )
     z = torch.randn(6, dtype=F64)
-    torch.testing.assert_close(
-        0.5 * z @ lq.C[0] @ z + lq.c[0] @ z + lq.c0[0], COSTS[LQ_ENV_ID](z[:4], z[4:])
-    )
+    torch.testing.assert_close(0.5 * z @ lq.C[0] @ z + lq.c[0] @ z + lq.c0[0], COSTS[LQ_ENV_ID](z[:4], z[4:]))
 
 
 def test_linear_quadratic_cost_is_minus_the_env_reward():
@@ -321,9 +287,7 @@ def test_linear_quadratic_cost_is_minus_the_env_reward():
         assert float(cost) == pytest.approx(-reward, rel=1e-12)
 
 
-@pytest.mark.parametrize(
-    ("env_id", "index"), [("Swimmer-v5", 3), ("Hopper-v5", 5), ("HalfCheetah-v5", 8)]
-)
+@pytest.mark.parametrize(("env_id", "index"), [("Swimmer-v5", 3), ("Hopper-v5", 5), ("HalfCheetah-v5", 8)])
 def test_locomotion_costs_reward_the_forward_velocity(env_id, index):
     """The velocity the cost rewards is qvel[0], the x velocity the env's reward uses, and the
     control term has the env's weight (cost difference between two actions at one state)."""
@@ -334,13 +298,8 @@ def test_locomotion_costs_reward_the_forward_velocity(env_id, index):
         assert obs[index] == pytest.approx(env.unwrapped.data.qvel[0])
     weight = env.unwrapped._ctrl_cost_weight
     o = torch.as_tensor(obs)
-    zero, one = (
-        torch.zeros(env.action_space.shape, dtype=F64),
-        torch.ones(env.action_space.shape, dtype=F64),
-    )
-    assert float(COSTS[env_id](o, one) - COSTS[env_id](o, zero)) == pytest.approx(
-        weight * one.numel()
-    )
+    zero, one = (torch.zeros(env.action_space.shape, dtype=F64), torch.ones(env.action_space.shape, dtype=F64))
+    assert float(COSTS[env_id](o, one) - COSTS[env_id](o, zero)) == pytest.approx(weight * one.numel())
 
 
 def test_linearize_policy_matches_finite_differences():
@@ -379,9 +338,7 @@ def test_augmented_cost_equals_scaled_cost_minus_log_pi():
         s, a = y[:3], y[3:]
         c = 0.5 * y @ cost.C[t] @ y + cost.c[t] @ y + cost.c0[t]
         log_pi = gaussian_log_density(a, pi_bar.K[t] @ s + pi_bar.k[t], pi_bar.cov[t])
-        torch.testing.assert_close(
-            0.5 * y @ aug.C[t] @ y + aug.c[t] @ y + aug.c0[t], c / mu - log_pi
-        )
+        torch.testing.assert_close(0.5 * y @ aug.C[t] @ y + aug.c[t] @ y + aug.c0[t], c / mu - log_pi)
 
 
 # -- LQR ------------------------------------------------------------------------------------
@@ -402,9 +359,7 @@ def test_lqr_backward_matches_brute_force_least_squares():
     const = torch.zeros((), dtype=F64)
     for t in range(steps):
         U = torch.zeros(action_dim, nz, dtype=F64)
-        U[:, obs_dim + t * action_dim : obs_dim + (t + 1) * action_dim] = torch.eye(
-            action_dim, dtype=F64
-        )
+        U[:, obs_dim + t * action_dim : obs_dim + (t + 1) * action_dim] = torch.eye(action_dim, dtype=F64)
         Y = torch.cat([G, U])  # y_t = Y z + yh
         yh = torch.cat([h, torch.zeros(action_dim, dtype=F64)])
         H += gamma**t * Y.T @ cost.C[t] @ Y
@@ -510,12 +465,9 @@ def test_dual_search_meets_alpha_and_the_kl_matches_monte_carlo():
         mean = x @ eta.K[t].T + eta.k[t]
         a = mean + torch.randn(n, 2, generator=gen, dtype=F64) @ torch.linalg.cholesky(eta.cov[t]).T
         log_ratio += gamma**t * (
-            gaussian_log_density(a, mean, eta.cov[t])
-            - gaussian_log_density(a, x @ pi_bar.K[t].T + pi_bar.k[t], pi_bar.cov[t])
+            gaussian_log_density(a, mean, eta.cov[t]) - gaussian_log_density(a, x @ pi_bar.K[t].T + pi_bar.k[t], pi_bar.cov[t])
         )
-        noise = (
-            torch.randn(n, 3, generator=gen, dtype=F64) @ torch.linalg.cholesky(dynamics.cov[t]).T
-        )
+        noise = torch.randn(n, 3, generator=gen, dtype=F64) @ torch.linalg.cholesky(dynamics.cov[t]).T
         x = torch.cat([x, a], 1) @ dynamics.F[t].T + dynamics.f[t] + noise
     assert abs(log_ratio.mean() - kl) < 4 * log_ratio.std() / n**0.5
     # a larger mu gives a smaller KL (the search's premise)
@@ -525,17 +477,13 @@ def test_dual_search_meets_alpha_and_the_kl_matches_monte_carlo():
 def test_small_alpha_gives_eta_close_to_pi_n():
     dynamics, cost, pi_bar, x0_mean, x0_cov, _ = kl_problem(10)
     alpha = 1e-5
-    _, eta, kl, _ = dual_search(
-        lambda m: solve_eta(m, dynamics, cost, pi_bar, x0_mean, x0_cov, 0.9), alpha, 1.0, 0.1, 50
-    )
+    _, eta, kl, _ = dual_search(lambda m: solve_eta(m, dynamics, cost, pi_bar, x0_mean, x0_cov, 0.9), alpha, 1.0, 0.1, 50)
     assert kl <= 1.1 * alpha
     torch.testing.assert_close(eta.K, pi_bar.K, atol=1e-2, rtol=0)
     torch.testing.assert_close(eta.k, pi_bar.k, atol=1e-2, rtol=0)
     torch.testing.assert_close(eta.cov, pi_bar.cov, atol=1e-2, rtol=1e-2)
     # and a large alpha lets eta move far from pi_n
-    _, eta_far, _, _ = dual_search(
-        lambda m: solve_eta(m, dynamics, cost, pi_bar, x0_mean, x0_cov, 0.9), 10.0, 1.0, 0.1, 50
-    )
+    _, eta_far, _, _ = dual_search(lambda m: solve_eta(m, dynamics, cost, pi_bar, x0_mean, x0_cov, 0.9), 10.0, 1.0, 0.1, 50)
     assert (eta_far.k - pi_bar.k).abs().max() > 0.1
 
 
@@ -576,17 +524,10 @@ def explicit_fisher(actor: Actor, obs: torch.Tensor) -> torch.Tensor:
         mean = actor(s)
         for j in range(len(mean)):
             grad = torch.autograd.grad(mean[j], params, allow_unused=True, retain_graph=True)
-            row = torch.cat(
-                [
-                    torch.zeros(p.numel()) if g is None else g.reshape(-1)
-                    for p, g in zip(params, grad)
-                ]
-            ).double()
+            row = torch.cat([torch.zeros(p.numel()) if g is None else g.reshape(-1) for p, g in zip(params, grad)]).double()
             fisher += torch.outer(row, row) / var[j] / len(obs)
     # d^2 KL / d log_std^2 = 2 per action dim; log_std is the first parameter
-    fisher[: actor.log_std.numel(), : actor.log_std.numel()] += 2 * torch.eye(
-        actor.log_std.numel(), dtype=F64
-    )
+    fisher[: actor.log_std.numel(), : actor.log_std.numel()] += 2 * torch.eye(actor.log_std.numel(), dtype=F64)
     return fisher
 
 
@@ -602,9 +543,7 @@ def test_fisher_vector_product_matches_the_explicit_fisher():
     params = list(actor.parameters())
     kl_grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(kl, params, create_graph=True)])
     fvp = fisher_vector_product(kl_grad, params, v, damping=0.1)
-    torch.testing.assert_close(
-        fvp.double(), fisher @ v.double() + 0.1 * v.double(), atol=1e-4, rtol=1e-4
-    )
+    torch.testing.assert_close(fvp.double(), fisher @ v.double() + 0.1 * v.double(), atol=1e-4, rtol=1e-4)
 
 
 def test_conjugate_gradient_matches_a_linear_solve():
@@ -633,9 +572,7 @@ def test_natural_gradient_step_satisfies_the_kl_bound():
     assert quad >= 0.95 * beta  # the step uses its budget (damping 1e-4 is negligible)
     with torch.no_grad():
         new_mean = actor(target.obs)
-        kl = gaussian_kl(
-            old_mean, old_log_std.expand_as(new_mean), new_mean, actor.log_std.expand_as(new_mean)
-        ).mean()
+        kl = gaussian_kl(old_mean, old_log_std.expand_as(new_mean), new_mean, actor.log_std.expand_as(new_mean)).mean()
     assert float(kl) == pytest.approx(float(quad) / 2, rel=0.2)
 
 
@@ -647,9 +584,7 @@ def test_natural_gradient_step_with_line_search_decreases_the_surrogate():
     assert metrics["stats/step_fraction"] > 0 and metrics["stats/surrogate_improvement"] > 0
     with torch.no_grad():
         new_mean = actor(target.obs)
-        kl = gaussian_kl(
-            old_mean, old_log_std.expand_as(new_mean), new_mean, actor.log_std.expand_as(new_mean)
-        ).mean()
+        kl = gaussian_kl(old_mean, old_log_std.expand_as(new_mean), new_mean, actor.log_std.expand_as(new_mean)).mean()
     assert 2 * kl <= 0.05
 
 
@@ -659,9 +594,7 @@ def test_make_variant_env_scales_the_pole_mass_and_length():
     pole = nominal.body("pole").id
     longer = make_variant_env("InvertedPendulum-v5", 1.0, 1.5).unwrapped.model
     heavier = make_variant_env("InvertedPendulum-v5", 2.0, 1.0).unwrapped.model
-    assert longer.geom("cpole").size[1] == pytest.approx(
-        1.5 * nominal.geom("cpole").size[1], rel=1e-3
-    )
+    assert longer.geom("cpole").size[1] == pytest.approx(1.5 * nominal.geom("cpole").size[1], rel=1e-3)
     assert longer.body_mass[pole] > 1.3 * nominal.body_mass[pole]  # mass from the geom volume
     assert heavier.body_mass[pole] == pytest.approx(2 * nominal.body_mass[pole])
     assert heavier.body_mass[pole - 1] == pytest.approx(nominal.body_mass[pole - 1])  # the cart
@@ -689,15 +622,7 @@ def test_rollout_keeps_episodes_time_aligned_and_stops_at_termination():
 
 
 # -- end to end -----------------------------------------------------------------------------
-LQ_FAST = dict(
-    env=LQ_ENV_ID,
-    episodes=4,
-    num_envs=4,
-    horizon=20,
-    prior_em_iters=5,
-    eval_episodes=2,
-    log_every=80,
-)
+LQ_FAST = dict(env=LQ_ENV_ID, episodes=4, num_envs=4, horizon=20, prior_em_iters=5, eval_episodes=2, log_every=80)
 
 
 def event_files(run_dir: str) -> list[str]:
@@ -715,9 +640,7 @@ def test_train_writes_events_and_a_model_that_reloads_with_identical_actions(log
     env = make_env(LQ_ENV_ID)
     agent = make_agent(args, 4, env.action_space, torch.device("cpu"))
     load_agent_state(agent, payload["state"])
-    returns = evaluate(
-        policy_fn(agent["actor"], "cpu", env.action_space), env, 2, args.seed + 10_000
-    )
+    returns = evaluate(policy_fn(agent["actor"], "cpu", env.action_space), env, 2, args.seed + 10_000)
     assert np.mean(returns) == out["eval_return"]
     reloaded = evaluate_only(dataclasses.replace(args, checkpoint=model, eval_only=True))
     assert reloaded["eval_return"] == out["eval_return"]
@@ -798,14 +721,10 @@ def test_same_seed_gives_identical_runs(log_dir):
 def test_resume_continues_exactly_like_an_uninterrupted_run(log_dir):
     """Two iterations, a resume.pt, two more: the same policy, mu and return as four straight
     iterations (prior buffer, GMM, mu and RNG states are all in resume.pt)."""
-    first = train(
-        Args(**LQ_FAST, total_steps=160, eval_every=0, checkpoint_every=80, log_dir=log_dir)
-    )
+    first = train(Args(**LQ_FAST, total_steps=160, eval_every=0, checkpoint_every=80, log_dir=log_dir))
     resume = os.path.join(first["run_dir"], "resume.pt")
     assert main(["--resume", resume, "--total-steps", "320"]) == 0
-    straight = train(
-        Args(**LQ_FAST, total_steps=320, eval_every=0, checkpoint_every=80, log_dir=log_dir + "2")
-    )
+    straight = train(Args(**LQ_FAST, total_steps=320, eval_every=0, checkpoint_every=80, log_dir=log_dir + "2"))
     for x, y in zip(actor_params(first["run_dir"]), actor_params(straight["run_dir"])):
         assert torch.equal(x, y)
     resumed = load_checkpoint(resume)

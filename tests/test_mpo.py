@@ -139,18 +139,12 @@ def test_decoupled_kl_terms_sum_to_torch_kl(diagonal):
     tril = random_tril(batch, dim, gen, diagonal)
     mvn = torch.distributions.MultivariateNormal
     kl_mean, kl_cov = gaussian_kl_decoupled(mean_old, tril_old, mean, tril)
-    expected = torch.distributions.kl_divergence(
-        mvn(mean_old, scale_tril=tril_old), mvn(mean, scale_tril=tril)
-    )
+    expected = torch.distributions.kl_divergence(mvn(mean_old, scale_tril=tril_old), mvn(mean, scale_tril=tril))
     assert torch.allclose(kl_mean + kl_cov, expected, rtol=1e-10)
-    cov_only = torch.distributions.kl_divergence(
-        mvn(mean_old, scale_tril=tril_old), mvn(mean_old, scale_tril=tril)
-    )
+    cov_only = torch.distributions.kl_divergence(mvn(mean_old, scale_tril=tril_old), mvn(mean_old, scale_tril=tril))
     assert torch.allclose(kl_cov, cov_only, rtol=1e-10)
     same_cov = gaussian_kl_decoupled(mean_old, tril_old, mean, tril_old)
-    mean_only = torch.distributions.kl_divergence(
-        mvn(mean_old, scale_tril=tril_old), mvn(mean, scale_tril=tril_old)
-    )
+    mean_only = torch.distributions.kl_divergence(mvn(mean_old, scale_tril=tril_old), mvn(mean, scale_tril=tril_old))
     assert torch.allclose(same_cov[0], mean_only, rtol=1e-10)
     assert torch.allclose(same_cov[1], torch.zeros(batch, dtype=torch.float64), atol=1e-12)
     if diagonal:  # the diagonal policy's KL is also the sum of per-dimension Normal KLs
@@ -168,9 +162,7 @@ def test_gaussian_log_prob_matches_torch(diagonal):
     tril = random_tril(batch, dim, gen, diagonal)
     actions = torch.randn(batch, samples, dim, generator=gen, dtype=torch.float64)
     dist = torch.distributions.MultivariateNormal(mean.unsqueeze(1), scale_tril=tril.unsqueeze(1))
-    assert torch.allclose(
-        gaussian_log_prob(actions, mean, tril), dist.log_prob(actions), rtol=1e-10
-    )
+    assert torch.allclose(gaussian_log_prob(actions, mean, tril), dist.log_prob(actions), rtol=1e-10)
 
 
 def test_gaussian_actor_samples_have_the_policy_covariance():
@@ -231,11 +223,7 @@ def test_retrace_matches_double_loop_over_eq13():
             for j in range(t, length):
                 if j > t:
                     coeff *= gamma * d["traces"][b][j]
-                delta = (
-                    d["rewards"][b][j]
-                    + gamma * (1.0 - d["terminated"][b][j]) * d["next_v"][b][j]
-                    - d["q_taken"][b][j]
-                )
+                delta = d["rewards"][b][j] + gamma * (1.0 - d["terminated"][b][j]) * d["next_v"][b][j] - d["q_taken"][b][j]
                 total += coeff * delta
             assert got[b, t].item() == pytest.approx(total, abs=1e-12)
 
@@ -379,14 +367,8 @@ def test_gaussian_e_and_m_step_match_an_independent_lagrangian(diagonal):
     log_lik = mvn(mean.unsqueeze(1), scale_tril=tril.unsqueeze(1)).log_prob(fixed)  # [B, M]
     diff = (mean - mean_old).unsqueeze(-1)
     c_mean = 0.5 * (diff.transpose(-2, -1) @ torch.linalg.inv(sigma) @ diff).flatten()
-    c_cov = torch.distributions.kl_divergence(
-        mvn(mean_old, scale_tril=tril_old), mvn(mean_old, scale_tril=tril)
-    )
-    lagrangian = (
-        -(torch.tensor(w) * log_lik).sum(1).mean()
-        + alpha_mean * c_mean.mean()
-        + alpha_cov * c_cov.mean()
-    )
+    c_cov = torch.distributions.kl_divergence(mvn(mean_old, scale_tril=tril_old), mvn(mean_old, scale_tril=tril))
+    lagrangian = -(torch.tensor(w) * log_lik).sum(1).mean() + alpha_mean * c_mean.mean() + alpha_cov * c_cov.mean()
     grads = torch.autograd.grad(lagrangian, list(before.parameters()))
 
     def dual_param(value: float) -> torch.Tensor:
@@ -501,9 +483,7 @@ def event_files(run_dir: str) -> list[str]:
 def test_short_run_updates_logs_and_saves_a_model_that_reloads(env, extra, log_dir, capsys):
     """train() does gradient steps, writes tensorboard events and model.pt, and the saved model,
     evaluated through --eval-only, takes the same actions (the same return, deterministic env)."""
-    result = train(
-        Args(env=env, total_steps=300, learning_starts=100, log_dir=log_dir, **TINY, **extra)
-    )
+    result = train(Args(env=env, total_steps=300, learning_starts=100, log_dir=log_dir, **TINY, **extra))
     assert result["num_updates"] == 201  # one per step from step 100 (included) to 300
     assert event_files(result["run_dir"])
     model = os.path.join(result["run_dir"], "model.pt")
@@ -515,9 +495,7 @@ def test_short_run_updates_logs_and_saves_a_model_that_reloads(env, extra, log_d
     assert reloaded["eval_return"] == result["eval_return"]  # same seeds, same actions
     payload = load_checkpoint(model)
     env_obj = make_env(env)
-    agent = make_agent(
-        Args(**TINY, **extra), env_obj.observation_space.shape[0], env_obj.action_space, "cpu"
-    )
+    agent = make_agent(Args(**TINY, **extra), env_obj.observation_space.shape[0], env_obj.action_space, "cpu")
     assert set(payload["state"]) == set(agent)
 
 
@@ -588,9 +566,7 @@ def test_resume_continues_from_saved_step_with_saved_weights(log_dir):
 
 def test_same_seed_gives_identical_runs(log_dir):
     def run() -> tuple[float, dict]:
-        result = train(
-            Args(env="Pendulum-v1", total_steps=250, learning_starts=100, log_dir=log_dir, **TINY)
-        )
+        result = train(Args(env="Pendulum-v1", total_steps=250, learning_starts=100, log_dir=log_dir, **TINY))
         return result["eval_return"], load_checkpoint(os.path.join(result["run_dir"], "model.pt"))
 
     (return_a, model_a), (return_b, model_b) = run(), run()

@@ -55,19 +55,13 @@ def gae_by_episodes(rewards, values, dones, last_value, gamma, lam):
 def test_gae_matches_sums_over_episodes_across_ends_and_truncations():
     torch.manual_seed(0)
     steps, envs, gamma, lam = 13, 3, 0.97, 0.9
-    rewards, values, last_value = (
-        torch.randn(steps, envs),
-        torch.randn(steps, envs),
-        torch.randn(envs),
-    )
+    rewards, values, last_value = (torch.randn(steps, envs), torch.randn(steps, envs), torch.randn(envs))
     dones = torch.zeros(steps, envs)
     dones[[2, 3, 9], 0] = 1  # two ends in a row: a one-step episode
     dones[5, 1] = 1
     dones[12, 2] = 1  # the last step ends: last_value must not be used
     adv, ret = ppo.gae(rewards, values, dones, last_value, gamma, lam)
-    expected = gae_by_episodes(
-        rewards.tolist(), values.tolist(), dones.tolist(), last_value.tolist(), gamma, lam
-    )
+    expected = gae_by_episodes(rewards.tolist(), values.tolist(), dones.tolist(), last_value.tolist(), gamma, lam)
     torch.testing.assert_close(adv, torch.tensor(expected), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ret, adv + values)
 
@@ -91,9 +85,7 @@ def test_log_probs_and_entropies_match_torch_distributions():
     torch.manual_seed(1)
     mean, log_std, actions = torch.randn(6, 3), torch.randn(6, 3) * 0.3, torch.randn(6, 3)
     normal = torch.distributions.Normal(mean, log_std.exp())
-    torch.testing.assert_close(
-        ppo.gaussian_log_prob(actions, mean, log_std), normal.log_prob(actions).sum(-1)
-    )
+    torch.testing.assert_close(ppo.gaussian_log_prob(actions, mean, log_std), normal.log_prob(actions).sum(-1))
     torch.testing.assert_close(ppo.gaussian_entropy(log_std), normal.entropy().sum(-1))
     logits, choice = torch.randn(6, 4), torch.tensor([0, 3, 1, 1, 2, 0])
     cat = torch.distributions.Categorical(logits=logits)
@@ -129,11 +121,7 @@ def test_clipped_surrogate_matches_its_definition_and_stops_gradients_when_clipp
 
 
 def test_value_loss_clipping_takes_the_pessimistic_error():
-    values, old, returns = (
-        torch.tensor([2.0, 0.0]),
-        torch.tensor([0.0, 0.0]),
-        torch.tensor([3.0, 1.0]),
-    )
+    values, old, returns = (torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0]), torch.tensor([3.0, 1.0]))
     # unclipped errors (1, 1); clipped values (0.2, 0.0) -> errors (2.8, 1.0)
     assert ppo.value_loss(values, old, returns, None).item() == pytest.approx(0.5 * (1 + 1) / 2)
     assert ppo.value_loss(values, old, returns, 0.2).item() == pytest.approx(0.5 * (2.8**2 + 1) / 2)
@@ -283,9 +271,7 @@ def test_missing_or_foreign_checkpoint_is_refused(capsys, log_dir, tmp_path):
     assert "not found" in run_bad(["--checkpoint", str(tmp_path / "x.pt"), "--eval-only"], capsys)
     out = ppo.train(small_args(log_dir, total_steps=128, eval_every=0))
     model = os.path.join(out["run_dir"], "model.pt")
-    assert "Pendulum-v1" in run_bad(
-        ["--checkpoint", model, "--eval-only", "--env", "Hopper-v5"], capsys
-    )
+    assert "Pendulum-v1" in run_bad(["--checkpoint", model, "--eval-only", "--env", "Hopper-v5"], capsys)
     payload = torch.load(model, weights_only=True)
     payload["algo"] = "sac"
     torch.save(payload, os.path.join(out["run_dir"], "sac.pt"))

@@ -65,11 +65,7 @@ def test_squashed_log_prob_is_stable_where_tanh_saturates():
     mean = torch.tensor([us])
     zeros = torch.zeros(1, 3)
     _, log_prob = sac.squashed_gaussian(mean, zeros, zeros, torch.ones(3), torch.zeros(3))
-    expected = sum(
-        -0.5 * math.log(2 * math.pi)
-        - (math.log(4) - 2 * (abs(u) + math.log1p(math.exp(-2 * abs(u)))))
-        for u in us
-    )
+    expected = sum(-0.5 * math.log(2 * math.pi) - (math.log(4) - 2 * (abs(u) + math.log1p(math.exp(-2 * abs(u))))) for u in us)
     assert torch.isfinite(log_prob).all()
     assert log_prob.item() == pytest.approx(expected, rel=1e-6)
 
@@ -133,9 +129,7 @@ def test_bf16_products_keep_q_and_log_prob_float32_and_close():
 
     def outputs():
         mean, log_std = actor(obs)
-        a, log_prob = sac.squashed_gaussian(
-            mean, log_std, noise, actor.action_scale, actor.action_bias
-        )
+        a, log_prob = sac.squashed_gaussian(mean, log_std, noise, actor.action_scale, actor.action_bias)
         return critic(obs, actions), a, log_prob
 
     exact = outputs()
@@ -176,9 +170,7 @@ def test_squashed_density_integrates_to_one_over_the_action_box():
     g0, g1 = torch.meshgrid(*grid, indexing="ij")
     a = torch.stack([g0, g1], -1).reshape(-1, 2) * scale + bias
     noise = (torch.atanh((a - bias) / scale) - mean) / log_std.exp()
-    action, log_prob = sac.squashed_gaussian(
-        mean.expand_as(noise), log_std.expand_as(noise), noise, scale, bias
-    )
+    action, log_prob = sac.squashed_gaussian(mean.expand_as(noise), log_std.expand_as(noise), noise, scale, bias)
     torch.testing.assert_close(action, a)
     cell = (2 * scale / n).prod()
     assert (log_prob.exp().sum() * cell).item() == pytest.approx(1.0, abs=2e-3)  # 1e6 cells
@@ -190,13 +182,7 @@ def test_replay_never_pairs_an_observation_with_the_next_episode(log_dir):
     episode), terminated rows are exactly the odd episodes' last steps, and truncated rows
     (time limit) are stored with terminated = 0 and their true last observation."""
     args = small_args(
-        log_dir,
-        env="tests/Counting-v0",
-        num_envs=2,
-        total_steps=120,
-        learning_starts=60,
-        eval_every=0,
-        hidden_sizes=(8,),
+        log_dir, env="tests/Counting-v0", num_envs=2, total_steps=120, learning_starts=60, eval_every=0, hidden_sizes=(8,)
     )
     out = sac.train(args)
     payload = torch.load(os.path.join(out["run_dir"], "resume.pt"), weights_only=True)

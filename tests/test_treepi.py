@@ -50,9 +50,7 @@ def toy_propose(states: torch.Tensor, num_actions: int) -> tuple[torch.Tensor, t
 
 def toy_expand(states, actions, terminal_above=math.inf):
     """f(s, a) = (0.9 s_0 + a, s_1 + 0.1 a), r = sin(s_0 - a); terminal where s_0 > bound."""
-    next_states = torch.stack(
-        [0.9 * states[:, 0] + actions[:, 0], states[:, 1] + 0.1 * actions[:, 0]], 1
-    )
+    next_states = torch.stack([0.9 * states[:, 0] + actions[:, 0], states[:, 1] + 0.1 * actions[:, 0]], 1)
     rewards = torch.sin(states[:, 0] - actions[:, 0])
     cont = (next_states[:, 0] <= terminal_above).to(states.dtype)
     return next_states, rewards, cont
@@ -103,15 +101,7 @@ def test_partial_search_adds_one_node_per_rollout_and_keeps_its_invariants():
     torch.manual_seed(0)
     num_actions, depth, eta, gamma, n = 3, 4, 0.5, 0.95, 17
     roots = torch.randn(5, 2, dtype=torch.float64)
-    tree = search(
-        roots,
-        lambda s: toy_propose(s, num_actions),
-        lambda s, a: toy_expand(s, a, 1.0),
-        n,
-        depth,
-        eta,
-        gamma,
-    )
+    tree = search(roots, lambda s: toy_propose(s, num_actions), lambda s, a: toy_expand(s, a, 1.0), n, depth, eta, gamma)
     assert tree.q.shape[1] == n
     # one node per rollout, unless terminals made the whole tree smaller than N
     assert ((tree.size == n) | tree.complete[:, 0].all(1)).all() and (tree.size == n).sum() >= 3
@@ -277,9 +267,7 @@ def test_simulator_reproduces_env_step(env_id):
     rng = np.random.default_rng(3)
     steps, branches = 12, 3
     actions = rng.uniform(-1.3, 1.3, (branches, steps, sim.action_scale.numel())).astype(np.float32)
-    states = sim.roots(
-        np.repeat(obs[None], branches, 0), np.repeat(sim.physics(env)[None], branches, 0)
-    )
+    states = sim.roots(np.repeat(obs[None], branches, 0), np.repeat(sim.physics(env)[None], branches, 0))
     predicted = []
     for t in range(steps):
         states, rewards, cont = sim.step(states, torch.from_numpy(actions[:, t]))
@@ -289,9 +277,7 @@ def test_simulator_reproduces_env_step(env_id):
     for k in range(branches):
         env.reset(seed=3)
         for t in range(steps):
-            env_obs, env_reward, terminated, _, _ = env.step(
-                np.clip(actions[k, t], -1, 1) * scale + bias
-            )
+            env_obs, env_reward, terminated, _, _ = env.step(np.clip(actions[k, t], -1, 1) * scale + bias)
             sim_obs, sim_rewards, sim_cont = predicted[t]
             np.testing.assert_allclose(sim_obs[k], env_obs, rtol=0, atol=1e-9)
             # env.step sums a float32 control cost; the simulator sums it in float64
@@ -375,9 +361,7 @@ def test_gaussian_log_prob_and_kl_match_torch_distributions():
     tril = torch.diag_embed(torch.rand(5, 3, dtype=torch.float64) + 0.3)
     actions = torch.randn(5, 7, 3, dtype=torch.float64)
     dist = torch.distributions.MultivariateNormal(mean[:, None], scale_tril=tril[:, None])
-    torch.testing.assert_close(
-        treepi.gaussian_log_prob(actions, mean, tril), dist.log_prob(actions)
-    )
+    torch.testing.assert_close(treepi.gaussian_log_prob(actions, mean, tril), dist.log_prob(actions))
     kl_mean, kl_cov = treepi.gaussian_kl_decoupled(mean_old, tril_old, mean, tril)
     old = torch.distributions.MultivariateNormal(mean_old, scale_tril=tril_old)
     new = torch.distributions.MultivariateNormal(mean, scale_tril=tril)
@@ -490,9 +474,7 @@ def test_snippets_never_cross_an_episode_end(log_dir):
     """Counting env, 2 envs: in every sampled snippet the valid steps are consecutive steps of
     one episode (obs_{t+1} = next_obs_t = obs_t + [1, 0]), an episode's end is its last valid
     step, terminated only where the odd episodes end, truncation kept with its final obs."""
-    out = treepi.train(
-        small_args(log_dir, env="tests/Counting-v0", num_envs=2, total_steps=80, snippet_length=4)
-    )
+    out = treepi.train(small_args(log_dir, env="tests/Counting-v0", num_envs=2, total_steps=80, snippet_length=4))
     saved = torch.load(os.path.join(out["run_dir"], "resume.pt"), weights_only=True)
     rb = treepi.SnippetReplay(80, 2, 2, 1, 0, 4, torch.device("cpu"))
     rb.load_state_dict(saved["train"]["replay"])
@@ -527,9 +509,7 @@ def test_end_to_end_runs_log_and_round_trip(env_id, model, act, log_dir, capsys)
     """300 env steps, gradient steps from step 100: updates ran, tensorboard events and
     model.pt exist, the reloaded policy repeats the run's final evaluation exactly, and
     --eval-only reads the checkpoint from the command line."""
-    args = small_args(
-        log_dir, env=env_id, model=model, act=act, total_steps=300, learning_starts=100
-    )
+    args = small_args(log_dir, env=env_id, model=model, act=act, total_steps=300, learning_starts=100)
     out = treepi.train(args)
     assert out["global_step"] == 300 and out["num_updates"] == 201  # steps 100..300
     run_dir = out["run_dir"]
@@ -583,10 +563,7 @@ def test_same_seed_gives_identical_runs(log_dir):
     a = treepi.train(small_args(log_dir, act="search", checkpoint_every=0))
     b = treepi.train(small_args(log_dir, act="search", checkpoint_every=0))
     assert a["eval_return"] == b["eval_return"]
-    wa, wb = (
-        torch.load(os.path.join(r["run_dir"], "model.pt"), weights_only=True)["state"]
-        for r in (a, b)
-    )
+    wa, wb = (torch.load(os.path.join(r["run_dir"], "model.pt"), weights_only=True)["state"] for r in (a, b))
     for name in ("actor", "critic", "model"):
         for k in wa[name]:
             assert torch.equal(wa[name][k], wb[name][k])

@@ -48,11 +48,7 @@ class NoRestoreEnv(gym.Env):
 
 gym.register("tests/NoRestore-v0", entry_point=NoRestoreEnv, max_episode_steps=10)
 # CartPole cut at 3 steps: a vine branch may only run to its episode's time limit
-gym.register(
-    "tests/CartPole3-v0",
-    entry_point="gymnasium.envs.classic_control.cartpole:CartPoleEnv",
-    max_episode_steps=3,
-)
+gym.register("tests/CartPole3-v0", entry_point="gymnasium.envs.classic_control.cartpole:CartPoleEnv", max_episode_steps=3)
 
 
 def tiny_actor(kind: str, obs_dim: int = 3, seed: int = 0) -> Actor:
@@ -242,22 +238,10 @@ def test_full_step_has_quadratic_kl_delta():
     theta_old = torch.nn.utils.parameters_to_vector(actor.parameters()).detach().clone()
     fisher = explicit_fisher(actor, batch["obs"])
     delta = 1e-4  # small: the quadratic model of the KL is accurate, the full step accepted
-    metrics = update_policy(
-        actor,
-        lambda: single_path_objective(actor, batch),
-        batch["obs"],
-        delta,
-        10,
-        0.0,
-        1.0,
-        0.8,
-        1,
-    )
+    metrics = update_policy(actor, lambda: single_path_objective(actor, batch), batch["obs"], delta, 10, 0.0, 1.0, 0.8, 1)
     assert float(metrics["stats/step_fraction"]) == 1.0
     step = torch.nn.utils.parameters_to_vector(actor.parameters()).detach() - theta_old
-    torch.testing.assert_close(
-        0.5 * step @ fisher @ step, torch.tensor(delta).double(), rtol=1e-6, atol=0
-    )
+    torch.testing.assert_close(0.5 * step @ fisher @ step, torch.tensor(delta).double(), rtol=1e-6, atol=0)
     assert float(metrics["stats/kl"]) == pytest.approx(delta, rel=0.05)  # the true KL is close
 
 
@@ -282,16 +266,12 @@ def test_forced_bad_direction_is_rejected_and_leaves_theta_unchanged():
 
     # downhill: every fraction of -g lowers the surrogate; huge: every fraction breaks the KL bound
     for full_step in (-0.05 * g / g.norm(), 1e3 * g / g.norm()):
-        fraction = line_search(
-            actor, evaluate_step, theta_old, full_step, surrogate_old.detach(), 0.01, 0.8, 10
-        )
+        fraction = line_search(actor, evaluate_step, theta_old, full_step, surrogate_old.detach(), 0.01, 0.8, 10)
         assert fraction == 0.0
         assert torch.equal(torch.nn.utils.parameters_to_vector(params), theta_old)
     # through update_policy: zero advantages give no direction that improves L
     zero = dict(batch, advantages=torch.zeros_like(batch["advantages"]))
-    metrics = update_policy(
-        actor, lambda: single_path_objective(actor, zero), obs, 0.01, 10, 0.1, 0.1, 0.8, 10
-    )
+    metrics = update_policy(actor, lambda: single_path_objective(actor, zero), obs, 0.01, 10, 0.1, 0.1, 0.8, 10)
     assert float(metrics["stats/line_search_rejected"]) == 1.0
     assert torch.equal(torch.nn.utils.parameters_to_vector(params), theta_old)
 
@@ -398,9 +378,7 @@ def test_vine_branch_q_equals_replayed_returns(env_id):
     noise = torch.rand(noise_shape) if env_id == "CartPole-v1" else torch.randn(noise_shape)
     horizons = np.array([100, 5])  # the second state is 5 steps from its time limit
     sim = Simulator(make_env(env_id), env_id)
-    q, sim_steps = vine_rollouts(
-        sim, states[picks], first, noisy_act(env_id, calls), noise, horizons, gamma
-    )
+    q, sim_steps = vine_rollouts(sim, states[picks], first, noisy_act(env_id, calls), noise, horizons, gamma)
     total_steps = 0
     for n, t0 in enumerate(picks):
         for k in range(3):
@@ -437,9 +415,7 @@ def test_vine_branches_of_one_state_share_noise():
     assert (q[:, :1] == q).all()
     # the returns do depend on the noise: other noise changes them (so the check above bites)
     other_noise = torch.randn(2, length - 1, 1)
-    q_other, _ = vine_rollouts(
-        sim, states, first, noisy_act(env_id, []), other_noise, np.full(2, 500), 0.9
-    )
+    q_other, _ = vine_rollouts(sim, states, first, noisy_act(env_id, []), other_noise, np.full(2, 500), 0.9)
     assert (q_other != q).all()
 
 
@@ -469,13 +445,7 @@ def test_single_path_end_to_end(log_dir, env_id):
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "InvertedPendulum-v5"])
 def test_vine_end_to_end(log_dir, env_id):
     args = run_args(
-        log_dir,
-        env=env_id,
-        estimator="vine",
-        total_steps=400,
-        num_steps=200,
-        vine_states=10,
-        vine_rollout_length=10,
+        log_dir, env=env_id, estimator="vine", total_steps=400, num_steps=200, vine_states=10, vine_rollout_length=10
     )
     out = train(args)
     assert out["global_step"] == 400 and out["num_updates"] == 2
@@ -528,16 +498,7 @@ def test_help_exits_zero(capsys):
         ["--fisher-fraction", "1.5"],
         ["--backtrack-coef", "1"],
         ["--estimator", "vine", "--vine-actions", "1"],
-        [
-            "--estimator",
-            "vine",
-            "--num-steps",
-            "100",
-            "--vine-states",
-            "101",
-            "--total-steps",
-            "100",
-        ],
+        ["--estimator", "vine", "--num-steps", "100", "--vine-states", "101", "--total-steps", "100"],
         ["--env", "FrozenLake-v1"],
         ["--eval-only"],
         ["--checkpoint", "/nonexistent/model.pt", "--eval-only"],
@@ -557,9 +518,7 @@ def test_vine_on_env_without_state_restore_names_the_reason(log_dir, capsys):
 
 
 def test_resume_continues_from_the_saved_iteration(log_dir):
-    args = run_args(
-        log_dir, env="Pendulum-v1", total_steps=400, num_steps=200, checkpoint_every=200
-    )
+    args = run_args(log_dir, env="Pendulum-v1", total_steps=400, num_steps=200, checkpoint_every=200)
     first = train(args)
     resume = os.path.join(first["run_dir"], "resume.pt")
     saved = load_checkpoint(resume)
@@ -594,8 +553,6 @@ def test_learns_cartpole(log_dir):
     iteration, reaches a final deterministic evaluation return >= 475 (of 500, 10 episodes) on
     CartPole-v1 within 20,000 env steps (10 iterations; 15-40 s of wall time on the shared
     2-core machine). Seeds 1-5 all reach 500 at this budget."""
-    args = run_args(
-        log_dir, env="CartPole-v1", total_steps=20_000, num_steps=2_000, eval_episodes=10
-    )
+    args = run_args(log_dir, env="CartPole-v1", total_steps=20_000, num_steps=2_000, eval_episodes=10)
     out = train(args)
     assert out["eval_return"] >= 475
