@@ -1,55 +1,39 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["torch>=2.6", "numpy>=1.26", "gymnasium[mujoco]>=1.1,<2", "mujoco>=3.1", "tensorboard>=2.14", "tyro>=0.9", "moviepy>=2"]
+# ///
 """Soft Actor-Critic (SAC) for continuous control, in one file.
 
 References:
     [SAC] Haarnoja, Zhou, Hartikainen, Tucker, Ha, Tan, Kumar, Zhu, Gupta, Abbeel, Levine 2018,
-        "Soft Actor-Critic Algorithms and Applications", arXiv:1812.05905 (not in shared/papers;
-        cited by section and objective name: J_Q, J_pi, J(alpha)).
-    [TreePI] Springenberg, Heess et al. 2020, "Local Search for Policy Iteration in Continuous
-        Control": Table 2 lists SAC as a baseline (the flags that select it are below).
-    [CleanRL] Huang et al. 2022, sac_continuous_action.py: argument names, the delayed policy
-        update (--policy-frequency) and the log-std squashing.
+        "Soft Actor-Critic Algorithms and Applications", arXiv:1812.05905 (objectives J_Q, J_pi, J(alpha)).
+    [TreePI] Springenberg, Heess et al. 2020, "Local Search for Policy Iteration in Continuous Control",
+        arXiv:2010.05545: Table 2 lists SAC as a baseline (README: the flags that select it).
+    [CleanRL] Huang et al. 2022, sac_continuous_action.py: argument names, the delayed policy update
+        (--policy-frequency) and the log-std squashing.
 
 Algorithm (one environment step; the function that does each line in brackets):
-    1. Act a ~ pi(.|s) (uniform random before `learning_starts`) and store (s, a, r, s',
-       terminated) with s' the true last observation of an ended episode      [ReplayBuffer]
+    1. Act a ~ pi(.|s) (uniform random before `learning_starts`) and store (s, a, r, s', terminated)
+       with s' the true last observation of an ended episode                          [ReplayBuffer]
     2. Soft target y = r + gamma (1 - terminated) (min_e Qbar_e(s', a') - alpha log pi(a'|s')),
-       a' ~ pi(.|s')                                                            [soft_q_target]
-    3. Critic step on J_Q = sum_e E[(Q_e(s, a) - y)^2] / 2, both critics in one pass [update_critic]
+       a' ~ pi(.|s')                                                                  [soft_q_target]
+    3. Critic step on J_Q = sum_e E[(Q_e(s, a) - y)^2] / 2, both critics in one pass       [update_critic]
     4. Actor step on J_pi = E[alpha log pi(a~|s) - min_e Q_e(s, a~)], a~ the tanh-squashed
-       reparameterised sample                                       [squashed_gaussian, update_actor]
-    5. Temperature step on J(alpha) = E[-alpha (log pi(a~|s) + Hbar)], Hbar = -|A|  [update_actor]
-    6. Targets Qbar <- tau Q + (1 - tau) Qbar                                    [soft_update]
+       reparameterised sample                                             [squashed_gaussian, update_actor]
+    5. Temperature step on J(alpha) = E[-alpha (log pi(a~|s) + Hbar)], Hbar = -|A|        [update_actor]
+    6. Targets Qbar <- tau Q + (1 - tau) Qbar                                            [soft_update]
 
 Shapes: B batch, O observation size, A action size, E number of critics (2).
 
-Usage:
-    python sac.py --env HalfCheetah-v5
-    python sac.py --env Hopper-v5 --total-steps 300000 --seed 2
-    python sac.py --env HalfCheetah-v5 --checkpoint runs/<run>/model.pt --eval-only
-    python sac.py --resume runs/<run>/resume.pt
-    [TreePI] Table 2 baseline: --hidden-sizes 256 256 256 --layer-norm --activation elu
-        --target-entropy-scale 0.5 --batch-size 512 --tau 1 --target-network-frequency 200
-    [CleanRL] defaults: --q-lr 1e-3 --alpha-lr 1e-3 --policy-frequency 2
-    python sac.py --bf16        # bfloat16 matrix products (CPUs with AVX512-BF16 or AMX, GPUs)
-
 Deviations from the paper:
-    - The log standard deviation is squashed into [LOG_STD_MIN, LOG_STD_MAX] by tanh, as in
-      CleanRL and Spinning Up; the authors' code clips it to [-20, 2].
-    - `--policy-frequency k` (TD3's delayed update, CleanRL's name) does k actor steps every k
-      critic steps; the default 1 is the paper's one actor step per critic step.
-    - With several envs each vector step adds num_envs transitions and does num_envs gradient
-      steps, so the paper's one update per environment step holds for any --num-envs.
+    - The log standard deviation is squashed into [LOG_STD_MIN, LOG_STD_MAX] by tanh, as in CleanRL and
+      Spinning Up; the authors' code clips it to [-20, 2].
+    - `--policy-frequency k` (TD3's delayed update, CleanRL's name) does k actor steps every k critic
+      steps; the default 1 is the paper's one actor step per critic step.
+    - With several envs each vector step adds num_envs transitions and does num_envs gradient steps, so
+      the paper's one update per environment step holds for any --num-envs.
 """
 
-# == 1. Imports ========================================================================
-import dataclasses
-import difflib
-import json
-import os
-import random
-import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -57,55 +41,17 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn.functional as F
-import tyro
-from torch import nn
-from torch.utils.tensorboard import SummaryWriter
+from torch import Tensor, nn
+from torch.optim import Optimizer
 
 ALGO = "sac"
-CHECKPOINT_FORMAT = 1
+ACTION_SPACES = (gym.spaces.Box,)  # a tanh-squashed Gaussian needs continuous, bounded actions
 
 
-# == 2. Arguments ======================================================================
-class UsageError(Exception):
-    """Bad user input: `main` prints it as one line on stderr and returns 2."""
-
-
+# == 1. Arguments ==========================================================================================
 @dataclass
 class Args:
-    # -- shared: identical in every file ---------------------------------------------
-    env: str = "HalfCheetah-v5"
-    """Gymnasium id of the task."""
-    seed: int = 1
-    """Seed for python, numpy, torch and the environments."""
-    total_steps: int = 1_000_000
-    """Environment steps to train for, summed over all parallel envs."""
-    num_envs: int = 1
-    """Parallel training environments (a gymnasium SyncVectorEnv)."""
-    cuda: bool = False
-    """Train on the GPU (an error when torch sees none)."""
-    threads: int = 1
-    """Torch CPU threads; small networks are often fastest on one."""
-    log_dir: str = "runs"
-    """Directory that receives one subdirectory per run (tensorboard events, args, models)."""
-    log_every: int = 5_000
-    """Print a progress line and write losses to tensorboard every this many env steps."""
-    eval_every: int = 10_000
-    """Evaluate the deterministic policy every this many env steps (0: only at the end)."""
-    eval_episodes: int = 10
-    """Episodes per evaluation."""
-    save_model: bool = True
-    """Write model.pt (weights and statistics for evaluation) at each evaluation and the end."""
-    checkpoint_every: int = 100_000
-    """Write resume.pt (everything needed to continue) every this many env steps (0: never)."""
-    checkpoint: str | None = None
-    """A model.pt or resume.pt to load; its saved arguments become the defaults."""
-    eval_only: bool = False
-    """With --checkpoint: evaluate the loaded policy, print the returns and exit."""
-    resume: str | None = None
-    """A resume.pt to continue training from, in its run directory."""
-    capture_video: bool = False
-    """Record evaluation episodes to <run>/videos (needs a rendering backend)."""
-    # -- algorithm ---------------------------------------------------------------------
+    # -- algorithm ----------------------------------------------------------------------------------------
     # Networks [SAC Sec. 7: two hidden layers of 256 ReLU units]
     hidden_sizes: tuple[int, ...] = (256, 256)
     """Hidden layer sizes of the actor and of each critic."""
@@ -114,9 +60,8 @@ class Args:
     layer_norm: bool = False
     """LayerNorm after the first hidden layer (the 'LN' of [TreePI] Table 2)."""
     bf16: bool = False
-    """Matrix products of the updates in bfloat16 (torch.autocast), for speed on CPUs with
-    AVX512-BF16 or AMX and on GPUs; weights, Q-values, log-probabilities, losses and Adam stay
-    float32. Off by default: the paper's and CleanRL's arithmetic is float32."""
+    """Matrix products of the updates in bfloat16 (fast on GPUs and CPUs with AVX512-BF16 or AMX); weights,
+    Q, log pi, losses and Adam stay float32. Off: the paper's and CleanRL's arithmetic is float32."""
     # Replay [SAC Sec. 7]
     buffer_size: int = 1_000_000
     """Replay buffer capacity in transitions."""
@@ -146,118 +91,56 @@ class Args:
     """Adam learning rate of log alpha (paper: 3e-4; CleanRL: 1e-3)."""
     target_entropy_scale: float = 1.0
     """Target entropy Hbar = -scale * |A| (paper: 1; [TreePI] Table 2: 0.5)."""
+    # -- shared: identical in every file ------------------------------------------------------------------
+    env: str = "HalfCheetah-v5"
+    """Gymnasium id of the task (`module:Env-v0` imports `module` first, for an env it registers)."""
+    seed: int = 1
+    """Seed for python, numpy, torch and the environments."""
+    total_steps: int = 1_000_000
+    """Environment steps to train for, summed over all parallel envs."""
+    num_envs: int = 1
+    """Parallel training environments (a gymnasium SyncVectorEnv)."""
+    cuda: bool = False
+    """Train on the GPU (an error when torch sees none)."""
+    threads: int = 1
+    """Torch CPU threads; small networks are often fastest on one."""
+    log_dir: str = "runs"
+    """Directory that receives one subdirectory per run (tensorboard events, args, models)."""
+    log_every: int = 5_000
+    """Print a progress line and write losses to tensorboard every this many env steps."""
+    eval_every: int = 10_000
+    """Evaluate the deterministic policy every this many env steps (0: only at the end)."""
+    eval_episodes: int = 10
+    """Episodes per evaluation."""
+    save_model: bool = True
+    """Write model.pt (weights and statistics for evaluation) at each evaluation and the end."""
+    checkpoint_every: int = 100_000
+    """Write resume.pt (everything needed to continue) every this many env steps (0: only on a signal)."""
+    checkpoint: str | None = None
+    """A model.pt or resume.pt whose weights to fine-tune (or, with --eval-only, evaluate); its saved
+    arguments become the defaults."""
+    eval_only: bool = False
+    """With --checkpoint: evaluate the loaded policy, print the returns and exit."""
+    resume: str | None = None
+    """A resume.pt to continue training from, in its run directory (Ctrl-C writes one)."""
+    capture_video: bool = False
+    """Record evaluation episodes to <run>/videos (needs a rendering backend)."""
 
 
-def check_args(args: Args) -> None:
-    """Raise UsageError for values no run can use."""
-    if args.total_steps <= 0:
-        raise UsageError(f"--total-steps must be positive, got {args.total_steps}")
-    if args.num_envs <= 0:
-        raise UsageError(f"--num-envs must be positive, got {args.num_envs}")
-    if args.threads <= 0:
-        raise UsageError(f"--threads must be positive, got {args.threads}")
-    if args.log_every <= 0:
-        raise UsageError(f"--log-every must be positive, got {args.log_every}")
-    if args.eval_every < 0 or args.checkpoint_every < 0:
-        raise UsageError("--eval-every and --checkpoint-every must be >= 0")
-    if args.eval_episodes <= 0:
-        raise UsageError(f"--eval-episodes must be positive, got {args.eval_episodes}")
-    if args.eval_only and args.checkpoint is None:
-        raise UsageError("--eval-only needs --checkpoint PATH")
-    if args.resume is not None and args.checkpoint is not None:
-        raise UsageError("give either --resume or --checkpoint, not both")
-    if args.cuda and not torch.cuda.is_available():
-        raise UsageError("--cuda was given but torch sees no CUDA device")
-    # -- algorithm ---------------------------------------------------------------------
-    if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
-        raise UsageError(f"--hidden-sizes must be positive, got {args.hidden_sizes}")
-    if args.buffer_size <= 0 or args.batch_size <= 0:
-        raise UsageError("--buffer-size and --batch-size must be positive")
-    if args.batch_size > args.buffer_size:
-        raise UsageError(f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}")
-    if args.learning_starts < 0:
-        raise UsageError(f"--learning-starts must be >= 0, got {args.learning_starts}")
-    if not 0.0 <= args.gamma <= 1.0:
-        raise UsageError(f"--gamma must be in [0, 1], got {args.gamma}")
-    if not 0.0 < args.tau <= 1.0:
-        raise UsageError(f"--tau must be in (0, 1], got {args.tau}")
-    if min(args.q_lr, args.policy_lr, args.alpha_lr) <= 0:
-        raise UsageError("learning rates must be positive")
-    if args.policy_frequency <= 0 or args.target_network_frequency <= 0:
-        raise UsageError("--policy-frequency and --target-network-frequency must be positive")
+def algorithm_checks(args: Args) -> list[tuple[bool, str]]:
+    """(condition, message) for each algorithm argument; `check_args` raises the first that fails."""
+    return [
+        (min(args.hidden_sizes, default=0) > 0, f"--hidden-sizes must be positive, got {args.hidden_sizes}"),
+        (0 < args.batch_size <= args.buffer_size, "--batch-size must be positive and at most --buffer-size"),
+        (args.learning_starts >= 0, f"--learning-starts must be >= 0, got {args.learning_starts}"),
+        (0.0 <= args.gamma <= 1.0, f"--gamma must be in [0, 1], got {args.gamma}"),
+        (0.0 < args.tau <= 1.0, f"--tau must be in (0, 1], got {args.tau}"),
+        (min(args.q_lr, args.policy_lr, args.alpha_lr) > 0, "learning rates must be positive"),
+        (min(args.policy_frequency, args.target_network_frequency) > 0, "--policy/target-network-frequency must be > 0"),
+    ]
 
 
-# == 3. Environment ====================================================================
-def make_env(env_id: str, render_mode: str | None = None) -> gym.Env:
-    """One gymnasium env; an unknown id or a missing dependency becomes a UsageError."""
-    if env_id not in gym.registry:
-        close = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise UsageError(f"unknown env id {env_id!r}{hint}")
-    kwargs = {} if render_mode is None else {"render_mode": render_mode}
-    try:
-        return gym.make(env_id, **kwargs)
-    except gym.error.DependencyNotInstalled as e:
-        raise UsageError(f"{env_id} needs a package that is not installed: {e}") from None
-
-
-def make_vec_env(env_id: str, num_envs: int) -> gym.vector.SyncVectorEnv:
-    """Training envs in SAME_STEP autoreset mode: an ended episode's last observation is in
-    infos["final_obs"] and the returned observation already starts the next episode."""
-    return gym.vector.SyncVectorEnv(
-        [lambda: make_env(env_id) for _ in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
-    )
-
-
-def make_eval_env(env_id: str, video_dir: str | None, episodes: int) -> gym.Env:
-    """The evaluation env; with video_dir, the first of every `episodes` episodes is recorded
-    there, or, where rendering cannot start, one line is printed and the run goes on without."""
-    if video_dir is None:
-        return make_env(env_id)
-    os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo rendering (GYMNASIUM_NOTES)
-    env = make_env(env_id, "rgb_array")
-    try:
-        env.reset(seed=0)
-        env.render()  # fails here without a GL backend
-        trigger = lambda episode: episode % episodes == 0
-        return gym.wrappers.RecordVideo(env, video_dir, episode_trigger=trigger, name_prefix="eval")
-    except Exception as e:  # noqa: BLE001 (no GL backend, moviepy missing, ...)
-        print(f"video capture disabled: {type(e).__name__}: {e}".splitlines()[0], flush=True)
-        env.close()
-        return make_env(env_id)
-
-
-def check_spaces(env_id: str, obs_space: gym.Space, action_space: gym.Space) -> None:
-    """SAC needs flat Box observations and a bounded Box action space."""
-    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-        raise UsageError(f"{env_id} has observation space {obs_space}; this script needs a flat Box")
-    if not isinstance(action_space, gym.spaces.Box):
-        raise UsageError(
-            f"{env_id} has a {type(action_space).__name__} action space; SAC needs a continuous "
-            "(Box) one (ppo.py handles discrete actions)"
-        )
-    if not (np.isfinite(action_space.low).all() and np.isfinite(action_space.high).all()):
-        raise UsageError(f"{env_id} has unbounded actions; SAC's tanh policy needs finite bounds")
-
-
-class EpisodeStats:
-    """Running return and length of each parallel env."""
-
-    def __init__(self, num_envs: int):
-        self.returns = np.zeros(num_envs)
-        self.lengths = np.zeros(num_envs, dtype=np.int64)
-
-    def update(self, rewards: np.ndarray, ended: np.ndarray) -> list[tuple[float, int]]:
-        """Add one step's rewards; return (return, length) of the episodes that ended."""
-        self.returns += rewards
-        self.lengths += 1
-        finished = [(float(self.returns[i]), int(self.lengths[i])) for i in np.flatnonzero(ended)]
-        self.returns[ended] = 0.0
-        self.lengths[ended] = 0
-        return finished
-
-
-# == 4. Networks =======================================================================
+# == 2. Networks ===========================================================================================
 ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh}
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # log-std range (CleanRL / Spinning Up; paper code: -20, 2)
 
@@ -277,30 +160,32 @@ def mlp(in_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm:
 class Actor(nn.Module):
     """Tanh-squashed diagonal Gaussian policy pi(a|s) [SAC App. C]."""
 
-    def __init__(self, obs_dim: int, action_space: gym.spaces.Box, args: Args):
+    def __init__(
+        self, obs_dim: int, action_space: gym.spaces.Box, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool
+    ):
         super().__init__()
         action_dim = int(np.prod(action_space.shape))
-        self.trunk = mlp(obs_dim, args.hidden_sizes, args.activation, args.layer_norm)
-        self.head = nn.Linear(args.hidden_sizes[-1], 2 * action_dim)  # mean and log std
+        self.trunk = mlp(obs_dim, hidden_sizes, activation, layer_norm)
+        self.head = nn.Linear(hidden_sizes[-1], 2 * action_dim)  # mean and log std
         low = torch.as_tensor(action_space.low, dtype=torch.float32)
         high = torch.as_tensor(action_space.high, dtype=torch.float32)
         self.register_buffer("action_scale", (high - low) / 2)
         self.register_buffer("action_bias", (high + low) / 2)
 
-    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         # float32 even under --bf16, so that the log-probability is computed in float32
         mean, log_std = self.head(self.trunk(obs)).float().chunk(2, dim=-1)  # [B, A] each
         # tanh keeps log std in [LOG_STD_MIN, LOG_STD_MAX] with a gradient everywhere (CleanRL)
         log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(log_std) + 1)
         return mean, log_std
 
-    def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         """A reparameterised action in the env's bounds and its log-probability [B]."""
         mean, log_std = self(obs)
         noise = torch.randn_like(mean)
         return squashed_gaussian(mean, log_std, noise, self.action_scale, self.action_bias)
 
-    def deterministic(self, obs: torch.Tensor) -> torch.Tensor:
+    def deterministic(self, obs: Tensor) -> Tensor:
         """The squashed mean, used for evaluation."""
         mean, _ = self(obs)
         return torch.tanh(mean) * self.action_scale + self.action_bias
@@ -310,40 +195,40 @@ class Critic(nn.Module):
     """E soft Q-functions Q_e(s, a) with stacked weights [E, in, out], evaluated in one batched
     pass (one matmul per layer for all critics instead of one per critic)."""
 
-    def __init__(self, obs_dim: int, action_dim: int, args: Args, num_critics: int = 2):
+    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool):
         super().__init__()
-        sizes = [obs_dim + action_dim, *args.hidden_sizes, 1]
+        num_critics = 2  # [SAC Sec. 5] two Q-functions, whose minimum is used (clipped double Q)
+        sizes = [obs_dim + action_dim, *hidden_sizes, 1]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
             bound = fan_in**-0.5  # nn.Linear's default initialisation, per critic
             self.weights.append(nn.Parameter(torch.empty(num_critics, fan_in, fan_out).uniform_(-bound, bound)))
             self.biases.append(nn.Parameter(torch.empty(num_critics, 1, fan_out).uniform_(-bound, bound)))
-        width = args.hidden_sizes[0]
-        self.norm_weight = nn.Parameter(torch.ones(num_critics, 1, width)) if args.layer_norm else None
-        self.norm_bias = nn.Parameter(torch.zeros(num_critics, 1, width)) if args.layer_norm else None
-        self.act = ACTIVATIONS[args.activation]()
+        width = hidden_sizes[0]
+        self.norm_weight = nn.Parameter(torch.ones(num_critics, 1, width)) if layer_norm else None
+        self.norm_bias = nn.Parameter(torch.zeros(num_critics, 1, width)) if layer_norm else None
+        self.activation = ACTIVATIONS[activation]()
 
-    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    def forward(self, obs: Tensor, actions: Tensor) -> Tensor:
         x = torch.cat([obs, actions], dim=-1)  # [B, O + A]
         x = torch.baddbmm(self.biases[0], x.expand(len(self.biases[0]), *x.shape), self.weights[0])
         if self.norm_weight is not None:  # [E, B, H]
             x = F.layer_norm(x, x.shape[-1:]) * self.norm_weight + self.norm_bias
         for w, b in zip(self.weights[1:-1], self.biases[1:-1]):
-            x = torch.baddbmm(b, self.act(x), w)  # [E, B, H]
-        # The output layer as multiply-and-sum: a bmm with one output column has a slow
-        # backward on the CPU (an outer product done as a matmul of inner size 1). Its float32
-        # weights make Q float32 under --bf16 too.
-        return (self.act(x) * self.weights[-1].transpose(1, 2)).sum(-1) + self.biases[-1].squeeze(-1)  # [E, B]
+            x = torch.baddbmm(b, self.activation(x), w)  # [E, B, H]
+        # Output layer as multiply-and-sum: a bmm with one output column has a slow backward on the CPU (an
+        # outer product done as a matmul of inner size 1). Its float32 weights make Q float32 under --bf16.
+        return (self.activation(x) * self.weights[-1].transpose(1, 2)).sum(-1) + self.biases[-1].squeeze(-1)  # [E, B]
 
 
-# == 5. Storage ========================================================================
+# == 3. Storage ============================================================================================
 class Batch(NamedTuple):
-    obs: torch.Tensor  # [B, O]
-    actions: torch.Tensor  # [B, A]
-    rewards: torch.Tensor  # [B]
-    next_obs: torch.Tensor  # [B, O]
-    terminated: torch.Tensor  # [B], 1.0 where the MDP ended (no bootstrap)
+    obs: Tensor  # [B, O]
+    actions: Tensor  # [B, A]
+    rewards: Tensor  # [B]
+    next_obs: Tensor  # [B, O]
+    terminated: Tensor  # [B], 1.0 where the MDP ended (no bootstrap)
 
 
 class ReplayBuffer:
@@ -375,7 +260,8 @@ class ReplayBuffer:
         return Batch(*(column[idx] for column in self.data))
 
     def state_dict(self) -> dict:
-        return {"pos": self.pos, "size": self.size, "data": [c[: self.size] for c in self.data]}
+        # clone: a saved slice would carry its whole preallocated storage into resume.pt
+        return {"pos": self.pos, "size": self.size, "data": [c[: self.size].clone() for c in self.data]}
 
     def load_state_dict(self, state: dict) -> None:
         self.pos, self.size = state["pos"], state["size"]
@@ -383,10 +269,8 @@ class ReplayBuffer:
             column[: self.size] = saved.to(column.device)
 
 
-# == 6. Algorithm ======================================================================
-def squashed_gaussian(
-    mean: torch.Tensor, log_std: torch.Tensor, noise: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+# == 4. Algorithm ==========================================================================================
+def squashed_gaussian(mean: Tensor, log_std: Tensor, noise: Tensor, scale: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     """Action a = scale * tanh(u) + bias with u = mean + std * noise, and log pi(a|s).
 
     [SAC App. C] change of variables: log pi(a|s) = log N(u; mean, std)
@@ -401,13 +285,8 @@ def squashed_gaussian(
 
 
 def soft_q_target(
-    rewards: torch.Tensor,
-    terminated: torch.Tensor,
-    next_q: torch.Tensor,
-    next_log_prob: torch.Tensor,
-    alpha: torch.Tensor,
-    gamma: float,
-) -> torch.Tensor:
+    rewards: Tensor, terminated: Tensor, next_q: Tensor, next_log_prob: Tensor, alpha: Tensor, gamma: float
+) -> Tensor:
     """y = r + gamma (1 - terminated) (min_e Qbar_e(s', a') - alpha log pi(a'|s')).
 
     [SAC Sec. 4-5] the soft Bellman backup with the soft value V(s') = E[Q(s', a') - alpha log pi],
@@ -426,16 +305,10 @@ def soft_update(target: nn.Module, online: nn.Module, tau: float) -> None:
         t.lerp_(p, tau)
 
 
-# == 7. Updates ========================================================================
+# == 5. Updates ============================================================================================
 def update_critic(
-    actor: Actor,
-    critic: Critic,
-    critic_target: Critic,
-    critic_opt: torch.optim.Optimizer,
-    batch: Batch,
-    alpha: torch.Tensor,
-    gamma: float,
-) -> dict[str, torch.Tensor]:
+    actor: Actor, critic: Critic, critic_target: Critic, critic_opt: Optimizer, batch: Batch, alpha: Tensor, gamma: float
+) -> dict[str, Tensor]:
     """One Adam step on J_Q for all critics at once."""
     with torch.no_grad():
         next_actions, next_log_prob = actor.sample(batch.next_obs)
@@ -452,12 +325,12 @@ def update_critic(
 def update_actor(
     actor: Actor,
     critic: Critic,
-    actor_opt: torch.optim.Optimizer,
-    log_alpha: torch.Tensor,
-    alpha_opt: torch.optim.Optimizer | None,
-    obs: torch.Tensor,
+    actor_opt: Optimizer,
+    log_alpha: Tensor,
+    alpha_opt: Optimizer | None,
+    obs: Tensor,
     target_entropy: float,
-) -> dict[str, torch.Tensor]:
+) -> dict[str, Tensor]:
     """One Adam step on J_pi and, when alpha is learned, one on J(alpha), from the same sample."""
     critic.requires_grad_(False)  # the actor loss differentiates Q w.r.t. actions only
     actions, log_prob = actor.sample(obs)
@@ -480,254 +353,46 @@ def update_actor(
     return metrics
 
 
-# == 8. Evaluation =====================================================================
-def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int) -> list[float]:
-    """Undiscounted returns of `episodes` episodes of act(obs) -> action, reset with seed + i."""
-    returns = []
-    for i in range(episodes):
-        obs, _ = env.reset(seed=seed + i)
-        total, done = 0.0, False
-        while not done:
-            obs, reward, terminated, truncated, _ = env.step(act(obs))
-            total += float(reward)
-            done = terminated or truncated
-        returns.append(total)
-    return returns
-
-
-# == 9. Checkpoints ====================================================================
-def save_checkpoint(path: str, payload: dict) -> None:
-    """torch.save to a temporary file, then rename: a killed run never leaves a broken file."""
-    tmp = f"{path}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str, env: str | None = None, device: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint of this algorithm (and of `env`, when given) with weights_only=True."""
-    if not os.path.isfile(path):
-        raise UsageError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # noqa: BLE001 (whatever makes the file unreadable: one clear line)
-        raise UsageError(f"cannot read checkpoint {path}: {type(e).__name__}") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"{path} is not a checkpoint of this repository (format {CHECKPOINT_FORMAT})")
-    if payload["algo"] != ALGO:
-        raise UsageError(f"{path} is a {payload['algo']} checkpoint, not {ALGO}")
-    if env is not None and payload["env"] != env:
-        raise UsageError(f"{path} was trained on {payload['env']}, not {env}")
-    return payload
-
-
-def rng_state() -> dict:
-    """Python, numpy and torch random states as plain values and tensors."""
-    kind, key, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss],
-        "torch": torch.get_rng_state(),
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    kind, key, pos, has_gauss, gauss = state["numpy"]
-    random.setstate(state["python"])
-    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-
-
-# == 10. Training ======================================================================
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def open_run(args: Args) -> tuple[str, SummaryWriter]:
-    """The run directory (a new one, or the resumed run's) and its tensorboard writer."""
-    if args.resume is not None:
-        run_dir = os.path.dirname(os.path.abspath(args.resume))
-    else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = os.path.join(args.log_dir, f"{args.env}__{ALGO}__{args.seed}__{stamp}")
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=2)
-    writer = SummaryWriter(run_dir)
-    table = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
-    writer.add_text("args", f"|argument|value|\n|-|-|\n{table}")
-    return run_dir, writer
-
-
-def saved_args(args: Args) -> dict:
-    """Arguments stored in a checkpoint: the run's settings without the load/resume paths."""
-    return dataclasses.asdict(dataclasses.replace(args, checkpoint=None, resume=None, eval_only=False))
-
-
-class Progress:
-    """Sums metric tensors between log lines (no host sync per step) and writes the log line."""
-
-    def __init__(self, writer: SummaryWriter, start_step: int, start_updates: int):
-        self.writer, self.sums, self.counts = writer, {}, {}
-        self.returns: list[float] = []
-        self.eval_return = float("nan")
-        self.last = (time.perf_counter(), start_step, start_updates)
-
-    def add_metrics(self, metrics: dict[str, torch.Tensor]) -> None:
-        for k, v in metrics.items():
-            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
-            self.counts[k] = self.counts.get(k, 0) + 1  # per key: updates log different keys
-
-    def add_episode(self, global_step: int, episode_return: float, length: int) -> None:
-        self.writer.add_scalar("charts/episodic_return", episode_return, global_step)
-        self.writer.add_scalar("charts/episodic_length", length, global_step)
-        self.returns.append(episode_return)
-
-    def add_eval(self, global_step: int, returns: list[float]) -> None:
-        self.eval_return = float(np.mean(returns))
-        self.writer.add_scalar("charts/eval_return", self.eval_return, global_step)
-
-    def log(self, global_step: int, num_updates: int) -> None:
-        now = time.perf_counter()
-        t0, step0, updates0 = self.last
-        sps = (global_step - step0) / max(now - t0, 1e-9)
-        ups = (num_updates - updates0) / max(now - t0, 1e-9)
-        self.writer.add_scalar("charts/SPS", sps, global_step)
-        self.writer.add_scalar("charts/updates_per_second", ups, global_step)
-        for k, v in self.sums.items():
-            self.writer.add_scalar(k, (v / self.counts[k]).item(), global_step)
-        ret = f"{np.mean(self.returns):.1f}" if self.returns else "-"
-        print(
-            f"step {global_step} | return {ret} | eval {self.eval_return:.1f} | SPS {sps:.0f} | updates/s {ups:.0f}",
-            flush=True,
-        )
-        self.sums, self.counts, self.returns = {}, {}, []
-        self.last = (now, global_step, num_updates)
-
-    def finish(self, global_step: int, num_updates: int, run_dir: str) -> None:
-        if global_step > self.last[1]:
-            self.log(global_step, num_updates)
-        print(f"done: step {global_step} | eval {self.eval_return:.1f} | run {run_dir}", flush=True)
-
-
-def make_agent(args: Args, obs_dim: int, action_space: gym.spaces.Box, device: torch.device) -> dict:
-    """Networks and the temperature, by the names their state is saved under."""
+# == 6. Training ===========================================================================================
+def train(args: Args) -> dict:
+    """Train SAC; returns the final metrics, counters and the run directory."""
+    device = setup(args)  # seeds, torch threads, device
+    # -- environments
+    envs = make_vec_env(args.env, args.num_envs)
+    obs_dim, action_space = envs.single_observation_space.shape[0], envs.single_action_space
     action_dim = int(np.prod(action_space.shape))
-    critic = Critic(obs_dim, action_dim, args).to(device)
-    critic_target = Critic(obs_dim, action_dim, args).to(device)
+    envs.action_space.seed(args.seed)  # the uniform actions before learning starts
+    # -- networks and optimizers
+    nets = (args.hidden_sizes, args.activation, args.layer_norm)
+    critic = Critic(obs_dim, action_dim, *nets).to(device)
+    critic_target = Critic(obs_dim, action_dim, *nets).to(device)
     critic_target.load_state_dict(critic.state_dict())
     critic_target.requires_grad_(False)
     alpha = 1.0 if args.autotune else args.alpha  # softlearning and CleanRL start at alpha = 1
     log_alpha = torch.tensor(float(np.log(alpha)), device=device, requires_grad=args.autotune)
-    actor = Actor(obs_dim, action_space, args).to(device)
-    return {"actor": actor, "critic": critic, "critic_target": critic_target, "log_alpha": log_alpha}
-
-
-def policy_fn(actor: Actor, device: torch.device) -> Callable[[np.ndarray], np.ndarray]:
-    """act(obs) -> action with the deterministic (mean) action, for `evaluate`."""
-
-    @torch.no_grad()
-    def act(obs: np.ndarray) -> np.ndarray:
-        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
-        return actor.deterministic(obs_t).cpu().numpy()
-
-    return act
-
-
-def agent_state(agent: dict) -> dict:
-    return {k: v.state_dict() if isinstance(v, nn.Module) else v.detach() for k, v in agent.items()}
-
-
-def load_agent_state(agent: dict, state: dict) -> None:
-    for k, v in agent.items():
-        if isinstance(v, nn.Module):
-            v.load_state_dict(state[k])
-        else:
-            with torch.no_grad():
-                v.copy_(state[k])
-
-
-def evaluate_only(args: Args) -> dict:
-    """--eval-only: load the checkpoint's policy and evaluate it."""
-    device = torch.device("cuda" if args.cuda else "cpu")
-    payload = load_checkpoint(args.checkpoint, args.env, device)
-    video_dir = os.path.join(os.path.dirname(args.checkpoint), "videos") if args.capture_video else None
-    env = make_eval_env(args.env, video_dir, args.eval_episodes)
-    check_spaces(args.env, env.observation_space, env.action_space)
-    agent = make_agent(args, env.observation_space.shape[0], env.action_space, device)
-    load_agent_state(agent, payload["state"])
-    returns = evaluate(policy_fn(agent["actor"], device), env, args.eval_episodes, args.seed + 10_000)
-    env.close()
-    print(
-        f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns " + " ".join(f"{r:.1f}" for r in returns),
-        flush=True,
-    )
-    return {"eval_return": float(np.mean(returns)), "eval_returns": returns}
-
-
-def train(args: Args) -> dict:
-    """Train SAC; returns the final metrics, counters and the run directory."""
-    # -- setup: seeds, device, run directory, writer
-    seed_everything(args.seed)
-    torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.cuda else "cpu")
-    resume = load_checkpoint(args.resume, args.env) if args.resume else None
-    # -- environments
-    envs = make_vec_env(args.env, args.num_envs)
-    check_spaces(args.env, envs.single_observation_space, envs.single_action_space)
-    run_dir, writer = open_run(args)
-    video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
-    eval_env = make_eval_env(args.env, video_dir, args.eval_episodes)
-    obs_dim = envs.single_observation_space.shape[0]
-    envs.action_space.seed(args.seed)  # the uniform actions before learning starts
-    # -- networks and optimizers
-    agent = make_agent(args, obs_dim, envs.single_action_space, device)
-    actor, critic, critic_target, log_alpha = (agent[k] for k in ("actor", "critic", "critic_target", "log_alpha"))
+    actor = Actor(obs_dim, action_space, *nets).to(device)
     # fused Adam: one kernel per step for all parameters instead of several per tensor
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, fused=True)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.q_lr, fused=True)
     alpha_opt = torch.optim.Adam([log_alpha], lr=args.alpha_lr, fused=True) if args.autotune else None
-    optimizers = {"actor_opt": actor_opt, "critic_opt": critic_opt, "alpha_opt": alpha_opt}
     # --bf16: the update steps under torch.autocast (bfloat16 matrix products); off, a no-op
     precision = torch.autocast(device.type, torch.bfloat16, enabled=args.bf16)
     critic_step, actor_step = precision(update_critic), precision(update_actor)
-    target_entropy = -args.target_entropy_scale * float(np.prod(envs.single_action_space.shape))
+    target_entropy = -args.target_entropy_scale * action_dim
     # -- storage
-    rb = ReplayBuffer(args.buffer_size, obs_dim, int(np.prod(envs.single_action_space.shape)), device)
-    global_step, num_updates = 0, 0
-    if resume is not None:
-        load_agent_state(agent, resume["state"])
-        for name, opt in optimizers.items():
-            if opt is not None:
-                opt.load_state_dict(resume["train"][name])
-        rb.load_state_dict(resume["train"]["replay"])
-        set_rng_state(resume["train"]["rng"])
-        global_step, num_updates = resume["global_step"], resume["train"]["num_updates"]
-    act = policy_fn(actor, device)
-    stats = EpisodeStats(args.num_envs)
-    progress = Progress(writer, global_step, num_updates)
-
-    def payload(with_train_state: bool) -> dict:
-        out = {
-            "format": CHECKPOINT_FORMAT,
-            "algo": ALGO,
-            "env": args.env,
-            "args": saved_args(args),
-            "global_step": global_step,
-            "state": agent_state(agent),
-            "obs_norm": None,
-        }
-        if with_train_state:
-            out["train"] = {name: opt.state_dict() for name, opt in optimizers.items() if opt is not None}
-            out["train"].update(num_updates=num_updates, replay=rb.state_dict(), rng=rng_state())
-        return out
-
-    # -- loop
+    replay = ReplayBuffer(args.buffer_size, obs_dim, action_dim, device)
+    # -- run: directory, logging, evaluation, saving, resume (below the fence)
+    run = Run(
+        args,
+        envs,
+        model=dict(actor=actor, critic=critic, critic_target=critic_target, log_alpha=log_alpha),
+        train_state=dict(actor_opt=actor_opt, critic_opt=critic_opt, alpha_opt=alpha_opt, replay=replay),
+        act=actor.deterministic,
+    )
+    if args.eval_only:
+        return run.evaluate_only()
+    global_step, num_updates = run.start()
     obs, _ = envs.reset(seed=args.seed + global_step)  # a resumed run starts fresh episodes
-    next_eval = global_step + args.eval_every if args.eval_every else None
-    next_log = global_step + args.log_every
-    next_ckpt = global_step + args.checkpoint_every if args.checkpoint_every else None
     while global_step < args.total_steps:
         # act
         if global_step < args.learning_starts:
@@ -738,62 +403,358 @@ def train(args: Args) -> dict:
         # step
         next_obs, rewards, terminated, truncated, infos = envs.step(actions)
         global_step += args.num_envs
-        ended = terminated | truncated
-        for episode_return, length in stats.update(rewards, ended):
-            progress.add_episode(global_step, episode_return, length)
+        run.add_episodes(global_step, infos)
         # store: an ended episode's true last observation, never the next episode's first
         real_next_obs = next_obs.copy()
-        for i in np.flatnonzero(ended):
+        for i in np.flatnonzero(terminated | truncated):
             real_next_obs[i] = infos["final_obs"][i]
-        rb.add(obs=obs, actions=actions, rewards=rewards, next_obs=real_next_obs, terminated=terminated)
+        replay.add(obs=obs, actions=actions, rewards=rewards, next_obs=real_next_obs, terminated=terminated)
         obs = next_obs
         # update: one gradient step per environment step
         if global_step >= args.learning_starts:
             for _ in range(args.num_envs):
-                batch = rb.sample(args.batch_size)
+                batch = replay.sample(args.batch_size)
                 alpha = log_alpha.detach().exp()
-                progress.add_metrics(critic_step(actor, critic, critic_target, critic_opt, batch, alpha, args.gamma))
+                run.add_metrics(critic_step(actor, critic, critic_target, critic_opt, batch, alpha, args.gamma))
                 num_updates += 1
                 if num_updates % args.policy_frequency == 0:
                     for _ in range(args.policy_frequency):
-                        progress.add_metrics(
-                            actor_step(actor, critic, actor_opt, log_alpha, alpha_opt, batch.obs, target_entropy)
-                        )
+                        run.add_metrics(actor_step(actor, critic, actor_opt, log_alpha, alpha_opt, batch.obs, target_entropy))
                 if num_updates % args.target_network_frequency == 0:
                     soft_update(critic_target, critic, args.tau)
-        # log, evaluate and save
-        if global_step >= next_log:
-            progress.log(global_step, num_updates)
-            next_log += args.log_every
-        if next_eval is not None and global_step >= next_eval:
-            progress.add_eval(global_step, evaluate(act, eval_env, args.eval_episodes, args.seed + 10_000))
-            if args.save_model:
-                save_checkpoint(os.path.join(run_dir, "model.pt"), payload(with_train_state=False))
-            next_eval += args.eval_every
-        if next_ckpt is not None and global_step >= next_ckpt:
-            save_checkpoint(os.path.join(run_dir, "resume.pt"), payload(with_train_state=True))
-            next_ckpt += args.checkpoint_every
-    # -- finish: final evaluation, save, close
-    progress.add_eval(global_step, evaluate(act, eval_env, args.eval_episodes, args.seed + 10_000))
-    progress.finish(global_step, num_updates, run_dir)
-    if args.save_model:
-        save_checkpoint(os.path.join(run_dir, "model.pt"), payload(with_train_state=False))
-    if args.checkpoint_every:
-        save_checkpoint(os.path.join(run_dir, "resume.pt"), payload(with_train_state=True))
-    envs.close()
-    eval_env.close()
-    writer.close()
-    return {"global_step": global_step, "num_updates": num_updates, "eval_return": progress.eval_return, "run_dir": run_dir}
+        run.step(global_step, num_updates)  # log, evaluate and save as scheduled; stop on a signal
+    return run.finish(global_step, num_updates)
 
 
-# == 11. Entry point ===================================================================
+# ======== run plumbing below: identical in every file, not needed to read the algorithm ========
+import dataclasses
+import difflib
+import importlib
+import json
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+CHECKPOINT_FORMAT = 2  # 2: model and training state saved by name
+
+
+class UsageError(Exception):
+    """Bad user input: `main` prints it as one line on stderr and returns 2."""
+
+
+class Stopped(Exception):
+    """Stopped(message, exit code): a SIGINT or SIGTERM ended training after resume.pt was written."""
+
+
+def check_args(args: Args) -> None:
+    """Raise UsageError with the first failed check: the shared arguments', then the algorithm's."""
+    positive = min(args.total_steps, args.num_envs, args.threads, args.log_every, args.eval_episodes) > 0
+    checks = [
+        (positive, "--total-steps, --num-envs, --threads, --log-every and --eval-episodes must be positive"),
+        (min(args.eval_every, args.checkpoint_every) >= 0, "--eval-every and --checkpoint-every must be >= 0"),
+        (args.checkpoint is not None or not args.eval_only, "--eval-only needs --checkpoint PATH"),
+        (args.resume is None or args.checkpoint is None, "give either --resume or --checkpoint, not both"),
+        (not os.path.exists(args.log_dir) or os.path.isdir(args.log_dir), f"--log-dir {args.log_dir} is not a directory"),
+        (not args.cuda or torch.cuda.is_available(), "--cuda was given but torch sees no CUDA device"),
+        *algorithm_checks(args),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
+def make_env(env_id: str, render_mode: str | None = None) -> gym.Env:
+    """One gymnasium env whose spaces this algorithm takes; `module:Env-v0` imports `module` first (an env it
+    registers). An unknown id, a module that fails to import or a missing dependency is a UsageError."""
+    module, _, name = env_id.rpartition(":")
+    try:
+        importlib.import_module(module) if module else None
+    except Exception as e:  # noqa: BLE001 (whatever the user's module raises: one line)
+        raise UsageError(f"cannot import {module} for --env {env_id}: {type(e).__name__}: {e}") from None
+    if name not in gym.registry:
+        close = difflib.get_close_matches(name, list(gym.registry), n=3, cutoff=0.6)
+        raise UsageError(f"unknown env id {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    try:
+        env = gym.make(name, **({} if render_mode is None else {"render_mode": render_mode}))
+    except gym.error.DependencyNotInstalled as e:
+        raise UsageError(f"{name} needs a package that is not installed: {e}") from None
+    space, needs = env.action_space, " or ".join(space.__name__ for space in ACTION_SPACES)
+    if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
+        raise UsageError(f"{name} has observation space {env.observation_space}; {ALGO} needs a flat Box")
+    if not isinstance(space, ACTION_SPACES) or (isinstance(space, gym.spaces.Box) and not space.is_bounded()):
+        raise UsageError(f"{name} has the action space {space}; {ALGO} needs a {needs} (a bounded one if a Box)")
+    return env
+
+
+def make_vec_env(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
+    """Training envs, SAME_STEP autoreset: an ended episode's last observation is in infos["final_obs"] and
+    the returned observation starts the next one; its return and length are in infos["episode"]."""
+    envs = [lambda: make_env(env_id) for _ in range(num_envs)]
+    envs = gym.vector.SyncVectorEnv(envs, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    return gym.wrappers.vector.RecordEpisodeStatistics(envs)
+
+
+def make_eval_env(env_id: str, video_dir: str | None, episodes: int) -> gym.Env:
+    """The evaluation env; with video_dir, the first of every `episodes` episodes is recorded there, or,
+    where rendering cannot start, one line is printed and the run goes on without."""
+    if video_dir is None:
+        return make_env(env_id)
+    os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo rendering
+    env = make_env(env_id, "rgb_array")
+    try:
+        env.reset(seed=0)
+        env.render()  # fails here without a GL backend
+        trigger = lambda episode: episode % episodes == 0
+        return gym.wrappers.RecordVideo(env, video_dir, episode_trigger=trigger, name_prefix="eval")
+    except Exception as e:  # noqa: BLE001 (no GL backend, moviepy missing, ...)
+        print(f"video capture disabled: {type(e).__name__}: {e}".splitlines()[0], flush=True)
+        env.close()
+        return make_env(env_id)
+
+
+@torch.no_grad()
+def evaluate(act: Callable[[Tensor], Tensor], env: gym.Env, episodes: int, seed: int, device: torch.device) -> list[float]:
+    """Undiscounted returns of `episodes` episodes of the deterministic act(obs) -> action, reset with seed + i."""
+    returns = []
+    for i in range(episodes):
+        (obs, _), total, done = env.reset(seed=seed + i), 0.0, False
+        while not done:
+            action = act(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total, done = total + float(reward), terminated or truncated
+        returns.append(total)
+    return returns
+
+
+def load_checkpoint(path: str, env: str | None = None, training: bool = False) -> dict:
+    """A checkpoint of this algorithm (of `env`, and with training state, if asked), read with weights_only."""
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (whatever makes the file unreadable: one clear line)
+        reason = f"{type(e).__name__}: {e}".splitlines()[0][:160]
+        raise UsageError(f"cannot read checkpoint {path}: truncated, corrupted or not a torch file ({reason})") from None
+    payload = payload if isinstance(payload, dict) else {}
+    problems = [
+        (not {"format", "algo", "env", "args", "state"} <= payload.keys(), "is not a checkpoint of this repository"),
+        (
+            payload.get("format") != CHECKPOINT_FORMAT,
+            f"has format {payload.get('format')}; this file reads {CHECKPOINT_FORMAT}",
+        ),
+        (payload.get("algo") != ALGO, f"is a {payload.get('algo')} checkpoint, not {ALGO}"),
+        (env is not None and payload.get("env") != env, f"was trained on {payload.get('env')}, not {env}"),
+        (training and "train" not in payload, "holds no training state (a model.pt?): give it to --checkpoint to fine-tune"),
+    ]
+    for problem, message in problems:
+        if problem:
+            raise UsageError(f"{path} {message}")
+    return payload
+
+
+def state_of(things: dict) -> dict:
+    """The saved form of modules, optimizers and storage (their state_dict) and of tensors, by name."""
+    return {k: v.detach() if isinstance(v, Tensor) else v.state_dict() for k, v in things.items() if v is not None}
+
+
+def load_state(things: dict, state: dict, path: str) -> None:
+    """Load `state_of`'s output back in place; a checkpoint that does not fit is a UsageError."""
+    try:
+        for k, v in things.items():
+            if isinstance(v, Tensor):
+                v.data.copy_(state[k])
+            elif v is not None:
+                v.load_state_dict(state[k])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise UsageError(f"{path} does not fit this run's networks: {str(e).splitlines()[0][:160]}") from None
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch random states as plain values and tensors (torch.load's weights_only)."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    numpy = [kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss]
+    return {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    random.setstate(state["python"])
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+
+
+def setup(args: Args) -> torch.device:
+    """Seed python, numpy and torch, set torch's CPU threads, and return the device."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    return torch.device("cuda" if args.cuda else "cpu")
+
+
+class Run:
+    """Everything around `train`'s loop: run directory, tensorboard, progress line, evaluation and saving as
+    scheduled, --resume, --checkpoint (fine-tuning or --eval-only), SIGINT and SIGTERM, final evaluation.
+
+    model: what model.pt saves; train_state: what resume.pt adds (optimizers, storage, statistics); both by
+    name, as modules, tensors or objects with state_dict. act: obs -> deterministic action, for evaluation."""
+
+    def __init__(self, args: Args, envs: gym.vector.VectorEnv, model: dict, train_state: dict, act: Callable):
+        self.args, self.envs, self.model, self.train_state, self.act = args, envs, model, train_state, act
+        self.device = torch.device("cuda" if args.cuda else "cpu")
+        self.sums, self.counts, self.returns, self.eval_return, self.eval_step = {}, {}, [], float("nan"), None
+        self.writer, self.eval_env, self.stop_signal, self.handlers = None, None, None, {}
+        if args.checkpoint is not None:
+            load_state(model, load_checkpoint(args.checkpoint, args.env)["state"], args.checkpoint)
+
+    def start(self) -> tuple[int, int]:
+        """Open the run directory (new, or the resumed run's), restore --resume, catch SIGINT and SIGTERM;
+        return (global_step, num_updates)."""
+        args, global_step, num_updates = self.args, 0, 0
+        self.run_dir = os.path.join(args.log_dir, f"{args.env}__{ALGO}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+        if args.resume is not None:
+            saved = load_checkpoint(args.resume, args.env, training=True)
+            load_state(self.model, saved["state"], args.resume)
+            load_state(self.train_state, saved["train"], args.resume)
+            set_rng_state(saved["train"]["rng"])
+            global_step, num_updates = saved["global_step"], saved["train"]["num_updates"]
+            self.run_dir = os.path.dirname(os.path.abspath(args.resume))
+        elif args.checkpoint is not None:
+            print(f"fine-tuning {args.checkpoint}: its weights; optimizers, storage and step count start afresh")
+        try:  # a resumed run records its new arguments (a longer --total-steps, say)
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "args.json"), "w") as f:
+                json.dump(dataclasses.asdict(args), f, indent=2)
+        except OSError as e:
+            raise UsageError(f"cannot write the run directory {self.run_dir}: {e.strerror}") from None
+        self.writer = SummaryWriter(self.run_dir)
+        table = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
+        self.writer.add_text("args", f"|argument|value|\n|-|-|\n{table}")
+        video_dir = os.path.join(self.run_dir, "videos") if args.capture_video else None
+        self.eval_env = make_eval_env(args.env, video_dir, args.eval_episodes)
+        self.last = (time.perf_counter(), global_step, num_updates)
+        self.next_log, self.next_eval, self.next_save = (
+            global_step + n for n in (args.log_every, args.eval_every, args.checkpoint_every)
+        )
+        for sig in (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ():
+            # stop at the end of this step, after writing resume.pt
+            self.handlers[sig] = signal.signal(sig, lambda signum, frame: setattr(self, "stop_signal", signum))
+        return global_step, num_updates
+
+    def add_metrics(self, metrics: dict[str, Tensor]) -> None:
+        """Sum an update's metric tensors until the next log line (no host sync per update)."""
+        for k, v in metrics.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+            self.counts[k] = self.counts.get(k, 0) + 1  # per key: updates log different keys
+
+    def add_episodes(self, global_step: int, infos: dict) -> None:
+        """Log the training episodes that ended at this step (from gymnasium's RecordEpisodeStatistics)."""
+        for i in np.flatnonzero(infos.get("_episode", [])):
+            self.returns.append(float(infos["episode"]["r"][i]))
+            self.writer.add_scalar("charts/episodic_return", self.returns[-1], global_step)
+            self.writer.add_scalar("charts/episodic_length", int(infos["episode"]["l"][i]), global_step)
+
+    def step(self, global_step: int, num_updates: int) -> None:
+        """End of a loop step: after a signal write resume.pt and stop; else log, evaluate and save as scheduled."""
+        args = self.args
+        if self.stop_signal is not None:
+            path, name = self.save(global_step, num_updates, True), signal.Signals(self.stop_signal).name
+            self.close()
+            raise Stopped(f"{name}: stopped at step {global_step}; continue with --resume {path}", 128 + self.stop_signal)
+        if global_step >= self.next_log:
+            self.log(global_step, num_updates)
+            self.next_log += args.log_every
+        if args.eval_every and global_step >= self.next_eval:
+            self.evaluate(global_step, num_updates)
+            self.next_eval += args.eval_every
+        if args.checkpoint_every and global_step >= self.next_save:
+            self.save(global_step, num_updates, True)
+            self.next_save += args.checkpoint_every
+
+    def log(self, global_step: int, num_updates: int) -> None:
+        """The progress line; the metrics' means since the last line to tensorboard."""
+        now, (t0, step0, updates0) = time.perf_counter(), self.last
+        sps, ups = (global_step - step0) / max(now - t0, 1e-9), (num_updates - updates0) / max(now - t0, 1e-9)
+        self.writer.add_scalar("charts/SPS", sps, global_step)
+        self.writer.add_scalar("charts/updates_per_second", ups, global_step)
+        for k, v in self.sums.items():
+            self.writer.add_scalar(k, (v / self.counts[k]).item(), global_step)
+        ret = f"{np.mean(self.returns):.1f}" if self.returns else "-"
+        print(
+            f"step {global_step} | return {ret} | eval {self.eval_return:.1f} | SPS {sps:.0f} | updates/s {ups:.0f}",
+            flush=True,
+        )
+        self.sums, self.counts, self.returns, self.last = {}, {}, [], (now, global_step, num_updates)
+
+    def evaluate(self, global_step: int, num_updates: int) -> None:
+        """Evaluate on the evaluation env (seeds seed + 10000 + i), log the mean return, write model.pt."""
+        returns = evaluate(self.act, self.eval_env, self.args.eval_episodes, self.args.seed + 10_000, self.device)
+        self.eval_return, self.eval_step = float(np.mean(returns)), global_step
+        self.writer.add_scalar("charts/eval_return", self.eval_return, global_step)
+        if self.args.save_model:
+            self.save(global_step, num_updates, False)
+
+    def save(self, global_step: int, num_updates: int, training: bool) -> str:
+        """model.pt, or resume.pt with the training state, counters and random states; atomic (write, rename)."""
+        args = dataclasses.asdict(dataclasses.replace(self.args, checkpoint=None, resume=None, eval_only=False))
+        payload = dict(format=CHECKPOINT_FORMAT, algo=ALGO, env=self.args.env, args=args, global_step=global_step)
+        payload["state"] = state_of(self.model)
+        if training:
+            payload["train"] = dict(state_of(self.train_state), num_updates=num_updates, rng=rng_state())
+        path = os.path.join(self.run_dir, "resume.pt" if training else "model.pt")
+        torch.save(payload, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
+        return path
+
+    def finish(self, global_step: int, num_updates: int) -> dict:
+        """The final evaluation (unless this step had one), log line and resume.pt; close; the results."""
+        if self.eval_step != global_step:
+            self.evaluate(global_step, num_updates)
+        if global_step > self.last[1]:
+            self.log(global_step, num_updates)
+        print(f"done: step {global_step} | eval {self.eval_return:.1f} | run {self.run_dir}", flush=True)
+        if self.args.checkpoint_every:
+            self.save(global_step, num_updates, True)
+        self.close()
+        return dict(global_step=global_step, num_updates=num_updates, eval_return=self.eval_return, run_dir=self.run_dir)
+
+    def evaluate_only(self) -> dict:
+        """--eval-only: evaluate the --checkpoint weights and print the returns (videos beside the checkpoint)."""
+        args = self.args
+        self.eval_env = make_eval_env(
+            args.env,
+            os.path.join(os.path.dirname(args.checkpoint), "videos") if args.capture_video else None,
+            args.eval_episodes,
+        )
+        returns = evaluate(self.act, self.eval_env, args.eval_episodes, args.seed + 10_000, self.device)
+        self.close()
+        print(
+            f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns "
+            + " ".join(f"{r:.1f}" for r in returns)
+        )
+        return {"eval_return": float(np.mean(returns)), "eval_returns": returns}
+
+    def close(self) -> None:
+        for sig, handler in self.handlers.items():
+            signal.signal(sig, handler)
+        for closable in (self.envs, self.eval_env, self.writer):
+            closable.close() if closable is not None else None
+
+
 def parse_args(argv: list[str] | None) -> Args:
-    """tyro parse; with --checkpoint or --resume the saved run's arguments become the defaults,
-    so flags given now override them and everything else matches the saved run."""
+    """tyro parse; with --checkpoint or --resume the saved run's arguments become the defaults, so flags given
+    now override them and everything else matches the saved run."""
     args = tyro.cli(Args, args=argv)
-    path = args.resume or args.checkpoint
-    if path is not None:
-        saved = load_checkpoint(path)["args"]
+    if args.resume or args.checkpoint:
+        saved = load_checkpoint(args.resume or args.checkpoint, training=args.resume is not None)["args"]
         fields = {f.name for f in dataclasses.fields(Args)}
         defaults = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
         args = tyro.cli(Args, args=argv, default=defaults)
@@ -801,13 +762,20 @@ def parse_args(argv: list[str] | None) -> Args:
 
 
 def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message=".*settotalmass")  # gymnasium's half_cheetah.xml, under mujoco 4
     try:
         args = parse_args(argv)
         check_args(args)
-        evaluate_only(args) if args.eval_only else train(args)
+        train(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(e.args[0], file=sys.stderr)
+        return e.args[1]
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        print("interrupted: nothing written since the last resume.pt", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -203,8 +203,13 @@ def test_sac_update_flop_count_matches_torch_flop_counter():
     sac = speed.sac
     cfg = sac.Args()
     space = sac.gym.spaces.Box(-1.0, 1.0, (speed.ACT,))
-    agent = sac.make_agent(cfg, speed.OBS, space, torch.device("cpu"))
-    actor, critic, target, log_alpha = (agent[k] for k in ("actor", "critic", "critic_target", "log_alpha"))
+    nets = (cfg.hidden_sizes, cfg.activation, cfg.layer_norm)
+    actor, critic, target = (
+        sac.Actor(speed.OBS, space, *nets),
+        sac.Critic(speed.OBS, speed.ACT, *nets),
+        sac.Critic(speed.OBS, speed.ACT, *nets),
+    )
+    log_alpha = torch.tensor(0.0, requires_grad=True)
     opts = [torch.optim.Adam(p, lr=1e-3) for p in (actor.parameters(), critic.parameters())]
     rb = sac.ReplayBuffer(512, speed.OBS, speed.ACT, torch.device("cpu"))
     rb.add(obs=np.ones((512, speed.OBS)), actions=np.zeros((512, speed.ACT)),

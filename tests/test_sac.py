@@ -98,8 +98,7 @@ def test_soft_update_matches_polyak_formula():
 def test_batched_critic_equals_two_separate_mlps(layer_norm):
     """The stacked-weight Critic computes exactly what two plain MLPs with the same weights do."""
     torch.manual_seed(3)
-    args = sac.Args(hidden_sizes=(16, 8), layer_norm=layer_norm)
-    critic = sac.Critic(5, 2, args)
+    critic = sac.Critic(5, 2, (16, 8), "relu", layer_norm)
     with torch.no_grad():  # non-trivial LayerNorm affine parameters
         if layer_norm:
             critic.norm_weight.uniform_(0.5, 1.5)
@@ -121,9 +120,8 @@ def test_bf16_products_keep_q_and_log_prob_float32_and_close():
     """--bf16: the matrix products run in bfloat16 (the results differ from float32), while Q
     and log pi come out float32 and within bfloat16's rounding of the float32 values."""
     torch.manual_seed(4)
-    args = sac.Args(hidden_sizes=(256, 256))
     space = sac.gym.spaces.Box(-2.0, 2.0, (3,))
-    critic, actor = sac.Critic(11, 3, args), sac.Actor(11, space, args)
+    critic, actor = sac.Critic(11, 3, (256, 256), "relu", False), sac.Actor(11, space, (256, 256), "relu", False)
     obs, actions = torch.randn(64, 11), torch.rand(64, 3) * 4 - 2
     noise = torch.randn(64, 3)
 
@@ -218,14 +216,12 @@ def test_loaded_checkpoint_gives_identical_actions(log_dir):
     out = sac.train(small_args(log_dir, total_steps=200, eval_every=0))
     payload = sac.load_checkpoint(os.path.join(out["run_dir"], "model.pt"), "Pendulum-v1")
     space = sac.make_env("Pendulum-v1").action_space
-    args = sac.Args(**{**payload["args"], "hidden_sizes": tuple(payload["args"]["hidden_sizes"])})
-    a, b = (sac.make_agent(args, 3, space, torch.device("cpu")) for _ in range(2))
-    sac.load_agent_state(a, payload["state"])
-    sac.load_agent_state(b, payload["state"])
+    a, b, fresh = (sac.Actor(3, space, (32, 32), "relu", False) for _ in range(3))
+    sac.load_state({"actor": a}, payload["state"], "model.pt")
+    sac.load_state({"actor": b}, payload["state"], "model.pt")
     obs = torch.randn(50, 3)
-    torch.testing.assert_close(a["actor"].deterministic(obs), b["actor"].deterministic(obs))
-    fresh = sac.make_agent(args, 3, space, torch.device("cpu"))
-    assert not torch.allclose(fresh["actor"].deterministic(obs), a["actor"].deterministic(obs))
+    torch.testing.assert_close(a.deterministic(obs), b.deterministic(obs))
+    assert not torch.allclose(fresh.deterministic(obs), a.deterministic(obs))
 
 
 def test_end_to_end_mujoco_with_video(log_dir):
@@ -299,7 +295,7 @@ def test_unknown_env_names_the_closest_ids(capsys, log_dir):
 
 def test_discrete_env_is_refused(capsys, log_dir):
     line = run_bad(["--env", "CartPole-v1", "--log-dir", log_dir], capsys)
-    assert "Discrete" in line and "ppo.py" in line
+    assert "Discrete" in line and "needs a Box" in line
 
 
 @pytest.mark.parametrize(
@@ -372,7 +368,8 @@ def test_progress_averages_each_metric_over_its_own_updates(capsys):
     """Critic metrics arrive every update, actor metrics every other one (--policy-frequency 2):
     each is the mean of its own values, not of its sum over all updates."""
     writer = RecordingWriter()
-    progress = sac.Progress(writer, start_step=0, start_updates=0)
+    progress = sac.Run(sac.Args(), None, model={}, train_state={}, act=None)
+    progress.writer, progress.last = writer, (0.0, 0, 0)
     critic_q, actor_alpha = [1.0, 2.0, 3.0, 6.0], [0.5, 0.1]
     for i, q in enumerate(critic_q):
         progress.add_metrics({"losses/q": torch.tensor(q)})
