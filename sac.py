@@ -5,12 +5,10 @@
 """Soft Actor-Critic (SAC) for continuous control, in one file.
 
 References:
-    [SAC] Haarnoja, Zhou, Hartikainen, Tucker, Ha, Tan, Kumar, Zhu, Gupta, Abbeel, Levine 2018,
-        "Soft Actor-Critic Algorithms and Applications", arXiv:1812.05905 (objectives J_Q, J_pi, J(alpha)).
-    [TreePI] Springenberg, Heess et al. 2020, "Local Search for Policy Iteration in Continuous Control",
-        arXiv:2010.05545: Table 2 lists SAC as a baseline (README: the flags that select it).
-    [CleanRL] Huang et al. 2022, sac_continuous_action.py: argument names, the delayed policy update
-        (--policy-frequency) and the log-std squashing.
+    [SAC] Haarnoja et al. 2018, "Soft Actor-Critic Algorithms and Applications", arXiv:1812.05905 (Sec. 4-5
+        the objectives J_Q, J_pi, J(alpha); Sec. 7 and App. D the settings).
+    [TreePI] Springenberg, Heess et al. 2020, arXiv:2010.05545: Table 2's SAC baseline (flags in README).
+    [CleanRL] Huang et al. 2022, sac_continuous_action.py: argument names, --policy-frequency, log-std squashing.
 
 Algorithm (one environment step; the function that does each line in brackets):
     1. Act a ~ pi(.|s) (uniform random before `learning_starts`) and store (s, a, r, s', terminated)
@@ -26,12 +24,9 @@ Algorithm (one environment step; the function that does each line in brackets):
 Shapes: B batch, O observation size, A action size, E number of critics (2).
 
 Deviations from the paper:
-    - The log standard deviation is squashed into [LOG_STD_MIN, LOG_STD_MAX] by tanh, as in CleanRL and
-      Spinning Up; the authors' code clips it to [-20, 2].
-    - `--policy-frequency k` (TD3's delayed update, CleanRL's name) does k actor steps every k critic
-      steps; the default 1 is the paper's one actor step per critic step.
-    - With several envs each vector step adds num_envs transitions and does num_envs gradient steps, so
-      the paper's one update per environment step holds for any --num-envs.
+    - log std is squashed into [LOG_STD_MIN, LOG_STD_MAX] by tanh (CleanRL, Spinning Up); the authors clip to [-20, 2].
+    - `--policy-frequency k` (TD3's delayed update) does k actor steps every k critic steps; 1 is the paper's.
+    - Each vector step adds num_envs transitions and does num_envs gradient steps: one update per env step.
 """
 
 from dataclasses import dataclass
@@ -60,8 +55,7 @@ class Args:
     layer_norm: bool = False
     """LayerNorm after the first hidden layer (the 'LN' of [TreePI] Table 2)."""
     bf16: bool = False
-    """Matrix products of the updates in bfloat16 (fast on GPUs and CPUs with AVX512-BF16 or AMX); weights,
-    Q, log pi, losses and Adam stay float32. Off: the paper's and CleanRL's arithmetic is float32."""
+    """Updates' matrix products in bfloat16 (weights, Q, log pi, losses, Adam stay float32); paper: float32."""
     # Replay [SAC Sec. 7]
     buffer_size: int = 1_000_000
     """Replay buffer capacity in transitions."""
@@ -382,13 +376,9 @@ def train(args: Args) -> dict:
     # -- storage
     replay = ReplayBuffer(args.buffer_size, obs_dim, action_dim, device)
     # -- run: directory, logging, evaluation, saving, resume (below the fence)
-    run = Run(
-        args,
-        envs,
-        model=dict(actor=actor, critic=critic, critic_target=critic_target, log_alpha=log_alpha),
-        train_state=dict(actor_opt=actor_opt, critic_opt=critic_opt, alpha_opt=alpha_opt, replay=replay),
-        act=actor.deterministic,
-    )
+    model = dict(actor=actor, critic=critic, critic_target=critic_target, log_alpha=log_alpha)
+    train_state = dict(actor_opt=actor_opt, critic_opt=critic_opt, alpha_opt=alpha_opt, replay=replay)
+    run = Run(args, envs, model, train_state, act=actor.deterministic)
     if args.eval_only:
         return run.evaluate_only()
     global_step, num_updates = run.start()
@@ -437,7 +427,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable
 
 import tyro
@@ -619,7 +608,9 @@ class Run:
         """Open the run directory (new, or the resumed run's), restore --resume, catch SIGINT and SIGTERM;
         return (global_step, num_updates)."""
         args, global_step, num_updates = self.args, 0, 0
-        self.run_dir = os.path.join(args.log_dir, f"{args.env}__{ALGO}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = os.path.join(args.log_dir, f"{args.env}__{ALGO}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+        # a new directory even for runs started in the same second: -2, -3, ...
+        self.run_dir = next(d for d in (run_dir, *(f"{run_dir}-{i}" for i in range(2, 10_000))) if not os.path.exists(d))
         if args.resume is not None:
             saved = load_checkpoint(args.resume, args.env, training=True)
             load_state(self.model, saved["state"], args.resume)
@@ -762,7 +753,14 @@ def parse_args(argv: list[str] | None) -> Args:
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", message=".*settotalmass")  # gymnasium's half_cheetah.xml, under mujoco 4
+    try:  # gymnasium's half_cheetah.xml uses an attribute that mujoco 4 deprecates: hide that warning alone
+        import mujoco
+
+        mujoco.set_mju_user_warning(
+            lambda text: None if "settotalmass" in text else print(f"WARNING: {text}", file=sys.stderr)
+        )
+    except ImportError:
+        pass
     try:
         args = parse_args(argv)
         check_args(args)
