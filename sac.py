@@ -636,9 +636,15 @@ class Run:
             global_step + n for n in (args.log_every, args.eval_every, args.checkpoint_every)
         )
         for sig in (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ():
-            # stop at the end of this step, after writing resume.pt
-            self.handlers[sig] = signal.signal(sig, lambda signum, frame: setattr(self, "stop_signal", signum))
+            self.handlers[sig] = signal.signal(sig, self.on_signal)
         return global_step, num_updates
+
+    def on_signal(self, signum: int, frame: object) -> None:
+        """The first SIGINT or SIGTERM stops training at the end of the step, after writing resume.pt; a second
+        one stops at once."""
+        if self.stop_signal is not None:
+            raise KeyboardInterrupt
+        self.stop_signal = signum
 
     def add_metrics(self, metrics: dict[str, Tensor]) -> None:
         """Sum an update's metric tensors until the next log line (no host sync per update)."""

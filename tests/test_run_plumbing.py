@@ -186,3 +186,13 @@ def test_a_normal_mujoco_run_prints_nothing_on_stderr(log_dir):
     proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stderr == ""
     assert proc.stdout.splitlines()[-1].startswith("done: step 20")
+
+
+def test_a_second_signal_stops_at_once(log_dir):
+    """The first SIGINT asks to stop after the step; a second one, sent while that step still runs (here the
+    handler is called twice in a row), stops at once with KeyboardInterrupt, which `main` reports in one line."""
+    run = sac.Run(small_args(log_dir), None, model={}, train_state={}, act=None)
+    run.on_signal(signal.SIGINT, None)
+    assert run.stop_signal == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        run.on_signal(signal.SIGINT, None)
