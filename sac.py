@@ -725,18 +725,13 @@ class Run:
 
     def evaluate_only(self) -> dict:
         """--eval-only: evaluate the --checkpoint weights and print the returns (videos beside the checkpoint)."""
-        args = self.args
+        args, folder = self.args, os.path.dirname(self.args.checkpoint)
         self.eval_env = make_eval_env(
-            args.env,
-            os.path.join(os.path.dirname(args.checkpoint), "videos") if args.capture_video else None,
-            args.eval_episodes,
+            args.env, os.path.join(folder, "videos") if args.capture_video else None, args.eval_episodes
         )
         returns = evaluate(self.act, self.eval_env, args.eval_episodes, args.seed + 10_000, self.device)
         self.close()
-        print(
-            f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns "
-            + " ".join(f"{r:.1f}" for r in returns)
-        )
+        print(f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns", *(f"{r:.1f}" for r in returns))
         return {"eval_return": float(np.mean(returns)), "eval_returns": returns}
 
     def close(self) -> None:
