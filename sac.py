@@ -5,12 +5,11 @@
 """Soft Actor-Critic (SAC) for continuous control, in one file.
 
 References:
-    [SAC] Haarnoja et al. 2018, "Soft Actor-Critic Algorithms and Applications", arXiv:1812.05905 (Sec. 4-5
-        the objectives J_Q, J_pi, J(alpha); Sec. 7 and App. D the settings).
+    [SAC] Haarnoja et al. 2018, "Soft Actor-Critic Algorithms and Applications", arXiv:1812.05905: Sec. 4-5, 7, App. D.
     [TreePI] Springenberg, Heess et al. 2020, arXiv:2010.05545: Table 2's SAC baseline (flags in README).
     [CleanRL] Huang et al. 2022, sac_continuous_action.py: argument names, --policy-frequency, log-std squashing.
 
-Algorithm (one environment step; the function that does each line in brackets):
+Algorithm (one env step; in brackets the function doing each line; shapes: B batch, O obs, A action, E critics):
     1. Act a ~ pi(.|s) (uniform random before `learning_starts`) and store (s, a, r, s', terminated)
        with s' the true last observation of an ended episode                          [ReplayBuffer]
     2. Soft target y = r + gamma (1 - terminated) (min_e Qbar_e(s', a') - alpha log pi(a'|s')),
@@ -20,8 +19,6 @@ Algorithm (one environment step; the function that does each line in brackets):
        reparameterised sample                                             [squashed_gaussian, update_actor]
     5. Temperature step on J(alpha) = E[-alpha (log pi(a~|s) + Hbar)], Hbar = -|A|        [update_actor]
     6. Targets Qbar <- tau Q + (1 - tau) Qbar                                            [soft_update]
-
-Shapes: B batch, O observation size, A action size, E number of critics (2).
 
 Deviations from the paper:
     - log std is squashed into [LOG_STD_MIN, LOG_STD_MAX] by tanh (CleanRL, Spinning Up); the authors clip to [-20, 2].
@@ -111,8 +108,7 @@ class Args:
     checkpoint_every: int = 100_000
     """Write resume.pt (everything needed to continue) every this many env steps (0: only on a signal)."""
     checkpoint: str | None = None
-    """A model.pt or resume.pt whose weights to fine-tune (or, with --eval-only, evaluate); its saved
-    arguments become the defaults."""
+    """A model.pt or resume.pt to fine-tune, or to evaluate with --eval-only; its saved arguments become defaults."""
     eval_only: bool = False
     """With --checkpoint: evaluate the loaded policy, print the returns and exit."""
     resume: str | None = None
@@ -161,8 +157,7 @@ class Actor(nn.Module):
         action_dim = int(np.prod(action_space.shape))
         self.trunk = mlp(obs_dim, hidden_sizes, activation, layer_norm)
         self.head = nn.Linear(hidden_sizes[-1], 2 * action_dim)  # mean and log std
-        low = torch.as_tensor(action_space.low, dtype=torch.float32)
-        high = torch.as_tensor(action_space.high, dtype=torch.float32)
+        low, high = (torch.as_tensor(bound, dtype=torch.float32) for bound in (action_space.low, action_space.high))
         self.register_buffer("action_scale", (high - low) / 2)
         self.register_buffer("action_bias", (high + low) / 2)
 
@@ -186,8 +181,7 @@ class Actor(nn.Module):
 
 
 class Critic(nn.Module):
-    """E soft Q-functions Q_e(s, a) with stacked weights [E, in, out], evaluated in one batched
-    pass (one matmul per layer for all critics instead of one per critic)."""
+    """E soft Q-functions Q_e(s, a) with stacked weights [E, in, out]: one batched matmul per layer for all."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool):
         super().__init__()
@@ -226,18 +220,12 @@ class Batch(NamedTuple):
 
 
 class ReplayBuffer:
-    """Preallocated ring buffer of transitions. next_obs is stored per row, so a row never
-    pairs an observation with the first observation of the next episode."""
+    """Preallocated ring buffer of transitions; next_obs is stored per row, never the next episode's first."""
 
     def __init__(self, capacity: int, obs_dim: int, action_dim: int, device: torch.device):
         self.capacity, self.pos, self.size = capacity, 0, 0
-        self.data = Batch(
-            obs=torch.zeros(capacity, obs_dim, device=device),
-            actions=torch.zeros(capacity, action_dim, device=device),
-            rewards=torch.zeros(capacity, device=device),
-            next_obs=torch.zeros(capacity, obs_dim, device=device),
-            terminated=torch.zeros(capacity, device=device),
-        )
+        shapes = Batch(obs=(obs_dim,), actions=(action_dim,), rewards=(), next_obs=(obs_dim,), terminated=())
+        self.data = Batch(*(torch.zeros(capacity, *shape, device=device) for shape in shapes))
 
     def add(self, **rows: np.ndarray) -> None:
         """Store n transitions given as arrays with leading size n (the fields of Batch)."""
