@@ -466,8 +466,9 @@ def make_env(env_id: str, render_mode: str | None = None) -> gym.Env:
     space, needs = env.action_space, " or ".join(space.__name__ for space in ACTION_SPACES)
     if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
         raise UsageError(f"{name} has observation space {env.observation_space}; {ALGO} needs a flat Box")
-    if not isinstance(space, ACTION_SPACES) or (isinstance(space, gym.spaces.Box) and not space.is_bounded()):
-        raise UsageError(f"{name} has the action space {space}; {ALGO} needs a {needs} (a bounded one if a Box)")
+    flat_bounded_box = isinstance(space, gym.spaces.Box) and len(space.shape) == 1 and space.is_bounded()
+    if not isinstance(space, ACTION_SPACES) or (isinstance(space, gym.spaces.Box) and not flat_bounded_box):
+        raise UsageError(f"{name} has the action space {space}; {ALGO} needs a {needs} (flat and bounded if a Box)")
     return env
 
 
