@@ -5,36 +5,33 @@
 """Proximal Policy Optimization (PPO, clipped objective) with GAE, in one file.
 
 References:
-    [PPO] Schulman, Wolski, Dhariwal, Radford, Klimov 2017, "Proximal Policy Optimization Algorithms", arXiv:1707.06347
-        (L^CLIP eq. 7, the combined loss eq. 9, truncated GAE eq. 11-12, Table 3 the MuJoCo hyperparameters).
+    [PPO] Schulman, Wolski, Dhariwal, Radford, Klimov 2017, "Proximal Policy Optimization Algorithms",
+        arXiv:1707.06347: L^CLIP eq. 7, the combined loss eq. 9, GAE eq. 11-12, the MuJoCo settings Table 3.
     [GAE] Schulman, Moritz, Levine, Jordan, Abbeel 2016, "High-Dimensional Continuous Control Using Generalized
         Advantage Estimation", arXiv:1506.02438.
     [TreePI] Springenberg, Heess et al. 2020, "Local Search for Policy Iteration in Continuous Control",
         arXiv:2010.05545: Table 2 lists PPO as a baseline.
-    [CleanRL] Huang et al. 2022, ppo_continuous_action.py / ppo.py: argument names and the details of OpenAI
-        baselines' ppo2 (orthogonal initialisation, observation and reward normalisation, value clipping,
-        advantage normalisation, annealed learning rate, gradient clipping).
+    [CleanRL] Huang et al. 2022, ppo_continuous_action.py / ppo.py: argument names and baselines' ppo2 details.
 
 Algorithm (one iteration; the function that does each line in brackets):
     1. Roll out pi_old for num_steps steps in each of num_envs envs, storing normalised observations, actions,
-       log pi_old(a|s), scaled rewards, V(s) and episode ends; a truncated step's reward gets + gamma V(final obs)
+       log pi_old(a|s), scaled rewards (+ gamma V(final obs) at a truncation), V(s) and episode ends
                                                               [Actor.sample, RunningMeanStd, RewardScaler, Rollout]
-    2. Advantages A_t = sum_l (gamma lambda)^l delta_{t+l}, delta_t = r_t + gamma V(s_{t+1}) - V(s_t), cut at
-       episode ends; returns R_t = A_t + V(s_t)                                                               [gae]
-    3. For update_epochs epochs over shuffled minibatches, an Adam step on -L^CLIP + vf_coef (V - R)^2 / 2
-       - ent_coef H[pi], L^CLIP = E[min(rho A, clip(rho, 1 - eps, 1 + eps) A)], rho = pi(a|s) / pi_old(a|s)
-                                                                        [clipped_surrogate, value_loss, update_ppo]
-    4. Optionally stop the epochs early once the approximate KL exceeds target_kl                      [update_ppo]
+    2. A_t = sum_l (gamma lambda)^l delta_{t+l}, delta_t = r_t + gamma V(s_{t+1}) - V(s_t), cut at episode ends;
+       returns R_t = A_t + V(s_t)                                                                             [gae]
+    3. update_epochs epochs of minibatch Adam steps on -L^CLIP + vf_coef (V - R)^2 / 2 - ent_coef H[pi], with
+       L^CLIP = E[min(rho A, clip(rho, 1 - eps, 1 + eps) A)] and rho = pi(a|s) / pi_old(a|s); the epochs stop
+       early once the approximate KL exceeds target_kl (if set)            [clipped_surrogate, value_loss, update_ppo]
 
 Shapes: T steps per env per rollout, N envs, B minibatch, O observation size, A action size (or number of actions).
 
 Deviations from the paper:
-    - Observation normalisation, reward scaling, value clipping, orthogonal initialisation and gradient clipping
-      come from OpenAI baselines' ppo2 (and CleanRL), not from the paper.
-    - A truncated episode (time limit) bootstraps: its last reward gets gamma V(final obs) added, where CleanRL
-      and baselines treat the time limit as a terminal state.
-    - The running statistics live in the file (saved with the weights, frozen at evaluation) instead of
-      gymnasium's NormalizeObservation / NormalizeReward wrappers.
+    - Observation normalisation, reward scaling, value clipping, orthogonal initialisation, advantage normalisation,
+      the annealed learning rate and gradient clipping are OpenAI baselines' ppo2 details (and CleanRL's).
+    - A time limit is not a terminal state: a truncated step's reward gets gamma V(final obs) added, where CleanRL
+      and baselines treat it as terminal.
+    - The running statistics live in the file (saved with the weights, frozen at evaluation), not in gymnasium's
+      NormalizeObservation / NormalizeReward wrappers.
 """
 
 from dataclasses import dataclass
@@ -139,21 +136,14 @@ class Args:
 def algorithm_checks(args: Args) -> list[tuple[bool, str]]:
     """(condition, message) for each algorithm argument; `check_args` raises the first that fails."""
     rollout_size = args.num_envs * args.num_steps
+    counts = min(args.num_steps, args.update_epochs, args.num_minibatches)
+    steps = min(args.learning_rate, args.clip_coef, args.max_grad_norm)
     return [
         (min(args.hidden_sizes, default=0) > 0, f"--hidden-sizes must be positive, got {args.hidden_sizes}"),
-        (
-            min(args.num_steps, args.update_epochs, args.num_minibatches) > 0,
-            "--num-steps/--update-epochs/--num-minibatches must be > 0",
-        ),
-        (
-            args.num_minibatches <= rollout_size,
-            f"--num-minibatches must be at most the rollout's {rollout_size} steps (envs x steps)",
-        ),
+        (counts > 0, "--num-steps, --update-epochs and --num-minibatches must be positive"),
+        (args.num_minibatches <= rollout_size, f"--num-minibatches must be at most the rollout's {rollout_size} steps"),
         (0.0 <= args.gamma <= 1.0 and 0.0 <= args.gae_lambda <= 1.0, "--gamma and --gae-lambda must be in [0, 1]"),
-        (
-            min(args.learning_rate, args.clip_coef, args.max_grad_norm) > 0,
-            "--learning-rate/--clip-coef/--max-grad-norm must be > 0",
-        ),
+        (steps > 0, "--learning-rate, --clip-coef and --max-grad-norm must be positive"),
         (args.target_kl is None or args.target_kl > 0, f"--target-kl must be positive, got {args.target_kl}"),
     ]
 
@@ -250,11 +240,8 @@ class RunningMeanStd:
     VecNormalize). Kept in float64 numpy for speed on the per-step path; state_dict() gives tensors."""
 
     def __init__(self, shape: tuple[int, ...]):
-        self.mean, self.var, self.count = (
-            np.zeros(shape),
-            np.ones(shape),
-            1e-4,
-        )  # count 1e-4: baselines', the first batch dominates
+        # baselines' initial count: the first batch dominates at once
+        self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), 1e-4
 
     def update(self, x: np.ndarray) -> None:
         """Merge a batch x [n, *shape]."""
@@ -403,17 +390,13 @@ def update_ppo(
                 log_ratio = log_probs - flat.log_probs[idx]
                 approx_kl = (log_ratio.exp() - 1 - log_ratio).mean()  # k3 estimator (Schulman)
                 clipfrac = ((log_ratio.exp() - 1).abs() > args.clip_coef).float().mean()
-            metrics = {
-                "losses/policy": pg_loss,
-                "losses/value": v_loss,
-                "stats/entropy": entropy.mean(),
-                "stats/kl": approx_kl,
-            }
-            for k, v in {**metrics, "stats/clipfrac": clipfrac, "stats/grad_norm": grad_norm}.items():
+            metrics = {"losses/policy": pg_loss, "losses/value": v_loss, "stats/entropy": entropy.mean()}
+            metrics |= {"stats/kl": approx_kl, "stats/clipfrac": clipfrac, "stats/grad_norm": grad_norm}
+            for k, v in metrics.items():
                 sums[k] = sums[k] + v.detach() if k in sums else v.detach()
             steps += 1
         if args.target_kl is not None and approx_kl.item() > args.target_kl:
-            break  # [PPO Sec. 4 / baselines] early stop on the approximate KL
+            break  # early stop on the approximate KL (Spinning Up, CleanRL; [PPO Sec. 4] adapts a KL penalty instead)
     return {k: v / steps for k, v in sums.items()}, steps
 
 
@@ -450,8 +433,8 @@ def train(args: Args) -> dict:
     if args.eval_only:
         return run.evaluate_only()
     global_step, num_updates = run.start()
-    obs, _ = envs.reset(seed=args.seed + global_step)  # a resumed run starts fresh episodes
-    obs = observe(obs, update=False)  # statistics grow with the steps taken, so a resume is exact
+    # a resumed run starts fresh episodes; the statistics grow with the steps taken only, so a resume is exact
+    obs = observe(envs.reset(seed=args.seed + global_step)[0], update=False)
     while global_step < args.total_steps:
         if args.anneal_lr:  # linear decay to 0 over the run (baselines ppo2)
             optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - global_step / args.total_steps)
@@ -460,16 +443,14 @@ def train(args: Args) -> dict:
             with torch.no_grad():
                 actions, log_probs = actor.sample(obs)
                 values = value(obs)
-            env_actions = actions.cpu().numpy()
-            if not actor.discrete:  # the env gets the clipped action, pi_old keeps the sample
-                env_actions = np.clip(env_actions, action_space.low, action_space.high)
+            env_actions = actions.cpu().numpy()  # Box: the env gets the clipped action, pi_old keeps the sample
+            env_actions = env_actions if actor.discrete else np.clip(env_actions, action_space.low, action_space.high)
             # step
             next_obs, rewards, terminated, truncated, infos = envs.step(env_actions)
             global_step += args.num_envs
             run.add_episodes(global_step, infos)
             ended = terminated | truncated
-            if args.norm_reward:
-                rewards = reward_scaler(rewards, ended)
+            rewards = reward_scaler(rewards, ended) if args.norm_reward else rewards
             rewards = torch.as_tensor(rewards, dtype=torch.float32, device=device)
             # a time limit is not an MDP end: bootstrap from the true last observation
             cut = np.flatnonzero(truncated & ~terminated)

@@ -201,6 +201,8 @@ def test_resume_continues_from_the_saved_step_with_the_saved_weights(log_dir):
     resume_path = os.path.join(first["run_dir"], "resume.pt")
     saved = torch.load(resume_path, weights_only=True)
     assert saved["global_step"] == 512
+    assert {"actor", "value", "obs_rms"} <= saved["state"].keys()  # what evaluation needs
+    assert {"optimizer", "reward_rms", "num_updates", "rng"} <= saved["train"].keys()  # what resuming adds
     same = ppo.train(small_args(log_dir, eval_every=0, resume=resume_path))
     assert same["global_step"] == 512 and same["eval_return"] == pytest.approx(first["eval_return"])
     again = torch.load(resume_path, weights_only=True)
