@@ -14,24 +14,22 @@ References:
     [CleanRL] Huang et al. 2022, ppo_continuous_action.py / ppo.py: argument names and baselines' ppo2 details.
 
 Algorithm (one iteration; the function that does each line in brackets):
-    1. Roll out pi_old for num_steps steps in each of num_envs envs, storing normalised observations, actions,
-       log pi_old(a|s), scaled rewards (+ gamma V(final obs) at a truncation), V(s) and episode ends
-                                                              [Actor.sample, RunningMeanStd, RewardScaler, Rollout]
+    1. Roll out pi_old for num_steps steps in each of num_envs envs: normalised observations, actions, log pi_old(a|s),
+       scaled rewards (+ gamma V(final obs) at a truncation), V(s), episode ends [Actor.sample, RunningMeanStd,
+       RewardScaler, Rollout]
     2. A_t = sum_l (gamma lambda)^l delta_{t+l}, delta_t = r_t + gamma V(s_{t+1}) - V(s_t), cut at episode ends;
        returns R_t = A_t + V(s_t)                                                                             [gae]
     3. update_epochs epochs of minibatch Adam steps on -L^CLIP + vf_coef (V - R)^2 / 2 - ent_coef H[pi], with
-       L^CLIP = E[min(rho A, clip(rho, 1 - eps, 1 + eps) A)] and rho = pi(a|s) / pi_old(a|s); the epochs stop
-       early once the approximate KL exceeds target_kl (if set)            [clipped_surrogate, value_loss, update_ppo]
+       L^CLIP = E[min(rho A, clip(rho, 1 - eps, 1 + eps) A)], rho = pi(a|s) / pi_old(a|s); stop early once the
+       approximate KL exceeds target_kl (if set)                          [clipped_surrogate, value_loss, update_ppo]
 
 Shapes: T steps per env per rollout, N envs, B minibatch, O observation size, A action size (or number of actions).
 
 Deviations from the paper:
     - Observation normalisation, reward scaling, value clipping, orthogonal initialisation, advantage normalisation,
       the annealed learning rate and gradient clipping are OpenAI baselines' ppo2 details (and CleanRL's).
-    - A time limit is not a terminal state: a truncated step's reward gets gamma V(final obs) added, where CleanRL
-      and baselines treat it as terminal.
-    - The running statistics live in the file (saved with the weights, frozen at evaluation), not in gymnasium's
-      NormalizeObservation / NormalizeReward wrappers.
+    - A time limit is not a terminal state: a truncated step's reward gets gamma V(final obs) added (CleanRL and
+      baselines treat it as terminal). The running statistics are saved with the weights, frozen at evaluation.
 """
 
 from dataclasses import dataclass
@@ -276,8 +274,7 @@ class RewardScaler:
         self.returns = self.returns * self.gamma + rewards
         self.rms.update(self.returns)
         self.returns[ended] = 0.0
-        scaled = rewards / np.sqrt(self.rms.var + 1e-8)
-        return np.clip(scaled, -self.clip, self.clip).astype(np.float32)
+        return np.clip(rewards / np.sqrt(self.rms.var + 1e-8), -self.clip, self.clip).astype(np.float32)
 
 
 class Rollout(NamedTuple):
