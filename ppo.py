@@ -15,8 +15,8 @@ References:
 
 Algorithm (one iteration; the function that does each line in brackets):
     1. Roll out pi_old for num_steps steps in each of num_envs envs: normalised observations, actions, log pi_old(a|s),
-       scaled rewards (+ gamma V(final obs) at a truncation), V(s), episode ends [Actor.sample, RunningMeanStd,
-       RewardScaler, Rollout]
+       scaled rewards (+ gamma V(final obs) at a truncation), V(s) and episode ends
+                                                              [Actor.sample, RunningMeanStd, RewardScaler, Rollout]
     2. A_t = sum_l (gamma lambda)^l delta_{t+l}, delta_t = r_t + gamma V(s_{t+1}) - V(s_t), cut at episode ends;
        returns R_t = A_t + V(s_t)                                                                             [gae]
     3. update_epochs epochs of minibatch Adam steps on -L^CLIP + vf_coef (V - R)^2 / 2 - ent_coef H[pi], with
@@ -135,13 +135,13 @@ def algorithm_checks(args: Args) -> list[tuple[bool, str]]:
     """(condition, message) for each algorithm argument; `check_args` raises the first that fails."""
     rollout_size = args.num_envs * args.num_steps
     counts = min(args.num_steps, args.update_epochs, args.num_minibatches)
-    steps = min(args.learning_rate, args.clip_coef, args.max_grad_norm)
+    scales = min(args.learning_rate, args.clip_coef, args.max_grad_norm)
     return [
         (min(args.hidden_sizes, default=0) > 0, f"--hidden-sizes must be positive, got {args.hidden_sizes}"),
         (counts > 0, "--num-steps, --update-epochs and --num-minibatches must be positive"),
         (args.num_minibatches <= rollout_size, f"--num-minibatches must be at most the rollout's {rollout_size} steps"),
         (0.0 <= args.gamma <= 1.0 and 0.0 <= args.gae_lambda <= 1.0, "--gamma and --gae-lambda must be in [0, 1]"),
-        (steps > 0, "--learning-rate, --clip-coef and --max-grad-norm must be positive"),
+        (scales > 0, "--learning-rate, --clip-coef and --max-grad-norm must be positive"),
         (args.target_kl is None or args.target_kl > 0, f"--target-kl must be positive, got {args.target_kl}"),
     ]
 
