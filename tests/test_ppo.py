@@ -96,7 +96,7 @@ def test_log_probs_and_entropies_match_torch_distributions():
 def test_actor_sample_log_prob_is_the_gaussian_log_density():
     torch.manual_seed(2)
     space = ppo.gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
-    actor = ppo.Actor(4, space, ppo.Args(hidden_sizes=(8,)))
+    actor = ppo.Actor(4, space, (8,), "tanh", False)
     with torch.no_grad():
         actor.log_std.copy_(torch.tensor([-0.5, 0.0, 0.4]))
         obs = torch.randn(5, 4)
@@ -167,7 +167,7 @@ def test_end_to_end_pendulum_trains_logs_and_round_trips(log_dir, capsys):
     run_dir = out["run_dir"]
     assert glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
     model = torch.load(os.path.join(run_dir, "model.pt"), weights_only=True)
-    assert model["algo"] == "ppo" and model["obs_norm"]["count"] > 500
+    assert model["algo"] == "ppo" and model["state"]["obs_rms"]["count"] > 500
     capsys.readouterr()
     assert ppo.main(["--checkpoint", os.path.join(run_dir, "model.pt"), "--eval-only"]) == 0
     assert f"mean {out['eval_return']:.1f}" in capsys.readouterr().out  # frozen statistics
@@ -185,18 +185,15 @@ def test_end_to_end_discrete_and_mujoco(log_dir):
 def test_loaded_checkpoint_gives_identical_actions(log_dir):
     out = ppo.train(small_args(log_dir, total_steps=256, eval_every=0))
     payload = ppo.load_checkpoint(os.path.join(out["run_dir"], "model.pt"), "Pendulum-v1")
-    env = ppo.make_env("Pendulum-v1")
-    args = ppo.Args(**{**payload["args"], "hidden_sizes": tuple(payload["args"]["hidden_sizes"])})
+    space = ppo.make_env("Pendulum-v1").action_space
     acts = []
     for _ in range(2):
-        agent = ppo.make_agent(args, 3, env.action_space, torch.device("cpu"))
-        ppo.load_agent_state(agent, payload["state"])
-        rms = ppo.RunningMeanStd((3,))
-        rms.load_state_dict(payload["obs_norm"])
-        acts.append(ppo.policy_fn(agent["actor"], rms, args, env.action_space, torch.device("cpu")))
-    obs = np.random.default_rng(0).normal(size=(20, 3))
-    np.testing.assert_array_equal(acts[0](obs), acts[1](obs))
-    assert (np.abs(acts[0](obs)) <= 2.0).all()  # clipped to Pendulum's bounds
+        actor, rms = ppo.Actor(3, space, (16, 16), "tanh", False), ppo.RunningMeanStd((3,))
+        ppo.load_state({"actor": actor, "obs_rms": rms}, payload["state"], "model.pt")
+        acts.append(lambda obs, actor=actor, rms=rms: actor.deterministic(torch.as_tensor(rms.normalize(obs, 10.0))).detach())
+    obs = np.random.default_rng(0).normal(size=(20, 3)) * 10
+    torch.testing.assert_close(acts[0](obs), acts[1](obs), rtol=0, atol=0)
+    assert (acts[0](obs).abs() <= 2.0).all()  # clipped to Pendulum's bounds
 
 
 def test_resume_continues_from_the_saved_step_with_the_saved_weights(log_dir):
@@ -204,13 +201,15 @@ def test_resume_continues_from_the_saved_step_with_the_saved_weights(log_dir):
     resume_path = os.path.join(first["run_dir"], "resume.pt")
     saved = torch.load(resume_path, weights_only=True)
     assert saved["global_step"] == 512
+    assert {"actor", "value", "obs_rms"} <= saved["state"].keys()  # what evaluation needs
+    assert {"optimizer", "reward_rms", "num_updates", "rng"} <= saved["train"].keys()  # what resuming adds
     same = ppo.train(small_args(log_dir, eval_every=0, resume=resume_path))
     assert same["global_step"] == 512 and same["eval_return"] == pytest.approx(first["eval_return"])
     again = torch.load(resume_path, weights_only=True)
     for name in ("actor", "value"):
         for k, v in saved["state"][name].items():
             torch.testing.assert_close(again["state"][name][k], v)
-    torch.testing.assert_close(again["train"]["obs_rms"]["mean"], saved["train"]["obs_rms"]["mean"])
+    torch.testing.assert_close(again["state"]["obs_rms"]["mean"], saved["state"]["obs_rms"]["mean"])
     more = ppo.train(small_args(log_dir, total_steps=640, eval_every=0, resume=resume_path))
     assert more["global_step"] == 640 and more["num_updates"] == first["num_updates"] + 8
 
