@@ -24,7 +24,6 @@ from cpi_garnet import (
     conservative_update,
     discounted_visitation,
     estimate_q,
-    evaluate_only,
     evaluate_policy,
     features,
     fit_regressors,
@@ -355,7 +354,7 @@ def test_end_to_end_writes_csv_png_events_and_a_model_that_eval_only_reproduces(
     capsys.readouterr()
     assert main(["--checkpoint", model, "--eval-only"]) == 0
     assert "cost_aggrevated_vi" in capsys.readouterr().out
-    again = evaluate_only(parse_args(["--checkpoint", model, "--eval-only"]))
+    again = train(parse_args(["--checkpoint", model, "--eval-only"]))
     for algo in ALGORITHMS:
         assert again[f"cost_{algo}"] == out[f"cost_{algo}"]
     assert again["cost_optimal"] == out["cost_optimal"]
