@@ -16,7 +16,7 @@ FENCE = "# ======== run plumbing below: identical in every file, not needed to r
 EXCEPTIONS = {
     # a tabular experiment, no gym env: `train` evaluates every iterate exactly (no evaluation schedule, no
     # act/envs), logs per (MDP, algorithm) run as [DPI] Fig. 1a's x-axis does, and saves resume.pt between MDPs
-    ("cpi_garnet.py", "Run"): "tabular: no env to evaluate, per-run progress line, resume.pt between MDPs",
+    ("cpi_garnet.py", "Run"): "tabular: no env to evaluate, per-run progress line, resume.pt between MDPs"
 }
 
 
