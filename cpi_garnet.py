@@ -13,18 +13,16 @@ References:
         Comparison" ([DPI] ref. 7): random MDPs with a branching factor.
 
 Algorithm (iteration n on each of the M MDPs; the function that does each line in brackets):
-    1. Garnet MDP with b random next states per (s, a); psi(s) = (binary code of s, 1); pi_0 uniform [make_garnet]
-    CPI [CPI; DPI Sec. 6.1]:
-    2. N states s_i ~ d_pi_n: episodes from rho0 that stop w.p. 1 - gamma                    [sample_visitation]
-    3. Qhat(s_i, a) for every a: take a in s_i, follow pi_n, sum the costs until it stops           [estimate_q]
-    4. One linear regressor per action, pi*_n(s) = argmin_a w_a . psi(s)              [fit_regressors, classify]
-    5. pi_{n+1} = (1 - beta) pi_n + beta pi*_n [DPI eq. 6], exactly, as a table   [conservative_update, cpi_step]
-    AGGREVATED-VI [DPI Sec. 3.3, 6.1]:
-    2'. N' episodes of pi_n from rho0; all their transitions so far give P_hat [DPI eq. 2]     [TransitionCounts]
-    3'. eta_n by exact soft value iteration under P_hat on c' = c / mu - log pi_n [DPI eq. 10]   [value_iteration]
-    4'. A^eta = Q - V of that VI at the visited states, then steps 4-5 with A^eta          [aggrevated_vi_step]
-    Both: J(pi_n) = rho0^T (I - gamma P_pi)^-1 c_pi by a linear solve after every update [policy_cost]; Fig. 1a
-    is its mean and standard error over the MDPs against episodes [summarize, write_results].
+    1. Garnet MDP, b random next states per (s, a); psi(s) = (binary code of s, 1); pi_0 uniform [make_garnet]
+    2. CPI [CPI; DPI Sec. 6.1]: N states s_i ~ d_pi_n, the ends of episodes from rho0 that stop w.p. 1 - gamma,
+       and Qhat(s_i, a) for every a: take a in s_i, follow pi_n, sum the costs until it stops      [cpi_targets]
+    2'. AGGREVATED-VI [DPI Sec. 3.3, 6.1]: N' episodes of pi_n from rho0; all transitions so far give P_hat
+       [DPI eq. 2]; eta_n by exact soft value iteration under P_hat on c' = c / mu - log pi_n [DPI eq. 10];
+       A^eta = Q - V of that VI at the visited states                  [aggrevated_vi_targets, value_iteration]
+    3. One linear regressor per action on those targets, pi*_n(s) = argmin_a w_a . psi(s) [DPI eq. 5], and
+       pi_{n+1} = (1 - beta) pi_n + beta pi*_n [DPI eq. 6], exactly, as a table          [imitate, mixture_policy]
+    4. J(pi_{n+1}) = rho0^T (I - gamma P_pi)^-1 c_pi, a linear solve [policy_cost]; Fig. 1a: its mean and
+       standard error over the MDPs against episodes [write_figure]; J(pi*) by policy iteration.
 
 Shapes: S states, A actions, F features (bits + 1), K non-zeros of a sparse transition model, N sampled states,
 R rollouts per (state, action), E episodes, T transitions.
@@ -33,7 +31,7 @@ Deviations from the paper (and choices it leaves to its App. B.1, which this fil
     - [DPI] eq. 9 adapts mu by dual ascent to meet a trust region alpha that Sec. 6.1 does not state; mu is fixed.
     - [DPI] eq. 10 prints "- sum_t gamma^t E[H(eta)]" with H the negative entropy; the KL term of eq. 9 gives "+",
       so eta(a|s) is proportional to pi_n(a|s) exp(-Q(s, a) / mu).
-    - The budget is --total-steps transitions per MDP and algorithm in expectation, spent as a fixed number of
+    - --total-steps is the budget per MDP and algorithm in expected transitions, spent as a fixed number of
       iterations so that the MDPs' curves share their x values: episodes, from rho0 or CPI's Q rollouts alike.
     - CPI's A rollouts from one state share their random length (--common-horizon) and it regresses Qhat, not
       Qhat - Vhat: least squares is linear in the targets, so with every action observed the argmin is the same.
@@ -157,12 +155,9 @@ class MDP(NamedTuple):
 
 
 def make_garnet(num_states: int, num_actions: int, branching: int, gamma: float, seed: int) -> MDP:
-    """A Garnet(S, A, b) MDP [Garnet], the same for the same arguments.
-
-    Each (s, a) reaches b distinct next states drawn uniformly without replacement; their probabilities are the
-    gaps between b - 1 sorted U(0, 1) cut points of [0, 1] (a uniform point of the simplex). Costs c(s, a) ~ U(0, 1)
-    and rho0 uniform: this file's choices ([DPI] App. B.1 has the paper's).
-    """
+    """A Garnet(S, A, b) MDP [Garnet], the same for the same arguments: each (s, a) reaches b distinct next states
+    drawn uniformly without replacement, with the gaps between b - 1 sorted U(0, 1) cut points of [0, 1] as their
+    probabilities (a uniform point of the simplex); c(s, a) ~ U(0, 1), rho0 uniform."""
     rng = np.random.default_rng(seed)
     S, A, b = num_states, num_actions, branching
     # Floyd's algorithm, vectorised over the S * A rows: a uniform b-subset of range(S) in O(b^2) per row, where
@@ -178,7 +173,7 @@ def make_garnet(num_states: int, num_actions: int, branching: int, gamma: float,
     probs = np.diff(edges, axis=1)  # [S * A, b], a random partition of [0, 1]
     costs = rng.random((S, A))
     rows = np.repeat(np.arange(S * A), b)
-    return MDP(rows=rows, cols=next_states.ravel(), probs=probs.ravel(), costs=costs, rho0=np.full(S, 1.0 / S), gamma=gamma)
+    return MDP(rows, next_states.ravel(), probs.ravel(), costs, rho0=np.full(S, 1.0 / S), gamma=gamma)
 
 
 def sample_rows(probs: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -197,51 +192,35 @@ class Rollouts(NamedTuple):
 
 
 def rollouts(
-    mdp: MDP,
-    pi: np.ndarray,
-    starts: np.ndarray,
-    lengths: np.ndarray,
-    first_actions: np.ndarray | None,
-    rng: np.random.Generator,
+    mdp: MDP, pi: np.ndarray, starts: np.ndarray, lengths: np.ndarray, first: np.ndarray | None, rng: np.random.Generator
 ) -> Rollouts:
-    """E episodes of pi [S, A] on mdp, advanced together; episode i makes lengths[i] transitions, the first with
-    first_actions[i] when given. The MDP must have b non-zeros per (s, a), as a Garnet does. Shapes: starts,
-    lengths, first_actions [E]."""
+    """E episodes of pi [S, A] on mdp, advanced together; episode i makes lengths[i] transitions, its first action
+    first[i] when given. The MDP must have b non-zeros per (s, a), as a Garnet does. Shapes: starts, lengths,
+    first [E]."""
     S, A = mdp.costs.shape
     b = len(mdp.cols) // (S * A)
     assert len(mdp.cols) == S * A * b, "rollouts need b non-zeros per (s, a)"
-    next_table = mdp.cols.reshape(S * A, b)
-    prob_table = mdp.probs.reshape(S * A, b)
-    s = np.array(starts, dtype=np.int64)
-    total = np.zeros(len(s))
-    steps: list[tuple[np.ndarray, ...]] = []
+    next_table, prob_table = mdp.cols.reshape(S * A, b), mdp.probs.reshape(S * A, b)
+    s, total = np.array(starts, dtype=np.int64), np.zeros(len(starts))
+    # (s, a, c, s') of every step; an empty first entry for episodes that all stop before their first action
+    steps = [(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0, dtype=np.int64))]
     for t in range(int(lengths.max(initial=0))):
         alive = np.flatnonzero(lengths > t)
         st = s[alive]
-        if t == 0 and first_actions is not None:
-            a = np.asarray(first_actions)[alive]
-        else:
-            a = sample_rows(pi[st], rng.random(alive.size))
+        a = np.asarray(first)[alive] if t == 0 and first is not None else sample_rows(pi[st], rng.random(alive.size))
         row = st * A + a
         s2 = next_table[row, sample_rows(prob_table[row], rng.random(alive.size))]
         c = mdp.costs[st, a]
         total[alive] += c
         s[alive] = s2
         steps.append((st, a, c, s2))
-    if steps:
-        states, actions, costs, next_states = (np.concatenate(x) for x in zip(*steps))
-    else:  # every episode stopped before its first action
-        states = actions = next_states = np.zeros(0, dtype=np.int64)
-        costs = np.zeros(0)
-    return Rollouts(s, total, states, actions, costs, next_states)
+    return Rollouts(s, total, *(np.concatenate(x) for x in zip(*steps)))
 
 
 def sample_visitation(mdp: MDP, pi: np.ndarray, num_episodes: int, rng: np.random.Generator) -> Rollouts:
-    """Episodes of pi from rho0 that stop before each action with probability 1 - gamma [CPI].
-
-    An episode stops in s_t with probability (1 - gamma) gamma^t, so end_states ~ d_pi, and it reaches s_t with
-    probability gamma^t, so all its visited states sample d_pi as well.
-    """
+    """Episodes of pi from rho0 that stop before each action with probability 1 - gamma [CPI]: an episode stops
+    in s_t w.p. (1 - gamma) gamma^t, so end_states ~ d_pi, and reaches s_t w.p. gamma^t, so all its visited
+    states sample d_pi as well."""
     starts = rng.choice(len(mdp.rho0), size=num_episodes, p=mdp.rho0)
     lengths = rng.geometric(1.0 - mdp.gamma, size=num_episodes) - 1  # P(length >= t) = gamma^t
     return rollouts(mdp, pi, starts, lengths, None, rng)
@@ -253,10 +232,10 @@ def estimate_q(
     """Qhat(s_i, a) for every action: the mean over num_rollouts episodes that take a in s_i, then follow pi, of the
     undiscounted cost until the episode stops [CPI].
 
-    The episode makes L >= 1 transitions with P(L > t) = gamma^t, so the step-t cost counts with probability gamma^t
-    and the sum is an unbiased estimate of Q^pi(s_i, a). With common_horizon the A episodes of one (state,
-    repetition) share L (common random numbers): each estimate stays unbiased and their differences, all that the
-    argmin over actions sees, lose the variance of the random horizon. Shapes: states [N]; Qhat [N, A].
+    The episode makes L >= 1 transitions with P(L > t) = gamma^t, so the step-t cost counts w.p. gamma^t and the
+    sum is an unbiased estimate of Q^pi(s_i, a). With common_horizon the A episodes of one (state, repetition)
+    share L (common random numbers): each estimate stays unbiased and their differences, all that the argmin over
+    actions sees, lose the variance of the random horizon. Shapes: states [N]; Qhat [N, A].
     """
     A = mdp.costs.shape[1]
     N, R = len(states), num_rollouts
@@ -271,8 +250,7 @@ def estimate_q(
 def features(num_states: int) -> np.ndarray:
     """psi(s) = (binary encoding of s in ceil(log2 S) bits [DPI Sec. 6.1], 1 as a bias): [S, F]."""
     bits = max(1, math.ceil(math.log2(num_states)))
-    s = np.arange(num_states)[:, None]
-    binary = (s >> np.arange(bits)[None, :]) & 1  # [S, bits], least significant bit first
+    binary = (np.arange(num_states)[:, None] >> np.arange(bits)[None, :]) & 1  # [S, bits], least significant first
     return np.concatenate([binary, np.ones((num_states, 1))], axis=1).astype(np.float64)
 
 
@@ -290,11 +268,9 @@ def classify(psi: np.ndarray, W: np.ndarray) -> np.ndarray:
 
 
 def conservative_update(pi: np.ndarray, greedy: np.ndarray, beta: float) -> np.ndarray:
-    """pi_{n+1} = (1 - beta) pi_n + beta pi*_n [DPI eq. 6; CPI], exactly, as a table.
-
-    pi*_n is deterministic, greedy [S] its action: every state moves by D_TV(pi_{n+1}(.|s), pi_n(.|s)) =
-    beta (1 - pi_n(greedy(s)|s)) <= beta ([DPI] Sec. 3.2). Shapes: pi [S, A]; returns [S, A].
-    """
+    """pi_{n+1} = (1 - beta) pi_n + beta pi*_n [DPI eq. 6; CPI], exactly, as a table; pi*_n is deterministic,
+    greedy [S] its action. Every state moves by D_TV(pi_{n+1}(.|s), pi_n(.|s)) = beta (1 - pi_n(greedy(s)|s)) <= beta
+    ([DPI] Sec. 3.2). Shapes: pi [S, A]; returns [S, A]."""
     out = (1.0 - beta) * pi
     out[np.arange(len(greedy)), greedy] += beta
     return out
@@ -323,10 +299,9 @@ class TransitionCounts:
 
     def add(self, states: np.ndarray, actions: np.ndarray, costs: np.ndarray, next_states: np.ndarray) -> None:
         rows = states * self.A + actions
-        keys, inverse = np.unique(np.concatenate([self.keys, rows * self.S + next_states]), return_inverse=True)
+        self.keys, inverse = np.unique(np.concatenate([self.keys, rows * self.S + next_states]), return_inverse=True)
         weights = np.concatenate([self.counts, np.ones(len(rows), dtype=np.int64)])
-        self.keys = keys
-        self.counts = np.bincount(inverse, weights=weights, minlength=len(keys)).astype(np.int64)
+        self.counts = np.bincount(inverse, weights=weights, minlength=len(self.keys)).astype(np.int64)
         self.cost_sum += np.bincount(rows, weights=costs, minlength=self.S * self.A)
         self.visits += np.bincount(rows, minlength=self.S * self.A)
 
@@ -341,16 +316,10 @@ class TransitionCounts:
         probs = self.counts / self.visits[rows]
         seen = self.visits > 0
         mean_cost = self.cost_sum[seen].sum() / self.visits[seen].sum() if seen.any() else 0.5
-        costs = np.where(seen, self.cost_sum / np.maximum(self.visits, 1), mean_cost)
+        costs = np.where(seen, self.cost_sum / np.maximum(self.visits, 1), mean_cost).reshape(self.S, self.A)
         unseen = np.flatnonzero(~seen)
-        return MDP(
-            rows=np.concatenate([rows, unseen]),
-            cols=np.concatenate([cols, unseen // self.A]),
-            probs=np.concatenate([probs, np.ones(len(unseen))]),
-            costs=costs.reshape(self.S, self.A),
-            rho0=rho0,
-            gamma=gamma,
-        )
+        rows, cols = np.concatenate([rows, unseen]), np.concatenate([cols, unseen // self.A])
+        return MDP(rows, cols, np.concatenate([probs, np.ones(len(unseen))]), costs, rho0, gamma)
 
 
 class Results(list):
@@ -387,13 +356,12 @@ def value_iteration(
     """
     S, A = mdp.costs.shape
     V = np.zeros(S) if V is None else V.copy()
-    log_prior = None
+    log_prior, sweeps, delta = None, 0, np.inf
     if mu > 0:
         assert prior is not None, "soft value iteration needs the prior pi_n"
         with np.errstate(divide="ignore"):
             log_prior = np.log(prior)  # -inf where pi_n has no mass: that action is excluded
-    sweeps = 0
-    while True:
+    while delta >= tol:
         Q = bellman_q(mdp, V)
         # functools.reduce over the A columns: numpy reduces a short last axis ten times slower
         if log_prior is None:
@@ -402,23 +370,17 @@ def value_iteration(
             z = log_prior - Q / mu  # [S, A]
             z_max = functools.reduce(np.maximum, z.T)  # [S]
             V_new = -mu * (z_max + np.log(sum(np.exp(z.T - z_max))))
-        sweeps += 1
-        delta = np.abs(V_new - V).max()
-        V = V_new
-        if delta < tol:
-            break
+        sweeps, delta, V = sweeps + 1, np.abs(V_new - V).max(), V_new
     Q = bellman_q(mdp, V)
     if log_prior is None:
-        eta = np.eye(A)[Q.argmin(axis=1)]
-    else:
-        eta = np.exp(log_prior - (Q - V[:, None]) / mu)
-        eta /= eta.sum(axis=1, keepdims=True)  # normalised up to the VI tolerance already
-    return V, Q, eta, sweeps
+        return V, Q, np.eye(A)[Q.argmin(axis=1)], sweeps
+    eta = np.exp(log_prior - (Q - V[:, None]) / mu)
+    return V, Q, eta / eta.sum(axis=1, keepdims=True), sweeps  # normalised up to the VI tolerance already
 
 
 def policy_iteration(mdp: MDP) -> tuple[np.ndarray, np.ndarray]:
     """Howard's policy iteration (exact evaluation, then greedy improvement): the optimal V* [S] and a deterministic
-    greedy policy [S], in finitely many steps (an action switches only on a strict improvement, so ties cannot cycle)."""
+    greedy policy [S], in finitely many steps (an action switches only on a strict improvement: ties cannot cycle)."""
     S, A = mdp.costs.shape
     policy = np.zeros(S, dtype=np.int64)
     while True:
@@ -434,18 +396,15 @@ def policy_iteration(mdp: MDP) -> tuple[np.ndarray, np.ndarray]:
 def transition_matrix(mdp: MDP, pi: np.ndarray) -> np.ndarray:
     """P_pi(s, s') = sum_a pi(a|s) P(s'|s, a) as a dense [S, S] matrix."""
     S, A = mdp.costs.shape
-    weights = pi.ravel()[mdp.rows] * mdp.probs
-    flat = np.bincount((mdp.rows // A) * S + mdp.cols, weights=weights, minlength=S * S)
+    flat = np.bincount((mdp.rows // A) * S + mdp.cols, weights=pi.ravel()[mdp.rows] * mdp.probs, minlength=S * S)
     return flat.reshape(S, S)
 
 
 def evaluate_policy(mdp: MDP, pi: np.ndarray) -> np.ndarray:
     """V^pi = (I - gamma P_pi)^-1 c_pi by a linear solve: [S] from pi [S, A]. torch.linalg.solve in float64, because
     its threads follow --threads: numpy's BLAS threads cannot be set after import, and oversubscribe a shared CPU."""
-    S = mdp.costs.shape[0]
-    system = np.eye(S) - mdp.gamma * transition_matrix(mdp, pi)
-    c_pi = (pi * mdp.costs).sum(axis=1)
-    return torch.linalg.solve(torch.from_numpy(system), torch.from_numpy(c_pi)).numpy()
+    system = np.eye(len(pi)) - mdp.gamma * transition_matrix(mdp, pi)
+    return torch.linalg.solve(torch.from_numpy(system), torch.from_numpy((pi * mdp.costs).sum(axis=1))).numpy()
 
 
 def policy_cost(mdp: MDP, pi: np.ndarray) -> float:
@@ -455,70 +414,51 @@ def policy_cost(mdp: MDP, pi: np.ndarray) -> float:
 
 def discounted_visitation(mdp: MDP, pi: np.ndarray) -> np.ndarray:
     """d_pi = (1 - gamma) rho0^T (I - gamma P_pi)^-1 [DPI Sec. 2]: [S], sums to 1."""
-    S = mdp.costs.shape[0]
-    system = (np.eye(S) - mdp.gamma * transition_matrix(mdp, pi)).T
-    d = torch.linalg.solve(torch.from_numpy(system), torch.from_numpy(mdp.rho0)).numpy()
-    return (1.0 - mdp.gamma) * d
+    system = (np.eye(len(pi)) - mdp.gamma * transition_matrix(mdp, pi)).T
+    return (1.0 - mdp.gamma) * torch.linalg.solve(torch.from_numpy(system), torch.from_numpy(mdp.rho0)).numpy()
 
 
 # == 6. Updates ============================================================================================
-def cpi_step(
-    mdp: MDP,
-    pi: np.ndarray,
-    psi: np.ndarray,
-    num_states: int,
-    num_rollouts: int,
-    common_horizon: bool,
-    ridge: float,
-    beta: float,
-    rng: np.random.Generator,
+def cpi_targets(
+    mdp: MDP, pi: np.ndarray, num_states: int, num_rollouts: int, common_horizon: bool, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float], int, int]:
-    """One CPI iteration [CPI; DPI Sec. 6.1] with Monte Carlo Q^pi_n on num_states states s_i ~ d_pi_n.
-    Returns pi_{n+1}, the classifier W [F, A], metrics, and the episodes and transitions used."""
-    states = sample_visitation(mdp, pi, num_states, rng)  # s_i ~ d_pi_n: the episodes' last states
-    q_hat, q = estimate_q(mdp, pi, states.end_states, num_rollouts, common_horizon, rng)
-    W = fit_regressors(psi[states.end_states], q_hat, ridge)
-    residual = psi[states.end_states] @ W - q_hat
-    pi_next = conservative_update(pi, classify(psi, W), beta)  # [DPI eq. 6]
-    metrics = {"losses/regression_cpi": float((residual**2).mean())}
+    """CPI's regression data [CPI; DPI Sec. 6.1]: states s_i ~ d_pi_n (the last states of episodes from rho0) and
+    Monte Carlo Qhat^pi_n(s_i, a). Returns the states [N], targets [N, A], metrics, episodes and transitions used."""
+    data = sample_visitation(mdp, pi, num_states, rng)
+    q_hat, q = estimate_q(mdp, pi, data.end_states, num_rollouts, common_horizon, rng)
     episodes = num_states * (1 + mdp.costs.shape[1] * num_rollouts)
-    return pi_next, W, metrics, episodes, len(states.states) + len(q.states)
+    return data.end_states, q_hat, {}, episodes, len(data.states) + len(q.states)
 
 
-def aggrevated_vi_step(
+def aggrevated_vi_targets(
     mdp: MDP,
     pi: np.ndarray,
-    psi: np.ndarray,
     counts: TransitionCounts,
     V: np.ndarray | None,
     num_episodes: int,
     mu: float,
-    ridge: float,
-    beta: float,
     rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float], int, int]:
-    """One AGGREVATED-VI iteration [DPI Sec. 3.3 steps 1-3, Sec. 6.1].
-
-    Fit P_hat on all transitions so far [DPI eq. 2], eta_n by exact VI under P_hat and c' [DPI eq. 10], A^eta = Q - V,
-    then CPI's classification and update with A^eta in place of A^pi [DPI eq. 5-6], on every state the episodes
-    visited (a step-t state survives w.p. gamma^t, so the visits sample d_pi_n). V: the previous iteration's value,
-    a warm start for the VI. Returns pi_{n+1}, W [F, A], V, metrics, and the episodes and transitions used.
-    """
+) -> tuple[np.ndarray, np.ndarray, dict[str, float], int, int, np.ndarray]:
+    """AGGREVATED-VI's regression data [DPI Sec. 3.3 steps 1-2, Sec. 6.1]: P_hat from all transitions so far
+    [DPI eq. 2], eta_n by exact VI under P_hat and c' [DPI eq. 10] (warm-started from the previous V), and
+    A^eta = Q - V at every state the episodes visited (a step-t state survives w.p. gamma^t, so the visits sample
+    d_pi_n). Returns the states [N], targets [N, A], metrics, episodes and transitions used, and V [S]."""
     data = sample_visitation(mdp, pi, num_episodes, rng)
     counts.add(data.states, data.actions, data.costs, data.next_states)
-    model = counts.model(mdp.rho0, mdp.gamma)  # [DPI eq. 2] tabular MLE
-    V, Q, _, sweeps = value_iteration(model, V, mu, pi)  # eta_n [DPI eq. 10]
-    advantage = Q - V[:, None]  # A^eta(s, a) from the VI's own Q and V
+    V, Q, _, sweeps = value_iteration(counts.model(mdp.rho0, mdp.gamma), V, mu, pi)  # eta_n [DPI eq. 10]
     visited = np.concatenate([data.states, data.end_states])  # a sample of d_pi_n
-    W = fit_regressors(psi[visited], advantage[visited], ridge)
-    residual = psi[visited] @ W - advantage[visited]
-    pi_next = conservative_update(pi, classify(psi, W), beta)  # [DPI eq. 6]
-    metrics = {
-        "losses/regression_aggrevated_vi": float((residual**2).mean()),
-        "stats/model_coverage": counts.coverage(),
-        "stats/vi_sweeps": float(sweeps),
-    }
-    return pi_next, W, V, metrics, num_episodes, len(data.states)
+    metrics = {"stats/model_coverage": counts.coverage(), "stats/vi_sweeps": float(sweeps)}
+    return visited, (Q - V[:, None])[visited], metrics, num_episodes, len(data.states), V
+
+
+def imitate(
+    pi: np.ndarray, psi: np.ndarray, states: np.ndarray, targets: np.ndarray, ridge: float, beta: float
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """[DPI eq. 5-6] with A^pi (CPI) or A^eta (AGGREVATED-VI) as the targets: the classifier pi*_n fitted at the
+    states, then the conservative update. Returns pi_{n+1} [S, A], W [F, A] and the mean squared residual."""
+    W = fit_regressors(psi[states], targets, ridge)
+    residual = psi[states] @ W - targets
+    return conservative_update(pi, classify(psi, W), beta), W, float((residual**2).mean())
 
 
 # == 7. Training ===========================================================================================
@@ -530,58 +470,42 @@ def num_iterations(args: Args, algo: str) -> int:
         transitions = args.cpi_states * (args.gamma + args.num_actions * args.q_rollouts)
     else:
         transitions = args.vi_episodes * args.gamma
-    transitions /= 1.0 - args.gamma  # expected transitions per iteration
-    return max(1, math.ceil(args.total_steps / transitions))
+    return max(1, math.ceil(args.total_steps / (transitions / (1.0 - args.gamma))))
 
 
-def summarize(results: list[dict]) -> list[dict]:
-    """Fig. 1a's rows: per algorithm and iteration, the episodes so far, and the mean and standard error of the cost
-    over the MDPs (which share their iterations and episodes)."""
-    rows, optimal, M = [], float(np.mean([r["optimal_cost"] for r in results])), len(results)
-    for algo in ALGORITHMS:
-        n = len(results[0][algo]["costs"])
-        if any(len(r[algo]["costs"]) != n for r in results):
-            raise UsageError("the resumed MDPs ran other budgets: resume with the same arguments")
-        costs = np.stack([r[algo]["costs"][:n].numpy() for r in results])  # [M, n]
-        steps = np.stack([r[algo]["steps"][:n].numpy() for r in results])
-        episodes = results[0][algo]["episodes"][:n].numpy()
-        se = costs.std(axis=0, ddof=1) / np.sqrt(M) if M > 1 else np.zeros(n)
-        for k in range(n):
-            mean = float(costs[:, k].mean())
-            rows.append(
-                dict(algorithm=algo, iteration=k, episodes=int(episodes[k]), env_steps=float(steps[:, k].mean()))
-                | dict(cost_mean=mean, cost_se=float(se[k]), log2_cost_mean=math.log2(mean), optimal_cost_mean=optimal)
-                | dict(num_mdps=M)
-            )
-    return rows
-
-
-def write_results(rows: list[dict], run_dir: str, writer: "SummaryWriter", title: str) -> None:
-    """curves.csv, fig1a.png and the same scalars in tensorboard, with episodes as the step (Fig. 1a's x-axis)."""
-    with open(os.path.join(run_dir, "curves.csv"), "w", newline="") as f:
-        out = csv.DictWriter(f, fieldnames=list(rows[0]))
-        out.writeheader()
-        out.writerows(rows)
-    for row in rows:
-        algo, step = row["algorithm"], row["episodes"]
-        writer.add_scalar(f"charts/cost_{algo}", row["cost_mean"], step)
-        writer.add_scalar(f"charts/cost_se_{algo}", row["cost_se"], step)
-        writer.add_scalar(f"charts/log2_cost_{algo}", row["log2_cost_mean"], step)
-        writer.add_scalar("charts/cost_optimal", row["optimal_cost_mean"], step)
+def write_figure(results: list[dict], run_dir: str, writer: "SummaryWriter", title: str) -> None:
+    """[DPI] Fig. 1a: per algorithm and iteration, the episodes so far and the mean and standard error of the cost
+    over the MDPs (which share their iterations and episodes), as curves.csv, fig1a.png and tensorboard scalars
+    (episodes as their step)."""
     import matplotlib  # here: slow to import, and only this function needs it
 
     matplotlib.use("Agg")  # no display; a PNG file only
     import matplotlib.pyplot as plt
 
+    rows, M, optimal = [], len(results), float(np.mean([r["optimal_cost"] for r in results]))
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for algo, label in zip(ALGORITHMS, ("CPI", "AGGREVATED-VI")):
-        mine = [r for r in rows if r["algorithm"] == algo]
-        x = np.array([r["episodes"] for r in mine])
-        mean, se = np.array([r["cost_mean"] for r in mine]), np.array([r["cost_se"] for r in mine])
-        ax.plot(x, np.log2(mean), label=label)
-        ax.fill_between(x, np.log2(mean - se), np.log2(mean + se), alpha=0.3)
+        if len({len(r[algo]["costs"]) for r in results}) > 1:
+            raise UsageError("the resumed MDPs ran other budgets: resume with the same arguments")
+        costs, steps = (np.stack([r[algo][key].numpy() for r in results]) for key in ("costs", "steps"))  # [M, n]
+        episodes, n = results[0][algo]["episodes"].numpy(), costs.shape[1]
+        mean = np.array([costs[:, k].mean() for k in range(n)])
+        se = costs.std(axis=0, ddof=1) / np.sqrt(M) if M > 1 else np.zeros(n)
+        for k, (step, cost, cost_se) in enumerate(zip(episodes.tolist(), mean.tolist(), se.tolist())):
+            row = dict(algorithm=algo, iteration=k, episodes=step, env_steps=float(steps[:, k].mean()), cost_mean=cost)
+            rows.append(row | dict(cost_se=cost_se, log2_cost_mean=math.log2(cost), optimal_cost_mean=optimal, num_mdps=M))
+            writer.add_scalar(f"charts/cost_{algo}", cost, step)
+            writer.add_scalar(f"charts/cost_se_{algo}", cost_se, step)
+            writer.add_scalar(f"charts/log2_cost_{algo}", math.log2(cost), step)
+            writer.add_scalar("charts/cost_optimal", optimal, step)
+        ax.plot(episodes, np.log2(mean), label=label)
+        ax.fill_between(episodes, np.log2(mean - se), np.log2(mean + se), alpha=0.3)
+    with open(os.path.join(run_dir, "curves.csv"), "w", newline="") as f:
+        out = csv.DictWriter(f, fieldnames=list(rows[0]))
+        out.writeheader()
+        out.writerows(rows)
     # J* as text, not a line: the tabular optimum is far below what linear classifiers reach
-    ax.plot([], [], " ", label=f"optimal policy: log2 J* = {math.log2(rows[0]['optimal_cost_mean']):.2f}")
+    ax.plot([], [], " ", label=f"optimal policy: log2 J* = {math.log2(optimal):.2f}")
     ax.set(xlabel="episodes", ylabel="log2 cost J(pi) (mean +- s.e.)")
     ax.set_title(title, fontsize=9)
     ax.legend()
@@ -599,7 +523,10 @@ def evaluate_only(results: list[dict], psi: np.ndarray, args: Args) -> dict:
         for algo in ALGORITHMS:
             costs[algo].append(policy_cost(mdp, mixture_policy(result[algo]["classifiers"].numpy(), psi, args.beta)))
         costs["optimal"].append(float(mdp.rho0 @ policy_iteration(mdp)[0]))
-        print(f"mdp {i + 1} (seed {result['mdp_seed']}) | " + " | ".join(f"{k} {v[-1]:.4f}" for k, v in costs.items()))
+        print(
+            f"mdp {i + 1} (seed {result['mdp_seed']}) | " + " | ".join(f"{k} {v[-1]:.4f}" for k, v in costs.items()),
+            flush=True,
+        )
     means = {f"cost_{name}": float(np.mean(v)) for name, v in costs.items()}
     print(" | ".join(f"{k} {v:.4f}" for k, v in means.items()), flush=True)
     return {**means, "costs": costs, "eval_return": -means["cost_aggrevated_vi"]}
@@ -623,7 +550,7 @@ def train(args: Args) -> dict:
         for algo in ALGORITHMS:
             # its own random stream: the result does not depend on what ran before, so resuming is exact
             rng = np.random.default_rng([seeds[i], ALGORITHMS.index(algo)])
-            pi = np.full((args.num_states, args.num_actions), 1.0 / args.num_actions)  # pi_0: (1 - beta)^n of it stays
+            pi = np.full((args.num_states, args.num_actions), 1.0 / args.num_actions)  # pi_0 uniform
             counts, V, where = (
                 TransitionCounts(args.num_states, args.num_actions),
                 None,
@@ -631,12 +558,12 @@ def train(args: Args) -> dict:
             )
             episodes, steps, costs, classifiers, next_log = [0], [0], [policy_cost(mdp, pi)], [], args.log_every
             for _ in range(num_iterations(args, algo)):
-                if algo == "cpi":
-                    cpi = (args.cpi_states, args.q_rollouts, args.common_horizon, args.ridge, args.beta)
-                    pi, W, metrics, used_episodes, used_steps = cpi_step(mdp, pi, psi, *cpi, rng)
-                else:
-                    vi = (args.vi_episodes, args.mu, args.ridge, args.beta)
-                    pi, W, V, metrics, used_episodes, used_steps = aggrevated_vi_step(mdp, pi, psi, counts, V, *vi, rng)
+                if algo == "cpi":  # A^pi_n by Monte Carlo
+                    data = cpi_targets(mdp, pi, args.cpi_states, args.q_rollouts, args.common_horizon, rng)
+                else:  # A^eta_n under the learned model: the only difference [DPI Sec. 6.1]
+                    *data, V = aggrevated_vi_targets(mdp, pi, counts, V, args.vi_episodes, args.mu, rng)
+                states, targets, metrics, used_episodes, used_steps = data
+                pi, W, metrics[f"losses/regression_{algo}"] = imitate(pi, psi, states, targets, args.ridge, args.beta)
                 classifiers.append(W)
                 episodes.append(episodes[-1] + used_episodes)
                 steps.append(steps[-1] + used_steps)
@@ -647,8 +574,8 @@ def train(args: Args) -> dict:
                     run.log(global_step, num_updates, f"{where} | episodes {episodes[-1]} | cost {costs[-1]:.4f}")
                     next_log += args.log_every
             result[algo] = dict(episodes=torch.tensor(episodes), steps=torch.tensor(steps))
-            result[algo] |= dict(
-                costs=torch.tensor(costs, dtype=torch.float64), classifiers=torch.tensor(np.stack(classifiers))
+            result[algo].update(
+                costs=torch.tensor(costs, dtype=torch.float64), classifiers=torch.from_numpy(np.stack(classifiers))
             )
             print(
                 f"{where} | episodes {episodes[-1]} | cost {costs[-1]:.4f} | optimal {result['optimal_cost']:.4f}", flush=True
@@ -656,11 +583,9 @@ def train(args: Args) -> dict:
         results.append(result)
         if args.checkpoint_every:  # after each MDP, where resuming is exact
             run.save(global_step, num_updates, True)
-    # -- Fig. 1a: curves.csv, fig1a.png and tensorboard; model.pt
-    title = f"[DPI] Fig. 1a: {args.num_mdps} Garnet MDPs, |S|={args.num_states}, |A|={args.num_actions}, "
-    write_results(
-        summarize(results), run.run_dir, run.writer, title + f"b={args.branching}, gamma={args.gamma}, beta={args.beta}"
-    )
+    # -- Fig. 1a (curves.csv, fig1a.png, tensorboard) and model.pt
+    sizes = f"|S|={args.num_states}, |A|={args.num_actions}, b={args.branching}, gamma={args.gamma}, beta={args.beta}"
+    write_figure(results, run.run_dir, run.writer, f"[DPI] Fig. 1a: {args.num_mdps} Garnet MDPs, {sizes}")
     if args.save_model:
         run.save(global_step, num_updates, False)
     run.close()
@@ -756,20 +681,6 @@ def load_state(things: dict, state: dict, path: str) -> None:
         raise UsageError(f"{path} does not fit this run's networks: {str(e).splitlines()[0][:160]}") from None
 
 
-def rng_state() -> dict:
-    """Python, numpy and torch random states as plain values and tensors (torch.load's weights_only)."""
-    kind, key, pos, has_gauss, gauss = np.random.get_state()
-    numpy = [kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss]
-    return {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict) -> None:
-    kind, key, pos, has_gauss, gauss = state["numpy"]
-    random.setstate(state["python"])
-    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-
-
 def setup(args: Args) -> torch.device:
     """Seed python, numpy and torch, set torch's CPU threads, and return the device."""
     random.seed(args.seed)
@@ -780,16 +691,14 @@ def setup(args: Args) -> torch.device:
 
 
 class Run:
-    """Everything around `train`'s loop: run directory, tensorboard, progress line, saving, --resume, --checkpoint
-    (continuing its experiment, or --eval-only). sac.py's Run without an env: `train` evaluates every iterate
-    exactly, logs per (MDP, algorithm) run and saves resume.pt after each MDP, where resuming is exact.
-
-    model: what model.pt saves; train_state: what resume.pt adds; both by name, as tensors or objects with
-    state_dict."""
+    """sac.py's Run for a tabular experiment, without an env (so no evaluation schedule, videos or act) and without
+    signal handling or random states: `train` evaluates every iterate exactly and saves resume.pt after each MDP,
+    where resuming is exact since every MDP and algorithm draws from its own seeded generator; Ctrl-C stops at once.
+    Run directory, tensorboard, progress line, model.pt, resume.pt, --resume, --checkpoint (continuing its
+    experiment, or --eval-only). model: what model.pt saves; train_state: what resume.pt adds; both by name."""
 
     def __init__(self, args: Args, model: dict, train_state: dict):
-        self.args, self.model, self.train_state = args, model, train_state
-        self.sums, self.counts, self.writer = {}, {}, None
+        self.args, self.model, self.train_state, self.sums, self.counts = args, model, train_state, {}, {}
         if args.checkpoint is not None:
             load_state(model, load_checkpoint(args.checkpoint, args.env)["state"], args.checkpoint)
 
@@ -803,11 +712,10 @@ class Run:
             saved = load_checkpoint(args.resume, args.env, training=True)
             load_state(self.model, saved["state"], args.resume)
             load_state(self.train_state, saved["train"], args.resume)
-            set_rng_state(saved["train"]["rng"])
             global_step, num_updates = saved["global_step"], saved["train"]["num_updates"]
             self.run_dir = os.path.dirname(os.path.abspath(args.resume))
         elif args.checkpoint is not None:
-            print(f"continuing {args.checkpoint}: its finished MDPs are kept, the others run; step count starts afresh")
+            print(f"continuing {args.checkpoint}: its finished MDPs are kept, the step count starts afresh")
         try:  # a resumed run records its new arguments (a larger --num-mdps, say)
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "args.json"), "w") as f:
@@ -838,19 +746,19 @@ class Run:
         self.sums, self.counts, self.last = {}, {}, (now, global_step, num_updates)
 
     def save(self, global_step: int, num_updates: int, training: bool) -> str:
-        """model.pt, or resume.pt with the training state, counters and random states; atomic (write, rename)."""
+        """model.pt, or resume.pt with the training state and counters; atomic (write, rename)."""
         args = dataclasses.asdict(dataclasses.replace(self.args, checkpoint=None, resume=None, eval_only=False))
         payload = dict(format=CHECKPOINT_FORMAT, algo=ALGO, env=self.args.env, args=args, global_step=global_step)
         payload["state"] = state_of(self.model)
         if training:
-            payload["train"] = dict(state_of(self.train_state), num_updates=num_updates, rng=rng_state())
+            payload["train"] = dict(state_of(self.train_state), num_updates=num_updates)
         path = os.path.join(self.run_dir, "resume.pt" if training else "model.pt")
         torch.save(payload, f"{path}.tmp")
         os.replace(f"{path}.tmp", path)
         return path
 
     def close(self) -> None:
-        self.writer.close() if self.writer is not None else None
+        self.writer.close()
 
 
 def parse_args(argv: list[str] | None) -> Args:
