@@ -9,35 +9,32 @@ References:
         conservative update), Sec. 5.1 (eq. 9-10, the cost c'), Sec. 6.1 and Fig. 1a (this experiment).
     [CPI] Kakade, Langford 2002, "Approximately Optimal Approximate Reinforcement Learning", ICML: the mixture
         update, s ~ d_pi from rollouts that stop w.p. 1 - gamma, unbiased Q estimates from such rollouts.
-    [Garnet] Archibald, McKinnon, Thomas 1995; Scherrer 2014, "Approximate Policy Iteration Schemes: A
-        Comparison" ([DPI] ref. 7): random MDPs with a branching factor.
+    [Garnet] Archibald, McKinnon, Thomas 1995; Scherrer 2014 ([DPI] ref. 7): random MDPs with a branching factor.
 
 Algorithm (iteration n on each of the M MDPs; the function that does each line in brackets):
     1. Garnet MDP, b random next states per (s, a); psi(s) = (binary code of s, 1); pi_0 uniform [make_garnet]
-    2. CPI [CPI; DPI Sec. 6.1]: N states s_i ~ d_pi_n, the ends of episodes from rho0 that stop w.p. 1 - gamma,
-       and Qhat(s_i, a) for every a: take a in s_i, follow pi_n, sum the costs until it stops      [cpi_targets]
-    2'. AGGREVATED-VI [DPI Sec. 3.3, 6.1]: N' episodes of pi_n from rho0; all transitions so far give P_hat
-       [DPI eq. 2]; eta_n by exact soft value iteration under P_hat on c' = c / mu - log pi_n [DPI eq. 10];
-       A^eta = Q - V of that VI at the visited states                  [aggrevated_vi_targets, value_iteration]
-    3. One linear regressor per action on those targets, pi*_n(s) = argmin_a w_a . psi(s) [DPI eq. 5], and
-       pi_{n+1} = (1 - beta) pi_n + beta pi*_n [DPI eq. 6], exactly, as a table          [imitate, mixture_policy]
-    4. J(pi_{n+1}) = rho0^T (I - gamma P_pi)^-1 c_pi, a linear solve [policy_cost]; Fig. 1a: its mean and
-       standard error over the MDPs against episodes [write_figure]; J(pi*) by policy iteration.
+    2. CPI [CPI; DPI Sec. 6.1]: N states s_i ~ d_pi_n (ends of episodes from rho0 that stop w.p. 1 - gamma), and
+       Qhat(s_i, a) for every a: take a in s_i, follow pi_n, sum the costs until it stops          [cpi_targets]
+    2'. AGGREVATED-VI [DPI Sec. 3.3, 6.1]: N' episodes of pi_n; all transitions so far give P_hat [DPI eq. 2];
+       eta_n by exact soft VI under P_hat on c' = c / mu - log pi_n [DPI eq. 10]; A^eta = Q - V of that VI at the
+       visited states                                                   [aggrevated_vi_targets, value_iteration]
+    3. Both: one linear regressor per action on those targets, pi*_n(s) = argmin_a w_a . psi(s) [DPI eq. 5], and
+       pi_{n+1} = (1 - beta) pi_n + beta pi*_n [DPI eq. 6] as a table  [fit_regressors, classify, conservative_update]
+    4. J(pi_{n+1}) = rho0^T (I - gamma P_pi)^-1 c_pi, a linear solve [policy_cost]; Fig. 1a plots its mean and
+       standard error over the MDPs against episodes [write_figure]
 
 Shapes: S states, A actions, F features (bits + 1), K non-zeros of a sparse transition model, N sampled states,
 R rollouts per (state, action), E episodes, T transitions.
 
 Deviations from the paper (and choices it leaves to its App. B.1, which this file does not take values from):
     - [DPI] eq. 9 adapts mu by dual ascent to meet a trust region alpha that Sec. 6.1 does not state; mu is fixed.
-    - [DPI] eq. 10 prints "- sum_t gamma^t E[H(eta)]" with H the negative entropy; the KL term of eq. 9 gives "+",
-      so eta(a|s) is proportional to pi_n(a|s) exp(-Q(s, a) / mu).
+    - [DPI] eq. 10 prints "- sum_t gamma^t E[H(eta)]", H the negative entropy; eq. 9's KL term gives "+".
     - --total-steps is the budget per MDP and algorithm in expected transitions, spent as a fixed number of
       iterations so that the MDPs' curves share their x values: episodes, from rho0 or CPI's Q rollouts alike.
-    - CPI's A rollouts from one state share their random length (--common-horizon) and it regresses Qhat, not
-      Qhat - Vhat: least squares is linear in the targets, so with every action observed the argmin is the same.
-    - Tabular: --env stays Garnet, --num-envs 1, no --cuda or --capture-video; --eval-every and --eval-episodes
-      are unused (every iterate is evaluated exactly); resume.pt is written after each MDP, where resuming is exact.
-"""
+    - CPI's A rollouts from one state share their random length (--common-horizon); it regresses Qhat, not Qhat - Vhat
+      (least squares is linear in the targets, so with every action observed the argmin is the same).
+    - Tabular: --env Garnet, --num-envs 1, no --cuda or --capture-video; --eval-every and --eval-episodes are unused
+      (every iterate is evaluated exactly); resume.pt is written after each MDP, where resuming is exact."""
 
 import csv
 import functools
@@ -47,6 +44,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from numpy.random import Generator
 from torch import Tensor
 
 ALGO = "cpi_garnet"
@@ -132,10 +130,10 @@ def algorithm_checks(args: Args) -> list[tuple[bool, str]]:
         (not args.capture_video, "--capture-video does not apply: Garnet MDPs have nothing to render"),
         (min(args.num_states, args.num_actions) >= 2, "--num-states and --num-actions must be at least 2"),
         (1 <= args.branching <= args.num_states, f"--branching must be in [1, --num-states], got {args.branching}"),
-        (args.num_mdps > 0, f"--num-mdps must be positive, got {args.num_mdps}"),
         (0.0 < args.gamma < 1.0, f"--gamma must be in (0, 1), got {args.gamma}"),
         (0.0 < args.beta <= 1.0, f"--beta must be in (0, 1], got {args.beta}"),
         (args.ridge > 0, f"--ridge must be positive, got {args.ridge}"),
+        (args.num_mdps > 0, f"--num-mdps must be positive, got {args.num_mdps}"),
         (min(args.cpi_states, args.q_rollouts, args.vi_episodes) > 0, "--cpi-states, --q-rollouts, --vi-episodes must be > 0"),
         (args.mu >= 0, f"--mu must be >= 0, got {args.mu}"),
     ]
@@ -169,11 +167,9 @@ def make_garnet(num_states: int, num_actions: int, branching: int, gamma: float,
         next_states[:, k] = np.where(taken, j, t)
     next_states.sort(axis=1)
     cuts = np.sort(rng.random((S * A, b - 1)), axis=1)
-    edges = np.concatenate([np.zeros((S * A, 1)), cuts, np.ones((S * A, 1))], axis=1)
-    probs = np.diff(edges, axis=1)  # [S * A, b], a random partition of [0, 1]
+    probs = np.diff(cuts, axis=1, prepend=0.0, append=1.0)  # [S * A, b], a random partition of [0, 1]
     costs = rng.random((S, A))
-    rows = np.repeat(np.arange(S * A), b)
-    return MDP(rows, next_states.ravel(), probs.ravel(), costs, rho0=np.full(S, 1.0 / S), gamma=gamma)
+    return MDP(np.repeat(np.arange(S * A), b), next_states.ravel(), probs.ravel(), costs, np.full(S, 1.0 / S), gamma)
 
 
 def sample_rows(probs: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -192,11 +188,10 @@ class Rollouts(NamedTuple):
 
 
 def rollouts(
-    mdp: MDP, pi: np.ndarray, starts: np.ndarray, lengths: np.ndarray, first: np.ndarray | None, rng: np.random.Generator
+    mdp: MDP, pi: np.ndarray, starts: np.ndarray, lengths: np.ndarray, first: np.ndarray | None, rng: Generator
 ) -> Rollouts:
-    """E episodes of pi [S, A] on mdp, advanced together; episode i makes lengths[i] transitions, its first action
-    first[i] when given. The MDP must have b non-zeros per (s, a), as a Garnet does. Shapes: starts, lengths,
-    first [E]."""
+    """E episodes of pi [S, A] on mdp (b non-zeros per (s, a), as a Garnet), advanced together: episode i makes
+    lengths[i] transitions, the first with action first[i] when given. Shapes: starts, lengths, first [E]."""
     S, A = mdp.costs.shape
     b = len(mdp.cols) // (S * A)
     assert len(mdp.cols) == S * A * b, "rollouts need b non-zeros per (s, a)"
@@ -217,28 +212,23 @@ def rollouts(
     return Rollouts(s, total, *(np.concatenate(x) for x in zip(*steps)))
 
 
-def sample_visitation(mdp: MDP, pi: np.ndarray, num_episodes: int, rng: np.random.Generator) -> Rollouts:
-    """Episodes of pi from rho0 that stop before each action with probability 1 - gamma [CPI]: an episode stops
-    in s_t w.p. (1 - gamma) gamma^t, so end_states ~ d_pi, and reaches s_t w.p. gamma^t, so all its visited
-    states sample d_pi as well."""
+def sample_visitation(mdp: MDP, pi: np.ndarray, num_episodes: int, rng: Generator) -> Rollouts:
+    """Episodes of pi from rho0 that stop before each action w.p. 1 - gamma [CPI]: they stop in s_t w.p. (1 - gamma)
+    gamma^t, so end_states ~ d_pi, and reach s_t w.p. gamma^t, so all the visited states sample d_pi too."""
     starts = rng.choice(len(mdp.rho0), size=num_episodes, p=mdp.rho0)
     lengths = rng.geometric(1.0 - mdp.gamma, size=num_episodes) - 1  # P(length >= t) = gamma^t
     return rollouts(mdp, pi, starts, lengths, None, rng)
 
 
 def estimate_q(
-    mdp: MDP, pi: np.ndarray, states: np.ndarray, num_rollouts: int, common_horizon: bool, rng: np.random.Generator
+    mdp: MDP, pi: np.ndarray, states: np.ndarray, num_rollouts: int, common_horizon: bool, rng: Generator
 ) -> tuple[np.ndarray, Rollouts]:
-    """Qhat(s_i, a) for every action: the mean over num_rollouts episodes that take a in s_i, then follow pi, of the
-    undiscounted cost until the episode stops [CPI].
-
-    The episode makes L >= 1 transitions with P(L > t) = gamma^t, so the step-t cost counts w.p. gamma^t and the
-    sum is an unbiased estimate of Q^pi(s_i, a). With common_horizon the A episodes of one (state, repetition)
-    share L (common random numbers): each estimate stays unbiased and their differences, all that the argmin over
-    actions sees, lose the variance of the random horizon. Shapes: states [N]; Qhat [N, A].
-    """
-    A = mdp.costs.shape[1]
-    N, R = len(states), num_rollouts
+    """Qhat(s_i, a) for every action [CPI]: the mean over num_rollouts episodes that take a in s_i, then follow pi,
+    of the undiscounted cost until the episode stops. It makes L >= 1 transitions, P(L > t) = gamma^t, so the step-t
+    cost counts w.p. gamma^t: an unbiased estimate of Q^pi(s_i, a). With common_horizon the A episodes of one (state,
+    repetition) share L (common random numbers): their differences, all that the argmin over actions sees, lose the
+    variance of the random horizon. Shapes: states [N]; Qhat [N, A]."""
+    N, R, A = len(states), num_rollouts, mdp.costs.shape[1]
     shape = (N, R, 1) if common_horizon else (N, R, A)
     lengths = np.broadcast_to(rng.geometric(1.0 - mdp.gamma, size=shape), (N, R, A))
     # episode i * R * A + r * A + a starts in states[i] with action a
@@ -255,9 +245,8 @@ def features(num_states: int) -> np.ndarray:
 
 
 def fit_regressors(psi: np.ndarray, targets: np.ndarray, ridge: float) -> np.ndarray:
-    """One ridge regression per action, w_a = argmin sum_i (w_a . psi_i - y_ia)^2 + ridge |w_a|^2: the
-    regression-based cost-sensitive classification of [CPI; DPI Sec. 6.1]. All actions share the design matrix,
-    so one solve gives every w_a. Shapes: psi [N, F], targets [N, A]; W [F, A]."""
+    """Regression-based cost-sensitive classification [CPI; DPI Sec. 6.1]: one ridge regression per action, w_a =
+    argmin sum_i (w_a . psi_i - y_ia)^2 + ridge |w_a|^2, one solve for all. Shapes: psi [N, F], targets [N, A]; W [F, A]."""
     gram = psi.T @ psi + ridge * np.eye(psi.shape[1])
     return np.linalg.solve(gram, psi.T @ targets)
 
@@ -292,8 +281,8 @@ class TransitionCounts:
 
     def __init__(self, num_states: int, num_actions: int):
         self.S, self.A = num_states, num_actions
-        self.keys = np.zeros(0, dtype=np.int64)  # (s * A + a) * S + s', sorted and unique
-        self.counts = np.zeros(0, dtype=np.int64)  # [K]
+        # keys (s * A + a) * S + s', sorted and unique, and their counts n(s, a, s'): [K] each
+        self.keys, self.counts = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         self.cost_sum = np.zeros(num_states * num_actions)  # [S * A]
         self.visits = np.zeros(num_states * num_actions, dtype=np.int64)  # n(s, a)
 
@@ -323,11 +312,9 @@ class TransitionCounts:
 
 
 class Results(list):
-    """The finished MDPs, all that model.pt holds: per MDP its seed, J(pi*) and, per algorithm, the curve (episodes,
-    steps, cost of every iterate) and the classifiers W_k [n, F, A] that rebuild the mixture."""
+    """The finished MDPs (model.pt): per MDP its seed, J(pi*) and, per algorithm, its curve and classifiers W_k."""
 
-    def state_dict(self) -> list[dict]:
-        return list(self)
+    state_dict = list.copy  # the saved form: a plain list
 
     def load_state_dict(self, state: list[dict]) -> None:
         self[:] = state
@@ -344,16 +331,13 @@ def bellman_q(mdp: MDP, V: np.ndarray) -> np.ndarray:
 def value_iteration(
     mdp: MDP, V: np.ndarray | None = None, mu: float = 0.0, prior: np.ndarray | None = None, tol: float = VI_TOL
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Exact (soft) value iteration: the fixed point of [DPI eq. 10] with temperature mu.
-
-    mu = 0: V(s) = min_a Q(s, a), eta greedy (plain VI). mu > 0, the KL-regularised problem [DPI eq. 9]
-    min_eta E[sum_t gamma^t (c + mu log(eta / pi_n))] (eq. 10 times mu):
+    """Exact (soft) value iteration, the fixed point of [DPI eq. 10] with temperature mu. mu = 0: plain VI, V(s) =
+    min_a Q(s, a), eta greedy. mu > 0: [DPI eq. 9] min_eta E[sum_t gamma^t (c + mu log(eta / pi_n))] (eq. 10 times mu):
         Q(s, a) = c(s, a) + gamma sum_s' P(s'|s, a) V(s'),
         V(s) = -mu log sum_a pi_n(a|s) exp(-Q(s, a) / mu),
         eta(a|s) = pi_n(a|s) exp(-(Q(s, a) - V(s)) / mu).
     Symbols: pi_n -> prior [S, A]; mu -> mu (cost units, c' = c / mu - log pi_n). Stops when a sweep moves V by
-    less than tol, so |V - V*| <= tol gamma / (1 - gamma). Returns V [S], Q [S, A], eta [S, A], the sweeps.
-    """
+    less than tol, so |V - V*| <= tol gamma / (1 - gamma). Returns V [S], Q [S, A], eta [S, A], the sweeps."""
     S, A = mdp.costs.shape
     V = np.zeros(S) if V is None else V.copy()
     log_prior, sweeps, delta = None, 0, np.inf
@@ -420,7 +404,7 @@ def discounted_visitation(mdp: MDP, pi: np.ndarray) -> np.ndarray:
 
 # == 6. Updates ============================================================================================
 def cpi_targets(
-    mdp: MDP, pi: np.ndarray, num_states: int, num_rollouts: int, common_horizon: bool, rng: np.random.Generator
+    mdp: MDP, pi: np.ndarray, num_states: int, num_rollouts: int, common_horizon: bool, rng: Generator
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float], int, int]:
     """CPI's regression data [CPI; DPI Sec. 6.1]: states s_i ~ d_pi_n (the last states of episodes from rho0) and
     Monte Carlo Qhat^pi_n(s_i, a). Returns the states [N], targets [N, A], metrics, episodes and transitions used."""
@@ -431,18 +415,11 @@ def cpi_targets(
 
 
 def aggrevated_vi_targets(
-    mdp: MDP,
-    pi: np.ndarray,
-    counts: TransitionCounts,
-    V: np.ndarray | None,
-    num_episodes: int,
-    mu: float,
-    rng: np.random.Generator,
+    mdp: MDP, pi: np.ndarray, counts: TransitionCounts, V: np.ndarray | None, num_episodes: int, mu: float, rng: Generator
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float], int, int, np.ndarray]:
-    """AGGREVATED-VI's regression data [DPI Sec. 3.3 steps 1-2, Sec. 6.1]: P_hat from all transitions so far
-    [DPI eq. 2], eta_n by exact VI under P_hat and c' [DPI eq. 10] (warm-started from the previous V), and
-    A^eta = Q - V at every state the episodes visited (a step-t state survives w.p. gamma^t, so the visits sample
-    d_pi_n). Returns the states [N], targets [N, A], metrics, episodes and transitions used, and V [S]."""
+    """AGGREVATED-VI's regression data [DPI Sec. 3.3 steps 1-2, Sec. 6.1]: P_hat from all transitions so far [DPI eq. 2],
+    eta_n by VI under P_hat and c' [DPI eq. 10] warm-started at V, A^eta = Q - V at every visited state (step t is
+    reached w.p. gamma^t: d_pi_n). Returns the states [N], targets [N, A], metrics, episodes, transitions, V [S]."""
     data = sample_visitation(mdp, pi, num_episodes, rng)
     counts.add(data.states, data.actions, data.costs, data.next_states)
     V, Q, _, sweeps = value_iteration(counts.model(mdp.rho0, mdp.gamma), V, mu, pi)  # eta_n [DPI eq. 10]
@@ -451,32 +428,19 @@ def aggrevated_vi_targets(
     return visited, (Q - V[:, None])[visited], metrics, num_episodes, len(data.states), V
 
 
-def imitate(
-    pi: np.ndarray, psi: np.ndarray, states: np.ndarray, targets: np.ndarray, ridge: float, beta: float
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """[DPI eq. 5-6] with A^pi (CPI) or A^eta (AGGREVATED-VI) as the targets: the classifier pi*_n fitted at the
-    states, then the conservative update. Returns pi_{n+1} [S, A], W [F, A] and the mean squared residual."""
-    W = fit_regressors(psi[states], targets, ridge)
-    residual = psi[states] @ W - targets
-    return conservative_update(pi, classify(psi, W), beta), W, float((residual**2).mean())
-
-
 # == 7. Training ===========================================================================================
 def num_iterations(args: Args, algo: str) -> int:
     """Iterations that spend args.total_steps transitions in expectation, at least one: an episode from rho0 makes
-    gamma / (1 - gamma) transitions on average, a Q rollout 1 / (1 - gamma). A fixed count (rather than stopping at
-    the budget) gives every MDP the same iterations, so the curves average over the MDPs at the same episodes."""
-    if algo == "cpi":  # N episodes from rho0, then N A R Q rollouts
-        transitions = args.cpi_states * (args.gamma + args.num_actions * args.q_rollouts)
-    else:
-        transitions = args.vi_episodes * args.gamma
+    gamma / (1 - gamma) transitions on average, a Q rollout 1 / (1 - gamma); CPI runs N of the first and N A R of the
+    second. A fixed count (rather than stopping at the budget) gives every MDP the same iterations and episodes."""
+    cpi = args.cpi_states * (args.gamma + args.num_actions * args.q_rollouts)
+    transitions = cpi if algo == "cpi" else args.vi_episodes * args.gamma  # times 1 / (1 - gamma) below
     return max(1, math.ceil(args.total_steps / (transitions / (1.0 - args.gamma))))
 
 
 def write_figure(results: list[dict], run_dir: str, writer: "SummaryWriter", title: str) -> None:
-    """[DPI] Fig. 1a: per algorithm and iteration, the episodes so far and the mean and standard error of the cost
-    over the MDPs (which share their iterations and episodes), as curves.csv, fig1a.png and tensorboard scalars
-    (episodes as their step)."""
+    """[DPI] Fig. 1a as curves.csv, fig1a.png and tensorboard scalars (step: episodes): per algorithm and iteration,
+    the episodes so far and the mean and standard error of the cost over the MDPs (which share their iterations)."""
     import matplotlib  # here: slow to import, and only this function needs it
 
     matplotlib.use("Agg")  # no display; a PNG file only
@@ -523,10 +487,7 @@ def evaluate_only(results: list[dict], psi: np.ndarray, args: Args) -> dict:
         for algo in ALGORITHMS:
             costs[algo].append(policy_cost(mdp, mixture_policy(result[algo]["classifiers"].numpy(), psi, args.beta)))
         costs["optimal"].append(float(mdp.rho0 @ policy_iteration(mdp)[0]))
-        print(
-            f"mdp {i + 1} (seed {result['mdp_seed']}) | " + " | ".join(f"{k} {v[-1]:.4f}" for k, v in costs.items()),
-            flush=True,
-        )
+        print(f"mdp {i + 1} (seed {result['mdp_seed']}) | " + " | ".join(f"{k} {v[-1]:.4f}" for k, v in costs.items()))
     means = {f"cost_{name}": float(np.mean(v)) for name, v in costs.items()}
     print(" | ".join(f"{k} {v:.4f}" for k, v in means.items()), flush=True)
     return {**means, "costs": costs, "eval_return": -means["cost_aggrevated_vi"]}
@@ -546,16 +507,14 @@ def train(args: Args) -> dict:
     global_step, num_updates = run.start()
     for i in range(len(results), args.num_mdps):
         mdp = make_garnet(args.num_states, args.num_actions, args.branching, args.gamma, seeds[i])
-        result = {"mdp_seed": seeds[i], "optimal_cost": float(mdp.rho0 @ policy_iteration(mdp)[0])}
+        optimal = float(mdp.rho0 @ policy_iteration(mdp)[0])  # J(pi*)
+        result = {"mdp_seed": seeds[i], "optimal_cost": optimal}
         for algo in ALGORITHMS:
             # its own random stream: the result does not depend on what ran before, so resuming is exact
             rng = np.random.default_rng([seeds[i], ALGORITHMS.index(algo)])
             pi = np.full((args.num_states, args.num_actions), 1.0 / args.num_actions)  # pi_0 uniform
-            counts, V, where = (
-                TransitionCounts(args.num_states, args.num_actions),
-                None,
-                f"mdp {i + 1}/{args.num_mdps} | {algo}",
-            )
+            counts, V = TransitionCounts(args.num_states, args.num_actions), None  # AGGREVATED-VI's data and warm start
+            where = f"mdp {i + 1}/{args.num_mdps} | {algo}"
             episodes, steps, costs, classifiers, next_log = [0], [0], [policy_cost(mdp, pi)], [], args.log_every
             for _ in range(num_iterations(args, algo)):
                 if algo == "cpi":  # A^pi_n by Monte Carlo
@@ -563,7 +522,10 @@ def train(args: Args) -> dict:
                 else:  # A^eta_n under the learned model: the only difference [DPI Sec. 6.1]
                     *data, V = aggrevated_vi_targets(mdp, pi, counts, V, args.vi_episodes, args.mu, rng)
                 states, targets, metrics, used_episodes, used_steps = data
-                pi, W, metrics[f"losses/regression_{algo}"] = imitate(pi, psi, states, targets, args.ridge, args.beta)
+                # [DPI eq. 5-6], the same for both: the classifier pi*_n fitted at the states, the conservative update
+                W = fit_regressors(psi[states], targets, args.ridge)
+                pi = conservative_update(pi, classify(psi, W), args.beta)
+                metrics[f"losses/regression_{algo}"] = float(((psi[states] @ W - targets) ** 2).mean())
                 classifiers.append(W)
                 episodes.append(episodes[-1] + used_episodes)
                 steps.append(steps[-1] + used_steps)
@@ -573,13 +535,9 @@ def train(args: Args) -> dict:
                 if steps[-1] >= next_log:  # every log_every transitions of this run
                     run.log(global_step, num_updates, f"{where} | episodes {episodes[-1]} | cost {costs[-1]:.4f}")
                     next_log += args.log_every
-            result[algo] = dict(episodes=torch.tensor(episodes), steps=torch.tensor(steps))
-            result[algo].update(
-                costs=torch.tensor(costs, dtype=torch.float64), classifiers=torch.from_numpy(np.stack(classifiers))
-            )
-            print(
-                f"{where} | episodes {episodes[-1]} | cost {costs[-1]:.4f} | optimal {result['optimal_cost']:.4f}", flush=True
-            )
+            curve = dict(episodes=torch.tensor(episodes), steps=torch.tensor(steps), costs=torch.tensor(np.array(costs)))
+            result[algo] = dict(curve, classifiers=torch.from_numpy(np.stack(classifiers)))  # costs float64, W_k [n, F, A]
+            print(f"{where} | episodes {episodes[-1]} | cost {costs[-1]:.4f} | optimal {optimal:.4f}", flush=True)
         results.append(result)
         if args.checkpoint_every:  # after each MDP, where resuming is exact
             run.save(global_step, num_updates, True)
@@ -588,14 +546,14 @@ def train(args: Args) -> dict:
     write_figure(results, run.run_dir, run.writer, f"[DPI] Fig. 1a: {args.num_mdps} Garnet MDPs, {sizes}")
     if args.save_model:
         run.save(global_step, num_updates, False)
-    run.close()
+    run.writer.close()
     final = {f"cost_{algo}": float(np.mean([r[algo]["costs"][-1].item() for r in results])) for algo in ALGORITHMS}
     final["cost_optimal"] = float(np.mean([r["optimal_cost"] for r in results]))
     print("done: " + " | ".join(f"{k} {v:.4f}" for k, v in final.items()) + f" | run {run.run_dir}", flush=True)
-    # eval_return: the key every file returns, here minus [DPI]'s cost
-    return dict(
-        final, global_step=global_step, num_updates=num_updates, eval_return=-final["cost_aggrevated_vi"], run_dir=run.run_dir
-    )
+    final |= dict(
+        eval_return=-final["cost_aggrevated_vi"], global_step=global_step, num_updates=num_updates
+    )  # every file's keys
+    return dict(final, run_dir=run.run_dir)
 
 
 # ======== run plumbing below: identical in every file, not needed to read the algorithm ========
@@ -691,11 +649,9 @@ def setup(args: Args) -> torch.device:
 
 
 class Run:
-    """sac.py's Run for a tabular experiment, without an env (so no evaluation schedule, videos or act) and without
-    signal handling or random states: `train` evaluates every iterate exactly and saves resume.pt after each MDP,
-    where resuming is exact since every MDP and algorithm draws from its own seeded generator; Ctrl-C stops at once.
-    Run directory, tensorboard, progress line, model.pt, resume.pt, --resume, --checkpoint (continuing its
-    experiment, or --eval-only). model: what model.pt saves; train_state: what resume.pt adds; both by name."""
+    """sac.py's Run for a tabular experiment: run directory, tensorboard, progress line, model.pt, resume.pt, --resume,
+    --checkpoint (continuing its experiment, or --eval-only). No env, evaluation schedule, signal handlers or random
+    states: `train` evaluates every iterate exactly and saves resume.pt after each MDP (Ctrl-C stops at once)."""
 
     def __init__(self, args: Args, model: dict, train_state: dict):
         self.args, self.model, self.train_state, self.sums, self.counts = args, model, train_state, {}, {}
@@ -756,9 +712,6 @@ class Run:
         torch.save(payload, f"{path}.tmp")
         os.replace(f"{path}.tmp", path)
         return path
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 def parse_args(argv: list[str] | None) -> Args:
