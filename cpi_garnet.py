@@ -33,8 +33,9 @@ Deviations from the paper (and choices it leaves to its App. B.1, which this fil
       iterations so that the MDPs' curves share their x values: episodes, from rho0 or CPI's Q rollouts alike.
     - CPI's A rollouts from one state share their random length (--common-horizon); it regresses Qhat, not Qhat - Vhat
       (least squares is linear in the targets, so with every action observed the argmin is the same).
-    - Tabular: --env Garnet, --num-envs 1, no --cuda or --capture-video; --eval-every and --eval-episodes are unused
-      (every iterate is evaluated exactly); resume.pt is written after each MDP, where resuming is exact."""
+    - Shared flags, documented as in every file, mean here: --env Garnet, --num-envs 1, no --cuda or --capture-video;
+      no --eval-every or --eval-episodes (every iterate is evaluated exactly); --log-every counts one run's transitions;
+      a positive --checkpoint-every writes resume.pt after each MDP, where resuming is exact (Ctrl-C writes none)."""
 
 import csv
 import functools
@@ -56,8 +57,8 @@ VI_TOL = 1e-10  # value iteration stops when a sweep moves V by less (cost units
 @dataclass
 class Args:
     # -- algorithm ----------------------------------------------------------------------------------------
-    # Garnet MDPs [DPI Sec. 6.1: ten MDPs, 1000 states, 5 actions; its App. B.1 sets b, gamma and the costs,
-    # here b = 5, c(s, a) ~ U(0, 1), rho0 uniform and gamma = 0.95 instead]
+    # Garnet MDPs [DPI Sec. 6.1: ten MDPs, 1000 states, 5 actions]; b = 5, c(s, a) ~ U(0, 1), rho0 uniform and
+    # gamma = 0.95 are this file's choices, not taken from [DPI] App. B.1 (the experiment's setup)
     num_states: int = 1000
     """Number of states |S| of each Garnet MDP."""
     num_actions: int = 5
@@ -441,13 +442,11 @@ def num_iterations(args: Args, algo: str) -> int:
 def write_figure(results: list[dict], run_dir: str, writer: "SummaryWriter", title: str) -> None:
     """[DPI] Fig. 1a as curves.csv, fig1a.png and tensorboard scalars (step: episodes): per algorithm and iteration,
     the episodes so far and the mean and standard error of the cost over the MDPs (which share their iterations)."""
-    import matplotlib  # here: slow to import, and only this function needs it
-
-    matplotlib.use("Agg")  # no display; a PNG file only
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # here: slow to import, and only this function needs it (no pyplot, no display)
 
     rows, M, optimal = [], len(results), float(np.mean([r["optimal_cost"] for r in results]))
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
     for algo, label in zip(ALGORITHMS, ("CPI", "AGGREVATED-VI")):
         if len({len(r[algo]["costs"]) for r in results}) > 1:
             raise UsageError("the resumed MDPs ran other budgets: resume with the same arguments")
@@ -475,7 +474,6 @@ def write_figure(results: list[dict], run_dir: str, writer: "SummaryWriter", tit
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(run_dir, "fig1a.png"), dpi=120)
-    plt.close(fig)
 
 
 def evaluate_only(results: list[dict], psi: np.ndarray, args: Args) -> dict:

@@ -371,6 +371,21 @@ def test_resumed_run_ends_identical_to_the_uninterrupted_one(log_dir):
         assert f.read() == expected
 
 
+def test_checkpoint_continues_its_experiment_in_a_new_directory(log_dir, capsys):
+    """--checkpoint without --eval-only keeps the checkpoint's finished MDPs and runs the others, in a new run
+    directory, so the curves equal those of the uninterrupted experiment."""
+    full = train(small_args(log_dir, num_mdps=2, seed=3))
+    part = train(small_args(log_dir, num_mdps=1, seed=3))
+    capsys.readouterr()
+    assert main(["--checkpoint", os.path.join(part["run_dir"], "model.pt"), "--num-mdps", "2"]) == 0
+    out = capsys.readouterr().out
+    run_dir = out.rsplit("| run ", 1)[1].strip()
+    assert "continuing" in out and "mdp 1/2" not in out and "mdp 2/2" in out  # the first MDP was not rerun
+    assert len({full["run_dir"], part["run_dir"], run_dir}) == 3
+    with open(os.path.join(full["run_dir"], "curves.csv")) as f, open(os.path.join(run_dir, "curves.csv")) as g:
+        assert g.read() == f.read()
+
+
 def test_same_seed_gives_identical_results(log_dir):
     a = train(small_args(log_dir, seed=5))
     b = train(small_args(log_dir, seed=5))
