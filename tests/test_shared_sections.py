@@ -14,8 +14,9 @@ FILES = ["ppo.py", "mpo.py", "treepi.py", "trpo.py", "dpi_ilqr.py", "cpi_garnet.
 FENCE = "# ======== run plumbing below: identical in every file, not needed to read the algorithm ========\n"
 # (file, definition below the fence) that may differ from sac.py's, with the reason
 EXCEPTIONS = {
-    # a tabular experiment, no gym env: `train` evaluates every iterate exactly (no evaluation schedule, no
-    # act/envs), logs per (MDP, algorithm) run as [DPI] Fig. 1a's x-axis does, and saves resume.pt between MDPs
+    # a tabular experiment, no gym env: `train` evaluates every iterate exactly (no evaluation schedule, envs or act),
+    # logs per (MDP, algorithm) run, and saves resume.pt between MDPs, where resuming is exact (no signal handlers;
+    # no random states to save: every MDP and algorithm draws from its own seeded generator)
     ("cpi_garnet.py", "Run"): "tabular: no env to evaluate, per-run progress line, resume.pt between MDPs"
 }
 
