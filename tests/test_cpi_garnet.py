@@ -24,7 +24,6 @@ from cpi_garnet import (
     conservative_update,
     discounted_visitation,
     estimate_q,
-    evaluate_only,
     evaluate_policy,
     features,
     fit_regressors,
@@ -355,7 +354,7 @@ def test_end_to_end_writes_csv_png_events_and_a_model_that_eval_only_reproduces(
     capsys.readouterr()
     assert main(["--checkpoint", model, "--eval-only"]) == 0
     assert "cost_aggrevated_vi" in capsys.readouterr().out
-    again = evaluate_only(parse_args(["--checkpoint", model, "--eval-only"]))
+    again = train(parse_args(["--checkpoint", model, "--eval-only"]))
     for algo in ALGORITHMS:
         assert again[f"cost_{algo}"] == out[f"cost_{algo}"]
     assert again["cost_optimal"] == out["cost_optimal"]
@@ -370,6 +369,21 @@ def test_resumed_run_ends_identical_to_the_uninterrupted_one(log_dir):
         expected = f.read()
     with open(os.path.join(part["run_dir"], "curves.csv")) as f:
         assert f.read() == expected
+
+
+def test_checkpoint_continues_its_experiment_in_a_new_directory(log_dir, capsys):
+    """--checkpoint without --eval-only keeps the checkpoint's finished MDPs and runs the others, in a new run
+    directory, so the curves equal those of the uninterrupted experiment."""
+    full = train(small_args(log_dir, num_mdps=2, seed=3))
+    part = train(small_args(log_dir, num_mdps=1, seed=3))
+    capsys.readouterr()
+    assert main(["--checkpoint", os.path.join(part["run_dir"], "model.pt"), "--num-mdps", "2"]) == 0
+    out = capsys.readouterr().out
+    run_dir = out.rsplit("| run ", 1)[1].strip()
+    assert "continuing" in out and "mdp 1/2" not in out and "mdp 2/2" in out  # the first MDP was not rerun
+    assert len({full["run_dir"], part["run_dir"], run_dir}) == 3
+    with open(os.path.join(full["run_dir"], "curves.csv")) as f, open(os.path.join(run_dir, "curves.csv")) as g:
+        assert g.read() == f.read()
 
 
 def test_same_seed_gives_identical_results(log_dir):
