@@ -112,8 +112,7 @@ class Args:
     checkpoint_every: int = 100_000
     """Write resume.pt (everything needed to continue) every this many env steps (0: only on a signal)."""
     checkpoint: str | None = None
-    """A model.pt or resume.pt whose weights to fine-tune (or, with --eval-only, evaluate); its saved
-    arguments become the defaults."""
+    """A model.pt or resume.pt to fine-tune, or to evaluate with --eval-only; its saved arguments become defaults."""
     eval_only: bool = False
     """With --checkpoint: evaluate the loaded policy, print the returns and exit."""
     resume: str | None = None
@@ -561,7 +560,6 @@ import os
 import random
 import sys
 import time
-import warnings
 
 import tyro
 from torch.utils.tensorboard import SummaryWriter
@@ -725,7 +723,14 @@ def parse_args(argv: list[str] | None) -> Args:
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", message=".*settotalmass")  # gymnasium's half_cheetah.xml, under mujoco 4
+    try:  # gymnasium's half_cheetah.xml uses an attribute that mujoco 4 deprecates: hide that warning alone
+        import mujoco
+
+        mujoco.set_mju_user_warning(
+            lambda text: None if "settotalmass" in text else print(f"WARNING: {text}", file=sys.stderr)
+        )
+    except ImportError:
+        pass
     try:
         args = parse_args(argv)
         check_args(args)
