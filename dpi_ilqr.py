@@ -6,13 +6,12 @@
 
 References:
     [DPI] Sun, Gordon, Boots, Bagnell 2018, "Dual Policy Iteration", arXiv:1805.10755: Sec. 5.1 model-based optimal
-        control with time-varying linear models (eq. 8-10), Sec. 5.2 natural-gradient imitation (eq. 11-12), Sec. 6.3
-        robust policy optimisation. Its settings (App. B) are not in the text we have: our defaults say so.
+        control with local linear models (eq. 8-10), Sec. 5.2 natural-gradient imitation (eq. 11-12), Sec. 6.3 robust
+        policy optimisation. Its settings (App. B) are not in the text we have: our defaults say so.
     [iLQR] lecture notes on local models and KL-constrained trajectory optimisation (Bayesian linear dynamics with a
         GMM / normal-inverse-Wishart prior, "KL-divergences between trajectories", dual gradient descent).
     [GPS] Levine, Abbeel 2014, "Learning Neural Network Policies with Guided Policy Search under Unknown Dynamics",
-        and its code (cbfinn/gps): followed where the papers are silent (prior strength, re-centred cost expansion,
-        bracket search on the dual, linear-Gaussian trajectory KL).
+        and its code (cbfinn/gps), followed where the papers are silent.
     [TRPO] Schulman et al. 2015, arXiv:1502.05477, App. C: conjugate gradient on Fisher-vector products.
 
 Algorithm (one iteration; the function that does each line in brackets):
@@ -31,15 +30,13 @@ Algorithm (one iteration; the function that does each line in brackets):
 Shapes: N episodes, T time steps, O observation size, A action size, Y = O + A, D = 2 O + A (one transition),
 K mixture components, M prior points, B states in a batch, P policy parameters.
 
-Deviations from the paper (each marked where it happens):
-    - The cost c(s, a) that DPI assumes known [DPI Sec. 2] is written per env from its reward (COSTS).
-    - pi_n in -log pi_n and the KL is linearised per step (mean Jacobian over the samples at t), as in GPS.
-    - A^eta is the disadvantage of eta for the true cost c, not for the augmented c' it was optimised for.
-    - States in L(theta) and the Fisher weigh the same, not gamma^t; TRPO's line search checks the step.
-    - c is expanded exactly at the samples (GPS), not regressed; mu comes from GPS's bracket search, not projected
-      gradient ascent. Training episodes are cut at --horizon T; evaluation runs the env's time limit.
-    - Changes to GPS: a dynamics ridge relative to each input's variance; GMM components with a pseudo-point of the
-      global covariance, started from a k-means step; the NIW mean shrunk to the prior's. Robust variants are ours.
+Deviations from the paper (each marked where it happens): the known cost c(s, a) [DPI Sec. 2] is written per env
+from its reward (COSTS); pi_n in -log pi_n and the KL is linearised per step (GPS); A^eta is for the true cost c, not
+the augmented c'; states in L(theta) weigh the same, not gamma^t; TRPO's line search checks the step; c is expanded
+exactly at the samples (GPS), not regressed; mu comes from GPS's bracket search, not projected gradient ascent;
+training episodes are cut at --horizon T. Changes to GPS: a dynamics ridge relative to each input's variance, GMM
+components with a pseudo-point of the global covariance started from a k-means step, the NIW mean shrunk to the
+prior's. The robust variants are ours.
 """
 
 import functools
@@ -204,11 +201,8 @@ def lq_matrices(mass: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
 class LinearQuadraticEnv(gym.Env):
     """x' = A x + B u + w, w ~ N(0, LQ_NOISE_STD^2 I); reward -(x'Qx + u'Ru); no termination."""
 
-    metadata = {"render_modes": []}  # noqa: RUF012 (gymnasium.Env convention)
-
-    def __init__(self, mass: float = 1.0, render_mode: str | None = None):
+    def __init__(self, mass: float = 1.0):
         self.a, self.b = lq_matrices(mass)
-        self.render_mode = render_mode  # no rendering; gym.make passes the argument
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (4,), np.float64)
         self.action_space = gym.spaces.Box(-LQ_ACTION_BOUND, LQ_ACTION_BOUND, (2,), np.float32)
         self.x = np.zeros(4)
@@ -320,15 +314,14 @@ def robust_variants(args: Args) -> tuple[list[tuple[float, float]], list[tuple[f
 
 
 class TrainingEnvs(NamedTuple):
-    """--num-envs lockstep copies of each training env; with --robust, one env per test and per training variant to
-    evaluate on. No vector env: `rollout` runs each episode from a reset at t = 0 (one model per time step)."""
+    """--num-envs lockstep copies of each training env and (--robust) one env per held-out test variant. No vector
+    env: `rollout` runs each episode from a reset at t = 0 (one model per time step) and to its end."""
 
     train: list[list[gym.Env]]
     test: list[gym.Env]
-    train_eval: list[gym.Env]
 
     def close(self) -> None:
-        for env in [env for group in self.train for env in group] + self.test + self.train_eval:
+        for env in [env for group in self.train for env in group] + self.test:
             env.close()
 
 
@@ -723,11 +716,6 @@ def disadvantage(Q: Quadratic, V: ValueFunction) -> Quadratic:
     return Quadratic(C, c, Q.c0 - V.v0)
 
 
-def expected_value(V: ValueFunction, mean: Tensor, cov: Tensor) -> Tensor:
-    """E_{s ~ N(mean, cov)} V_0(s) = 1/2 mean'V_xx mean + 1/2 tr(V_xx cov) + v_x'mean + v0."""
-    return 0.5 * mean @ V.V_xx[0] @ mean + 0.5 * torch.trace(V.V_xx[0] @ cov) + V.v_x[0] @ mean + V.v0[0]
-
-
 def forward_marginals(
     dynamics: Dynamics, policy: LinearGaussianPolicy, x0_mean: Tensor, x0_cov: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -908,10 +896,8 @@ def set_parameters(params: list[Tensor], theta: Tensor) -> None:
 
 
 # == 6. Updates ============================================================================================
-class Imitation(NamedTuple):
-    """What the natural-gradient step needs from one training env: A^eta and the states."""
-
-    A: Quadratic  # disadvantage per step [T, ...]
+class Imitation(NamedTuple):  # what the natural-gradient step needs from one training env
+    A: Quadratic  # A^eta per step [T, ...]
     obs: Tensor  # [B, O] states visited by pi_n
     steps: Tensor  # [B] their time index
 
@@ -956,14 +942,19 @@ def update_eta(
     flat_mask = rollouts.mask[:, :steps]
     time_index = torch.arange(steps).expand(len(flat_mask), -1)
     imitation = Imitation(disadvantage(Q, V), rollouts.obs[:, :steps][flat_mask].float(), time_index[flat_mask])
+    # E_{s ~ N(x0_mean, x0_cov)} V_0(s) = 1/2 m'V_xx m + 1/2 tr(V_xx cov) + v_x'm + v0: the model's cost of an episode
+    model_cost = lambda V: (
+        0.5 * x0_mean @ V.V_xx[0] @ x0_mean + 0.5 * torch.trace(V.V_xx[0] @ x0_cov) + V.v_x[0] @ x0_mean + V.v0[0]
+    )
     metrics = {
         "stats/mu": torch.tensor(mu),
         "stats/kl_eta": torch.tensor(kl),
         "stats/dual_iters": torch.tensor(float(dual_iters)),
-        "stats/model_cost_pi": expected_value(V_pi, x0_mean, x0_cov),
-        "stats/model_cost_eta": expected_value(V, x0_mean, x0_cov),
+        "stats/model_cost_pi": model_cost(V_pi),
+        "stats/model_cost_eta": model_cost(V),
         "stats/dynamics_residual": residual.mean(),
         "stats/prior_clusters": torch.tensor(float(clusters)),
+        "stats/episode_cost": (cost_fn(rollouts.obs[:, :-1], rollouts.actions) * rollouts.mask).sum(1).mean(),
     }
     return imitation, mu, metrics
 
@@ -1036,13 +1027,11 @@ def update_actor(actor: Actor, targets: list[Imitation], args: Args) -> dict[str
 def evaluate_variants(run: "Run", envs: TrainingEnvs, global_step: int, num_updates: int) -> None:
     """--robust's evaluation [DPI Sec. 6.3], in place of Run.evaluate (same schedule and model.pt): charts/eval_return
     is the mean return over the held-out test variants, never trained on; charts/eval_return_train over the training
-    variants."""
+    variants (on the first training env of each: `rollout` reseeds every episode)."""
     args = run.args
-    returns = lambda envs: [
-        np.mean(evaluate(run.act, env, args.eval_episodes, args.seed + 10_000, run.device)) for env in envs
-    ]
-    run.writer.add_scalar("charts/eval_return_train", np.mean(returns(envs.train_eval)), global_step)
-    run.eval_return, run.eval_step = float(np.mean(returns(envs.test))), global_step
+    mean_return = lambda env: np.mean(evaluate(run.act, env, args.eval_episodes, args.seed + 10_000, run.device))
+    run.writer.add_scalar("charts/eval_return_train", np.mean([mean_return(group[0]) for group in envs.train]), global_step)
+    run.eval_return, run.eval_step = float(np.mean([mean_return(env) for env in envs.test])), global_step
     run.writer.add_scalar("charts/eval_return", run.eval_return, global_step)
     if args.save_model:
         run.save(global_step, num_updates, False)
@@ -1056,9 +1045,8 @@ def train(args: Args) -> dict:
     train_params, test_params = robust_variants(args) if args.robust else ([(1.0, 1.0)], [])
     variant = lambda params: make_variant_env(args.env, *params) if args.robust else make_env(args.env)
     envs = TrainingEnvs(
-        train=[[variant(params) for _ in range(args.num_envs)] for params in train_params],
-        test=[make_variant_env(args.env, *params) for params in test_params],
-        train_eval=[variant(params) for params in train_params] if args.robust else [],
+        [[variant(params) for _ in range(args.num_envs)] for params in train_params],
+        [make_variant_env(args.env, *params) for params in test_params],  # [DPI Sec. 6.3] held out, only evaluated
     )
     space = envs.train[0][0].action_space
     obs_dim, action_dim = envs.train[0][0].observation_space.shape[0], space.shape[0]
@@ -1068,14 +1056,8 @@ def train(args: Args) -> dict:
     # -- storage: the dynamics prior and the dual variable mu of each training env [DPI eq. 8-9]
     priors = {f"prior_{v}": PriorBuffer(args.prior_episodes) for v in range(len(train_params))}
     mus = torch.full((len(train_params),), MU_INIT, dtype=torch.float64)
-    # -- run: directory, logging, evaluation, saving, resume (below the fence)
-    run = Run(
-        args,
-        envs,
-        model=dict(actor=actor),
-        train_state=dict(mu=mus, **priors),
-        act=lambda obs: actor(obs).clamp(low, high),  # the mean, inside the bounds a Gaussian can leave
-    )
+    # -- run: directory, logging, evaluation, saving, resume (below the fence); act: the mean, clipped to the bounds
+    run = Run(args, envs, model=dict(actor=actor), train_state=dict(mu=mus, **priors), act=lambda o: actor(o).clamp(low, high))
     if args.robust:  # evaluate on the variants
         run.evaluate = functools.partial(evaluate_variants, run, envs)
     if args.eval_only:
@@ -1096,10 +1078,8 @@ def train(args: Args) -> dict:
             global_step += int(rollouts.mask.sum())
             run.add_episodes(global_step, infos)
             # update (a): local model, eta and A^eta for this env [DPI Sec. 5.1]
-            target, mu, metrics = update_eta(rollouts, actor, COSTS[args.env], prior, float(mus[v]), args)
-            mus[v] = mu
-            episode_cost = (COSTS[args.env](rollouts.obs[:, :-1], rollouts.actions) * rollouts.mask).sum(1).mean()
-            for k, value in {**metrics, "stats/episode_cost": episode_cost}.items():  # the mean over training envs
+            target, mus[v], metrics = update_eta(rollouts, actor, COSTS[args.env], prior, float(mus[v]), args)
+            for k, value in metrics.items():  # the mean over training envs
                 eta_metrics[k] = eta_metrics.get(k, 0.0) + value / len(envs.train)
             targets.append(target)
         # update (b): one natural-gradient step of pi on the summed L [DPI Sec. 5.2, 6.3]
