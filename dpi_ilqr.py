@@ -172,21 +172,21 @@ def algorithm_checks(args: Args) -> list[tuple[bool, str]]:
         (min(non_negative) >= 0 and args.cg_damping >= 0, "--prior-strength, --dynamics-reg and --cg-damping must be >= 0"),
         (min(positive) > 0, "--alpha, --beta, --dual-iters and --cg-iters must be positive"),
         (0.0 < args.kl_tolerance < 1.0, f"--kl-tolerance must be in (0, 1), got {args.kl_tolerance}"),
-        (0.0 < args.backtrack_coef < 1.0, f"--backtrack-coef must be in (0, 1), got {args.backtrack_coef}"),
-        (args.backtrack_iters > 0, f"--backtrack-iters must be positive, got {args.backtrack_iters}"),
+        (
+            0.0 < args.backtrack_coef < 1.0 and args.backtrack_iters > 0,
+            "--backtrack-coef must be in (0, 1), --backtrack-iters > 0",
+        ),
         (not args.robust or min(variants) > 0, "--robust needs positive --robust-train-variants and --robust-test-variants"),
         (all(0.0 < low <= high for low, high in ranges), "--robust-mass-range and --robust-length-range need 0 < low <= high"),
     ]
 
 
 # == 2. Environment ========================================================================================
-# The linear-quadratic system of this file, where the optimal cost is known: a point mass in the plane,
-# x = (position, velocity) in R^4, u = force in R^2, x' = A x + B u + w.
+# LinearQuadratic-v0, where the optimal cost is known: a point mass in the plane, x = (position, velocity) in R^4,
+# u = force in R^2, x' = A x + B u + w, w ~ N(0, LQ_NOISE_STD^2 I), reward -(x'Qx + u'Ru), no termination.
 LQ_ENV_ID = "LinearQuadratic-v0"
-LQ_DT = 0.1  # seconds per step
-LQ_HORIZON = 50  # steps per episode (a TimeLimit truncation)
-LQ_STATE_COST = (1.0, 1.0, 0.1, 0.1)  # diagonal of Q in c = x'Qx + u'Ru
-LQ_ACTION_COST = 0.1  # R = 0.1 I
+LQ_DT, LQ_HORIZON = 0.1, 50  # seconds per step; steps per episode (a TimeLimit truncation)
+LQ_STATE_COST, LQ_ACTION_COST = (1.0, 1.0, 0.1, 0.1), 0.1  # diagonal of Q, and R = 0.1 I
 LQ_NOISE_STD = 0.05  # std of each component of the process noise w
 LQ_INIT_RANGE = (1.0, 1.0, 0.5, 0.5)  # x_0 ~ uniform in [-range, range] per component
 LQ_ACTION_BOUND = 10.0  # |u_i| <= 10; the optimal controller stays well inside
@@ -199,8 +199,6 @@ def lq_matrices(mass: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
 
 
 class LinearQuadraticEnv(gym.Env):
-    """x' = A x + B u + w, w ~ N(0, LQ_NOISE_STD^2 I); reward -(x'Qx + u'Ru); no termination."""
-
     def __init__(self, mass: float = 1.0):
         self.a, self.b = lq_matrices(mass)
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (4,), np.float64)
@@ -226,10 +224,9 @@ def register_envs() -> None:
         gym.register(LQ_ENV_ID, entry_point=LinearQuadraticEnv, max_episode_steps=LQ_HORIZON)
 
 
-# The known cost c(s, a) of each env [DPI Sec. 2] from its reward (gymnasium 1.4 v5 sources): obs [..., O], actions
-# [..., A] -> [...]. Deviation: the LQR sees a per-step cost only, so termination and time limits are not part of it;
-# and the locomotion costs use the x velocity at s_t where the rewards use the step's mean velocity (x' - x) / dt,
-# which shifts an episode's sum by one step.
+# The known cost c(s, a) of each env [DPI Sec. 2], from its reward (gymnasium 1.4 v5 sources): obs [..., O], actions
+# [..., A] -> [...]. Deviation: the LQR sees a per-step cost, so termination and time limits are not part of it; the
+# locomotion costs take the x velocity qvel[0] at s_t where the rewards take the step's mean velocity (x' - x) / dt.
 PENDULUM_ANGLE_LIMIT = 0.2  # InvertedPendulum-v5 terminates when |angle| > 0.2 rad
 PENDULUM_RAIL_COST = 0.1  # weight of x^2, keeps the cart off the rail ends (|x| <= 1)
 PENDULUM_ACTION_COST = 1e-3  # small control cost, conditions Q_aa
@@ -237,9 +234,8 @@ HOPPER_ANGLE_LIMIT = 0.2  # Hopper-v5 is unhealthy when |torso angle| > 0.2 rad
 
 
 def inverted_pendulum_cost(obs: Tensor, actions: Tensor) -> Tensor:
-    """-1 (the alive reward) + (angle / 0.2)^2 + 0.1 x^2 + 1e-3 |a|^2; obs = (x, angle, x', angle'). The env pays +1
-    per step while |angle| <= 0.2, flat and so useless to an LQR: the angle term is a smooth surrogate of that band,
-    the cart and control terms keep the cart on its rail and Q_aa well conditioned."""
+    """-1 + (angle / 0.2)^2 + 0.1 x^2 + 1e-3 |a|^2, obs = (x, angle, x', angle'): the env's +1 per step while |angle|
+    <= 0.2 is flat, so useless to an LQR; the angle term is a smooth surrogate of that band."""
     angle, rail, control = obs[..., 1] / PENDULUM_ANGLE_LIMIT, obs[..., 0] ** 2, (actions**2).sum(-1)
     return -1.0 + angle**2 + PENDULUM_RAIL_COST * rail + PENDULUM_ACTION_COST * control
 
@@ -250,9 +246,8 @@ def swimmer_cost(obs: Tensor, actions: Tensor) -> Tensor:
 
 
 def hopper_cost(obs: Tensor, actions: Tensor) -> Tensor:
-    """-1 (healthy reward) - x_velocity + 1e-3 |a|^2 + (torso angle / 0.2)^2; x velocity is obs[5]. The healthy
-    reward is paid only inside the healthy set and the episode ends outside it, which the LQR cannot see, so a
-    quadratic torso-angle term stands in for the angle limit."""
+    """-1 - x_velocity (obs[5]) + 1e-3 |a|^2 + (torso angle / 0.2)^2: the LQR cannot see that the episode ends outside
+    the healthy set, so a quadratic torso-angle term stands in for the angle limit."""
     return -1.0 - obs[..., 5] + 1e-3 * (actions**2).sum(-1) + (obs[..., 1] / HOPPER_ANGLE_LIMIT) ** 2
 
 
@@ -302,8 +297,8 @@ def make_variant_env(env_id: str, mass_scale: float, length_scale: float) -> gym
 
 
 def robust_variants(args: Args) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
-    """(mass_scale, length_scale) of the training and the held-out test variants, drawn uniformly from the ranges by
-    a generator of their own. The test variants are drawn first, so a seed gives the same test set for any number of
+    """(mass_scale, length_scale) of the training and the held-out test variants, uniform in the ranges, from a
+    generator of their own. The test variants are drawn first, so a seed gives the same test set for any number of
     training variants (one training variant is the paper's "non-robust" baseline)."""
     rng = np.random.default_rng(args.seed)
     params = []
@@ -315,7 +310,7 @@ def robust_variants(args: Args) -> tuple[list[tuple[float, float]], list[tuple[f
 
 class TrainingEnvs(NamedTuple):
     """--num-envs lockstep copies of each training env and (--robust) one env per held-out test variant. No vector
-    env: `rollout` runs each episode from a reset at t = 0 (one model per time step) and to its end."""
+    env: `rollout` runs each episode from a reset at t = 0 (one model per time step) to its end."""
 
     train: list[list[gym.Env]]
     test: list[gym.Env]
@@ -400,20 +395,17 @@ def rollout(
 
 
 class PriorBuffer:
-    """Transitions (s_t, a_t, s_{t+1}) of the last `capacity` episodes, all t, and the GMM dynamics prior last fitted
+    """Transitions (s_t, a_t, s_{t+1}) of the last `capacity` episodes, all t, each [L, D], and the GMM prior last fitted
     on them ([iLQR] "fit a global GMM using all samples of all iterations"; [GPS] keeps the last 20 episodes)."""
 
     def __init__(self, capacity: int):
-        self.capacity, self.episodes, self.gmm = capacity, [], None  # episodes: each [L, D]; gmm: a GMM or None
+        self.capacity, self.episodes, self.gmm = capacity, [], None
 
     def add(self, rollouts: Rollouts) -> None:
         for obs, actions, mask in zip(*rollouts):
             length = int(mask.sum())
             self.episodes.append(torch.cat([obs[:length], actions[:length], obs[1 : length + 1]], 1))
         self.episodes = self.episodes[-self.capacity :]
-
-    def points(self) -> Tensor:
-        return torch.cat(self.episodes)  # [M, D]
 
     def state_dict(self) -> dict:
         return {"episodes": list(self.episodes), "gmm": None if self.gmm is None else list(self.gmm)}
@@ -489,14 +481,12 @@ def gmm_log_prob(points: Tensor, gmm: GMM) -> Tensor:
 
 
 def gmm_fit(points: Tensor, clusters: int, iters: int, init: GMM | None) -> GMM:
-    """Gaussian mixture over transitions by EM: the prior's source [iLQR "fit a global GMM"].
-
-    E-step: r_mk = w_k N(x_m; mu_k, Sigma_k) / sum_j w_j N(x_m; mu_j, Sigma_j). M-step (MAP, one pseudo-point of the
-    global covariance S per component): N_k = sum_m r_mk, mu_k = sum_m r_mk x_m / N_k, w_k = N_k / M,
-    Sigma_k = (sum_m r_mk (x_m - mu_k)(x_m - mu_k)' + S) / (N_k + 1). Warm-started from `init` when it has `clusters`
-    components, else from every point assigned to the nearest of K distinct random points (torch's generator; [GPS]
-    assigns at random, which starts every mean near the global mean). Stops when the mean log-likelihood gains less
-    than GMM_TOL. Shapes: points [M, D] float64 -> GMM with K = clusters.
+    """Gaussian mixture over transitions by EM, the prior's source [iLQR "fit a global GMM"]: E-step r_mk = w_k
+    N(x_m; mu_k, Sigma_k) / sum_j w_j N(x_m; mu_j, Sigma_j); M-step (MAP, a pseudo-point of the global covariance S)
+    N_k = sum_m r_mk, mu_k = sum_m r_mk x_m / N_k, w_k = N_k / M, Sigma_k = (sum_m r_mk (x_m - mu_k)(x_m - mu_k)' + S)
+    / (N_k + 1). Starts from `init` if it has K components, else from each point assigned to the nearest of K random
+    points (torch's generator; [GPS] assigns at random, so every mean starts near the global mean); stops when the
+    mean log-likelihood gains less than GMM_TOL. Shapes: points [M, D] float64 -> GMM with K = clusters.
     """
     num, dim = points.shape
     centre = points.mean(0)
@@ -523,8 +513,8 @@ def gmm_fit(points: Tensor, clusters: int, iters: int, init: GMM | None) -> GMM:
         weighted = (resp[:, :, None] * x[:, None]).reshape(num, -1)  # [M, K D]
         second = (weighted.T @ x).reshape(clusters, dim, dim)  # sum_m r_mk x_m x_m'
         scatter = second - n_k[:, None, None] * means[:, :, None] * means[:, None, :]
-        # Deviation from [GPS] (1e-6 I, reseeding): a pseudo-point of the global covariance keeps a component with
-        # few points well conditioned (the paper is silent)
+        # Deviation from [GPS] (1e-6 I, reseeding), the paper being silent: the pseudo-point keeps a component with
+        # few points well conditioned
         covs = sym((scatter + global_cov) / (n_k + 1.0)[:, None, None])
         gmm, resp = GMM(torch.log(n_k / num), means, covs), None
     return GMM(gmm.log_weights, gmm.means + centre, gmm.covs)
@@ -533,8 +523,7 @@ def gmm_fit(points: Tensor, clusters: int, iters: int, init: GMM | None) -> GMM:
 def prior_moments(gmm: GMM, points: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """NIW prior mean mu0_t and scatter Phi_t at each step from the GMM [iLQR; GPS]: w_tk = mean over the samples at t
     of their responsibilities, mu0_t = sum_k w_tk mu_k, Phi_t = sum_k w_tk (Sigma_k + (mu_k - mu0_t)(mu_k - mu0_t)').
-    Shapes: points [T, N, D], mask [T, N] -> mu0 [T, D], Phi [T, D, D].
-    """
+    Shapes: points [T, N, D], mask [T, N] -> mu0 [T, D], Phi [T, D, D]."""
     steps, num, dim = points.shape
     log_p = gmm_log_prob(points.reshape(-1, dim), gmm)  # [T N, K]
     resp = (log_p - torch.logsumexp(log_p, 1, keepdim=True)).exp().reshape(steps, num, -1)
@@ -548,15 +537,12 @@ def prior_moments(gmm: GMM, points: Tensor, mask: Tensor) -> tuple[Tensor, Tenso
 def fit_dynamics(
     points: Tensor, mask: Tensor, mu0: Tensor, phi: Tensor, strength: float, reg: float, obs_dim: int
 ) -> Dynamics:
-    """Per-step linear-Gaussian dynamics from a normal-inverse-Wishart posterior [DPI eq. 8].
-
-    With n_t samples y_i = (s_t, a_t, s_{t+1}), sample mean m and scatter S = sum (y - m)(y - m)' and prior
-    (mu0_t, Phi_t) worth m0 = n0 = `strength` samples [iLQR; GPS]:
-        Sigma = (S + m0 Phi + n m0 / (n + m0) (m - mu0)(m - mu0)') / (n + n0),   mu = (n m + m0 mu0) / (n + m0).
-    Conditioning the joint Gaussian on (s, a) gives F = Sigma_{s',y} Sigma_{y,y}^-1 (with reg * diag(Sigma_{y,y})
-    added, a ridge on standardised inputs), f = mu_{s'} - F mu_y, cov = Sigma_{s',s'} - F Sigma_{y,y} F'.
-    Shapes: points [T, N, D], mask [T, N] (at least one sample per step unless strength > 0), mu0 [T, D],
-    phi [T, D, D] -> Dynamics with F [T, O, Y], f [T, O], cov [T, O, O].
+    """Per-step linear-Gaussian dynamics from a normal-inverse-Wishart posterior [DPI eq. 8]. With n_t samples
+    y_i = (s_t, a_t, s_{t+1}), their mean m and scatter S, and the prior (mu0_t, Phi_t) worth m0 = n0 = `strength`
+    samples [iLQR; GPS]: Sigma = (S + m0 Phi + n m0 / (n + m0) (m - mu0)(m - mu0)') / (n + n0), mu = (n m + m0 mu0) /
+    (n + m0). Conditioning on (s, a): F = Sigma_{s',y} Sigma_{y,y}^-1 (reg * diag(Sigma_{y,y}) added, a ridge on
+    standardised inputs), f = mu_{s'} - F mu_y, cov = Sigma_{s',s'} - F Sigma_{y,y} F'. Shapes: points [T, N, D], mask
+    [T, N] (a sample per step unless strength > 0), mu0 [T, D], phi [T, D, D] -> F [T, O, Y], f [T, O], cov [T, O, O].
     """
     w = mask.to(points.dtype)  # [T, N]
     n = w.sum(1)  # [T]
@@ -566,8 +552,7 @@ def fit_dynamics(
     shift = mean - mu0
     coef = (n * strength / (n + strength).clamp_min(1e-12))[:, None, None]
     sigma = (scatter + strength * phi + coef * shift[:, :, None] * shift[:, None, :]) / (n + strength)[:, None, None]
-    # Deviation from [GPS], which keeps the sample mean: the NIW posterior mean, defined even for a step that only
-    # one episode reached
+    # Deviation from [GPS] (the sample mean): the posterior mean, defined even at a step that one episode reached
     mu = (n[:, None] * mean + strength * mu0) / (n + strength)[:, None]
     sigma = sym(sigma)
     y = points.shape[2] - obs_dim
@@ -583,22 +568,19 @@ def fit_dynamics(
 
 
 def quadratic_cost(cost_fn: Callable[[Tensor, Tensor], Tensor], obs: Tensor, actions: Tensor, mask: Tensor) -> Quadratic:
-    """Second-order expansion of c around every sample, re-centred and averaged per step [GPS]: at a sample
-    y^ = [s; a], c(y) ~ 1/2 y'H y + (g - H y^)'y + (c(y^) - g'y^ + 1/2 y^'H y^) with g, H the gradient and Hessian
-    at y^ (exact for the quadratic costs in COSTS). Shapes: obs [T, N, O], actions [T, N, A], mask [T, N] ->
-    Quadratic [T, Y, Y], [T, Y], [T].
+    """Second-order expansion of c around every sample y^ = [s; a], re-centred and averaged per step [GPS]:
+    c(y) ~ 1/2 y'H y + (g - H y^)'y + (c(y^) - g'y^ + 1/2 y^'H y^), g and H the gradient and Hessian at y^ (exact for
+    the quadratic costs of COSTS). Shapes: obs [T, N, O], actions [T, N, A], mask [T, N] -> [T, Y, Y], [T, Y], [T].
     """
     # Deviation: [DPI Sec. 5.1] fits a quadratic to sampled costs; c is known, so its exact local expansion is used
     obs_dim = obs.shape[-1]
     y = torch.cat([obs, actions], -1).detach().requires_grad_(True)  # [T, N, Y]
-    # Samples are independent, so the gradient of the summed cost is every sample's gradient and one more backward
-    # pass per input dim gives every sample's Hessian row.
+    # Samples are independent: the gradient of the summed cost is every sample's gradient, and one more backward pass
+    # per input dim gives every sample's Hessian row
     with torch.enable_grad():
         value = cost_fn(y[..., :obs_dim], y[..., obs_dim:])  # [T, N]
         (grad,) = torch.autograd.grad(value.sum(), y, create_graph=True)  # [T, N, Y]
-        rows = [
-            torch.autograd.grad(grad[..., i].sum(), y, retain_graph=True, allow_unused=True)[0] for i in range(y.shape[-1])
-        ]
+        rows = [torch.autograd.grad(g.sum(), y, retain_graph=True, allow_unused=True)[0] for g in grad.unbind(-1)]
     hess = torch.stack([torch.zeros_like(y) if r is None else r for r in rows], -2)
     y, value, grad, hess = y.detach(), value.detach(), grad.detach(), hess.detach()
     hy = (hess @ y[..., None])[..., 0]  # [T, N, Y]
@@ -607,29 +589,26 @@ def quadratic_cost(cost_fn: Callable[[Tensor, Tensor], Tensor], obs: Tensor, act
 
 
 def linearize_policy(actor: Actor, obs: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Linear mean of pi_n per step: mean(s) ~ Kbar_t s + kbar_t near the samples at t, with Kbar_t = mean_i J(s_i),
-    kbar_t = mean_i (mean(s_i) - J(s_i) s_i), J the Jacobian of the policy mean (GPS fits the same line by regression).
-    Shapes: obs [T, N, O], mask [T, N] -> Kbar [T, A, O], kbar [T, A] (float64).
-    """
-    # Deviation: -log pi_n of eq. 10 needs a quadratic in (s, a); the paper does not say how to get one from a
-    # neural policy, so its mean is linearised around the samples (GPS)
+    """Linear mean of pi_n per step, mean(s) ~ Kbar_t s + kbar_t near the samples at t: Kbar_t = mean_i J(s_i), kbar_t =
+    mean_i (mean(s_i) - J(s_i) s_i), J the Jacobian of the mean (GPS fits the same line by regression).
+    Shapes: obs [T, N, O], mask [T, N] -> Kbar [T, A, O], kbar [T, A] (float64)."""
+    # Deviation: -log pi_n of eq. 10 needs a quadratic in (s, a), and the paper does not say how to get one from a
+    # neural policy: its mean is linearised around the samples (GPS)
     x = obs.float().requires_grad_(True)  # [T, N, O]
     with torch.enable_grad():
         mean = actor(x)  # [T, N, A]
         # one backward pass per action dim gives that row of every sample's Jacobian
-        rows = [torch.autograd.grad(mean[..., i].sum(), x, retain_graph=True)[0] for i in range(mean.shape[-1])]
+        rows = [torch.autograd.grad(m.sum(), x, retain_graph=True)[0] for m in mean.unbind(-1)]
     jac = torch.stack(rows, -2).double()  # [T, N, A, O]
     offset = mean.detach().double() - (jac @ obs[..., None])[..., 0]
     return masked_mean(jac, mask), masked_mean(offset, mask)
 
 
 def augmented_cost(cost: Quadratic, mu: float, pi_bar: LinearGaussianPolicy) -> Quadratic:
-    """c'(s, a) = c(s, a) / mu - log pi_n(a|s) as a quadratic [DPI eq. 10; GPS compute_costs].
-
-    With pi_n(a|s) = N(Kbar s + kbar, Pbar^-1): -log pi_n = 1/2 (a - Kbar s - kbar)' Pbar (...) + const, i.e. blocks
-    [[Kbar'Pbar Kbar, -Kbar'Pbar], [-Pbar Kbar, Pbar]], [Kbar'Pbar kbar; -Pbar kbar], 1/2 kbar'Pbar kbar
-    + 1/2 log|2 pi Pbar^-1|. Shapes: cost [T, Y, Y], pi_bar (Kbar [T, A, O], kbar [T, A], cov [T, A, A]) -> Quadratic.
-    """
+    """c'(s, a) = c(s, a) / mu - log pi_n(a|s) as a quadratic [DPI eq. 10; GPS compute_costs]. With pi_n(a|s) =
+    N(Kbar s + kbar, Pbar^-1), -log pi_n = 1/2 (a - Kbar s - kbar)'Pbar(...) + const: blocks [[Kbar'Pbar Kbar,
+    -Kbar'Pbar], [-Pbar Kbar, Pbar]], [Kbar'Pbar kbar; -Pbar kbar], 1/2 kbar'Pbar kbar + 1/2 log|2 pi Pbar^-1|.
+    Shapes: cost [T, Y, Y], pi_bar (Kbar [T, A, O], kbar [T, A], cov [T, A, A]) -> Quadratic."""
     Kbar, kbar = pi_bar.K, pi_bar.k
     precision = torch.linalg.inv(pi_bar.cov)  # Pbar [T, A, A]
     pk = precision @ Kbar  # [T, A, O]
@@ -642,15 +621,13 @@ def augmented_cost(cost: Quadratic, mu: float, pi_bar: LinearGaussianPolicy) -> 
 
 
 def lqr_backward(dynamics: Dynamics, cost: Quadratic, gamma: float) -> tuple[LinearGaussianPolicy, ValueFunction] | None:
-    """Maximum-entropy LQR on the model [DPI eq. 10; GPS backward]; None if Q_aa is not PD.
-
-    From V_T = 0, for t = T-1 .. 0 (F = F_t, f = f_t): Q_yy = C_t + gamma F'V_xx F, q_y = c_t + gamma F'(v_x + V_xx f),
-    K_t = -Q_aa^-1 Q_as, k_t = -Q_aa^-1 q_a, cov_t = Q_aa^-1 (the minimiser of E[c'] - entropy is exp(-Q) normalised),
-    V_xx = Q_ss + Q_sa K_t, v_x = q_s + Q_sa k_t. v0 is the constant of the certainty-equivalent cost-to-go (no noise,
-    no entropy), so V_0(s) is the optimal deterministic cost. Q_aa = C_aa / mu + Pbar + gamma B'V_xx B is PD for the
-    convex costs of COSTS; no ridge is added, which would change the KL that mu controls.
-    Shapes: dynamics (F [T, O, Y], f [T, O]), cost (C [T, Y, Y], c [T, Y], c0 [T]) -> eta (K [T, A, O], k [T, A],
-    cov [T, A, A]) and V (V_xx [T, O, O], v_x [T, O], v0 [T]).
+    """Maximum-entropy LQR on the model [DPI eq. 10; GPS backward]; None if Q_aa is not PD. From V_T = 0, for
+    t = T-1 .. 0: Q_yy = C_t + gamma F_t'V_xx F_t, q_y = c_t + gamma F_t'(v_x + V_xx f_t), K_t = -Q_aa^-1 Q_as,
+    k_t = -Q_aa^-1 q_a, cov_t = Q_aa^-1 (exp(-Q) normalised minimises E[c'] - entropy), V_xx = Q_ss + Q_sa K_t,
+    v_x = q_s + Q_sa k_t; v0 is the certainty-equivalent constant (no noise, no entropy), so V_0(s) is the optimal
+    deterministic cost. Q_aa = C_aa / mu + Pbar + gamma B'V_xx B is PD for the convex costs of COSTS; no ridge is added
+    (it would change the KL that mu controls). Shapes: F [T, O, Y], f [T, O], C [T, Y, Y], c [T, Y], c0 [T] ->
+    K [T, A, O], k [T, A], cov [T, A, A], V_xx [T, O, O], v_x [T, O], v0 [T].
     """
     steps, obs_dim, _ = dynamics.F.shape
     dtype = cost.C.dtype
@@ -678,13 +655,10 @@ def lqr_backward(dynamics: Dynamics, cost: Quadratic, gamma: float) -> tuple[Lin
 def lqr_evaluate(
     dynamics: Dynamics, cost: Quadratic, policy: LinearGaussianPolicy, gamma: float
 ) -> tuple[Quadratic, ValueFunction]:
-    """Q_t and V_t of a linear-Gaussian policy under the noisy model (policy evaluation).
-
-    Q_t(s, a) = c_t(s, a) + gamma E_{s'} V_{t+1}(s'), E V(s') = V(F y + f) + 1/2 tr(V_xx cov_t); V_t(s) = E_{a ~ eta_t}
-    Q_t(s, a) = Q_t(s, K s + k) + 1/2 tr(Q_aa cov^eta_t). With M = [I; K], m = [0; k]: V_xx = M'Q_yy M,
-    v_x = M'(Q_yy m + q_y), v0 = q0 + 1/2 m'Q_yy m + q_y'm + 1/2 tr(Q_aa cov^eta). The disadvantage is
-    A_t = Q_t - V_t [DPI Sec. 5.1]. Shapes: as lqr_backward; returns Q (C [T, Y, Y], c [T, Y], c0 [T]) and V.
-    """
+    """Q_t and V_t of a linear-Gaussian policy under the noisy model: Q_t(s, a) = c_t(s, a) + gamma E V_{t+1}(s'),
+    E V(s') = V(F y + f) + 1/2 tr(V_xx cov_t); V_t(s) = E_{a ~ eta_t} Q_t(s, a) = Q_t(s, K s + k) + 1/2 tr(Q_aa
+    cov^eta_t), i.e. with M = [I; K], m = [0; k]: V_xx = M'Q_yy M, v_x = M'(Q_yy m + q_y), v0 = q0 + 1/2 m'Q_yy m
+    + q_y'm + 1/2 tr(Q_aa cov^eta). Shapes as lqr_backward; returns Q (C [T, Y, Y], c [T, Y], c0 [T]) and V."""
     steps, obs_dim, _ = dynamics.F.shape
     dtype = cost.C.dtype
     V_xx, v_x, v0 = torch.zeros(obs_dim, obs_dim, dtype=dtype), torch.zeros(obs_dim, dtype=dtype), torch.zeros((), dtype=dtype)
@@ -707,8 +681,7 @@ def lqr_evaluate(
 
 
 def disadvantage(Q: Quadratic, V: ValueFunction) -> Quadratic:
-    """A_t(s, a) = Q_t(s, a) - V_t(s) as a quadratic in y = [s; a] [DPI Sec. 5.1, 'disadvantage']: Q [T, Y, Y],
-    V [T, O, O] -> Quadratic [T, Y, Y], [T, Y], [T]."""
+    """A_t(s, a) = Q_t(s, a) - V_t(s), a quadratic in y = [s; a] [DPI Sec. 5.1]: Q [T, Y, Y], V [T, O, O] -> Quadratic."""
     obs_dim = V.V_xx.shape[1]
     C, c = Q.C.clone(), Q.c.clone()
     C[:, :obs_dim, :obs_dim] -= V.V_xx
@@ -721,10 +694,8 @@ def forward_marginals(
 ) -> tuple[Tensor, Tensor]:
     """State marginals N(mu_t, Sigma_t) of eta under the model [GPS forward pass]: mu_{t+1} = F_t [mu_t; K_t mu_t + k_t]
     + f_t, Sigma_{t+1} = F_t [[S, S K'], [K S, K S K' + cov_t]] F_t' + cov^dyn_t (S = Sigma_t).
-    Shapes: x0_mean [O], x0_cov [O, O] -> mu [T, O], Sigma [T, O, O].
-    """
-    mus, sigmas = [], []
-    mu, sigma = x0_mean, x0_cov
+    Shapes: x0_mean [O], x0_cov [O, O] -> mu [T, O], Sigma [T, O, O]."""
+    mus, sigmas, mu, sigma = [], [], x0_mean, x0_cov
     for t in range(len(dynamics.F)):
         mus.append(mu)
         sigmas.append(sigma)
@@ -738,11 +709,10 @@ def forward_marginals(
 
 
 def trajectory_kl(policy: LinearGaussianPolicy, pi_bar: LinearGaussianPolicy, mu: Tensor, sigma: Tensor) -> Tensor:
-    """E_{s ~ N(mu_t, Sigma_t)} KL(eta_t(.|s) || pi_n(.|s)) per step [DPI eq. 9; iLQR; GPS]. With dK = Kbar - K_t,
-    dk = kbar - k_t, Pbar = cov_bar^-1 (dynamics and s_0 are shared and cancel):
+    """E_{s ~ N(mu_t, Sigma_t)} KL(eta_t(.|s) || pi_n(.|s)) per step [DPI eq. 9; iLQR; GPS]; with dK = Kbar - K_t,
+    dk = kbar - k_t, Pbar = cov_bar^-1 (the dynamics and s_0 are shared and cancel):
     KL_t = 1/2 [tr(Pbar cov_t) + (dK mu + dk)'Pbar(dK mu + dk) + tr(dK'Pbar dK Sigma_t) - A + log|cov_bar| - log|cov_t|].
-    Shapes: policy and pi_bar (K [T, A, O], k [T, A], cov [T, A, A]), mu [T, O], sigma [T, O, O] -> [T].
-    """
+    Shapes: K [T, A, O], k [T, A], cov [T, A, A], mu [T, O], sigma [T, O, O] -> [T]."""
     precision = torch.linalg.inv(pi_bar.cov)  # [T, A, A]
     dK = pi_bar.K - policy.K
     d = (dK @ mu[..., None])[..., 0] + pi_bar.k - policy.k  # [T, A]
@@ -757,8 +727,8 @@ def trajectory_kl(policy: LinearGaussianPolicy, pi_bar: LinearGaussianPolicy, mu
 def solve_eta(
     mu: float, dynamics: Dynamics, cost: Quadratic, pi_bar: LinearGaussianPolicy, x0_mean: Tensor, x0_cov: Tensor, gamma: float
 ) -> tuple[float, LinearGaussianPolicy] | None:
-    """eta for one mu and its discounted KL sum_t gamma^t E KL(eta_t || pi_n) [DPI eq. 9-10]: LQR on c' = c / mu -
-    log pi_n, then the state marginals of eta under the model; None when Q_aa is not PD. x0_mean [O], x0_cov [O, O]."""
+    """eta for one mu and its KL sum_t gamma^t E KL(eta_t || pi_n) [DPI eq. 9-10]: LQR on c' = c / mu - log pi_n, then
+    eta's state marginals under the model from s_0 ~ N(x0_mean [O], x0_cov [O, O]); None when Q_aa is not PD."""
     result = lqr_backward(dynamics, augmented_cost(cost, mu, pi_bar), gamma)
     if result is None:
         return None
@@ -771,14 +741,11 @@ def solve_eta(
 def dual_search(
     solve: Callable[[float], tuple[float, object] | None], alpha: float, mu: float, tolerance: float, max_iters: int
 ) -> tuple[float, object, float, int]:
-    """Find mu with |KL(mu) - alpha| <= tolerance * alpha [DPI eq. 9; GPS bracket search].
-
-    KL(mu) falls as mu grows (more weight on -log pi_n). solve(mu) returns (KL, solution), or None when Q_aa is not
-    PD, which [GPS] answers by raising mu: a larger mu weighs the PD term Pbar more, so such a mu counts as too small.
-    Bracket [lo, hi] from MU_BOUNDS: KL > alpha: lo = mu, mu = min(sqrt(lo hi), 10 lo); KL < alpha: hi = mu,
-    mu = max(sqrt(lo hi), hi / 10). Returns the last mu whose KL is within the tolerance or below alpha (the feasible
-    side), its solution and KL, and the passes used.
-    """
+    """mu with |KL(mu) - alpha| <= tolerance * alpha [DPI eq. 9; GPS bracket search]. KL(mu) falls as mu grows (more
+    weight on -log pi_n); solve(mu) returns (KL, solution), or None when Q_aa is not PD, which [GPS] answers by raising
+    mu (more weight on the PD term Pbar). Bracket [lo, hi] from MU_BOUNDS: KL > alpha (or None): lo = mu, mu =
+    min(sqrt(lo hi), 10 lo); KL < alpha: hi = mu, mu = max(sqrt(lo hi), hi / 10). Returns the last mu within the
+    tolerance, else the last below alpha (feasible), else the last PD one; its solution and KL; the passes used."""
     # Deviation: [DPI Sec. 5.1] updates mu "by projected gradient ascent"; the bracket search of [GPS] reaches the
     # same fixed point (KL = alpha) in far fewer LQR passes
     lo, hi = MU_BOUNDS
@@ -805,10 +772,9 @@ def dual_search(
 
 
 def expected_disadvantage(A: Quadratic, obs: Tensor, steps: Tensor, mean: Tensor, var: Tensor) -> Tensor:
-    """E_{a ~ N(mean, diag(var))} A_t(s, a) in closed form [DPI eq. 11, the inner expectation]: with y = [s; mean],
-    1/2 y'A_yy y + 1/2 sum_j A_aa,jj var_j + a_y'y + a0. Differentiable in mean and var.
-    Shapes: A [T, ...], obs [B, O], steps [B] (time index t of each state), mean [B, A], var [A] -> [B].
-    """
+    """E_{a ~ N(mean, diag(var))} A_t(s, a) in closed form [DPI eq. 11, the inner expectation], differentiable in mean
+    and var: with y = [s; mean], 1/2 y'A_yy y + 1/2 sum_j A_aa,jj var_j + a_y'y + a0.
+    Shapes: A [T, ...], obs [B, O], steps [B] (the time index t of each state), mean [B, A], var [A] -> [B]."""
     y = torch.cat([obs, mean], 1)  # [B, Y]
     C = A.C[steps]  # [B, Y, Y]
     obs_dim = obs.shape[1]
@@ -859,34 +825,6 @@ def fisher_vector_product(kl_grad: Tensor, params: list[Tensor], v: Tensor, damp
     return torch.cat([h.reshape(-1) for h in hvp]) + damping * v
 
 
-def line_search(
-    actor: nn.Module,
-    evaluate_step: Callable[[], tuple[Tensor, Tensor]],
-    theta_old: Tensor,
-    full_step: Tensor,
-    surrogate_old: Tensor,
-    delta: float,
-    backtrack_coef: float,
-    backtrack_iters: int,
-) -> float:
-    """theta = theta_old + c^j full_step for the first j with L(theta) > L(theta_old) and mean
-    KL <= delta; if no j < backtrack_iters passes, theta_old is restored exactly.
-
-    [TRPO App. C] the line search on L(theta) - X[KL <= delta], from the maximal step down,
-    shrinking it exponentially. evaluate_step() returns (L, mean KL) at the actor's current
-    parameters. Shapes: theta_old, full_step [P]. Returns the accepted c^j, 0.0 if rejected.
-    """
-    params = list(actor.parameters())
-    for j in range(backtrack_iters):
-        fraction = backtrack_coef**j
-        set_parameters(params, theta_old + fraction * full_step)
-        surrogate_new, kl = evaluate_step()
-        if bool(kl <= delta) and bool(surrogate_new > surrogate_old):
-            return fraction
-    set_parameters(params, theta_old)
-    return 0.0
-
-
 @torch.no_grad()
 def set_parameters(params: list[Tensor], theta: Tensor) -> None:
     """Copy the flat vector theta [P] into the parameters in place (vector_to_parameters would
@@ -906,7 +844,7 @@ def update_eta(
     rollouts: Rollouts, actor: Actor, cost_fn: Callable[[Tensor, Tensor], Tensor], prior: PriorBuffer, mu: float, args: Args
 ) -> tuple[Imitation, float, dict[str, Tensor]]:
     """Steps 2-7 for one training env: refit the GMM prior (in `prior`), fit the local model, search mu and solve for
-    eta, evaluate A^eta. Returns the imitation target, the new mu and metrics."""
+    eta, evaluate A^eta; the imitation target, the new mu and metrics."""
     steps = int(rollouts.mask.sum(0).nonzero().max()) + 1  # LQR horizon: the longest episode
     obs = rollouts.obs[:, : steps + 1].transpose(0, 1)  # [T + 1, N, O]
     actions = rollouts.actions[:, :steps].transpose(0, 1)  # [T, N, A]
@@ -915,7 +853,7 @@ def update_eta(
     points = torch.cat([obs[:-1], actions, obs[1:]], -1)  # [T, N, D]
     # 2. the GMM prior on recent transitions (an even subsample when there are many)
     prior.add(rollouts)
-    data = prior.points()
+    data = torch.cat(prior.episodes)  # [M, D]
     data = data[:: max(1, -(-len(data) // GMM_MAX_POINTS))]
     clusters = max(1, min(args.prior_max_clusters, len(data) // args.prior_min_samples_per_cluster))
     prior.gmm = gmm_fit(data, clusters, args.prior_em_iters, prior.gmm)
@@ -960,10 +898,9 @@ def update_eta(
 
 
 def surrogate(actor: Actor, targets: list[Imitation]) -> Tensor:
-    """L(theta) = sum over training envs of mean_s E_{a ~ pi_theta} A^eta_t(s, a) [DPI eq. 11, Sec. 6.3 for several
-    envs]."""
-    # Deviation: every visited state weighs the same (TRPO practice), not gamma^t as d_pi would, which would leave
-    # the late states of an episode almost no weight
+    """L(theta) = sum over training envs of mean_s E_{a ~ pi_theta} A^eta_t(s, a) [DPI eq. 11; Sec. 6.3]."""
+    # Deviation: every visited state weighs the same (TRPO practice), not gamma^t as in d_pi, which would leave the
+    # late states of an episode almost no weight
     var = (2 * actor.log_std).exp().double()
     total = torch.zeros((), dtype=torch.float64)
     for target in targets:
@@ -973,10 +910,9 @@ def surrogate(actor: Actor, targets: list[Imitation]) -> Tensor:
 
 
 def update_actor(actor: Actor, targets: list[Imitation], args: Args) -> dict[str, Tensor]:
-    """One natural-gradient step on the cost L(theta) subject to (theta - theta_n)'F(theta - theta_n) <= beta
-    [DPI eq. 11-12], built as trpo.py's update_policy: s = F^-1 g by CG, theta = theta_n - sqrt(beta / s'Fs) s,
-    then (--line-search) TRPO's backtracking on -L with the KL bound beta / 2 (the second-order model of the
-    constraint is 2 KL)."""
+    """One natural-gradient step on the cost L(theta) s.t. (theta - theta_n)'F(theta - theta_n) <= beta [DPI eq. 11-12]
+    as trpo.py's update_policy: s = F^-1 g by CG, theta = theta_n - sqrt(beta / s'Fs) s, then (--line-search) TRPO's
+    backtracking on -L with the KL bound beta / 2 (the second-order model of the constraint is 2 KL)."""
     params = list(actor.parameters())
     theta_old = torch.cat([p.detach().reshape(-1) for p in params])
     obs = torch.cat([target.obs for target in targets])  # the states of every training env
@@ -999,15 +935,21 @@ def update_actor(actor: Actor, targets: list[Imitation], args: Args) -> dict[str
 
     @torch.no_grad()
     def evaluate_step() -> tuple[Tensor, Tensor]:
-        return -surrogate(actor, targets), mean_kl()  # line_search maximises
+        return -surrogate(actor, targets), mean_kl()  # -L, to maximise as TRPO's surrogate
 
-    loss_old = loss_old.detach()
-    # Deviation: the paper takes the step of eq. 12 as it is; the backtracking check (on by default) keeps a step
-    # whose quadratic KL model is wrong from making pi worse
+    loss_old, fraction = loss_old.detach(), 0.0
     if args.line_search:
-        fraction = line_search(
-            actor, evaluate_step, theta_old, full_step, -loss_old, args.beta / 2, args.backtrack_coef, args.backtrack_iters
-        )
+        # Deviation: the paper takes the step of eq. 12 as it is. [TRPO App. C] backtracking takes the first c^j
+        # full_step with L(theta) < L(theta_n) and mean KL <= beta / 2, else restores theta_n exactly, so that a step
+        # whose quadratic KL model is wrong cannot make pi worse
+        for j in range(args.backtrack_iters):
+            set_parameters(params, theta_old + args.backtrack_coef**j * full_step)
+            neg_loss_new, kl = evaluate_step()
+            if bool(kl <= args.beta / 2) and bool(neg_loss_new > -loss_old):
+                fraction = args.backtrack_coef**j
+                break
+        else:
+            set_parameters(params, theta_old)
     else:  # the paper's plain step
         set_parameters(params, theta_old + full_step)
         fraction = 1.0
@@ -1025,9 +967,9 @@ def update_actor(actor: Actor, targets: list[Imitation], args: Args) -> dict[str
 
 # == 7. Training ===========================================================================================
 def evaluate_variants(run: "Run", envs: TrainingEnvs, global_step: int, num_updates: int) -> None:
-    """--robust's evaluation [DPI Sec. 6.3], in place of Run.evaluate (same schedule and model.pt): charts/eval_return
-    is the mean return over the held-out test variants, never trained on; charts/eval_return_train over the training
-    variants (on the first training env of each: `rollout` reseeds every episode)."""
+    """--robust's evaluation [DPI Sec. 6.3], in place of Run.evaluate (same schedule, model.pt): charts/eval_return is
+    the mean return over the held-out test variants, charts/eval_return_train over the training ones (on each one's
+    first training env: `rollout` reseeds every episode)."""
     args = run.args
     mean_return = lambda env: np.mean(evaluate(run.act, env, args.eval_episodes, args.seed + 10_000, run.device))
     run.writer.add_scalar("charts/eval_return_train", np.mean([mean_return(group[0]) for group in envs.train]), global_step)

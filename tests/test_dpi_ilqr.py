@@ -615,7 +615,7 @@ def test_rollout_keeps_episodes_time_aligned_and_stops_at_termination():
     assert (rollouts.actions.abs() <= 3).all()  # executed actions are inside the bounds
     buffer = PriorBuffer(capacity=2)
     buffer.add(rollouts)
-    assert len(buffer.episodes) == 2 and buffer.points().shape[1] == 4 + 1 + 4
+    assert len(buffer.episodes) == 2 and torch.cat(buffer.episodes).shape[1] == 4 + 1 + 4
 
 
 # -- end to end -----------------------------------------------------------------------------
