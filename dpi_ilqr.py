@@ -156,26 +156,22 @@ class Args:
 
 def algorithm_checks(args: Args) -> list[tuple[bool, str]]:
     """(condition, message) for each algorithm argument; `check_args` raises the first that fails."""
-    prior = (args.prior_episodes, args.prior_max_clusters, args.prior_min_samples_per_cluster, args.prior_em_iters)
-    positive, non_negative = (args.alpha, args.beta, args.dual_iters, args.cg_iters), (args.prior_strength, args.dynamics_reg)
-    variants, ranges = (
-        (args.robust_train_variants, args.robust_test_variants),
-        (args.robust_mass_range, args.robust_length_range),
-    )
+    counts = (args.prior_episodes, args.prior_max_clusters, args.prior_min_samples_per_cluster, args.prior_em_iters)
+    positive = (args.alpha, args.beta, args.dual_iters, args.cg_iters, args.backtrack_iters)
+    non_negative = (args.prior_strength, args.dynamics_reg, args.cg_damping)
+    variants = (args.robust_train_variants, args.robust_test_variants)
+    ranges = (args.robust_mass_range, args.robust_length_range)
     return [
         (not args.cuda, f"{ALGO}.py runs on the CPU: its LQR and fits are small and sequential"),
         (args.env in COSTS, f"{args.env} has no known cost in {ALGO}.py; supported: {', '.join(COSTS)}"),
         (min(args.hidden_sizes, default=0) > 0, f"--hidden-sizes must be positive, got {args.hidden_sizes}"),
         (args.episodes >= 2 and args.horizon > 0, "--episodes must be >= 2 and --horizon positive"),
         (0.0 < args.gamma <= 1.0, f"--gamma must be in (0, 1], got {args.gamma}"),
-        (min(prior) > 0, "the --prior-* counts (episodes, max clusters, samples per cluster, EM iterations) must be > 0"),
-        (min(non_negative) >= 0 and args.cg_damping >= 0, "--prior-strength, --dynamics-reg and --cg-damping must be >= 0"),
-        (min(positive) > 0, "--alpha, --beta, --dual-iters and --cg-iters must be positive"),
+        (min(counts) > 0, "the --prior-* counts (episodes, max clusters, samples per cluster, EM iterations) must be > 0"),
+        (min(positive) > 0, "--alpha, --beta, --dual-iters, --cg-iters and --backtrack-iters must be positive"),
+        (min(non_negative) >= 0, "--prior-strength, --dynamics-reg and --cg-damping must be >= 0"),
         (0.0 < args.kl_tolerance < 1.0, f"--kl-tolerance must be in (0, 1), got {args.kl_tolerance}"),
-        (
-            0.0 < args.backtrack_coef < 1.0 and args.backtrack_iters > 0,
-            "--backtrack-coef must be in (0, 1), --backtrack-iters > 0",
-        ),
+        (0.0 < args.backtrack_coef < 1.0, f"--backtrack-coef must be in (0, 1), got {args.backtrack_coef}"),
         (not args.robust or min(variants) > 0, "--robust needs positive --robust-train-variants and --robust-test-variants"),
         (all(0.0 < low <= high for low, high in ranges), "--robust-mass-range and --robust-length-range need 0 < low <= high"),
     ]
@@ -231,42 +227,26 @@ PENDULUM_ANGLE_LIMIT = 0.2  # InvertedPendulum-v5 terminates when |angle| > 0.2 
 PENDULUM_RAIL_COST = 0.1  # weight of x^2, keeps the cart off the rail ends (|x| <= 1)
 PENDULUM_ACTION_COST = 1e-3  # small control cost, conditions Q_aa
 HOPPER_ANGLE_LIMIT = 0.2  # Hopper-v5 is unhealthy when |torso angle| > 0.2 rad
-
-
-def inverted_pendulum_cost(obs: Tensor, actions: Tensor) -> Tensor:
-    """-1 + (angle / 0.2)^2 + 0.1 x^2 + 1e-3 |a|^2, obs = (x, angle, x', angle'): the env's +1 per step while |angle|
-    <= 0.2 is flat, so useless to an LQR; the angle term is a smooth surrogate of that band."""
-    angle, rail, control = obs[..., 1] / PENDULUM_ANGLE_LIMIT, obs[..., 0] ** 2, (actions**2).sum(-1)
-    return -1.0 + angle**2 + PENDULUM_RAIL_COST * rail + PENDULUM_ACTION_COST * control
-
-
-def swimmer_cost(obs: Tensor, actions: Tensor) -> Tensor:
-    """-x_velocity + 1e-4 |a|^2; x velocity is obs[3] (qvel[0] after qpos[2:])."""
-    return -obs[..., 3] + 1e-4 * (actions**2).sum(-1)
-
-
-def hopper_cost(obs: Tensor, actions: Tensor) -> Tensor:
-    """-1 - x_velocity (obs[5]) + 1e-3 |a|^2 + (torso angle / 0.2)^2: the LQR cannot see that the episode ends outside
-    the healthy set, so a quadratic torso-angle term stands in for the angle limit."""
-    return -1.0 - obs[..., 5] + 1e-3 * (actions**2).sum(-1) + (obs[..., 1] / HOPPER_ANGLE_LIMIT) ** 2
-
-
-def half_cheetah_cost(obs: Tensor, actions: Tensor) -> Tensor:
-    """-x_velocity + 0.1 |a|^2; x velocity is obs[8] (qvel[0] after qpos[1:])."""
-    return -obs[..., 8] + 0.1 * (actions**2).sum(-1)
-
-
-def linear_quadratic_cost(obs: Tensor, actions: Tensor) -> Tensor:
-    """x'Qx + u'Ru: exactly minus the env's reward (the action is inside its bounds)."""
-    return (torch.tensor(LQ_STATE_COST, dtype=obs.dtype) * obs**2).sum(-1) + LQ_ACTION_COST * (actions**2).sum(-1)
-
-
 COSTS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "InvertedPendulum-v5": inverted_pendulum_cost,
-    "Swimmer-v5": swimmer_cost,
-    "Hopper-v5": hopper_cost,
-    "HalfCheetah-v5": half_cheetah_cost,
-    LQ_ENV_ID: linear_quadratic_cost,
+    # -1 + (angle / 0.2)^2 + 0.1 x^2 + 1e-3 |a|^2, obs = (x, angle, x', angle'): the env's +1 per step while |angle|
+    # <= 0.2 is flat, so useless to an LQR; the angle term is a smooth surrogate of that band
+    "InvertedPendulum-v5": lambda obs, actions: (
+        -1.0
+        + (obs[..., 1] / PENDULUM_ANGLE_LIMIT) ** 2
+        + PENDULUM_RAIL_COST * obs[..., 0] ** 2
+        + PENDULUM_ACTION_COST * (actions**2).sum(-1)
+    ),
+    "Swimmer-v5": lambda obs, actions: -obs[..., 3] + 1e-4 * (actions**2).sum(-1),  # -x velocity (qvel[0] after qpos[2:])
+    # -1 - x velocity (obs[5]) + 1e-3 |a|^2 + (torso angle / 0.2)^2: the LQR cannot see that the episode ends outside
+    # the healthy set, so a quadratic torso-angle term stands in for the angle limit
+    "Hopper-v5": lambda obs, actions: (
+        -1.0 - obs[..., 5] + 1e-3 * (actions**2).sum(-1) + (obs[..., 1] / HOPPER_ANGLE_LIMIT) ** 2
+    ),
+    "HalfCheetah-v5": lambda obs, actions: -obs[..., 8] + 0.1 * (actions**2).sum(-1),  # -x velocity (qvel[0] after qpos[1:])
+    # x'Qx + u'Ru: exactly minus the env's reward (the action is inside its bounds)
+    LQ_ENV_ID: lambda obs, actions: (
+        (torch.tensor(LQ_STATE_COST, dtype=obs.dtype) * obs**2).sum(-1) + LQ_ACTION_COST * (actions**2).sum(-1)
+    ),
 }
 
 
@@ -390,8 +370,7 @@ def rollout(
             if not alive.any():
                 break
     infos = {"episode": {"r": returns[ended], "l": mask.sum(1)[ended]}, "_episode": np.ones(len(ended), dtype=bool)}
-    as64 = lambda x: torch.as_tensor(x, dtype=torch.float64)
-    return Rollouts(as64(obs), as64(actions), torch.as_tensor(mask)), infos
+    return Rollouts(torch.as_tensor(obs), torch.as_tensor(actions), torch.as_tensor(mask)), infos  # float64
 
 
 class PriorBuffer:
@@ -862,8 +841,7 @@ def update_eta(
     dynamics = fit_dynamics(points, mask, mu0, phi, args.prior_strength, args.dynamics_reg, obs_dim)
     pred = (dynamics.F[:, None] @ points[..., :-obs_dim, None])[..., 0] + dynamics.f[:, None]
     residual = masked_mean((pred - points[..., -obs_dim:]).pow(2).sum(-1), mask)
-    x0 = obs[0]  # [N, O]: every episode has step 0
-    x0_mean = x0.mean(0)
+    x0, x0_mean = obs[0], obs[0].mean(0)  # [N, O], [O]: every episode has step 0
     x0_cov = sym(torch.cov(x0.T).reshape(obs_dim, obs_dim)) + 1e-6 * torch.eye(obs_dim, dtype=x0.dtype)
     # 4. true cost and linearised pi_n [DPI eq. 10]
     cost = quadratic_cost(cost_fn, obs[:-1], actions, mask)
@@ -967,9 +945,8 @@ def update_actor(actor: Actor, targets: list[Imitation], args: Args) -> dict[str
 
 # == 7. Training ===========================================================================================
 def evaluate_variants(run: "Run", envs: TrainingEnvs, global_step: int, num_updates: int) -> None:
-    """--robust's evaluation [DPI Sec. 6.3], in place of Run.evaluate (same schedule, model.pt): charts/eval_return is
-    the mean return over the held-out test variants, charts/eval_return_train over the training ones (on each one's
-    first training env: `rollout` reseeds every episode)."""
+    """--robust's evaluation [DPI Sec. 6.3] in place of Run.evaluate: charts/eval_return is the mean return over the
+    held-out test variants, charts/eval_return_train over the training ones (on a training env: rollouts reseed)."""
     args = run.args
     mean_return = lambda env: np.mean(evaluate(run.act, env, args.eval_episodes, args.seed + 10_000, run.device))
     run.writer.add_scalar("charts/eval_return_train", np.mean([mean_return(group[0]) for group in envs.train]), global_step)
