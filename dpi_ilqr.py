@@ -1,153 +1,65 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["torch>=2.6", "numpy>=1.26", "gymnasium[mujoco]>=1.1,<2", "mujoco>=3.1", "tensorboard>=2.14", "tyro>=0.9", "moviepy>=2"]
+# ///
 """Dual Policy Iteration with iLQR on learned local models (AGGREVATED-ILQR), in one file.
 
 References:
-    [DPI] Sun, Gordon, Boots, Bagnell 2018, "Dual Policy Iteration" (Sec. 3 framework, Sec. 5.1
-        MBOC with time-varying linear models, eq. 8-10; Sec. 5.2 natural-gradient imitation,
-        eq. 11-12; Sec. 6.2-6.3 experiments). Its Appendix B.3/B.4 (settings) is not in the
-        text we have, so defaults below are ours and say so.
-    [iLQR] lecture notes on local models and KL-constrained trajectory optimisation (Bayesian
-        linear dynamics with a GMM / normal-inverse-Wishart prior, "KL-divergences between
-        trajectories", dual gradient descent).
-    [GPS] Levine and Abbeel 2014 and its code base (cbfinn/gps): where the papers are silent
-        (prior strength, the re-centred cost expansion, the bracket search on the dual, the
-        linear-Gaussian trajectory KL) we follow it, as summarised in ALGO_NOTES section 2.
-    [TRPO] Schulman et al. 2015, App. C: conjugate gradient on Fisher-vector products.
+    [DPI] Sun, Gordon, Boots, Bagnell 2018, "Dual Policy Iteration", arXiv:1805.10755: Sec. 5.1 model-based optimal
+        control with local linear models (eq. 8-10), Sec. 5.2 natural-gradient imitation (eq. 11-12), Sec. 6.3 robust
+        policy optimisation. Its settings (App. B) are not in the text we have: our defaults say so.
+    [iLQR] lecture notes on local models and KL-constrained trajectory optimisation (Bayesian linear dynamics with a
+        GMM / normal-inverse-Wishart prior, "KL-divergences between trajectories", dual gradient descent).
+    [GPS] Levine, Abbeel 2014, "Learning Neural Network Policies with Guided Policy Search under Unknown Dynamics",
+        and its code (cbfinn/gps), followed where the papers are silent.
+    [TRPO] Schulman et al. 2015, arXiv:1502.05477, App. C: conjugate gradient on Fisher-vector products.
 
 Algorithm (one iteration; the function that does each line in brackets):
-    1. Run pi_n (Gaussian MLP, state-independent std) for N episodes of horizon T in each
-       training env (one env, or the perturbed variants of --robust)               [rollout]
-    2. Refit the dynamics prior: a GMM over (s, a, s') of recent episodes, all t      [gmm_fit]
-    3. Fit s_{t+1} ~ N(A_t s_t + B_t a_t + c_t, Sigma_t) per t, normal-inverse-Wishart
-       posterior with the GMM prior [DPI eq. 8]                    [prior_moments, fit_dynamics]
-    4. Quadratic expansion of the true cost c and linearisation of pi_n around the samples;
-       augmented cost c' = c / mu - log pi_n(a|s) [DPI eq. 10]
-                                         [quadratic_cost, linearize_policy, augmented_cost]
-    5. LQR backward pass on c': eta_t = N(K_t s + k_t, P_t), P_t = Q_aa^-1       [lqr_backward]
-    6. Search mu so that sum_t gamma^t E KL(eta_t || pi_n) = alpha [DPI eq. 9]
-                                           [forward_marginals, trajectory_kl, dual_search]
-    7. Evaluate eta under the model with the true cost: A_t = Q_t - V_t        [lqr_evaluate]
-    8. L(theta) = E_s E_{a~pi_theta} A_t(s, a), analytic for a Gaussian policy
-       [DPI eq. 11]                                                    [expected_disadvantage]
-    9. theta <- theta_n - sqrt(beta / g'F^-1 g) F^-1 g by conjugate gradient on Fisher-vector
-       products [DPI eq. 12]        [conjugate_gradient, fisher_vector_product, update_actor]
-    --robust [DPI Sec. 6.3]: steps 2-8 per training variant (one model, mu and eta each), one
-    step 9 on the summed L; held-out test variants are only evaluated.
+    1. Run pi_n (Gaussian MLP, state-independent std) for N episodes of horizon T in each training env      [rollout]
+    2. Refit the dynamics prior: a GMM over (s, a, s') of recent episodes, all t                            [gmm_fit]
+    3. Fit s_{t+1} ~ N(A_t s_t + B_t a_t + c_t, Sigma_t) per t, NIW posterior [DPI eq. 8] [prior_moments, fit_dynamics]
+    4. Quadratic c, linearised pi_n, c' = c / mu - log pi_n [DPI eq. 10]  [quadratic_cost, linearize_policy, augmented_cost]
+    5. LQR backward pass on c': eta_t = N(K_t s + k_t, Q_aa^-1)                                         [lqr_backward]
+    6. Search mu so that sum_t gamma^t E KL(eta_t || pi_n) = alpha [DPI eq. 9]  [trajectory_kl, solve_eta, dual_search]
+    7. Evaluate eta under the model with the true cost: A_t = Q_t - V_t                  [lqr_evaluate, disadvantage]
+    8. L(theta) = E_s E_{a~pi_theta} A_t(s, a), analytic for a Gaussian [DPI eq. 11]          [expected_disadvantage]
+    9. theta <- theta_n - sqrt(beta / g'F^-1 g) F^-1 g [DPI eq. 12] [conjugate_gradient, fisher_vector_product, update_actor]
+    --robust [DPI Sec. 6.3]: steps 2-8 per perturbed training env (one model, mu and eta each), one step 9 on the
+    summed L; held-out test variants are only evaluated.
 
-Shapes: N episodes, T time steps, O observation size, A action size, Y = O + A,
-D = 2 O + A (one transition), K mixture components, M prior points, B states in a batch,
-P policy parameters.
+Shapes: N episodes, T time steps, O observation size, A action size, Y = O + A, D = 2 O + A (one transition),
+K mixture components, M prior points, B states in a batch, P policy parameters.
 
-Usage:
-    python dpi_ilqr.py --env InvertedPendulum-v5 --num-envs 10
-    python dpi_ilqr.py --env Swimmer-v5 --num-envs 10 --total-steps 200000
-    python dpi_ilqr.py --env LinearQuadratic-v0 --gamma 1 --total-steps 20000
-    python dpi_ilqr.py --env InvertedPendulum-v5 --robust --num-envs 10
-    python dpi_ilqr.py --env InvertedPendulum-v5 --checkpoint runs/<run>/model.pt --eval-only
-    python dpi_ilqr.py --resume runs/<run>/resume.pt
-
-Costs: DPI assumes a known cost c(s, a) [DPI Sec. 2]; COSTS below writes it per env from the
-env's reward and says where it differs (the LQR sees neither termination nor time limits).
-
-Deviations from the paper:
-    - pi_n inside -log pi_n and the KL is linearised per time step (mean Jacobian over the
-      samples at t), as GPS does for its neural-network prior; the KL that the dual search
-      meets is the KL to that linear-Gaussian policy.
-    - A^eta is the disadvantage of eta for the true cost c (a policy-evaluation pass of eta
-      under the model), not of the augmented cost c' that eta was optimised for: the paper
-      only says LQR "returns" A^eta; c' would mix the KL bonus into the imitation target.
-    - States in L(theta) and the Fisher are weighted uniformly, not by gamma^t as d_pi is
-      defined: the usual TRPO practice, and late states would otherwise carry no weight.
-    - The natural-gradient step is followed by a TRPO-style backtracking check on the exact
-      L(theta) and the KL (--line-search, on by default); the paper describes the plain step.
-    - The quadratic of c is its exact expansion at the samples, averaged per step (GPS), not
-      a regression on sampled costs: c is known.
-    - mu is found by GPS's bracket search on log mu, not by projected gradient ascent.
-    - Training episodes are cut at --horizon T (the LQR horizon); evaluation runs the env's
-      own time limit. Nothing trains the policy on states after T: on Swimmer-v5 (T = 200,
-      time limit 1000) the learned policy swims during the first 200 steps and then stalls.
-    - Where the paper is silent and GPS is followed, three changes to GPS: the dynamics ridge
-      is relative to each input's variance (GPS: 1e-6 I, which biases the model once pi_n has
-      converged and the states barely move; InvertedPendulum fell after ~55k steps); GMM
-      components get one pseudo-point of the global covariance (MAP-EM; GPS adds 1e-6 I and
-      reseeds) and start from a k-means assignment; the NIW posterior mean is shrunk to the
-      prior mean (GPS keeps the sample mean), so a step that one episode reached is defined.
-    - The robust variants (which masses and lengths, their ranges) are ours; the paper varies
-      the pole's mass and length for cart-pole and does not give ranges.
-
-Q_aa positive definite: the costs in COSTS are convex in a and -log pi_n adds Pbar > 0, so
-Q_aa = C_aa / mu + Pbar + gamma B'V_xx B is PD for convex problems; a mu whose backward pass
-meets a Q_aa that is not (a Cholesky failure) counts as too small in the dual search, which
-raises mu and so the weight of the PD term Pbar (GPS). No ridge is added to Q_aa: it would
-change the KL that mu controls.
+Deviations from the paper (each marked where it happens): the known cost c(s, a) [DPI Sec. 2] is written per env
+from its reward (COSTS); pi_n in -log pi_n and the KL is linearised per step (GPS); A^eta is for the true cost c, not
+the augmented c'; states in L(theta) weigh the same, not gamma^t; TRPO's line search checks the step; c is expanded
+exactly at the samples (GPS), not regressed; mu comes from GPS's bracket search, not projected gradient ascent;
+training episodes are cut at --horizon T. Changes to GPS: a dynamics ridge relative to each input's variance, GMM
+components with a pseudo-point of the global covariance started from a k-means step, the NIW mean shrunk to the
+prior's. The robust variants are ours.
 """
 
-# == 1. Imports ========================================================================
-import dataclasses
-import difflib
 import functools
-import json
-import os
-import random
-import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, NamedTuple
 
 import gymnasium as gym
 import mujoco
 import numpy as np
 import torch
-import tyro
-from torch import nn
-from torch.utils.tensorboard import SummaryWriter
+from torch import Tensor, nn
 
 ALGO = "dpi_ilqr"
-CHECKPOINT_FORMAT = 1
+ACTION_SPACES = (gym.spaces.Box,)  # the LQR plans in continuous actions
 
 
-# == 2. Arguments ======================================================================
-class UsageError(Exception):
-    """Bad user input: `main` prints it as one line on stderr and returns 2."""
-
-
+# == 1. Arguments ==========================================================================================
 @dataclass
 class Args:
-    # -- shared: identical in every file ---------------------------------------------
-    env: str = "InvertedPendulum-v5"
-    """Gymnasium id of the task."""
-    seed: int = 1
-    """Seed for python, numpy, torch and the environments."""
-    total_steps: int = 100_000
-    """Environment steps to train for, summed over all parallel envs."""
-    num_envs: int = 1
-    """Parallel training environments (a gymnasium SyncVectorEnv)."""
-    cuda: bool = False
-    """Train on the GPU (an error when torch sees none)."""
-    threads: int = 1
-    """Torch CPU threads; small networks are often fastest on one."""
-    log_dir: str = "runs"
-    """Directory that receives one subdirectory per run (tensorboard events, args, models)."""
-    log_every: int = 5_000
-    """Print a progress line and write losses to tensorboard every this many env steps."""
-    eval_every: int = 10_000
-    """Evaluate the deterministic policy every this many env steps (0: only at the end)."""
-    eval_episodes: int = 10
-    """Episodes per evaluation."""
-    save_model: bool = True
-    """Write model.pt (weights and statistics for evaluation) at each evaluation and the end."""
-    checkpoint_every: int = 100_000
-    """Write resume.pt (everything needed to continue) every this many env steps (0: never)."""
-    checkpoint: str | None = None
-    """A model.pt or resume.pt to load; its saved arguments become the defaults."""
-    eval_only: bool = False
-    """With --checkpoint: evaluate the loaded policy, print the returns and exit."""
-    resume: str | None = None
-    """A resume.pt to continue training from, in its run directory."""
-    capture_video: bool = False
-    """Record evaluation episodes to <run>/videos (needs a rendering backend)."""
-    # -- algorithm ---------------------------------------------------------------------
+    # -- algorithm ----------------------------------------------------------------------------------------
     # Reactive policy [DPI Sec. 6.2: "a two-layer neural network"]
     hidden_sizes: tuple[int, ...] = (64, 64)
     """Hidden layer sizes of the policy mean (paper: two layers, sizes not given)."""
@@ -206,132 +118,71 @@ class Args:
     """Range of the uniform mass scale of the variants."""
     robust_length_range: tuple[float, float] = (0.5, 1.5)
     """Range of the uniform pole-length scale (InvertedPendulum-v5 only)."""
+    # -- shared: identical in every file ------------------------------------------------------------------
+    env: str = "InvertedPendulum-v5"
+    """Gymnasium id of the task (`module:Env-v0` imports `module` first, for an env it registers)."""
+    seed: int = 1
+    """Seed for python, numpy, torch and the environments."""
+    total_steps: int = 100_000
+    """Environment steps to train for, summed over all parallel envs."""
+    num_envs: int = 1
+    """Parallel training environments (a gymnasium SyncVectorEnv)."""
+    cuda: bool = False
+    """Train on the GPU (an error when torch sees none)."""
+    threads: int = 1
+    """Torch CPU threads; small networks are often fastest on one."""
+    log_dir: str = "runs"
+    """Directory that receives one subdirectory per run (tensorboard events, args, models)."""
+    log_every: int = 5_000
+    """Print a progress line and write losses to tensorboard every this many env steps."""
+    eval_every: int = 10_000
+    """Evaluate the deterministic policy every this many env steps (0: only at the end)."""
+    eval_episodes: int = 10
+    """Episodes per evaluation."""
+    save_model: bool = True
+    """Write model.pt (weights and statistics for evaluation) at each evaluation and the end."""
+    checkpoint_every: int = 100_000
+    """Write resume.pt (everything needed to continue) every this many env steps (0: only on a signal)."""
+    checkpoint: str | None = None
+    """A model.pt or resume.pt whose weights to fine-tune (or, with --eval-only, evaluate); its saved
+    arguments become the defaults."""
+    eval_only: bool = False
+    """With --checkpoint: evaluate the loaded policy, print the returns and exit."""
+    resume: str | None = None
+    """A resume.pt to continue training from, in its run directory (Ctrl-C writes one)."""
+    capture_video: bool = False
+    """Record evaluation episodes to <run>/videos (needs a rendering backend)."""
 
 
-def check_args(args: Args) -> None:
-    """Raise UsageError for values no run can use."""
-    if args.total_steps <= 0:
-        raise UsageError(f"--total-steps must be positive, got {args.total_steps}")
-    if args.num_envs <= 0:
-        raise UsageError(f"--num-envs must be positive, got {args.num_envs}")
-    if args.threads <= 0:
-        raise UsageError(f"--threads must be positive, got {args.threads}")
-    if args.log_every <= 0:
-        raise UsageError(f"--log-every must be positive, got {args.log_every}")
-    if args.eval_every < 0 or args.checkpoint_every < 0:
-        raise UsageError("--eval-every and --checkpoint-every must be >= 0")
-    if args.eval_episodes <= 0:
-        raise UsageError(f"--eval-episodes must be positive, got {args.eval_episodes}")
-    if args.eval_only and args.checkpoint is None:
-        raise UsageError("--eval-only needs --checkpoint PATH")
-    if args.resume is not None and args.checkpoint is not None:
-        raise UsageError("give either --resume or --checkpoint, not both")
-    if args.cuda and not torch.cuda.is_available():
-        raise UsageError("--cuda was given but torch sees no CUDA device")
-    # -- algorithm ---------------------------------------------------------------------
-    if args.cuda:
-        raise UsageError(f"{ALGO}.py runs on the CPU: its LQR and fits are small and sequential")
-    if args.env not in COSTS:
-        raise UsageError(f"{args.env} has no known cost in {ALGO}.py; supported: {', '.join(COSTS)}")
-    if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
-        raise UsageError(f"--hidden-sizes must be positive, got {args.hidden_sizes}")
-    if args.episodes < 2 or args.horizon <= 0:
-        raise UsageError("--episodes must be >= 2 and --horizon positive")
-    if not 0.0 < args.gamma <= 1.0:
-        raise UsageError(f"--gamma must be in (0, 1], got {args.gamma}")
-    if args.prior_strength < 0 or args.dynamics_reg < 0:
-        raise UsageError("--prior-strength and --dynamics-reg must be >= 0")
-    if min(args.prior_episodes, args.prior_max_clusters, args.prior_min_samples_per_cluster) <= 0:
-        raise UsageError("--prior-episodes, --prior-max-clusters and its min samples must be > 0")
-    if args.prior_em_iters <= 0 or args.dual_iters <= 0 or args.cg_iters <= 0:
-        raise UsageError("--prior-em-iters, --dual-iters and --cg-iters must be positive")
-    if args.alpha <= 0 or args.beta <= 0:
-        raise UsageError(f"--alpha and --beta must be positive, got {args.alpha}, {args.beta}")
-    if not 0.0 < args.kl_tolerance < 1.0:
-        raise UsageError(f"--kl-tolerance must be in (0, 1), got {args.kl_tolerance}")
-    if args.cg_damping < 0:
-        raise UsageError(f"--cg-damping must be >= 0, got {args.cg_damping}")
-    if not 0.0 < args.backtrack_coef < 1.0 or args.backtrack_iters <= 0:
-        raise UsageError("--backtrack-coef must be in (0, 1) and --backtrack-iters positive")
-    if args.robust and min(args.robust_train_variants, args.robust_test_variants) <= 0:
-        raise UsageError("--robust needs positive --robust-train-variants and test variants")
-    for name, (low, high) in (
-        ("--robust-mass-range", args.robust_mass_range),
-        ("--robust-length-range", args.robust_length_range),
-    ):
-        if not 0.0 < low <= high:
-            raise UsageError(f"{name} must satisfy 0 < low <= high, got {low} {high}")
+def algorithm_checks(args: Args) -> list[tuple[bool, str]]:
+    """(condition, message) for each algorithm argument; `check_args` raises the first that fails."""
+    counts = (args.prior_episodes, args.prior_max_clusters, args.prior_min_samples_per_cluster, args.prior_em_iters)
+    positive = (args.alpha, args.beta, args.dual_iters, args.cg_iters, args.backtrack_iters)
+    non_negative = (args.prior_strength, args.dynamics_reg, args.cg_damping)
+    variants = (args.robust_train_variants, args.robust_test_variants)
+    ranges = (args.robust_mass_range, args.robust_length_range)
+    return [
+        (not args.cuda, f"{ALGO}.py runs on the CPU: its LQR and fits are small and sequential"),
+        (args.env in COSTS, f"{args.env} has no known cost in {ALGO}.py; supported: {', '.join(COSTS)}"),
+        (min(args.hidden_sizes, default=0) > 0, f"--hidden-sizes must be positive, got {args.hidden_sizes}"),
+        (args.episodes >= 2 and args.horizon > 0, "--episodes must be >= 2 and --horizon positive"),
+        (0.0 < args.gamma <= 1.0, f"--gamma must be in (0, 1], got {args.gamma}"),
+        (min(counts) > 0, "the --prior-* counts (episodes, max clusters, samples per cluster, EM iterations) must be > 0"),
+        (min(positive) > 0, "--alpha, --beta, --dual-iters, --cg-iters and --backtrack-iters must be positive"),
+        (min(non_negative) >= 0, "--prior-strength, --dynamics-reg and --cg-damping must be >= 0"),
+        (0.0 < args.kl_tolerance < 1.0, f"--kl-tolerance must be in (0, 1), got {args.kl_tolerance}"),
+        (0.0 < args.backtrack_coef < 1.0, f"--backtrack-coef must be in (0, 1), got {args.backtrack_coef}"),
+        (not args.robust or min(variants) > 0, "--robust needs positive --robust-train-variants and --robust-test-variants"),
+        (all(0.0 < low <= high for low, high in ranges), "--robust-mass-range and --robust-length-range need 0 < low <= high"),
+    ]
 
 
-# == 3. Environment ====================================================================
-def make_env(env_id: str, render_mode: str | None = None) -> gym.Env:
-    """One gymnasium env; an unknown id or a missing dependency becomes a UsageError."""
-    if env_id not in gym.registry:
-        close = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise UsageError(f"unknown env id {env_id!r}{hint}")
-    kwargs = {} if render_mode is None else {"render_mode": render_mode}
-    try:
-        return gym.make(env_id, **kwargs)
-    except gym.error.DependencyNotInstalled as e:
-        raise UsageError(f"{env_id} needs a package that is not installed: {e}") from None
-
-
-# sac.py's make_vec_env (a SyncVectorEnv with autoreset) is not used: DPI fits one model per
-# time step, so every episode must start from a reset at t = 0 and stop at its end; `rollout`
-# steps --num-envs single envs in lockstep instead.
-
-
-def make_eval_env(env_id: str, video_dir: str | None, episodes: int) -> gym.Env:
-    """The evaluation env; with video_dir, the first of every `episodes` episodes is recorded
-    there, or, where rendering cannot start, one line is printed and the run goes on without."""
-    if video_dir is None:
-        return make_env(env_id)
-    os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo rendering (GYMNASIUM_NOTES)
-    env = make_env(env_id, "rgb_array")
-    try:
-        env.reset(seed=0)
-        env.render()  # fails here without a GL backend
-        trigger = lambda episode: episode % episodes == 0
-        return gym.wrappers.RecordVideo(env, video_dir, episode_trigger=trigger, name_prefix="eval")
-    except Exception as e:  # noqa: BLE001 (no GL backend, moviepy missing, ...)
-        print(f"video capture disabled: {type(e).__name__}: {e}".splitlines()[0], flush=True)
-        env.close()
-        return make_env(env_id)
-
-
-def check_spaces(env_id: str, obs_space: gym.Space, action_space: gym.Space) -> None:
-    """DPI needs flat Box observations (the LQR state) and Box actions."""
-    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-        raise UsageError(f"{env_id} has observation space {obs_space}; this script needs a flat Box")
-    if not isinstance(action_space, gym.spaces.Box) or len(action_space.shape) != 1:
-        raise UsageError(f"{env_id} has action space {action_space}; DPI needs a flat Box")
-
-
-class EpisodeStats:
-    """Running return and length of each parallel env."""
-
-    def __init__(self, num_envs: int):
-        self.returns = np.zeros(num_envs)
-        self.lengths = np.zeros(num_envs, dtype=np.int64)
-
-    def update(self, rewards: np.ndarray, ended: np.ndarray) -> list[tuple[float, int]]:
-        """Add one step's rewards; return (return, length) of the episodes that ended."""
-        self.returns += rewards
-        self.lengths += 1
-        finished = [(float(self.returns[i]), int(self.lengths[i])) for i in np.flatnonzero(ended)]
-        self.returns[ended] = 0.0
-        self.lengths[ended] = 0
-        return finished
-
-
-# The linear-quadratic system of this file, where the optimal cost is known: a point mass in
-# the plane, x = (position, velocity) in R^4, u = force in R^2, x' = A x + B u + w.
+# == 2. Environment ========================================================================================
+# LinearQuadratic-v0, where the optimal cost is known: a point mass in the plane, x = (position, velocity) in R^4,
+# u = force in R^2, x' = A x + B u + w, w ~ N(0, LQ_NOISE_STD^2 I), reward -(x'Qx + u'Ru), no termination.
 LQ_ENV_ID = "LinearQuadratic-v0"
-LQ_DT = 0.1  # seconds per step
-LQ_HORIZON = 50  # steps per episode (a TimeLimit truncation)
-LQ_STATE_COST = (1.0, 1.0, 0.1, 0.1)  # diagonal of Q in c = x'Qx + u'Ru
-LQ_ACTION_COST = 0.1  # R = 0.1 I
+LQ_DT, LQ_HORIZON = 0.1, 50  # seconds per step; steps per episode (a TimeLimit truncation)
+LQ_STATE_COST, LQ_ACTION_COST = (1.0, 1.0, 0.1, 0.1), 0.1  # diagonal of Q, and R = 0.1 I
 LQ_NOISE_STD = 0.05  # std of each component of the process noise w
 LQ_INIT_RANGE = (1.0, 1.0, 0.5, 0.5)  # x_0 ~ uniform in [-range, range] per component
 LQ_ACTION_BOUND = 10.0  # |u_i| <= 10; the optimal controller stays well inside
@@ -340,19 +191,12 @@ LQ_ACTION_BOUND = 10.0  # |u_i| <= 10; the optimal controller stays well inside
 def lq_matrices(mass: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """A [4, 4] and B [4, 2] of the point mass (explicit Euler; the velocity feels u / mass)."""
     eye = np.eye(2)
-    a = np.block([[eye, LQ_DT * eye], [np.zeros((2, 2)), eye]])
-    b = np.vstack([np.zeros((2, 2)), LQ_DT / mass * eye])
-    return a, b
+    return np.block([[eye, LQ_DT * eye], [np.zeros((2, 2)), eye]]), np.vstack([np.zeros((2, 2)), LQ_DT / mass * eye])
 
 
 class LinearQuadraticEnv(gym.Env):
-    """x' = A x + B u + w, w ~ N(0, LQ_NOISE_STD^2 I); reward -(x'Qx + u'Ru); no termination."""
-
-    metadata = {"render_modes": []}  # noqa: RUF012 (gymnasium.Env convention)
-
-    def __init__(self, mass: float = 1.0, render_mode: str | None = None):
+    def __init__(self, mass: float = 1.0):
         self.a, self.b = lq_matrices(mass)
-        self.render_mode = render_mode  # no rendering; gym.make passes the argument
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (4,), np.float64)
         self.action_space = gym.spaces.Box(-LQ_ACTION_BOUND, LQ_ACTION_BOUND, (2,), np.float32)
         self.x = np.zeros(4)
@@ -376,98 +220,54 @@ def register_envs() -> None:
         gym.register(LQ_ENV_ID, entry_point=LinearQuadraticEnv, max_episode_steps=LQ_HORIZON)
 
 
-# The known cost c(s, a) of each env [DPI Sec. 2], from the env's reward (gymnasium 1.4 v5
-# sources); obs [..., O], actions [..., A] -> [...]. The LQR sees a per-step cost only, so
-# termination and time limits are not part of it.
+# The known cost c(s, a) of each env [DPI Sec. 2], from its reward (gymnasium 1.4 v5 sources): obs [..., O], actions
+# [..., A] -> [...]. Deviation: the LQR sees a per-step cost, so termination and time limits are not part of it; the
+# locomotion costs take the x velocity qvel[0] at s_t where the rewards take the step's mean velocity (x' - x) / dt.
 PENDULUM_ANGLE_LIMIT = 0.2  # InvertedPendulum-v5 terminates when |angle| > 0.2 rad
 PENDULUM_RAIL_COST = 0.1  # weight of x^2, keeps the cart off the rail ends (|x| <= 1)
 PENDULUM_ACTION_COST = 1e-3  # small control cost, conditions Q_aa
 HOPPER_ANGLE_LIMIT = 0.2  # Hopper-v5 is unhealthy when |torso angle| > 0.2 rad
-
-
-def inverted_pendulum_cost(obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """-1 (the alive reward) + (angle / 0.2)^2 + 0.1 x^2 + 1e-3 |a|^2; obs = (x, angle, x', angle').
-
-    Differs from the env: the reward is +1 per step while |angle| <= 0.2, flat and so useless
-    to an LQR; the quadratic angle term is a smooth surrogate of that band, the cart and
-    control terms keep the cart on its rail and Q_aa well conditioned.
-    """
-    return (
+COSTS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    # -1 + (angle / 0.2)^2 + 0.1 x^2 + 1e-3 |a|^2, obs = (x, angle, x', angle'): the env's +1 per step while |angle|
+    # <= 0.2 is flat, so useless to an LQR; the angle term is a smooth surrogate of that band
+    "InvertedPendulum-v5": lambda obs, actions: (
         -1.0
         + (obs[..., 1] / PENDULUM_ANGLE_LIMIT) ** 2
         + PENDULUM_RAIL_COST * obs[..., 0] ** 2
         + PENDULUM_ACTION_COST * (actions**2).sum(-1)
-    )
-
-
-def swimmer_cost(obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """-x_velocity + 1e-4 |a|^2; x velocity is obs[3] (qvel[0] after qpos[2:]).
-
-    Differs from the env: the reward uses the mean velocity over the step, (x' - x) / dt; the
-    cost uses the velocity at s_t, which shifts the sum over an episode by one step.
-    """
-    return -obs[..., 3] + 1e-4 * (actions**2).sum(-1)
-
-
-def hopper_cost(obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """-1 (healthy reward) - x_velocity + 1e-3 |a|^2 + (torso angle / 0.2)^2; x velocity is obs[5].
-
-    Differs from the env: velocity at s_t, not the step's mean velocity (as in swimmer_cost);
-    the healthy reward is paid only inside the healthy set and the episode ends outside it,
-    which the LQR cannot see, so a quadratic torso-angle term stands in for the angle limit.
-    """
-    return -1.0 - obs[..., 5] + 1e-3 * (actions**2).sum(-1) + (obs[..., 1] / HOPPER_ANGLE_LIMIT) ** 2
-
-
-def half_cheetah_cost(obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """-x_velocity + 0.1 |a|^2; x velocity is obs[8] (qvel[0] after qpos[1:]).
-
-    Differs from the env: velocity at s_t, not the step's mean velocity (as in swimmer_cost).
-    """
-    return -obs[..., 8] + 0.1 * (actions**2).sum(-1)
-
-
-def linear_quadratic_cost(obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """x'Qx + u'Ru: exactly minus the env's reward (the action is inside its bounds)."""
-    q = torch.tensor(LQ_STATE_COST, dtype=obs.dtype)
-    return (q * obs**2).sum(-1) + LQ_ACTION_COST * (actions**2).sum(-1)
-
-
-COSTS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "InvertedPendulum-v5": inverted_pendulum_cost,
-    "Swimmer-v5": swimmer_cost,
-    "Hopper-v5": hopper_cost,
-    "HalfCheetah-v5": half_cheetah_cost,
-    LQ_ENV_ID: linear_quadratic_cost,
+    ),
+    "Swimmer-v5": lambda obs, actions: -obs[..., 3] + 1e-4 * (actions**2).sum(-1),  # -x velocity (qvel[0] after qpos[2:])
+    # -1 - x velocity (obs[5]) + 1e-3 |a|^2 + (torso angle / 0.2)^2: the LQR cannot see that the episode ends outside
+    # the healthy set, so a quadratic torso-angle term stands in for the angle limit
+    "Hopper-v5": lambda obs, actions: (
+        -1.0 - obs[..., 5] + 1e-3 * (actions**2).sum(-1) + (obs[..., 1] / HOPPER_ANGLE_LIMIT) ** 2
+    ),
+    "HalfCheetah-v5": lambda obs, actions: -obs[..., 8] + 0.1 * (actions**2).sum(-1),  # -x velocity (qvel[0] after qpos[1:])
+    # x'Qx + u'Ru: exactly minus the env's reward (the action is inside its bounds)
+    LQ_ENV_ID: lambda obs, actions: (
+        (torch.tensor(LQ_STATE_COST, dtype=obs.dtype) * obs**2).sum(-1) + LQ_ACTION_COST * (actions**2).sum(-1)
+    ),
 }
 
 
 def make_variant_env(env_id: str, mass_scale: float, length_scale: float) -> gym.Env:
-    """An env with perturbed physics [DPI Sec. 6.3] (the paper varies pole mass and length).
-
-    InvertedPendulum-v5: the pole is `length_scale` times as long (its mass grows with it, the
-    model takes masses from geom volumes) and then `mass_scale` times as heavy. The other
-    MuJoCo envs: every body's mass and inertia times `mass_scale`. LinearQuadratic-v0: the
-    point mass times `mass_scale`. Lengths of the other envs are not perturbed.
-    """
+    """An env with perturbed physics [DPI Sec. 6.3] (the paper varies pole mass and length). InvertedPendulum-v5: the
+    pole `length_scale` times as long (its mass grows with it: masses come from geom volumes), then `mass_scale` times
+    as heavy. Other MuJoCo envs: every body's mass and inertia times `mass_scale`. LinearQuadratic-v0: the mass."""
     if env_id == LQ_ENV_ID:
         return gym.make(env_id, mass=mass_scale)
     if env_id != "InvertedPendulum-v5":
         env = gym.make(env_id)
         bodies = slice(1, None)  # every body but the world
     else:
-        assets = os.path.join(os.path.dirname(gym.__file__), "envs", "mujoco", "assets")
-        with open(os.path.join(assets, "inverted_pendulum.xml")) as f:
-            xml = f.read()
+        xml = (Path(gym.__file__).parent / "envs" / "mujoco" / "assets" / "inverted_pendulum.xml").read_text()
         pole = 'fromto="0 0 0 0.001 0 0.6"'  # the pole geom, from the hinge up
         if xml.count(pole) != 1:
             raise RuntimeError("gymnasium's inverted_pendulum.xml no longer has the pole geom")
-        xml = xml.replace(pole, f'fromto="0 0 0 0.001 0 {0.6 * length_scale}"')
         with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "inverted_pendulum.xml")
-            with open(path, "w") as f:
-                f.write(xml)
-            env = gym.make(env_id, xml_file=path)  # the model is compiled here
+            path = Path(tmp) / "inverted_pendulum.xml"
+            path.write_text(xml.replace(pole, f'fromto="0 0 0 0.001 0 {0.6 * length_scale}"'))
+            env = gym.make(env_id, xml_file=str(path))  # the model is compiled here
         bodies = [env.unwrapped.model.body("pole").id]
     model = env.unwrapped.model
     model.body_mass[bodies] *= mass_scale
@@ -477,10 +277,9 @@ def make_variant_env(env_id: str, mass_scale: float, length_scale: float) -> gym
 
 
 def robust_variants(args: Args) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
-    """(mass_scale, length_scale) of the training and the held-out test variants, drawn
-    uniformly from the ranges by a generator of their own. The test variants are drawn first,
-    so a seed gives the same test set for any number of training variants (one training
-    variant is the paper's "non-robust" baseline)."""
+    """(mass_scale, length_scale) of the training and the held-out test variants, uniform in the ranges, from a
+    generator of their own. The test variants are drawn first, so a seed gives the same test set for any number of
+    training variants (one training variant is the paper's "non-robust" baseline)."""
     rng = np.random.default_rng(args.seed)
     params = []
     for _ in range(args.robust_test_variants + args.robust_train_variants):
@@ -489,106 +288,97 @@ def robust_variants(args: Args) -> tuple[list[tuple[float, float]], list[tuple[f
     return params[args.robust_test_variants :], params[: args.robust_test_variants]
 
 
-# == 4. Networks =======================================================================
+class TrainingEnvs(NamedTuple):
+    """--num-envs lockstep copies of each training env and (--robust) one env per held-out test variant. No vector
+    env: `rollout` runs each episode from a reset at t = 0 (one model per time step) to its end."""
+
+    train: list[list[gym.Env]]
+    test: list[gym.Env]
+
+    def close(self) -> None:
+        for env in [env for group in self.train for env in group] + self.test:
+            env.close()
+
+
+# == 3. Networks ===========================================================================================
 ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh}
 
 
-def mlp(in_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool) -> nn.Sequential:
-    """Linear + activation layers; optional LayerNorm after the first Linear ([TreePI] '256-LN')."""
-    layers: list[nn.Module] = []
-    for i, size in enumerate(hidden_sizes):
-        layers.append(nn.Linear(in_dim, size))
-        if layer_norm and i == 0:
-            layers.append(nn.LayerNorm(size))
-        layers.append(ACTIVATIONS[activation]())
-        in_dim = size
-    return nn.Sequential(*layers)
-
-
 class Actor(nn.Module):
-    """pi(a|s) = N(mean(s), diag(exp(log_std)^2)) with a state-independent log std ([TRPO]
-    App. D), so that -log pi is a quadratic with one precision for all states [DPI eq. 10]."""
+    """pi(a|s) = N(mean(s), diag(exp(log_std)^2)) with a state-independent log std ([TRPO] App. D), so that -log pi
+    is a quadratic with one precision for all states [DPI eq. 10]."""
 
-    def __init__(self, obs_dim: int, action_dim: int, args: Args):
+    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes: tuple[int, ...], activation: str, init_log_std: float):
         super().__init__()
-        self.trunk = mlp(obs_dim, args.hidden_sizes, args.activation, layer_norm=False)
-        self.head = nn.Linear(args.hidden_sizes[-1], action_dim)
+        sizes = [obs_dim, *hidden_sizes]
+        self.trunk = nn.Sequential()
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            self.trunk.extend([nn.Linear(fan_in, fan_out), ACTIVATIONS[activation]()])
+        self.head = nn.Linear(hidden_sizes[-1], action_dim)
         with torch.no_grad():  # a small last layer starts the mean near zero (baselines ppo2)
             self.head.weight.mul_(0.01)
             self.head.bias.zero_()
-        self.log_std = nn.Parameter(torch.full((action_dim,), float(args.init_log_std)))
+        self.log_std = nn.Parameter(torch.full((action_dim,), float(init_log_std)))
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        """The Gaussian mean [B, A]."""
+    def forward(self, obs: Tensor) -> Tensor:
+        """The Gaussian mean [B, A] (the deterministic action, before clipping to the bounds)."""
         return self.head(self.trunk(obs))
 
-    def sample(self, obs: torch.Tensor) -> torch.Tensor:
+    def sample(self, obs: Tensor) -> Tensor:
         """An action a ~ pi(.|s) [B, A] (unclipped; `rollout` clips)."""
         mean = self(obs)
         return mean + self.log_std.exp() * torch.randn_like(mean)
 
-    def deterministic(self, obs: torch.Tensor) -> torch.Tensor:
-        """The mean action, used for evaluation."""
-        return self(obs)
 
-
-# == 5. Storage ========================================================================
-class Rollouts(NamedTuple):
-    """N episodes from a reset, time-aligned; float64 for the fits. Rows past an episode's
-    end are zero and masked out."""
-
-    obs: torch.Tensor  # [N, T + 1, O], obs[:, t + 1] the true next observation of step t
-    actions: torch.Tensor  # [N, T, A] executed (clipped) actions
-    mask: torch.Tensor  # [N, T] bool, True where step t was taken
+# == 4. Storage ============================================================================================
+class Rollouts(NamedTuple):  # N episodes from resets, time-aligned, float64 for the fits; rows past an end are zero
+    obs: Tensor  # [N, T + 1, O], obs[:, t + 1] the true next observation of step t
+    actions: Tensor  # [N, T, A] executed (clipped) actions
+    mask: Tensor  # [N, T] bool, True where step t was taken
 
 
 def rollout(
-    envs: list[gym.Env], act: Callable[[np.ndarray], np.ndarray], horizon: int, seeds: np.ndarray
-) -> tuple[Rollouts, list[tuple[float, int]]]:
-    """len(seeds) episodes of act(obs) -> action, each from env.reset(seed) and cut at
-    `horizon` steps, run len(envs) at a time in lockstep (one batched policy call per step).
-    Returns the rollouts and the (return, length) of each episode."""
+    envs: list[gym.Env], sample_actions: Callable[[np.ndarray], np.ndarray], horizon: int, seeds: np.ndarray
+) -> tuple[Rollouts, dict]:
+    """len(seeds) episodes of sample_actions(obs) -> actions, each from env.reset(seed) and cut at `horizon` steps, run
+    len(envs) at a time in lockstep (one batched policy call per step). Returns the rollouts and the ended episodes'
+    returns and lengths in the order they ended, in the infos form of gymnasium's RecordEpisodeStatistics."""
     space = envs[0].action_space
-    obs_dim, action_dim = envs[0].observation_space.shape[0], space.shape[0]
-    obs = np.zeros((len(seeds), horizon + 1, obs_dim))
-    actions = np.zeros((len(seeds), horizon, action_dim))
+    obs = np.zeros((len(seeds), horizon + 1, envs[0].observation_space.shape[0]))
+    actions = np.zeros((len(seeds), horizon, space.shape[0]))
     mask = np.zeros((len(seeds), horizon), dtype=bool)
-    finished = []
+    returns, ended = np.zeros(len(seeds)), []
     for start in range(0, len(seeds), len(envs)):
         group = np.arange(start, min(start + len(envs), len(seeds)))
         for j, i in enumerate(group):
             obs[i, 0] = envs[j].reset(seed=int(seeds[i]))[0]
-        stats = EpisodeStats(len(group))
         alive = np.ones(len(group), dtype=bool)
         for t in range(horizon):
             live = np.flatnonzero(alive)
             # the env gets, and the model is fitted on, the action inside the bounds
-            chosen = np.clip(act(obs[group[live], t]), space.low, space.high)
-            rewards, ended = np.zeros(len(group)), np.zeros(len(group), dtype=bool)
+            chosen = np.clip(sample_actions(obs[group[live], t]), space.low, space.high)
             for j, action in zip(live, chosen):
                 next_obs, reward, terminated, truncated, _ = envs[j].step(action)
                 i = group[j]
                 obs[i, t + 1], actions[i, t], mask[i, t] = next_obs, action, True
-                rewards[j] = reward
-                # Deviation: cut at the LQR horizon T, because one model is fitted per step
-                # and the paper's "relatively short" horizons [DPI Sec. 7] cannot cover 1000
-                ended[j] = terminated or truncated or t == horizon - 1
-            finished += stats.update(rewards, ended)
-            alive &= ~ended
+                returns[i] += reward
+                # Deviation: cut at the LQR horizon T, because one model is fitted per step and the paper's
+                # "relatively short" horizons [DPI Sec. 7] cannot cover 1000
+                if terminated or truncated or t == horizon - 1:
+                    alive[j] = False
+                    ended.append(i)
             if not alive.any():
                 break
-    as64 = lambda x: torch.as_tensor(x, dtype=torch.float64)
-    return Rollouts(as64(obs), as64(actions), torch.as_tensor(mask)), finished
+    infos = {"episode": {"r": returns[ended], "l": mask.sum(1)[ended]}, "_episode": np.ones(len(ended), dtype=bool)}
+    return Rollouts(torch.as_tensor(obs), torch.as_tensor(actions), torch.as_tensor(mask)), infos  # float64
 
 
 class PriorBuffer:
-    """Transitions (s_t, a_t, s_{t+1}) of the last `capacity` episodes, all t, for the GMM
-    dynamics prior ([iLQR] "fit a global GMM using all samples of all iterations"; [GPS]
-    keeps the last 20 episodes)."""
+    """Transitions (s_t, a_t, s_{t+1}) of the last `capacity` episodes, all t, each [L, D], and the GMM prior last fitted
+    on them ([iLQR] "fit a global GMM using all samples of all iterations"; [GPS] keeps the last 20 episodes)."""
 
     def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.episodes: list[torch.Tensor] = []  # each [L, D]
+        self.capacity, self.episodes, self.gmm = capacity, [], None
 
     def add(self, rollouts: Rollouts) -> None:
         for obs, actions, mask in zip(*rollouts):
@@ -596,80 +386,66 @@ class PriorBuffer:
             self.episodes.append(torch.cat([obs[:length], actions[:length], obs[1 : length + 1]], 1))
         self.episodes = self.episodes[-self.capacity :]
 
-    def points(self) -> torch.Tensor:
-        return torch.cat(self.episodes)  # [M, D]
-
     def state_dict(self) -> dict:
-        return {"episodes": list(self.episodes)}
+        return {"episodes": list(self.episodes), "gmm": None if self.gmm is None else list(self.gmm)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.episodes = list(state["episodes"])
+        self.episodes, self.gmm = list(state["episodes"]), None if state["gmm"] is None else GMM(*state["gmm"])
 
 
-# == 6. Algorithm ======================================================================
+# == 5. Algorithm ==========================================================================================
 GMM_MAX_POINTS = 5_000  # EM runs on at most this many prior points (an even subsample)
 GMM_TOL = 1e-3  # EM stops when the mean log-likelihood per point improves by less
 VARIANCE_FLOOR = 1e-12  # the ridge of an input that did not vary at all
 MU_BOUNDS = (1e-8, 1e16)  # bracket of the dual search on mu ([GPS] min_eta, max_eta)
 MU_INIT = 1.0  # mu before the first search ([GPS] initial eta)
 LOG_2PI = float(np.log(2 * np.pi))
-CG_RESIDUAL_TOL = 1e-10  # stop CG once |r|^2 is below this ([SB3C]; modular_rl; as trpo.py)
+CG_RESIDUAL_TOL = 1e-10  # stop CG once |r|^2 is below this (modular_rl; as trpo.py)
 STEP_EPS = 1e-12  # guards sqrt(beta / g'F^-1 g) against g'F^-1 g = 0 (as trpo.py)
 
 
-class GMM(NamedTuple):
-    """Gaussian mixture sum_k w_k N(mu_k, Sigma_k) over transitions (s, a, s')."""
-
-    log_weights: torch.Tensor  # [K]
-    means: torch.Tensor  # [K, D]
-    covs: torch.Tensor  # [K, D, D]
+class GMM(NamedTuple):  # Gaussian mixture sum_k w_k N(mu_k, Sigma_k) over transitions (s, a, s')
+    log_weights: Tensor  # [K]
+    means: Tensor  # [K, D]
+    covs: Tensor  # [K, D, D]
 
 
-class Dynamics(NamedTuple):
-    """Time-varying linear-Gaussian model s' ~ N(F_t [s; a] + f_t, cov_t) [DPI eq. 8],
-    F_t = [A_t B_t], f_t = c_t (F, f, cov as in [GPS])."""
-
-    F: torch.Tensor  # [T, O, Y]
-    f: torch.Tensor  # [T, O]
-    cov: torch.Tensor  # [T, O, O]
+class Dynamics(NamedTuple):  # s' ~ N(F_t [s; a] + f_t, cov_t), F_t = [A_t B_t], f_t = c_t [DPI eq. 8] (names of [GPS])
+    F: Tensor  # [T, O, Y]
+    f: Tensor  # [T, O]
+    cov: Tensor  # [T, O, O]
 
 
-class Quadratic(NamedTuple):
-    """A quadratic in y = [s; a] per step: q_t(y) = 1/2 y'C_t y + c_t'y + c0_t."""
-
-    C: torch.Tensor  # [T, Y, Y]
-    c: torch.Tensor  # [T, Y]
-    c0: torch.Tensor  # [T]
+class Quadratic(NamedTuple):  # a quadratic in y = [s; a] per step: q_t(y) = 1/2 y'C_t y + c_t'y + c0_t
+    C: Tensor  # [T, Y, Y]
+    c: Tensor  # [T, Y]
+    c0: Tensor  # [T]
 
 
-class LinearGaussianPolicy(NamedTuple):
-    """eta_t(a|s) = N(K_t s + k_t, cov_t) [DPI Sec. 5]."""
-
-    K: torch.Tensor  # [T, A, O]
-    k: torch.Tensor  # [T, A]
-    cov: torch.Tensor  # [T, A, A]
+class LinearGaussianPolicy(NamedTuple):  # eta_t(a|s) = N(K_t s + k_t, cov_t) [DPI Sec. 5]
+    K: Tensor  # [T, A, O]
+    k: Tensor  # [T, A]
+    cov: Tensor  # [T, A, A]
 
 
-class ValueFunction(NamedTuple):
-    """V_t(s) = 1/2 s'V_xx s + v_x's + v0 per step."""
-
-    V_xx: torch.Tensor  # [T, O, O]
-    v_x: torch.Tensor  # [T, O]
-    v0: torch.Tensor  # [T]
+class ValueFunction(NamedTuple):  # V_t(s) = 1/2 s'V_xx s + v_x's + v0 per step
+    V_xx: Tensor  # [T, O, O]
+    v_x: Tensor  # [T, O]
+    v0: Tensor  # [T]
 
 
-def sym(m: torch.Tensor) -> torch.Tensor:
+def sym(m: Tensor) -> Tensor:
     """(M + M') / 2 over the last two dims ([GPS] symmetrises after every product)."""
     return 0.5 * (m + m.transpose(-1, -2))
 
 
-def masked_mean(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def masked_mean(x: Tensor, w: Tensor) -> Tensor:
     """Mean over dim 1 weighted by the mask w: x [T, N, ...], w [T, N] -> [T, ...]."""
     w = w.to(x.dtype).reshape(*w.shape, *([1] * (x.dim() - 2)))
     return (w * x).sum(1) / w.sum(1).clamp_min(1.0)
 
 
-def gmm_log_prob(points: torch.Tensor, gmm: GMM) -> torch.Tensor:
+def gmm_log_prob(points: Tensor, gmm: GMM) -> Tensor:
     """log w_k + log N(x_m; mu_k, Sigma_k) for every point and component: [M, D] -> [M, K]."""
     chol = torch.linalg.cholesky(gmm.covs)  # [K, D, D], Sigma_k = L L'
     eye = torch.eye(points.shape[1], dtype=points.dtype)
@@ -683,18 +459,13 @@ def gmm_log_prob(points: torch.Tensor, gmm: GMM) -> torch.Tensor:
     return log_n + gmm.log_weights
 
 
-def gmm_fit(points: torch.Tensor, clusters: int, iters: int, init: GMM | None) -> GMM:
-    """Gaussian mixture over transitions by EM: the prior's source [iLQR "fit a global GMM"].
-
-    E-step: r_mk = w_k N(x_m; mu_k, Sigma_k) / sum_j w_j N(x_m; mu_j, Sigma_j).
-    M-step (MAP, one pseudo-point of the global covariance S per component):
-        N_k = sum_m r_mk, mu_k = sum_m r_mk x_m / N_k,
-        Sigma_k = (sum_m r_mk (x_m - mu_k)(x_m - mu_k)' + S) / (N_k + 1), w_k = N_k / M.
-    Warm-started from `init` when it has `clusters` components, else from the assignment of
-    every point to the nearest of K distinct random points (torch's global generator; [GPS]
-    assigns at random, which starts every mean near the global mean). Stops when the mean
-    log-likelihood gains less than GMM_TOL.
-    Shapes: points [M, D] float64 -> GMM with K = clusters.
+def gmm_fit(points: Tensor, clusters: int, iters: int, init: GMM | None) -> GMM:
+    """Gaussian mixture over transitions by EM, the prior's source [iLQR "fit a global GMM"]: E-step r_mk = w_k
+    N(x_m; mu_k, Sigma_k) / sum_j w_j N(x_m; mu_j, Sigma_j); M-step (MAP, a pseudo-point of the global covariance S)
+    N_k = sum_m r_mk, mu_k = sum_m r_mk x_m / N_k, w_k = N_k / M, Sigma_k = (sum_m r_mk (x_m - mu_k)(x_m - mu_k)' + S)
+    / (N_k + 1). Starts from `init` if it has K components, else from each point assigned to the nearest of K random
+    points (torch's generator; [GPS] assigns at random, so every mean starts near the global mean); stops when the
+    mean log-likelihood gains less than GMM_TOL. Shapes: points [M, D] float64 -> GMM with K = clusters.
     """
     num, dim = points.shape
     centre = points.mean(0)
@@ -703,8 +474,7 @@ def gmm_fit(points: torch.Tensor, clusters: int, iters: int, init: GMM | None) -
     if init is not None and init.means.shape == (clusters, dim):
         gmm, resp = GMM(init.log_weights, init.means - centre, init.covs), None
     else:  # each point to the nearest of K distinct random points (one k-means step)
-        seeds = x[torch.randperm(num)[:clusters]]
-        nearest = torch.cdist(x, seeds).argmin(1)
+        nearest = torch.cdist(x, x[torch.randperm(num)[:clusters]]).argmin(1)
         resp = nn.functional.one_hot(nearest, clusters).to(x.dtype)
     last = -float("inf")
     for _ in range(iters):
@@ -722,20 +492,17 @@ def gmm_fit(points: torch.Tensor, clusters: int, iters: int, init: GMM | None) -
         weighted = (resp[:, :, None] * x[:, None]).reshape(num, -1)  # [M, K D]
         second = (weighted.T @ x).reshape(clusters, dim, dim)  # sum_m r_mk x_m x_m'
         scatter = second - n_k[:, None, None] * means[:, :, None] * means[:, None, :]
-        # Deviation from [GPS] (1e-6 I, reseeding): a pseudo-point of the global covariance
-        # keeps a component with few points well conditioned (the paper is silent)
+        # Deviation from [GPS] (1e-6 I, reseeding), the paper being silent: the pseudo-point keeps a component with
+        # few points well conditioned
         covs = sym((scatter + global_cov) / (n_k + 1.0)[:, None, None])
         gmm, resp = GMM(torch.log(n_k / num), means, covs), None
     return GMM(gmm.log_weights, gmm.means + centre, gmm.covs)
 
 
-def prior_moments(gmm: GMM, points: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """NIW prior mean mu0_t and scatter Phi_t at each step from the GMM [iLQR; GPS].
-
-    w_tk = mean over the samples at t of their responsibilities;
-    mu0_t = sum_k w_tk mu_k;  Phi_t = sum_k w_tk (Sigma_k + (mu_k - mu0_t)(mu_k - mu0_t)').
-    Shapes: points [T, N, D], mask [T, N] -> mu0 [T, D], Phi [T, D, D].
-    """
+def prior_moments(gmm: GMM, points: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """NIW prior mean mu0_t and scatter Phi_t at each step from the GMM [iLQR; GPS]: w_tk = mean over the samples at t
+    of their responsibilities, mu0_t = sum_k w_tk mu_k, Phi_t = sum_k w_tk (Sigma_k + (mu_k - mu0_t)(mu_k - mu0_t)').
+    Shapes: points [T, N, D], mask [T, N] -> mu0 [T, D], Phi [T, D, D]."""
     steps, num, dim = points.shape
     log_p = gmm_log_prob(points.reshape(-1, dim), gmm)  # [T N, K]
     resp = (log_p - torch.logsumexp(log_p, 1, keepdim=True)).exp().reshape(steps, num, -1)
@@ -747,19 +514,14 @@ def prior_moments(gmm: GMM, points: torch.Tensor, mask: torch.Tensor) -> tuple[t
 
 
 def fit_dynamics(
-    points: torch.Tensor, mask: torch.Tensor, mu0: torch.Tensor, phi: torch.Tensor, strength: float, reg: float, obs_dim: int
+    points: Tensor, mask: Tensor, mu0: Tensor, phi: Tensor, strength: float, reg: float, obs_dim: int
 ) -> Dynamics:
-    """Per-step linear-Gaussian dynamics from a normal-inverse-Wishart posterior [DPI eq. 8].
-
-    With n_t samples y_i = (s_t, a_t, s_{t+1}), sample mean m and scatter S = sum (y - m)(y - m)'
-    and prior (mu0_t, Phi_t) worth m0 = n0 = `strength` samples [iLQR; GPS]:
-        Sigma = (S + m0 Phi + n m0 / (n + m0) (m - mu0)(m - mu0)') / (n + n0),
-        mu = (n m + m0 mu0) / (n + m0).
-    Conditioning the joint Gaussian on (s, a) gives F = Sigma_{s',y} Sigma_{y,y}^-1 (with
-    reg * diag(Sigma_{y,y}) added, a ridge on standardised inputs), f = mu_{s'} - F mu_y,
-    cov = Sigma_{s',s'} - F Sigma_{y,y} F'.
-    Shapes: points [T, N, D], mask [T, N] (at least one sample per step unless strength > 0),
-    mu0 [T, D], phi [T, D, D] -> Dynamics with F [T, O, Y], f [T, O], cov [T, O, O].
+    """Per-step linear-Gaussian dynamics from a normal-inverse-Wishart posterior [DPI eq. 8]. With n_t samples
+    y_i = (s_t, a_t, s_{t+1}), their mean m and scatter S, and the prior (mu0_t, Phi_t) worth m0 = n0 = `strength`
+    samples [iLQR; GPS]: Sigma = (S + m0 Phi + n m0 / (n + m0) (m - mu0)(m - mu0)') / (n + n0), mu = (n m + m0 mu0) /
+    (n + m0). Conditioning on (s, a): F = Sigma_{s',y} Sigma_{y,y}^-1 (reg * diag(Sigma_{y,y}) added, a ridge on
+    standardised inputs), f = mu_{s'} - F mu_y, cov = Sigma_{s',s'} - F Sigma_{y,y} F'. Shapes: points [T, N, D], mask
+    [T, N] (a sample per step unless strength > 0), mu0 [T, D], phi [T, D, D] -> F [T, O, Y], f [T, O], cov [T, O, O].
     """
     w = mask.to(points.dtype)  # [T, N]
     n = w.sum(1)  # [T]
@@ -769,13 +531,12 @@ def fit_dynamics(
     shift = mean - mu0
     coef = (n * strength / (n + strength).clamp_min(1e-12))[:, None, None]
     sigma = (scatter + strength * phi + coef * shift[:, :, None] * shift[:, None, :]) / (n + strength)[:, None, None]
-    # Deviation from [GPS], which keeps the sample mean: the NIW posterior mean, defined
-    # even for a step that only one episode reached
+    # Deviation from [GPS] (the sample mean): the posterior mean, defined even at a step that one episode reached
     mu = (n[:, None] * mean + strength * mu0) / (n + strength)[:, None]
     sigma = sym(sigma)
     y = points.shape[2] - obs_dim
-    # Deviation from [GPS] (reg * I): the ridge scales with each input's variance, because
-    # once pi_n has converged the states barely move and an absolute 1e-6 biases A_t, B_t
+    # Deviation from [GPS] (reg * I): the ridge scales with each input's variance, because once pi_n has converged
+    # the states barely move and an absolute 1e-6 biases A_t, B_t
     variance = torch.diagonal(sigma[:, :y, :y], dim1=1, dim2=2).clamp_min(VARIANCE_FLOOR)
     s_yy = sigma[:, :y, :y] + reg * torch.diag_embed(variance)
     s_xy = sigma[:, y:, :y]  # [T, O, Y]
@@ -785,27 +546,20 @@ def fit_dynamics(
     return Dynamics(F, f, cov)
 
 
-def quadratic_cost(
-    cost_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], obs: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor
-) -> Quadratic:
-    """Second-order expansion of c around every sample, re-centred and averaged per step [GPS].
-
-    At a sample y^ = [s; a]: c(y) ~ 1/2 y'H y + (g - H y^)'y + (c(y^) - g'y^ + 1/2 y^'H y^) with
-    g, H the gradient and Hessian at y^ (exact for the quadratic costs in COSTS).
-    Shapes: obs [T, N, O], actions [T, N, A], mask [T, N] -> Quadratic [T, Y, Y], [T, Y], [T].
+def quadratic_cost(cost_fn: Callable[[Tensor, Tensor], Tensor], obs: Tensor, actions: Tensor, mask: Tensor) -> Quadratic:
+    """Second-order expansion of c around every sample y^ = [s; a], re-centred and averaged per step [GPS]:
+    c(y) ~ 1/2 y'H y + (g - H y^)'y + (c(y^) - g'y^ + 1/2 y^'H y^), g and H the gradient and Hessian at y^ (exact for
+    the quadratic costs of COSTS). Shapes: obs [T, N, O], actions [T, N, A], mask [T, N] -> [T, Y, Y], [T, Y], [T].
     """
-    # Deviation: [DPI Sec. 5.1] fits a quadratic to sampled costs; c is known, so its exact
-    # local expansion is used instead (GPS)
+    # Deviation: [DPI Sec. 5.1] fits a quadratic to sampled costs; c is known, so its exact local expansion is used
     obs_dim = obs.shape[-1]
     y = torch.cat([obs, actions], -1).detach().requires_grad_(True)  # [T, N, Y]
-    # Samples are independent, so the gradient of the summed cost is every sample's gradient
-    # and one more backward pass per input dim gives every sample's Hessian row.
+    # Samples are independent: the gradient of the summed cost is every sample's gradient, and one more backward pass
+    # per input dim gives every sample's Hessian row
     with torch.enable_grad():
         value = cost_fn(y[..., :obs_dim], y[..., obs_dim:])  # [T, N]
         (grad,) = torch.autograd.grad(value.sum(), y, create_graph=True)  # [T, N, Y]
-        rows = [
-            torch.autograd.grad(grad[..., i].sum(), y, retain_graph=True, allow_unused=True)[0] for i in range(y.shape[-1])
-        ]
+        rows = [torch.autograd.grad(g.sum(), y, retain_graph=True, allow_unused=True)[0] for g in grad.unbind(-1)]
     hess = torch.stack([torch.zeros_like(y) if r is None else r for r in rows], -2)
     y, value, grad, hess = y.detach(), value.detach(), grad.detach(), hess.detach()
     hy = (hess @ y[..., None])[..., 0]  # [T, N, Y]
@@ -813,34 +567,27 @@ def quadratic_cost(
     return Quadratic(masked_mean(sym(hess), mask), masked_mean(grad - hy, mask), masked_mean(c0, mask))
 
 
-def linearize_policy(actor: Actor, obs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Linear mean of pi_n per step: mean(s) ~ Kbar_t s + kbar_t near the samples at t.
-
-    Kbar_t = mean_i J(s_i), kbar_t = mean_i (mean(s_i) - J(s_i) s_i), J the Jacobian of the
-    policy mean (GPS fits the same line by regression over the samples).
-    Shapes: obs [T, N, O], mask [T, N] -> Kbar [T, A, O], kbar [T, A] (float64).
-    """
-    # Deviation: -log pi_n of eq. 10 needs a quadratic in (s, a); the paper does not say how
-    # to get one from a neural policy, so its mean is linearised around the samples (GPS)
+def linearize_policy(actor: Actor, obs: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Linear mean of pi_n per step, mean(s) ~ Kbar_t s + kbar_t near the samples at t: Kbar_t = mean_i J(s_i), kbar_t =
+    mean_i (mean(s_i) - J(s_i) s_i), J the Jacobian of the mean (GPS fits the same line by regression).
+    Shapes: obs [T, N, O], mask [T, N] -> Kbar [T, A, O], kbar [T, A] (float64)."""
+    # Deviation: -log pi_n of eq. 10 needs a quadratic in (s, a), and the paper does not say how to get one from a
+    # neural policy: its mean is linearised around the samples (GPS)
     x = obs.float().requires_grad_(True)  # [T, N, O]
     with torch.enable_grad():
         mean = actor(x)  # [T, N, A]
         # one backward pass per action dim gives that row of every sample's Jacobian
-        jac = torch.stack(
-            [torch.autograd.grad(mean[..., i].sum(), x, retain_graph=True)[0] for i in range(mean.shape[-1])], -2
-        ).double()  # [T, N, A, O]
+        rows = [torch.autograd.grad(m.sum(), x, retain_graph=True)[0] for m in mean.unbind(-1)]
+    jac = torch.stack(rows, -2).double()  # [T, N, A, O]
     offset = mean.detach().double() - (jac @ obs[..., None])[..., 0]
     return masked_mean(jac, mask), masked_mean(offset, mask)
 
 
 def augmented_cost(cost: Quadratic, mu: float, pi_bar: LinearGaussianPolicy) -> Quadratic:
-    """c'(s, a) = c(s, a) / mu - log pi_n(a|s) as a quadratic [DPI eq. 10; GPS compute_costs].
-
-    With pi_n(a|s) = N(Kbar s + kbar, Pbar^-1): -log pi_n = 1/2 (a - Kbar s - kbar)' Pbar (...)
-    + const, i.e. blocks [[Kbar'Pbar Kbar, -Kbar'Pbar], [-Pbar Kbar, Pbar]] and
-    [Kbar'Pbar kbar; -Pbar kbar], constant 1/2 kbar'Pbar kbar + 1/2 log|2 pi Pbar^-1|.
-    Shapes: cost [T, Y, Y], pi_bar (Kbar [T, A, O], kbar [T, A], cov [T, A, A]) -> Quadratic.
-    """
+    """c'(s, a) = c(s, a) / mu - log pi_n(a|s) as a quadratic [DPI eq. 10; GPS compute_costs]. With pi_n(a|s) =
+    N(Kbar s + kbar, Pbar^-1), -log pi_n = 1/2 (a - Kbar s - kbar)'Pbar(...) + const: blocks [[Kbar'Pbar Kbar,
+    -Kbar'Pbar], [-Pbar Kbar, Pbar]], [Kbar'Pbar kbar; -Pbar kbar], 1/2 kbar'Pbar kbar + 1/2 log|2 pi Pbar^-1|.
+    Shapes: cost [T, Y, Y], pi_bar (Kbar [T, A, O], kbar [T, A], cov [T, A, A]) -> Quadratic."""
     Kbar, kbar = pi_bar.K, pi_bar.k
     precision = torch.linalg.inv(pi_bar.cov)  # Pbar [T, A, A]
     pk = precision @ Kbar  # [T, A, O]
@@ -853,23 +600,18 @@ def augmented_cost(cost: Quadratic, mu: float, pi_bar: LinearGaussianPolicy) -> 
 
 
 def lqr_backward(dynamics: Dynamics, cost: Quadratic, gamma: float) -> tuple[LinearGaussianPolicy, ValueFunction] | None:
-    """Maximum-entropy LQR on the model [DPI eq. 10; GPS backward]; None if Q_aa is not PD.
-
-    From V_T = 0, for t = T-1 .. 0 (F = F_t, f = f_t):
-        Q_yy = C_t + gamma F'V_xx F,  q_y = c_t + gamma F'(v_x + V_xx f),
-        K_t = -Q_aa^-1 Q_as, k_t = -Q_aa^-1 q_a, cov_t = Q_aa^-1 (the minimiser of
-        E[c'] - entropy is exp(-Q) normalised),
-        V_xx = Q_ss + Q_sa K_t, v_x = q_s + Q_sa k_t.
-    v0 is the constant of the certainty-equivalent cost-to-go (no noise, no entropy), so
-    V_0(s) is the optimal deterministic cost of the quadratic problem.
-    Shapes: dynamics (F [T, O, Y], f [T, O]), cost (C [T, Y, Y], c [T, Y], c0 [T]) ->
-    eta (K [T, A, O], k [T, A], cov [T, A, A]) and V (V_xx [T, O, O], v_x [T, O], v0 [T]).
+    """Maximum-entropy LQR on the model [DPI eq. 10; GPS backward]; None if Q_aa is not PD. From V_T = 0, for
+    t = T-1 .. 0: Q_yy = C_t + gamma F_t'V_xx F_t, q_y = c_t + gamma F_t'(v_x + V_xx f_t), K_t = -Q_aa^-1 Q_as,
+    k_t = -Q_aa^-1 q_a, cov_t = Q_aa^-1 (exp(-Q) normalised minimises E[c'] - entropy), V_xx = Q_ss + Q_sa K_t,
+    v_x = q_s + Q_sa k_t; v0 is the certainty-equivalent constant (no noise, no entropy), so V_0(s) is the optimal
+    deterministic cost. Q_aa = C_aa / mu + Pbar + gamma B'V_xx B is PD for the convex costs of COSTS; no ridge is added
+    (it would change the KL that mu controls). Shapes: F [T, O, Y], f [T, O], C [T, Y, Y], c [T, Y], c0 [T] ->
+    K [T, A, O], k [T, A], cov [T, A, A], V_xx [T, O, O], v_x [T, O], v0 [T].
     """
     steps, obs_dim, _ = dynamics.F.shape
-    V_xx = torch.zeros(obs_dim, obs_dim, dtype=cost.C.dtype)
-    v_x = torch.zeros(obs_dim, dtype=cost.C.dtype)
-    v0 = torch.zeros((), dtype=cost.C.dtype)
-    out: dict[str, list[torch.Tensor]] = {n: [] for n in ("K", "k", "cov", "V_xx", "v_x", "v0")}
+    dtype = cost.C.dtype
+    V_xx, v_x, v0 = torch.zeros(obs_dim, obs_dim, dtype=dtype), torch.zeros(obs_dim, dtype=dtype), torch.zeros((), dtype=dtype)
+    out = []  # (K, k, cov, V_xx, v_x, v0) per step, from t = T-1 down
     for t in reversed(range(steps)):
         F, f = dynamics.F[t], dynamics.f[t]
         Q = sym(cost.C[t] + gamma * F.T @ V_xx @ F)  # [Y, Y]
@@ -884,33 +626,23 @@ def lqr_backward(dynamics: Dynamics, cost: Quadratic, gamma: float) -> tuple[Lin
         V_xx = sym(Q[:obs_dim, :obs_dim] + Q_as.T @ K)
         v_x = q[:obs_dim] + Q_as.T @ k
         v0 = q0 + 0.5 * k @ Q_aa @ k + q_a @ k
-        for name, value in zip(out, (K, k, torch.cholesky_inverse(chol), V_xx, v_x, v0)):
-            out[name].append(value)
-    stacked = {name: torch.stack(values[::-1]) for name, values in out.items()}
-    return (
-        LinearGaussianPolicy(stacked["K"], stacked["k"], sym(stacked["cov"])),
-        ValueFunction(stacked["V_xx"], stacked["v_x"], stacked["v0"]),
-    )
+        out.append((K, k, torch.cholesky_inverse(chol), V_xx, v_x, v0))
+    K, k, cov, V_xx, v_x, v0 = (torch.stack(values[::-1]) for values in zip(*out))
+    return LinearGaussianPolicy(K, k, sym(cov)), ValueFunction(V_xx, v_x, v0)
 
 
 def lqr_evaluate(
     dynamics: Dynamics, cost: Quadratic, policy: LinearGaussianPolicy, gamma: float
 ) -> tuple[Quadratic, ValueFunction]:
-    """Q_t and V_t of a linear-Gaussian policy under the noisy model (policy evaluation).
-
-    Q_t(s, a) = c_t(s, a) + gamma E_{s'} V_{t+1}(s'), E V(s') = V(F y + f) + 1/2 tr(V_xx cov_t);
-    V_t(s) = E_{a ~ eta_t} Q_t(s, a) = Q_t(s, K s + k) + 1/2 tr(Q_aa cov^eta_t).
-    With M = [I; K], m = [0; k]: V_xx = M'Q_yy M, v_x = M'(Q_yy m + q_y), v0 = q0 + 1/2 m'Q_yy m
-    + q_y'm + 1/2 tr(Q_aa cov^eta). The disadvantage is A_t = Q_t - V_t [DPI Sec. 5.1].
-    Shapes: as lqr_backward; returns Q (C [T, Y, Y], c [T, Y], c0 [T]) and V.
-    """
+    """Q_t and V_t of a linear-Gaussian policy under the noisy model: Q_t(s, a) = c_t(s, a) + gamma E V_{t+1}(s'),
+    E V(s') = V(F y + f) + 1/2 tr(V_xx cov_t); V_t(s) = E_{a ~ eta_t} Q_t(s, a) = Q_t(s, K s + k) + 1/2 tr(Q_aa
+    cov^eta_t), i.e. with M = [I; K], m = [0; k]: V_xx = M'Q_yy M, v_x = M'(Q_yy m + q_y), v0 = q0 + 1/2 m'Q_yy m
+    + q_y'm + 1/2 tr(Q_aa cov^eta). Shapes as lqr_backward; returns Q (C [T, Y, Y], c [T, Y], c0 [T]) and V."""
     steps, obs_dim, _ = dynamics.F.shape
     dtype = cost.C.dtype
-    V_xx = torch.zeros(obs_dim, obs_dim, dtype=dtype)
-    v_x = torch.zeros(obs_dim, dtype=dtype)
-    v0 = torch.zeros((), dtype=dtype)
+    V_xx, v_x, v0 = torch.zeros(obs_dim, obs_dim, dtype=dtype), torch.zeros(obs_dim, dtype=dtype), torch.zeros((), dtype=dtype)
     eye = torch.eye(obs_dim, dtype=dtype)
-    out: dict[str, list[torch.Tensor]] = {n: [] for n in ("C", "c", "c0", "V_xx", "v_x", "v0")}
+    out = []  # (Q, q, q0, V_xx, v_x, v0) per step, from t = T-1 down
     for t in reversed(range(steps)):
         F, f = dynamics.F[t], dynamics.f[t]
         noise = 0.5 * torch.trace(V_xx @ dynamics.cov[t])
@@ -919,24 +651,16 @@ def lqr_evaluate(
         q0 = cost.c0[t] + gamma * (0.5 * f @ V_xx @ f + v_x @ f + noise + v0)
         M = torch.cat([eye, policy.K[t]], 0)  # [Y, O]
         m = torch.cat([torch.zeros(obs_dim, dtype=dtype), policy.k[t]])  # [Y]
-        Q_aa = Q[obs_dim:, obs_dim:]
         V_xx = sym(M.T @ Q @ M)
         v_x = M.T @ (Q @ m + q)
-        v0 = q0 + 0.5 * m @ Q @ m + q @ m + 0.5 * torch.trace(Q_aa @ policy.cov[t])
-        for name, value in zip(out, (Q, q, q0, V_xx, v_x, v0)):
-            out[name].append(value)
-    stacked = {name: torch.stack(values[::-1]) for name, values in out.items()}
-    return (
-        Quadratic(stacked["C"], stacked["c"], stacked["c0"]),
-        ValueFunction(stacked["V_xx"], stacked["v_x"], stacked["v0"]),
-    )
+        v0 = q0 + 0.5 * m @ Q @ m + q @ m + 0.5 * torch.trace(Q[obs_dim:, obs_dim:] @ policy.cov[t])
+        out.append((Q, q, q0, V_xx, v_x, v0))
+    C, c, c0, V_xx, v_x, v0 = (torch.stack(values[::-1]) for values in zip(*out))
+    return Quadratic(C, c, c0), ValueFunction(V_xx, v_x, v0)
 
 
 def disadvantage(Q: Quadratic, V: ValueFunction) -> Quadratic:
-    """A_t(s, a) = Q_t(s, a) - V_t(s) as a quadratic in y = [s; a] [DPI Sec. 5.1, 'disadvantage'].
-
-    Shapes: Q [T, Y, Y], V [T, O, O] -> Quadratic [T, Y, Y], [T, Y], [T].
-    """
+    """A_t(s, a) = Q_t(s, a) - V_t(s), a quadratic in y = [s; a] [DPI Sec. 5.1]: Q [T, Y, Y], V [T, O, O] -> Quadratic."""
     obs_dim = V.V_xx.shape[1]
     C, c = Q.C.clone(), Q.c.clone()
     C[:, :obs_dim, :obs_dim] -= V.V_xx
@@ -944,22 +668,13 @@ def disadvantage(Q: Quadratic, V: ValueFunction) -> Quadratic:
     return Quadratic(C, c, Q.c0 - V.v0)
 
 
-def expected_value(V: ValueFunction, mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-    """E_{s ~ N(mean, cov)} V_0(s) = 1/2 mean'V_xx mean + 1/2 tr(V_xx cov) + v_x'mean + v0."""
-    return 0.5 * mean @ V.V_xx[0] @ mean + 0.5 * torch.trace(V.V_xx[0] @ cov) + V.v_x[0] @ mean + V.v0[0]
-
-
 def forward_marginals(
-    dynamics: Dynamics, policy: LinearGaussianPolicy, x0_mean: torch.Tensor, x0_cov: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """State marginals N(mu_t, Sigma_t) of eta under the model [GPS forward pass].
-
-    mu_{t+1} = F_t [mu_t; K_t mu_t + k_t] + f_t,
-    Sigma_{t+1} = F_t [[S, S K'], [K S, K S K' + cov_t]] F_t' + cov^dyn_t (S = Sigma_t).
-    Shapes: x0_mean [O], x0_cov [O, O] -> mu [T, O], Sigma [T, O, O].
-    """
-    mus, sigmas = [], []
-    mu, sigma = x0_mean, x0_cov
+    dynamics: Dynamics, policy: LinearGaussianPolicy, x0_mean: Tensor, x0_cov: Tensor
+) -> tuple[Tensor, Tensor]:
+    """State marginals N(mu_t, Sigma_t) of eta under the model [GPS forward pass]: mu_{t+1} = F_t [mu_t; K_t mu_t + k_t]
+    + f_t, Sigma_{t+1} = F_t [[S, S K'], [K S, K S K' + cov_t]] F_t' + cov^dyn_t (S = Sigma_t).
+    Shapes: x0_mean [O], x0_cov [O, O] -> mu [T, O], Sigma [T, O, O]."""
+    mus, sigmas, mu, sigma = [], [], x0_mean, x0_cov
     for t in range(len(dynamics.F)):
         mus.append(mu)
         sigmas.append(sigma)
@@ -972,17 +687,11 @@ def forward_marginals(
     return torch.stack(mus), torch.stack(sigmas)
 
 
-def trajectory_kl(
-    policy: LinearGaussianPolicy, pi_bar: LinearGaussianPolicy, mu: torch.Tensor, sigma: torch.Tensor
-) -> torch.Tensor:
-    """E_{s ~ N(mu_t, Sigma_t)} KL(eta_t(.|s) || pi_n(.|s)) per step [DPI eq. 9; iLQR; GPS].
-
-    With dK = Kbar - K_t, dk = kbar - k_t, Pbar = cov_bar^-1:
-    KL_t = 1/2 [tr(Pbar cov_t) + (dK mu + dk)'Pbar(dK mu + dk) + tr(dK'Pbar dK Sigma_t) - A
-                + log|cov_bar| - log|cov_t|]   (dynamics and s_0 are shared and cancel).
-    Shapes: policy and pi_bar (K [T, A, O], k [T, A], cov [T, A, A]), mu [T, O],
-    sigma [T, O, O] -> [T].
-    """
+def trajectory_kl(policy: LinearGaussianPolicy, pi_bar: LinearGaussianPolicy, mu: Tensor, sigma: Tensor) -> Tensor:
+    """E_{s ~ N(mu_t, Sigma_t)} KL(eta_t(.|s) || pi_n(.|s)) per step [DPI eq. 9; iLQR; GPS]; with dK = Kbar - K_t,
+    dk = kbar - k_t, Pbar = cov_bar^-1 (the dynamics and s_0 are shared and cancel):
+    KL_t = 1/2 [tr(Pbar cov_t) + (dK mu + dk)'Pbar(dK mu + dk) + tr(dK'Pbar dK Sigma_t) - A + log|cov_bar| - log|cov_t|].
+    Shapes: K [T, A, O], k [T, A], cov [T, A, A], mu [T, O], sigma [T, O, O] -> [T]."""
     precision = torch.linalg.inv(pi_bar.cov)  # [T, A, A]
     dK = pi_bar.K - policy.K
     d = (dK @ mu[..., None])[..., 0] + pi_bar.k - policy.k  # [T, A]
@@ -995,24 +704,15 @@ def trajectory_kl(
 
 
 def solve_eta(
-    mu: float,
-    dynamics: Dynamics,
-    cost: Quadratic,
-    pi_bar: LinearGaussianPolicy,
-    x0_mean: torch.Tensor,
-    x0_cov: torch.Tensor,
-    gamma: float,
+    mu: float, dynamics: Dynamics, cost: Quadratic, pi_bar: LinearGaussianPolicy, x0_mean: Tensor, x0_cov: Tensor, gamma: float
 ) -> tuple[float, LinearGaussianPolicy] | None:
-    """eta for one mu and its discounted KL sum_t gamma^t E KL(eta_t || pi_n) [DPI eq. 9-10]:
-    LQR on c' = c / mu - log pi_n, then the state marginals of eta under the model. None when
-    Q_aa is not PD. Shapes as lqr_backward and trajectory_kl; x0_mean [O], x0_cov [O, O].
-    """
+    """eta for one mu and its KL sum_t gamma^t E KL(eta_t || pi_n) [DPI eq. 9-10]: LQR on c' = c / mu - log pi_n, then
+    eta's state marginals under the model from s_0 ~ N(x0_mean [O], x0_cov [O, O]); None when Q_aa is not PD."""
     result = lqr_backward(dynamics, augmented_cost(cost, mu, pi_bar), gamma)
     if result is None:
         return None
     eta = result[0]
-    mean, sigma = forward_marginals(dynamics, eta, x0_mean, x0_cov)
-    kl = trajectory_kl(eta, pi_bar, mean, sigma)
+    kl = trajectory_kl(eta, pi_bar, *forward_marginals(dynamics, eta, x0_mean, x0_cov))
     discount = gamma ** torch.arange(len(kl), dtype=kl.dtype)
     return float((discount * kl).sum()), eta
 
@@ -1020,21 +720,15 @@ def solve_eta(
 def dual_search(
     solve: Callable[[float], tuple[float, object] | None], alpha: float, mu: float, tolerance: float, max_iters: int
 ) -> tuple[float, object, float, int]:
-    """Find mu with |KL(mu) - alpha| <= tolerance * alpha [DPI eq. 9; GPS bracket search].
-
-    KL(mu) falls as mu grows (more weight on -log pi_n). solve(mu) returns (KL, solution), or
-    None when Q_aa is not PD, which [GPS] answers by raising mu: a larger mu weighs the PD
-    term Pbar more, so such a mu counts as "too small". Bracket [lo, hi] from MU_BOUNDS:
-    KL > alpha: lo = mu, mu = min(sqrt(lo hi), 10 lo); KL < alpha: hi = mu,
-    mu = max(sqrt(lo hi), hi / 10). Returns the last mu whose KL is within the tolerance or
-    below alpha (the feasible side), its solution and KL, and the passes used.
-    """
-    # Deviation: [DPI Sec. 5.1] updates mu "by projected gradient ascent"; the bracket search
-    # of [GPS] reaches the same fixed point (KL = alpha) in far fewer LQR passes
+    """mu with |KL(mu) - alpha| <= tolerance * alpha [DPI eq. 9; GPS bracket search]. KL(mu) falls as mu grows (more
+    weight on -log pi_n); solve(mu) returns (KL, solution), or None when Q_aa is not PD, which [GPS] answers by raising
+    mu (more weight on the PD term Pbar). Bracket [lo, hi] from MU_BOUNDS: KL > alpha (or None): lo = mu, mu =
+    min(sqrt(lo hi), 10 lo); KL < alpha: hi = mu, mu = max(sqrt(lo hi), hi / 10). Returns the last mu within the
+    tolerance, else the last below alpha (feasible), else the last PD one; its solution and KL; the passes used."""
+    # Deviation: [DPI Sec. 5.1] updates mu "by projected gradient ascent"; the bracket search of [GPS] reaches the
+    # same fixed point (KL = alpha) in far fewer LQR passes
     lo, hi = MU_BOUNDS
-    best: tuple[float, object, float] | None = None
-    fallback: tuple[float, object, float] | None = None
-    iters = 0
+    best, fallback, iters = None, None, 0  # (mu, solution, KL) below alpha, and of any PD pass
     for iters in range(1, max_iters + 1):
         result = solve(mu)
         if result is not None:
@@ -1056,15 +750,10 @@ def dual_search(
     return (*chosen, iters)
 
 
-def expected_disadvantage(
-    A: Quadratic, obs: torch.Tensor, steps: torch.Tensor, mean: torch.Tensor, var: torch.Tensor
-) -> torch.Tensor:
-    """E_{a ~ N(mean, diag(var))} A_t(s, a) in closed form [DPI eq. 11, the inner expectation].
-
-    With y = [s; mean]: 1/2 y'A_yy y + 1/2 sum_j A_aa,jj var_j + a_y'y + a0.
-    Shapes: A [T, ...], obs [B, O], steps [B] (time index t of each state), mean [B, A],
-    var [A] -> [B]. Differentiable in mean and var.
-    """
+def expected_disadvantage(A: Quadratic, obs: Tensor, steps: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+    """E_{a ~ N(mean, diag(var))} A_t(s, a) in closed form [DPI eq. 11, the inner expectation], differentiable in mean
+    and var: with y = [s; mean], 1/2 y'A_yy y + 1/2 sum_j A_aa,jj var_j + a_y'y + a0.
+    Shapes: A [T, ...], obs [B, O], steps [B] (the time index t of each state), mean [B, A], var [A] -> [B]."""
     y = torch.cat([obs, mean], 1)  # [B, Y]
     C = A.C[steps]  # [B, Y, Y]
     obs_dim = obs.shape[1]
@@ -1073,7 +762,7 @@ def expected_disadvantage(
     return quad + noise + (A.c[steps] * y).sum(1) + A.c0[steps]
 
 
-def gaussian_kl(mean_old: torch.Tensor, log_std_old: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+def gaussian_kl(mean_old: Tensor, log_std_old: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
     """KL(N_old || N) = sum_i log(s_i / s_old_i) + (s_old_i^2 + (m_old_i - m_i)^2) / (2 s_i^2)
     - 1/2 for diagonal Gaussians: [B, A] each -> [B]."""
     var_ratio = torch.exp(2 * (log_std_old - log_std))
@@ -1081,7 +770,7 @@ def gaussian_kl(mean_old: torch.Tensor, log_std_old: torch.Tensor, mean: torch.T
     return (log_std - log_std_old + 0.5 * (var_ratio + mahalanobis) - 0.5).sum(-1)
 
 
-def conjugate_gradient(avp: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int) -> torch.Tensor:
+def conjugate_gradient(avp: Callable[[Tensor], Tensor], b: Tensor, iters: int) -> Tensor:
     """An approximate solution x of A x = b, A symmetric positive definite, from products A v.
 
     [TRPO App. C] conjugate gradient from x_0 = 0 for `iters` steps (the paper: 10), stopping
@@ -1103,7 +792,7 @@ def conjugate_gradient(avp: Callable[[torch.Tensor], torch.Tensor], b: torch.Ten
     return x
 
 
-def fisher_vector_product(kl_grad: torch.Tensor, params: list[torch.Tensor], v: torch.Tensor, damping: float) -> torch.Tensor:
+def fisher_vector_product(kl_grad: Tensor, params: list[Tensor], v: Tensor, damping: float) -> Tensor:
     """(A + damping I) v, A = d^2/dtheta^2 mean_s KL(pi_old(.|s) || pi_theta(.|s)) at theta_old.
 
     [TRPO App. C.1] the Hessian-vector product of the analytic mean KL: kl_grad = dKL/dtheta,
@@ -1115,62 +804,26 @@ def fisher_vector_product(kl_grad: torch.Tensor, params: list[torch.Tensor], v: 
     return torch.cat([h.reshape(-1) for h in hvp]) + damping * v
 
 
-def line_search(
-    actor: nn.Module,
-    evaluate_step: Callable[[], tuple[torch.Tensor, torch.Tensor]],
-    theta_old: torch.Tensor,
-    full_step: torch.Tensor,
-    surrogate_old: torch.Tensor,
-    delta: float,
-    backtrack_coef: float,
-    backtrack_iters: int,
-) -> float:
-    """theta = theta_old + c^j full_step for the first j with L(theta) > L(theta_old) and mean
-    KL <= delta; if no j < backtrack_iters passes, theta_old is restored exactly.
-
-    [TRPO App. C] the line search on L(theta) - X[KL <= delta], from the maximal step down,
-    shrinking it exponentially. evaluate_step() returns (L, mean KL) at the actor's current
-    parameters. Shapes: theta_old, full_step [P]. Returns the accepted c^j, 0.0 if rejected.
-    """
-    params = list(actor.parameters())
-    for j in range(backtrack_iters):
-        fraction = backtrack_coef**j
-        set_parameters(params, theta_old + fraction * full_step)
-        surrogate_new, kl = evaluate_step()
-        if bool(kl <= delta) and bool(surrogate_new > surrogate_old):
-            return fraction
-    set_parameters(params, theta_old)
-    return 0.0
-
-
 @torch.no_grad()
-def set_parameters(params: list[torch.Tensor], theta: torch.Tensor) -> None:
+def set_parameters(params: list[Tensor], theta: Tensor) -> None:
     """Copy the flat vector theta [P] into the parameters in place (vector_to_parameters would
     make them views into theta, whose memory alignment can change matmul rounding)."""
     for p, chunk in zip(params, theta.split([p.numel() for p in params])):
         p.copy_(chunk.view_as(p))
 
 
-# == 7. Updates ========================================================================
-class Imitation(NamedTuple):
-    """What the natural-gradient step needs from one training env: A^eta and the states."""
-
-    A: Quadratic  # disadvantage per step [T, ...]
-    obs: torch.Tensor  # [B, O] states visited by pi_n
-    steps: torch.Tensor  # [B] their time index
+# == 6. Updates ============================================================================================
+class Imitation(NamedTuple):  # what the natural-gradient step needs from one training env
+    A: Quadratic  # A^eta per step [T, ...]
+    obs: Tensor  # [B, O] states visited by pi_n
+    steps: Tensor  # [B] their time index
 
 
 def update_eta(
-    rollouts: Rollouts,
-    actor: Actor,
-    cost_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    prior: dict,
-    mu: float,
-    args: Args,
-) -> tuple[Imitation, float, dict[str, torch.Tensor]]:
-    """Steps 2-7 for one training env: refit the prior, fit the local model, search mu and
-    solve for eta, evaluate A^eta. `prior` holds the PriorBuffer and last GMM (updated here).
-    Returns the imitation target, the new mu and metrics."""
+    rollouts: Rollouts, actor: Actor, cost_fn: Callable[[Tensor, Tensor], Tensor], prior: PriorBuffer, mu: float, args: Args
+) -> tuple[Imitation, float, dict[str, Tensor]]:
+    """Steps 2-7 for one training env: refit the GMM prior (in `prior`), fit the local model, search mu and solve for
+    eta, evaluate A^eta; the imitation target, the new mu and metrics."""
     steps = int(rollouts.mask.sum(0).nonzero().max()) + 1  # LQR horizon: the longest episode
     obs = rollouts.obs[:, : steps + 1].transpose(0, 1)  # [T + 1, N, O]
     actions = rollouts.actions[:, :steps].transpose(0, 1)  # [T, N, A]
@@ -1178,18 +831,17 @@ def update_eta(
     obs_dim = obs.shape[-1]
     points = torch.cat([obs[:-1], actions, obs[1:]], -1)  # [T, N, D]
     # 2. the GMM prior on recent transitions (an even subsample when there are many)
-    prior["buffer"].add(rollouts)
-    data = prior["buffer"].points()
+    prior.add(rollouts)
+    data = torch.cat(prior.episodes)  # [M, D]
     data = data[:: max(1, -(-len(data) // GMM_MAX_POINTS))]
     clusters = max(1, min(args.prior_max_clusters, len(data) // args.prior_min_samples_per_cluster))
-    prior["gmm"] = gmm_fit(data, clusters, args.prior_em_iters, prior["gmm"])
+    prior.gmm = gmm_fit(data, clusters, args.prior_em_iters, prior.gmm)
     # 3. local linear-Gaussian dynamics [DPI eq. 8]
-    mu0, phi = prior_moments(prior["gmm"], points, mask)
+    mu0, phi = prior_moments(prior.gmm, points, mask)
     dynamics = fit_dynamics(points, mask, mu0, phi, args.prior_strength, args.dynamics_reg, obs_dim)
     pred = (dynamics.F[:, None] @ points[..., :-obs_dim, None])[..., 0] + dynamics.f[:, None]
     residual = masked_mean((pred - points[..., -obs_dim:]).pow(2).sum(-1), mask)
-    x0 = obs[0]  # [N, O]: every episode has step 0
-    x0_mean = x0.mean(0)
+    x0, x0_mean = obs[0], obs[0].mean(0)  # [N, O], [O]: every episode has step 0
     x0_cov = sym(torch.cov(x0.T).reshape(obs_dim, obs_dim)) + 1e-6 * torch.eye(obs_dim, dtype=x0.dtype)
     # 4. true cost and linearised pi_n [DPI eq. 10]
     cost = quadratic_cost(cost_fn, obs[:-1], actions, mask)
@@ -1197,38 +849,36 @@ def update_eta(
     cov_bar = torch.diag((2 * actor.log_std.detach().double()).exp())  # [A, A]
     pi_bar = LinearGaussianPolicy(Kbar, kbar, cov_bar.expand(steps, -1, -1))
     # 5-6. LQR on c' inside the search on mu [DPI eq. 9-10]
-    mu, eta, kl, dual_iters = dual_search(
-        lambda m: solve_eta(m, dynamics, cost, pi_bar, x0_mean, x0_cov, args.gamma),
-        args.alpha,
-        mu,
-        args.kl_tolerance,
-        args.dual_iters,
-    )
-    # 7. A^eta = Q - V of eta under the model [DPI Sec. 5.1]. Deviation: with the true cost c,
-    # not c' (the paper leaves it open), so the KL bonus stays out of the imitation target
-    # and E_{a ~ eta} A^eta = 0 as for an advantage
+    solve = lambda m: solve_eta(m, dynamics, cost, pi_bar, x0_mean, x0_cov, args.gamma)
+    mu, eta, kl, dual_iters = dual_search(solve, args.alpha, mu, args.kl_tolerance, args.dual_iters)
+    # 7. A^eta = Q - V of eta under the model [DPI Sec. 5.1]. Deviation: with the true cost c, not c' (the paper
+    # leaves it open), so the KL bonus stays out of the imitation target and E_{a ~ eta} A^eta = 0 as for an advantage
     Q, V = lqr_evaluate(dynamics, cost, eta, args.gamma)
     _, V_pi = lqr_evaluate(dynamics, cost, pi_bar, args.gamma)
     flat_mask = rollouts.mask[:, :steps]
     time_index = torch.arange(steps).expand(len(flat_mask), -1)
     imitation = Imitation(disadvantage(Q, V), rollouts.obs[:, :steps][flat_mask].float(), time_index[flat_mask])
+    # E_{s ~ N(x0_mean, x0_cov)} V_0(s) = 1/2 m'V_xx m + 1/2 tr(V_xx cov) + v_x'm + v0: the model's cost of an episode
+    model_cost = lambda V: (
+        0.5 * x0_mean @ V.V_xx[0] @ x0_mean + 0.5 * torch.trace(V.V_xx[0] @ x0_cov) + V.v_x[0] @ x0_mean + V.v0[0]
+    )
     metrics = {
         "stats/mu": torch.tensor(mu),
         "stats/kl_eta": torch.tensor(kl),
         "stats/dual_iters": torch.tensor(float(dual_iters)),
-        "stats/model_cost_pi": expected_value(V_pi, x0_mean, x0_cov),
-        "stats/model_cost_eta": expected_value(V, x0_mean, x0_cov),
+        "stats/model_cost_pi": model_cost(V_pi),
+        "stats/model_cost_eta": model_cost(V),
         "stats/dynamics_residual": residual.mean(),
         "stats/prior_clusters": torch.tensor(float(clusters)),
+        "stats/episode_cost": (cost_fn(rollouts.obs[:, :-1], rollouts.actions) * rollouts.mask).sum(1).mean(),
     }
     return imitation, mu, metrics
 
 
-def surrogate(actor: Actor, targets: list[Imitation]) -> torch.Tensor:
-    """L(theta) = sum over training envs of mean_s E_{a ~ pi_theta} A^eta_t(s, a) [DPI eq. 11,
-    Sec. 6.3 for several envs]; states weighted uniformly (see the module docstring)."""
-    # Deviation: every visited state weighs the same (TRPO practice), not gamma^t as d_pi
-    # would, which would leave the late states of an episode almost no weight
+def surrogate(actor: Actor, targets: list[Imitation]) -> Tensor:
+    """L(theta) = sum over training envs of mean_s E_{a ~ pi_theta} A^eta_t(s, a) [DPI eq. 11; Sec. 6.3]."""
+    # Deviation: every visited state weighs the same (TRPO practice), not gamma^t as in d_pi, which would leave the
+    # late states of an episode almost no weight
     var = (2 * actor.log_std).exp().double()
     total = torch.zeros((), dtype=torch.float64)
     for target in targets:
@@ -1237,11 +887,10 @@ def surrogate(actor: Actor, targets: list[Imitation]) -> torch.Tensor:
     return total
 
 
-def update_actor(actor: Actor, targets: list[Imitation], args: Args) -> dict[str, torch.Tensor]:
-    """One natural-gradient step on the cost L(theta) subject to (theta - theta_n)'F(theta -
-    theta_n) <= beta [DPI eq. 11-12], built as trpo.py's update_policy: s = F^-1 g by CG,
-    theta = theta_n - sqrt(beta / s'Fs) s, then (--line-search) TRPO's backtracking on -L
-    with the KL bound beta / 2 (the second-order model of the constraint is 2 KL)."""
+def update_actor(actor: Actor, targets: list[Imitation], args: Args) -> dict[str, Tensor]:
+    """One natural-gradient step on the cost L(theta) s.t. (theta - theta_n)'F(theta - theta_n) <= beta [DPI eq. 11-12]
+    as trpo.py's update_policy: s = F^-1 g by CG, theta = theta_n - sqrt(beta / s'Fs) s, then (--line-search) TRPO's
+    backtracking on -L with the KL bound beta / 2 (the second-order model of the constraint is 2 KL)."""
     params = list(actor.parameters())
     theta_old = torch.cat([p.detach().reshape(-1) for p in params])
     obs = torch.cat([target.obs for target in targets])  # the states of every training env
@@ -1249,7 +898,7 @@ def update_actor(actor: Actor, targets: list[Imitation], args: Args) -> dict[str
         mean_old = actor(obs)  # [B, A], pi_theta_n in every KL below
         log_std_old = actor.log_std.expand_as(mean_old).clone()
 
-    def mean_kl() -> torch.Tensor:
+    def mean_kl() -> Tensor:
         mean = actor(obs)
         return gaussian_kl(mean_old, log_std_old, mean, actor.log_std.expand_as(mean)).mean()
 
@@ -1263,16 +912,22 @@ def update_actor(actor: Actor, targets: list[Imitation], args: Args) -> dict[str
     full_step = -torch.sqrt(args.beta / sfs.clamp_min(STEP_EPS)) * step_dir  # [DPI eq. 12]
 
     @torch.no_grad()
-    def evaluate_step() -> tuple[torch.Tensor, torch.Tensor]:
-        return -surrogate(actor, targets), mean_kl()  # line_search maximises
+    def evaluate_step() -> tuple[Tensor, Tensor]:
+        return -surrogate(actor, targets), mean_kl()  # -L, to maximise as TRPO's surrogate
 
-    loss_old = loss_old.detach()
-    # Deviation: the paper takes the step of eq. 12 as it is; the backtracking check (on by
-    # default) keeps a step whose quadratic KL model is wrong from making pi worse
+    loss_old, fraction = loss_old.detach(), 0.0
     if args.line_search:
-        fraction = line_search(
-            actor, evaluate_step, theta_old, full_step, -loss_old, args.beta / 2, args.backtrack_coef, args.backtrack_iters
-        )
+        # Deviation: the paper takes the step of eq. 12 as it is. [TRPO App. C] backtracking takes the first c^j
+        # full_step with L(theta) < L(theta_n) and mean KL <= beta / 2, else restores theta_n exactly, so that a step
+        # whose quadratic KL model is wrong cannot make pi worse
+        for j in range(args.backtrack_iters):
+            set_parameters(params, theta_old + args.backtrack_coef**j * full_step)
+            neg_loss_new, kl = evaluate_step()
+            if bool(kl <= args.beta / 2) and bool(neg_loss_new > -loss_old):
+                fraction = args.backtrack_coef**j
+                break
+        else:
+            set_parameters(params, theta_old)
     else:  # the paper's plain step
         set_parameters(params, theta_old + full_step)
         fraction = 1.0
@@ -1288,54 +943,227 @@ def update_actor(actor: Actor, targets: list[Imitation], args: Args) -> dict[str
     }
 
 
-# == 8. Evaluation =====================================================================
-def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int) -> list[float]:
-    """Undiscounted returns of `episodes` episodes of act(obs) -> action, reset with seed + i."""
+# == 7. Training ===========================================================================================
+def evaluate_variants(run: "Run", envs: TrainingEnvs, global_step: int, num_updates: int) -> None:
+    """--robust's evaluation [DPI Sec. 6.3] in place of Run.evaluate: charts/eval_return is the mean return over the
+    held-out test variants, charts/eval_return_train over the training ones (on a training env: rollouts reseed)."""
+    args = run.args
+    mean_return = lambda env: np.mean(evaluate(run.act, env, args.eval_episodes, args.seed + 10_000, run.device))
+    run.writer.add_scalar("charts/eval_return_train", np.mean([mean_return(group[0]) for group in envs.train]), global_step)
+    run.eval_return, run.eval_step = float(np.mean([mean_return(env) for env in envs.test])), global_step
+    run.writer.add_scalar("charts/eval_return", run.eval_return, global_step)
+    if args.save_model:
+        run.save(global_step, num_updates, False)
+
+
+def train(args: Args) -> dict:
+    """Train AGGREVATED-ILQR; returns the final metrics, counters, mu of each training env and the run directory."""
+    register_envs()  # LinearQuadratic-v0
+    device = setup(args)  # seeds, torch threads, device
+    # -- environments: --num-envs lockstep copies of each training env (the perturbed variants with --robust)
+    train_params, test_params = robust_variants(args) if args.robust else ([(1.0, 1.0)], [])
+    variant = lambda params: make_variant_env(args.env, *params) if args.robust else make_env(args.env)
+    envs = TrainingEnvs(
+        [[variant(params) for _ in range(args.num_envs)] for params in train_params],
+        [make_variant_env(args.env, *params) for params in test_params],  # [DPI Sec. 6.3] held out, only evaluated
+    )
+    space = envs.train[0][0].action_space
+    obs_dim, action_dim = envs.train[0][0].observation_space.shape[0], space.shape[0]
+    # -- networks (no optimizer: the natural-gradient step is by hand); eta is rebuilt every iteration
+    actor = Actor(obs_dim, action_dim, args.hidden_sizes, args.activation, args.init_log_std).to(device)
+    low, high = (torch.as_tensor(bound, device=device) for bound in (space.low, space.high))
+    # -- storage: the dynamics prior and the dual variable mu of each training env [DPI eq. 8-9]
+    priors = {f"prior_{v}": PriorBuffer(args.prior_episodes) for v in range(len(train_params))}
+    mus = torch.full((len(train_params),), MU_INIT, dtype=torch.float64)
+    # -- run: directory, logging, evaluation, saving, resume (below the fence); act: the mean, clipped to the bounds
+    run = Run(args, envs, model=dict(actor=actor), train_state=dict(mu=mus, **priors), act=lambda o: actor(o).clamp(low, high))
+    if args.robust:  # evaluate on the variants
+        run.evaluate = functools.partial(evaluate_variants, run, envs)
+    if args.eval_only:
+        return run.evaluate_only()
+    global_step, num_updates = run.start()
+
+    @torch.no_grad()
+    def explore(obs: np.ndarray) -> np.ndarray:
+        """a ~ pi_n(.|s), the behaviour policy of the rollouts."""
+        return actor.sample(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
+
+    while global_step < args.total_steps:  # one DPI iteration per pass [DPI Alg. 1]
+        targets, eta_metrics = [], {}
+        for v, (group, prior) in enumerate(zip(envs.train, priors.values())):
+            # act, step, store: N episodes of pi_n from resets
+            seeds = np.random.randint(0, 2**31 - 1, size=args.episodes)
+            rollouts, infos = rollout(group, explore, args.horizon, seeds)
+            global_step += int(rollouts.mask.sum())
+            run.add_episodes(global_step, infos)
+            # update (a): local model, eta and A^eta for this env [DPI Sec. 5.1]
+            target, mus[v], metrics = update_eta(rollouts, actor, COSTS[args.env], prior, float(mus[v]), args)
+            for k, value in metrics.items():  # the mean over training envs
+                eta_metrics[k] = eta_metrics.get(k, 0.0) + value / len(envs.train)
+            targets.append(target)
+        # update (b): one natural-gradient step of pi on the summed L [DPI Sec. 5.2, 6.3]
+        run.add_metrics({**eta_metrics, **update_actor(actor, targets, args)})
+        num_updates += 1
+        run.step(global_step, num_updates)  # log, evaluate and save as scheduled; stop on a signal
+    return {**run.finish(global_step, num_updates), "mu": mus.tolist()}
+
+
+# ======== run plumbing below: identical in every file, not needed to read the algorithm ========
+import dataclasses
+import difflib
+import importlib
+import json
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+CHECKPOINT_FORMAT = 2  # 2: model and training state saved by name
+
+
+class UsageError(Exception):
+    """Bad user input: `main` prints it as one line on stderr and returns 2."""
+
+
+class Stopped(Exception):
+    """Stopped(message, exit code): a SIGINT or SIGTERM ended training after resume.pt was written."""
+
+
+def check_args(args: Args) -> None:
+    """Raise UsageError with the first failed check: the shared arguments', then the algorithm's."""
+    positive = min(args.total_steps, args.num_envs, args.threads, args.log_every, args.eval_episodes) > 0
+    checks = [
+        (positive, "--total-steps, --num-envs, --threads, --log-every and --eval-episodes must be positive"),
+        (min(args.eval_every, args.checkpoint_every) >= 0, "--eval-every and --checkpoint-every must be >= 0"),
+        (args.checkpoint is not None or not args.eval_only, "--eval-only needs --checkpoint PATH"),
+        (args.resume is None or args.checkpoint is None, "give either --resume or --checkpoint, not both"),
+        (not os.path.exists(args.log_dir) or os.path.isdir(args.log_dir), f"--log-dir {args.log_dir} is not a directory"),
+        (not args.cuda or torch.cuda.is_available(), "--cuda was given but torch sees no CUDA device"),
+        *algorithm_checks(args),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
+def make_env(env_id: str, render_mode: str | None = None) -> gym.Env:
+    """One gymnasium env whose spaces this algorithm takes; `module:Env-v0` imports `module` first (an env it
+    registers). An unknown id, a module that fails to import or a missing dependency is a UsageError."""
+    module, _, name = env_id.rpartition(":")
+    try:
+        importlib.import_module(module) if module else None
+    except Exception as e:  # noqa: BLE001 (whatever the user's module raises: one line)
+        raise UsageError(f"cannot import {module} for --env {env_id}: {type(e).__name__}: {e}") from None
+    if name not in gym.registry:
+        close = difflib.get_close_matches(name, list(gym.registry), n=3, cutoff=0.6)
+        raise UsageError(f"unknown env id {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    try:
+        env = gym.make(name, **({} if render_mode is None else {"render_mode": render_mode}))
+    except gym.error.DependencyNotInstalled as e:
+        raise UsageError(f"{name} needs a package that is not installed: {e}") from None
+    space, needs = env.action_space, " or ".join(space.__name__ for space in ACTION_SPACES)
+    if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
+        raise UsageError(f"{name} has observation space {env.observation_space}; {ALGO} needs a flat Box")
+    if not isinstance(space, ACTION_SPACES) or (isinstance(space, gym.spaces.Box) and not space.is_bounded()):
+        raise UsageError(f"{name} has the action space {space}; {ALGO} needs a {needs} (a bounded one if a Box)")
+    return env
+
+
+def make_vec_env(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
+    """Training envs, SAME_STEP autoreset: an ended episode's last observation is in infos["final_obs"] and
+    the returned observation starts the next one; its return and length are in infos["episode"]."""
+    envs = [lambda: make_env(env_id) for _ in range(num_envs)]
+    envs = gym.vector.SyncVectorEnv(envs, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    return gym.wrappers.vector.RecordEpisodeStatistics(envs)
+
+
+def make_eval_env(env_id: str, video_dir: str | None, episodes: int) -> gym.Env:
+    """The evaluation env; with video_dir, the first of every `episodes` episodes is recorded there, or,
+    where rendering cannot start, one line is printed and the run goes on without."""
+    if video_dir is None:
+        return make_env(env_id)
+    os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo rendering
+    env = make_env(env_id, "rgb_array")
+    try:
+        env.reset(seed=0)
+        env.render()  # fails here without a GL backend
+        trigger = lambda episode: episode % episodes == 0
+        return gym.wrappers.RecordVideo(env, video_dir, episode_trigger=trigger, name_prefix="eval")
+    except Exception as e:  # noqa: BLE001 (no GL backend, moviepy missing, ...)
+        print(f"video capture disabled: {type(e).__name__}: {e}".splitlines()[0], flush=True)
+        env.close()
+        return make_env(env_id)
+
+
+@torch.no_grad()
+def evaluate(act: Callable[[Tensor], Tensor], env: gym.Env, episodes: int, seed: int, device: torch.device) -> list[float]:
+    """Undiscounted returns of `episodes` episodes of the deterministic act(obs) -> action, reset with seed + i."""
     returns = []
     for i in range(episodes):
-        obs, _ = env.reset(seed=seed + i)
-        total, done = 0.0, False
+        (obs, _), total, done = env.reset(seed=seed + i), 0.0, False
         while not done:
-            obs, reward, terminated, truncated, _ = env.step(act(obs))
-            total += float(reward)
-            done = terminated or truncated
+            action = act(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total, done = total + float(reward), terminated or truncated
         returns.append(total)
     return returns
 
 
-# == 9. Checkpoints ====================================================================
-def save_checkpoint(path: str, payload: dict) -> None:
-    """torch.save to a temporary file, then rename: a killed run never leaves a broken file."""
-    tmp = f"{path}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str, env: str | None = None, device: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint of this algorithm (and of `env`, when given) with weights_only=True."""
+def load_checkpoint(path: str, env: str | None = None, training: bool = False) -> dict:
+    """A checkpoint of this algorithm (of `env`, and with training state, if asked), read with weights_only."""
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint not found: {path}")
     try:
-        payload = torch.load(path, map_location=device, weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 (whatever makes the file unreadable: one clear line)
-        raise UsageError(f"cannot read checkpoint {path}: {type(e).__name__}") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"{path} is not a checkpoint of this repository (format {CHECKPOINT_FORMAT})")
-    if payload["algo"] != ALGO:
-        raise UsageError(f"{path} is a {payload['algo']} checkpoint, not {ALGO}")
-    if env is not None and payload["env"] != env:
-        raise UsageError(f"{path} was trained on {payload['env']}, not {env}")
+        reason = f"{type(e).__name__}: {e}".splitlines()[0][:160]
+        raise UsageError(f"cannot read checkpoint {path}: truncated, corrupted or not a torch file ({reason})") from None
+    payload = payload if isinstance(payload, dict) else {}
+    problems = [
+        (not {"format", "algo", "env", "args", "state"} <= payload.keys(), "is not a checkpoint of this repository"),
+        (
+            payload.get("format") != CHECKPOINT_FORMAT,
+            f"has format {payload.get('format')}; this file reads {CHECKPOINT_FORMAT}",
+        ),
+        (payload.get("algo") != ALGO, f"is a {payload.get('algo')} checkpoint, not {ALGO}"),
+        (env is not None and payload.get("env") != env, f"was trained on {payload.get('env')}, not {env}"),
+        (training and "train" not in payload, "holds no training state (a model.pt?): give it to --checkpoint to fine-tune"),
+    ]
+    for problem, message in problems:
+        if problem:
+            raise UsageError(f"{path} {message}")
     return payload
 
 
+def state_of(things: dict) -> dict:
+    """The saved form of modules, optimizers and storage (their state_dict) and of tensors, by name."""
+    return {k: v.detach() if isinstance(v, Tensor) else v.state_dict() for k, v in things.items() if v is not None}
+
+
+def load_state(things: dict, state: dict, path: str) -> None:
+    """Load `state_of`'s output back in place; a checkpoint that does not fit is a UsageError."""
+    try:
+        for k, v in things.items():
+            if isinstance(v, Tensor):
+                v.data.copy_(state[k])
+            elif v is not None:
+                v.load_state_dict(state[k])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise UsageError(f"{path} does not fit this run's networks: {str(e).splitlines()[0][:160]}") from None
+
+
 def rng_state() -> dict:
-    """Python, numpy and torch random states as plain values and tensors."""
+    """Python, numpy and torch random states as plain values and tensors (torch.load's weights_only)."""
     kind, key, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss],
-        "torch": torch.get_rng_state(),
-    }
+    numpy = [kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss]
+    return {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
 
 
 def set_rng_state(state: dict) -> None:
@@ -1345,62 +1173,98 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-# == 10. Training ======================================================================
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def setup(args: Args) -> torch.device:
+    """Seed python, numpy and torch, set torch's CPU threads, and return the device."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    return torch.device("cuda" if args.cuda else "cpu")
 
 
-def open_run(args: Args) -> tuple[str, SummaryWriter]:
-    """The run directory (a new one, or the resumed run's) and its tensorboard writer."""
-    if args.resume is not None:
-        run_dir = os.path.dirname(os.path.abspath(args.resume))
-    else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = os.path.join(args.log_dir, f"{args.env}__{ALGO}__{args.seed}__{stamp}")
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=2)
-    writer = SummaryWriter(run_dir)
-    table = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
-    writer.add_text("args", f"|argument|value|\n|-|-|\n{table}")
-    return run_dir, writer
+class Run:
+    """Everything around `train`'s loop: run directory, tensorboard, progress line, evaluation and saving as
+    scheduled, --resume, --checkpoint (fine-tuning or --eval-only), SIGINT and SIGTERM, final evaluation.
 
+    model: what model.pt saves; train_state: what resume.pt adds (optimizers, storage, statistics); both by
+    name, as modules, tensors or objects with state_dict. act: obs -> deterministic action, for evaluation."""
 
-def saved_args(args: Args) -> dict:
-    """Arguments stored in a checkpoint: the run's settings without the load/resume paths."""
-    return dataclasses.asdict(dataclasses.replace(args, checkpoint=None, resume=None, eval_only=False))
+    def __init__(self, args: Args, envs: gym.vector.VectorEnv, model: dict, train_state: dict, act: Callable):
+        self.args, self.envs, self.model, self.train_state, self.act = args, envs, model, train_state, act
+        self.device = torch.device("cuda" if args.cuda else "cpu")
+        self.sums, self.counts, self.returns, self.eval_return, self.eval_step = {}, {}, [], float("nan"), None
+        self.writer, self.eval_env, self.stop_signal, self.handlers = None, None, None, {}
+        if args.checkpoint is not None:
+            load_state(model, load_checkpoint(args.checkpoint, args.env)["state"], args.checkpoint)
 
+    def start(self) -> tuple[int, int]:
+        """Open the run directory (new, or the resumed run's), restore --resume, catch SIGINT and SIGTERM;
+        return (global_step, num_updates)."""
+        args, global_step, num_updates = self.args, 0, 0
+        self.run_dir = os.path.join(args.log_dir, f"{args.env}__{ALGO}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+        if args.resume is not None:
+            saved = load_checkpoint(args.resume, args.env, training=True)
+            load_state(self.model, saved["state"], args.resume)
+            load_state(self.train_state, saved["train"], args.resume)
+            set_rng_state(saved["train"]["rng"])
+            global_step, num_updates = saved["global_step"], saved["train"]["num_updates"]
+            self.run_dir = os.path.dirname(os.path.abspath(args.resume))
+        elif args.checkpoint is not None:
+            print(f"fine-tuning {args.checkpoint}: its weights; optimizers, storage and step count start afresh")
+        try:  # a resumed run records its new arguments (a longer --total-steps, say)
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "args.json"), "w") as f:
+                json.dump(dataclasses.asdict(args), f, indent=2)
+        except OSError as e:
+            raise UsageError(f"cannot write the run directory {self.run_dir}: {e.strerror}") from None
+        self.writer = SummaryWriter(self.run_dir)
+        table = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
+        self.writer.add_text("args", f"|argument|value|\n|-|-|\n{table}")
+        video_dir = os.path.join(self.run_dir, "videos") if args.capture_video else None
+        self.eval_env = make_eval_env(args.env, video_dir, args.eval_episodes)
+        self.last = (time.perf_counter(), global_step, num_updates)
+        self.next_log, self.next_eval, self.next_save = (
+            global_step + n for n in (args.log_every, args.eval_every, args.checkpoint_every)
+        )
+        for sig in (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ():
+            # stop at the end of this step, after writing resume.pt
+            self.handlers[sig] = signal.signal(sig, lambda signum, frame: setattr(self, "stop_signal", signum))
+        return global_step, num_updates
 
-class Progress:
-    """Sums metric tensors between log lines (no host sync per step) and writes the log line."""
-
-    def __init__(self, writer: SummaryWriter, start_step: int, start_updates: int):
-        self.writer, self.sums, self.counts = writer, {}, {}
-        self.returns: list[float] = []
-        self.eval_return = float("nan")
-        self.last = (time.perf_counter(), start_step, start_updates)
-
-    def add_metrics(self, metrics: dict[str, torch.Tensor]) -> None:
+    def add_metrics(self, metrics: dict[str, Tensor]) -> None:
+        """Sum an update's metric tensors until the next log line (no host sync per update)."""
         for k, v in metrics.items():
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
             self.counts[k] = self.counts.get(k, 0) + 1  # per key: updates log different keys
 
-    def add_episode(self, global_step: int, episode_return: float, length: int) -> None:
-        self.writer.add_scalar("charts/episodic_return", episode_return, global_step)
-        self.writer.add_scalar("charts/episodic_length", length, global_step)
-        self.returns.append(episode_return)
+    def add_episodes(self, global_step: int, infos: dict) -> None:
+        """Log the training episodes that ended at this step (from gymnasium's RecordEpisodeStatistics)."""
+        for i in np.flatnonzero(infos.get("_episode", [])):
+            self.returns.append(float(infos["episode"]["r"][i]))
+            self.writer.add_scalar("charts/episodic_return", self.returns[-1], global_step)
+            self.writer.add_scalar("charts/episodic_length", int(infos["episode"]["l"][i]), global_step)
 
-    def add_eval(self, global_step: int, returns: list[float]) -> None:
-        self.eval_return = float(np.mean(returns))
-        self.writer.add_scalar("charts/eval_return", self.eval_return, global_step)
+    def step(self, global_step: int, num_updates: int) -> None:
+        """End of a loop step: after a signal write resume.pt and stop; else log, evaluate and save as scheduled."""
+        args = self.args
+        if self.stop_signal is not None:
+            path, name = self.save(global_step, num_updates, True), signal.Signals(self.stop_signal).name
+            self.close()
+            raise Stopped(f"{name}: stopped at step {global_step}; continue with --resume {path}", 128 + self.stop_signal)
+        if global_step >= self.next_log:
+            self.log(global_step, num_updates)
+            self.next_log += args.log_every
+        if args.eval_every and global_step >= self.next_eval:
+            self.evaluate(global_step, num_updates)
+            self.next_eval += args.eval_every
+        if args.checkpoint_every and global_step >= self.next_save:
+            self.save(global_step, num_updates, True)
+            self.next_save += args.checkpoint_every
 
     def log(self, global_step: int, num_updates: int) -> None:
-        now = time.perf_counter()
-        t0, step0, updates0 = self.last
-        sps = (global_step - step0) / max(now - t0, 1e-9)
-        ups = (num_updates - updates0) / max(now - t0, 1e-9)
+        """The progress line; the metrics' means since the last line to tensorboard."""
+        now, (t0, step0, updates0) = time.perf_counter(), self.last
+        sps, ups = (global_step - step0) / max(now - t0, 1e-9), (num_updates - updates0) / max(now - t0, 1e-9)
         self.writer.add_scalar("charts/SPS", sps, global_step)
         self.writer.add_scalar("charts/updates_per_second", ups, global_step)
         for k, v in self.sums.items():
@@ -1410,208 +1274,69 @@ class Progress:
             f"step {global_step} | return {ret} | eval {self.eval_return:.1f} | SPS {sps:.0f} | updates/s {ups:.0f}",
             flush=True,
         )
-        self.sums, self.counts, self.returns = {}, {}, []
-        self.last = (now, global_step, num_updates)
+        self.sums, self.counts, self.returns, self.last = {}, {}, [], (now, global_step, num_updates)
 
-    def finish(self, global_step: int, num_updates: int, run_dir: str) -> None:
+    def evaluate(self, global_step: int, num_updates: int) -> None:
+        """Evaluate on the evaluation env (seeds seed + 10000 + i), log the mean return, write model.pt."""
+        returns = evaluate(self.act, self.eval_env, self.args.eval_episodes, self.args.seed + 10_000, self.device)
+        self.eval_return, self.eval_step = float(np.mean(returns)), global_step
+        self.writer.add_scalar("charts/eval_return", self.eval_return, global_step)
+        if self.args.save_model:
+            self.save(global_step, num_updates, False)
+
+    def save(self, global_step: int, num_updates: int, training: bool) -> str:
+        """model.pt, or resume.pt with the training state, counters and random states; atomic (write, rename)."""
+        args = dataclasses.asdict(dataclasses.replace(self.args, checkpoint=None, resume=None, eval_only=False))
+        payload = dict(format=CHECKPOINT_FORMAT, algo=ALGO, env=self.args.env, args=args, global_step=global_step)
+        payload["state"] = state_of(self.model)
+        if training:
+            payload["train"] = dict(state_of(self.train_state), num_updates=num_updates, rng=rng_state())
+        path = os.path.join(self.run_dir, "resume.pt" if training else "model.pt")
+        torch.save(payload, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
+        return path
+
+    def finish(self, global_step: int, num_updates: int) -> dict:
+        """The final evaluation (unless this step had one), log line and resume.pt; close; the results."""
+        if self.eval_step != global_step:
+            self.evaluate(global_step, num_updates)
         if global_step > self.last[1]:
             self.log(global_step, num_updates)
-        print(f"done: step {global_step} | eval {self.eval_return:.1f} | run {run_dir}", flush=True)
+        print(f"done: step {global_step} | eval {self.eval_return:.1f} | run {self.run_dir}", flush=True)
+        if self.args.checkpoint_every:
+            self.save(global_step, num_updates, True)
+        self.close()
+        return dict(global_step=global_step, num_updates=num_updates, eval_return=self.eval_return, run_dir=self.run_dir)
+
+    def evaluate_only(self) -> dict:
+        """--eval-only: evaluate the --checkpoint weights and print the returns (videos beside the checkpoint)."""
+        args = self.args
+        self.eval_env = make_eval_env(
+            args.env,
+            os.path.join(os.path.dirname(args.checkpoint), "videos") if args.capture_video else None,
+            args.eval_episodes,
+        )
+        returns = evaluate(self.act, self.eval_env, args.eval_episodes, args.seed + 10_000, self.device)
+        self.close()
+        print(
+            f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns "
+            + " ".join(f"{r:.1f}" for r in returns)
+        )
+        return {"eval_return": float(np.mean(returns)), "eval_returns": returns}
+
+    def close(self) -> None:
+        for sig, handler in self.handlers.items():
+            signal.signal(sig, handler)
+        for closable in (self.envs, self.eval_env, self.writer):
+            closable.close() if closable is not None else None
 
 
-def make_agent(args: Args, obs_dim: int, action_space: gym.spaces.Box, device: torch.device) -> dict:
-    """The reactive policy by the name its state is saved under (eta is rebuilt each
-    iteration; its dual variables are training state)."""
-    return {"actor": Actor(obs_dim, int(np.prod(action_space.shape)), args).to(device)}
-
-
-def policy_fn(actor: Actor, device: torch.device, action_space: gym.spaces.Box) -> Callable[[np.ndarray], np.ndarray]:
-    """act(obs) -> action with the deterministic (mean) action inside the bounds, for
-    `evaluate` (a Gaussian policy, unlike sac.py's squashed one, can leave the bounds)."""
-
-    @torch.no_grad()
-    def act(obs: np.ndarray) -> np.ndarray:
-        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
-        return np.clip(actor.deterministic(obs_t).cpu().numpy(), action_space.low, action_space.high)
-
-    return act
-
-
-def agent_state(agent: dict) -> dict:
-    return {k: v.state_dict() if isinstance(v, nn.Module) else v.detach() for k, v in agent.items()}
-
-
-def load_agent_state(agent: dict, state: dict) -> None:
-    for k, v in agent.items():
-        if isinstance(v, nn.Module):
-            v.load_state_dict(state[k])
-        else:
-            with torch.no_grad():
-                v.copy_(state[k])
-
-
-def evaluate_only(args: Args) -> dict:
-    """--eval-only: load the checkpoint's policy and evaluate it (on the unperturbed env)."""
-    register_envs()
-    device = torch.device("cuda" if args.cuda else "cpu")
-    payload = load_checkpoint(args.checkpoint, args.env, device)
-    video_dir = os.path.join(os.path.dirname(args.checkpoint), "videos") if args.capture_video else None
-    env = make_eval_env(args.env, video_dir, args.eval_episodes)
-    check_spaces(args.env, env.observation_space, env.action_space)
-    agent = make_agent(args, env.observation_space.shape[0], env.action_space, device)
-    load_agent_state(agent, payload["state"])
-    returns = evaluate(policy_fn(agent["actor"], device, env.action_space), env, args.eval_episodes, args.seed + 10_000)
-    env.close()
-    print(
-        f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns " + " ".join(f"{r:.1f}" for r in returns),
-        flush=True,
-    )
-    return {"eval_return": float(np.mean(returns)), "eval_returns": returns}
-
-
-def train(args: Args) -> dict:
-    """Train AGGREVATED-ILQR; returns the final metrics, counters and the run directory."""
-    # -- setup: seeds, device, run directory, writer
-    register_envs()
-    seed_everything(args.seed)
-    torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.cuda else "cpu")
-    resume = load_checkpoint(args.resume, args.env) if args.resume else None
-    # -- environments: --num-envs lockstep envs per training env (the variants with --robust)
-    if args.robust:
-        train_params, test_params = robust_variants(args)
-    else:
-        train_params, test_params = [(1.0, 1.0)], []
-    envs = [
-        [make_variant_env(args.env, *p) if args.robust else make_env(args.env) for _ in range(args.num_envs)]
-        for p in train_params
-    ]
-    space = envs[0][0].action_space
-    check_spaces(args.env, envs[0][0].observation_space, space)
-    run_dir, writer = open_run(args)
-    video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
-    eval_env = make_eval_env(args.env, video_dir, args.eval_episodes)
-    # --robust: evaluation on the held-out test variants (and on the training ones)
-    test_envs = [make_variant_env(args.env, *p) for p in test_params]
-    train_eval_envs = [make_variant_env(args.env, *p) for p in train_params] if args.robust else []
-    obs_dim = envs[0][0].observation_space.shape[0]
-    cost_fn = COSTS[args.env]
-    # -- networks and optimizers (no optimizer: the natural-gradient step is by hand)
-    agent = make_agent(args, obs_dim, space, device)
-    actor = agent["actor"]
-    # -- storage: one dynamics prior and one dual variable mu per training env
-    priors = [{"buffer": PriorBuffer(args.prior_episodes), "gmm": None} for _ in train_params]
-    mus = [MU_INIT] * len(train_params)
-    global_step, num_updates = 0, 0
-    if resume is not None:
-        load_agent_state(agent, resume["state"])
-        for prior, saved in zip(priors, resume["train"]["priors"]):
-            prior["buffer"].load_state_dict(saved["buffer"])
-            prior["gmm"] = GMM(*saved["gmm"]) if saved["gmm"] is not None else None
-        mus = [float(x) for x in resume["train"]["mu"]]
-        set_rng_state(resume["train"]["rng"])
-        global_step, num_updates = resume["global_step"], resume["train"]["num_updates"]
-    act = policy_fn(actor, device, space)
-    progress = Progress(writer, global_step, num_updates)
-
-    @torch.no_grad()
-    def explore(obs: np.ndarray) -> np.ndarray:
-        """a ~ pi_n(.|s), the behaviour policy of the rollouts."""
-        return actor.sample(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
-
-    def payload(with_train_state: bool) -> dict:
-        out = {
-            "format": CHECKPOINT_FORMAT,
-            "algo": ALGO,
-            "env": args.env,
-            "args": saved_args(args),
-            "global_step": global_step,
-            "state": agent_state(agent),
-            "obs_norm": None,
-        }
-        if with_train_state:
-            out["train"] = {
-                "num_updates": num_updates,
-                "mu": torch.tensor(mus, dtype=torch.float64),
-                "priors": [
-                    {"buffer": p["buffer"].state_dict(), "gmm": list(p["gmm"]) if p["gmm"] is not None else None}
-                    for p in priors
-                ],
-                "rng": rng_state(),
-            }
-        return out
-
-    def evaluate_all() -> None:
-        if args.robust:  # [DPI Sec. 6.3]: test variants are never trained on
-            per_env = [np.mean(evaluate(act, e, args.eval_episodes, args.seed + 10_000)) for e in test_envs]
-            train_returns = [np.mean(evaluate(act, e, args.eval_episodes, args.seed + 10_000)) for e in train_eval_envs]
-            writer.add_scalar("charts/eval_return_train", np.mean(train_returns), global_step)
-            progress.add_eval(global_step, per_env)
-        else:
-            progress.add_eval(global_step, evaluate(act, eval_env, args.eval_episodes, args.seed + 10_000))
-
-    # -- loop: one DPI iteration per pass [DPI Alg. 1]
-    next_eval = global_step + args.eval_every if args.eval_every else None
-    next_log = global_step + args.log_every
-    next_ckpt = global_step + args.checkpoint_every if args.checkpoint_every else None
-    while global_step < args.total_steps:
-        targets, eta_metrics = [], {}
-        for v, (train_envs, prior) in enumerate(zip(envs, priors)):
-            # act, step, store: N episodes of pi_n from resets [DPI Alg. 1]
-            seeds = np.random.randint(0, 2**31 - 1, size=args.episodes)
-            rollouts, finished = rollout(train_envs, explore, args.horizon, seeds)
-            global_step += int(rollouts.mask.sum())
-            for episode_return, length in finished:
-                progress.add_episode(global_step, episode_return, length)
-            # update (a): local model, eta and A^eta for this env [DPI Sec. 5.1]
-            target, mus[v], metrics = update_eta(rollouts, actor, cost_fn, prior, mus[v], args)
-            metrics["stats/episode_cost"] = (cost_fn(rollouts.obs[:, :-1], rollouts.actions) * rollouts.mask).sum(1).mean()
-            for k, value in metrics.items():  # the mean over training envs
-                eta_metrics[k] = eta_metrics.get(k, 0.0) + value / len(envs)
-            targets.append(target)
-        # update (b): one natural-gradient step of pi on the summed L [DPI Sec. 5.2, 6.3]
-        progress.add_metrics({**eta_metrics, **update_actor(actor, targets, args)})
-        num_updates += 1
-        # log, evaluate and save
-        if global_step >= next_log:
-            progress.log(global_step, num_updates)
-            next_log += args.log_every
-        if next_eval is not None and global_step >= next_eval:
-            evaluate_all()
-            if args.save_model:
-                save_checkpoint(os.path.join(run_dir, "model.pt"), payload(with_train_state=False))
-            next_eval += args.eval_every
-        if next_ckpt is not None and global_step >= next_ckpt:
-            save_checkpoint(os.path.join(run_dir, "resume.pt"), payload(with_train_state=True))
-            next_ckpt += args.checkpoint_every
-    # -- finish: final evaluation, save, close
-    evaluate_all()
-    progress.finish(global_step, num_updates, run_dir)
-    if args.save_model:
-        save_checkpoint(os.path.join(run_dir, "model.pt"), payload(with_train_state=False))
-    if args.checkpoint_every:
-        save_checkpoint(os.path.join(run_dir, "resume.pt"), payload(with_train_state=True))
-    for env in [e for group in envs for e in group] + test_envs + train_eval_envs:
-        env.close()
-    eval_env.close()
-    writer.close()
-    return {
-        "global_step": global_step,
-        "num_updates": num_updates,
-        "eval_return": progress.eval_return,
-        "mu": mus,
-        "run_dir": run_dir,
-    }
-
-
-# == 11. Entry point ===================================================================
 def parse_args(argv: list[str] | None) -> Args:
-    """tyro parse; with --checkpoint or --resume the saved run's arguments become the defaults,
-    so flags given now override them and everything else matches the saved run."""
+    """tyro parse; with --checkpoint or --resume the saved run's arguments become the defaults, so flags given
+    now override them and everything else matches the saved run."""
     args = tyro.cli(Args, args=argv)
-    path = args.resume or args.checkpoint
-    if path is not None:
-        saved = load_checkpoint(path)["args"]
+    if args.resume or args.checkpoint:
+        saved = load_checkpoint(args.resume or args.checkpoint, training=args.resume is not None)["args"]
         fields = {f.name for f in dataclasses.fields(Args)}
         defaults = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
         args = tyro.cli(Args, args=argv, default=defaults)
@@ -1619,13 +1344,20 @@ def parse_args(argv: list[str] | None) -> Args:
 
 
 def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message=".*settotalmass")  # gymnasium's half_cheetah.xml, under mujoco 4
     try:
         args = parse_args(argv)
         check_args(args)
-        evaluate_only(args) if args.eval_only else train(args)
+        train(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(e.args[0], file=sys.stderr)
+        return e.args[1]
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        print("interrupted: nothing written since the last resume.pt", file=sys.stderr)
+        return 130
     return 0
 
 

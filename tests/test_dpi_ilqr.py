@@ -27,23 +27,20 @@ from dpi_ilqr import (
     disadvantage,
     dual_search,
     evaluate,
-    evaluate_only,
     expected_disadvantage,
     fisher_vector_product,
     fit_dynamics,
     gaussian_kl,
     gmm_fit,
     linearize_policy,
-    load_agent_state,
     load_checkpoint,
+    load_state,
     lq_matrices,
     lqr_backward,
     lqr_evaluate,
     main,
-    make_agent,
     make_env,
     make_variant_env,
-    policy_fn,
     prior_moments,
     quadratic_cost,
     register_envs,
@@ -304,7 +301,7 @@ def test_locomotion_costs_reward_the_forward_velocity(env_id, index):
 
 def test_linearize_policy_matches_finite_differences():
     torch.manual_seed(0)
-    actor = Actor(3, 2, Args(hidden_sizes=(8,)))
+    actor = Actor(3, 2, (8,), "tanh", 0.0)
     with torch.no_grad():
         actor.head.weight.normal_()  # a clearly non-linear mean
     obs = torch.randn(2, 4, 3, dtype=F64)
@@ -503,7 +500,7 @@ def test_dual_search_treats_a_non_pd_mu_as_too_small():
 # -- natural-gradient step -------------------------------------------------------------------
 def small_actor_and_target(seed: int):
     torch.manual_seed(seed)
-    actor = Actor(2, 2, Args(hidden_sizes=(4,), init_log_std=-0.5))
+    actor = Actor(2, 2, (4,), "tanh", -0.5)
     with torch.no_grad():
         actor.head.weight.normal_(0, 0.5)
     gen = torch.Generator().manual_seed(seed)
@@ -606,10 +603,10 @@ def test_make_variant_env_scales_the_pole_mass_and_length():
 def test_rollout_keeps_episodes_time_aligned_and_stops_at_termination():
     envs = [make_env("InvertedPendulum-v5") for _ in range(2)]
     rng = np.random.default_rng(0)
-    rollouts, finished = rollout(envs, lambda o: rng.normal(0, 3, (len(o), 1)), 30, np.arange(3))
+    rollouts, infos = rollout(envs, lambda o: rng.normal(0, 3, (len(o), 1)), 30, np.arange(3))
     assert rollouts.obs.shape == (3, 31, 4) and rollouts.mask.shape == (3, 30)
     lengths = rollouts.mask.sum(1)
-    assert sorted(int(x) for x in lengths) == sorted(length for _, length in finished)
+    assert infos["_episode"].all() and sorted(int(x) for x in lengths) == sorted(infos["episode"]["l"])
     for i in range(3):
         assert rollouts.mask[i, : lengths[i]].all()  # steps 0 .. L-1, then nothing
         reset_obs, _ = envs[0].reset(seed=i)
@@ -618,11 +615,19 @@ def test_rollout_keeps_episodes_time_aligned_and_stops_at_termination():
     assert (rollouts.actions.abs() <= 3).all()  # executed actions are inside the bounds
     buffer = PriorBuffer(capacity=2)
     buffer.add(rollouts)
-    assert len(buffer.episodes) == 2 and buffer.points().shape[1] == 4 + 1 + 4
+    assert len(buffer.episodes) == 2 and torch.cat(buffer.episodes).shape[1] == 4 + 1 + 4
 
 
 # -- end to end -----------------------------------------------------------------------------
 LQ_FAST = dict(env=LQ_ENV_ID, episodes=4, num_envs=4, horizon=20, prior_em_iters=5, eval_episodes=2, log_every=80)
+
+
+def loaded_policy(model: str, args: Args, env: gym.Env):
+    """obs -> the deterministic action of the actor saved in `model` (the mean, clipped to the bounds)."""
+    actor = Actor(env.observation_space.shape[0], env.action_space.shape[0], args.hidden_sizes, args.activation, 0.0)
+    load_state({"actor": actor}, load_checkpoint(model, args.env)["state"], model)
+    low, high = torch.as_tensor(env.action_space.low), torch.as_tensor(env.action_space.high)
+    return lambda obs: actor(obs).clamp(low, high)
 
 
 def event_files(run_dir: str) -> list[str]:
@@ -634,15 +639,12 @@ def test_train_writes_events_and_a_model_that_reloads_with_identical_actions(log
     out = train(args)
     assert out["num_updates"] == 3 and out["global_step"] == 240
     assert event_files(out["run_dir"]) and os.path.isfile(os.path.join(out["run_dir"], "model.pt"))
-    # the saved policy, loaded into a fresh agent, acts exactly as evaluate_only reports
+    # the saved policy, loaded into a fresh actor, acts exactly as --eval-only reports
     model = os.path.join(out["run_dir"], "model.pt")
-    payload = load_checkpoint(model, LQ_ENV_ID)
     env = make_env(LQ_ENV_ID)
-    agent = make_agent(args, 4, env.action_space, torch.device("cpu"))
-    load_agent_state(agent, payload["state"])
-    returns = evaluate(policy_fn(agent["actor"], "cpu", env.action_space), env, 2, args.seed + 10_000)
+    returns = evaluate(loaded_policy(model, args, env), env, 2, args.seed + 10_000, torch.device("cpu"))
     assert np.mean(returns) == out["eval_return"]
-    reloaded = evaluate_only(dataclasses.replace(args, checkpoint=model, eval_only=True))
+    reloaded = train(dataclasses.replace(args, checkpoint=model, eval_only=True))
     assert reloaded["eval_return"] == out["eval_return"]
     assert main(["--checkpoint", model, "--eval-only"]) == 0
     assert "eval over 2 episodes" in capsys.readouterr().out
@@ -766,9 +768,9 @@ def test_dpi_reaches_near_the_lqr_optimum_on_the_linear_quadratic_system(log_dir
     out = train(args)
     register_envs()
     env = make_env(LQ_ENV_ID)
-    agent = make_agent(args, 4, env.action_space, torch.device("cpu"))
-    load_agent_state(agent, load_checkpoint(os.path.join(out["run_dir"], "model.pt"))["state"])
-    learned = np.mean(evaluate(policy_fn(agent["actor"], "cpu", env.action_space), env, 100, 0))
+    learned = np.mean(
+        evaluate(loaded_policy(os.path.join(out["run_dir"], "model.pt"), args, env), env, 100, 0, torch.device("cpu"))
+    )
     gains = lq_optimal_controller()
     optimal = []
     for i in range(100):
