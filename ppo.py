@@ -646,10 +646,14 @@ class Run:
     scheduled, --resume, --checkpoint (fine-tuning or --eval-only), SIGINT and SIGTERM, final evaluation.
 
     model: what model.pt saves; train_state: what resume.pt adds (optimizers, storage, statistics); both by
-    name, as modules, tensors or objects with state_dict. act: obs -> deterministic action, for evaluation."""
+    name, as modules, tensors or objects with state_dict. act: obs -> deterministic action, for evaluation.
+    eval_fn: for an algorithm that evaluates otherwise (on several envs): () -> {tag: value}, charts/eval_return in it."""
 
-    def __init__(self, args: Args, envs: gym.vector.VectorEnv, model: dict, train_state: dict, act: Callable):
-        self.args, self.envs, self.model, self.train_state, self.act = args, envs, model, train_state, act
+    def __init__(
+        self, args: Args, envs: object, model: dict, train_state: dict, act: Callable, eval_fn: Callable | None = None
+    ):
+        self.args, self.envs, self.model, self.train_state = args, envs, model, train_state
+        self.act, self.eval_fn = act, eval_fn
         self.device = torch.device("cuda" if args.cuda else "cpu")
         self.sums, self.counts, self.returns, self.eval_return, self.eval_step = {}, {}, [], float("nan"), None
         self.writer, self.eval_env, self.stop_signal, self.handlers = None, None, None, {}
@@ -744,11 +748,17 @@ class Run:
         self.sums, self.counts, self.returns, self.last = {}, {}, [], (now, global_step, num_updates)
 
     def evaluate(self, global_step: int, num_updates: int) -> None:
-        """Evaluate on the evaluation env (seeds seed + 10000 + i), log the mean return, write model.pt."""
-        returns = evaluate(self.act, self.eval_env, self.args.eval_episodes, self.args.seed + 10_000, self.device)
-        self.eval_return, self.eval_step = float(np.mean(returns)), global_step
-        self.writer.add_scalar("charts/eval_return", self.eval_return, global_step)
-        if self.args.save_model:
+        """Evaluate on the evaluation env (seeds seed + 10000 + i) or by eval_fn, log the scores, write model.pt."""
+        args = self.args
+        if self.eval_fn is not None:
+            scores = self.eval_fn()
+        else:
+            returns = evaluate(self.act, self.eval_env, args.eval_episodes, args.seed + 10_000, self.device)
+            scores = {"charts/eval_return": float(np.mean(returns))}
+        for tag, value in scores.items():
+            self.writer.add_scalar(tag, value, global_step)
+        self.eval_return, self.eval_step = scores["charts/eval_return"], global_step
+        if args.save_model:
             self.save(global_step, num_updates, False)
 
     def save(self, global_step: int, num_updates: int, training: bool) -> str:
