@@ -33,7 +33,32 @@ ALGORITHM = {
         ["--learning-starts", "-1"],
         ["--q-lr", "0"],
         ["--policy-frequency", "0"],
-    ]
+    ],
+    "ppo": [
+        ["--num-minibatches", "1000", "--num-steps", "8"],
+        ["--gae-lambda", "1.5"],
+        ["--clip-coef", "0"],
+        ["--target-kl", "0"],
+        ["--update-epochs", "0"],
+        ["--env", "Pendulum-v1", "--hidden-sizes", "-1"],
+    ],
+    "dpi_ilqr": [
+        ["--env", "Walker2d-v5"],  # no known cost
+        ["--episodes", "1"],
+        ["--kl-tolerance", "1"],
+        ["--robust", "--robust-test-variants", "0"],
+        ["--robust-mass-range", "2", "1"],
+        ["--prior-strength", "-1"],
+    ],
+    "cpi_garnet": [
+        ["--env", "Hopper-v5"],
+        ["--num-envs", "2"],
+        ["--capture-video"],
+        ["--branching", "0"],
+        ["--gamma", "1"],
+        ["--beta", "0"],
+        ["--num-states", "1"],
+    ],
 }
 BAD_INPUTS = [(f, argv) for f in FILES for argv in SHARED + (SHARED_ENV if f != "cpi_garnet" else [])]
 BAD_INPUTS += [(f, argv) for f, inputs in ALGORITHM.items() for argv in inputs]
