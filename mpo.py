@@ -9,42 +9,35 @@ References:
         arXiv:1806.06920 (E-step eq. 7-9, M-step eq. 10-12, decoupled KL App. D, Retrace eq. 13, Table 2, Alg. 2).
     [TreePI] Springenberg, Heess et al. 2020, "Local Search for Policy Iteration in Continuous Control", arXiv:2010.05545:
         Table 2 lists MPO as a baseline (README: the flags that select it).
-    [Retrace] Munos, Stepleton, Harutyunyan, Bellemare 2016, "Safe and Efficient Off-Policy Reinforcement Learning",
-        arXiv:1606.02647: the trace c = lambda min(1, pi / b).
+    [Retrace] Munos, Stepleton, Harutyunyan, Bellemare 2016, arXiv:1606.02647: the trace c = lambda min(1, pi / b).
     [ACME] Hoffman et al. 2020, arXiv:2006.00979, acme/agents/jax/mpo: followed where the paper is silent.
 
 Algorithm (one environment step; the function that does each line in brackets):
-    1. Act a ~ pi(.|s), the env executes a clipped to its bounds; store (s, a, log b(a|s), r, s', terminated, ended) per
-       env in time order, b = pi at acting time                                                        [SnippetReplay]
-    2. Sample B snippets of T steps that never cross an episode end                             [SnippetReplay.sample]
-    3. Retrace target (eq. 13) from the target networks pi', Q': Q_ret = Q'(s_0, a_0) + sum_j gamma^j (prod_{k=1..j} c_k)
-       [r_j + gamma V'(s_{j+1}) - Q'(s_j, a_j)], c_k = lambda min(1, pi'(a_k|s_k) / b(a_k|s_k)), V' = E_pi' Q' from M
-       samples of pi' (all actions weighted by pi' when discrete)                                       [retrace_target]
-    4. Critic step on (Q(s_0, a_0) - Q_ret)^2 / 2                                                        [update_critic]
-    5. E-step (eq. 7-9): per state M actions a_j ~ pi'(.|s) (all actions when discrete), weights q_j = softmax_j(Q'(s, a_j)
-       / eta) (times pi' when discrete); eta steps on g(eta) = eta eps + eta mean_s log mean_j exp(Q'(s, a_j) / eta)
-                                                                                      [temperature_dual, e_step_weights]
-    6. M-step (eq. 10-12, App. D): a step on -mean_s sum_j q_j log pi(a_j|s) + alpha_mean C_mean + alpha_cov C_cov, the
-       KL(pi' || pi) split into a mean and a covariance part (eq. 27); each multiplier steps on alpha (eps - C)
-                                                                      [gaussian_kl_decoupled, kl_penalty, update_policy]
-    7. Every `target_network_frequency` gradient steps: pi' <- pi, Q' <- Q                       [MPO Alg. 2, line 25]
+    1. Act a ~ pi(.|s), execute a clipped to the env's bounds; store (s, a, log b(a|s), r, s', terminated, ended) per env
+       in time order, b = pi at acting time; sample B snippets of T steps within one episode          [SnippetReplay]
+    2. Retrace target (eq. 13) from the targets pi', Q': Q_ret = Q'(s_0, a_0) + sum_j gamma^j (prod_{k=1..j} c_k) [r_j +
+       gamma V'(s_{j+1}) - Q'(s_j, a_j)], c_k = lambda min(1, pi'(a_k|s_k) / b(a_k|s_k)), V' = E_pi' Q'   [retrace_target]
+    3. Critic step on (Q(s_0, a_0) - Q_ret)^2 / 2                                                        [update_critic]
+    4. E-step (eq. 7-9): M actions a_j ~ pi'(.|s) (all, weighted by pi', if discrete), weights q_j = softmax_j(Q'(s, a_j) /
+       eta); eta steps on g(eta) = eta eps + eta mean_s log mean_j exp(Q'(s, a_j) / eta) [temperature_dual, e_step_weights]
+    5. M-step (eq. 10-12, App. D): a step on -mean_s sum_j q_j log pi(a_j|s) + alpha_mean C_mean + alpha_cov C_cov, with
+       KL(pi' || pi) = C_mean + C_cov; each alpha steps on alpha (eps - C) [gaussian_kl_decoupled, kl_penalty, update_policy]
+    6. Every `target_network_frequency` gradient steps: pi' <- pi, Q' <- Q                       [MPO Alg. 2, line 25]
 
 Shapes: B batch (snippets, states), T snippet length, M candidate actions per state (samples, or the n actions of a
 discrete space), O observation size, A action size.
 
 Deviations from the paper:
-    - The duals eta, alpha_mean, alpha_cov are softplus of parameters log_eta, log_alpha_* (ACME's parameterisation and
-      names) with their own Adam learning rate (paper: not given; ACME: 1e-2), clamped below at -18 (ACME).
+    - eta, alpha_mean, alpha_cov are softplus of log_eta, log_alpha_* (ACME's parameterisation and names), with their own
+      Adam learning rate (paper: not given) and clamped below at -18 (ACME).
     - Actions are rescaled to [-1, 1]; the critic sees the clipped action the env executes (ACME), the replay and
-      log b(a|s) keep the unclipped sample.
-    - The paper leaves N, B, M, the warm-up and the activation open: T = 5, M = 20 (ACME), B = 256 ([TreePI] Table 2),
-      ReLU (ACME and [TreePI] use ELU). Acting starts with the initial policy (no uniform warm-up), so every stored
-      action has a behaviour probability; updates begin after `learning_starts` steps.
-    - One critic step, E-step and M-step per environment step (per env), as in sac.py; the paper's Alg. 2 does 1000
-      gradient steps per batch of collected trajectories, then copies the targets (our default target period).
-    - A discrete action goes to the critic one-hot, as an input (paper: a DQN torso).
-    - Retrace and the E-step both use pi' (the paper's pi(a|s, theta_i)), as ACME does; C_mean uses the online
-      covariance as eq. 27 prints it, so C_mean + C_cov = KL(pi' || pi) (ACME: the target covariance).
+      log b(a|s) the unclipped sample. A discrete action goes to the critic one-hot (paper: a DQN torso).
+    - Left open by the paper: T = 5, M = 20 (ACME), B = 256 ([TreePI] Table 2), ReLU (ACME, [TreePI]: ELU). Acting uses
+      pi from the first step (no uniform warm-up), so every stored action has a behaviour probability.
+    - One critic step, E-step and M-step per env step (per env), as in sac.py; Alg. 2 does 1000 gradient steps per batch
+      of collected trajectories, then copies the targets (our default target period).
+    - Retrace and the E-step use pi' (the paper's pi(a|s, theta_i)), as ACME does; C_mean uses the online covariance, as
+      eq. 27 has it, so C_mean + C_cov = KL(pi' || pi) exactly (ACME: the target covariance in C_mean).
 """
 
 from dataclasses import dataclass
@@ -102,8 +95,7 @@ class Args:
     """KL bound epsilon of the non-parametric E-step [MPO eq. 7; Table 2: 0.1]."""
     # M-step [MPO Sec. 3.3, App. D]
     epsilon_mean: float = 0.1
-    """Bound epsilon_mu on the mean part of KL(pi' || pi) [MPO Table 2: 0.1; [TreePI]: 0.005]; for a categorical policy,
-    the bound on the whole KL."""
+    """Bound epsilon_mu on the mean part of KL(pi' || pi) (categorical: all of it) [MPO Table 2: 0.1; [TreePI]: 0.005]."""
     epsilon_cov: float = 1e-4
     """Bound epsilon_Sigma on the covariance part of KL(pi' || pi) [MPO Table 2: 1e-4]."""
     dual_lr: float = 1e-2
@@ -113,8 +105,7 @@ class Args:
     alpha_mean_init: float = 1.0
     """Initial multiplier alpha_mean of the mean (or categorical) KL bound (ACME: 10)."""
     alpha_cov_init: float = 100.0
-    """Initial multiplier alpha_cov of the covariance KL bound (ACME: 1000): large, so that the small epsilon_cov holds
-    from the start; it then falls while the bound is slack."""
+    """Initial multiplier alpha_cov (ACME: 1000): large, so that the small epsilon_cov holds from the start."""
     # -- shared: identical in every file ------------------------------------------------------------------
     env: str = "HalfCheetah-v5"
     """Gymnasium id of the task (`module:Env-v0` imports `module` first, for an env it registers)."""
@@ -153,22 +144,15 @@ class Args:
 
 def algorithm_checks(args: Args) -> list[tuple[bool, str]]:
     """(condition, message) for each algorithm argument; `check_args` raises the first that fails."""
-    sizes = args.policy_hidden_sizes + args.critic_hidden_sizes
+    positive = ["batch_size", "retrace_steps", "target_network_frequency", "num_samples", "q_lr", "policy_lr", "dual_lr"]
+    positive += ["epsilon", "epsilon_mean", "epsilon_cov", "eta_init", "alpha_mean_init", "alpha_cov_init"]
     return [
-        (min(sizes, default=0) > 0, "--policy-hidden-sizes and --critic-hidden-sizes must be positive"),
-        (min(args.buffer_size, args.batch_size) > 0, "--buffer-size and --batch-size must be positive"),
-        (args.retrace_steps > 0, f"--retrace-steps must be positive, got {args.retrace_steps}"),
+        (min(args.policy_hidden_sizes + args.critic_hidden_sizes, default=0) > 0, "--*-hidden-sizes must be positive"),
+        *((getattr(args, k) > 0, f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}") for k in positive),
         (args.buffer_size >= args.num_envs * args.retrace_steps, "--buffer-size must hold --retrace-steps steps of every env"),
         (args.learning_starts >= 0, f"--learning-starts must be >= 0, got {args.learning_starts}"),
         (0.0 <= args.retrace_lambda <= 1.0, f"--retrace-lambda must be in [0, 1], got {args.retrace_lambda}"),
         (0.0 <= args.gamma <= 1.0, f"--gamma must be in [0, 1], got {args.gamma}"),
-        (min(args.target_network_frequency, args.num_samples) > 0, "--target-network-frequency and --num-samples must be > 0"),
-        (min(args.q_lr, args.policy_lr, args.dual_lr) > 0, "learning rates must be positive"),
-        (
-            min(args.epsilon, args.epsilon_mean, args.epsilon_cov) > 0,
-            "--epsilon, --epsilon-mean and --epsilon-cov must be > 0",
-        ),
-        (min(args.eta_init, args.alpha_mean_init, args.alpha_cov_init) > 0, "--eta-init and --alpha-*-init must be positive"),
     ]
 
 
@@ -190,10 +174,9 @@ def mlp(in_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm:
 
 
 class GaussianActor(nn.Module):
-    """Gaussian policy pi(a|s) = N(mean(s), L(s) L(s)^T) on actions rescaled to [-1, 1]^A [MPO App. D]: L is diagonal, or
-    with --full-covariance a full lower-triangular Cholesky factor; its diagonal goes through softplus. Samples are
-    unbounded (the replay stores them and their log-probability); the env executes them clipped to its bounds.
-    The distribution parameters `params` are the pair (mean [B, A], scale_tril [B, A, A])."""
+    """Gaussian policy pi(a|s) = N(mean(s), L(s) L(s)^T) on actions rescaled to [-1, 1]^A [MPO App. D], `params` the pair
+    (mean [B, A], scale_tril L [B, A, A]): L is diagonal, or with --full-covariance lower-triangular, its diagonal through
+    softplus. Samples are stored unbounded, with their log-probability; the env executes them clipped to its bounds."""
 
     def __init__(
         self,
@@ -205,14 +188,11 @@ class GaussianActor(nn.Module):
         full_covariance: bool,
     ):
         super().__init__()
-        self.action_dim = self.critic_action_dim = int(np.prod(action_space.shape))
+        size = self.action_dim = self.critic_action_dim = int(np.prod(action_space.shape))
         self.full_covariance = full_covariance
-        size = self.action_dim
-        num_scale = size * (size + 1) // 2 if full_covariance else size  # entries of L
         self.trunk = mlp(obs_dim, hidden_sizes, activation, layer_norm)
-        self.head = nn.Linear(hidden_sizes[-1], size + num_scale)  # mean, L
-        low = torch.as_tensor(action_space.low, dtype=torch.float32).flatten()
-        high = torch.as_tensor(action_space.high, dtype=torch.float32).flatten()
+        self.head = nn.Linear(hidden_sizes[-1], size + (size * (size + 1) // 2 if full_covariance else size))  # mean, L
+        low, high = (torch.as_tensor(bound, dtype=torch.float32).flatten() for bound in (action_space.low, action_space.high))
         self.register_buffer("action_scale", (high - low) / 2)
         self.register_buffer("action_bias", (high + low) / 2)
 
@@ -227,50 +207,40 @@ class GaussianActor(nn.Module):
         return mean, tril.tril(-1) + torch.diag_embed(diagonal)
 
     def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
-        """An action a ~ pi(.|s) [B, A] (unclipped) and its log-probability [B]."""
         params = self(obs)
         actions = self.candidates(params, 1)[0]  # [B, 1, A]
-        return actions[:, 0], self.log_prob(params, actions)[:, 0]
+        return actions[:, 0], self.log_prob(params, actions)[:, 0]  # a ~ pi(.|s) [B, A] (unclipped), log pi(a|s) [B]
 
     def candidates(self, params: tuple[Tensor, Tensor], num_samples: int) -> tuple[Tensor, Tensor]:
-        """M actions a_j ~ pi(.|s) per state [B, M, A] and their prior weights log(1/M) [B, M] in the E-step: the samples
-        stand in for the integral over actions [MPO Alg. 2, line 11]."""
+        """M actions a_j ~ pi(.|s) [B, M, A] with prior weights log(1/M) [B, M]: the E-step's integral [MPO Alg. 2, l. 11]."""
         mean, scale_tril = params
         noise = torch.randn(*mean.shape[:-1], num_samples, self.action_dim, device=mean.device)
         actions = mean.unsqueeze(-2) + noise @ scale_tril.transpose(-2, -1)  # a = mean + L noise
         return actions, torch.full(actions.shape[:-1], -float(np.log(num_samples)), device=mean.device)
 
     def log_prob(self, params: tuple[Tensor, Tensor], actions: Tensor) -> Tensor:
-        """log pi(a_j|s) [B, M] of actions [B, M, A]."""
-        return gaussian_log_prob(actions, *params)
+        return gaussian_log_prob(actions, *params)  # log pi(a_j|s) [B, M] of actions [B, M, A]
 
     def kl_terms(self, params_old: tuple[Tensor, Tensor], params: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
-        """The mean and covariance parts C_mean, C_cov [B] of KL(pi_old || pi) [MPO eq. 27]."""
-        return gaussian_kl_decoupled(*params_old, *params)
+        return gaussian_kl_decoupled(*params_old, *params)  # C_mean, C_cov [B] of KL(pi_old || pi) [MPO eq. 27]
 
     def entropy(self, params: tuple[Tensor, Tensor]) -> Tensor:
-        """H = A log(2 pi e) / 2 + sum_i log L_ii  [B]."""
-        log_diagonal = params[1].diagonal(dim1=-2, dim2=-1).log()
+        log_diagonal = params[1].diagonal(dim1=-2, dim2=-1).log()  # H = A log(2 pi e) / 2 + sum_i log L_ii  [B]
         return 0.5 * self.action_dim * float(np.log(2 * np.pi * np.e)) + log_diagonal.sum(-1)
 
     def critic_input(self, actions: Tensor) -> Tensor:
-        """The action the env executes, in [-1, 1]: Q(s, a) = Q(s, clip(a)) holds exactly, so the critic never
-        extrapolates outside the bounds (ACME clips the critic's input too)."""
-        return actions.clamp(-1.0, 1.0)
+        return actions.clamp(-1.0, 1.0)  # as executed: Q(s, a) = Q(s, clip(a)), never extrapolated (ACME clips it too)
 
     def env_action(self, actions: Tensor) -> Tensor:
-        """The executed action: clipped to [-1, 1] and rescaled to the env's bounds."""
-        return self.critic_input(actions) * self.action_scale + self.action_bias
+        return self.critic_input(actions) * self.action_scale + self.action_bias  # clipped, rescaled to the env's bounds
 
     def deterministic(self, obs: Tensor) -> Tensor:
-        """The mean, executed as env_action, used for evaluation."""
-        return self.env_action(self(obs)[0])
+        return self.env_action(self(obs)[0])  # the mean, for evaluation
 
 
 class CategoricalActor(nn.Module):
-    """Categorical policy pi(a|s) = softmax(logits(s)) for discrete actions [MPO App. B]; an action is stored as its index
-    [B, 1] and fed to the critic one-hot. The E-step enumerates all actions, so it is exact.
-    The distribution parameters `params` are the logits [B, n]."""
+    """Categorical policy pi(a|s) = softmax(logits(s)) [MPO App. B], `params` the logits [B, n]; an action is stored as its
+    index [B, 1] and fed to the critic one-hot. The E-step enumerates all actions, so it is exact."""
 
     def __init__(
         self, obs_dim: int, action_space: gym.spaces.Discrete, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool
@@ -285,38 +255,32 @@ class CategoricalActor(nn.Module):
         return self.head(self.trunk(obs))  # [B, n]
 
     def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
-        """An action index a ~ pi(.|s) [B, 1] (as a float) and its log-probability [B]."""
         logits = self(obs)
-        actions = torch.multinomial(logits.softmax(-1), 1).float()  # [B, 1]
-        return actions, self.log_prob(logits, actions.unsqueeze(1))[:, 0]
+        actions = torch.multinomial(logits.softmax(-1), 1).float()  # an index a ~ pi(.|s) [B, 1], as a float
+        return actions, self.log_prob(logits, actions.unsqueeze(1))[:, 0]  # and log pi(a|s) [B]
 
     def candidates(self, logits: Tensor, num_samples: int) -> tuple[Tensor, Tensor]:
-        """All n actions per state [B, n, 1] with prior weights log pi(a|s) [B, n]: the E-step sums over the actions
-        exactly (num_samples is not used)."""
+        """All n actions per state [B, n, 1], prior weights log pi(a|s) [B, n]: the E-step sums over them exactly."""
         actions = torch.arange(self.num_actions, device=logits.device, dtype=torch.float32)
         return actions.expand(*logits.shape[:-1], -1).unsqueeze(-1), logits.log_softmax(-1)
 
     def log_prob(self, logits: Tensor, actions: Tensor) -> Tensor:
-        """log pi(a_j|s) [B, M] of action indices [B, M, 1]."""
-        return logits.log_softmax(-1).gather(-1, actions[..., 0].long())
+        return logits.log_softmax(-1).gather(-1, actions[..., 0].long())  # log pi(a_j|s) [B, M] of indices [B, M, 1]
 
     def kl_terms(self, logits_old: Tensor, logits: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The whole KL(pi_old || pi) [B], bounded by epsilon_mean; there is no covariance part."""
-        return categorical_kl(logits_old, logits), None
+        return categorical_kl(logits_old, logits), None  # the whole KL, bounded by epsilon_mean; no covariance part
 
     def entropy(self, logits: Tensor) -> Tensor:
         return -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)  # [B]
 
     def critic_input(self, actions: Tensor) -> Tensor:
-        """One-hot actions [..., n] from indices [..., 1]."""
-        return F.one_hot(actions[..., 0].long(), self.num_actions).float()
+        return F.one_hot(actions[..., 0].long(), self.num_actions).float()  # one-hot [..., n] from indices [..., 1]
 
     def env_action(self, actions: Tensor) -> Tensor:
         return actions[..., 0].long()
 
     def deterministic(self, obs: Tensor) -> Tensor:
-        """The most probable action, used for evaluation."""
-        return self(obs).argmax(-1)
+        return self(obs).argmax(-1)  # the most probable action, for evaluation
 
 
 Actor = GaussianActor | CategoricalActor
@@ -324,8 +288,7 @@ Actor = GaussianActor | CategoricalActor
 
 class Critic(nn.Module):
     """Q(s, a), an MLP on [s, a] [MPO Sec. 4; one Q-function, no twin]. The first layer is split into its state and action
-    columns, so the M actions of one state share the state's half: obs [N, 1, O] against actions [N, M, A] gives Q [N, M]
-    in one pass."""
+    columns, so that the M actions of a state share its half: obs [N, 1, O] and actions [N, M, A] give Q [N, M]."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool):
         super().__init__()
@@ -357,10 +320,9 @@ class Batch(NamedTuple):
 
 
 class SnippetReplay:
-    """Ring buffer of transitions in time order per env ([rows, num_envs, ...]), sampled as snippets of T consecutive steps
-    of one env, the trajectories Retrace needs [MPO Sec. 4]. A snippet stops after the first episode end (terminated or
-    truncated) and at the newest row, so it never joins two episodes; next_obs is stored per row, so the last step of an
-    episode keeps its true last observation."""
+    """Ring buffer of transitions in time order per env [rows, num_envs, ...], sampled as snippets of T steps of one env,
+    the trajectories Retrace needs [MPO Sec. 4]. A snippet stops after the first episode end and at the newest row, so it
+    never joins two episodes; next_obs is stored per row, so an episode's last step keeps its true last observation."""
 
     COLUMNS = ("obs", "actions", "behaviour_log_prob", "rewards", "next_obs", "terminated", "ended")
 
@@ -370,16 +332,15 @@ class SnippetReplay:
         widths = {"obs": (obs_dim,), "actions": (action_dim,), "next_obs": (obs_dim,)}
         self.data = {name: torch.zeros(self.rows, num_envs, *widths.get(name, ()), device=device) for name in self.COLUMNS}
 
-    def add(self, **columns: np.ndarray | Tensor) -> None:
-        """Store one vector step: one array per column with leading size num_envs."""
-        for name, column in self.data.items():
-            column[self.pos] = torch.as_tensor(columns[name], dtype=torch.float32)
+    def add(self, *columns: np.ndarray | Tensor) -> None:
+        """Store one vector step: one array per column of COLUMNS, in that order, with leading size num_envs."""
+        for column, values in zip(self.data.values(), columns, strict=True):
+            column[self.pos] = torch.as_tensor(values, dtype=torch.float32)
         self.pos = (self.pos + 1) % self.rows
         self.size = min(self.size + 1, self.rows)
 
     def sample(self, batch_size: int) -> Batch:
-        """batch_size snippets: start row and env uniform with replacement; step k is valid when a row after the start
-        holds it and no episode ended at the steps before it."""
+        """Snippets from uniform start rows and envs; step k is valid if written after the start, with no end before it."""
         device = self.data["rewards"].device
         start = torch.randint(0, self.size, (batch_size,), device=device)
         env = torch.randint(0, self.num_envs, (batch_size, 1), device=device)
@@ -399,9 +360,7 @@ class SnippetReplay:
         self.pos, self.size = state["pos"], state["size"]
         for name, column in self.data.items():
             column[: self.size] = state["data"][name].to(column.device)
-        # The saving run stopped mid-episode and a resumed run starts fresh episodes, so the newest row ends its snippets
-        # (as a truncation would: it still bootstraps).
-        if self.size:
+        if self.size:  # the saving run stopped mid-episode and a resumed run starts afresh: a truncation, bootstrapped
             self.data["ended"][(self.pos - 1) % self.rows] = 1.0
 
 
@@ -413,8 +372,8 @@ LOG_DUAL_MIN = -18.0  # lower clamp of the dual parameters after each step (ACME
 def gaussian_log_prob(actions: Tensor, mean: Tensor, scale_tril: Tensor) -> Tensor:
     """log N(a; mean, L L^T) = -|L^-1 (a - mean)|^2 / 2 - sum_i log L_ii - A log(2 pi) / 2.
 
-    The Gaussian policy of [MPO App. D] with Sigma = L L^T. One triangular solve per state serves all M actions of it.
-    Shapes: actions [B, M, A]; mean [B, A]; scale_tril L [B, A, A] (lower triangular, positive diagonal); returns [B, M].
+    The policy of [MPO App. D], Sigma = L L^T; one triangular solve per state serves its M actions. Shapes: actions
+    [B, M, A]; mean [B, A]; scale_tril L [B, A, A] (lower triangular, positive diagonal); returns [B, M].
     """
     diff = (actions - mean.unsqueeze(-2)).transpose(-2, -1)  # [B, A, M]
     z = torch.linalg.solve_triangular(scale_tril, diff, upper=False)  # [B, A, M]
@@ -426,10 +385,8 @@ def gaussian_kl_decoupled(mean_old: Tensor, scale_tril_old: Tensor, mean: Tensor
     """KL(pi_old || pi) of two Gaussians split into a mean and a covariance part [MPO App. D, eq. 27], KL = C_mean + C_cov:
         C_mean = (mean - mean_old)^T Sigma^-1 (mean - mean_old) / 2,
         C_cov  = (tr(Sigma^-1 Sigma_old) - A + log(|Sigma| / |Sigma_old|)) / 2,
-    with Sigma = L L^T the online and Sigma_old the old (target) covariance. The extracted paper text prints the two
-    labels swapped; this is the assignment that makes "mean" and "cov" mean what they say. (ACME puts Sigma_old into
-    C_mean instead, which decouples the gradients fully but makes the sum differ from the KL once Sigma moves; we keep
-    the paper's exact sum.)
+    with Sigma = L L^T the online and Sigma_old the old (target) covariance: C_mean moves with the mean only, C_cov with
+    the covariance only (ACME's C_mean uses Sigma_old: fully decoupled gradients, but a sum that is not the KL).
     Symbols: mu_i, Sigma_i = mean_old, L_old L_old^T; mu, Sigma = mean, L L^T; n = A.
     Shapes: mean_old, mean [B, A]; scale_tril_old, scale_tril [B, A, A]; returns two [B].
     """
@@ -444,10 +401,7 @@ def gaussian_kl_decoupled(mean_old: Tensor, scale_tril_old: Tensor, mean: Tensor
 
 
 def categorical_kl(logits_old: Tensor, logits: Tensor) -> Tensor:
-    """KL(pi_old || pi) = sum_a pi_old(a) (log pi_old(a) - log pi(a)) [MPO eq. 12, App. B].
-
-    Shapes: logits_old, logits [B, n]; returns [B].
-    """
+    """KL(pi_old || pi) = sum_a pi_old(a) (log pi_old(a) - log pi(a)) [MPO eq. 12, App. B]. Shapes: [B, n] -> [B]."""
     log_p_old = logits_old.log_softmax(-1)
     return (log_p_old.exp() * (log_p_old - logits.log_softmax(-1))).sum(-1)
 
@@ -455,12 +409,10 @@ def categorical_kl(logits_old: Tensor, logits: Tensor) -> Tensor:
 def temperature_dual(eta: Tensor, q: Tensor, log_prior: Tensor, epsilon: float) -> Tensor:
     """The convex dual of the E-step (eq. 7), estimated on each state's candidate actions:
         g(eta) = eta epsilon + eta mean_s log sum_j prior_j exp(Q(s, a_j) / eta)
-    [MPO eq. 9, App. D.2]. prior_j is 1/M for M samples of pi_old and pi_old(a_j|s) for the enumerated actions of a
-    categorical policy. The extracted text lost the epsilon ("g(eta) = eta + ..."); the Lagrangian of App. D.2,
-    eta (epsilon - KL), has it. dg/deta = epsilon - mean_s KL(q || pi_old), so the minimiser puts the E-step's KL at
-    epsilon.
-    Symbols: eta = eta (temperature), Q = q (target critic, no gradient), epsilon = epsilon.
-    Shapes: eta scalar; q, log_prior [B, M]; returns a scalar.
+    [MPO eq. 9, App. D.2], prior_j = 1/M for M samples of pi_old, pi_old(a_j|s) for all actions of a categorical policy.
+    The epsilon is the Lagrangian's, eta (epsilon - KL) of App. D.2: dg/deta = epsilon - mean_s KL(q || pi_old), so the
+    minimiser puts the E-step's KL at epsilon. Symbols: eta = eta (temperature), Q = q (target critic, no gradient),
+    epsilon = epsilon. Shapes: eta scalar; q, log_prior [B, M]; returns a scalar.
     """
     return eta * epsilon + eta * torch.logsumexp(q / eta + log_prior, dim=-1).mean()
 
@@ -468,37 +420,31 @@ def temperature_dual(eta: Tensor, q: Tensor, log_prior: Tensor, epsilon: float) 
 def e_step_weights(q: Tensor, eta: Tensor, log_prior: Tensor) -> Tensor:
     """The non-parametric E-step solution on the candidates, normalised per state:
         q(a_j|s) = prior_j exp(Q(s, a_j) / eta) / sum_k prior_k exp(Q(s, a_k) / eta)
-    [MPO eq. 8: q_i(a|s) proportional to pi(a|s, theta_i) exp(Q_theta_i(s, a) / eta*)].
-    Symbols as in temperature_dual. Shapes: q, log_prior [B, M]; eta scalar; returns [B, M].
+    [MPO eq. 8: q_i(a|s) proportional to pi(a|s, theta_i) exp(Q_theta_i(s, a) / eta*)]. Symbols as in temperature_dual.
+    Shapes: q, log_prior [B, M]; eta scalar; returns [B, M].
     """
     return torch.softmax(q / eta + log_prior, dim=-1)
 
 
 def dual_variable(log_dual: Tensor) -> Tensor:
-    """A positive dual variable (eta, alpha_mean, alpha_cov) from its parameter:
-        eta = softplus(log_eta) + DUAL_MIN
-    as in [ACME], which also calls the parameters log_* though softplus, not exp, maps them. A multiplier then grows at
-    most linearly while its bound is violated; with exp it grows exponentially (alpha_cov can reach 1e23 on
-    HalfCheetah-v5, and Adam's second moment of its gradient overflows to inf, freezing it).
-    Shapes: any; returns the same shape.
-    """
+    """A positive dual variable (eta, alpha_mean, alpha_cov) from its parameter: eta = softplus(log_eta) + DUAL_MIN, as in
+    [ACME], which also calls the parameters log_*. A multiplier then grows at most linearly while its bound is violated
+    (with exp, exponentially, until Adam's second moment overflows). Shapes: any; returns the same shape."""
     return F.softplus(log_dual) + DUAL_MIN
 
 
-def dual_parameter(value: float, device: torch.device) -> Tensor:
-    """The trainable parameter whose dual_variable is `value`: the inverse softplus, written stably."""
-    value = max(value - DUAL_MIN, DUAL_MIN)
+def log_dual(init: float, device: torch.device) -> Tensor:
+    """The trainable parameter whose dual_variable is init: the inverse softplus, written stably."""
+    value = max(init - DUAL_MIN, DUAL_MIN)
     return torch.tensor(value + np.log(-np.expm1(-value)), device=device, requires_grad=True)
 
 
 def kl_penalty(kl: Tensor, alpha: Tensor, epsilon: float) -> tuple[Tensor, Tensor]:
     """The Lagrangian term alpha (epsilon - E_s KL) of the M-step [MPO App. D.3], split for simultaneous gradient steps:
-    the policy minimises sg(alpha) E_s KL, the multiplier minimises alpha (epsilon - sg(E_s KL)), so alpha grows while
-    the bound is violated.
-    Symbols: eta_mu / eta_Sigma of App. D.3 = alpha (alpha_mean / alpha_cov here, as eta is the E-step's temperature),
-    epsilon_mu / epsilon_Sigma = epsilon, C_mu / C_Sigma = kl.
-    Shapes: kl [B]; alpha scalar; returns (policy term, multiplier loss), two scalars.
-    """
+    the policy minimises sg(alpha) E_s KL, the multiplier alpha (epsilon - sg(E_s KL)), so alpha grows while the bound is
+    violated. Symbols: eta_mu / eta_Sigma of App. D.3 = alpha (alpha_mean / alpha_cov here, as eta is the E-step's
+    temperature), epsilon_mu / epsilon_Sigma = epsilon, C_mu / C_Sigma = kl. Shapes: kl [B]; alpha scalar; returns
+    (policy term, multiplier loss), two scalars."""
     kl = kl.mean()
     return alpha.detach() * kl, alpha * (epsilon - kl.detach())
 
@@ -509,9 +455,8 @@ def retrace_target(
     """Retrace targets for every step of the snippets [MPO eq. 13], by the backward recursion
         Q_ret(s_k, a_k) = r_k + gamma (1 - terminated_k) [V'(s'_k) + c_{k+1} (Q_ret(s_{k+1}, a_{k+1}) - Q'(s_{k+1}, a_{k+1}))],
     with c_{k+1} = 0 where the snippet stops (after T steps: the paper's truncation by bootstrapping with Q'; after an
-    episode end; at the newest data). Unrolled:
-        Q_ret(s_0, a_0) = Q'(s_0, a_0) + sum_j gamma^j (prod_{k=1..j} c_k) [r_j + gamma V'(s_{j+1}) - Q'(s_j, a_j)]
-    (eq. 13; the extracted text dropped the gamma before E_pi, standard Retrace has it).
+    episode end; at the newest data). Unrolled, with the gamma before E_pi of [Retrace]:
+        Q_ret(s_0, a_0) = Q'(s_0, a_0) + sum_j gamma^j (prod_{k=1..j} c_k) [r_j + gamma V'(s_{j+1}) - Q'(s_j, a_j)].
     Symbols: c_k = traces = lambda min(1, pi(a_k|s_k) / b(a_k|s_k)); Q' = q_taken, the target critic at the stored
     actions; V'(s') = next_v = E_{a ~ pi} Q'(s', a) at next_obs.
     Shapes: all inputs [B, T]; returns [B, T], 0 where valid is 0.
@@ -539,22 +484,18 @@ def update_critic(
     retrace_lambda: float,
     num_samples: int,
 ) -> dict[str, Tensor]:
-    """One Adam step on (Q(s_0, a_0) - Q_ret)^2 / 2 [MPO Sec. 4], Q_ret from the target networks. Retrace evaluates the
-    policy the E-step scores, pi' (actor_target), as ACME does."""
+    """One Adam step on (Q(s_0, a_0) - Q_ret)^2 / 2 [MPO Sec. 4], Q_ret from the targets: pi' as in the E-step (ACME)."""
     with torch.no_grad():
         obs, next_obs = batch.obs.flatten(0, 1), batch.next_obs.flatten(0, 1)  # [B T, O]
         actions = batch.actions.flatten(0, 1)  # [B T, A]
         # [MPO eq. 13] c_k = lambda min(1, pi(a_k|s_k) / b(a_k|s_k)), b stored at acting time
         log_pi = actor_target.log_prob(actor_target(obs), actions.unsqueeze(1))  # [B T, 1]
-        ratio = (log_pi.view_as(batch.rewards) - batch.behaviour_log_prob).clamp(max=0.0).exp()
-        traces = retrace_lambda * ratio  # [B, T]
+        traces = retrace_lambda * (log_pi.view_as(batch.rewards) - batch.behaviour_log_prob).clamp(max=0.0).exp()  # [B, T]
         # V'(s') = E_{a ~ pi} Q'(s', a): M samples, or all actions weighted by pi when discrete. On a CPU in chunks of
         # states: the [B T, M, H] activations in one piece are tens of MB, which glibc maps and unmaps on every call.
-        chunk = VALUE_CHUNK if next_obs.device.type == "cpu" else len(next_obs)
         next_v = []
-        for next_obs_chunk in next_obs.split(chunk):  # [chunk, O]
-            params = actor_target(next_obs_chunk)
-            next_actions, log_prior = actor_target.candidates(params, num_samples)  # [chunk, M, A]
+        for next_obs_chunk in next_obs.split(VALUE_CHUNK if next_obs.device.type == "cpu" else len(next_obs)):  # [chunk, O]
+            next_actions, log_prior = actor_target.candidates(actor_target(next_obs_chunk), num_samples)  # [chunk, M, A]
             next_q = critic_target(next_obs_chunk.unsqueeze(1), actor_target.critic_input(next_actions))  # [chunk, M]
             next_v.append((log_prior.exp() * next_q).sum(-1))
         next_v = torch.cat(next_v).view_as(batch.rewards)  # [B, T]
@@ -584,9 +525,8 @@ def update_policy(
     epsilon_mean: float,
     epsilon_cov: float,
 ) -> dict[str, Tensor]:
-    """One E-step and one M-step as simultaneous gradient steps [MPO Alg. 2, lines 15-20]: eta on the dual g(eta), the
-    policy on the weighted likelihood plus the KL penalties, and the multipliers on alpha (epsilon - C); then the duals
-    are clamped from below."""
+    """One E-step and one M-step as simultaneous gradient steps [MPO Alg. 2, lines 15-20]: eta on g(eta), the policy on
+    the weighted likelihood plus the KL penalties, the multipliers on alpha (epsilon - C); then the duals are clamped."""
     with torch.no_grad():
         params_old = actor_target(obs)
         actions, log_prior = actor_target.candidates(params_old, num_samples)  # [B, M, A]
@@ -595,8 +535,7 @@ def update_policy(
     eta = dual_variable(log_eta)
     eta_loss = temperature_dual(eta, q, log_prior, epsilon)
     weights = e_step_weights(q, eta.detach(), log_prior)  # [B, M]
-    # M-step [MPO eq. 10, 12]: weighted maximum likelihood of the candidate actions under the decoupled KL bounds to pi'
-    # [MPO App. D.3]
+    # M-step [MPO eq. 10, 12]: weighted maximum likelihood of the candidates under the decoupled KL bounds [MPO App. D.3]
     params = actor(obs)
     policy_loss = -(weights * actor.log_prob(params, actions)).sum(-1).mean()
     kl_mean, kl_cov = actor.kl_terms(params_old, params)  # [B] each; no kl_cov when discrete
@@ -608,15 +547,14 @@ def update_policy(
         penalty, alpha_loss = penalty + penalty_cov, alpha_loss + alpha_loss_cov
         metrics.update({"stats/kl_cov": kl_cov.detach().mean(), "stats/alpha_cov": alpha_cov.detach()})
     dual_loss = eta_loss + alpha_loss
-    # disjoint parameters: one backward serves the policy and the dual steps
     actor_opt.zero_grad(set_to_none=True)
     dual_opt.zero_grad(set_to_none=True)
-    (policy_loss + penalty + dual_loss).backward()
+    (policy_loss + penalty + dual_loss).backward()  # disjoint parameters: one backward serves the policy and dual steps
     actor_opt.step()
     dual_opt.step()
     with torch.no_grad():
-        for log_dual in (log_eta, log_alpha_mean, log_alpha_cov):
-            log_dual.clamp_(min=LOG_DUAL_MIN)
+        for parameter in (log_eta, log_alpha_mean, log_alpha_cov):
+            parameter.clamp_(min=LOG_DUAL_MIN)
     metrics.update({"losses/policy": policy_loss.detach(), "losses/dual": dual_loss.detach(), "stats/eta": eta.detach()})
     metrics["stats/kl_q"] = (torch.xlogy(weights, weights) - weights * log_prior).sum(-1).mean()  # KL(q || pi')
     metrics["stats/entropy"] = actor.entropy(params).detach().mean()
@@ -642,31 +580,23 @@ def train(args: Args) -> dict:
     critic, critic_target = Critic(*value).to(device), Critic(*value).to(device)
     critic_target.load_state_dict(critic.state_dict())
     critic_target.requires_grad_(False)
-    log_eta, log_alpha_mean, log_alpha_cov = (
-        dual_parameter(init, device) for init in (args.eta_init, args.alpha_mean_init, args.alpha_cov_init)
-    )
+    log_eta = log_dual(args.eta_init, device)
+    log_alpha_mean, log_alpha_cov = log_dual(args.alpha_mean_init, device), log_dual(args.alpha_cov_init, device)
+    duals = dict(log_eta=log_eta, log_alpha_mean=log_alpha_mean, log_alpha_cov=log_alpha_cov)
     # fused Adam: one kernel per step for all parameters instead of several per tensor
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, fused=True)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.q_lr, fused=True)
     dual_opt = torch.optim.Adam([log_eta, log_alpha_mean, log_alpha_cov], lr=args.dual_lr, fused=True)
+    # the updates' arguments besides the batch
+    retrace = (args.gamma, args.retrace_lambda, args.num_samples)
+    policy_step = (actor, actor_target, critic_target, actor_opt, dual_opt, log_eta, log_alpha_mean, log_alpha_cov)
+    bounds = (args.num_samples, args.epsilon, args.epsilon_mean, args.epsilon_cov)
     # -- storage
     replay = SnippetReplay(args.buffer_size, args.num_envs, obs_dim, actor.action_dim, args.retrace_steps, device)
     # -- run: directory, logging, evaluation, saving, resume (below the fence)
-    run = Run(
-        args,
-        envs,
-        model=dict(
-            actor=actor,
-            actor_target=actor_target,
-            critic=critic,
-            critic_target=critic_target,
-            log_eta=log_eta,
-            log_alpha_mean=log_alpha_mean,
-            log_alpha_cov=log_alpha_cov,
-        ),
-        train_state=dict(actor_opt=actor_opt, critic_opt=critic_opt, dual_opt=dual_opt, replay=replay),
-        act=actor.deterministic,
-    )
+    model = dict(actor=actor, actor_target=actor_target, critic=critic, critic_target=critic_target, **duals)
+    train_state = dict(actor_opt=actor_opt, critic_opt=critic_opt, dual_opt=dual_opt, replay=replay)
+    run = Run(args, envs, model=model, train_state=train_state, act=actor.deterministic)
     if args.eval_only:
         return run.evaluate_only()
     global_step, num_updates = run.start()
@@ -683,49 +613,15 @@ def train(args: Args) -> dict:
         ended, real_next_obs = terminated | truncated, next_obs.copy()
         for i in np.flatnonzero(ended):
             real_next_obs[i] = infos["final_obs"][i]
-        replay.add(
-            obs=obs,
-            actions=actions,
-            behaviour_log_prob=log_probs,
-            rewards=rewards,
-            next_obs=real_next_obs,
-            terminated=terminated,
-            ended=ended,
-        )
+        replay.add(obs, actions, log_probs, rewards, real_next_obs, terminated, ended)  # in the order of COLUMNS
         obs = next_obs
         # update: one critic step, E-step and M-step per environment step
         if global_step >= args.learning_starts:
             for _ in range(args.num_envs):
                 batch = replay.sample(args.batch_size)
-                run.add_metrics(
-                    update_critic(
-                        actor_target,
-                        critic,
-                        critic_target,
-                        critic_opt,
-                        batch,
-                        args.gamma,
-                        args.retrace_lambda,
-                        args.num_samples,
-                    )
-                )
-                run.add_metrics(
-                    update_policy(
-                        actor,
-                        actor_target,
-                        critic_target,
-                        actor_opt,
-                        dual_opt,
-                        log_eta,
-                        log_alpha_mean,
-                        log_alpha_cov,
-                        batch.obs[:, 0],
-                        args.num_samples,
-                        args.epsilon,
-                        args.epsilon_mean,
-                        args.epsilon_cov,
-                    )
-                )
+                metrics = update_critic(actor_target, critic, critic_target, critic_opt, batch, *retrace)
+                metrics.update(update_policy(*policy_step, batch.obs[:, 0], *bounds))
+                run.add_metrics(metrics)
                 num_updates += 1
                 if num_updates % args.target_network_frequency == 0:
                     # [MPO Alg. 2, line 25] the M-step's policy becomes pi', and Q' <- Q
