@@ -7,8 +7,8 @@
 References:
     [MPO] Abdolmaleki, Springenberg, Tassa, Munos, Heess, Riedmiller 2018, "Maximum a Posteriori Policy Optimisation",
         arXiv:1806.06920 (E-step eq. 7-9, M-step eq. 10-12, decoupled KL App. D, Retrace eq. 13, Table 2, Alg. 2).
-    [TreePI] Springenberg, Heess et al. 2020, "Local Search for Policy Iteration in Continuous Control", arXiv:2010.05545:
-        Table 2 lists MPO as a baseline (README: the flags that select it).
+    [TreePI] Springenberg, Heess et al. 2020, "Local Search for Policy Iteration in Continuous Control", arXiv:2010.05545,
+        Table 2: MPO as a baseline (README: the flags that select it).
     [Retrace] Munos, Stepleton, Harutyunyan, Bellemare 2016, arXiv:1606.02647: the trace c = lambda min(1, pi / b).
     [ACME] Hoffman et al. 2020, arXiv:2006.00979, acme/agents/jax/mpo: followed where the paper is silent.
 
@@ -32,10 +32,9 @@ Deviations from the paper:
       Adam learning rate (paper: not given) and clamped below at -18 (ACME).
     - Actions are rescaled to [-1, 1]; the critic sees the clipped action the env executes (ACME), the replay and
       log b(a|s) the unclipped sample. A discrete action goes to the critic one-hot (paper: a DQN torso).
-    - Left open by the paper: T = 5, M = 20 (ACME), B = 256 ([TreePI] Table 2), ReLU (ACME, [TreePI]: ELU). Acting uses
-      pi from the first step (no uniform warm-up), so every stored action has a behaviour probability.
-    - One critic step, E-step and M-step per env step (per env), as in sac.py; Alg. 2 does 1000 gradient steps per batch
-      of collected trajectories, then copies the targets (our default target period).
+    - Left open by the paper: T = 5, M = 20 (ACME), B = 256 ([TreePI] Table 2), ReLU (ACME, [TreePI]: ELU); pi acts from
+      the first step (no uniform warm-up). One critic, E- and M-step per env step (per env), as in sac.py (Alg. 2: 1000
+      gradient steps per batch of collected trajectories, then the target copy: our default target period).
     - Retrace and the E-step use pi' (the paper's pi(a|s, theta_i)), as ACME does; C_mean uses the online covariance, as
       eq. 27 has it, so C_mean + C_cov = KL(pi' || pi) exactly (ACME: the target covariance in C_mean).
 """
@@ -246,8 +245,8 @@ class CategoricalActor(nn.Module):
         self, obs_dim: int, action_space: gym.spaces.Discrete, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool
     ):
         super().__init__()
-        self.num_actions = int(action_space.n)
-        self.action_dim, self.critic_action_dim = 1, self.num_actions
+        self.action_dim, self.num_actions = 1, int(action_space.n)
+        self.critic_action_dim = self.num_actions
         self.trunk = mlp(obs_dim, hidden_sizes, activation, layer_norm)
         self.head = nn.Linear(hidden_sizes[-1], self.num_actions)
 
@@ -268,7 +267,10 @@ class CategoricalActor(nn.Module):
         return logits.log_softmax(-1).gather(-1, actions[..., 0].long())  # log pi(a_j|s) [B, M] of indices [B, M, 1]
 
     def kl_terms(self, logits_old: Tensor, logits: Tensor) -> tuple[Tensor, Tensor | None]:
-        return categorical_kl(logits_old, logits), None  # the whole KL, bounded by epsilon_mean; no covariance part
+        """KL(pi_old || pi) = sum_a pi_old(a) (log pi_old(a) - log pi(a)) [B] [MPO eq. 12, App. B], bounded by epsilon_mean
+        as a whole: there is no covariance part."""
+        log_p_old = logits_old.log_softmax(-1)
+        return (log_p_old.exp() * (log_p_old - logits.log_softmax(-1))).sum(-1), None
 
     def entropy(self, logits: Tensor) -> Tensor:
         return -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)  # [B]
@@ -281,9 +283,6 @@ class CategoricalActor(nn.Module):
 
     def deterministic(self, obs: Tensor) -> Tensor:
         return self(obs).argmax(-1)  # the most probable action, for evaluation
-
-
-Actor = GaussianActor | CategoricalActor
 
 
 class Critic(nn.Module):
@@ -370,11 +369,9 @@ LOG_DUAL_MIN = -18.0  # lower clamp of the dual parameters after each step (ACME
 
 
 def gaussian_log_prob(actions: Tensor, mean: Tensor, scale_tril: Tensor) -> Tensor:
-    """log N(a; mean, L L^T) = -|L^-1 (a - mean)|^2 / 2 - sum_i log L_ii - A log(2 pi) / 2.
-
-    The policy of [MPO App. D], Sigma = L L^T; one triangular solve per state serves its M actions. Shapes: actions
-    [B, M, A]; mean [B, A]; scale_tril L [B, A, A] (lower triangular, positive diagonal); returns [B, M].
-    """
+    """log N(a; mean, L L^T) = -|L^-1 (a - mean)|^2 / 2 - sum_i log L_ii - A log(2 pi) / 2, the policy of [MPO App. D]
+    with Sigma = L L^T; one triangular solve per state serves its M actions. Shapes: actions [B, M, A]; mean [B, A];
+    scale_tril L [B, A, A] (lower triangular, positive diagonal); returns [B, M]."""
     diff = (actions - mean.unsqueeze(-2)).transpose(-2, -1)  # [B, A, M]
     z = torch.linalg.solve_triangular(scale_tril, diff, upper=False)  # [B, A, M]
     log_det = scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1, keepdim=True)  # [B, 1]
@@ -388,8 +385,7 @@ def gaussian_kl_decoupled(mean_old: Tensor, scale_tril_old: Tensor, mean: Tensor
     with Sigma = L L^T the online and Sigma_old the old (target) covariance: C_mean moves with the mean only, C_cov with
     the covariance only (ACME's C_mean uses Sigma_old: fully decoupled gradients, but a sum that is not the KL).
     Symbols: mu_i, Sigma_i = mean_old, L_old L_old^T; mu, Sigma = mean, L L^T; n = A.
-    Shapes: mean_old, mean [B, A]; scale_tril_old, scale_tril [B, A, A]; returns two [B].
-    """
+    Shapes: mean_old, mean [B, A]; scale_tril_old, scale_tril [B, A, A]; returns two [B]."""
     diff = (mean - mean_old).unsqueeze(-1)  # [B, A, 1]
     # |L^-1 (mean - mean_old)|^2 is the Mahalanobis term, |L^-1 L_old|_F^2 = tr(Sigma^-1 Sigma_old)
     whitened = torch.linalg.solve_triangular(scale_tril, torch.cat([diff, scale_tril_old], dim=-1), upper=False)
@@ -400,20 +396,13 @@ def gaussian_kl_decoupled(mean_old: Tensor, scale_tril_old: Tensor, mean: Tensor
     return kl_mean, kl_cov
 
 
-def categorical_kl(logits_old: Tensor, logits: Tensor) -> Tensor:
-    """KL(pi_old || pi) = sum_a pi_old(a) (log pi_old(a) - log pi(a)) [MPO eq. 12, App. B]. Shapes: [B, n] -> [B]."""
-    log_p_old = logits_old.log_softmax(-1)
-    return (log_p_old.exp() * (log_p_old - logits.log_softmax(-1))).sum(-1)
-
-
 def temperature_dual(eta: Tensor, q: Tensor, log_prior: Tensor, epsilon: float) -> Tensor:
     """The convex dual of the E-step (eq. 7), estimated on each state's candidate actions:
         g(eta) = eta epsilon + eta mean_s log sum_j prior_j exp(Q(s, a_j) / eta)
     [MPO eq. 9, App. D.2], prior_j = 1/M for M samples of pi_old, pi_old(a_j|s) for all actions of a categorical policy.
     The epsilon is the Lagrangian's, eta (epsilon - KL) of App. D.2: dg/deta = epsilon - mean_s KL(q || pi_old), so the
     minimiser puts the E-step's KL at epsilon. Symbols: eta = eta (temperature), Q = q (target critic, no gradient),
-    epsilon = epsilon. Shapes: eta scalar; q, log_prior [B, M]; returns a scalar.
-    """
+    epsilon = epsilon. Shapes: eta scalar; q, log_prior [B, M]; returns a scalar."""
     return eta * epsilon + eta * torch.logsumexp(q / eta + log_prior, dim=-1).mean()
 
 
@@ -421,8 +410,7 @@ def e_step_weights(q: Tensor, eta: Tensor, log_prior: Tensor) -> Tensor:
     """The non-parametric E-step solution on the candidates, normalised per state:
         q(a_j|s) = prior_j exp(Q(s, a_j) / eta) / sum_k prior_k exp(Q(s, a_k) / eta)
     [MPO eq. 8: q_i(a|s) proportional to pi(a|s, theta_i) exp(Q_theta_i(s, a) / eta*)]. Symbols as in temperature_dual.
-    Shapes: q, log_prior [B, M]; eta scalar; returns [B, M].
-    """
+    Shapes: q, log_prior [B, M]; eta scalar; returns [B, M]."""
     return torch.softmax(q / eta + log_prior, dim=-1)
 
 
@@ -452,15 +440,12 @@ def kl_penalty(kl: Tensor, alpha: Tensor, epsilon: float) -> tuple[Tensor, Tenso
 def retrace_target(
     rewards: Tensor, terminated: Tensor, valid: Tensor, q_taken: Tensor, next_v: Tensor, traces: Tensor, gamma: float
 ) -> Tensor:
-    """Retrace targets for every step of the snippets [MPO eq. 13], by the backward recursion
+    """Retrace targets for every step of the snippets [MPO eq. 13, with the gamma before E_pi of [Retrace]], by the recursion
         Q_ret(s_k, a_k) = r_k + gamma (1 - terminated_k) [V'(s'_k) + c_{k+1} (Q_ret(s_{k+1}, a_{k+1}) - Q'(s_{k+1}, a_{k+1}))],
-    with c_{k+1} = 0 where the snippet stops (after T steps: the paper's truncation by bootstrapping with Q'; after an
-    episode end; at the newest data). Unrolled, with the gamma before E_pi of [Retrace]:
-        Q_ret(s_0, a_0) = Q'(s_0, a_0) + sum_j gamma^j (prod_{k=1..j} c_k) [r_j + gamma V'(s_{j+1}) - Q'(s_j, a_j)].
-    Symbols: c_k = traces = lambda min(1, pi(a_k|s_k) / b(a_k|s_k)); Q' = q_taken, the target critic at the stored
-    actions; V'(s') = next_v = E_{a ~ pi} Q'(s', a) at next_obs.
-    Shapes: all inputs [B, T]; returns [B, T], 0 where valid is 0.
-    """
+    c_{k+1} = 0 where the snippet stops (after T steps: eq. 13's bootstrap with Q'; after an episode end; at the newest
+    data); unrolled, step 2 of the module docstring. Symbols: c_k = traces = lambda min(1, pi(a_k|s_k) / b(a_k|s_k)); Q' =
+    q_taken, the target critic at the stored actions; V'(s') = next_v = E_{a ~ pi} Q'(s', a) at next_obs.
+    Shapes: all inputs [B, T]; returns [B, T], 0 where valid is 0."""
     targets = []
     correction = torch.zeros_like(rewards[:, 0])  # c_{k+1} (Q_ret - Q') at step k + 1
     for k in reversed(range(rewards.shape[1])):
@@ -471,6 +456,7 @@ def retrace_target(
 
 
 # == 5. Updates ============================================================================================
+Actor = GaussianActor | CategoricalActor
 VALUE_CHUNK = 64  # states per target-critic call for V' on a CPU (64 states x M = 20 actions is fast)
 
 
@@ -491,8 +477,7 @@ def update_critic(
         # [MPO eq. 13] c_k = lambda min(1, pi(a_k|s_k) / b(a_k|s_k)), b stored at acting time
         log_pi = actor_target.log_prob(actor_target(obs), actions.unsqueeze(1))  # [B T, 1]
         traces = retrace_lambda * (log_pi.view_as(batch.rewards) - batch.behaviour_log_prob).clamp(max=0.0).exp()  # [B, T]
-        # V'(s') = E_{a ~ pi} Q'(s', a): M samples, or all actions weighted by pi when discrete. On a CPU in chunks of
-        # states: the [B T, M, H] activations in one piece are tens of MB, which glibc maps and unmaps on every call.
+        # V'(s') = E_{a ~ pi} Q'(s', a): M samples, or all actions weighted by pi if discrete; in chunks on a CPU (page faults)
         next_v = []
         for next_obs_chunk in next_obs.split(VALUE_CHUNK if next_obs.device.type == "cpu" else len(next_obs)):  # [chunk, O]
             next_actions, log_prior = actor_target.candidates(actor_target(next_obs_chunk), num_samples)  # [chunk, M, A]
