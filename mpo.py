@@ -472,8 +472,7 @@ def update_critic(
 ) -> dict[str, Tensor]:
     """One Adam step on (Q(s_0, a_0) - Q_ret)^2 / 2 [MPO Sec. 4], Q_ret from the targets: pi' as in the E-step (ACME)."""
     with torch.no_grad():
-        obs, next_obs = batch.obs.flatten(0, 1), batch.next_obs.flatten(0, 1)  # [B T, O]
-        actions = batch.actions.flatten(0, 1)  # [B T, A]
+        obs, next_obs, actions = (x.flatten(0, 1) for x in (batch.obs, batch.next_obs, batch.actions))  # [B T, O or A]
         # [MPO eq. 13] c_k = lambda min(1, pi(a_k|s_k) / b(a_k|s_k)), b stored at acting time
         log_pi = actor_target.log_prob(actor_target(obs), actions.unsqueeze(1))  # [B T, 1]
         traces = retrace_lambda * (log_pi.view_as(batch.rewards) - batch.behaviour_log_prob).clamp(max=0.0).exp()  # [B, T]
@@ -608,8 +607,7 @@ def train(args: Args) -> dict:
                 metrics.update(update_policy(*policy_step, batch.obs[:, 0], *bounds))
                 run.add_metrics(metrics)
                 num_updates += 1
-                if num_updates % args.target_network_frequency == 0:
-                    # [MPO Alg. 2, line 25] the M-step's policy becomes pi', and Q' <- Q
+                if num_updates % args.target_network_frequency == 0:  # [MPO Alg. 2, line 25] pi' <- pi (the M-step's), Q' <- Q
                     actor_target.load_state_dict(actor.state_dict())
                     critic_target.load_state_dict(critic.state_dict())
         run.step(global_step, num_updates)  # log, evaluate and save as scheduled; stop on a signal
