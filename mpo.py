@@ -1,83 +1,44 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["torch>=2.6", "numpy>=1.26", "gymnasium[mujoco]>=1.1,<2", "mujoco>=3.1", "tensorboard>=2.14", "tyro>=0.9", "moviepy>=2"]
+# ///
 """Maximum a posteriori Policy Optimisation (MPO) for continuous and discrete control, in one file.
 
 References:
-    [MPO] Abdolmaleki, Springenberg, Tassa, Munos, Heess, Riedmiller 2018, "Maximum a Posteriori
-        Policy Optimisation", ICLR (E-step eq. 7-9, M-step eq. 10-12, decoupled KL in App. D,
-        Retrace eq. 13, hyperparameters Table 2, the worker loop Alg. 2).
-    [TreePI] Springenberg, Heess et al. 2020, "Local Search for Policy Iteration in Continuous
-        Control": Table 2 lists MPO as a baseline (the flags that select it are below).
-    [Retrace] Munos, Stepleton, Harutyunyan, Bellemare 2016, "Safe and Efficient Off-Policy
-        Reinforcement Learning" (not in shared/papers): the trace c = lambda min(1, pi / b).
-    [ACME] Hoffman et al. 2020, acme/agents/jax/mpo and acme/jax/losses/mpo.py: followed where
-        the paper is silent (dual learning rate and clamp, clipped critic input, Monte-Carlo dual).
+    [MPO] Abdolmaleki, Springenberg, Tassa, Munos, Heess, Riedmiller 2018, "Maximum a Posteriori Policy Optimisation",
+        arXiv:1806.06920 (E-step eq. 7-9, M-step eq. 10-12, decoupled KL App. D, Retrace eq. 13, Table 2, Alg. 2).
+    [TreePI] Springenberg, Heess et al. 2020, "Local Search for Policy Iteration in Continuous Control", arXiv:2010.05545,
+        Table 2: MPO as a baseline (README: the flags that select it).
+    [Retrace] Munos, Stepleton, Harutyunyan, Bellemare 2016, arXiv:1606.02647: the trace c = lambda min(1, pi / b).
+    [ACME] Hoffman et al. 2020, arXiv:2006.00979, acme/agents/jax/mpo: followed where the paper is silent.
 
 Algorithm (one environment step; the function that does each line in brackets):
-    1. Act a ~ pi(.|s); the env executes a clipped to its bounds; store (s, a, log b(a|s),
-       r, s', terminated, ended) per env in time order, b = pi at acting time      [SnippetReplay]
-    2. Sample B snippets of T steps that never cross an episode end       [SnippetReplay.sample]
-    3. Retrace target (eq. 13) from the target networks pi', Q', for the first step:
-       Q_ret = Q'(s_0, a_0) + sum_j gamma^j (prod_{k=1..j} c_k) [r_j + gamma V'(s_{j+1})
-       - Q'(s_j, a_j)], c_k = lambda min(1, pi'(a_k|s_k) / b(a_k|s_k)), V' = E_pi' Q' from M
-       samples of pi' (all actions weighted by pi' when discrete)                 [retrace_target]
-    4. Critic step on (Q(s_0, a_0) - Q_ret)^2 / 2                               [update_critic]
-    5. E-step (eq. 7-9): per state, M actions a_j ~ pi'(.|s) (all actions when discrete), weights
-       q_j = softmax_j(Q'(s, a_j) / eta) (times pi' when discrete); eta takes a step on the
-       convex dual g(eta) = eta eps + eta mean_s log mean_j exp(Q'(s, a_j) / eta)
-                                                              [temperature_dual, e_step_weights]
-    6. M-step (eq. 10-12, App. D): a step on -mean_s sum_j q_j log pi(a_j|s) + alpha_mean C_mean
-       + alpha_cov C_cov, the KL(pi' || pi) split into a mean and a covariance part (eq. 27);
-       each multiplier steps on alpha (eps - C)  [gaussian_kl_decoupled, kl_penalty, update_policy]
-    7. Every `target_network_frequency` gradient steps: pi' <- pi, Q' <- Q  [MPO Alg. 2, line 25]
+    1. Act a ~ pi(.|s), execute a clipped to the env's bounds; store (s, a, log b(a|s), r, s', terminated, ended) per env
+       in time order, b = pi at acting time; sample B snippets of T steps within one episode          [SnippetReplay]
+    2. Retrace target (eq. 13) from the targets pi', Q': Q_ret = Q'(s_0, a_0) + sum_j gamma^j (prod_{k=1..j} c_k) [r_j +
+       gamma V'(s_{j+1}) - Q'(s_j, a_j)], c_k = lambda min(1, pi'(a_k|s_k) / b(a_k|s_k)), V' = E_pi' Q'   [retrace_target]
+    3. Critic step on (Q(s_0, a_0) - Q_ret)^2 / 2                                                        [update_critic]
+    4. E-step (eq. 7-9): M actions a_j ~ pi'(.|s) (all, weighted by pi', if discrete), weights q_j = softmax_j(Q'(s, a_j) /
+       eta); eta steps on g(eta) = eta eps + eta mean_s log mean_j exp(Q'(s, a_j) / eta) [temperature_dual, e_step_weights]
+    5. M-step (eq. 10-12, App. D): a step on -mean_s sum_j q_j log pi(a_j|s) + alpha_mean C_mean + alpha_cov C_cov, with
+       KL(pi' || pi) = C_mean + C_cov; each alpha steps on alpha (eps - C) [gaussian_kl_decoupled, kl_penalty, update_policy]
+    6. Every `target_network_frequency` gradient steps: pi' <- pi, Q' <- Q                       [MPO Alg. 2, line 25]
 
-Shapes: B batch (snippets, states), T snippet length, M candidate actions per state (samples,
-or the n actions of a discrete space), O observation size, A action size.
-
-Usage:
-    python mpo.py --env HalfCheetah-v5
-    python mpo.py --env Pendulum-v1 --total-steps 30000 --learning-starts 1000
-    python mpo.py --env CartPole-v1 --total-steps 50000
-    python mpo.py --env Walker2d-v5 --full-covariance
-    python mpo.py --env HalfCheetah-v5 --checkpoint runs/<run>/model.pt --eval-only
-    python mpo.py --resume runs/<run>/resume.pt
-    [TreePI] Table 2 baseline (epsilon 0.1, epsilon_cov 1e-4, gamma 0.99, B 256 are defaults):
-        --policy-hidden-sizes 256 256 256 --critic-hidden-sizes 256 256 256 --layer-norm
-        --activation elu --epsilon-mean 0.005 --policy-lr 3e-4 --q-lr 3e-4
-        --buffer-size 2000000 --target-network-frequency 200
+Shapes: B batch (snippets, states), T snippet length, M candidate actions per state (samples, or the n actions of a
+discrete space), O observation size, A action size.
 
 Deviations from the paper:
-    - The dual variables eta, alpha_mean, alpha_cov are softplus of parameters named log_eta,
-      log_alpha_mean, log_alpha_cov (ACME's parameterisation and names), which take Adam steps
-      with their own learning rate (paper: "gradient steps", rate not given; ACME: 1e-2) and are
-      clamped below at -18 (ACME).
-    - Actions are rescaled to [-1, 1] (the control suite's range); the critic sees the clipped
-      action the env executes (ACME), the replay and log b(a|s) keep the unclipped sample.
-    - The paper leaves the snippet length N, the batch size, M, the warm-up and the activation
-      open: here T = 5 and M = 20 (ACME), B = 256 ([TreePI] Table 2), and ReLU (ACME and
-      [TreePI] use ELU, which makes an update about 1.5x slower on a CPU).
-    - Acting starts with the initial policy (no uniform warm-up), so every stored action has a
-      behaviour probability; updates begin after `learning_starts` steps.
-    - One critic step, one E-step and one M-step per environment step (per env), as in sac.py;
-      the paper's Alg. 2 does 1000 gradient steps per batch of collected trajectories, then
-      copies the targets (our default target period is its 1000).
-    - A discrete action goes to the critic one-hot, as an input (paper: a DQN torso).
-
-Notes on choices the paper leaves implicit:
-    - Retrace and the E-step both use the target policy pi' (the paper's pi(a|s, theta_i)):
-      Q' estimates the value of pi', which the E-step improves on (ACME does the same).
-    - C_mean uses the online covariance, as eq. 27 prints it, so C_mean + C_cov is exactly
-      KL(pi' || pi); ACME uses the target covariance there (a fully decoupled gradient).
-    - The temperature dual keeps the epsilon that the extracted text of eq. 9 lost.
+    - eta, alpha_mean, alpha_cov are softplus of log_eta, log_alpha_* (ACME's parameterisation and names), with their own
+      Adam learning rate (paper: not given) and clamped below at -18 (ACME).
+    - Actions are rescaled to [-1, 1]; the critic sees the clipped action the env executes (ACME), the replay and
+      log b(a|s) the unclipped sample. A discrete action goes to the critic one-hot (paper: a DQN torso).
+    - Left open by the paper: T = 5, M = 20 (ACME), B = 256 ([TreePI] Table 2), ReLU (ACME, [TreePI]: ELU); pi acts from
+      the first step (no uniform warm-up). One critic, E- and M-step per env step (per env), as in sac.py (Alg. 2: 1000
+      gradient steps per batch of collected trajectories, then the target copy: our default target period).
+    - Retrace and the E-step use pi' (the paper's pi(a|s, theta_i)), as ACME does; C_mean uses the online covariance, as
+      eq. 27 has it, so C_mean + C_cov = KL(pi' || pi) exactly (ACME: the target covariance in C_mean).
 """
 
-# == 1. Imports ========================================================================
-import dataclasses
-import difflib
-import json
-import os
-import random
-import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -85,62 +46,24 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn.functional as F
-import tyro
-from torch import nn
-from torch.utils.tensorboard import SummaryWriter
+from torch import Tensor, nn
+from torch.optim import Optimizer
 
 ALGO = "mpo"
-CHECKPOINT_FORMAT = 1
+ACTION_SPACES = (gym.spaces.Box, gym.spaces.Discrete)  # a Gaussian policy (bounded Box) or a categorical one
 
 
-# == 2. Arguments ======================================================================
-class UsageError(Exception):
-    """Bad user input: `main` prints it as one line on stderr and returns 2."""
-
-
+# == 1. Arguments ==========================================================================================
 @dataclass
 class Args:
-    # -- shared: identical in every file ---------------------------------------------
-    env: str = "HalfCheetah-v5"
-    """Gymnasium id of the task."""
-    seed: int = 1
-    """Seed for python, numpy, torch and the environments."""
-    total_steps: int = 1_000_000
-    """Environment steps to train for, summed over all parallel envs."""
-    num_envs: int = 1
-    """Parallel training environments (a gymnasium SyncVectorEnv)."""
-    cuda: bool = False
-    """Train on the GPU (an error when torch sees none)."""
-    threads: int = 1
-    """Torch CPU threads; small networks are often fastest on one."""
-    log_dir: str = "runs"
-    """Directory that receives one subdirectory per run (tensorboard events, args, models)."""
-    log_every: int = 5_000
-    """Print a progress line and write losses to tensorboard every this many env steps."""
-    eval_every: int = 10_000
-    """Evaluate the deterministic policy every this many env steps (0: only at the end)."""
-    eval_episodes: int = 10
-    """Episodes per evaluation."""
-    save_model: bool = True
-    """Write model.pt (weights and statistics for evaluation) at each evaluation and the end."""
-    checkpoint_every: int = 100_000
-    """Write resume.pt (everything needed to continue) every this many env steps (0: never)."""
-    checkpoint: str | None = None
-    """A model.pt or resume.pt to load; its saved arguments become the defaults."""
-    eval_only: bool = False
-    """With --checkpoint: evaluate the loaded policy, print the returns and exit."""
-    resume: str | None = None
-    """A resume.pt to continue training from, in its run directory."""
-    capture_video: bool = False
-    """Record evaluation episodes to <run>/videos (needs a rendering backend)."""
-    # -- algorithm ---------------------------------------------------------------------
+    # -- algorithm ----------------------------------------------------------------------------------------
     # Networks [MPO Table 2, control suite; App. D]
     policy_hidden_sizes: tuple[int, ...] = (100, 100)
     """Hidden layer sizes of the policy [MPO Table 2: 100-100; humanoid 200-200]."""
     critic_hidden_sizes: tuple[int, ...] = (200, 200)
     """Hidden layer sizes of the Q-function [MPO Table 2: 200-200; humanoid 300-300]."""
     activation: Literal["relu", "elu", "tanh"] = "relu"
-    """Hidden activation (paper: not given; ACME and [TreePI] Table 2: elu, ~1.5x slower on CPU)."""
+    """Hidden activation (paper: not given; ACME and [TreePI] Table 2: elu, slower on a CPU)."""
     layer_norm: bool = False
     """LayerNorm after the first hidden layer (the 'LN' of [TreePI] Table 2)."""
     full_covariance: bool = False
@@ -171,8 +94,7 @@ class Args:
     """KL bound epsilon of the non-parametric E-step [MPO eq. 7; Table 2: 0.1]."""
     # M-step [MPO Sec. 3.3, App. D]
     epsilon_mean: float = 0.1
-    """Bound epsilon_mu on the mean part of KL(pi' || pi) [MPO Table 2: 0.1; [TreePI]: 0.005];
-    for a categorical policy, the bound on the whole KL."""
+    """Bound epsilon_mu on the mean part of KL(pi' || pi) (categorical: all of it) [MPO Table 2: 0.1; [TreePI]: 0.005]."""
     epsilon_cov: float = 1e-4
     """Bound epsilon_Sigma on the covariance part of KL(pi' || pi) [MPO Table 2: 1e-4]."""
     dual_lr: float = 1e-2
@@ -182,127 +104,58 @@ class Args:
     alpha_mean_init: float = 1.0
     """Initial multiplier alpha_mean of the mean (or categorical) KL bound (ACME: 10)."""
     alpha_cov_init: float = 100.0
-    """Initial multiplier alpha_cov of the covariance KL bound (ACME: 1000): large, so that the
-    small epsilon_cov holds from the start; it then falls while the bound is slack."""
+    """Initial multiplier alpha_cov (ACME: 1000): large, so that the small epsilon_cov holds from the start."""
+    # -- shared: identical in every file ------------------------------------------------------------------
+    env: str = "HalfCheetah-v5"
+    """Gymnasium id of the task (`module:Env-v0` imports `module` first, for an env it registers)."""
+    seed: int = 1
+    """Seed for python, numpy, torch and the environments."""
+    total_steps: int = 1_000_000
+    """Environment steps to train for, summed over all parallel envs."""
+    num_envs: int = 1
+    """Parallel training environments (a gymnasium SyncVectorEnv)."""
+    cuda: bool = False
+    """Train on the GPU (an error when torch sees none)."""
+    threads: int = 1
+    """Torch CPU threads; small networks are often fastest on one."""
+    log_dir: str = "runs"
+    """Directory that receives one subdirectory per run (tensorboard events, args, models)."""
+    log_every: int = 5_000
+    """Print a progress line and write losses to tensorboard every this many env steps."""
+    eval_every: int = 10_000
+    """Evaluate the deterministic policy every this many env steps (0: only at the end)."""
+    eval_episodes: int = 10
+    """Episodes per evaluation."""
+    save_model: bool = True
+    """Write model.pt (weights and statistics for evaluation) at each evaluation and the end."""
+    checkpoint_every: int = 100_000
+    """Write resume.pt (everything needed to continue) every this many env steps (0: only on a signal)."""
+    checkpoint: str | None = None
+    """A model.pt or resume.pt whose weights to fine-tune (or, with --eval-only, evaluate); its saved
+    arguments become the defaults."""
+    eval_only: bool = False
+    """With --checkpoint: evaluate the loaded policy, print the returns and exit."""
+    resume: str | None = None
+    """A resume.pt to continue training from, in its run directory (Ctrl-C writes one)."""
+    capture_video: bool = False
+    """Record evaluation episodes to <run>/videos (needs a rendering backend)."""
 
 
-def check_args(args: Args) -> None:
-    """Raise UsageError for values no run can use."""
-    if args.total_steps <= 0:
-        raise UsageError(f"--total-steps must be positive, got {args.total_steps}")
-    if args.num_envs <= 0:
-        raise UsageError(f"--num-envs must be positive, got {args.num_envs}")
-    if args.threads <= 0:
-        raise UsageError(f"--threads must be positive, got {args.threads}")
-    if args.log_every <= 0:
-        raise UsageError(f"--log-every must be positive, got {args.log_every}")
-    if args.eval_every < 0 or args.checkpoint_every < 0:
-        raise UsageError("--eval-every and --checkpoint-every must be >= 0")
-    if args.eval_episodes <= 0:
-        raise UsageError(f"--eval-episodes must be positive, got {args.eval_episodes}")
-    if args.eval_only and args.checkpoint is None:
-        raise UsageError("--eval-only needs --checkpoint PATH")
-    if args.resume is not None and args.checkpoint is not None:
-        raise UsageError("give either --resume or --checkpoint, not both")
-    if args.cuda and not torch.cuda.is_available():
-        raise UsageError("--cuda was given but torch sees no CUDA device")
-    # -- algorithm ---------------------------------------------------------------------
-    if min(args.policy_hidden_sizes + args.critic_hidden_sizes, default=0) <= 0:
-        raise UsageError("--policy-hidden-sizes and --critic-hidden-sizes must be positive")
-    if args.buffer_size <= 0 or args.batch_size <= 0:
-        raise UsageError("--buffer-size and --batch-size must be positive")
-    if args.retrace_steps <= 0:
-        raise UsageError(f"--retrace-steps must be positive, got {args.retrace_steps}")
-    if args.buffer_size < args.num_envs * args.retrace_steps:
-        raise UsageError("--buffer-size must hold --retrace-steps steps of every env")
-    if args.learning_starts < 0:
-        raise UsageError(f"--learning-starts must be >= 0, got {args.learning_starts}")
-    if not 0.0 <= args.retrace_lambda <= 1.0:
-        raise UsageError(f"--retrace-lambda must be in [0, 1], got {args.retrace_lambda}")
-    if not 0.0 <= args.gamma <= 1.0:
-        raise UsageError(f"--gamma must be in [0, 1], got {args.gamma}")
-    if args.target_network_frequency <= 0 or args.num_samples <= 0:
-        raise UsageError("--target-network-frequency and --num-samples must be positive")
-    if min(args.q_lr, args.policy_lr, args.dual_lr) <= 0:
-        raise UsageError("learning rates must be positive")
-    if min(args.epsilon, args.epsilon_mean, args.epsilon_cov) <= 0:
-        raise UsageError("--epsilon, --epsilon-mean and --epsilon-cov must be positive")
-    if min(args.eta_init, args.alpha_mean_init, args.alpha_cov_init) <= 0:
-        raise UsageError("--eta-init, --alpha-mean-init and --alpha-cov-init must be positive")
+def algorithm_checks(args: Args) -> list[tuple[bool, str]]:
+    """(condition, message) for each algorithm argument; `check_args` raises the first that fails."""
+    positive = ["batch_size", "retrace_steps", "target_network_frequency", "num_samples", "q_lr", "policy_lr", "dual_lr"]
+    positive += ["epsilon", "epsilon_mean", "epsilon_cov", "eta_init", "alpha_mean_init", "alpha_cov_init"]
+    return [
+        (min(args.policy_hidden_sizes + args.critic_hidden_sizes, default=0) > 0, "--*-hidden-sizes must be positive"),
+        *((getattr(args, k) > 0, f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}") for k in positive),
+        (args.buffer_size >= args.num_envs * args.retrace_steps, "--buffer-size must hold --retrace-steps steps of every env"),
+        (args.learning_starts >= 0, f"--learning-starts must be >= 0, got {args.learning_starts}"),
+        (0.0 <= args.retrace_lambda <= 1.0, f"--retrace-lambda must be in [0, 1], got {args.retrace_lambda}"),
+        (0.0 <= args.gamma <= 1.0, f"--gamma must be in [0, 1], got {args.gamma}"),
+    ]
 
 
-# == 3. Environment ====================================================================
-def make_env(env_id: str, render_mode: str | None = None) -> gym.Env:
-    """One gymnasium env; an unknown id or a missing dependency becomes a UsageError."""
-    if env_id not in gym.registry:
-        close = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise UsageError(f"unknown env id {env_id!r}{hint}")
-    kwargs = {} if render_mode is None else {"render_mode": render_mode}
-    try:
-        return gym.make(env_id, **kwargs)
-    except gym.error.DependencyNotInstalled as e:
-        raise UsageError(f"{env_id} needs a package that is not installed: {e}") from None
-
-
-def make_vec_env(env_id: str, num_envs: int) -> gym.vector.SyncVectorEnv:
-    """Training envs in SAME_STEP autoreset mode: an ended episode's last observation is in
-    infos["final_obs"] and the returned observation already starts the next episode."""
-    return gym.vector.SyncVectorEnv(
-        [lambda: make_env(env_id) for _ in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
-    )
-
-
-def make_eval_env(env_id: str, video_dir: str | None, episodes: int) -> gym.Env:
-    """The evaluation env; with video_dir, the first of every `episodes` episodes is recorded
-    there, or, where rendering cannot start, one line is printed and the run goes on without."""
-    if video_dir is None:
-        return make_env(env_id)
-    os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo rendering (GYMNASIUM_NOTES)
-    env = make_env(env_id, "rgb_array")
-    try:
-        env.reset(seed=0)
-        env.render()  # fails here without a GL backend
-        trigger = lambda episode: episode % episodes == 0
-        return gym.wrappers.RecordVideo(env, video_dir, episode_trigger=trigger, name_prefix="eval")
-    except Exception as e:  # noqa: BLE001 (no GL backend, moviepy missing, ...)
-        print(f"video capture disabled: {type(e).__name__}: {e}".splitlines()[0], flush=True)
-        env.close()
-        return make_env(env_id)
-
-
-def check_spaces(env_id: str, obs_space: gym.Space, action_space: gym.Space) -> None:
-    """MPO needs flat Box observations and a bounded Box or a Discrete action space."""
-    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-        raise UsageError(f"{env_id} has observation space {obs_space}; this script needs a flat Box")
-    if isinstance(action_space, gym.spaces.Discrete):
-        return
-    if not isinstance(action_space, gym.spaces.Box):
-        raise UsageError(
-            f"{env_id} has a {type(action_space).__name__} action space; MPO needs a continuous (Box) or a Discrete one"
-        )
-    if not (np.isfinite(action_space.low).all() and np.isfinite(action_space.high).all()):
-        raise UsageError(f"{env_id} has unbounded actions; MPO rescales its actions to the bounds")
-
-
-class EpisodeStats:
-    """Running return and length of each parallel env."""
-
-    def __init__(self, num_envs: int):
-        self.returns = np.zeros(num_envs)
-        self.lengths = np.zeros(num_envs, dtype=np.int64)
-
-    def update(self, rewards: np.ndarray, ended: np.ndarray) -> list[tuple[float, int]]:
-        """Add one step's rewards; return (return, length) of the episodes that ended."""
-        self.returns += rewards
-        self.lengths += 1
-        finished = [(float(self.returns[i]), int(self.lengths[i])) for i in np.flatnonzero(ended)]
-        self.returns[ended] = 0.0
-        self.lengths[ended] = 0
-        return finished
-
-
-# == 4. Networks =======================================================================
+# == 2. Networks ===========================================================================================
 ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh}
 SCALE_MIN = 1e-6  # added to the softplus'd Cholesky diagonal: a numerical guard (ACME's value)
 
@@ -320,28 +173,29 @@ def mlp(in_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm:
 
 
 class GaussianActor(nn.Module):
-    """Gaussian policy pi(a|s) = N(mean(s), L(s) L(s)^T) on actions rescaled to [-1, 1]^A
-    [MPO App. D]: L is diagonal, or with --full-covariance a full lower-triangular Cholesky
-    factor; its diagonal goes through softplus. Samples are unbounded (the replay stores them and
-    their log-probability); the env executes them clipped to its bounds.
+    """Gaussian policy pi(a|s) = N(mean(s), L(s) L(s)^T) on actions rescaled to [-1, 1]^A [MPO App. D], `params` the pair
+    (mean [B, A], scale_tril L [B, A, A]): L is diagonal, or with --full-covariance lower-triangular, its diagonal through
+    softplus. Samples are stored unbounded, with their log-probability; the env executes them clipped to its bounds."""
 
-    The distribution parameters `params` are the pair (mean [B, A], scale_tril [B, A, A]).
-    """
-
-    def __init__(self, obs_dim: int, action_space: gym.spaces.Box, args: Args):
+    def __init__(
+        self,
+        obs_dim: int,
+        action_space: gym.spaces.Box,
+        hidden_sizes: tuple[int, ...],
+        activation: str,
+        layer_norm: bool,
+        full_covariance: bool,
+    ):
         super().__init__()
-        self.action_dim = self.critic_action_dim = int(np.prod(action_space.shape))
-        self.full_covariance = args.full_covariance
-        size = self.action_dim
-        num_scale = size * (size + 1) // 2 if args.full_covariance else size  # entries of L
-        self.trunk = mlp(obs_dim, args.policy_hidden_sizes, args.activation, args.layer_norm)
-        self.head = nn.Linear(args.policy_hidden_sizes[-1], size + num_scale)  # mean, L
-        low = torch.as_tensor(action_space.low, dtype=torch.float32).flatten()
-        high = torch.as_tensor(action_space.high, dtype=torch.float32).flatten()
+        size = self.action_dim = self.critic_action_dim = int(np.prod(action_space.shape))
+        self.full_covariance = full_covariance
+        self.trunk = mlp(obs_dim, hidden_sizes, activation, layer_norm)
+        self.head = nn.Linear(hidden_sizes[-1], size + (size * (size + 1) // 2 if full_covariance else size))  # mean, L
+        low, high = (torch.as_tensor(bound, dtype=torch.float32).flatten() for bound in (action_space.low, action_space.high))
         self.register_buffer("action_scale", (high - low) / 2)
         self.register_buffer("action_bias", (high + low) / 2)
 
-    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         mean, raw = self.head(self.trunk(obs)).split([self.action_dim, self.head.out_features - self.action_dim], dim=-1)
         if not self.full_covariance:
             return mean, torch.diag_embed(F.softplus(raw) + SCALE_MIN)  # [B, A], [B, A, A]
@@ -351,145 +205,123 @@ class GaussianActor(nn.Module):
         diagonal = F.softplus(tril.diagonal(dim1=-2, dim2=-1)) + SCALE_MIN  # [MPO App. D]
         return mean, tril.tril(-1) + torch.diag_embed(diagonal)
 
-    def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """An action a ~ pi(.|s) [B, A] (unclipped) and its log-probability [B]."""
+    def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         params = self(obs)
         actions = self.candidates(params, 1)[0]  # [B, 1, A]
-        return actions[:, 0], self.log_prob(params, actions)[:, 0]
+        return actions[:, 0], self.log_prob(params, actions)[:, 0]  # a ~ pi(.|s) [B, A] (unclipped), log pi(a|s) [B]
 
-    def candidates(self, params: tuple[torch.Tensor, torch.Tensor], num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """M actions a_j ~ pi(.|s) per state [B, M, A] and their prior weights log(1/M) [B, M]
-        in the E-step: the samples stand in for the integral over actions [MPO Alg. 2, line 11]."""
+    def candidates(self, params: tuple[Tensor, Tensor], num_samples: int) -> tuple[Tensor, Tensor]:
+        """M actions a_j ~ pi(.|s) [B, M, A] with prior weights log(1/M) [B, M]: the E-step's integral [MPO Alg. 2, l. 11]."""
         mean, scale_tril = params
         noise = torch.randn(*mean.shape[:-1], num_samples, self.action_dim, device=mean.device)
         actions = mean.unsqueeze(-2) + noise @ scale_tril.transpose(-2, -1)  # a = mean + L noise
         return actions, torch.full(actions.shape[:-1], -float(np.log(num_samples)), device=mean.device)
 
-    def log_prob(self, params: tuple[torch.Tensor, torch.Tensor], actions: torch.Tensor) -> torch.Tensor:
-        """log pi(a_j|s) [B, M] of actions [B, M, A]."""
-        return gaussian_log_prob(actions, *params)
+    def log_prob(self, params: tuple[Tensor, Tensor], actions: Tensor) -> Tensor:
+        return gaussian_log_prob(actions, *params)  # log pi(a_j|s) [B, M] of actions [B, M, A]
 
-    def kl_terms(
-        self, params_old: tuple[torch.Tensor, torch.Tensor], params: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The mean and covariance parts C_mean, C_cov [B] of KL(pi_old || pi) [MPO eq. 27]."""
-        return gaussian_kl_decoupled(*params_old, *params)
+    def kl_terms(self, params_old: tuple[Tensor, Tensor], params: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+        return gaussian_kl_decoupled(*params_old, *params)  # C_mean, C_cov [B] of KL(pi_old || pi) [MPO eq. 27]
 
-    def entropy(self, params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """H = A log(2 pi e) / 2 + sum_i log L_ii  [B]."""
-        log_diagonal = params[1].diagonal(dim1=-2, dim2=-1).log()
+    def entropy(self, params: tuple[Tensor, Tensor]) -> Tensor:
+        log_diagonal = params[1].diagonal(dim1=-2, dim2=-1).log()  # H = A log(2 pi e) / 2 + sum_i log L_ii  [B]
         return 0.5 * self.action_dim * float(np.log(2 * np.pi * np.e)) + log_diagonal.sum(-1)
 
-    def critic_input(self, actions: torch.Tensor) -> torch.Tensor:
-        """The action the env executes, in [-1, 1]: Q(s, a) = Q(s, clip(a)) holds exactly, so the
-        critic never extrapolates outside the bounds (ACME clips the critic's input too)."""
-        return actions.clamp(-1.0, 1.0)
+    def critic_input(self, actions: Tensor) -> Tensor:
+        return actions.clamp(-1.0, 1.0)  # as executed: Q(s, a) = Q(s, clip(a)), never extrapolated (ACME clips it too)
 
-    def env_action(self, actions: torch.Tensor) -> torch.Tensor:
-        """The executed action: clipped to [-1, 1] and rescaled to the env's bounds."""
-        return self.critic_input(actions) * self.action_scale + self.action_bias
+    def env_action(self, actions: Tensor) -> Tensor:
+        return self.critic_input(actions) * self.action_scale + self.action_bias  # clipped, rescaled to the env's bounds
 
-    def deterministic(self, obs: torch.Tensor) -> torch.Tensor:
-        """The mean, executed as env_action, used for evaluation."""
-        return self.env_action(self(obs)[0])
+    def deterministic(self, obs: Tensor) -> Tensor:
+        return self.env_action(self(obs)[0])  # the mean, for evaluation
 
 
 class CategoricalActor(nn.Module):
-    """Categorical policy pi(a|s) = softmax(logits(s)) for discrete actions [MPO App. B]; an
-    action is stored as its index [B, 1] and fed to the critic one-hot. The E-step enumerates
-    all actions, so it is exact.
+    """Categorical policy pi(a|s) = softmax(logits(s)) [MPO App. B], `params` the logits [B, n]; an action is stored as its
+    index [B, 1] and fed to the critic one-hot. The E-step enumerates all actions, so it is exact."""
 
-    The distribution parameters `params` are the logits [B, n].
-    """
-
-    def __init__(self, obs_dim: int, action_space: gym.spaces.Discrete, args: Args):
+    def __init__(
+        self, obs_dim: int, action_space: gym.spaces.Discrete, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool
+    ):
         super().__init__()
-        self.num_actions = int(action_space.n)
-        self.action_dim, self.critic_action_dim = 1, self.num_actions
-        self.trunk = mlp(obs_dim, args.policy_hidden_sizes, args.activation, args.layer_norm)
-        self.head = nn.Linear(args.policy_hidden_sizes[-1], self.num_actions)
+        self.action_dim, self.num_actions = 1, int(action_space.n)
+        self.critic_action_dim = self.num_actions
+        self.trunk = mlp(obs_dim, hidden_sizes, activation, layer_norm)
+        self.head = nn.Linear(hidden_sizes[-1], self.num_actions)
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+    def forward(self, obs: Tensor) -> Tensor:
         return self.head(self.trunk(obs))  # [B, n]
 
-    def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """An action index a ~ pi(.|s) [B, 1] (as a float) and its log-probability [B]."""
+    def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         logits = self(obs)
-        actions = torch.multinomial(logits.softmax(-1), 1).float()  # [B, 1]
-        return actions, self.log_prob(logits, actions.unsqueeze(1))[:, 0]
+        actions = torch.multinomial(logits.softmax(-1), 1).float()  # an index a ~ pi(.|s) [B, 1], as a float
+        return actions, self.log_prob(logits, actions.unsqueeze(1))[:, 0]  # and log pi(a|s) [B]
 
-    def candidates(self, logits: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """All n actions per state [B, n, 1] with prior weights log pi(a|s) [B, n]: the E-step
-        sums over the actions exactly (num_samples is not used)."""
+    def candidates(self, logits: Tensor, num_samples: int) -> tuple[Tensor, Tensor]:
+        """All n actions per state [B, n, 1], prior weights log pi(a|s) [B, n]: the E-step sums over them exactly."""
         actions = torch.arange(self.num_actions, device=logits.device, dtype=torch.float32)
         return actions.expand(*logits.shape[:-1], -1).unsqueeze(-1), logits.log_softmax(-1)
 
-    def log_prob(self, logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """log pi(a_j|s) [B, M] of action indices [B, M, 1]."""
-        return logits.log_softmax(-1).gather(-1, actions[..., 0].long())
+    def log_prob(self, logits: Tensor, actions: Tensor) -> Tensor:
+        return logits.log_softmax(-1).gather(-1, actions[..., 0].long())  # log pi(a_j|s) [B, M] of indices [B, M, 1]
 
-    def kl_terms(self, logits_old: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The whole KL(pi_old || pi) [B], bounded by epsilon_mean; there is no covariance part."""
-        return categorical_kl(logits_old, logits), None
+    def kl_terms(self, logits_old: Tensor, logits: Tensor) -> tuple[Tensor, Tensor | None]:
+        """KL(pi_old || pi) = sum_a pi_old(a) (log pi_old(a) - log pi(a)) [B] [MPO eq. 12, App. B], bounded by epsilon_mean
+        as a whole: there is no covariance part."""
+        log_p_old = logits_old.log_softmax(-1)
+        return (log_p_old.exp() * (log_p_old - logits.log_softmax(-1))).sum(-1), None
 
-    def entropy(self, logits: torch.Tensor) -> torch.Tensor:
+    def entropy(self, logits: Tensor) -> Tensor:
         return -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)  # [B]
 
-    def critic_input(self, actions: torch.Tensor) -> torch.Tensor:
-        """One-hot actions [..., n] from indices [..., 1]."""
-        return F.one_hot(actions[..., 0].long(), self.num_actions).float()
+    def critic_input(self, actions: Tensor) -> Tensor:
+        return F.one_hot(actions[..., 0].long(), self.num_actions).float()  # one-hot [..., n] from indices [..., 1]
 
-    def env_action(self, actions: torch.Tensor) -> torch.Tensor:
+    def env_action(self, actions: Tensor) -> Tensor:
         return actions[..., 0].long()
 
-    def deterministic(self, obs: torch.Tensor) -> torch.Tensor:
-        """The most probable action, used for evaluation."""
-        return self(obs).argmax(-1)
-
-
-Actor = GaussianActor | CategoricalActor
+    def deterministic(self, obs: Tensor) -> Tensor:
+        return self(obs).argmax(-1)  # the most probable action, for evaluation
 
 
 class Critic(nn.Module):
-    """Q(s, a), an MLP on [s, a] [MPO Sec. 4; one Q-function, no twin]. The first layer is
-    split into its state and action columns, so the M actions of one state share the state's
-    half: obs [N, 1, O] against actions [N, M, A] gives Q [N, M] in one pass."""
+    """Q(s, a), an MLP on [s, a] [MPO Sec. 4; one Q-function, no twin]. The first layer is split into its state and action
+    columns, so that the M actions of a state share its half: obs [N, 1, O] and actions [N, M, A] give Q [N, M]."""
 
-    def __init__(self, obs_dim: int, action_dim: int, args: Args):
+    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool):
         super().__init__()
-        width = args.critic_hidden_sizes[0]
+        width = hidden_sizes[0]
         self.obs_layer = nn.Linear(obs_dim, width)
         self.action_layer = nn.Linear(action_dim, width, bias=False)
         bound = (obs_dim + action_dim) ** -0.5  # nn.Linear's initialisation of the joint layer
         for p in (*self.obs_layer.parameters(), self.action_layer.weight):
             nn.init.uniform_(p, -bound, bound)
-        self.norm = nn.LayerNorm(width) if args.layer_norm else nn.Identity()
-        self.act = ACTIVATIONS[args.activation]()
-        self.body = mlp(width, args.critic_hidden_sizes[1:], args.activation, False)
-        self.head = nn.Linear(args.critic_hidden_sizes[-1], 1)
+        self.norm = nn.LayerNorm(width) if layer_norm else nn.Identity()
+        self.activation = ACTIVATIONS[activation]()
+        self.body = mlp(width, hidden_sizes[1:], activation, False)
+        self.head = nn.Linear(hidden_sizes[-1], 1)
 
-    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    def forward(self, obs: Tensor, actions: Tensor) -> Tensor:
         x = self.action_layer(actions).add_(self.obs_layer(obs))  # broadcast: [N, M, H] or [B, H]
-        return self.head(self.body(self.act(self.norm(x)))).squeeze(-1)  # [N, M] or [B]
+        return self.head(self.body(self.activation(self.norm(x)))).squeeze(-1)  # [N, M] or [B]
 
 
-# == 5. Storage ========================================================================
+# == 3. Storage ============================================================================================
 class Batch(NamedTuple):
-    obs: torch.Tensor  # [B, T, O]
-    actions: torch.Tensor  # [B, T, A], the policy's samples as stored (before clipping)
-    behaviour_log_prob: torch.Tensor  # [B, T], log b(a|s) stored at acting time [MPO eq. 13]
-    rewards: torch.Tensor  # [B, T]
-    next_obs: torch.Tensor  # [B, T, O]
-    terminated: torch.Tensor  # [B, T], 1.0 where the MDP ended (no bootstrap)
-    valid: torch.Tensor  # [B, T], 1.0 for the steps that belong to the snippet
+    obs: Tensor  # [B, T, O]
+    actions: Tensor  # [B, T, A], the policy's samples as stored (before clipping)
+    behaviour_log_prob: Tensor  # [B, T], log b(a|s) stored at acting time [MPO eq. 13]
+    rewards: Tensor  # [B, T]
+    next_obs: Tensor  # [B, T, O]
+    terminated: Tensor  # [B, T], 1.0 where the MDP ended (no bootstrap)
+    valid: Tensor  # [B, T], 1.0 for the steps that belong to the snippet
 
 
 class SnippetReplay:
-    """Ring buffer of transitions in time order per env ([rows, num_envs, ...]), sampled as
-    snippets of T consecutive steps of one env, the trajectories Retrace needs [MPO Sec. 4].
-    A snippet stops after the first episode end (terminated or truncated) and at the newest
-    row, so it never joins two episodes; next_obs is stored per row, so the last step of an
-    episode keeps its true last observation."""
+    """Ring buffer of transitions in time order per env [rows, num_envs, ...], sampled as snippets of T steps of one env,
+    the trajectories Retrace needs [MPO Sec. 4]. A snippet stops after the first episode end and at the newest row, so it
+    never joins two episodes; next_obs is stored per row, so an episode's last step keeps its true last observation."""
 
     COLUMNS = ("obs", "actions", "behaviour_log_prob", "rewards", "next_obs", "terminated", "ended")
 
@@ -499,16 +331,15 @@ class SnippetReplay:
         widths = {"obs": (obs_dim,), "actions": (action_dim,), "next_obs": (obs_dim,)}
         self.data = {name: torch.zeros(self.rows, num_envs, *widths.get(name, ()), device=device) for name in self.COLUMNS}
 
-    def add(self, **columns: np.ndarray | torch.Tensor) -> None:
-        """Store one vector step: one array per column with leading size num_envs."""
-        for name, column in self.data.items():
-            column[self.pos] = torch.as_tensor(columns[name], dtype=torch.float32)
+    def add(self, *columns: np.ndarray | Tensor) -> None:
+        """Store one vector step: one array per column of COLUMNS, in that order, with leading size num_envs."""
+        for column, values in zip(self.data.values(), columns, strict=True):
+            column[self.pos] = torch.as_tensor(values, dtype=torch.float32)
         self.pos = (self.pos + 1) % self.rows
         self.size = min(self.size + 1, self.rows)
 
     def sample(self, batch_size: int) -> Batch:
-        """batch_size snippets: start row and env uniform with replacement; step k is valid when
-        a row after the start holds it and no episode ended at the steps before it."""
+        """Snippets from uniform start rows and envs; step k is valid if written after the start, with no end before it."""
         device = self.data["rewards"].device
         start = torch.randint(0, self.size, (batch_size,), device=device)
         env = torch.randint(0, self.num_envs, (batch_size, 1), device=device)
@@ -521,139 +352,100 @@ class SnippetReplay:
         return Batch(**{name: snippet[name] for name in Batch._fields if name != "valid"}, valid=valid.float())
 
     def state_dict(self) -> dict:
-        return {"pos": self.pos, "size": self.size, "data": {k: v[: self.size] for k, v in self.data.items()}}
+        # clone: a saved slice would carry its whole preallocated storage into resume.pt
+        return {"pos": self.pos, "size": self.size, "data": {k: v[: self.size].clone() for k, v in self.data.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.pos, self.size = state["pos"], state["size"]
         for name, column in self.data.items():
             column[: self.size] = state["data"][name].to(column.device)
-        # The saving run stopped mid-episode and a resumed run starts fresh episodes, so the
-        # newest row ends its snippets (as a truncation would: it still bootstraps).
-        if self.size:
+        if self.size:  # the saving run stopped mid-episode and a resumed run starts afresh: a truncation, bootstrapped
             self.data["ended"][(self.pos - 1) % self.rows] = 1.0
 
 
-# == 6. Algorithm ======================================================================
+# == 4. Algorithm ==========================================================================================
 DUAL_MIN = 1e-8  # added to softplus in dual_variable, so that eta and alpha stay positive (ACME)
 LOG_DUAL_MIN = -18.0  # lower clamp of the dual parameters after each step (ACME's clamp)
 
 
-def gaussian_log_prob(actions: torch.Tensor, mean: torch.Tensor, scale_tril: torch.Tensor) -> torch.Tensor:
-    """log N(a; mean, L L^T) = -|L^-1 (a - mean)|^2 / 2 - sum_i log L_ii - A log(2 pi) / 2.
-
-    The Gaussian policy of [MPO App. D] with Sigma = L L^T. One triangular solve per state
-    serves all M actions of that state.
-    Shapes: actions [B, M, A]; mean [B, A]; scale_tril L [B, A, A] (lower triangular, positive
-    diagonal); returns [B, M].
-    """
+def gaussian_log_prob(actions: Tensor, mean: Tensor, scale_tril: Tensor) -> Tensor:
+    """log N(a; mean, L L^T) = -|L^-1 (a - mean)|^2 / 2 - sum_i log L_ii - A log(2 pi) / 2, the policy of [MPO App. D]
+    with Sigma = L L^T; one triangular solve per state serves its M actions. Shapes: actions [B, M, A]; mean [B, A];
+    scale_tril L [B, A, A] (lower triangular, positive diagonal); returns [B, M]."""
     diff = (actions - mean.unsqueeze(-2)).transpose(-2, -1)  # [B, A, M]
     z = torch.linalg.solve_triangular(scale_tril, diff, upper=False)  # [B, A, M]
     log_det = scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1, keepdim=True)  # [B, 1]
     return -0.5 * z.pow(2).sum(-2) - log_det - 0.5 * mean.shape[-1] * float(np.log(2 * np.pi))
 
 
-def gaussian_kl_decoupled(
-    mean_old: torch.Tensor, scale_tril_old: torch.Tensor, mean: torch.Tensor, scale_tril: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """KL(pi_old || pi) of two Gaussians split into a mean and a covariance part [MPO App. D,
-    eq. 27], KL = C_mean + C_cov:
+def gaussian_kl_decoupled(mean_old: Tensor, scale_tril_old: Tensor, mean: Tensor, scale_tril: Tensor) -> tuple[Tensor, Tensor]:
+    """KL(pi_old || pi) of two Gaussians split into a mean and a covariance part [MPO App. D, eq. 27], KL = C_mean + C_cov:
         C_mean = (mean - mean_old)^T Sigma^-1 (mean - mean_old) / 2,
         C_cov  = (tr(Sigma^-1 Sigma_old) - A + log(|Sigma| / |Sigma_old|)) / 2,
-    with Sigma = L L^T the online and Sigma_old the old (target) covariance. The extracted paper
-    text prints the two labels swapped; this is the assignment that makes "mean" and "cov"
-    mean what they say. (ACME puts Sigma_old into C_mean instead, which decouples the gradients
-    fully but makes the sum differ from the KL once Sigma moves; we keep the paper's exact sum.)
+    with Sigma = L L^T the online and Sigma_old the old (target) covariance: C_mean moves with the mean only, C_cov with
+    the covariance only (ACME's C_mean uses Sigma_old: fully decoupled gradients, but a sum that is not the KL).
     Symbols: mu_i, Sigma_i = mean_old, L_old L_old^T; mu, Sigma = mean, L L^T; n = A.
-    Shapes: mean_old, mean [B, A]; scale_tril_old, scale_tril [B, A, A]; returns two [B].
-    """
+    Shapes: mean_old, mean [B, A]; scale_tril_old, scale_tril [B, A, A]; returns two [B]."""
     diff = (mean - mean_old).unsqueeze(-1)  # [B, A, 1]
     # |L^-1 (mean - mean_old)|^2 is the Mahalanobis term, |L^-1 L_old|_F^2 = tr(Sigma^-1 Sigma_old)
-    whitened = torch.linalg.solve_triangular(
-        scale_tril, torch.cat([diff, scale_tril_old], dim=-1), upper=False
-    )  # [B, A, 1 + A]
-    log_det_ratio = 2 * (scale_tril.diagonal(dim1=-2, dim2=-1).log() - scale_tril_old.diagonal(dim1=-2, dim2=-1).log()).sum(
-        -1
-    )  # log |Sigma| / |Sigma_old|
-    kl_mean = 0.5 * whitened[..., 0].pow(2).sum(-1)
+    whitened = torch.linalg.solve_triangular(scale_tril, torch.cat([diff, scale_tril_old], dim=-1), upper=False)
+    log_diagonals = scale_tril.diagonal(dim1=-2, dim2=-1).log() - scale_tril_old.diagonal(dim1=-2, dim2=-1).log()
+    log_det_ratio = 2 * log_diagonals.sum(-1)  # log |Sigma| / |Sigma_old|
+    kl_mean = 0.5 * whitened[..., 0].pow(2).sum(-1)  # whitened [B, A, 1 + A]
     kl_cov = 0.5 * (whitened[..., 1:].pow(2).sum((-2, -1)) - mean.shape[-1] + log_det_ratio)
     return kl_mean, kl_cov
 
 
-def categorical_kl(logits_old: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(pi_old || pi) = sum_a pi_old(a) (log pi_old(a) - log pi(a)) [MPO eq. 12, App. B].
-
-    Shapes: logits_old, logits [B, n]; returns [B].
-    """
-    log_p_old = logits_old.log_softmax(-1)
-    return (log_p_old.exp() * (log_p_old - logits.log_softmax(-1))).sum(-1)
-
-
-def temperature_dual(eta: torch.Tensor, q: torch.Tensor, log_prior: torch.Tensor, epsilon: float) -> torch.Tensor:
+def temperature_dual(eta: Tensor, q: Tensor, log_prior: Tensor, epsilon: float) -> Tensor:
     """The convex dual of the E-step (eq. 7), estimated on each state's candidate actions:
         g(eta) = eta epsilon + eta mean_s log sum_j prior_j exp(Q(s, a_j) / eta)
-    [MPO eq. 9, App. D.2]. prior_j is 1/M for M samples of pi_old and pi_old(a_j|s) for the
-    enumerated actions of a categorical policy. The extracted text lost the epsilon ("g(eta) =
-    eta + ..."); the Lagrangian of App. D.2, eta (epsilon - KL), has it. dg/deta = epsilon -
-    mean_s KL(q || pi_old), so the minimiser puts the E-step's KL at epsilon.
-    Symbols: eta = eta (temperature), Q = q (target critic, no gradient), epsilon = epsilon.
-    Shapes: eta scalar; q, log_prior [B, M]; returns a scalar.
-    """
+    [MPO eq. 9, App. D.2], prior_j = 1/M for M samples of pi_old, pi_old(a_j|s) for all actions of a categorical policy.
+    The epsilon is the Lagrangian's, eta (epsilon - KL) of App. D.2: dg/deta = epsilon - mean_s KL(q || pi_old), so the
+    minimiser puts the E-step's KL at epsilon. Symbols: eta = eta (temperature), Q = q (target critic, no gradient),
+    epsilon = epsilon. Shapes: eta scalar; q, log_prior [B, M]; returns a scalar."""
     return eta * epsilon + eta * torch.logsumexp(q / eta + log_prior, dim=-1).mean()
 
 
-def e_step_weights(q: torch.Tensor, eta: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
+def e_step_weights(q: Tensor, eta: Tensor, log_prior: Tensor) -> Tensor:
     """The non-parametric E-step solution on the candidates, normalised per state:
         q(a_j|s) = prior_j exp(Q(s, a_j) / eta) / sum_k prior_k exp(Q(s, a_k) / eta)
-    [MPO eq. 8: q_i(a|s) proportional to pi(a|s, theta_i) exp(Q_theta_i(s, a) / eta*)].
-    Symbols as in temperature_dual. Shapes: q, log_prior [B, M]; eta scalar; returns [B, M].
-    """
+    [MPO eq. 8: q_i(a|s) proportional to pi(a|s, theta_i) exp(Q_theta_i(s, a) / eta*)]. Symbols as in temperature_dual.
+    Shapes: q, log_prior [B, M]; eta scalar; returns [B, M]."""
     return torch.softmax(q / eta + log_prior, dim=-1)
 
 
-def dual_variable(log_dual: torch.Tensor) -> torch.Tensor:
-    """A positive dual variable (eta, alpha_mean, alpha_cov) from its parameter:
-        eta = softplus(log_eta) + DUAL_MIN
-    as in [ACME], which also calls the parameters log_* though softplus, not exp, maps them.
-    A multiplier then grows at most linearly while its bound is violated; with exp it grows
-    exponentially (alpha_cov reached 1e23 on HalfCheetah-v5 here, and Adam's second moment of
-    its gradient overflowed to inf, freezing it). Shapes: any; returns the same shape.
-    """
+def dual_variable(log_dual: Tensor) -> Tensor:
+    """A positive dual variable (eta, alpha_mean, alpha_cov) from its parameter: eta = softplus(log_eta) + DUAL_MIN, as in
+    [ACME], which also calls the parameters log_*. A multiplier then grows at most linearly while its bound is violated
+    (with exp, exponentially, until Adam's second moment overflows). Shapes: any; returns the same shape."""
     return F.softplus(log_dual) + DUAL_MIN
 
 
-def kl_penalty(kl: torch.Tensor, alpha: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Lagrangian term alpha (epsilon - E_s KL) of the M-step [MPO App. D.3], split for
-    simultaneous gradient steps: the policy minimises sg(alpha) E_s KL, the multiplier
-    minimises alpha (epsilon - sg(E_s KL)), so alpha grows while the bound is violated.
-    Symbols: eta_mu / eta_Sigma of App. D.3 = alpha (alpha_mean / alpha_cov here, as eta is the
-    E-step's temperature), epsilon_mu / epsilon_Sigma = epsilon, C_mu / C_Sigma = kl.
-    Shapes: kl [B]; alpha scalar; returns (policy term, multiplier loss), two scalars.
-    """
+def log_dual(init: float, device: torch.device) -> Tensor:
+    """The trainable parameter whose dual_variable is init: the inverse softplus, written stably."""
+    value = max(init - DUAL_MIN, DUAL_MIN)
+    return torch.tensor(value + np.log(-np.expm1(-value)), device=device, requires_grad=True)
+
+
+def kl_penalty(kl: Tensor, alpha: Tensor, epsilon: float) -> tuple[Tensor, Tensor]:
+    """The Lagrangian term alpha (epsilon - E_s KL) of the M-step [MPO App. D.3], split for simultaneous gradient steps:
+    the policy minimises sg(alpha) E_s KL, the multiplier alpha (epsilon - sg(E_s KL)), so alpha grows while the bound is
+    violated. Symbols: eta_mu / eta_Sigma of App. D.3 = alpha (alpha_mean / alpha_cov here, as eta is the E-step's
+    temperature), epsilon_mu / epsilon_Sigma = epsilon, C_mu / C_Sigma = kl. Shapes: kl [B]; alpha scalar; returns
+    (policy term, multiplier loss), two scalars."""
     kl = kl.mean()
     return alpha.detach() * kl, alpha * (epsilon - kl.detach())
 
 
 def retrace_target(
-    rewards: torch.Tensor,
-    terminated: torch.Tensor,
-    valid: torch.Tensor,
-    q_taken: torch.Tensor,
-    next_v: torch.Tensor,
-    traces: torch.Tensor,
-    gamma: float,
-) -> torch.Tensor:
-    """Retrace targets for every step of the snippets [MPO eq. 13], by the backward recursion
-        Q_ret(s_k, a_k) = r_k + gamma (1 - terminated_k) [V'(s'_k)
-                          + c_{k+1} (Q_ret(s_{k+1}, a_{k+1}) - Q'(s_{k+1}, a_{k+1}))],
-    with c_{k+1} = 0 where the snippet stops (after T steps: the paper's truncation by
-    bootstrapping with Q'; after an episode end; at the newest data). Unrolled:
-        Q_ret(s_0, a_0) = Q'(s_0, a_0) + sum_j gamma^j (prod_{k=1..j} c_k)
-                          [r_j + gamma V'(s_{j+1}) - Q'(s_j, a_j)]
-    (eq. 13; the extracted text dropped the gamma before E_pi, standard Retrace has it).
-    Symbols: c_k = traces = lambda min(1, pi(a_k|s_k) / b(a_k|s_k)); Q' = q_taken, the target
-    critic at the stored actions; V'(s') = next_v = E_{a ~ pi} Q'(s', a) at next_obs.
-    Shapes: all inputs [B, T]; returns [B, T], 0 where valid is 0.
-    """
+    rewards: Tensor, terminated: Tensor, valid: Tensor, q_taken: Tensor, next_v: Tensor, traces: Tensor, gamma: float
+) -> Tensor:
+    """Retrace targets for every step of the snippets [MPO eq. 13, with the gamma before E_pi of [Retrace]], by the recursion
+        Q_ret(s_k, a_k) = r_k + gamma (1 - terminated_k) [V'(s'_k) + c_{k+1} (Q_ret(s_{k+1}, a_{k+1}) - Q'(s_{k+1}, a_{k+1}))],
+    c_{k+1} = 0 where the snippet stops (after T steps: eq. 13's bootstrap with Q'; after an episode end; at the newest
+    data); unrolled, step 2 of the module docstring. Symbols: c_k = traces = lambda min(1, pi(a_k|s_k) / b(a_k|s_k)); Q' =
+    q_taken, the target critic at the stored actions; V'(s') = next_v = E_{a ~ pi} Q'(s', a) at next_obs.
+    Shapes: all inputs [B, T]; returns [B, T], 0 where valid is 0."""
     targets = []
     correction = torch.zeros_like(rewards[:, 0])  # c_{k+1} (Q_ret - Q') at step k + 1
     for k in reversed(range(rewards.shape[1])):
@@ -663,37 +455,31 @@ def retrace_target(
     return torch.stack(targets[::-1], dim=1)
 
 
-# == 7. Updates ========================================================================
-VALUE_CHUNK = 64  # states per target-critic call for V' on a CPU (measured: 64 x M=20 is fast)
+# == 5. Updates ============================================================================================
+Actor = GaussianActor | CategoricalActor
+VALUE_CHUNK = 64  # states per target-critic call for V' on a CPU (64 states x M = 20 actions is fast)
 
 
 def update_critic(
     actor_target: Actor,
     critic: Critic,
     critic_target: Critic,
-    critic_opt: torch.optim.Optimizer,
+    critic_opt: Optimizer,
     batch: Batch,
     gamma: float,
     retrace_lambda: float,
     num_samples: int,
-) -> dict[str, torch.Tensor]:
-    """One Adam step on (Q(s_0, a_0) - Q_ret)^2 / 2 [MPO Sec. 4], Q_ret from the target
-    networks. Retrace evaluates the policy the E-step scores, pi' (actor_target), as ACME does."""
+) -> dict[str, Tensor]:
+    """One Adam step on (Q(s_0, a_0) - Q_ret)^2 / 2 [MPO Sec. 4], Q_ret from the targets: pi' as in the E-step (ACME)."""
     with torch.no_grad():
-        obs, next_obs = batch.obs.flatten(0, 1), batch.next_obs.flatten(0, 1)  # [B T, O]
-        actions = batch.actions.flatten(0, 1)  # [B T, A]
+        obs, next_obs, actions = (x.flatten(0, 1) for x in (batch.obs, batch.next_obs, batch.actions))  # [B T, O or A]
         # [MPO eq. 13] c_k = lambda min(1, pi(a_k|s_k) / b(a_k|s_k)), b stored at acting time
         log_pi = actor_target.log_prob(actor_target(obs), actions.unsqueeze(1))  # [B T, 1]
-        ratio = (log_pi.view_as(batch.rewards) - batch.behaviour_log_prob).clamp(max=0.0).exp()
-        traces = retrace_lambda * ratio  # [B, T]
-        # V'(s') = E_{a ~ pi} Q'(s', a): M samples, or all actions weighted by pi when discrete.
-        # On a CPU in chunks of states: the [B T, M, H] activations in one piece are tens of MB,
-        # which glibc maps and unmaps on every call (page faults took 40% of an update here).
-        chunk = VALUE_CHUNK if next_obs.device.type == "cpu" else len(next_obs)
+        traces = retrace_lambda * (log_pi.view_as(batch.rewards) - batch.behaviour_log_prob).clamp(max=0.0).exp()  # [B, T]
+        # V'(s') = E_{a ~ pi} Q'(s', a): M samples, or all actions weighted by pi if discrete; in chunks on a CPU (page faults)
         next_v = []
-        for next_obs_chunk in next_obs.split(chunk):  # [chunk, O]
-            params = actor_target(next_obs_chunk)
-            next_actions, log_prior = actor_target.candidates(params, num_samples)  # [chunk, M, A]
+        for next_obs_chunk in next_obs.split(VALUE_CHUNK if next_obs.device.type == "cpu" else len(next_obs)):  # [chunk, O]
+            next_actions, log_prior = actor_target.candidates(actor_target(next_obs_chunk), num_samples)  # [chunk, M, A]
             next_q = critic_target(next_obs_chunk.unsqueeze(1), actor_target.critic_input(next_actions))  # [chunk, M]
             next_v.append((log_prior.exp() * next_q).sum(-1))
         next_v = torch.cat(next_v).view_as(batch.rewards)  # [B, T]
@@ -704,31 +490,27 @@ def update_critic(
     critic_opt.zero_grad(set_to_none=True)
     loss.backward()
     critic_opt.step()
-    return {
-        "losses/q": loss.detach(),
-        "stats/q_mean": q.detach().mean(),
-        "stats/trace": (traces * batch.valid).sum() / batch.valid.sum(),
-    }
+    trace = (traces * batch.valid).sum() / batch.valid.sum()
+    return {"losses/q": loss.detach(), "stats/q_mean": q.detach().mean(), "stats/trace": trace}
 
 
 def update_policy(
     actor: Actor,
     actor_target: Actor,
     critic_target: Critic,
-    actor_opt: torch.optim.Optimizer,
-    dual_opt: torch.optim.Optimizer,
-    log_eta: torch.Tensor,
-    log_alpha_mean: torch.Tensor,
-    log_alpha_cov: torch.Tensor,
-    obs: torch.Tensor,
+    actor_opt: Optimizer,
+    dual_opt: Optimizer,
+    log_eta: Tensor,
+    log_alpha_mean: Tensor,
+    log_alpha_cov: Tensor,
+    obs: Tensor,
     num_samples: int,
     epsilon: float,
     epsilon_mean: float,
     epsilon_cov: float,
-) -> dict[str, torch.Tensor]:
-    """One E-step and one M-step as simultaneous gradient steps [MPO Alg. 2, lines 15-20]:
-    eta on the dual g(eta), the policy on the weighted likelihood plus the KL penalties, and
-    the multipliers on alpha (epsilon - C); then the duals are clamped from below."""
+) -> dict[str, Tensor]:
+    """One E-step and one M-step as simultaneous gradient steps [MPO Alg. 2, lines 15-20]: eta on g(eta), the policy on
+    the weighted likelihood plus the KL penalties, the multipliers on alpha (epsilon - C); then the duals are clamped."""
     with torch.no_grad():
         params_old = actor_target(obs)
         actions, log_prior = actor_target.candidates(params_old, num_samples)  # [B, M, A]
@@ -737,8 +519,7 @@ def update_policy(
     eta = dual_variable(log_eta)
     eta_loss = temperature_dual(eta, q, log_prior, epsilon)
     weights = e_step_weights(q, eta.detach(), log_prior)  # [B, M]
-    # M-step [MPO eq. 10, 12]: weighted maximum likelihood of the candidate actions under the
-    # decoupled KL bounds to pi' [MPO App. D.3]
+    # M-step [MPO eq. 10, 12]: weighted maximum likelihood of the candidates under the decoupled KL bounds [MPO App. D.3]
     params = actor(obs)
     policy_loss = -(weights * actor.log_prob(params, actions)).sum(-1).mean()
     kl_mean, kl_cov = actor.kl_terms(params_old, params)  # [B] each; no kl_cov when discrete
@@ -750,76 +531,245 @@ def update_policy(
         penalty, alpha_loss = penalty + penalty_cov, alpha_loss + alpha_loss_cov
         metrics.update({"stats/kl_cov": kl_cov.detach().mean(), "stats/alpha_cov": alpha_cov.detach()})
     dual_loss = eta_loss + alpha_loss
-    # disjoint parameters: one backward serves the policy and the dual steps
     actor_opt.zero_grad(set_to_none=True)
     dual_opt.zero_grad(set_to_none=True)
-    (policy_loss + penalty + dual_loss).backward()
+    (policy_loss + penalty + dual_loss).backward()  # disjoint parameters: one backward serves the policy and dual steps
     actor_opt.step()
     dual_opt.step()
     with torch.no_grad():
-        for log_dual in (log_eta, log_alpha_mean, log_alpha_cov):
-            log_dual.clamp_(min=LOG_DUAL_MIN)
-    kl_q = (torch.xlogy(weights, weights) - weights * log_prior).sum(-1).mean()  # KL(q || pi')
-    metrics.update(
-        {
-            "losses/policy": policy_loss.detach(),
-            "losses/dual": dual_loss.detach(),
-            "stats/eta": eta.detach(),
-            "stats/kl_q": kl_q,
-            "stats/entropy": actor.entropy(params).detach().mean(),
-        }
-    )
+        for parameter in (log_eta, log_alpha_mean, log_alpha_cov):
+            parameter.clamp_(min=LOG_DUAL_MIN)
+    metrics.update({"losses/policy": policy_loss.detach(), "losses/dual": dual_loss.detach(), "stats/eta": eta.detach()})
+    metrics["stats/kl_q"] = (torch.xlogy(weights, weights) - weights * log_prior).sum(-1).mean()  # KL(q || pi')
+    metrics["stats/entropy"] = actor.entropy(params).detach().mean()
     return metrics
 
 
-# == 8. Evaluation =====================================================================
-def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int) -> list[float]:
-    """Undiscounted returns of `episodes` episodes of act(obs) -> action, reset with seed + i."""
+# == 6. Training ===========================================================================================
+def train(args: Args) -> dict:
+    """Train MPO; returns the final metrics, counters and the run directory."""
+    device = setup(args)  # seeds, torch threads, device
+    # -- environments
+    envs = make_vec_env(args.env, args.num_envs)
+    obs_dim, action_space = envs.single_observation_space.shape[0], envs.single_action_space
+    # -- networks and optimizers
+    policy = (obs_dim, action_space, args.policy_hidden_sizes, args.activation, args.layer_norm)
+    if isinstance(action_space, gym.spaces.Discrete):
+        actor, actor_target = CategoricalActor(*policy).to(device), CategoricalActor(*policy).to(device)
+    else:
+        actor, actor_target = (GaussianActor(*policy, args.full_covariance).to(device) for _ in range(2))
+    actor_target.load_state_dict(actor.state_dict())
+    actor_target.requires_grad_(False)
+    value = (obs_dim, actor.critic_action_dim, args.critic_hidden_sizes, args.activation, args.layer_norm)
+    critic, critic_target = Critic(*value).to(device), Critic(*value).to(device)
+    critic_target.load_state_dict(critic.state_dict())
+    critic_target.requires_grad_(False)
+    log_eta = log_dual(args.eta_init, device)
+    log_alpha_mean, log_alpha_cov = log_dual(args.alpha_mean_init, device), log_dual(args.alpha_cov_init, device)
+    duals = dict(log_eta=log_eta, log_alpha_mean=log_alpha_mean, log_alpha_cov=log_alpha_cov)
+    # fused Adam: one kernel per step for all parameters instead of several per tensor
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, fused=True)
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.q_lr, fused=True)
+    dual_opt = torch.optim.Adam([log_eta, log_alpha_mean, log_alpha_cov], lr=args.dual_lr, fused=True)
+    # the updates' arguments besides the batch
+    retrace = (args.gamma, args.retrace_lambda, args.num_samples)
+    policy_step = (actor, actor_target, critic_target, actor_opt, dual_opt, log_eta, log_alpha_mean, log_alpha_cov)
+    bounds = (args.num_samples, args.epsilon, args.epsilon_mean, args.epsilon_cov)
+    # -- storage
+    replay = SnippetReplay(args.buffer_size, args.num_envs, obs_dim, actor.action_dim, args.retrace_steps, device)
+    # -- run: directory, logging, evaluation, saving, resume (below the fence)
+    model = dict(actor=actor, actor_target=actor_target, critic=critic, critic_target=critic_target, **duals)
+    train_state = dict(actor_opt=actor_opt, critic_opt=critic_opt, dual_opt=dual_opt, replay=replay)
+    run = Run(args, envs, model=model, train_state=train_state, act=actor.deterministic)
+    if args.eval_only:
+        return run.evaluate_only()
+    global_step, num_updates = run.start()
+    obs, _ = envs.reset(seed=args.seed + global_step)  # a resumed run starts fresh episodes
+    while global_step < args.total_steps:
+        # act: pi from the first step (no uniform warm-up), so b(a|s) is known for every action
+        with torch.no_grad():
+            actions, log_probs = actor.sample(torch.as_tensor(obs, dtype=torch.float32, device=device))
+        # step: the env executes the action clipped to its bounds; the replay keeps the sample
+        next_obs, rewards, terminated, truncated, infos = envs.step(actor.env_action(actions).cpu().numpy())
+        global_step += args.num_envs
+        run.add_episodes(global_step, infos)
+        # store: an ended episode's true last observation, never the next episode's first
+        ended, real_next_obs = terminated | truncated, next_obs.copy()
+        for i in np.flatnonzero(ended):
+            real_next_obs[i] = infos["final_obs"][i]
+        replay.add(obs, actions, log_probs, rewards, real_next_obs, terminated, ended)  # in the order of COLUMNS
+        obs = next_obs
+        # update: one critic step, E-step and M-step per environment step
+        if global_step >= args.learning_starts:
+            for _ in range(args.num_envs):
+                batch = replay.sample(args.batch_size)
+                metrics = update_critic(actor_target, critic, critic_target, critic_opt, batch, *retrace)
+                metrics.update(update_policy(*policy_step, batch.obs[:, 0], *bounds))
+                run.add_metrics(metrics)
+                num_updates += 1
+                if num_updates % args.target_network_frequency == 0:  # [MPO Alg. 2, line 25] pi' <- pi (the M-step's), Q' <- Q
+                    actor_target.load_state_dict(actor.state_dict())
+                    critic_target.load_state_dict(critic.state_dict())
+        run.step(global_step, num_updates)  # log, evaluate and save as scheduled; stop on a signal
+    return run.finish(global_step, num_updates)
+
+
+# ======== run plumbing below: identical in every file, not needed to read the algorithm ========
+import dataclasses
+import difflib
+import importlib
+import json
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+CHECKPOINT_FORMAT = 2  # 2: model and training state saved by name
+
+
+class UsageError(Exception):
+    """Bad user input: `main` prints it as one line on stderr and returns 2."""
+
+
+class Stopped(Exception):
+    """Stopped(message, exit code): a SIGINT or SIGTERM ended training after resume.pt was written."""
+
+
+def check_args(args: Args) -> None:
+    """Raise UsageError with the first failed check: the shared arguments', then the algorithm's."""
+    positive = min(args.total_steps, args.num_envs, args.threads, args.log_every, args.eval_episodes) > 0
+    checks = [
+        (positive, "--total-steps, --num-envs, --threads, --log-every and --eval-episodes must be positive"),
+        (min(args.eval_every, args.checkpoint_every) >= 0, "--eval-every and --checkpoint-every must be >= 0"),
+        (args.checkpoint is not None or not args.eval_only, "--eval-only needs --checkpoint PATH"),
+        (args.resume is None or args.checkpoint is None, "give either --resume or --checkpoint, not both"),
+        (not os.path.exists(args.log_dir) or os.path.isdir(args.log_dir), f"--log-dir {args.log_dir} is not a directory"),
+        (not args.cuda or torch.cuda.is_available(), "--cuda was given but torch sees no CUDA device"),
+        *algorithm_checks(args),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
+def make_env(env_id: str, render_mode: str | None = None) -> gym.Env:
+    """One gymnasium env whose spaces this algorithm takes; `module:Env-v0` imports `module` first (an env it
+    registers). An unknown id, a module that fails to import or a missing dependency is a UsageError."""
+    module, _, name = env_id.rpartition(":")
+    try:
+        importlib.import_module(module) if module else None
+    except Exception as e:  # noqa: BLE001 (whatever the user's module raises: one line)
+        raise UsageError(f"cannot import {module} for --env {env_id}: {type(e).__name__}: {e}") from None
+    if name not in gym.registry:
+        close = difflib.get_close_matches(name, list(gym.registry), n=3, cutoff=0.6)
+        raise UsageError(f"unknown env id {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    try:
+        env = gym.make(name, **({} if render_mode is None else {"render_mode": render_mode}))
+    except gym.error.DependencyNotInstalled as e:
+        raise UsageError(f"{name} needs a package that is not installed: {e}") from None
+    space, needs = env.action_space, " or ".join(space.__name__ for space in ACTION_SPACES)
+    if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
+        raise UsageError(f"{name} has observation space {env.observation_space}; {ALGO} needs a flat Box")
+    if not isinstance(space, ACTION_SPACES) or (isinstance(space, gym.spaces.Box) and not space.is_bounded()):
+        raise UsageError(f"{name} has the action space {space}; {ALGO} needs a {needs} (a bounded one if a Box)")
+    return env
+
+
+def make_vec_env(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
+    """Training envs, SAME_STEP autoreset: an ended episode's last observation is in infos["final_obs"] and
+    the returned observation starts the next one; its return and length are in infos["episode"]."""
+    envs = [lambda: make_env(env_id) for _ in range(num_envs)]
+    envs = gym.vector.SyncVectorEnv(envs, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    return gym.wrappers.vector.RecordEpisodeStatistics(envs)
+
+
+def make_eval_env(env_id: str, video_dir: str | None, episodes: int) -> gym.Env:
+    """The evaluation env; with video_dir, the first of every `episodes` episodes is recorded there, or,
+    where rendering cannot start, one line is printed and the run goes on without."""
+    if video_dir is None:
+        return make_env(env_id)
+    os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo rendering
+    env = make_env(env_id, "rgb_array")
+    try:
+        env.reset(seed=0)
+        env.render()  # fails here without a GL backend
+        trigger = lambda episode: episode % episodes == 0
+        return gym.wrappers.RecordVideo(env, video_dir, episode_trigger=trigger, name_prefix="eval")
+    except Exception as e:  # noqa: BLE001 (no GL backend, moviepy missing, ...)
+        print(f"video capture disabled: {type(e).__name__}: {e}".splitlines()[0], flush=True)
+        env.close()
+        return make_env(env_id)
+
+
+@torch.no_grad()
+def evaluate(act: Callable[[Tensor], Tensor], env: gym.Env, episodes: int, seed: int, device: torch.device) -> list[float]:
+    """Undiscounted returns of `episodes` episodes of the deterministic act(obs) -> action, reset with seed + i."""
     returns = []
     for i in range(episodes):
-        obs, _ = env.reset(seed=seed + i)
-        total, done = 0.0, False
+        (obs, _), total, done = env.reset(seed=seed + i), 0.0, False
         while not done:
-            obs, reward, terminated, truncated, _ = env.step(act(obs))
-            total += float(reward)
-            done = terminated or truncated
+            action = act(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total, done = total + float(reward), terminated or truncated
         returns.append(total)
     return returns
 
 
-# == 9. Checkpoints ====================================================================
-def save_checkpoint(path: str, payload: dict) -> None:
-    """torch.save to a temporary file, then rename: a killed run never leaves a broken file."""
-    tmp = f"{path}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str, env: str | None = None, device: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint of this algorithm (and of `env`, when given) with weights_only=True."""
+def load_checkpoint(path: str, env: str | None = None, training: bool = False) -> dict:
+    """A checkpoint of this algorithm (of `env`, and with training state, if asked), read with weights_only."""
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint not found: {path}")
     try:
-        payload = torch.load(path, map_location=device, weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 (whatever makes the file unreadable: one clear line)
-        raise UsageError(f"cannot read checkpoint {path}: {type(e).__name__}") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"{path} is not a checkpoint of this repository (format {CHECKPOINT_FORMAT})")
-    if payload["algo"] != ALGO:
-        raise UsageError(f"{path} is a {payload['algo']} checkpoint, not {ALGO}")
-    if env is not None and payload["env"] != env:
-        raise UsageError(f"{path} was trained on {payload['env']}, not {env}")
+        reason = f"{type(e).__name__}: {e}".splitlines()[0][:160]
+        raise UsageError(f"cannot read checkpoint {path}: truncated, corrupted or not a torch file ({reason})") from None
+    payload = payload if isinstance(payload, dict) else {}
+    problems = [
+        (not {"format", "algo", "env", "args", "state"} <= payload.keys(), "is not a checkpoint of this repository"),
+        (
+            payload.get("format") != CHECKPOINT_FORMAT,
+            f"has format {payload.get('format')}; this file reads {CHECKPOINT_FORMAT}",
+        ),
+        (payload.get("algo") != ALGO, f"is a {payload.get('algo')} checkpoint, not {ALGO}"),
+        (env is not None and payload.get("env") != env, f"was trained on {payload.get('env')}, not {env}"),
+        (training and "train" not in payload, "holds no training state (a model.pt?): give it to --checkpoint to fine-tune"),
+    ]
+    for problem, message in problems:
+        if problem:
+            raise UsageError(f"{path} {message}")
     return payload
 
 
+def state_of(things: dict) -> dict:
+    """The saved form of modules, optimizers and storage (their state_dict) and of tensors, by name."""
+    return {k: v.detach() if isinstance(v, Tensor) else v.state_dict() for k, v in things.items() if v is not None}
+
+
+def load_state(things: dict, state: dict, path: str) -> None:
+    """Load `state_of`'s output back in place; a checkpoint that does not fit is a UsageError."""
+    try:
+        for k, v in things.items():
+            if isinstance(v, Tensor):
+                v.data.copy_(state[k])
+            elif v is not None:
+                v.load_state_dict(state[k])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise UsageError(f"{path} does not fit this run's networks: {str(e).splitlines()[0][:160]}") from None
+
+
 def rng_state() -> dict:
-    """Python, numpy and torch random states as plain values and tensors."""
+    """Python, numpy and torch random states as plain values and tensors (torch.load's weights_only)."""
     kind, key, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss],
-        "torch": torch.get_rng_state(),
-    }
+    numpy = [kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss]
+    return {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
 
 
 def set_rng_state(state: dict) -> None:
@@ -829,62 +779,98 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-# == 10. Training ======================================================================
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def setup(args: Args) -> torch.device:
+    """Seed python, numpy and torch, set torch's CPU threads, and return the device."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    return torch.device("cuda" if args.cuda else "cpu")
 
 
-def open_run(args: Args) -> tuple[str, SummaryWriter]:
-    """The run directory (a new one, or the resumed run's) and its tensorboard writer."""
-    if args.resume is not None:
-        run_dir = os.path.dirname(os.path.abspath(args.resume))
-    else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = os.path.join(args.log_dir, f"{args.env}__{ALGO}__{args.seed}__{stamp}")
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=2)
-    writer = SummaryWriter(run_dir)
-    table = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
-    writer.add_text("args", f"|argument|value|\n|-|-|\n{table}")
-    return run_dir, writer
+class Run:
+    """Everything around `train`'s loop: run directory, tensorboard, progress line, evaluation and saving as
+    scheduled, --resume, --checkpoint (fine-tuning or --eval-only), SIGINT and SIGTERM, final evaluation.
 
+    model: what model.pt saves; train_state: what resume.pt adds (optimizers, storage, statistics); both by
+    name, as modules, tensors or objects with state_dict. act: obs -> deterministic action, for evaluation."""
 
-def saved_args(args: Args) -> dict:
-    """Arguments stored in a checkpoint: the run's settings without the load/resume paths."""
-    return dataclasses.asdict(dataclasses.replace(args, checkpoint=None, resume=None, eval_only=False))
+    def __init__(self, args: Args, envs: gym.vector.VectorEnv, model: dict, train_state: dict, act: Callable):
+        self.args, self.envs, self.model, self.train_state, self.act = args, envs, model, train_state, act
+        self.device = torch.device("cuda" if args.cuda else "cpu")
+        self.sums, self.counts, self.returns, self.eval_return, self.eval_step = {}, {}, [], float("nan"), None
+        self.writer, self.eval_env, self.stop_signal, self.handlers = None, None, None, {}
+        if args.checkpoint is not None:
+            load_state(model, load_checkpoint(args.checkpoint, args.env)["state"], args.checkpoint)
 
+    def start(self) -> tuple[int, int]:
+        """Open the run directory (new, or the resumed run's), restore --resume, catch SIGINT and SIGTERM;
+        return (global_step, num_updates)."""
+        args, global_step, num_updates = self.args, 0, 0
+        self.run_dir = os.path.join(args.log_dir, f"{args.env}__{ALGO}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+        if args.resume is not None:
+            saved = load_checkpoint(args.resume, args.env, training=True)
+            load_state(self.model, saved["state"], args.resume)
+            load_state(self.train_state, saved["train"], args.resume)
+            set_rng_state(saved["train"]["rng"])
+            global_step, num_updates = saved["global_step"], saved["train"]["num_updates"]
+            self.run_dir = os.path.dirname(os.path.abspath(args.resume))
+        elif args.checkpoint is not None:
+            print(f"fine-tuning {args.checkpoint}: its weights; optimizers, storage and step count start afresh")
+        try:  # a resumed run records its new arguments (a longer --total-steps, say)
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "args.json"), "w") as f:
+                json.dump(dataclasses.asdict(args), f, indent=2)
+        except OSError as e:
+            raise UsageError(f"cannot write the run directory {self.run_dir}: {e.strerror}") from None
+        self.writer = SummaryWriter(self.run_dir)
+        table = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
+        self.writer.add_text("args", f"|argument|value|\n|-|-|\n{table}")
+        video_dir = os.path.join(self.run_dir, "videos") if args.capture_video else None
+        self.eval_env = make_eval_env(args.env, video_dir, args.eval_episodes)
+        self.last = (time.perf_counter(), global_step, num_updates)
+        self.next_log, self.next_eval, self.next_save = (
+            global_step + n for n in (args.log_every, args.eval_every, args.checkpoint_every)
+        )
+        for sig in (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ():
+            # stop at the end of this step, after writing resume.pt
+            self.handlers[sig] = signal.signal(sig, lambda signum, frame: setattr(self, "stop_signal", signum))
+        return global_step, num_updates
 
-class Progress:
-    """Sums metric tensors between log lines (no host sync per step) and writes the log line."""
-
-    def __init__(self, writer: SummaryWriter, start_step: int, start_updates: int):
-        self.writer, self.sums, self.counts = writer, {}, {}
-        self.returns: list[float] = []
-        self.eval_return = float("nan")
-        self.last = (time.perf_counter(), start_step, start_updates)
-
-    def add_metrics(self, metrics: dict[str, torch.Tensor]) -> None:
+    def add_metrics(self, metrics: dict[str, Tensor]) -> None:
+        """Sum an update's metric tensors until the next log line (no host sync per update)."""
         for k, v in metrics.items():
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
             self.counts[k] = self.counts.get(k, 0) + 1  # per key: updates log different keys
 
-    def add_episode(self, global_step: int, episode_return: float, length: int) -> None:
-        self.writer.add_scalar("charts/episodic_return", episode_return, global_step)
-        self.writer.add_scalar("charts/episodic_length", length, global_step)
-        self.returns.append(episode_return)
+    def add_episodes(self, global_step: int, infos: dict) -> None:
+        """Log the training episodes that ended at this step (from gymnasium's RecordEpisodeStatistics)."""
+        for i in np.flatnonzero(infos.get("_episode", [])):
+            self.returns.append(float(infos["episode"]["r"][i]))
+            self.writer.add_scalar("charts/episodic_return", self.returns[-1], global_step)
+            self.writer.add_scalar("charts/episodic_length", int(infos["episode"]["l"][i]), global_step)
 
-    def add_eval(self, global_step: int, returns: list[float]) -> None:
-        self.eval_return = float(np.mean(returns))
-        self.writer.add_scalar("charts/eval_return", self.eval_return, global_step)
+    def step(self, global_step: int, num_updates: int) -> None:
+        """End of a loop step: after a signal write resume.pt and stop; else log, evaluate and save as scheduled."""
+        args = self.args
+        if self.stop_signal is not None:
+            path, name = self.save(global_step, num_updates, True), signal.Signals(self.stop_signal).name
+            self.close()
+            raise Stopped(f"{name}: stopped at step {global_step}; continue with --resume {path}", 128 + self.stop_signal)
+        if global_step >= self.next_log:
+            self.log(global_step, num_updates)
+            self.next_log += args.log_every
+        if args.eval_every and global_step >= self.next_eval:
+            self.evaluate(global_step, num_updates)
+            self.next_eval += args.eval_every
+        if args.checkpoint_every and global_step >= self.next_save:
+            self.save(global_step, num_updates, True)
+            self.next_save += args.checkpoint_every
 
     def log(self, global_step: int, num_updates: int) -> None:
-        now = time.perf_counter()
-        t0, step0, updates0 = self.last
-        sps = (global_step - step0) / max(now - t0, 1e-9)
-        ups = (num_updates - updates0) / max(now - t0, 1e-9)
+        """The progress line; the metrics' means since the last line to tensorboard."""
+        now, (t0, step0, updates0) = time.perf_counter(), self.last
+        sps, ups = (global_step - step0) / max(now - t0, 1e-9), (num_updates - updates0) / max(now - t0, 1e-9)
         self.writer.add_scalar("charts/SPS", sps, global_step)
         self.writer.add_scalar("charts/updates_per_second", ups, global_step)
         for k, v in self.sums.items():
@@ -894,230 +880,69 @@ class Progress:
             f"step {global_step} | return {ret} | eval {self.eval_return:.1f} | SPS {sps:.0f} | updates/s {ups:.0f}",
             flush=True,
         )
-        self.sums, self.counts, self.returns = {}, {}, []
-        self.last = (now, global_step, num_updates)
+        self.sums, self.counts, self.returns, self.last = {}, {}, [], (now, global_step, num_updates)
 
-    def finish(self, global_step: int, num_updates: int, run_dir: str) -> None:
+    def evaluate(self, global_step: int, num_updates: int) -> None:
+        """Evaluate on the evaluation env (seeds seed + 10000 + i), log the mean return, write model.pt."""
+        returns = evaluate(self.act, self.eval_env, self.args.eval_episodes, self.args.seed + 10_000, self.device)
+        self.eval_return, self.eval_step = float(np.mean(returns)), global_step
+        self.writer.add_scalar("charts/eval_return", self.eval_return, global_step)
+        if self.args.save_model:
+            self.save(global_step, num_updates, False)
+
+    def save(self, global_step: int, num_updates: int, training: bool) -> str:
+        """model.pt, or resume.pt with the training state, counters and random states; atomic (write, rename)."""
+        args = dataclasses.asdict(dataclasses.replace(self.args, checkpoint=None, resume=None, eval_only=False))
+        payload = dict(format=CHECKPOINT_FORMAT, algo=ALGO, env=self.args.env, args=args, global_step=global_step)
+        payload["state"] = state_of(self.model)
+        if training:
+            payload["train"] = dict(state_of(self.train_state), num_updates=num_updates, rng=rng_state())
+        path = os.path.join(self.run_dir, "resume.pt" if training else "model.pt")
+        torch.save(payload, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
+        return path
+
+    def finish(self, global_step: int, num_updates: int) -> dict:
+        """The final evaluation (unless this step had one), log line and resume.pt; close; the results."""
+        if self.eval_step != global_step:
+            self.evaluate(global_step, num_updates)
         if global_step > self.last[1]:
             self.log(global_step, num_updates)
-        print(f"done: step {global_step} | eval {self.eval_return:.1f} | run {run_dir}", flush=True)
+        print(f"done: step {global_step} | eval {self.eval_return:.1f} | run {self.run_dir}", flush=True)
+        if self.args.checkpoint_every:
+            self.save(global_step, num_updates, True)
+        self.close()
+        return dict(global_step=global_step, num_updates=num_updates, eval_return=self.eval_return, run_dir=self.run_dir)
 
-
-def make_agent(args: Args, obs_dim: int, action_space: gym.spaces.Box | gym.spaces.Discrete, device: torch.device) -> dict:
-    """Networks, their targets and the dual variables, by the names their state is saved under."""
-    actor_class = CategoricalActor if isinstance(action_space, gym.spaces.Discrete) else GaussianActor
-    actor = actor_class(obs_dim, action_space, args).to(device)
-    actor_target = actor_class(obs_dim, action_space, args).to(device)
-    actor_target.load_state_dict(actor.state_dict())
-    actor_target.requires_grad_(False)
-    critic = Critic(obs_dim, actor.critic_action_dim, args).to(device)
-    critic_target = Critic(obs_dim, actor.critic_action_dim, args).to(device)
-    critic_target.load_state_dict(critic.state_dict())
-    critic_target.requires_grad_(False)
-
-    def log_dual(init: float) -> torch.Tensor:
-        """The parameter whose dual_variable is init: the inverse softplus, written stably."""
-        value = max(init - DUAL_MIN, DUAL_MIN)
-        return torch.tensor(value + np.log(-np.expm1(-value)), device=device, requires_grad=True)
-
-    return {
-        "actor": actor,
-        "actor_target": actor_target,
-        "critic": critic,
-        "critic_target": critic_target,
-        "log_eta": log_dual(args.eta_init),
-        "log_alpha_mean": log_dual(args.alpha_mean_init),
-        "log_alpha_cov": log_dual(args.alpha_cov_init),
-    }
-
-
-def policy_fn(actor: Actor, device: torch.device) -> Callable[[np.ndarray], np.ndarray]:
-    """act(obs) -> action with the deterministic (mean or most probable) action, for `evaluate`."""
-
-    @torch.no_grad()
-    def act(obs: np.ndarray) -> np.ndarray:
-        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
-        return actor.deterministic(obs_t).cpu().numpy()
-
-    return act
-
-
-def agent_state(agent: dict) -> dict:
-    return {k: v.state_dict() if isinstance(v, nn.Module) else v.detach() for k, v in agent.items()}
-
-
-def load_agent_state(agent: dict, state: dict) -> None:
-    for k, v in agent.items():
-        if isinstance(v, nn.Module):
-            v.load_state_dict(state[k])
-        else:
-            with torch.no_grad():
-                v.copy_(state[k])
-
-
-def evaluate_only(args: Args) -> dict:
-    """--eval-only: load the checkpoint's policy and evaluate it."""
-    device = torch.device("cuda" if args.cuda else "cpu")
-    payload = load_checkpoint(args.checkpoint, args.env, device)
-    video_dir = os.path.join(os.path.dirname(args.checkpoint), "videos") if args.capture_video else None
-    env = make_eval_env(args.env, video_dir, args.eval_episodes)
-    check_spaces(args.env, env.observation_space, env.action_space)
-    agent = make_agent(args, env.observation_space.shape[0], env.action_space, device)
-    load_agent_state(agent, payload["state"])
-    returns = evaluate(policy_fn(agent["actor"], device), env, args.eval_episodes, args.seed + 10_000)
-    env.close()
-    print(
-        f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns " + " ".join(f"{r:.1f}" for r in returns),
-        flush=True,
-    )
-    return {"eval_return": float(np.mean(returns)), "eval_returns": returns}
-
-
-def train(args: Args) -> dict:
-    """Train MPO; returns the final metrics, counters and the run directory."""
-    # -- setup: seeds, device, run directory, writer
-    seed_everything(args.seed)
-    torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.cuda else "cpu")
-    resume = load_checkpoint(args.resume, args.env) if args.resume else None
-    # -- environments
-    envs = make_vec_env(args.env, args.num_envs)
-    check_spaces(args.env, envs.single_observation_space, envs.single_action_space)
-    run_dir, writer = open_run(args)
-    video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
-    eval_env = make_eval_env(args.env, video_dir, args.eval_episodes)
-    obs_dim = envs.single_observation_space.shape[0]
-    # -- networks and optimizers
-    agent = make_agent(args, obs_dim, envs.single_action_space, device)
-    actor, actor_target, critic, critic_target = (agent[k] for k in ("actor", "actor_target", "critic", "critic_target"))
-    log_eta, log_alpha_mean, log_alpha_cov = (agent[k] for k in ("log_eta", "log_alpha_mean", "log_alpha_cov"))
-    # fused Adam: one kernel per step for all parameters instead of several per tensor
-    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, fused=True)
-    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.q_lr, fused=True)
-    dual_opt = torch.optim.Adam([log_eta, log_alpha_mean, log_alpha_cov], lr=args.dual_lr, fused=True)
-    optimizers = {"actor_opt": actor_opt, "critic_opt": critic_opt, "dual_opt": dual_opt}
-    # -- storage
-    rb = SnippetReplay(args.buffer_size, args.num_envs, obs_dim, actor.action_dim, args.retrace_steps, device)
-    global_step, num_updates = 0, 0
-    if resume is not None:
-        load_agent_state(agent, resume["state"])
-        for name, opt in optimizers.items():
-            if opt is not None:
-                opt.load_state_dict(resume["train"][name])
-        rb.load_state_dict(resume["train"]["replay"])
-        set_rng_state(resume["train"]["rng"])
-        global_step, num_updates = resume["global_step"], resume["train"]["num_updates"]
-    act = policy_fn(actor, device)
-    stats = EpisodeStats(args.num_envs)
-    progress = Progress(writer, global_step, num_updates)
-
-    def payload(with_train_state: bool) -> dict:
-        out = {
-            "format": CHECKPOINT_FORMAT,
-            "algo": ALGO,
-            "env": args.env,
-            "args": saved_args(args),
-            "global_step": global_step,
-            "state": agent_state(agent),
-            "obs_norm": None,
-        }
-        if with_train_state:
-            out["train"] = {name: opt.state_dict() for name, opt in optimizers.items() if opt is not None}
-            out["train"].update(num_updates=num_updates, replay=rb.state_dict(), rng=rng_state())
-        return out
-
-    # -- loop
-    obs, _ = envs.reset(seed=args.seed + global_step)  # a resumed run starts fresh episodes
-    next_eval = global_step + args.eval_every if args.eval_every else None
-    next_log = global_step + args.log_every
-    next_ckpt = global_step + args.checkpoint_every if args.checkpoint_every else None
-    while global_step < args.total_steps:
-        # act: pi from the first step (no uniform warm-up), so b(a|s) is known for every action
-        with torch.no_grad():
-            actions, log_probs = actor.sample(torch.as_tensor(obs, dtype=torch.float32, device=device))
-        # step: the env executes the action clipped to its bounds; the replay keeps the sample
-        next_obs, rewards, terminated, truncated, infos = envs.step(actor.env_action(actions).cpu().numpy())
-        global_step += args.num_envs
-        ended = terminated | truncated
-        for episode_return, length in stats.update(rewards, ended):
-            progress.add_episode(global_step, episode_return, length)
-        # store: an ended episode's true last observation, never the next episode's first
-        real_next_obs = next_obs.copy()
-        for i in np.flatnonzero(ended):
-            real_next_obs[i] = infos["final_obs"][i]
-        rb.add(
-            obs=obs,
-            actions=actions,
-            behaviour_log_prob=log_probs,
-            rewards=rewards,
-            next_obs=real_next_obs,
-            terminated=terminated,
-            ended=ended,
+    def evaluate_only(self) -> dict:
+        """--eval-only: evaluate the --checkpoint weights and print the returns (videos beside the checkpoint)."""
+        args = self.args
+        self.eval_env = make_eval_env(
+            args.env,
+            os.path.join(os.path.dirname(args.checkpoint), "videos") if args.capture_video else None,
+            args.eval_episodes,
         )
-        obs = next_obs
-        # update: one critic step, E-step and M-step per environment step
-        if global_step >= args.learning_starts:
-            for _ in range(args.num_envs):
-                batch = rb.sample(args.batch_size)
-                metrics = update_critic(
-                    actor_target, critic, critic_target, critic_opt, batch, args.gamma, args.retrace_lambda, args.num_samples
-                )
-                metrics.update(
-                    update_policy(
-                        actor,
-                        actor_target,
-                        critic_target,
-                        actor_opt,
-                        dual_opt,
-                        log_eta,
-                        log_alpha_mean,
-                        log_alpha_cov,
-                        batch.obs[:, 0],
-                        args.num_samples,
-                        args.epsilon,
-                        args.epsilon_mean,
-                        args.epsilon_cov,
-                    )
-                )
-                progress.add_metrics(metrics)  # one call per update: Progress averages by calls
-                num_updates += 1
-                if num_updates % args.target_network_frequency == 0:
-                    # [MPO Alg. 2, line 25] the M-step's policy becomes pi', and Q' <- Q
-                    actor_target.load_state_dict(actor.state_dict())
-                    critic_target.load_state_dict(critic.state_dict())
-        # log, evaluate and save
-        if global_step >= next_log:
-            progress.log(global_step, num_updates)
-            next_log += args.log_every
-        if next_eval is not None and global_step >= next_eval:
-            progress.add_eval(global_step, evaluate(act, eval_env, args.eval_episodes, args.seed + 10_000))
-            if args.save_model:
-                save_checkpoint(os.path.join(run_dir, "model.pt"), payload(with_train_state=False))
-            next_eval += args.eval_every
-        if next_ckpt is not None and global_step >= next_ckpt:
-            save_checkpoint(os.path.join(run_dir, "resume.pt"), payload(with_train_state=True))
-            next_ckpt += args.checkpoint_every
-    # -- finish: final evaluation, save, close
-    progress.add_eval(global_step, evaluate(act, eval_env, args.eval_episodes, args.seed + 10_000))
-    progress.finish(global_step, num_updates, run_dir)
-    if args.save_model:
-        save_checkpoint(os.path.join(run_dir, "model.pt"), payload(with_train_state=False))
-    if args.checkpoint_every:
-        save_checkpoint(os.path.join(run_dir, "resume.pt"), payload(with_train_state=True))
-    envs.close()
-    eval_env.close()
-    writer.close()
-    return {"global_step": global_step, "num_updates": num_updates, "eval_return": progress.eval_return, "run_dir": run_dir}
+        returns = evaluate(self.act, self.eval_env, args.eval_episodes, args.seed + 10_000, self.device)
+        self.close()
+        print(
+            f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns "
+            + " ".join(f"{r:.1f}" for r in returns)
+        )
+        return {"eval_return": float(np.mean(returns)), "eval_returns": returns}
+
+    def close(self) -> None:
+        for sig, handler in self.handlers.items():
+            signal.signal(sig, handler)
+        for closable in (self.envs, self.eval_env, self.writer):
+            closable.close() if closable is not None else None
 
 
-# == 11. Entry point ===================================================================
 def parse_args(argv: list[str] | None) -> Args:
-    """tyro parse; with --checkpoint or --resume the saved run's arguments become the defaults,
-    so flags given now override them and everything else matches the saved run."""
+    """tyro parse; with --checkpoint or --resume the saved run's arguments become the defaults, so flags given
+    now override them and everything else matches the saved run."""
     args = tyro.cli(Args, args=argv)
-    path = args.resume or args.checkpoint
-    if path is not None:
-        saved = load_checkpoint(path)["args"]
+    if args.resume or args.checkpoint:
+        saved = load_checkpoint(args.resume or args.checkpoint, training=args.resume is not None)["args"]
         fields = {f.name for f in dataclasses.fields(Args)}
         defaults = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
         args = tyro.cli(Args, args=argv, default=defaults)
@@ -1125,13 +950,20 @@ def parse_args(argv: list[str] | None) -> Args:
 
 
 def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message=".*settotalmass")  # gymnasium's half_cheetah.xml, under mujoco 4
     try:
         args = parse_args(argv)
         check_args(args)
-        evaluate_only(args) if args.eval_only else train(args)
+        train(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(e.args[0], file=sys.stderr)
+        return e.args[1]
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        print("interrupted: nothing written since the last resume.pt", file=sys.stderr)
+        return 130
     return 0
 
 

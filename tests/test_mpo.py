@@ -20,14 +20,12 @@ from mpo import (
     CategoricalActor,
     GaussianActor,
     SnippetReplay,
-    categorical_kl,
     e_step_weights,
-    evaluate_only,
     gaussian_kl_decoupled,
     gaussian_log_prob,
     load_checkpoint,
+    load_state,
     main,
-    make_agent,
     make_env,
     retrace_target,
     temperature_dual,
@@ -168,9 +166,7 @@ def test_gaussian_log_prob_matches_torch(diagonal):
 def test_gaussian_actor_samples_have_the_policy_covariance():
     """Samples of the full-covariance actor have covariance L L^T (Monte Carlo, 200k draws),
     so candidates, log_prob and the Cholesky parameterisation agree."""
-    env = make_env("Pendulum-v1")
-    args = Args(policy_hidden_sizes=(8,), full_covariance=True)
-    actor = make_agent(args, 3, env.action_space, torch.device("cpu"))["actor"]
+    actor = GaussianActor(3, make_env("Pendulum-v1").action_space, (8,), "relu", False, True)
     torch.manual_seed(0)
     with torch.no_grad():
         params = actor(torch.randn(1, 3))
@@ -279,13 +275,13 @@ def test_categorical_e_and_m_step_match_hand_computation():
     assert weights[0].tolist() == pytest.approx(q, rel=1e-6)
     dual = temperature_dual(torch.tensor(eta), q_t, log_prior, epsilon)
     assert dual.item() == pytest.approx(eta * epsilon + eta * math.log(z), rel=1e-6)
-    kl_t = categorical_kl(torch.tensor([logits_old]), torch.tensor([logits]))
-    assert kl_t.item() == pytest.approx(kl, rel=1e-6)
+    space = gym.spaces.Discrete(3)
+    actor, actor_target = CategoricalActor(2, space, (4,), "relu", False), CategoricalActor(2, space, (4,), "relu", False)
+    kl_t, no_cov = actor.kl_terms(torch.tensor([logits_old]), torch.tensor([logits]))
+    assert kl_t.item() == pytest.approx(kl, rel=1e-6) and no_cov is None
 
     # one step of update_policy with SGD (lr 1): a step is minus the gradient
-    args = Args(policy_hidden_sizes=(4,), epsilon=epsilon, epsilon_mean=epsilon_mean)
-    space = gym.spaces.Discrete(3)
-    actor, actor_target = CategoricalActor(2, space, args), CategoricalActor(2, space, args)
+    args = Args(epsilon=epsilon, epsilon_mean=epsilon_mean)
     for net, values in ((actor, logits), (actor_target, logits_old)):
         torch.nn.init.zeros_(net.head.weight)  # logits = bias, whatever the state
         net.head.bias.data = torch.tensor(values)
@@ -335,8 +331,8 @@ def test_gaussian_e_and_m_step_match_an_independent_lagrangian(diagonal):
     num_states, num_samples, dim, lr = 3, 6, 2, 0.1
     eta, alpha_mean, alpha_cov = 0.8, 3.0, 50.0
     epsilon, epsilon_mean, epsilon_cov = 0.1, 0.05, 1e-3
-    args = Args(policy_hidden_sizes=(4,), full_covariance=not diagonal)
     space = gym.spaces.Box(-1.0, 1.0, (dim,), np.float32)
+    policy = (2, space, (4,), "relu", False, not diagonal)
     fixed = torch.randn(num_states, num_samples, dim, dtype=torch.float64)
 
     class FixedCandidates(GaussianActor):
@@ -345,8 +341,8 @@ def test_gaussian_e_and_m_step_match_an_independent_lagrangian(diagonal):
         def candidates(self, params, num_samples):
             return fixed, torch.full(fixed.shape[:-1], -math.log(num_samples), dtype=fixed.dtype)
 
-    actor = GaussianActor(2, space, args).double()
-    actor_target = FixedCandidates(2, space, args).double().requires_grad_(False)
+    actor = GaussianActor(*policy).double()
+    actor_target = FixedCandidates(*policy).double().requires_grad_(False)
     before = copy.deepcopy(actor)
     obs = torch.randn(num_states, 2, dtype=torch.float64)
 
@@ -424,8 +420,8 @@ def test_snippets_never_cross_episodes_and_keep_behaviour_log_probs(log_dir):
         )
     )
     assert result["num_updates"] == 0
-    resume = load_checkpoint(os.path.join(result["run_dir"], "resume.pt"))
-    args = Args(**{**TINY, "retrace_steps": 4})
+    path = os.path.join(result["run_dir"], "resume.pt")
+    resume = load_checkpoint(path)
     replay = SnippetReplay(10_000, 3, 2, 1, 4, torch.device("cpu"))
     replay.load_state_dict(resume["train"]["replay"])
     newest_row = (replay.pos - 1) % replay.rows  # step 62: in the middle of an episode
@@ -450,12 +446,12 @@ def test_snippets_never_cross_episodes_and_keep_behaviour_log_probs(log_dir):
     assert not torch.any(ended[:, :-1] & valid[:, 1:])
     assert truncated.any() and expect_terminated.any() and stops.any()
     # the stored behaviour log-probabilities are the policy's at acting time
-    agent = make_agent(args, 2, make_env("tests/Counting-v0").action_space, torch.device("cpu"))
-    agent["actor"].load_state_dict(resume["state"]["actor"])
+    actor = GaussianActor(2, make_env("tests/Counting-v0").action_space, TINY["policy_hidden_sizes"], "relu", False, False)
+    load_state({"actor": actor}, resume["state"], path)
     with torch.no_grad():
         flat = valid.flatten()
-        params = agent["actor"](obs.flatten(0, 1)[flat])
-        log_pi = agent["actor"].log_prob(params, batch.actions.flatten(0, 1)[flat].unsqueeze(1))
+        params = actor(obs.flatten(0, 1)[flat])
+        log_pi = actor.log_prob(params, batch.actions.flatten(0, 1)[flat].unsqueeze(1))
     assert torch.allclose(log_pi[:, 0], batch.behaviour_log_prob.flatten()[flat], atol=1e-5)
     # Retrace on these snippets: a truncated step bootstraps, a terminated one does not
     ones = torch.ones_like(batch.rewards)
@@ -491,12 +487,10 @@ def test_short_run_updates_logs_and_saves_a_model_that_reloads(env, extra, log_d
     assert np.isfinite(result["eval_return"])
     assert main(["--checkpoint", model, "--eval-only", "--eval-episodes", "1"]) == 0
     assert f"mean {result['eval_return']:.1f}" in capsys.readouterr().out
-    reloaded = evaluate_only(Args(env=env, checkpoint=model, eval_only=True, **TINY, **extra))
+    reloaded = train(Args(env=env, checkpoint=model, eval_only=True, **TINY, **extra))
     assert reloaded["eval_return"] == result["eval_return"]  # same seeds, same actions
-    payload = load_checkpoint(model)
-    env_obj = make_env(env)
-    agent = make_agent(Args(**TINY, **extra), env_obj.observation_space.shape[0], env_obj.action_space, "cpu")
-    assert set(payload["state"]) == set(agent)
+    networks = {"actor", "actor_target", "critic", "critic_target", "log_eta", "log_alpha_mean", "log_alpha_cov"}
+    assert set(load_checkpoint(model)["state"]) == networks
 
 
 def test_help_exits_zero(capsys):
@@ -533,7 +527,7 @@ def test_bad_input_is_one_line_on_stderr(argv, log_dir, capsys):
 
 def test_checkpoint_of_another_algorithm_is_refused(tmp_path, capsys):
     path = str(tmp_path / "model.pt")
-    torch.save({"format": 1, "algo": "sac", "env": "Pendulum-v1", "args": {}}, path)
+    torch.save({"format": 2, "algo": "sac", "env": "Pendulum-v1", "args": {}, "state": {}}, path)
     assert main(["--checkpoint", path, "--eval-only"]) == 2
     assert "sac checkpoint" in capsys.readouterr().err
 
