@@ -131,8 +131,7 @@ class Args:
     checkpoint_every: int = 100_000
     """Write resume.pt (everything needed to continue) every this many env steps (0: only on a signal)."""
     checkpoint: str | None = None
-    """A model.pt or resume.pt whose weights to fine-tune (or, with --eval-only, evaluate); its saved
-    arguments become the defaults."""
+    """A model.pt or resume.pt to fine-tune, or to evaluate with --eval-only; its saved arguments become defaults."""
     eval_only: bool = False
     """With --checkpoint: evaluate the loaded policy, print the returns and exit."""
     resume: str | None = None
@@ -625,7 +624,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable
 
 import tyro
@@ -677,8 +675,9 @@ def make_env(env_id: str, render_mode: str | None = None) -> gym.Env:
     space, needs = env.action_space, " or ".join(space.__name__ for space in ACTION_SPACES)
     if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
         raise UsageError(f"{name} has observation space {env.observation_space}; {ALGO} needs a flat Box")
-    if not isinstance(space, ACTION_SPACES) or (isinstance(space, gym.spaces.Box) and not space.is_bounded()):
-        raise UsageError(f"{name} has the action space {space}; {ALGO} needs a {needs} (a bounded one if a Box)")
+    flat_bounded_box = isinstance(space, gym.spaces.Box) and len(space.shape) == 1 and space.is_bounded()
+    if not isinstance(space, ACTION_SPACES) or (isinstance(space, gym.spaces.Box) and not flat_bounded_box):
+        raise UsageError(f"{name} has the action space {space}; {ALGO} needs a {needs} (flat and bounded if a Box)")
     return env
 
 
@@ -793,10 +792,14 @@ class Run:
     scheduled, --resume, --checkpoint (fine-tuning or --eval-only), SIGINT and SIGTERM, final evaluation.
 
     model: what model.pt saves; train_state: what resume.pt adds (optimizers, storage, statistics); both by
-    name, as modules, tensors or objects with state_dict. act: obs -> deterministic action, for evaluation."""
+    name, as modules, tensors or objects with state_dict. act: obs -> deterministic action, for evaluation.
+    eval_fn: for an algorithm that evaluates otherwise (on several envs): () -> {tag: value}, charts/eval_return in it."""
 
-    def __init__(self, args: Args, envs: gym.vector.VectorEnv, model: dict, train_state: dict, act: Callable):
-        self.args, self.envs, self.model, self.train_state, self.act = args, envs, model, train_state, act
+    def __init__(
+        self, args: Args, envs: object, model: dict, train_state: dict, act: Callable, eval_fn: Callable | None = None
+    ):
+        self.args, self.envs, self.model, self.train_state = args, envs, model, train_state
+        self.act, self.eval_fn = act, eval_fn
         self.device = torch.device("cuda" if args.cuda else "cpu")
         self.sums, self.counts, self.returns, self.eval_return, self.eval_step = {}, {}, [], float("nan"), None
         self.writer, self.eval_env, self.stop_signal, self.handlers = None, None, None, {}
@@ -807,7 +810,9 @@ class Run:
         """Open the run directory (new, or the resumed run's), restore --resume, catch SIGINT and SIGTERM;
         return (global_step, num_updates)."""
         args, global_step, num_updates = self.args, 0, 0
-        self.run_dir = os.path.join(args.log_dir, f"{args.env}__{ALGO}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = os.path.join(args.log_dir, f"{args.env}__{ALGO}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+        # a new directory even for runs started in the same second: -2, -3, ...
+        self.run_dir = next(d for d in (run_dir, *(f"{run_dir}-{i}" for i in range(2, 10_000))) if not os.path.exists(d))
         if args.resume is not None:
             saved = load_checkpoint(args.resume, args.env, training=True)
             load_state(self.model, saved["state"], args.resume)
@@ -833,9 +838,15 @@ class Run:
             global_step + n for n in (args.log_every, args.eval_every, args.checkpoint_every)
         )
         for sig in (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ():
-            # stop at the end of this step, after writing resume.pt
-            self.handlers[sig] = signal.signal(sig, lambda signum, frame: setattr(self, "stop_signal", signum))
+            self.handlers[sig] = signal.signal(sig, self.on_signal)
         return global_step, num_updates
+
+    def on_signal(self, signum: int, frame: object) -> None:
+        """The first SIGINT or SIGTERM stops training at the end of the step, after writing resume.pt; a second
+        one stops at once."""
+        if self.stop_signal is not None:
+            raise KeyboardInterrupt
+        self.stop_signal = signum
 
     def add_metrics(self, metrics: dict[str, Tensor]) -> None:
         """Sum an update's metric tensors until the next log line (no host sync per update)."""
@@ -883,11 +894,17 @@ class Run:
         self.sums, self.counts, self.returns, self.last = {}, {}, [], (now, global_step, num_updates)
 
     def evaluate(self, global_step: int, num_updates: int) -> None:
-        """Evaluate on the evaluation env (seeds seed + 10000 + i), log the mean return, write model.pt."""
-        returns = evaluate(self.act, self.eval_env, self.args.eval_episodes, self.args.seed + 10_000, self.device)
-        self.eval_return, self.eval_step = float(np.mean(returns)), global_step
-        self.writer.add_scalar("charts/eval_return", self.eval_return, global_step)
-        if self.args.save_model:
+        """Evaluate on the evaluation env (seeds seed + 10000 + i) or by eval_fn, log the scores, write model.pt."""
+        args = self.args
+        if self.eval_fn is not None:
+            scores = self.eval_fn()
+        else:
+            returns = evaluate(self.act, self.eval_env, args.eval_episodes, args.seed + 10_000, self.device)
+            scores = {"charts/eval_return": float(np.mean(returns))}
+        for tag, value in scores.items():
+            self.writer.add_scalar(tag, value, global_step)
+        self.eval_return, self.eval_step = scores["charts/eval_return"], global_step
+        if args.save_model:
             self.save(global_step, num_updates, False)
 
     def save(self, global_step: int, num_updates: int, training: bool) -> str:
@@ -916,18 +933,13 @@ class Run:
 
     def evaluate_only(self) -> dict:
         """--eval-only: evaluate the --checkpoint weights and print the returns (videos beside the checkpoint)."""
-        args = self.args
+        args, folder = self.args, os.path.dirname(self.args.checkpoint)
         self.eval_env = make_eval_env(
-            args.env,
-            os.path.join(os.path.dirname(args.checkpoint), "videos") if args.capture_video else None,
-            args.eval_episodes,
+            args.env, os.path.join(folder, "videos") if args.capture_video else None, args.eval_episodes
         )
         returns = evaluate(self.act, self.eval_env, args.eval_episodes, args.seed + 10_000, self.device)
         self.close()
-        print(
-            f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns "
-            + " ".join(f"{r:.1f}" for r in returns)
-        )
+        print(f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns", *(f"{r:.1f}" for r in returns))
         return {"eval_return": float(np.mean(returns)), "eval_returns": returns}
 
     def close(self) -> None:
@@ -950,7 +962,14 @@ def parse_args(argv: list[str] | None) -> Args:
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", message=".*settotalmass")  # gymnasium's half_cheetah.xml, under mujoco 4
+    try:  # gymnasium's half_cheetah.xml uses an attribute that mujoco 4 deprecates: hide that warning alone
+        import mujoco
+
+        mujoco.set_mju_user_warning(
+            lambda text: None if "settotalmass" in text else print(f"WARNING: {text}", file=sys.stderr)
+        )
+    except ImportError:
+        pass
     try:
         args = parse_args(argv)
         check_args(args)
