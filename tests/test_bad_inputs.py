@@ -42,6 +42,14 @@ ALGORITHM = {
         ["--update-epochs", "0"],
         ["--env", "Pendulum-v1", "--hidden-sizes", "-1"],
     ],
+    "mpo": [
+        ["--epsilon", "0"],
+        ["--num-samples", "0"],
+        ["--retrace-lambda", "2"],
+        ["--buffer-size", "2", "--retrace-steps", "5"],
+        ["--critic-hidden-sizes", "0"],
+        ["--dual-lr", "-1"],
+    ],
     "dpi_ilqr": [
         ["--env", "Walker2d-v5"],  # no known cost
         ["--episodes", "1"],
