@@ -604,10 +604,7 @@ def load_checkpoint(path: str, env: str | None = None, training: bool = False) -
     payload = payload if isinstance(payload, dict) else {}
     problems = [
         (not {"format", "algo", "env", "args", "state"} <= payload.keys(), "is not a checkpoint of this repository"),
-        (
-            payload.get("format") != CHECKPOINT_FORMAT,
-            f"has format {payload.get('format')}; this file reads {CHECKPOINT_FORMAT}",
-        ),
+        (payload.get("format") != CHECKPOINT_FORMAT, f"has format {payload.get('format')}, not {CHECKPOINT_FORMAT}"),
         (payload.get("algo") != ALGO, f"is a {payload.get('algo')} checkpoint, not {ALGO}"),
         (env is not None and payload.get("env") != env, f"was trained on {payload.get('env')}, not {env}"),
         (training and "train" not in payload, "holds no training state (a model.pt?): give it to --checkpoint to fine-tune"),
