@@ -5,14 +5,11 @@
 """Soft Actor-Critic (SAC) for continuous control, in one file.
 
 References:
-    [SAC] Haarnoja, Zhou, Hartikainen, Tucker, Ha, Tan, Kumar, Zhu, Gupta, Abbeel, Levine 2018,
-        "Soft Actor-Critic Algorithms and Applications", arXiv:1812.05905 (objectives J_Q, J_pi, J(alpha)).
-    [TreePI] Springenberg, Heess et al. 2020, "Local Search for Policy Iteration in Continuous Control",
-        arXiv:2010.05545: Table 2 lists SAC as a baseline (README: the flags that select it).
-    [CleanRL] Huang et al. 2022, sac_continuous_action.py: argument names, the delayed policy update
-        (--policy-frequency) and the log-std squashing.
+    [SAC] Haarnoja et al. 2018, "Soft Actor-Critic Algorithms and Applications", arXiv:1812.05905: Sec. 4-5, 7, App. D.
+    [TreePI] Springenberg, Heess et al. 2020, arXiv:2010.05545: Table 2's SAC baseline (flags in README).
+    [CleanRL] Huang et al. 2022, sac_continuous_action.py: argument names, --policy-frequency, log-std squashing.
 
-Algorithm (one environment step; the function that does each line in brackets):
+Algorithm (one env step; in brackets the function doing each line; shapes: B batch, O obs, A action, E critics):
     1. Act a ~ pi(.|s) (uniform random before `learning_starts`) and store (s, a, r, s', terminated)
        with s' the true last observation of an ended episode                          [ReplayBuffer]
     2. Soft target y = r + gamma (1 - terminated) (min_e Qbar_e(s', a') - alpha log pi(a'|s')),
@@ -23,15 +20,10 @@ Algorithm (one environment step; the function that does each line in brackets):
     5. Temperature step on J(alpha) = E[-alpha (log pi(a~|s) + Hbar)], Hbar = -|A|        [update_actor]
     6. Targets Qbar <- tau Q + (1 - tau) Qbar                                            [soft_update]
 
-Shapes: B batch, O observation size, A action size, E number of critics (2).
-
 Deviations from the paper:
-    - The log standard deviation is squashed into [LOG_STD_MIN, LOG_STD_MAX] by tanh, as in CleanRL and
-      Spinning Up; the authors' code clips it to [-20, 2].
-    - `--policy-frequency k` (TD3's delayed update, CleanRL's name) does k actor steps every k critic
-      steps; the default 1 is the paper's one actor step per critic step.
-    - With several envs each vector step adds num_envs transitions and does num_envs gradient steps, so
-      the paper's one update per environment step holds for any --num-envs.
+    - log std is squashed into [LOG_STD_MIN, LOG_STD_MAX] by tanh (CleanRL, Spinning Up); the authors clip to [-20, 2].
+    - `--policy-frequency k` (TD3's delayed update) does k actor steps every k critic steps; 1 is the paper's.
+    - Each vector step adds num_envs transitions and does num_envs gradient steps: one update per env step.
 """
 
 from dataclasses import dataclass
@@ -60,8 +52,7 @@ class Args:
     layer_norm: bool = False
     """LayerNorm after the first hidden layer (the 'LN' of [TreePI] Table 2)."""
     bf16: bool = False
-    """Matrix products of the updates in bfloat16 (fast on GPUs and CPUs with AVX512-BF16 or AMX); weights,
-    Q, log pi, losses and Adam stay float32. Off: the paper's and CleanRL's arithmetic is float32."""
+    """Updates' matrix products in bfloat16 (weights, Q, log pi, losses, Adam stay float32); paper: float32."""
     # Replay [SAC Sec. 7]
     buffer_size: int = 1_000_000
     """Replay buffer capacity in transitions."""
@@ -117,8 +108,7 @@ class Args:
     checkpoint_every: int = 100_000
     """Write resume.pt (everything needed to continue) every this many env steps (0: only on a signal)."""
     checkpoint: str | None = None
-    """A model.pt or resume.pt whose weights to fine-tune (or, with --eval-only, evaluate); its saved
-    arguments become the defaults."""
+    """A model.pt or resume.pt to fine-tune, or to evaluate with --eval-only; its saved arguments become defaults."""
     eval_only: bool = False
     """With --checkpoint: evaluate the loaded policy, print the returns and exit."""
     resume: str | None = None
@@ -167,8 +157,7 @@ class Actor(nn.Module):
         action_dim = int(np.prod(action_space.shape))
         self.trunk = mlp(obs_dim, hidden_sizes, activation, layer_norm)
         self.head = nn.Linear(hidden_sizes[-1], 2 * action_dim)  # mean and log std
-        low = torch.as_tensor(action_space.low, dtype=torch.float32)
-        high = torch.as_tensor(action_space.high, dtype=torch.float32)
+        low, high = (torch.as_tensor(bound, dtype=torch.float32) for bound in (action_space.low, action_space.high))
         self.register_buffer("action_scale", (high - low) / 2)
         self.register_buffer("action_bias", (high + low) / 2)
 
@@ -192,8 +181,7 @@ class Actor(nn.Module):
 
 
 class Critic(nn.Module):
-    """E soft Q-functions Q_e(s, a) with stacked weights [E, in, out], evaluated in one batched
-    pass (one matmul per layer for all critics instead of one per critic)."""
+    """E soft Q-functions Q_e(s, a) with stacked weights [E, in, out]: one batched matmul per layer for all."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool):
         super().__init__()
@@ -232,18 +220,12 @@ class Batch(NamedTuple):
 
 
 class ReplayBuffer:
-    """Preallocated ring buffer of transitions. next_obs is stored per row, so a row never
-    pairs an observation with the first observation of the next episode."""
+    """Preallocated ring buffer of transitions; next_obs is stored per row, never the next episode's first."""
 
     def __init__(self, capacity: int, obs_dim: int, action_dim: int, device: torch.device):
         self.capacity, self.pos, self.size = capacity, 0, 0
-        self.data = Batch(
-            obs=torch.zeros(capacity, obs_dim, device=device),
-            actions=torch.zeros(capacity, action_dim, device=device),
-            rewards=torch.zeros(capacity, device=device),
-            next_obs=torch.zeros(capacity, obs_dim, device=device),
-            terminated=torch.zeros(capacity, device=device),
-        )
+        shapes = Batch(obs=(obs_dim,), actions=(action_dim,), rewards=(), next_obs=(obs_dim,), terminated=())
+        self.data = Batch(*(torch.zeros(capacity, *shape, device=device) for shape in shapes))
 
     def add(self, **rows: np.ndarray) -> None:
         """Store n transitions given as arrays with leading size n (the fields of Batch)."""
@@ -382,13 +364,9 @@ def train(args: Args) -> dict:
     # -- storage
     replay = ReplayBuffer(args.buffer_size, obs_dim, action_dim, device)
     # -- run: directory, logging, evaluation, saving, resume (below the fence)
-    run = Run(
-        args,
-        envs,
-        model=dict(actor=actor, critic=critic, critic_target=critic_target, log_alpha=log_alpha),
-        train_state=dict(actor_opt=actor_opt, critic_opt=critic_opt, alpha_opt=alpha_opt, replay=replay),
-        act=actor.deterministic,
-    )
+    model = dict(actor=actor, critic=critic, critic_target=critic_target, log_alpha=log_alpha)
+    train_state = dict(actor_opt=actor_opt, critic_opt=critic_opt, alpha_opt=alpha_opt, replay=replay)
+    run = Run(args, envs, model, train_state, act=actor.deterministic)
     if args.eval_only:
         return run.evaluate_only()
     global_step, num_updates = run.start()
@@ -437,7 +415,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable
 
 import tyro
@@ -619,7 +596,9 @@ class Run:
         """Open the run directory (new, or the resumed run's), restore --resume, catch SIGINT and SIGTERM;
         return (global_step, num_updates)."""
         args, global_step, num_updates = self.args, 0, 0
-        self.run_dir = os.path.join(args.log_dir, f"{args.env}__{ALGO}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = os.path.join(args.log_dir, f"{args.env}__{ALGO}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+        # a new directory even for runs started in the same second: -2, -3, ...
+        self.run_dir = next(d for d in (run_dir, *(f"{run_dir}-{i}" for i in range(2, 10_000))) if not os.path.exists(d))
         if args.resume is not None:
             saved = load_checkpoint(args.resume, args.env, training=True)
             load_state(self.model, saved["state"], args.resume)
@@ -645,9 +624,15 @@ class Run:
             global_step + n for n in (args.log_every, args.eval_every, args.checkpoint_every)
         )
         for sig in (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ():
-            # stop at the end of this step, after writing resume.pt
-            self.handlers[sig] = signal.signal(sig, lambda signum, frame: setattr(self, "stop_signal", signum))
+            self.handlers[sig] = signal.signal(sig, self.on_signal)
         return global_step, num_updates
+
+    def on_signal(self, signum: int, frame: object) -> None:
+        """The first SIGINT or SIGTERM stops training at the end of the step, after writing resume.pt; a second
+        one stops at once."""
+        if self.stop_signal is not None:
+            raise KeyboardInterrupt
+        self.stop_signal = signum
 
     def add_metrics(self, metrics: dict[str, Tensor]) -> None:
         """Sum an update's metric tensors until the next log line (no host sync per update)."""
@@ -728,18 +713,13 @@ class Run:
 
     def evaluate_only(self) -> dict:
         """--eval-only: evaluate the --checkpoint weights and print the returns (videos beside the checkpoint)."""
-        args = self.args
+        args, folder = self.args, os.path.dirname(self.args.checkpoint)
         self.eval_env = make_eval_env(
-            args.env,
-            os.path.join(os.path.dirname(args.checkpoint), "videos") if args.capture_video else None,
-            args.eval_episodes,
+            args.env, os.path.join(folder, "videos") if args.capture_video else None, args.eval_episodes
         )
         returns = evaluate(self.act, self.eval_env, args.eval_episodes, args.seed + 10_000, self.device)
         self.close()
-        print(
-            f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns "
-            + " ".join(f"{r:.1f}" for r in returns)
-        )
+        print(f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns", *(f"{r:.1f}" for r in returns))
         return {"eval_return": float(np.mean(returns)), "eval_returns": returns}
 
     def close(self) -> None:
@@ -762,7 +742,14 @@ def parse_args(argv: list[str] | None) -> Args:
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", message=".*settotalmass")  # gymnasium's half_cheetah.xml, under mujoco 4
+    try:  # gymnasium's half_cheetah.xml uses an attribute that mujoco 4 deprecates: hide that warning alone
+        import mujoco
+
+        mujoco.set_mju_user_warning(
+            lambda text: None if "settotalmass" in text else print(f"WARNING: {text}", file=sys.stderr)
+        )
+    except ImportError:
+        pass
     try:
         args = parse_args(argv)
         check_args(args)

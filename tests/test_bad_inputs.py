@@ -1,0 +1,73 @@
+"""Every bad input is one line `error: ...` on stderr and exit status 2, never a traceback: the shared
+arguments in all seven files, then each algorithm's own (BAD_INPUTS below lists them all)."""
+
+import importlib
+import os
+
+import pytest
+import torch
+
+FILES = ["sac", "ppo", "mpo", "treepi", "trpo", "dpi_ilqr", "cpi_garnet"]
+SHARED = [
+    ["--total-steps", "0"],
+    ["--num-envs", "0"],
+    ["--eval-episodes", "0"],
+    ["--eval-every", "-1"],
+    ["--log-every", "0"],
+    ["--threads", "0"],
+    ["--eval-only"],
+    ["--resume", "a.pt", "--checkpoint", "b.pt"],
+    ["--checkpoint", "{tmp}/missing.pt", "--eval-only"],
+    ["--checkpoint", "{tmp}/notes.pt", "--eval-only"],  # a text file, not a checkpoint
+    ["--resume", "{tmp}/notes.pt"],
+    ["--log-dir", "{tmp}/notes.pt"],  # a file, not a directory
+]
+SHARED_ENV = [["--env", "NoSuchEnv-v0"], ["--env", "no_such_module_here:Thing-v0"], ["--env", "HalfCheetah-v9"]]
+ALGORITHM = {
+    "sac": [
+        ["--env", "CartPole-v1"],
+        ["--batch-size", "512", "--buffer-size", "256"],
+        ["--tau", "0"],
+        ["--gamma", "1.5"],
+        ["--hidden-sizes", "0"],
+        ["--learning-starts", "-1"],
+        ["--q-lr", "0"],
+        ["--policy-frequency", "0"],
+    ]
+}
+BAD_INPUTS = [(f, argv) for f in FILES for argv in SHARED + (SHARED_ENV if f != "cpi_garnet" else [])]
+BAD_INPUTS += [(f, argv) for f, inputs in ALGORITHM.items() for argv in inputs]
+
+
+def test_at_least_forty_bad_inputs_across_the_seven_files():
+    assert len(BAD_INPUTS) >= 40 and {f for f, _ in BAD_INPUTS} == set(FILES)
+
+
+@pytest.mark.parametrize(("name", "argv"), BAD_INPUTS, ids=[f"{f}:{' '.join(a)}" for f, a in BAD_INPUTS])
+def test_bad_input_is_one_line_and_exit_2(name, argv, tmp_path, capsys):
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    module = importlib.import_module(name)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if "--log-dir" not in argv:
+        argv += ["--log-dir", str(tmp_path / "runs")]
+    code = module.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert not os.path.exists(tmp_path / "runs") or not os.listdir(tmp_path / "runs")  # nothing written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--cuda is valid where torch sees a GPU")
+@pytest.mark.parametrize("name", FILES)
+def test_cuda_without_a_gpu_is_one_line(name, tmp_path, capsys):
+    code = importlib.import_module(name).main(["--cuda", "--log-dir", str(tmp_path)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "CUDA" in lines[0]
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_badly_typed_value_is_tyros_usage_error_without_traceback(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(name).main(["--total-steps", "many"])
+    assert exit_info.value.code == 2 and "Traceback" not in capsys.readouterr().err
