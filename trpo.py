@@ -5,46 +5,38 @@
 """Trust Region Policy Optimization (TRPO) with the single-path and vine estimators, in one file.
 
 References:
-    [TRPO] Schulman, Levine, Moritz, Jordan, Abbeel 2015, "Trust Region Policy Optimization", arXiv:1502.05477: Sec. 5.1
-        single path, Sec. 5.2 vine, Sec. 6 practical algorithm, App. C conjugate gradient and line search, App. C.1
-        Fisher-vector products, App. D policies, Table 2 parameters.
-    [GAE] Schulman, Moritz, Levine, Jordan, Abbeel 2016, "High-Dimensional Continuous Control Using Generalized Advantage
-        Estimation", arXiv:1506.02438: the advantages and the learned V of the single-path estimator (TRPO-GAE).
-    [SB3C] Stable-Baselines3-contrib TRPO and [SpinUp] Spinning Up TRPO: CG damping 0.1, line-search factor 0.8 and at most
-        10 backtracking steps (the paper gives none of them), and the value-function fit.
-    ppo.py: the rollout, GAE, normalisation and networks are its code, so `diff ppo.py trpo.py` shows the trust region.
+    [TRPO] Schulman, Levine, Moritz, Jordan, Abbeel 2015, "Trust Region Policy Optimization", arXiv:1502.05477: Sec. 5-6,
+        App. C (conjugate gradient, line search, Fisher-vector products), App. D (policies), Table 2 (parameters).
+    [GAE] Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage Estimation",
+        arXiv:1506.02438: the single path's advantages and learned V (TRPO-GAE).
+    [SB3C], [SpinUp] Stable-Baselines3-contrib's and Spinning Up's TRPO: CG damping, line search and V fit (not in [TRPO]).
+    [TreePI] Springenberg, Heess et al. 2020, arXiv:2010.05545: Table 2's network options (--activation, --layer-norm).
 
-Algorithm (one iteration; the function that does each line in brackets):
-    1. Roll out pi_old for num_steps steps in each of num_envs envs [Rollout]; the vine also saves every step's simulator
-       state, the "trunk"                                                                        [Trunk, Simulator]
-    2. Single path [TRPO Sec. 5.1]: advantages A_t = GAE(gamma, lambda) with a learned V; lambda = 1 gives the paper's
-       Monte Carlo Q minus a baseline                                                                          [gae]
-       Vine [TRPO Sec. 5.2]: R trunk states; at each, K actions (q = pi for Box actions, uniform for Discrete ones);
-       restore the state, take the action, follow pi for L - 1 steps, the K branches of a state sharing their noise;
-       Q = discounted branch return                                                       [vine_actions, vine_rollouts]
-    3. Surrogate L(theta) = mean_t rho_t A_t, rho = pi_theta / pi_old [TRPO eq. 14]                        [surrogate];
-       vine: mean_r sum_k w_rk Q_rk / sum_k w_rk, w = pi_theta / q [TRPO eq. 15-16]                   [vine_surrogate]
-    4. g = grad L; s = A^-1 g by 10 conjugate-gradient steps on Fisher-vector products, the Hessian of the mean
-       KL(pi_old || pi_theta) on a 10% subsample of the states                  [conjugate_gradient, fisher_vector_product]
-    5. Full step beta s, beta = sqrt(2 delta / s^T A s); shrink it by 0.8 until L improves and the mean KL <= delta, else
-       keep theta_old [TRPO App. C]                                                          [update_policy, line_search]
-    6. Single path, after the policy step: fit V to the returns R_t = A_t + V_old(s_t) with 10 epochs of 32 minibatch
-       Adam steps (lr 1e-3) on (V - R)^2 / 2                                                               [update_value]
+Algorithm (one iteration; in brackets the function doing each line):
+    1. Roll out pi_old, num_steps steps in each of num_envs envs; the vine saves the states, the trunk [Rollout, Simulator]
+    2. Single path [TRPO Sec. 5.1]: A_t = GAE(gamma, lambda) of a learned V (lambda = 1: Monte Carlo Q minus V)  [gae]
+       Vine [Sec. 5.2]: at R trunk states K actions each (q = pi for Box actions, uniform for Discrete), each restored,
+       taken, then pi followed for L - 1 steps with noise shared by the K branches; Q = discounted branch return
+                                                                                          [vine_actions, vine_rollouts]
+    3. L(theta) = mean_t rho_t A_t, rho = pi_theta / pi_old [eq. 14]                              [single_path_objective]
+       vine: L(theta) = mean_r sum_k w_rk Q_rk / sum_k w_rk, w = pi_theta / q [eq. 15-16]              [vine_surrogate]
+    4. s = A^-1 g, g = grad L, by 10 conjugate-gradient steps on products with A, the Hessian of the mean
+       KL(pi_old || pi_theta) on 10% of the states [App. C, C.1]                [conjugate_gradient, fisher_vector_product]
+    5. Step beta s, beta = sqrt(2 delta / s^T A s), shrunk by 0.8 until L improves and the mean KL <= delta, else
+       theta_old is kept [App. C]                                                            [update_policy, line_search]
+    6. Single path: fit V to R_t = A_t + V_old(s_t), 10 epochs of 32 minibatch Adam steps on (V - R)^2 / 2 [update_value]
 
-Shapes: T steps per env per rollout, N envs, B states in a batch, O observation size, A action size (or number of
-actions), D distribution parameters per state (2A or A), P policy parameters; vine: R rollout-set states (the paper's N),
-K actions per state, L branch length, Z simulator-state size.
+Shapes: T steps, N envs, B states, O observation, A action (or number of actions), D distribution parameters (2A or A),
+P policy parameters; vine: R rollout-set states (the paper's N), K actions per state, L branch length, Z simulator state.
 
 Deviations from the paper:
-    - Single path uses GAE(gamma, lambda) advantages and a learned V [GAE] instead of plain Monte Carlo returns
-      (--gae-lambda 1 gives returns minus V); a batch's advantages are normalised ([SB3C], [SpinUp]; --no-norm-adv: off).
-    - 5,000 env steps per iteration instead of Table 2's 50,000-1,000,000 (single path) or 16 x 1000 (the vine's trunk),
-      so that the default 1M-step run makes the paper's 200 policy iterations; --num-steps sets either.
-    - ppo.py's networks (two hidden layers of 64 tanh units; the paper: one layer of 30 or 50), orthogonal initialisation
-      and observation and reward normalisation. Reward scaling rescales V's targets; the policy step is normalised anyway.
-    - The vine estimates the KL constraint and the Fisher matrix on all trunk states, a larger sample of the same state
-      distribution than the R rollout-set states, and a branch stops where its episode would hit its time limit.
-    - Gaussian actions are clipped to the bounds in the env only; log-probabilities and importance ratios use the sample.
+    - Single path: GAE and a learned V [GAE], not Monte Carlo returns; advantages normalised per batch ([SB3C], [SpinUp]).
+    - 5,000 env steps per iteration (Table 2: 50k-1M single path, a 16 x 1000 trunk): 1M steps make its 200 iterations.
+    - ppo.py's networks (2 x 64 tanh units; the paper: 1 x 30 or 50), initialisation and observation and reward
+      normalisation (ppo.py shares this code, so `diff ppo.py trpo.py` shows the trust region and the vine).
+    - The vine estimates the KL and the Fisher on all trunk states (more states of the same distribution than the R),
+      and a branch stops where its episode would hit its time limit.
+    - Gaussian actions are clipped to the bounds in the env only; log-probabilities and ratios use the unclipped sample.
 """
 
 import functools
@@ -60,7 +52,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 ALGO = "trpo"
-ACTION_SPACES = (gym.spaces.Box, gym.spaces.Discrete)  # a diagonal Gaussian or a categorical policy [TRPO App. D]
+ACTION_SPACES = (gym.spaces.Box, gym.spaces.Discrete)  # a Gaussian for Box actions, a categorical for Discrete ones
 
 
 # == 1. Arguments ==========================================================================================
@@ -78,8 +70,7 @@ class Args:
     estimator: Literal["single-path", "vine"] = "single-path"
     """How Q is estimated: along the rollout [TRPO Sec. 5.1] or by branch rollouts [Sec. 5.2]."""
     num_steps: int = 5_000
-    """Steps per env in each rollout: the single-path batch or the vine's trunk (paper: 50,000 to 1,000,000 single-path
-    steps, a 16 x 1000-step trunk [Table 2])."""
+    """Steps per env per rollout: the single-path batch or the vine's trunk (Table 2: 50k-1M, or a 16 x 1000 trunk)."""
     gamma: float = 0.99
     """Discount factor gamma [TRPO Table 2]."""
     gae_lambda: float = 0.97
@@ -90,8 +81,7 @@ class Args:
     vine_states: int = 625
     """R, states in the rollout set (Table 2: 2500 Q-values / 4 actions; Swimmer 500 / 4)."""
     vine_actions: int = 4
-    """K, actions per rollout-set state, each with its own branch (Table 2: 4; Discrete spaces use min(K, n) distinct
-    actions)."""
+    """K, actions per rollout-set state, one branch each (Table 2: 4; Discrete: min(K, n) distinct actions)."""
     vine_rollout_length: int = 100
     """L, env steps per branch, its first action included (Table 2: 100; Swimmer 50)."""
     # Trust region [TRPO Sec. 6, App. C]
@@ -149,8 +139,7 @@ class Args:
     checkpoint_every: int = 100_000
     """Write resume.pt (everything needed to continue) every this many env steps (0: only on a signal)."""
     checkpoint: str | None = None
-    """A model.pt or resume.pt whose weights to fine-tune (or, with --eval-only, evaluate); its saved
-    arguments become the defaults."""
+    """A model.pt or resume.pt to fine-tune, or to evaluate with --eval-only; its saved arguments become defaults."""
     eval_only: bool = False
     """With --checkpoint: evaluate the loaded policy, print the returns and exit."""
     resume: str | None = None
@@ -161,44 +150,21 @@ class Args:
 
 def algorithm_checks(args: Args) -> list[tuple[bool, str]]:
     """(condition, message) for each algorithm argument; `check_args` raises the first that fails."""
-    batch, vine, trunk = (
-        args.num_envs * args.num_steps,
-        args.estimator == "vine",
-        f"{args.num_envs} envs x {args.num_steps} steps",
-    )
+    rollout_size, vine = args.num_envs * args.num_steps, args.estimator == "vine"
+    trust_region = args.delta > 0 and args.cg_iters > 0 and args.cg_damping >= 0 and args.backtrack_iters > 0
+    value_fit = min(args.value_lr, args.value_epochs, args.value_minibatches) > 0
     return [
         (min(args.hidden_sizes, default=0) > 0, f"--hidden-sizes must be positive, got {args.hidden_sizes}"),
         (args.num_steps > 0, f"--num-steps must be positive, got {args.num_steps}"),
-        (
-            0.0 <= min(args.gamma, args.gae_lambda) <= max(args.gamma, args.gae_lambda) <= 1.0,
-            "--gamma and --gae-lambda must be in [0, 1]",
-        ),
-        (
-            not vine or 0 < args.vine_states <= batch,
-            f"--vine-states must be in [1, {batch}] (the trunk: {trunk}), got {args.vine_states}",
-        ),
-        (
-            not vine or args.vine_actions >= 2,
-            f"--vine-actions must be at least 2 (one action per state makes the surrogate constant), got {args.vine_actions}",
-        ),
-        (not vine or args.vine_rollout_length > 0, f"--vine-rollout-length must be positive, got {args.vine_rollout_length}"),
-        (
-            args.delta > 0 and args.cg_iters > 0 and args.cg_damping >= 0,
-            "--delta and --cg-iters must be positive and --cg-damping >= 0",
-        ),
+        (0.0 <= args.gamma <= 1.0 and 0.0 <= args.gae_lambda <= 1.0, "--gamma and --gae-lambda must be in [0, 1]"),
+        (not vine or 0 < args.vine_states <= rollout_size, f"--vine-states must be in [1, {rollout_size}], the trunk's size"),
+        (not vine or args.vine_actions >= 2, "--vine-actions must be >= 2 (with one the vine's surrogate is constant)"),
+        (not vine or args.vine_rollout_length > 0, "--vine-rollout-length must be positive"),
+        (trust_region, "--delta, --cg-iters and --backtrack-iters must be positive, --cg-damping >= 0"),
         (0.0 < args.fisher_fraction <= 1.0, f"--fisher-fraction must be in (0, 1], got {args.fisher_fraction}"),
-        (
-            0.0 < args.backtrack_coef < 1.0 and args.backtrack_iters > 0,
-            "--backtrack-coef must be in (0, 1) and --backtrack-iters positive",
-        ),
-        (
-            min(args.value_lr, args.value_epochs, args.value_minibatches) > 0,
-            "--value-lr, --value-epochs and --value-minibatches must be positive",
-        ),
-        (
-            args.value_minibatches <= batch,
-            f"--value-minibatches {args.value_minibatches} is larger than the rollout ({trunk})",
-        ),
+        (0.0 < args.backtrack_coef < 1.0, f"--backtrack-coef must be in (0, 1), got {args.backtrack_coef}"),
+        (value_fit, "--value-lr, --value-epochs and --value-minibatches must be positive"),
+        (args.value_minibatches <= rollout_size, f"--value-minibatches must be at most the rollout's {rollout_size} steps"),
     ]
 
 
@@ -228,8 +194,8 @@ def orthogonal_init(module: nn.Module, gain: float) -> nn.Module:
 
 
 class Actor(nn.Module):
-    """pi(a|s): a diagonal Gaussian with a state-independent log std for Box actions, a categorical over logits for
-    Discrete ones [TRPO App. D]."""
+    """pi(a|s): a diagonal Gaussian with a state-independent log std for Box actions [TRPO App. D], a categorical
+    over logits for Discrete ones."""
 
     def __init__(
         self, obs_dim: int, action_space: gym.Space, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool
@@ -241,9 +207,12 @@ class Actor(nn.Module):
         # a small last layer starts the policy near uniform / zero mean (baselines ppo2)
         self.head = orthogonal_init(nn.Linear(hidden_sizes[-1], out_dim), 0.01)
         self.log_std = None if self.discrete else nn.Parameter(torch.zeros(out_dim))
+        if not self.discrete:  # the env's bounds, which the env's actions are clipped to (log pi keeps the sample)
+            self.register_buffer("low", torch.as_tensor(action_space.low, dtype=torch.float32))
+            self.register_buffer("high", torch.as_tensor(action_space.high, dtype=torch.float32))
 
     def forward(self, obs: Tensor) -> Tensor:
-        """Gaussian mean [B, A] or categorical logits [B, n]."""
+        """Gaussian mean [B, A] or categorical logits [B, A]."""
         return self.head(self.trunk(obs))
 
     def log_prob_entropy(self, obs: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
@@ -267,36 +236,38 @@ class Actor(nn.Module):
         return actions, log_probs
 
     def deterministic(self, obs: Tensor) -> Tensor:
-        """The mean action or the most likely one, used for evaluation."""
+        """The mean action clipped to the env's bounds, or the most likely one; used for evaluation."""
         out = self(obs)
-        return out.argmax(-1) if self.discrete else out
+        return out.argmax(-1) if self.discrete else out.clamp(self.low, self.high)
+
+    def env_action(self, actions: Tensor) -> Tensor:
+        """What the env gets: a Box action clipped to its bounds."""
+        return actions if self.discrete else actions.clamp(self.low, self.high)
 
     def dist_params(self, obs: Tensor) -> Tensor:
-        """The distribution parameters mu_theta(s) of [TRPO App. C.1]: [mean, log std] [B, 2A] for Box actions, the
-        logits [B, n] for Discrete ones."""
+        """mu_theta(s) of [TRPO App. C.1]: [mean, log std] [B, 2A] for Box actions, the logits [B, A] for Discrete."""
         out = self(obs)
         return out if self.discrete else torch.cat([out, self.log_std.expand_as(out)], dim=-1)
 
     def kl(self, dist_old: Tensor, dist: Tensor) -> Tensor:
-        """KL(pi_old(.|s) || pi(.|s)) per state [B] from two dist_params outputs."""
+        """KL(pi_old(.|s) || pi(.|s)) [B] from two dist_params outputs: sum_a p_old(a) (log p_old(a) - log p(a)) for the
+        categorical, sum_i log(s_i / s_old_i) + (s_old_i^2 + (m_old_i - m_i)^2) / (2 s_i^2) - 1/2 for the Gaussian."""
         if self.discrete:
-            return categorical_kl(dist_old, dist)
-        return gaussian_kl(*dist_old.chunk(2, dim=-1), *dist.chunk(2, dim=-1))
+            log_p_old = dist_old.log_softmax(-1)
+            return (log_p_old.exp() * (log_p_old - dist.log_softmax(-1))).sum(-1)
+        (mean_old, log_std_old), (mean, log_std) = dist_old.chunk(2, dim=-1), dist.chunk(2, dim=-1)
+        var_ratio, mahalanobis = torch.exp(2 * (log_std_old - log_std)), ((mean_old - mean) * torch.exp(-log_std)).pow(2)
+        return (log_std - log_std_old + 0.5 * (var_ratio + mahalanobis) - 0.5).sum(-1)
 
     def noise(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
-        """The random numbers of `shape` actions: uniform [*shape] for Discrete actions, standard normal [*shape, A]
-        for Box ones."""
-        if self.discrete:
-            return torch.rand(shape, device=device)
-        return torch.randn(*shape, *self.log_std.shape, device=device)
+        """Random numbers for `shape` actions: uniform [*shape] (Discrete) or standard normal [*shape, A] (Box)."""
+        return torch.rand(shape, device=device) if self.discrete else torch.randn(*shape, *self.log_std.shape, device=device)
 
     def sample_with_noise(self, obs: Tensor, noise: Tensor) -> Tensor:
-        """a ~ pi(.|s) as a function of given noise, so branches can share it: mean + std noise, or the inverse CDF of
-        the categorical at the uniform noise."""
+        """a ~ pi(.|s) from given noise, which branches share: mean + std noise, or the inverse CDF at uniform noise."""
         out = self(obs)
         if self.discrete:
-            cdf = out.softmax(-1).cumsum(-1)
-            actions = (cdf <= noise.unsqueeze(-1)).sum(-1)  # the first a with cdf(a) > u
+            actions = (out.softmax(-1).cumsum(-1) <= noise.unsqueeze(-1)).sum(-1)  # the first a with cdf(a) > u
             return actions.clamp_max(out.shape[-1] - 1)  # in case cdf(n - 1) rounds below u
         return out + self.log_std.exp() * noise
 
@@ -316,12 +287,11 @@ class Value(nn.Module):
 # == 3. Storage ============================================================================================
 class RunningMeanStd:
     """Mean and variance of everything seen so far, merged batch by batch (Chan et al. 1979, as baselines'
-    VecNormalize). Kept in float64 numpy for speed on the per-step path; state_dict() gives tensors for the checkpoint."""
+    VecNormalize). Kept in float64 numpy for speed on the per-step path; state_dict() gives tensors."""
 
     def __init__(self, shape: tuple[int, ...]):
-        self.mean = np.zeros(shape)
-        self.var = np.ones(shape)
-        self.count = 1e-4  # baselines' initial count: the first batch dominates at once
+        # baselines' initial count: the first batch dominates at once
+        self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), 1e-4
 
     def update(self, x: np.ndarray) -> None:
         """Merge a batch x [n, *shape]."""
@@ -337,18 +307,16 @@ class RunningMeanStd:
         return np.clip((x - self.mean) / np.sqrt(self.var + 1e-8), -clip, clip).astype(np.float32)
 
     def state_dict(self) -> dict:
-        mean, var = torch.as_tensor(np.asarray(self.mean)), torch.as_tensor(np.asarray(self.var))
-        return {"mean": mean, "var": var, "count": torch.tensor(self.count, dtype=torch.float64)}
+        return {k: torch.as_tensor(np.asarray(getattr(self, k), dtype=np.float64)) for k in ("mean", "var", "count")}
 
     def load_state_dict(self, state: dict) -> None:
-        self.mean = state["mean"].double().cpu().numpy().copy()
-        self.var = state["var"].double().cpu().numpy().copy()
+        self.mean, self.var = (state[k].double().cpu().numpy().copy() for k in ("mean", "var"))
         self.count = float(state["count"])
 
 
 class RewardScaler:
-    """r / std(G) with G_t = gamma G_{t-1} + r_t the discounted return of each env so far, reset at episode ends, then
-    clipped (baselines' VecNormalize)."""
+    """r / std(G) with G_t = gamma G_{t-1} + r_t the discounted return of each env so far, reset at episode
+    ends, then clipped (baselines' VecNormalize)."""
 
     def __init__(self, num_envs: int, gamma: float, clip: float):
         self.rms, self.gamma, self.clip = RunningMeanStd(()), gamma, clip
@@ -372,74 +340,47 @@ class Rollout(NamedTuple):
 
 
 def make_rollout(num_steps: int, num_envs: int, obs_dim: int, action_space: gym.Space, device: torch.device) -> Rollout:
-    """Preallocated rollout storage, written in place step by step."""
-    discrete = isinstance(action_space, gym.spaces.Discrete)
-    tn = (num_steps, num_envs)
-    return Rollout(
-        obs=torch.zeros(*tn, obs_dim, device=device),
-        actions=torch.zeros(tn, dtype=torch.long, device=device)
-        if discrete
-        else torch.zeros(*tn, *action_space.shape, device=device),
-        log_probs=torch.zeros(tn, device=device),
-        rewards=torch.zeros(tn, device=device),
-        dones=torch.zeros(tn, device=device),
-        values=torch.zeros(tn, device=device),
-    )
-
-
-class Trunk(NamedTuple):
-    """The vine's trunk [TRPO Sec. 5.2]: the states that branches restore."""
-
-    states: np.ndarray  # [T, N, Z] simulator state before each step
-    elapsed: np.ndarray  # [T, N] steps its episode had taken before it
+    """Preallocated rollout storage on `device`, written in place step by step."""
+    tn, discrete = (num_steps, num_envs), isinstance(action_space, gym.spaces.Discrete)
+    actions = torch.zeros(tn, dtype=torch.long) if discrete else torch.zeros(*tn, *action_space.shape)
+    log_probs, rewards, dones, values = (torch.zeros(tn) for _ in range(4))
+    return Rollout(*(x.to(device) for x in (torch.zeros(*tn, obs_dim), actions, log_probs, rewards, dones, values)))
 
 
 # == 4. Environment ========================================================================================
-class Simulator:
-    """Saves, restores and steps the simulator below the TimeLimit wrapper, for the vine.
+MJ_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # everything mj_step reads: the state that replays a trajectory
 
-    MuJoCo: the full integration state (mj_getState/mj_setState with mjSTATE_INTEGRATION: qpos, qvel, act, warm start,
-    ctrl, ...). Classic control: the env's `state` attribute, its whole dynamic state. Both kinds step deterministically
-    (their randomness is drawn at reset only; Acrobot's torque noise is off by default), so the policy noise is all that
-    the vine's branches need to share. Restoring a trunk state and stepping replays the trunk bit-exactly on CartPole-v1
-    and Hopper-v5 (tested: a branch's return equals the one replayed from reset); other envs are not checked.
-    """
+
+class Simulator:
+    """Saves and restores the simulator below the TimeLimit wrapper (`env`, which the branches step), for the vine [TRPO
+    Sec. 5.2]: MuJoCo's full integration state (mj_getState/mj_setState: qpos, qvel, act, warm start, ctrl, ...), or a
+    classic-control env's `state`. Both step deterministically (randomness is drawn at reset; Acrobot's torque noise is
+    off by default), so branches share the policy noise only. A restored trunk state replays the trunk bit-exactly on
+    CartPole-v1 and Hopper-v5 (tested); other envs are not checked."""
 
     def __init__(self, env: gym.Env, env_id: str):
         self.env = env.unwrapped  # below TimeLimit: restoring a state must not count steps
-        if isinstance(getattr(self.env, "model", None), mujoco.MjModel):
-            self.kind = "mujoco"
-            self.size = mujoco.mj_stateSize(self.env.model, mujoco.mjtState.mjSTATE_INTEGRATION)
-        elif type(self.env).__module__.startswith("gymnasium.envs.classic_control"):
-            self.kind = "classic"
-            if getattr(self.env, "state", None) is None:  # created by the first reset
-                self.env.reset(seed=0)
-            self.size = len(np.asarray(self.env.state))
-        else:
-            raise UsageError(
-                f"--estimator vine restores simulator states, which this script can do for MuJoCo and classic-control "
-                f"envs only; {env_id} is neither"
-            )
+        self.mujoco = isinstance(getattr(self.env, "model", None), mujoco.MjModel)
+        if not self.mujoco and not type(self.env).__module__.startswith("gymnasium.envs.classic_control"):
+            raise UsageError(f"--estimator vine restores simulator states: MuJoCo and classic-control envs only, not {env_id}")
+        if not self.mujoco and getattr(self.env, "state", None) is None:  # created by the first reset
+            self.env.reset(seed=0)
+        self.size = mujoco.mj_stateSize(self.env.model, MJ_STATE) if self.mujoco else len(np.asarray(self.env.state))
 
     def get_state(self) -> np.ndarray:
-        if self.kind == "mujoco":
-            state = np.empty(self.size)
-            mujoco.mj_getState(self.env.model, self.env.data, state, mujoco.mjtState.mjSTATE_INTEGRATION)
-            return state
-        return np.array(self.env.state, dtype=np.float64)
+        if not self.mujoco:
+            return np.array(self.env.state, dtype=np.float64)
+        state = np.empty(self.size)
+        mujoco.mj_getState(self.env.model, self.env.data, state, MJ_STATE)
+        return state
 
     def set_state(self, state: np.ndarray) -> None:
-        if self.kind == "mujoco":
-            mujoco.mj_setState(self.env.model, self.env.data, state, mujoco.mjtState.mjSTATE_INTEGRATION)
+        if self.mujoco:
+            mujoco.mj_setState(self.env.model, self.env.data, state, MJ_STATE)
         else:
             self.env.state = state.copy()
             if hasattr(self.env, "steps_beyond_terminated"):  # CartPole's post-termination count
                 self.env.steps_beyond_terminated = None
-
-    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool]:
-        """One env step from the current state: (next observation, reward, terminated)."""
-        obs, reward, terminated, _, _ = self.env.step(action)
-        return obs, float(reward), bool(terminated)
 
 
 # == 5. Algorithm ==========================================================================================
@@ -459,28 +400,14 @@ def gaussian_entropy(log_std: Tensor) -> Tensor:
 
 
 def categorical_log_prob(logits: Tensor, actions: Tensor) -> Tensor:
-    """log softmax(logits)[a]: [B, n], [B] -> [B]."""
+    """log softmax(logits)[a]: [B, A], [B] -> [B]."""
     return logits.log_softmax(-1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
 
 
 def categorical_entropy(logits: Tensor) -> Tensor:
-    """-sum_a p(a) log p(a): [B, n] -> [B]."""
+    """-sum_a p(a) log p(a): [B, A] -> [B]."""
     log_p = logits.log_softmax(-1)
     return -(log_p.exp() * log_p).sum(-1)
-
-
-def gaussian_kl(mean_old: Tensor, log_std_old: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
-    """KL(N_old || N) = sum_i log(s_i / s_old_i) + (s_old_i^2 + (m_old_i - m_i)^2) / (2 s_i^2) - 1/2 for diagonal
-    Gaussians: [B, A] each -> [B]."""
-    var_ratio = torch.exp(2 * (log_std_old - log_std))
-    mahalanobis = ((mean_old - mean) * torch.exp(-log_std)).pow(2)
-    return (log_std - log_std_old + 0.5 * (var_ratio + mahalanobis) - 0.5).sum(-1)
-
-
-def categorical_kl(logits_old: Tensor, logits: Tensor) -> Tensor:
-    """KL(p_old || p) = sum_a p_old(a) (log p_old(a) - log p(a)): [B, n] each -> [B]."""
-    log_p_old = logits_old.log_softmax(-1)
-    return (log_p_old.exp() * (log_p_old - logits.log_softmax(-1))).sum(-1)
 
 
 def gae(
@@ -490,8 +417,8 @@ def gae(
 
     delta_t = r_t + gamma (1 - done_t) V(s_{t+1}) - V(s_t)
     A_t = delta_t + gamma lambda (1 - done_t) A_{t+1},   returns R_t = A_t + V(s_t).
-    done_t marks a step after which the episode ended (terminated or truncated); a truncated step's reward already holds
-    gamma V(final obs), so the cut is right for both.
+    done_t marks a step after which the episode ended (terminated or truncated); a truncated step's reward
+    already holds gamma V(final obs), so the cut is right for both.
     Shapes: rewards, values, dones [T, N]; last_value [N] = V(s_T); returns two [T, N].
     """
     not_done = 1.0 - dones
@@ -506,42 +433,24 @@ def gae(
     return advantages, advantages + values
 
 
-def surrogate(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor) -> Tensor:
-    """L(theta) = mean_t rho_t A_t, rho = pi_theta(a_t|s_t) / pi_old(a_t|s_t) [TRPO eq. 14].
-
-    Single path [TRPO Sec. 5.1]: q = pi_old, and advantages in place of Q change L by a constant only.
-    Shapes: all [B]; returns a scalar.
-    """
-    return (torch.exp(log_probs - old_log_probs) * advantages).mean()
-
-
 def vine_surrogate(log_probs: Tensor, log_q: Tensor, q_values: Tensor) -> Tensor:
-    """L(theta) = mean_r sum_k w_rk Q_rk / sum_k w_rk, w_rk = pi_theta(a_rk|s_r) / q(a_rk|s_r).
-
-    [TRPO eq. 16] the self-normalised importance-sampling estimate at each rollout-set state, computed as
-    softmax_k(log w_rk), which is exact and cannot overflow. With q = pi_old (Box actions) it is eq. 16 as printed; with
-    every action of a Discrete space once and q uniform, sum_k w_rk = 1 / q and it is eq. 15, sum_a pi_theta(a|s_r) Q(s_r, a).
-    Shapes: log_probs, log_q, q_values [R, K]; returns a scalar.
-    """
+    """L(theta) = mean_r sum_k w_rk Q_rk / sum_k w_rk, w_rk = pi_theta(a_rk|s_r) / q(a_rk|s_r) [TRPO eq. 16], the
+    self-normalised estimate as softmax_k(log w_rk) (exact, no overflow). q = pi_old (Box actions): eq. 16 as printed;
+    each Discrete action once, q uniform: eq. 15, sum_a pi_theta(a|s_r) Q(s_r, a). Shapes: all [R, K]; returns a scalar."""
     return (torch.softmax(log_probs - log_q, dim=-1) * q_values).sum(-1).mean()
 
 
 def conjugate_gradient(avp: Callable[[Tensor], Tensor], b: Tensor, iters: int) -> Tensor:
-    """An approximate solution x of A x = b, A symmetric positive definite, from products A v.
-
-    [TRPO App. C] conjugate gradient from x_0 = 0 for `iters` steps (the paper: 10), stopping early once
-    |b - A x|^2 < CG_RESIDUAL_TOL. avp: v -> A v. Shapes: b [P]; returns x [P].
-    """
-    x = torch.zeros_like(b)
-    r, p = b.clone(), b.clone()  # the residual b - A x and the search direction
+    """x ~ A^-1 b for A symmetric positive definite, from products avp(v) = A v: [TRPO App. C] conjugate gradient from
+    x_0 = 0 for `iters` steps (the paper: 10), stopping early once |b - A x|^2 < CG_RESIDUAL_TOL. Shapes: b, x [P]."""
+    x, r, p = torch.zeros_like(b), b.clone(), b.clone()  # the solution, the residual b - A x, the search direction
     rr = r @ r
     for _ in range(iters):
         if rr < CG_RESIDUAL_TOL:
             break
         ap = avp(p)
         alpha = rr / (p @ ap)
-        x += alpha * p
-        r -= alpha * ap
+        x, r = x + alpha * p, r - alpha * ap
         rr_new = r @ r
         p = r + (rr_new / rr) * p
         rr = rr_new
@@ -549,13 +458,9 @@ def conjugate_gradient(avp: Callable[[Tensor], Tensor], b: Tensor, iters: int) -
 
 
 def fisher_vector_product(kl_grad: Tensor, params: list[Tensor], v: Tensor, damping: float) -> Tensor:
-    """(A + damping I) v, A = d^2/dtheta^2 mean_s KL(pi_old(.|s) || pi_theta(.|s)) at theta_old.
-
-    [TRPO App. C.1] the Hessian-vector product of the analytic mean KL: kl_grad = dKL/dtheta, built with
-    create_graph=True at theta = theta_old, is differentiated once more along v. There the second term of eq. 57
-    vanishes, so this is the Fisher J^T M J v, M the Fisher of the distribution parameters.
-    Shapes: kl_grad, v [P]; params the P parameters.
-    """
+    """(A + damping I) v, A = d^2/dtheta^2 mean_s KL(pi_old(.|s) || pi_theta(.|s)) at theta_old [TRPO App. C.1]: kl_grad
+    = dKL/dtheta (create_graph=True at theta_old) differentiated along v. There eq. 57's second term vanishes: this is
+    the Fisher J^T M J v, M the distribution parameters' Fisher. Shapes: kl_grad, v [P]; params the P parameters."""
     hvp = torch.autograd.grad(kl_grad @ v, params, retain_graph=True)
     return torch.cat([h.reshape(-1) for h in hvp]) + damping * v
 
@@ -570,13 +475,9 @@ def line_search(
     backtrack_coef: float,
     backtrack_iters: int,
 ) -> float:
-    """theta = theta_old + c^j full_step for the first j with L(theta) > L(theta_old) and mean KL <= delta; if no
-    j < backtrack_iters passes, theta_old is restored exactly.
-
-    [TRPO App. C] the line search on L(theta) - X[KL <= delta], from the maximal step down, shrinking it exponentially.
-    evaluate_step() returns (L, mean KL) at the actor's current parameters.
-    Shapes: theta_old, full_step [P]. Returns the accepted c^j, 0.0 if rejected.
-    """
+    """theta = theta_old + c^j full_step for the first j < backtrack_iters with L(theta) > L(theta_old) and mean KL <=
+    delta, else theta_old restored exactly; returns c^j, or 0.0 if rejected. [TRPO App. C] the line search on
+    L(theta) - X[KL <= delta] from the maximal step down; evaluate_step() gives (L, mean KL) at the current parameters."""
     params = list(actor.parameters())
     for j in range(backtrack_iters):
         fraction = backtrack_coef**j
@@ -590,20 +491,16 @@ def line_search(
 
 @torch.no_grad()
 def set_parameters(params: list[Tensor], theta: Tensor) -> None:
-    """Copy the flat vector theta [P] into the parameters in place (vector_to_parameters would make them views into
-    theta, whose memory alignment can change matmul rounding)."""
+    """Copy theta [P] into params in place (vector_to_parameters' views into theta can change matmul rounding)."""
     for p, chunk in zip(params, theta.split([p.numel() for p in params])):
         p.copy_(chunk.view_as(p))
 
 
 @torch.no_grad()
 def vine_actions(actor: Actor, obs: Tensor, num_actions: int) -> tuple[Tensor, Tensor]:
-    """The K actions a_rk at each rollout-set state and log q(a_rk|s_r) [TRPO Sec. 5.2].
-
-    Box actions: K samples of q = pi_old, the choice [TRPO Sec. 5.2] makes for continuous control. Discrete actions:
-    q uniform and K distinct actions, all n of them when K >= n (eq. 15).
-    Shapes: obs [R, O]; returns actions [R, K, A] or [R, K] and log q [R, K].
-    """
+    """The K actions a_rk at each rollout-set state and log q(a_rk|s_r) [TRPO Sec. 5.2]: K samples of q = pi_old for
+    Box actions (the paper's choice for continuous control); for Discrete ones q uniform and K distinct actions, all n
+    of them when K >= n (eq. 15). Shapes: obs [R, O]; returns actions [R, K, A] or [R, K] and log q [R, K]."""
     if actor.discrete:
         n = actor.head.out_features
         k = min(num_actions, n)
@@ -615,42 +512,28 @@ def vine_actions(actor: Actor, obs: Tensor, num_actions: int) -> tuple[Tensor, T
 
 
 def vine_rollouts(
-    sim: Simulator,
-    states: np.ndarray,
-    first_actions: np.ndarray,
-    act: Callable[[np.ndarray, Tensor], np.ndarray],
-    noise: Tensor,
-    horizons: np.ndarray,
-    gamma: float,
+    sim: Simulator, states: np.ndarray, first: np.ndarray, act: Callable, noise: Tensor, horizons: np.ndarray, gamma: float
 ) -> tuple[np.ndarray, int]:
-    """Q_rk = sum_{t < L_r} gamma^t r_t of the branch that restores state s_r, takes a_rk and then follows the policy,
-    the K branches of s_r sharing their noise.
-
-    [TRPO Sec. 5.2] rollouts from the rollout set with common random numbers: branch (r, k) acts at step t >= 1 with
-    noise[r, t - 1] for every k, so the branches of a state differ through their first action only. All R K branches
-    advance in lockstep, one batched policy call per step; a branch stops when its episode terminates or after
-    L_r = min(L, horizon_r) steps. act(obs [R K, O], noise [R K, ...]) -> env actions [R K, ...].
-    Shapes: states [R, Z]; first_actions [R, K, ...] (env actions); noise [R, L - 1, ...]; horizons [R] (steps left
-    before the time limit). Returns Q [R, K] and the steps taken.
-    """
-    num_states, num_actions = first_actions.shape[:2]
-    branch_states = np.repeat(states, num_actions, axis=0)  # [R K, Z]
-    actions = first_actions.reshape(num_states * num_actions, *first_actions.shape[2:])
+    """Q_rk = sum_{t < L_r} gamma^t r_t of the branch that restores state s_r, takes a_rk, then follows the policy:
+    [TRPO Sec. 5.2] with common random numbers, branch (r, k) acts at step t >= 1 with noise[r, t - 1] for every k. All
+    branches advance in lockstep, one act(obs [R K, O], noise [R K, ...]) -> env actions per step; one stops when its
+    episode terminates or after L_r = min(L, horizon_r) steps. Shapes: states [R, Z]; first [R, K, ...] (env actions
+    a_rk); noise [R, L - 1, ...]; horizons [R] (steps left before the time limit). Returns Q [R, K] and the steps taken."""
+    num_states, num_actions = first.shape[:2]
+    branches = num_states * num_actions
+    branch_states, actions = np.repeat(states, num_actions, axis=0), first.reshape(branches, *first.shape[2:])  # [R K, ...]
     branch_noise = noise.repeat_interleave(num_actions, dim=0)  # [R K, L - 1, ...]: CRN
     limits = np.repeat(np.minimum(horizons, noise.shape[1] + 1), num_actions)  # [R K]
-    q_values = np.zeros(len(branch_states))
-    alive = np.ones(len(branch_states), dtype=bool)
-    obs, sim_steps = None, 0
+    q_values, alive, sim_steps = np.zeros(branches), np.ones(branches, dtype=bool), 0
+    obs = np.zeros((branches, *sim.env.observation_space.shape))  # [R K, O]
     for t in range(noise.shape[1] + 1):
         if t > 0:
             actions = act(obs, branch_noise[:, t - 1])
         for i in np.flatnonzero(alive):
             sim.set_state(branch_states[i])
-            next_obs, reward, terminated = sim.step(actions[i])
-            if obs is None:
-                obs = np.zeros((len(branch_states), len(next_obs)))
+            next_obs, reward, terminated, _, _ = sim.env.step(actions[i])
             branch_states[i], obs[i] = sim.get_state(), next_obs
-            q_values[i] += gamma**t * reward
+            q_values[i] += gamma**t * float(reward)
             alive[i] = not terminated and t + 1 < limits[i]
             sim_steps += 1
         if not alive.any():
@@ -660,16 +543,16 @@ def vine_rollouts(
 
 # == 6. Updates ============================================================================================
 def single_path_objective(actor: Actor, batch: dict[str, Tensor]) -> Tensor:
-    """[TRPO eq. 14] on the rollout: states, actions, log pi_old(a|s) and advantages, [B]."""
+    """L(theta) = mean_t rho_t A_t, rho = pi_theta(a_t|s_t) / pi_old(a_t|s_t) [TRPO eq. 14] on a batch [B]; single path
+    [TRPO Sec. 5.1]: q = pi_old, and advantages in place of Q change L by a constant only."""
     log_probs, _ = actor.log_prob_entropy(batch["obs"], batch["actions"])
-    return surrogate(log_probs, batch["log_probs"], batch["advantages"])
+    return (torch.exp(log_probs - batch["log_probs"]) * batch["advantages"]).mean()
 
 
 def vine_objective(actor: Actor, batch: dict[str, Tensor]) -> Tensor:
     """[TRPO eq. 15-16] on the rollout set: states [R, O], actions, log q and Q, [R, K]."""
     obs = batch["obs"].unsqueeze(1).expand(-1, batch["q_values"].shape[1], -1)  # [R, K, O]
-    log_probs, _ = actor.log_prob_entropy(obs, batch["actions"])
-    return vine_surrogate(log_probs, batch["log_q"], batch["q_values"])
+    return vine_surrogate(actor.log_prob_entropy(obs, batch["actions"])[0], batch["log_q"], batch["q_values"])
 
 
 def update_policy(
@@ -687,8 +570,7 @@ def update_policy(
     <= delta over the states obs [B, O]; returns the metrics."""
     params = list(actor.parameters())
     theta_old = torch.cat([p.detach().reshape(-1) for p in params])
-    with torch.no_grad():
-        dist_old = actor.dist_params(obs)  # [B, D], pi_old in every KL below
+    dist_old = actor.dist_params(obs).detach()  # [B, D], pi_old in every KL below
     surrogate_old = objective()
     g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(surrogate_old, params)])
     # [TRPO App. C.1] the Fisher on a random fraction of the states
@@ -699,38 +581,24 @@ def update_policy(
     step_dir = conjugate_gradient(fvp, g, cg_iters)  # s ~ A^-1 g
     curvature = step_dir @ fvp(step_dir)  # s^T A s
     full_step = torch.sqrt(2 * delta / curvature.clamp_min(STEP_EPS)) * step_dir  # [TRPO App. C]
-
-    @torch.no_grad()
-    def evaluate_step() -> tuple[Tensor, Tensor]:
-        return objective(), actor.kl(dist_old, actor.dist_params(obs)).mean()
-
+    evaluate_step = torch.no_grad()(lambda: (objective(), actor.kl(dist_old, actor.dist_params(obs)).mean()))  # (L, KL)
     surrogate_old = surrogate_old.detach()
     fraction = line_search(actor, evaluate_step, theta_old, full_step, surrogate_old, delta, backtrack_coef, backtrack_iters)
     surrogate_new, kl = evaluate_step()
     entropy = categorical_entropy(dist_old) if actor.discrete else gaussian_entropy(dist_old.chunk(2, dim=-1)[1])
-    return {
-        "losses/policy": -surrogate_new,
-        "stats/surrogate_improvement": surrogate_new - surrogate_old,
-        "stats/kl": kl,
-        "stats/entropy": entropy.mean(),
-        "stats/step_fraction": torch.tensor(fraction),
-        "stats/line_search_rejected": torch.tensor(float(fraction == 0.0)),
-        "stats/grad_norm": g.norm(),
-    }
+    metrics = {"losses/policy": -surrogate_new, "stats/surrogate_improvement": surrogate_new - surrogate_old}
+    metrics |= {"stats/kl": kl, "stats/entropy": entropy.mean(), "stats/step_fraction": torch.tensor(fraction)}
+    return metrics | {"stats/line_search_rejected": torch.tensor(float(fraction == 0.0)), "stats/grad_norm": g.norm()}
 
 
 def update_value(
     value: Value, value_opt: Optimizer, obs: Tensor, returns: Tensor, epochs: int, num_minibatches: int
 ) -> dict[str, Tensor]:
-    """Fit V to the returns R = A + V_old: `epochs` passes of minibatch Adam steps on (V(s) - R)^2 / 2 ([SB3C]; the
-    policy step does not touch V)."""
-    size = len(obs)
-    minibatch = size // num_minibatches
-    total = torch.zeros((), device=obs.device)
+    """Fit V to the returns R = A + V_old: `epochs` passes of minibatch Adam steps on (V(s) - R)^2 / 2 ([SB3C])."""
+    size, total = len(obs), torch.zeros((), device=obs.device)
+    minibatch = size // num_minibatches  # the remainder of each epoch's permutation is left out
     for _ in range(epochs):
-        perm = torch.randperm(size, device=obs.device)
-        for start in range(0, minibatch * num_minibatches, minibatch):
-            idx = perm[start : start + minibatch]
+        for idx in torch.randperm(size, device=obs.device)[: minibatch * num_minibatches].view(num_minibatches, minibatch):
             loss = 0.5 * (value(obs[idx]) - returns[idx]).pow(2).mean()
             value_opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -743,130 +611,95 @@ def update_value(
 def train(args: Args) -> dict:
     """Train TRPO; returns the final metrics, counters and the run directory."""
     device = setup(args)  # seeds, torch threads, device
-    # -- environments
+    # -- environments; the vine saves each training env's state at every step and branches on a copy of its own
     envs = make_vec_env(args.env, args.num_envs)
-    obs_dim, action_space = envs.single_observation_space.shape[0], envs.single_action_space
-    if isinstance(action_space, gym.spaces.Box) and len(action_space.shape) != 1:
-        raise UsageError(f"{args.env} has actions of shape {action_space.shape}; {ALGO} needs a flat Box")
-    vine = args.estimator == "vine"
-    # the vine saves each training env's state at every step and branches on its own copy
+    obs_dim, action_space, vine = envs.single_observation_space.shape[0], envs.single_action_space, args.estimator == "vine"
     trunk_sims = [Simulator(env, args.env) for env in envs.unwrapped.envs] if vine else []
     branch_sim = Simulator(make_env(args.env), args.env) if vine else None
     max_episode_steps = envs.unwrapped.envs[0].spec.max_episode_steps or np.iinfo(np.int64).max
-    # -- networks and optimizers
+    # -- networks, optimizer and normalisers (the vine's Q needs no V)
     nets = (args.hidden_sizes, args.activation, args.layer_norm)
-    actor = Actor(obs_dim, action_space, *nets).to(device)
-    value = Value(obs_dim, *nets).to(device) if not vine else None  # the vine's Q needs no V
-    value_opt = torch.optim.Adam(value.parameters(), lr=args.value_lr, fused=True) if value is not None else None
-    trust_region = (
-        args.delta,
-        args.cg_iters,
-        args.cg_damping,
-        args.fisher_fraction,
-        args.backtrack_coef,
-        args.backtrack_iters,
-    )
-    obs_rms = RunningMeanStd((obs_dim,))
-    reward_scaler = RewardScaler(args.num_envs, args.gamma, args.reward_clip)
+    actor, value = Actor(obs_dim, action_space, *nets).to(device), None if vine else Value(obs_dim, *nets).to(device)
+    value_opt = None if vine else torch.optim.Adam(value.parameters(), lr=args.value_lr, fused=True)
+    obs_rms, reward_scaler = RunningMeanStd((obs_dim,)), RewardScaler(args.num_envs, args.gamma, args.reward_clip)
+    region = (args.delta, args.cg_iters, args.cg_damping, args.fisher_fraction, args.backtrack_coef, args.backtrack_iters)
 
     def observe(raw: np.ndarray, update: bool = True) -> Tensor:
-        """Update the observation statistics with a batch (when asked) and return it normalised."""
-        if not args.norm_obs:
-            return torch.as_tensor(raw, dtype=torch.float32, device=device)
-        if update:
-            obs_rms.update(raw)
-        return torch.as_tensor(obs_rms.normalize(raw, args.obs_clip), device=device)
+        """Observations [n, O] normalised, after merging them into the statistics if `update`."""
+        if args.norm_obs:
+            obs_rms.update(raw) if update else None
+            raw = obs_rms.normalize(raw, args.obs_clip)
+        return torch.as_tensor(raw, dtype=torch.float32, device=device)
 
-    def env_actions(actions: Tensor) -> np.ndarray:
-        """The env gets Box actions clipped to its bounds; pi_old keeps the sample."""
-        actions = actions.cpu().numpy()
-        return actions if actor.discrete else np.clip(actions, action_space.low, action_space.high)
+    branch_act = lambda obs, noise: actor.env_action(actor.sample_with_noise(observe(obs, update=False), noise)).cpu().numpy()
 
-    @torch.no_grad()
-    def act(obs: Tensor) -> Tensor:  # evaluation: the deterministic action, frozen statistics
-        return torch.as_tensor(env_actions(actor.deterministic(observe(obs.cpu().numpy(), update=False))))
-
-    @torch.no_grad()
-    def branch_act(obs: np.ndarray, noise: Tensor) -> np.ndarray:  # the vine's branches follow pi with given noise
-        return env_actions(actor.sample_with_noise(observe(obs, update=False), noise))
-
-    # -- storage
-    data = make_rollout(args.num_steps, args.num_envs, obs_dim, action_space, device)
-    state_size = trunk_sims[0].size if vine else 0  # single path: no trunk
-    trunk = Trunk(
-        np.zeros((args.num_steps, args.num_envs, state_size)), np.zeros((args.num_steps, args.num_envs), dtype=np.int64)
-    )
-    sim_steps = torch.zeros((), dtype=torch.int64)  # simulator steps, trunk and branches (a tensor: resume.pt keeps it)
+    # -- storage: the rollout; the vine's trunk, the simulator states [T, N, Z] and their episodes' steps so far [T, N]
+    rollout = make_rollout(args.num_steps, args.num_envs, obs_dim, action_space, device)
+    trunk_states = np.zeros((args.num_steps, args.num_envs, trunk_sims[0].size if vine else 0))
+    trunk_elapsed = np.zeros((args.num_steps, args.num_envs), dtype=np.int64)
+    sim_steps = torch.zeros((), dtype=torch.int64)  # trunk and branch steps (a tensor, so that resume.pt keeps it)
     # -- run: directory, logging, evaluation, saving, resume (below the fence)
-    run = Run(
-        args,
-        envs,
-        model=dict(actor=actor, value=value, obs_rms=obs_rms if args.norm_obs else None),
-        train_state=dict(value_opt=value_opt, reward_rms=reward_scaler.rms, sim_steps=sim_steps),
-        act=act,
-    )
+    model = dict(actor=actor, value=value, obs_rms=obs_rms if args.norm_obs else None)
+    train_state = dict(value_opt=value_opt, reward_rms=reward_scaler.rms, sim_steps=sim_steps)
+    run = Run(args, envs, model, train_state, act=lambda obs: actor.deterministic(observe(obs.cpu().numpy(), update=False)))
     if args.eval_only:
         return run.evaluate_only()
     global_step, num_updates = run.start()
-    obs, _ = envs.reset(seed=args.seed + global_step)  # a resumed run starts fresh episodes
-    obs = observe(obs, update=False)  # statistics grow with the steps taken, so a resume is exact
+    # a resumed run starts fresh episodes; the statistics grow with the steps taken only, so a resume is exact
+    obs = observe(envs.reset(seed=args.seed + global_step)[0], update=False)
     while global_step < args.total_steps:
-        for t in range(args.num_steps):
+        for t in range(args.num_steps):  # collect a rollout
             # act
             if vine:  # the trunk: every state it visits can be restored to branch from
-                trunk.states[t] = [sim.get_state() for sim in trunk_sims]
-                trunk.elapsed[t] = envs.episode_lengths  # RecordEpisodeStatistics' steps so far
+                trunk_states[t], trunk_elapsed[t] = [sim.get_state() for sim in trunk_sims], envs.episode_lengths
             with torch.no_grad():
                 actions, log_probs = actor.sample(obs)
-                values = value(obs) if value is not None else data.values[t]  # vine: no V
+                values = rollout.values[t] if vine else value(obs)
             # step
-            next_obs, rewards, terminated, truncated, infos = envs.step(env_actions(actions))
+            next_obs, rewards, terminated, truncated, infos = envs.step(actor.env_action(actions).cpu().numpy())
             global_step += args.num_envs
             run.add_episodes(global_step, infos)
             ended = terminated | truncated
-            if args.norm_reward:
-                rewards = reward_scaler(rewards, ended)
+            rewards = reward_scaler(rewards, ended) if args.norm_reward else rewards
             rewards = torch.as_tensor(rewards, dtype=torch.float32, device=device)
             # a time limit is not an MDP end: bootstrap from the true last observation
-            cut = np.flatnonzero(truncated & ~terminated) if value is not None else []
+            cut = [] if vine else np.flatnonzero(truncated & ~terminated)
             if len(cut):
                 with torch.no_grad():
                     rewards[cut] += args.gamma * value(observe(np.stack([infos["final_obs"][i] for i in cut]), update=False))
             # store
-            data.obs[t], data.actions[t], data.log_probs[t] = obs, actions, log_probs
-            data.rewards[t], data.values[t] = rewards, values
-            data.dones[t] = torch.as_tensor(ended, dtype=torch.float32, device=device)
+            rollout.obs[t], rollout.actions[t], rollout.log_probs[t], rollout.values[t] = obs, actions, log_probs, values
+            rollout.rewards[t], rollout.dones[t] = rewards, torch.as_tensor(ended, dtype=torch.float32, device=device)
             obs = observe(next_obs)
         sim_steps += args.num_steps * args.num_envs
         # update: one trust-region step [TRPO Sec. 6] on the surrogate of either estimator
+        flat = Rollout(*(x.flatten(0, 1) for x in rollout))  # [T N, ...]
         if vine:  # [TRPO Sec. 5.2] the rollout set: R distinct trunk states, uniformly
-            idx = torch.randperm(args.num_steps * args.num_envs)[: args.vine_states]
-            obs_set = data.obs.flatten(0, 1)[idx.to(device)]  # [R, O], normalised as the trunk saw them
+            idx = torch.randperm(len(flat.obs))[: args.vine_states].numpy()
+            obs_set = flat.obs[idx]  # [R, O], normalised as the trunk saw them
             actions, log_q = vine_actions(actor, obs_set, args.vine_actions)
             noise = actor.noise((len(idx), args.vine_rollout_length - 1), device)  # common random numbers
-            states = trunk.states.reshape(args.num_steps * args.num_envs, -1)[idx.numpy()]  # [R, Z]
-            horizons = max_episode_steps - trunk.elapsed.reshape(-1)[idx.numpy()]  # [R]
-            q_values, branch_steps = vine_rollouts(
-                branch_sim, states, env_actions(actions), branch_act, noise, horizons, args.gamma
-            )
+            states, horizons = trunk_states.reshape(len(flat.obs), -1)[idx], max_episode_steps - trunk_elapsed.flatten()[idx]
+            first = actor.env_action(actions).cpu().numpy()  # [R, K, ...]
+            with torch.no_grad():  # the branches follow pi with the shared noise
+                q_values, branch_steps = vine_rollouts(branch_sim, states, first, branch_act, noise, horizons, args.gamma)
             sim_steps += branch_steps
             q_values = torch.as_tensor(q_values, dtype=torch.float32, device=device)
             batch = dict(obs=obs_set, actions=actions, log_q=log_q, q_values=q_values)
-            metrics = update_policy(
-                actor, functools.partial(vine_objective, actor, batch), data.obs.flatten(0, 1), *trust_region
-            )
+            metrics = update_policy(actor, functools.partial(vine_objective, actor, batch), flat.obs, *region)
             metrics["stats/q_mean"] = q_values.mean()
         else:
             with torch.no_grad():
-                advantages, returns = gae(data.rewards, data.values, data.dones, value(obs), args.gamma, args.gae_lambda)
-            advantages, returns, old_values = advantages.flatten(), returns.flatten(), data.values.flatten()
+                advantages, returns = gae(
+                    rollout.rewards, rollout.values, rollout.dones, value(obs), args.gamma, args.gae_lambda
+                )
+            advantages, returns = advantages.flatten(), returns.flatten()
             if args.norm_adv:
                 advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-            flat = dict(obs=data.obs.flatten(0, 1), actions=data.actions.flatten(0, 1), log_probs=data.log_probs.flatten())
-            batch = dict(flat, advantages=advantages)
-            metrics = update_policy(actor, functools.partial(single_path_objective, actor, batch), batch["obs"], *trust_region)
-            metrics.update(update_value(value, value_opt, batch["obs"], returns, args.value_epochs, args.value_minibatches))
-            metrics["stats/explained_variance"] = 1 - (returns - old_values).var() / returns.var()
+            batch = dict(obs=flat.obs, actions=flat.actions, log_probs=flat.log_probs, advantages=advantages)
+            metrics = update_policy(actor, functools.partial(single_path_objective, actor, batch), flat.obs, *region)
+            metrics |= update_value(value, value_opt, flat.obs, returns, args.value_epochs, args.value_minibatches)
+            metrics["stats/explained_variance"] = 1 - (returns - flat.values).var() / returns.var()
         if float(metrics["stats/step_fraction"]) == 0.0:  # [TRPO App. C]: theta_old is kept
             print(f"step {global_step} | line search accepted no step: policy unchanged", flush=True)
         num_updates += 1
@@ -887,7 +720,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable
 
 import tyro
@@ -1069,7 +901,9 @@ class Run:
         """Open the run directory (new, or the resumed run's), restore --resume, catch SIGINT and SIGTERM;
         return (global_step, num_updates)."""
         args, global_step, num_updates = self.args, 0, 0
-        self.run_dir = os.path.join(args.log_dir, f"{args.env}__{ALGO}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = os.path.join(args.log_dir, f"{args.env}__{ALGO}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+        # a new directory even for runs started in the same second: -2, -3, ...
+        self.run_dir = next(d for d in (run_dir, *(f"{run_dir}-{i}" for i in range(2, 10_000))) if not os.path.exists(d))
         if args.resume is not None:
             saved = load_checkpoint(args.resume, args.env, training=True)
             load_state(self.model, saved["state"], args.resume)
@@ -1095,9 +929,15 @@ class Run:
             global_step + n for n in (args.log_every, args.eval_every, args.checkpoint_every)
         )
         for sig in (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ():
-            # stop at the end of this step, after writing resume.pt
-            self.handlers[sig] = signal.signal(sig, lambda signum, frame: setattr(self, "stop_signal", signum))
+            self.handlers[sig] = signal.signal(sig, self.on_signal)
         return global_step, num_updates
+
+    def on_signal(self, signum: int, frame: object) -> None:
+        """The first SIGINT or SIGTERM stops training at the end of the step, after writing resume.pt; a second
+        one stops at once."""
+        if self.stop_signal is not None:
+            raise KeyboardInterrupt
+        self.stop_signal = signum
 
     def add_metrics(self, metrics: dict[str, Tensor]) -> None:
         """Sum an update's metric tensors until the next log line (no host sync per update)."""
@@ -1178,18 +1018,13 @@ class Run:
 
     def evaluate_only(self) -> dict:
         """--eval-only: evaluate the --checkpoint weights and print the returns (videos beside the checkpoint)."""
-        args = self.args
+        args, folder = self.args, os.path.dirname(self.args.checkpoint)
         self.eval_env = make_eval_env(
-            args.env,
-            os.path.join(os.path.dirname(args.checkpoint), "videos") if args.capture_video else None,
-            args.eval_episodes,
+            args.env, os.path.join(folder, "videos") if args.capture_video else None, args.eval_episodes
         )
         returns = evaluate(self.act, self.eval_env, args.eval_episodes, args.seed + 10_000, self.device)
         self.close()
-        print(
-            f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns "
-            + " ".join(f"{r:.1f}" for r in returns)
-        )
+        print(f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns", *(f"{r:.1f}" for r in returns))
         return {"eval_return": float(np.mean(returns)), "eval_returns": returns}
 
     def close(self) -> None:
@@ -1212,7 +1047,14 @@ def parse_args(argv: list[str] | None) -> Args:
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", message=".*settotalmass")  # gymnasium's half_cheetah.xml, under mujoco 4
+    try:  # gymnasium's half_cheetah.xml uses an attribute that mujoco 4 deprecates: hide that warning alone
+        import mujoco
+
+        mujoco.set_mju_user_warning(
+            lambda text: None if "settotalmass" in text else print(f"WARNING: {text}", file=sys.stderr)
+        )
+    except ImportError:
+        pass
     try:
         args = parse_args(argv)
         check_args(args)

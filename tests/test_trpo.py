@@ -154,7 +154,8 @@ def explicit_fisher(actor, obs: torch.Tensor) -> torch.Tensor:
     values = tuple(p.detach() for _, p in wrapper.named_parameters())
 
     def dist_params(*theta: torch.Tensor) -> torch.Tensor:
-        return torch.func.functional_call(wrapper, dict(zip(names, theta)), (obs,), strict=True)
+        state = {**dict(wrapper.named_buffers()), **dict(zip(names, theta))}  # the action bounds are buffers
+        return torch.func.functional_call(wrapper, state, (obs,), strict=True)
 
     jac = torch.func.jacrev(dist_params, argnums=tuple(range(len(values))))(*values)
     jac = torch.cat([j.reshape(*j.shape[:2], -1) for j in jac], dim=-1)  # [B, D, P]
