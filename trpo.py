@@ -7,17 +7,15 @@
 References:
     [TRPO] Schulman, Levine, Moritz, Jordan, Abbeel 2015, "Trust Region Policy Optimization", arXiv:1502.05477: Sec. 5-6,
         App. C (conjugate gradient, line search, Fisher-vector products), App. D (policies), Table 2 (parameters).
-    [GAE] Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage Estimation",
-        arXiv:1506.02438: the single path's advantages and learned V (TRPO-GAE).
+    [GAE] Schulman, Moritz, Levine, Jordan, Abbeel 2016, arXiv:1506.02438: the single path's A and learned V (TRPO-GAE).
     [SB3C], [SpinUp] Stable-Baselines3-contrib's and Spinning Up's TRPO: CG damping, line search and V fit (not in [TRPO]).
     [TreePI] Springenberg, Heess et al. 2020, arXiv:2010.05545: Table 2's network options (--activation, --layer-norm).
 
 Algorithm (one iteration; in brackets the function doing each line):
     1. Roll out pi_old, num_steps steps in each of num_envs envs; the vine saves the states, the trunk [Rollout, Simulator]
     2. Single path [TRPO Sec. 5.1]: A_t = GAE(gamma, lambda) of a learned V (lambda = 1: Monte Carlo Q minus V)  [gae]
-       Vine [Sec. 5.2]: at R trunk states K actions each (q = pi for Box actions, uniform for Discrete), each restored,
-       taken, then pi followed for L - 1 steps with noise shared by the K branches; Q = discounted branch return
-                                                                                          [vine_actions, vine_rollouts]
+       Vine [Sec. 5.2]: K actions at each of R trunk states (q = pi for Box actions, uniform for Discrete), each taken
+       in the restored state, then pi for L - 1 steps, noise shared by the K; Q = return  [vine_actions, vine_rollouts]
     3. L(theta) = mean_t rho_t A_t, rho = pi_theta / pi_old [eq. 14]                              [single_path_objective]
        vine: L(theta) = mean_r sum_k w_rk Q_rk / sum_k w_rk, w = pi_theta / q [eq. 15-16]              [vine_surrogate]
     4. s = A^-1 g, g = grad L, by 10 conjugate-gradient steps on products with A, the Hessian of the mean
@@ -25,17 +23,14 @@ Algorithm (one iteration; in brackets the function doing each line):
     5. Step beta s, beta = sqrt(2 delta / s^T A s), shrunk by 0.8 until L improves and the mean KL <= delta, else
        theta_old is kept [App. C]                                                            [update_policy, line_search]
     6. Single path: fit V to R_t = A_t + V_old(s_t), 10 epochs of 32 minibatch Adam steps on (V - R)^2 / 2 [update_value]
-
 Shapes: T steps, N envs, B states, O observation, A action (or number of actions), D distribution parameters (2A or A),
 P policy parameters; vine: R rollout-set states (the paper's N), K actions per state, L branch length, Z simulator state.
 
 Deviations from the paper:
     - Single path: GAE and a learned V [GAE], not Monte Carlo returns; advantages normalised per batch ([SB3C], [SpinUp]).
     - 5,000 env steps per iteration (Table 2: 50k-1M single path, a 16 x 1000 trunk): 1M steps make its 200 iterations.
-    - ppo.py's networks (2 x 64 tanh units; the paper: 1 x 30 or 50), initialisation and observation and reward
-      normalisation (ppo.py shares this code, so `diff ppo.py trpo.py` shows the trust region and the vine).
-    - The vine estimates the KL and the Fisher on all trunk states (more states of the same distribution than the R),
-      and a branch stops where its episode would hit its time limit.
+    - ppo.py's networks (2 x 64 tanh units; paper: 1 x 30 or 50) and normalisers: `diff ppo.py trpo.py` shows the rest.
+    - The vine's KL and Fisher use all trunk states (a larger sample than the R); a branch stops at its time limit.
     - Gaussian actions are clipped to the bounds in the env only; log-probabilities and ratios use the unclipped sample.
 """
 
@@ -194,8 +189,7 @@ def orthogonal_init(module: nn.Module, gain: float) -> nn.Module:
 
 
 class Actor(nn.Module):
-    """pi(a|s): a diagonal Gaussian with a state-independent log std for Box actions [TRPO App. D], a categorical
-    over logits for Discrete ones."""
+    """pi(a|s) [TRPO App. D]: a diagonal Gaussian, state-independent log std (Box actions), or a categorical (Discrete)."""
 
     def __init__(
         self, obs_dim: int, action_space: gym.Space, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool
@@ -348,15 +342,14 @@ def make_rollout(num_steps: int, num_envs: int, obs_dim: int, action_space: gym.
 
 
 # == 4. Environment ========================================================================================
-MJ_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # everything mj_step reads: the state that replays a trajectory
+MJ_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # MuJoCo's full integration state: qpos, qvel, act, warm start, ctrl, ...
 
 
 class Simulator:
     """Saves and restores the simulator below the TimeLimit wrapper (`env`, which the branches step), for the vine [TRPO
-    Sec. 5.2]: MuJoCo's full integration state (mj_getState/mj_setState: qpos, qvel, act, warm start, ctrl, ...), or a
-    classic-control env's `state`. Both step deterministically (randomness is drawn at reset; Acrobot's torque noise is
-    off by default), so branches share the policy noise only. A restored trunk state replays the trunk bit-exactly on
-    CartPole-v1 and Hopper-v5 (tested); other envs are not checked."""
+    Sec. 5.2]: MuJoCo's MJ_STATE or a classic-control env's `state`. Both step deterministically (randomness is drawn at
+    reset; Acrobot's torque noise is off by default), so branches share the policy noise only. A restored trunk state
+    replays the trunk bit-exactly on CartPole-v1 and Hopper-v5 (tested); other envs are not checked."""
 
     def __init__(self, env: gym.Env, env_id: str):
         self.env = env.unwrapped  # below TimeLimit: restoring a state must not count steps
@@ -376,11 +369,10 @@ class Simulator:
 
     def set_state(self, state: np.ndarray) -> None:
         if self.mujoco:
-            mujoco.mj_setState(self.env.model, self.env.data, state, MJ_STATE)
-        else:
-            self.env.state = state.copy()
-            if hasattr(self.env, "steps_beyond_terminated"):  # CartPole's post-termination count
-                self.env.steps_beyond_terminated = None
+            return mujoco.mj_setState(self.env.model, self.env.data, state, MJ_STATE)
+        self.env.state = state.copy()
+        if hasattr(self.env, "steps_beyond_terminated"):  # CartPole's post-termination count
+            self.env.steps_beyond_terminated = None
 
 
 # == 5. Algorithm ==========================================================================================
@@ -413,7 +405,7 @@ def categorical_entropy(logits: Tensor) -> Tensor:
 def gae(
     rewards: Tensor, values: Tensor, dones: Tensor, last_value: Tensor, gamma: float, gae_lambda: float
 ) -> tuple[Tensor, Tensor]:
-    """Generalized advantage estimation, cut at episode ends [PPO eq. 11-12; GAE eq. 16].
+    """Generalized advantage estimation, cut at episode ends [GAE eq. 16].
 
     delta_t = r_t + gamma (1 - done_t) V(s_{t+1}) - V(s_t)
     A_t = delta_t + gamma lambda (1 - done_t) A_{t+1},   returns R_t = A_t + V(s_t).
@@ -452,8 +444,7 @@ def conjugate_gradient(avp: Callable[[Tensor], Tensor], b: Tensor, iters: int) -
         alpha = rr / (p @ ap)
         x, r = x + alpha * p, r - alpha * ap
         rr_new = r @ r
-        p = r + (rr_new / rr) * p
-        rr = rr_new
+        p, rr = r + (rr_new / rr) * p, rr_new
     return x
 
 
@@ -479,8 +470,7 @@ def line_search(
     delta, else theta_old restored exactly; returns c^j, or 0.0 if rejected. [TRPO App. C] the line search on
     L(theta) - X[KL <= delta] from the maximal step down; evaluate_step() gives (L, mean KL) at the current parameters."""
     params = list(actor.parameters())
-    for j in range(backtrack_iters):
-        fraction = backtrack_coef**j
+    for fraction in (backtrack_coef**j for j in range(backtrack_iters)):
         set_parameters(params, theta_old + fraction * full_step)
         surrogate_new, kl = evaluate_step()
         if bool(kl <= delta) and bool(surrogate_new > surrogate_old):
@@ -498,9 +488,8 @@ def set_parameters(params: list[Tensor], theta: Tensor) -> None:
 
 @torch.no_grad()
 def vine_actions(actor: Actor, obs: Tensor, num_actions: int) -> tuple[Tensor, Tensor]:
-    """The K actions a_rk at each rollout-set state and log q(a_rk|s_r) [TRPO Sec. 5.2]: K samples of q = pi_old for
-    Box actions (the paper's choice for continuous control); for Discrete ones q uniform and K distinct actions, all n
-    of them when K >= n (eq. 15). Shapes: obs [R, O]; returns actions [R, K, A] or [R, K] and log q [R, K]."""
+    """K actions a_rk at each rollout-set state and log q(a_rk|s_r) [TRPO Sec. 5.2]: K samples of q = pi_old (Box), or K
+    distinct actions, all n if K >= n, with q uniform (Discrete; eq. 15). obs [R, O] -> [R, K, A] or [R, K], and [R, K]."""
     if actor.discrete:
         n = actor.head.out_features
         k = min(num_actions, n)
@@ -520,12 +509,11 @@ def vine_rollouts(
     episode terminates or after L_r = min(L, horizon_r) steps. Shapes: states [R, Z]; first [R, K, ...] (env actions
     a_rk); noise [R, L - 1, ...]; horizons [R] (steps left before the time limit). Returns Q [R, K] and the steps taken."""
     num_states, num_actions = first.shape[:2]
-    branches = num_states * num_actions
-    branch_states, actions = np.repeat(states, num_actions, axis=0), first.reshape(branches, *first.shape[2:])  # [R K, ...]
+    branch_states, actions = np.repeat(states, num_actions, axis=0), first.reshape(-1, *first.shape[2:])  # [R K, ...]
     branch_noise = noise.repeat_interleave(num_actions, dim=0)  # [R K, L - 1, ...]: CRN
     limits = np.repeat(np.minimum(horizons, noise.shape[1] + 1), num_actions)  # [R K]
-    q_values, alive, sim_steps = np.zeros(branches), np.ones(branches, dtype=bool), 0
-    obs = np.zeros((branches, *sim.env.observation_space.shape))  # [R K, O]
+    q_values, alive, sim_steps = np.zeros(len(actions)), np.ones(len(actions), dtype=bool), 0
+    obs = np.zeros((len(actions), *sim.env.observation_space.shape))  # [R K, O]
     for t in range(noise.shape[1] + 1):
         if t > 0:
             actions = act(obs, branch_noise[:, t - 1])
@@ -543,8 +531,7 @@ def vine_rollouts(
 
 # == 6. Updates ============================================================================================
 def single_path_objective(actor: Actor, batch: dict[str, Tensor]) -> Tensor:
-    """L(theta) = mean_t rho_t A_t, rho = pi_theta(a_t|s_t) / pi_old(a_t|s_t) [TRPO eq. 14] on a batch [B]; single path
-    [TRPO Sec. 5.1]: q = pi_old, and advantages in place of Q change L by a constant only."""
+    """L(theta) = mean_t rho_t A_t, rho = pi_theta / pi_old [TRPO eq. 14, Sec. 5.1]; A for Q changes L by a constant only."""
     log_probs, _ = actor.log_prob_entropy(batch["obs"], batch["actions"])
     return (torch.exp(log_probs - batch["log_probs"]) * batch["advantages"]).mean()
 
@@ -566,8 +553,7 @@ def update_policy(
     backtrack_coef: float,
     backtrack_iters: int,
 ) -> dict[str, Tensor]:
-    """One trust-region step [TRPO Sec. 6, App. C]: maximise objective() subject to the mean KL(pi_old || pi_theta)
-    <= delta over the states obs [B, O]; returns the metrics."""
+    """One trust-region step [TRPO Sec. 6, App. C]: max objective() s.t. mean KL(pi_old || pi_theta) <= delta on obs [B, O]."""
     params = list(actor.parameters())
     theta_old = torch.cat([p.detach().reshape(-1) for p in params])
     dist_old = actor.dist_params(obs).detach()  # [B, D], pi_old in every KL below
@@ -579,8 +565,7 @@ def update_policy(
     kl_grad = torch.cat([x.reshape(-1) for x in torch.autograd.grad(kl_fisher, params, create_graph=True)])
     fvp = functools.partial(fisher_vector_product, kl_grad, params, damping=cg_damping)
     step_dir = conjugate_gradient(fvp, g, cg_iters)  # s ~ A^-1 g
-    curvature = step_dir @ fvp(step_dir)  # s^T A s
-    full_step = torch.sqrt(2 * delta / curvature.clamp_min(STEP_EPS)) * step_dir  # [TRPO App. C]
+    full_step = torch.sqrt(2 * delta / (step_dir @ fvp(step_dir)).clamp_min(STEP_EPS)) * step_dir  # beta s [TRPO App. C]
     evaluate_step = torch.no_grad()(lambda: (objective(), actor.kl(dist_old, actor.dist_params(obs)).mean()))  # (L, KL)
     surrogate_old = surrogate_old.detach()
     fraction = line_search(actor, evaluate_step, theta_old, full_step, surrogate_old, delta, backtrack_coef, backtrack_iters)
@@ -623,6 +608,8 @@ def train(args: Args) -> dict:
     value_opt = None if vine else torch.optim.Adam(value.parameters(), lr=args.value_lr, fused=True)
     obs_rms, reward_scaler = RunningMeanStd((obs_dim,)), RewardScaler(args.num_envs, args.gamma, args.reward_clip)
     region = (args.delta, args.cg_iters, args.cg_damping, args.fisher_fraction, args.backtrack_coef, args.backtrack_iters)
+    # the vine's branches follow pi with given noise, clipped for the env
+    branch_act = lambda obs, noise: actor.env_action(actor.sample_with_noise(observe(obs, update=False), noise)).cpu().numpy()
 
     def observe(raw: np.ndarray, update: bool = True) -> Tensor:
         """Observations [n, O] normalised, after merging them into the statistics if `update`."""
@@ -630,8 +617,6 @@ def train(args: Args) -> dict:
             obs_rms.update(raw) if update else None
             raw = obs_rms.normalize(raw, args.obs_clip)
         return torch.as_tensor(raw, dtype=torch.float32, device=device)
-
-    branch_act = lambda obs, noise: actor.env_action(actor.sample_with_noise(observe(obs, update=False), noise)).cpu().numpy()
 
     # -- storage: the rollout; the vine's trunk, the simulator states [T, N, Z] and their episodes' steps so far [T, N]
     rollout = make_rollout(args.num_steps, args.num_envs, obs_dim, action_space, device)
@@ -681,7 +666,7 @@ def train(args: Args) -> dict:
             noise = actor.noise((len(idx), args.vine_rollout_length - 1), device)  # common random numbers
             states, horizons = trunk_states.reshape(len(flat.obs), -1)[idx], max_episode_steps - trunk_elapsed.flatten()[idx]
             first = actor.env_action(actions).cpu().numpy()  # [R, K, ...]
-            with torch.no_grad():  # the branches follow pi with the shared noise
+            with torch.no_grad():
                 q_values, branch_steps = vine_rollouts(branch_sim, states, first, branch_act, noise, horizons, args.gamma)
             sim_steps += branch_steps
             q_values = torch.as_tensor(q_values, dtype=torch.float32, device=device)
@@ -689,10 +674,8 @@ def train(args: Args) -> dict:
             metrics = update_policy(actor, functools.partial(vine_objective, actor, batch), flat.obs, *region)
             metrics["stats/q_mean"] = q_values.mean()
         else:
-            with torch.no_grad():
-                advantages, returns = gae(
-                    rollout.rewards, rollout.values, rollout.dones, value(obs), args.gamma, args.gae_lambda
-                )
+            last_value = value(obs).detach()  # V(s_T)
+            advantages, returns = gae(rollout.rewards, rollout.values, rollout.dones, last_value, args.gamma, args.gae_lambda)
             advantages, returns = advantages.flatten(), returns.flatten()
             if args.norm_adv:
                 advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
