@@ -320,8 +320,7 @@ class RewardScaler:
         self.returns = self.returns * self.gamma + rewards
         self.rms.update(self.returns)
         self.returns[ended] = 0.0
-        scaled = rewards / np.sqrt(self.rms.var + 1e-8)
-        return np.clip(scaled, -self.clip, self.clip).astype(np.float32)
+        return np.clip(rewards / np.sqrt(self.rms.var + 1e-8), -self.clip, self.clip).astype(np.float32)
 
 
 class Rollout(NamedTuple):

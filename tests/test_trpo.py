@@ -533,6 +533,7 @@ def test_resume_continues_from_the_saved_iteration(log_dir):
     # and continuing runs the remaining iterations
     more = train(Args(**{**args.__dict__, "resume": resume, "total_steps": 800}))
     assert more["global_step"] == 800 and more["num_updates"] == 4
+    assert more["sim_steps"] == 800  # the simulator-step count is part of the training state
     assert load_checkpoint(resume)["train"]["num_updates"] == 4
 
 
