@@ -1,82 +1,40 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["torch>=2.6", "numpy>=1.26", "gymnasium[mujoco]>=1.1,<2", "mujoco>=3.1", "tensorboard>=2.14", "tyro>=0.9", "moviepy>=2"]
+# ///
 """Trust Region Policy Optimization (TRPO) with the single-path and vine estimators, in one file.
 
 References:
-    [TRPO] Schulman, Levine, Moritz, Jordan, Abbeel 2015, "Trust Region Policy Optimization",
-        ICML (shared/papers/003): Sec. 5.1 single path, Sec. 5.2 vine, Sec. 6 practical
-        algorithm, App. C conjugate gradient and line search, App. C.1 Fisher-vector
-        products, App. D policies, Table 2 parameters.
-    [GAE] Schulman, Moritz, Levine, Jordan, Abbeel 2016, "High-Dimensional Continuous Control
-        Using Generalized Advantage Estimation", arXiv:1506.02438: the advantages and the
-        learned value function of the single-path estimator (TRPO-GAE, the baseline of [DPI]
-        Sec. 6.2).
-    [SB3C] Stable-Baselines3-contrib TRPO and [SpinUp] Spinning Up TRPO: CG damping 0.1, line
-        search factor 0.8 and at most 10 backtracking steps (the paper gives none of them), and
-        the value-function fit.
-    ppo.py: the rollout, GAE, observation and reward normalisation and the policy network are
-        its code, so that `diff ppo.py trpo.py` shows the trust-region update and the vine.
+    [TRPO] Schulman, Levine, Moritz, Jordan, Abbeel 2015, "Trust Region Policy Optimization", arXiv:1502.05477: Sec. 5-6,
+        App. C (conjugate gradient, line search, Fisher-vector products), App. D (policies), Table 2 (parameters).
+    [GAE] Schulman, Moritz, Levine, Jordan, Abbeel 2016, arXiv:1506.02438: the single path's A and learned V (TRPO-GAE).
+    [SB3C], [SpinUp] Stable-Baselines3-contrib's and Spinning Up's TRPO: CG damping, line search and V fit (not in [TRPO]).
+    [TreePI] Springenberg, Heess et al. 2020, arXiv:2010.05545: Table 2's network options (--activation, --layer-norm).
 
-Algorithm (one iteration; the function that does each line in brackets):
-    1. Roll out pi_old for num_steps steps in each of num_envs envs [Rollout]; the vine also
-       saves every step's simulator state (the "trunk")                   [Trunk, Simulator]
-    2. Single path [TRPO Sec. 5.1]: advantages A_t = GAE(gamma, lambda) with a learned V;
-       lambda = 1 gives the paper's Monte Carlo Q minus a baseline                     [gae]
-       Vine [TRPO Sec. 5.2]: R trunk states; at each, K actions (q = pi for Box actions,
-       uniform for Discrete ones); restore the state, take the action, follow pi for L - 1
-       steps, the K branches of a state sharing their noise; Q = discounted branch return
-                                                                [vine_batch, vine_rollouts]
-    3. Surrogate L(theta) = mean_t rho_t A_t, rho = pi_theta / pi_old [TRPO eq. 14]
-       [surrogate]; vine: mean_r sum_k w_rk Q_rk / sum_k w_rk, w = pi_theta / q
-       [TRPO eq. 15-16]                                                    [vine_surrogate]
-    4. g = grad L; s = A^-1 g by 10 conjugate-gradient steps on Fisher-vector products, the
-       Hessian of the mean KL(pi_old || pi_theta) on a 10% subsample of the states
-                                                 [conjugate_gradient, fisher_vector_product]
-    5. Full step beta s, beta = sqrt(2 delta / s^T A s); shrink it by 0.8 until L improves
-       and the mean KL <= delta, else keep theta_old [TRPO App. C]  [update_policy, line_search]
-    6. Single path, after the policy step: fit V to the returns R_t = A_t + V_old(s_t) with
-       10 epochs of 32 minibatch Adam steps (lr 1e-3) on (V - R)^2 / 2        [update_value]
-
-Shapes: T steps per env per rollout, N envs, B states in a batch, O observation size, A action
-size (or number of actions), D distribution parameters per state (2A or A), P policy
-parameters; vine: R rollout-set states (the paper's N), K actions per state, L branch length,
-Z simulator-state size.
-
-Usage:
-    python trpo.py --env Hopper-v5
-    python trpo.py --env Hopper-v5 --estimator vine
-    python trpo.py --env Swimmer-v5 --estimator vine --vine-states 125 --vine-rollout-length 50
-    python trpo.py --env CartPole-v1 --num-steps 2000 --total-steps 20000
-    python trpo.py --env Hopper-v5 --checkpoint runs/<run>/model.pt --eval-only
-    python trpo.py --resume runs/<run>/resume.pt
-    [TRPO] Table 2 batches: single path --num-steps 50000 (Swimmer) or 1000000 (Hopper); vine
-        trunk of 16 x 1000 steps: --num-steps 16000 (Swimmer: --vine-states 125
-        --vine-rollout-length 50; Hopper, Walker: the defaults)
+Algorithm (one iteration; in brackets the function doing each line):
+    1. Roll out pi_old, num_steps steps in each of num_envs envs; the vine saves the states, the trunk [Rollout, Simulator]
+    2. Single path [TRPO Sec. 5.1]: A_t = GAE(gamma, lambda) of a learned V (lambda = 1: Monte Carlo Q minus V)  [gae]
+       Vine [Sec. 5.2]: K actions at each of R trunk states (q = pi for Box actions, uniform for Discrete), each taken
+       in the restored state, then pi for L - 1 steps, noise shared by the K; Q = return  [vine_actions, vine_rollouts]
+    3. L(theta) = mean_t rho_t A_t, rho = pi_theta / pi_old [eq. 14]                              [single_path_objective]
+       vine: L(theta) = mean_r sum_k w_rk Q_rk / sum_k w_rk, w = pi_theta / q [eq. 15-16]              [vine_surrogate]
+    4. s = A^-1 g, g = grad L, by 10 conjugate-gradient steps on products with A, the Hessian of the mean
+       KL(pi_old || pi_theta) on 10% of the states [App. C, C.1]                [conjugate_gradient, fisher_vector_product]
+    5. Step beta s, beta = sqrt(2 delta / s^T A s), shrunk by 0.8 until L improves and the mean KL <= delta, else
+       theta_old is kept [App. C]                                                            [update_policy, line_search]
+    6. Single path: fit V to R_t = A_t + V_old(s_t), 10 epochs of 32 minibatch Adam steps on (V - R)^2 / 2 [update_value]
+Shapes: T steps, N envs, B states, O observation, A action (or number of actions), D distribution parameters (2A or A),
+P policy parameters; vine: R rollout-set states (the paper's N), K actions per state, L branch length, Z simulator state.
 
 Deviations from the paper:
-    - Single path uses GAE(gamma, lambda) advantages and a learned V [GAE] instead of plain
-      Monte Carlo returns (--gae-lambda 1 gives returns minus V); the advantages of a batch are
-      normalised ([SB3C], [SpinUp]; --no-norm-adv turns it off).
-    - 5,000 env steps per iteration instead of Table 2's 50,000-1,000,000 (single path) or
-      16 x 1000 (the vine's trunk), so that the default 1M-step run makes the paper's 200
-      policy iterations; --num-steps sets either.
-    - Networks, orthogonal initialisation and observation and reward normalisation are
-      ppo.py's (two hidden layers of 64 tanh units; the paper used one layer of 30 or 50).
-      Reward scaling rescales V's targets; the policy step is normalised to delta anyway.
-    - The vine estimates the KL constraint and the Fisher matrix on all trunk states, a larger
-      sample of the same state distribution than the R rollout-set states, and a branch stops
-      where the episode it branches from would hit its time limit.
-    - Gaussian actions are clipped to the bounds in the env only; log-probabilities and
-      importance ratios use the unclipped sample.
+    - Single path: GAE and a learned V [GAE], not Monte Carlo returns; advantages normalised per batch ([SB3C], [SpinUp]).
+    - 5,000 env steps per iteration (Table 2: 50k-1M single path, a 16 x 1000 trunk): 1M steps make its 200 iterations.
+    - ppo.py's networks (2 x 64 tanh units; paper: 1 x 30 or 50) and normalisers: `diff ppo.py trpo.py` shows the rest.
+    - The vine's KL and Fisher use all trunk states (a larger sample than the R); a branch stops at its time limit.
+    - Gaussian actions are clipped to the bounds in the env only; log-probabilities and ratios use the unclipped sample.
 """
 
-# == 1. Imports ========================================================================
-import dataclasses
-import difflib
 import functools
-import json
-import os
-import random
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -85,55 +43,17 @@ import gymnasium as gym
 import mujoco  # the vine saves and restores MuJoCo states
 import numpy as np
 import torch
-import tyro
-from torch import nn
-from torch.utils.tensorboard import SummaryWriter
+from torch import Tensor, nn
+from torch.optim import Optimizer
 
 ALGO = "trpo"
-CHECKPOINT_FORMAT = 1
+ACTION_SPACES = (gym.spaces.Box, gym.spaces.Discrete)  # a Gaussian for Box actions, a categorical for Discrete ones
 
 
-# == 2. Arguments ======================================================================
-class UsageError(Exception):
-    """Bad user input: `main` prints it as one line on stderr and returns 2."""
-
-
+# == 1. Arguments ==========================================================================================
 @dataclass
 class Args:
-    # -- shared: identical in every file ---------------------------------------------
-    env: str = "Hopper-v5"
-    """Gymnasium id of the task."""
-    seed: int = 1
-    """Seed for python, numpy, torch and the environments."""
-    total_steps: int = 1_000_000
-    """Environment steps to train for, summed over all parallel envs."""
-    num_envs: int = 1
-    """Parallel training environments (a gymnasium SyncVectorEnv)."""
-    cuda: bool = False
-    """Train on the GPU (an error when torch sees none)."""
-    threads: int = 1
-    """Torch CPU threads; small networks are often fastest on one."""
-    log_dir: str = "runs"
-    """Directory that receives one subdirectory per run (tensorboard events, args, models)."""
-    log_every: int = 5_000
-    """Print a progress line and write losses to tensorboard every this many env steps."""
-    eval_every: int = 10_000
-    """Evaluate the deterministic policy every this many env steps (0: only at the end)."""
-    eval_episodes: int = 10
-    """Episodes per evaluation."""
-    save_model: bool = True
-    """Write model.pt (weights and statistics for evaluation) at each evaluation and the end."""
-    checkpoint_every: int = 100_000
-    """Write resume.pt (everything needed to continue) every this many env steps (0: never)."""
-    checkpoint: str | None = None
-    """A model.pt or resume.pt to load; its saved arguments become the defaults."""
-    eval_only: bool = False
-    """With --checkpoint: evaluate the loaded policy, print the returns and exit."""
-    resume: str | None = None
-    """A resume.pt to continue training from, in its run directory."""
-    capture_video: bool = False
-    """Record evaluation episodes to <run>/videos (needs a rendering backend)."""
-    # -- algorithm ---------------------------------------------------------------------
+    # -- algorithm ----------------------------------------------------------------------------------------
     # Networks [TRPO App. D; ppo.py's sizes, the paper's were one layer of 30 or 50 units]
     hidden_sizes: tuple[int, ...] = (64, 64)
     """Hidden layer sizes of the policy and of the value network."""
@@ -145,8 +65,7 @@ class Args:
     estimator: Literal["single-path", "vine"] = "single-path"
     """How Q is estimated: along the rollout [TRPO Sec. 5.1] or by branch rollouts [Sec. 5.2]."""
     num_steps: int = 5_000
-    """Steps per env in each rollout: the single-path batch or the vine's trunk (paper: 50,000
-    to 1,000,000 single-path steps, a 16 x 1000-step trunk [Table 2])."""
+    """Steps per env per rollout: the single-path batch or the vine's trunk (Table 2: 50k-1M, or a 16 x 1000 trunk)."""
     gamma: float = 0.99
     """Discount factor gamma [TRPO Table 2]."""
     gae_lambda: float = 0.97
@@ -157,8 +76,7 @@ class Args:
     vine_states: int = 625
     """R, states in the rollout set (Table 2: 2500 Q-values / 4 actions; Swimmer 500 / 4)."""
     vine_actions: int = 4
-    """K, actions per rollout-set state, each with its own branch (Table 2: 4; Discrete
-    spaces use min(K, n) distinct actions)."""
+    """K, actions per rollout-set state, one branch each (Table 2: 4; Discrete: min(K, n) distinct actions)."""
     vine_rollout_length: int = 100
     """L, env steps per branch, its first action included (Table 2: 100; Swimmer 50)."""
     # Trust region [TRPO Sec. 6, App. C]
@@ -190,179 +108,62 @@ class Args:
     """Clip normalised observations to +-obs_clip."""
     reward_clip: float = 10.0
     """Clip scaled rewards to +-reward_clip."""
+    # -- shared: identical in every file ------------------------------------------------------------------
+    env: str = "Hopper-v5"
+    """Gymnasium id of the task (`module:Env-v0` imports `module` first, for an env it registers)."""
+    seed: int = 1
+    """Seed for python, numpy, torch and the environments."""
+    total_steps: int = 1_000_000
+    """Environment steps to train for, summed over all parallel envs."""
+    num_envs: int = 1
+    """Parallel training environments (a gymnasium SyncVectorEnv)."""
+    cuda: bool = False
+    """Train on the GPU (an error when torch sees none)."""
+    threads: int = 1
+    """Torch CPU threads; small networks are often fastest on one."""
+    log_dir: str = "runs"
+    """Directory that receives one subdirectory per run (tensorboard events, args, models)."""
+    log_every: int = 5_000
+    """Print a progress line and write losses to tensorboard every this many env steps."""
+    eval_every: int = 10_000
+    """Evaluate the deterministic policy every this many env steps (0: only at the end)."""
+    eval_episodes: int = 10
+    """Episodes per evaluation."""
+    save_model: bool = True
+    """Write model.pt (weights and statistics for evaluation) at each evaluation and the end."""
+    checkpoint_every: int = 100_000
+    """Write resume.pt (everything needed to continue) every this many env steps (0: only on a signal)."""
+    checkpoint: str | None = None
+    """A model.pt or resume.pt to fine-tune, or to evaluate with --eval-only; its saved arguments become defaults."""
+    eval_only: bool = False
+    """With --checkpoint: evaluate the loaded policy, print the returns and exit."""
+    resume: str | None = None
+    """A resume.pt to continue training from, in its run directory (Ctrl-C writes one)."""
+    capture_video: bool = False
+    """Record evaluation episodes to <run>/videos (needs a rendering backend)."""
 
 
-def check_args(args: Args) -> None:
-    """Raise UsageError for values no run can use."""
-    if args.total_steps <= 0:
-        raise UsageError(f"--total-steps must be positive, got {args.total_steps}")
-    if args.num_envs <= 0:
-        raise UsageError(f"--num-envs must be positive, got {args.num_envs}")
-    if args.threads <= 0:
-        raise UsageError(f"--threads must be positive, got {args.threads}")
-    if args.log_every <= 0:
-        raise UsageError(f"--log-every must be positive, got {args.log_every}")
-    if args.eval_every < 0 or args.checkpoint_every < 0:
-        raise UsageError("--eval-every and --checkpoint-every must be >= 0")
-    if args.eval_episodes <= 0:
-        raise UsageError(f"--eval-episodes must be positive, got {args.eval_episodes}")
-    if args.eval_only and args.checkpoint is None:
-        raise UsageError("--eval-only needs --checkpoint PATH")
-    if args.resume is not None and args.checkpoint is not None:
-        raise UsageError("give either --resume or --checkpoint, not both")
-    if args.cuda and not torch.cuda.is_available():
-        raise UsageError("--cuda was given but torch sees no CUDA device")
-    # -- algorithm ---------------------------------------------------------------------
-    if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
-        raise UsageError(f"--hidden-sizes must be positive, got {args.hidden_sizes}")
-    if args.num_steps <= 0:
-        raise UsageError(f"--num-steps must be positive, got {args.num_steps}")
-    if not 0.0 <= args.gamma <= 1.0 or not 0.0 <= args.gae_lambda <= 1.0:
-        raise UsageError("--gamma and --gae-lambda must be in [0, 1]")
-    batch = args.num_envs * args.num_steps
-    if args.estimator == "vine":
-        if not 0 < args.vine_states <= batch:
-            raise UsageError(
-                f"--vine-states must be in [1, {batch}] (the trunk: {args.num_envs} envs x "
-                f"{args.num_steps} steps), got {args.vine_states}"
-            )
-        if args.vine_actions < 2:
-            raise UsageError(
-                f"--vine-actions must be at least 2 (with one action per state the "
-                f"self-normalised surrogate is constant), got {args.vine_actions}"
-            )
-        if args.vine_rollout_length <= 0:
-            raise UsageError(f"--vine-rollout-length must be positive, got {args.vine_rollout_length}")
-    if args.delta <= 0 or args.cg_iters <= 0 or args.cg_damping < 0:
-        raise UsageError("--delta and --cg-iters must be positive and --cg-damping >= 0")
-    if not 0.0 < args.fisher_fraction <= 1.0:
-        raise UsageError(f"--fisher-fraction must be in (0, 1], got {args.fisher_fraction}")
-    if not 0.0 < args.backtrack_coef < 1.0 or args.backtrack_iters <= 0:
-        raise UsageError("--backtrack-coef must be in (0, 1) and --backtrack-iters positive")
-    if args.value_lr <= 0 or args.value_epochs <= 0 or args.value_minibatches <= 0:
-        raise UsageError("--value-lr, --value-epochs and --value-minibatches must be positive")
-    if args.value_minibatches > batch:
-        raise UsageError(
-            f"--value-minibatches {args.value_minibatches} is larger than the rollout "
-            f"({args.num_envs} envs x {args.num_steps} steps)"
-        )
+def algorithm_checks(args: Args) -> list[tuple[bool, str]]:
+    """(condition, message) for each algorithm argument; `check_args` raises the first that fails."""
+    rollout_size, vine = args.num_envs * args.num_steps, args.estimator == "vine"
+    trust_region = args.delta > 0 and args.cg_iters > 0 and args.cg_damping >= 0 and args.backtrack_iters > 0
+    value_fit = min(args.value_lr, args.value_epochs, args.value_minibatches) > 0
+    return [
+        (min(args.hidden_sizes, default=0) > 0, f"--hidden-sizes must be positive, got {args.hidden_sizes}"),
+        (args.num_steps > 0, f"--num-steps must be positive, got {args.num_steps}"),
+        (0.0 <= args.gamma <= 1.0 and 0.0 <= args.gae_lambda <= 1.0, "--gamma and --gae-lambda must be in [0, 1]"),
+        (not vine or 0 < args.vine_states <= rollout_size, f"--vine-states must be in [1, {rollout_size}], the trunk's size"),
+        (not vine or args.vine_actions >= 2, "--vine-actions must be >= 2 (with one the vine's surrogate is constant)"),
+        (not vine or args.vine_rollout_length > 0, "--vine-rollout-length must be positive"),
+        (trust_region, "--delta, --cg-iters and --backtrack-iters must be positive, --cg-damping >= 0"),
+        (0.0 < args.fisher_fraction <= 1.0, f"--fisher-fraction must be in (0, 1], got {args.fisher_fraction}"),
+        (0.0 < args.backtrack_coef < 1.0, f"--backtrack-coef must be in (0, 1), got {args.backtrack_coef}"),
+        (value_fit, "--value-lr, --value-epochs and --value-minibatches must be positive"),
+        (args.value_minibatches <= rollout_size, f"--value-minibatches must be at most the rollout's {rollout_size} steps"),
+    ]
 
 
-# == 3. Environment ====================================================================
-def make_env(env_id: str, render_mode: str | None = None) -> gym.Env:
-    """One gymnasium env; an unknown id or a missing dependency becomes a UsageError."""
-    if env_id not in gym.registry:
-        close = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise UsageError(f"unknown env id {env_id!r}{hint}")
-    kwargs = {} if render_mode is None else {"render_mode": render_mode}
-    try:
-        return gym.make(env_id, **kwargs)
-    except gym.error.DependencyNotInstalled as e:
-        raise UsageError(f"{env_id} needs a package that is not installed: {e}") from None
-
-
-def make_vec_env(env_id: str, num_envs: int) -> gym.vector.SyncVectorEnv:
-    """Training envs in SAME_STEP autoreset mode: an ended episode's last observation is in
-    infos["final_obs"] and the returned observation already starts the next episode."""
-    return gym.vector.SyncVectorEnv(
-        [lambda: make_env(env_id) for _ in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
-    )
-
-
-def make_eval_env(env_id: str, video_dir: str | None, episodes: int) -> gym.Env:
-    """The evaluation env; with video_dir, the first of every `episodes` episodes is recorded
-    there, or, where rendering cannot start, one line is printed and the run goes on without."""
-    if video_dir is None:
-        return make_env(env_id)
-    os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo rendering (GYMNASIUM_NOTES)
-    env = make_env(env_id, "rgb_array")
-    try:
-        env.reset(seed=0)
-        env.render()  # fails here without a GL backend
-        trigger = lambda episode: episode % episodes == 0
-        return gym.wrappers.RecordVideo(env, video_dir, episode_trigger=trigger, name_prefix="eval")
-    except Exception as e:  # noqa: BLE001 (no GL backend, moviepy missing, ...)
-        print(f"video capture disabled: {type(e).__name__}: {e}".splitlines()[0], flush=True)
-        env.close()
-        return make_env(env_id)
-
-
-def check_spaces(env_id: str, obs_space: gym.Space, action_space: gym.Space) -> None:
-    """TRPO needs flat Box observations and a Box or Discrete action space."""
-    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-        raise UsageError(f"{env_id} has observation space {obs_space}; this script needs a flat Box")
-    if not isinstance(action_space, (gym.spaces.Box, gym.spaces.Discrete)):
-        raise UsageError(f"{env_id} has a {type(action_space).__name__} action space; TRPO here needs a Box or a Discrete one")
-    if isinstance(action_space, gym.spaces.Box) and len(action_space.shape) != 1:
-        raise UsageError(f"{env_id} has actions of shape {action_space.shape}; TRPO needs a flat Box")
-
-
-class EpisodeStats:
-    """Running return and length of each parallel env."""
-
-    def __init__(self, num_envs: int):
-        self.returns = np.zeros(num_envs)
-        self.lengths = np.zeros(num_envs, dtype=np.int64)
-
-    def update(self, rewards: np.ndarray, ended: np.ndarray) -> list[tuple[float, int]]:
-        """Add one step's rewards; return (return, length) of the episodes that ended."""
-        self.returns += rewards
-        self.lengths += 1
-        finished = [(float(self.returns[i]), int(self.lengths[i])) for i in np.flatnonzero(ended)]
-        self.returns[ended] = 0.0
-        self.lengths[ended] = 0
-        return finished
-
-
-class Simulator:
-    """Saves, restores and steps the simulator below the TimeLimit wrapper, for the vine.
-
-    MuJoCo: the full integration state (mj_getState/mj_setState with mjSTATE_INTEGRATION:
-    qpos, qvel, act, warm start, ctrl, ...), which replays bit-exactly (GYMNASIUM_NOTES).
-    Classic control: the env's `state` attribute, its whole dynamic state. Both kinds step
-    deterministically (their randomness is drawn at reset only; Acrobot's torque noise is
-    off by default), so the policy noise is all that the vine's branches need to share.
-    """
-
-    def __init__(self, env: gym.Env, env_id: str):
-        self.env = env.unwrapped  # below TimeLimit: restoring a state must not count steps
-        if isinstance(getattr(self.env, "model", None), mujoco.MjModel):
-            self.kind = "mujoco"
-            self.size = mujoco.mj_stateSize(self.env.model, mujoco.mjtState.mjSTATE_INTEGRATION)
-        elif type(self.env).__module__.startswith("gymnasium.envs.classic_control"):
-            self.kind = "classic"
-            if getattr(self.env, "state", None) is None:  # created by the first reset
-                self.env.reset(seed=0)
-            self.size = len(np.asarray(self.env.state))
-        else:
-            raise UsageError(
-                f"--estimator vine restores simulator states, which this script can do for "
-                f"MuJoCo and classic-control envs only; {env_id} is neither"
-            )
-
-    def get_state(self) -> np.ndarray:
-        if self.kind == "mujoco":
-            state = np.empty(self.size)
-            mujoco.mj_getState(self.env.model, self.env.data, state, mujoco.mjtState.mjSTATE_INTEGRATION)
-            return state
-        return np.array(self.env.state, dtype=np.float64)
-
-    def set_state(self, state: np.ndarray) -> None:
-        if self.kind == "mujoco":
-            mujoco.mj_setState(self.env.model, self.env.data, state, mujoco.mjtState.mjSTATE_INTEGRATION)
-        else:
-            self.env.state = state.copy()
-            if hasattr(self.env, "steps_beyond_terminated"):  # CartPole's post-termination count
-                self.env.steps_beyond_terminated = None
-
-    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool]:
-        """One env step from the current state: (next observation, reward, terminated)."""
-        obs, reward, terminated, _, _ = self.env.step(action)
-        return obs, float(reward), bool(terminated)
-
-
-# == 4. Networks =======================================================================
+# == 2. Networks ===========================================================================================
 ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh}
 
 
@@ -388,23 +189,27 @@ def orthogonal_init(module: nn.Module, gain: float) -> nn.Module:
 
 
 class Actor(nn.Module):
-    """pi(a|s): a diagonal Gaussian with a state-independent log std for Box actions, a
-    categorical over logits for Discrete ones [TRPO App. D]."""
+    """pi(a|s) [TRPO App. D]: a diagonal Gaussian, state-independent log std (Box actions), or a categorical (Discrete)."""
 
-    def __init__(self, obs_dim: int, action_space: gym.Space, args: Args):
+    def __init__(
+        self, obs_dim: int, action_space: gym.Space, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool
+    ):
         super().__init__()
         self.discrete = isinstance(action_space, gym.spaces.Discrete)
         out_dim = int(action_space.n) if self.discrete else int(np.prod(action_space.shape))
-        self.trunk = orthogonal_init(mlp(obs_dim, args.hidden_sizes, args.activation, args.layer_norm), np.sqrt(2))
+        self.trunk = orthogonal_init(mlp(obs_dim, hidden_sizes, activation, layer_norm), np.sqrt(2))
         # a small last layer starts the policy near uniform / zero mean (baselines ppo2)
-        self.head = orthogonal_init(nn.Linear(args.hidden_sizes[-1], out_dim), 0.01)
+        self.head = orthogonal_init(nn.Linear(hidden_sizes[-1], out_dim), 0.01)
         self.log_std = None if self.discrete else nn.Parameter(torch.zeros(out_dim))
+        if not self.discrete:  # the env's bounds, which the env's actions are clipped to (log pi keeps the sample)
+            self.register_buffer("low", torch.as_tensor(action_space.low, dtype=torch.float32))
+            self.register_buffer("high", torch.as_tensor(action_space.high, dtype=torch.float32))
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        """Gaussian mean [B, A] or categorical logits [B, n]."""
+    def forward(self, obs: Tensor) -> Tensor:
+        """Gaussian mean [B, A] or categorical logits [B, A]."""
         return self.head(self.trunk(obs))
 
-    def log_prob_entropy(self, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def log_prob_entropy(self, obs: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
         """log pi(a|s) and the entropy of pi(.|s), both [B]."""
         out = self(obs)
         if self.discrete:
@@ -412,7 +217,7 @@ class Actor(nn.Module):
         log_std = self.log_std.expand_as(out)
         return gaussian_log_prob(actions, out, log_std), gaussian_entropy(log_std)
 
-    def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         """An action a ~ pi(.|s) (unclipped; the env clips) and log pi(a|s) [B]."""
         out = self(obs)
         if self.discrete:
@@ -424,37 +229,39 @@ class Actor(nn.Module):
         log_probs = (-0.5 * noise.pow(2) - self.log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
         return actions, log_probs
 
-    def deterministic(self, obs: torch.Tensor) -> torch.Tensor:
-        """The mean action or the most likely one, used for evaluation."""
+    def deterministic(self, obs: Tensor) -> Tensor:
+        """The mean action clipped to the env's bounds, or the most likely one; used for evaluation."""
         out = self(obs)
-        return out.argmax(-1) if self.discrete else out
+        return out.argmax(-1) if self.discrete else out.clamp(self.low, self.high)
 
-    def dist_params(self, obs: torch.Tensor) -> torch.Tensor:
-        """The distribution parameters mu_theta(s) of [TRPO App. C.1]: [mean, log std] [B, 2A]
-        for Box actions, the logits [B, n] for Discrete ones."""
+    def env_action(self, actions: Tensor) -> Tensor:
+        """What the env gets: a Box action clipped to its bounds."""
+        return actions if self.discrete else actions.clamp(self.low, self.high)
+
+    def dist_params(self, obs: Tensor) -> Tensor:
+        """mu_theta(s) of [TRPO App. C.1]: [mean, log std] [B, 2A] for Box actions, the logits [B, A] for Discrete."""
         out = self(obs)
         return out if self.discrete else torch.cat([out, self.log_std.expand_as(out)], dim=-1)
 
-    def kl(self, dist_old: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
-        """KL(pi_old(.|s) || pi(.|s)) per state [B] from two dist_params outputs."""
+    def kl(self, dist_old: Tensor, dist: Tensor) -> Tensor:
+        """KL(pi_old(.|s) || pi(.|s)) [B] from two dist_params outputs: sum_a p_old(a) (log p_old(a) - log p(a)) for the
+        categorical, sum_i log(s_i / s_old_i) + (s_old_i^2 + (m_old_i - m_i)^2) / (2 s_i^2) - 1/2 for the Gaussian."""
         if self.discrete:
-            return categorical_kl(dist_old, dist)
-        return gaussian_kl(*dist_old.chunk(2, dim=-1), *dist.chunk(2, dim=-1))
+            log_p_old = dist_old.log_softmax(-1)
+            return (log_p_old.exp() * (log_p_old - dist.log_softmax(-1))).sum(-1)
+        (mean_old, log_std_old), (mean, log_std) = dist_old.chunk(2, dim=-1), dist.chunk(2, dim=-1)
+        var_ratio, mahalanobis = torch.exp(2 * (log_std_old - log_std)), ((mean_old - mean) * torch.exp(-log_std)).pow(2)
+        return (log_std - log_std_old + 0.5 * (var_ratio + mahalanobis) - 0.5).sum(-1)
 
-    def noise(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """The random numbers of `shape` actions: uniform [*shape] for Discrete actions,
-        standard normal [*shape, A] for Box ones."""
-        if self.discrete:
-            return torch.rand(shape, device=device)
-        return torch.randn(*shape, *self.log_std.shape, device=device)
+    def noise(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        """Random numbers for `shape` actions: uniform [*shape] (Discrete) or standard normal [*shape, A] (Box)."""
+        return torch.rand(shape, device=device) if self.discrete else torch.randn(*shape, *self.log_std.shape, device=device)
 
-    def sample_with_noise(self, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """a ~ pi(.|s) as a function of given noise, so branches can share it: mean + std noise,
-        or the inverse CDF of the categorical at the uniform noise."""
+    def sample_with_noise(self, obs: Tensor, noise: Tensor) -> Tensor:
+        """a ~ pi(.|s) from given noise, which branches share: mean + std noise, or the inverse CDF at uniform noise."""
         out = self(obs)
         if self.discrete:
-            cdf = out.softmax(-1).cumsum(-1)
-            actions = (cdf <= noise.unsqueeze(-1)).sum(-1)  # the first a with cdf(a) > u
+            actions = (out.softmax(-1).cumsum(-1) <= noise.unsqueeze(-1)).sum(-1)  # the first a with cdf(a) > u
             return actions.clamp_max(out.shape[-1] - 1)  # in case cdf(n - 1) rounds below u
         return out + self.log_std.exp() * noise
 
@@ -462,25 +269,23 @@ class Actor(nn.Module):
 class Value(nn.Module):
     """State-value function V(s)."""
 
-    def __init__(self, obs_dim: int, args: Args):
+    def __init__(self, obs_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool):
         super().__init__()
-        self.trunk = orthogonal_init(mlp(obs_dim, args.hidden_sizes, args.activation, args.layer_norm), np.sqrt(2))
-        self.head = orthogonal_init(nn.Linear(args.hidden_sizes[-1], 1), 1.0)
+        self.trunk = orthogonal_init(mlp(obs_dim, hidden_sizes, activation, layer_norm), np.sqrt(2))
+        self.head = orthogonal_init(nn.Linear(hidden_sizes[-1], 1), 1.0)
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+    def forward(self, obs: Tensor) -> Tensor:
         return self.head(self.trunk(obs)).squeeze(-1)  # [B]
 
 
-# == 5. Storage ========================================================================
+# == 3. Storage ============================================================================================
 class RunningMeanStd:
-    """Mean and variance of everything seen so far, merged batch by batch (Chan et al. 1979, as
-    baselines' VecNormalize). Kept in float64 numpy for speed on the per-step path; state_dict()
-    gives tensors for the checkpoint."""
+    """Mean and variance of everything seen so far, merged batch by batch (Chan et al. 1979, as baselines'
+    VecNormalize). Kept in float64 numpy for speed on the per-step path; state_dict() gives tensors."""
 
     def __init__(self, shape: tuple[int, ...]):
-        self.mean = np.zeros(shape)
-        self.var = np.ones(shape)
-        self.count = 1e-4  # baselines' initial count: the first batch dominates at once
+        # baselines' initial count: the first batch dominates at once
+        self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), 1e-4
 
     def update(self, x: np.ndarray) -> None:
         """Merge a batch x [n, *shape]."""
@@ -496,21 +301,16 @@ class RunningMeanStd:
         return np.clip((x - self.mean) / np.sqrt(self.var + 1e-8), -clip, clip).astype(np.float32)
 
     def state_dict(self) -> dict:
-        return {
-            "mean": torch.as_tensor(np.asarray(self.mean)),
-            "var": torch.as_tensor(np.asarray(self.var)),
-            "count": torch.tensor(self.count, dtype=torch.float64),
-        }
+        return {k: torch.as_tensor(np.asarray(getattr(self, k), dtype=np.float64)) for k in ("mean", "var", "count")}
 
     def load_state_dict(self, state: dict) -> None:
-        self.mean = state["mean"].double().cpu().numpy().copy()
-        self.var = state["var"].double().cpu().numpy().copy()
+        self.mean, self.var = (state[k].double().cpu().numpy().copy() for k in ("mean", "var"))
         self.count = float(state["count"])
 
 
 class RewardScaler:
-    """r / std(G) with G_t = gamma G_{t-1} + r_t the discounted return of each env so far, reset
-    at episode ends, then clipped (baselines' VecNormalize)."""
+    """r / std(G) with G_t = gamma G_{t-1} + r_t the discounted return of each env so far, reset at episode
+    ends, then clipped (baselines' VecNormalize)."""
 
     def __init__(self, num_envs: int, gamma: float, clip: float):
         self.rms, self.gamma, self.clip = RunningMeanStd(()), gamma, clip
@@ -520,93 +320,96 @@ class RewardScaler:
         self.returns = self.returns * self.gamma + rewards
         self.rms.update(self.returns)
         self.returns[ended] = 0.0
-        scaled = rewards / np.sqrt(self.rms.var + 1e-8)
-        return np.clip(scaled, -self.clip, self.clip).astype(np.float32)
+        return np.clip(rewards / np.sqrt(self.rms.var + 1e-8), -self.clip, self.clip).astype(np.float32)
 
 
 class Rollout(NamedTuple):
-    obs: torch.Tensor  # [T, N, O] normalised observations
-    actions: torch.Tensor  # [T, N, A] (float) or [T, N] (long)
-    log_probs: torch.Tensor  # [T, N] log pi_old(a|s)
-    rewards: torch.Tensor  # [T, N] scaled rewards, + gamma V(final obs) at truncations
-    dones: torch.Tensor  # [T, N] 1.0 where the episode ended after this step (either way)
-    values: torch.Tensor  # [T, N] V_old(s)
+    obs: Tensor  # [T, N, O] normalised observations
+    actions: Tensor  # [T, N, A] (float) or [T, N] (long)
+    log_probs: Tensor  # [T, N] log pi_old(a|s)
+    rewards: Tensor  # [T, N] scaled rewards, + gamma V(final obs) at truncations
+    dones: Tensor  # [T, N] 1.0 where the episode ended after this step (either way)
+    values: Tensor  # [T, N] V_old(s)
 
 
-def make_rollout(num_steps: int, num_envs: int, obs_dim: int, action_space: gym.Space) -> Rollout:
-    """Preallocated rollout storage, written in place step by step."""
-    discrete = isinstance(action_space, gym.spaces.Discrete)
-    tn = (num_steps, num_envs)
-    return Rollout(
-        obs=torch.zeros(*tn, obs_dim),
-        actions=torch.zeros(tn, dtype=torch.long) if discrete else torch.zeros(*tn, *action_space.shape),
-        log_probs=torch.zeros(tn),
-        rewards=torch.zeros(tn),
-        dones=torch.zeros(tn),
-        values=torch.zeros(tn),
-    )
+def make_rollout(num_steps: int, num_envs: int, obs_dim: int, action_space: gym.Space, device: torch.device) -> Rollout:
+    """Preallocated rollout storage on `device`, written in place step by step."""
+    tn, discrete = (num_steps, num_envs), isinstance(action_space, gym.spaces.Discrete)
+    actions = torch.zeros(tn, dtype=torch.long) if discrete else torch.zeros(*tn, *action_space.shape)
+    log_probs, rewards, dones, values = (torch.zeros(tn) for _ in range(4))
+    return Rollout(*(x.to(device) for x in (torch.zeros(*tn, obs_dim), actions, log_probs, rewards, dones, values)))
 
 
-class Trunk(NamedTuple):
-    states: np.ndarray  # [T, N, Z] simulator state before each step
-    elapsed: np.ndarray  # [T, N] steps its episode had taken before it
+# == 4. Environment ========================================================================================
+MJ_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # MuJoCo's full integration state: qpos, qvel, act, warm start, ctrl, ...
 
 
-def make_trunk(num_steps: int, num_envs: int, state_size: int) -> Trunk:
-    """Storage for the vine's trunk [TRPO Sec. 5.2] (size-0 states for the single path)."""
-    return Trunk(states=np.zeros((num_steps, num_envs, state_size)), elapsed=np.zeros((num_steps, num_envs), dtype=np.int64))
+class Simulator:
+    """Saves and restores the simulator below the TimeLimit wrapper (`env`, which the branches step), for the vine [TRPO
+    Sec. 5.2]: MuJoCo's MJ_STATE or a classic-control env's `state`. Both step deterministically (randomness is drawn at
+    reset; Acrobot's torque noise is off by default), so branches share the policy noise only. A restored trunk state
+    replays the trunk bit-exactly on CartPole-v1 and Hopper-v5 (tested); other envs are not checked."""
+
+    def __init__(self, env: gym.Env, env_id: str):
+        self.env = env.unwrapped  # below TimeLimit: restoring a state must not count steps
+        self.mujoco = isinstance(getattr(self.env, "model", None), mujoco.MjModel)
+        if not self.mujoco and not type(self.env).__module__.startswith("gymnasium.envs.classic_control"):
+            raise UsageError(f"--estimator vine restores simulator states: MuJoCo and classic-control envs only, not {env_id}")
+        if not self.mujoco and getattr(self.env, "state", None) is None:  # created by the first reset
+            self.env.reset(seed=0)
+        self.size = mujoco.mj_stateSize(self.env.model, MJ_STATE) if self.mujoco else len(np.asarray(self.env.state))
+
+    def get_state(self) -> np.ndarray:
+        if not self.mujoco:
+            return np.array(self.env.state, dtype=np.float64)
+        state = np.empty(self.size)
+        mujoco.mj_getState(self.env.model, self.env.data, state, MJ_STATE)
+        return state
+
+    def set_state(self, state: np.ndarray) -> None:
+        if self.mujoco:
+            return mujoco.mj_setState(self.env.model, self.env.data, state, MJ_STATE)
+        self.env.state = state.copy()
+        if hasattr(self.env, "steps_beyond_terminated"):  # CartPole's post-termination count
+            self.env.steps_beyond_terminated = None
 
 
-# == 6. Algorithm ======================================================================
+# == 5. Algorithm ==========================================================================================
 CG_RESIDUAL_TOL = 1e-10  # stop CG once |r|^2 is below this ([SB3C]; modular_rl)
 STEP_EPS = 1e-12  # guards beta = sqrt(2 delta / s^T A s) against s^T A s = 0
 
 
-def gaussian_log_prob(actions: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+def gaussian_log_prob(actions: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
     """log N(a; mean, diag(exp(log_std)^2)) summed over action dimensions: [B, A] -> [B]."""
     z = (actions - mean) * torch.exp(-log_std)
     return (-0.5 * z.pow(2) - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
 
 
-def gaussian_entropy(log_std: torch.Tensor) -> torch.Tensor:
+def gaussian_entropy(log_std: Tensor) -> Tensor:
     """Entropy of a diagonal Gaussian, sum_i (log_std_i + (1 + log 2 pi) / 2): [B, A] -> [B]."""
     return (log_std + 0.5 * (1.0 + np.log(2 * np.pi))).sum(-1)
 
 
-def categorical_log_prob(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[a]: [B, n], [B] -> [B]."""
+def categorical_log_prob(logits: Tensor, actions: Tensor) -> Tensor:
+    """log softmax(logits)[a]: [B, A], [B] -> [B]."""
     return logits.log_softmax(-1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
 
 
-def categorical_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """-sum_a p(a) log p(a): [B, n] -> [B]."""
+def categorical_entropy(logits: Tensor) -> Tensor:
+    """-sum_a p(a) log p(a): [B, A] -> [B]."""
     log_p = logits.log_softmax(-1)
     return -(log_p.exp() * log_p).sum(-1)
 
 
-def gaussian_kl(mean_old: torch.Tensor, log_std_old: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
-    """KL(N_old || N) = sum_i log(s_i / s_old_i) + (s_old_i^2 + (m_old_i - m_i)^2) / (2 s_i^2)
-    - 1/2 for diagonal Gaussians: [B, A] each -> [B]."""
-    var_ratio = torch.exp(2 * (log_std_old - log_std))
-    mahalanobis = ((mean_old - mean) * torch.exp(-log_std)).pow(2)
-    return (log_std - log_std_old + 0.5 * (var_ratio + mahalanobis) - 0.5).sum(-1)
-
-
-def categorical_kl(logits_old: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(p_old || p) = sum_a p_old(a) (log p_old(a) - log p(a)): [B, n] each -> [B]."""
-    log_p_old = logits_old.log_softmax(-1)
-    return (log_p_old.exp() * (log_p_old - logits.log_softmax(-1))).sum(-1)
-
-
 def gae(
-    rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, last_value: torch.Tensor, gamma: float, gae_lambda: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalized advantage estimation, cut at episode ends [PPO eq. 11-12; GAE eq. 16].
+    rewards: Tensor, values: Tensor, dones: Tensor, last_value: Tensor, gamma: float, gae_lambda: float
+) -> tuple[Tensor, Tensor]:
+    """Generalized advantage estimation, cut at episode ends [GAE eq. 16].
 
     delta_t = r_t + gamma (1 - done_t) V(s_{t+1}) - V(s_t)
     A_t = delta_t + gamma lambda (1 - done_t) A_{t+1},   returns R_t = A_t + V(s_t).
-    done_t marks a step after which the episode ended (terminated or truncated); a truncated
-    step's reward already holds gamma V(final obs), so the cut is right for both.
+    done_t marks a step after which the episode ended (terminated or truncated); a truncated step's reward
+    already holds gamma V(final obs), so the cut is right for both.
     Shapes: rewards, values, dones [T, N]; last_value [N] = V(s_T); returns two [T, N].
     """
     not_done = 1.0 - dones
@@ -621,81 +424,52 @@ def gae(
     return advantages, advantages + values
 
 
-def surrogate(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
-    """L(theta) = mean_t rho_t A_t, rho = pi_theta(a_t|s_t) / pi_old(a_t|s_t) [TRPO eq. 14].
-
-    Single path [TRPO Sec. 5.1]: q = pi_old, and advantages in place of Q change L by a
-    constant only. Shapes: all [B]; returns a scalar.
-    """
-    return (torch.exp(log_probs - old_log_probs) * advantages).mean()
-
-
-def vine_surrogate(log_probs: torch.Tensor, log_q: torch.Tensor, q_values: torch.Tensor) -> torch.Tensor:
-    """L(theta) = mean_r sum_k w_rk Q_rk / sum_k w_rk, w_rk = pi_theta(a_rk|s_r) / q(a_rk|s_r).
-
-    [TRPO eq. 16] the self-normalised importance-sampling estimate at each rollout-set state,
-    computed as softmax_k(log w_rk), which is exact and cannot overflow. With q = pi_old (Box
-    actions) it is eq. 16 as printed; with every action of a Discrete space once and q uniform,
-    sum_k w_rk = 1 / q and it is eq. 15, sum_a pi_theta(a|s_r) Q(s_r, a).
-    Shapes: log_probs, log_q, q_values [R, K]; returns a scalar.
-    """
+def vine_surrogate(log_probs: Tensor, log_q: Tensor, q_values: Tensor) -> Tensor:
+    """L(theta) = mean_r sum_k w_rk Q_rk / sum_k w_rk, w_rk = pi_theta(a_rk|s_r) / q(a_rk|s_r) [TRPO eq. 16], the
+    self-normalised estimate as softmax_k(log w_rk) (exact, no overflow). q = pi_old (Box actions): eq. 16 as printed;
+    each Discrete action once, q uniform: eq. 15, sum_a pi_theta(a|s_r) Q(s_r, a). Shapes: all [R, K]; returns a scalar."""
     return (torch.softmax(log_probs - log_q, dim=-1) * q_values).sum(-1).mean()
 
 
-def conjugate_gradient(avp: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int) -> torch.Tensor:
-    """An approximate solution x of A x = b, A symmetric positive definite, from products A v.
-
-    [TRPO App. C] conjugate gradient from x_0 = 0 for `iters` steps (the paper: 10), stopping
-    early once |b - A x|^2 < CG_RESIDUAL_TOL. avp: v -> A v. Shapes: b [P]; returns x [P].
-    """
-    x = torch.zeros_like(b)
-    r, p = b.clone(), b.clone()  # the residual b - A x and the search direction
+def conjugate_gradient(avp: Callable[[Tensor], Tensor], b: Tensor, iters: int) -> Tensor:
+    """x ~ A^-1 b for A symmetric positive definite, from products avp(v) = A v: [TRPO App. C] conjugate gradient from
+    x_0 = 0 for `iters` steps (the paper: 10), stopping early once |b - A x|^2 < CG_RESIDUAL_TOL. Shapes: b, x [P]."""
+    x, r, p = torch.zeros_like(b), b.clone(), b.clone()  # the solution, the residual b - A x, the search direction
     rr = r @ r
     for _ in range(iters):
         if rr < CG_RESIDUAL_TOL:
             break
         ap = avp(p)
         alpha = rr / (p @ ap)
-        x += alpha * p
-        r -= alpha * ap
+        x, r = x + alpha * p, r - alpha * ap
         rr_new = r @ r
-        p = r + (rr_new / rr) * p
-        rr = rr_new
+        p, rr = r + (rr_new / rr) * p, rr_new
     return x
 
 
-def fisher_vector_product(kl_grad: torch.Tensor, params: list[torch.Tensor], v: torch.Tensor, damping: float) -> torch.Tensor:
-    """(A + damping I) v, A = d^2/dtheta^2 mean_s KL(pi_old(.|s) || pi_theta(.|s)) at theta_old.
-
-    [TRPO App. C.1] the Hessian-vector product of the analytic mean KL: kl_grad = dKL/dtheta,
-    built with create_graph=True at theta = theta_old, is differentiated once more along v.
-    There the second term of eq. 57 vanishes, so this is the Fisher J^T M J v, M the Fisher
-    of the distribution parameters. Shapes: kl_grad, v [P]; params the P parameters.
-    """
+def fisher_vector_product(kl_grad: Tensor, params: list[Tensor], v: Tensor, damping: float) -> Tensor:
+    """(A + damping I) v, A = d^2/dtheta^2 mean_s KL(pi_old(.|s) || pi_theta(.|s)) at theta_old [TRPO App. C.1]: kl_grad
+    = dKL/dtheta (create_graph=True at theta_old) differentiated along v. There eq. 57's second term vanishes: this is
+    the Fisher J^T M J v, M the distribution parameters' Fisher. Shapes: kl_grad, v [P]; params the P parameters."""
     hvp = torch.autograd.grad(kl_grad @ v, params, retain_graph=True)
     return torch.cat([h.reshape(-1) for h in hvp]) + damping * v
 
 
 def line_search(
     actor: nn.Module,
-    evaluate_step: Callable[[], tuple[torch.Tensor, torch.Tensor]],
-    theta_old: torch.Tensor,
-    full_step: torch.Tensor,
-    surrogate_old: torch.Tensor,
+    evaluate_step: Callable[[], tuple[Tensor, Tensor]],
+    theta_old: Tensor,
+    full_step: Tensor,
+    surrogate_old: Tensor,
     delta: float,
     backtrack_coef: float,
     backtrack_iters: int,
 ) -> float:
-    """theta = theta_old + c^j full_step for the first j with L(theta) > L(theta_old) and mean
-    KL <= delta; if no j < backtrack_iters passes, theta_old is restored exactly.
-
-    [TRPO App. C] the line search on L(theta) - X[KL <= delta], from the maximal step down,
-    shrinking it exponentially. evaluate_step() returns (L, mean KL) at the actor's current
-    parameters. Shapes: theta_old, full_step [P]. Returns the accepted c^j, 0.0 if rejected.
-    """
+    """theta = theta_old + c^j full_step for the first j < backtrack_iters with L(theta) > L(theta_old) and mean KL <=
+    delta, else theta_old restored exactly; returns c^j, or 0.0 if rejected. [TRPO App. C] the line search on
+    L(theta) - X[KL <= delta] from the maximal step down; evaluate_step() gives (L, mean KL) at the current parameters."""
     params = list(actor.parameters())
-    for j in range(backtrack_iters):
-        fraction = backtrack_coef**j
+    for fraction in (backtrack_coef**j for j in range(backtrack_iters)):
         set_parameters(params, theta_old + fraction * full_step)
         surrogate_new, kl = evaluate_step()
         if bool(kl <= delta) and bool(surrogate_new > surrogate_old):
@@ -705,51 +479,48 @@ def line_search(
 
 
 @torch.no_grad()
-def set_parameters(params: list[torch.Tensor], theta: torch.Tensor) -> None:
-    """Copy the flat vector theta [P] into the parameters in place (vector_to_parameters would
-    make them views into theta, whose memory alignment can change matmul rounding)."""
+def set_parameters(params: list[Tensor], theta: Tensor) -> None:
+    """Copy theta [P] into params in place (vector_to_parameters' views into theta can change matmul rounding)."""
     for p, chunk in zip(params, theta.split([p.numel() for p in params])):
         p.copy_(chunk.view_as(p))
 
 
-def vine_rollouts(
-    sim: Simulator,
-    states: np.ndarray,
-    first_actions: np.ndarray,
-    act: Callable[[np.ndarray, torch.Tensor], np.ndarray],
-    noise: torch.Tensor,
-    horizons: np.ndarray,
-    gamma: float,
-) -> tuple[np.ndarray, int]:
-    """Q_rk = sum_{t < L_r} gamma^t r_t of the branch that restores state s_r, takes a_rk and
-    then follows the policy, the K branches of s_r sharing their noise.
+@torch.no_grad()
+def vine_actions(actor: Actor, obs: Tensor, num_actions: int) -> tuple[Tensor, Tensor]:
+    """K actions a_rk at each rollout-set state and log q(a_rk|s_r) [TRPO Sec. 5.2]: K samples of q = pi_old (Box), or K
+    distinct actions, all n if K >= n, with q uniform (Discrete; eq. 15). obs [R, O] -> [R, K, A] or [R, K], and [R, K]."""
+    if actor.discrete:
+        n = actor.head.out_features
+        k = min(num_actions, n)
+        actions = torch.rand(len(obs), n, device=obs.device).argsort(-1)[:, :k]  # [R, K]
+        return actions, torch.full((len(obs), k), -float(np.log(n)), device=obs.device)
+    obs_k = obs.unsqueeze(1).expand(-1, num_actions, -1)  # [R, K, O]
+    actions = actor.sample_with_noise(obs_k, actor.noise((len(obs), num_actions), obs.device))
+    return actions, actor.log_prob_entropy(obs_k, actions)[0]
 
-    [TRPO Sec. 5.2] rollouts from the rollout set with common random numbers: branch (r, k)
-    acts at step t >= 1 with noise[r, t - 1] for every k, so the branches of a state differ
-    through their first action only. All R K branches advance in lockstep, one batched policy
-    call per step; a branch stops when its episode terminates or after L_r = min(L, horizon_r)
-    steps. act(obs [R K, O], noise [R K, ...]) -> env actions [R K, ...].
-    Shapes: states [R, Z]; first_actions [R, K, ...] (env actions); noise [R, L - 1, ...];
-    horizons [R] (steps left before the time limit). Returns Q [R, K] and the steps taken.
-    """
-    num_states, num_actions = first_actions.shape[:2]
-    branch_states = np.repeat(states, num_actions, axis=0)  # [R K, Z]
-    actions = first_actions.reshape(num_states * num_actions, *first_actions.shape[2:])
+
+def vine_rollouts(
+    sim: Simulator, states: np.ndarray, first: np.ndarray, act: Callable, noise: Tensor, horizons: np.ndarray, gamma: float
+) -> tuple[np.ndarray, int]:
+    """Q_rk = sum_{t < L_r} gamma^t r_t of the branch that restores state s_r, takes a_rk, then follows the policy:
+    [TRPO Sec. 5.2] with common random numbers, branch (r, k) acts at step t >= 1 with noise[r, t - 1] for every k. All
+    branches advance in lockstep, one act(obs [R K, O], noise [R K, ...]) -> env actions per step; one stops when its
+    episode terminates or after L_r = min(L, horizon_r) steps. Shapes: states [R, Z]; first [R, K, ...] (env actions
+    a_rk); noise [R, L - 1, ...]; horizons [R] (steps left before the time limit). Returns Q [R, K] and the steps taken."""
+    num_states, num_actions = first.shape[:2]
+    branch_states, actions = np.repeat(states, num_actions, axis=0), first.reshape(-1, *first.shape[2:])  # [R K, ...]
     branch_noise = noise.repeat_interleave(num_actions, dim=0)  # [R K, L - 1, ...]: CRN
     limits = np.repeat(np.minimum(horizons, noise.shape[1] + 1), num_actions)  # [R K]
-    q_values = np.zeros(len(branch_states))
-    alive = np.ones(len(branch_states), dtype=bool)
-    obs, sim_steps = None, 0
+    q_values, alive, sim_steps = np.zeros(len(actions)), np.ones(len(actions), dtype=bool), 0
+    obs = np.zeros((len(actions), *sim.env.observation_space.shape))  # [R K, O]
     for t in range(noise.shape[1] + 1):
         if t > 0:
             actions = act(obs, branch_noise[:, t - 1])
         for i in np.flatnonzero(alive):
             sim.set_state(branch_states[i])
-            next_obs, reward, terminated = sim.step(actions[i])
-            if obs is None:
-                obs = np.zeros((len(branch_states), len(next_obs)))
+            next_obs, reward, terminated, _, _ = sim.env.step(actions[i])
             branch_states[i], obs[i] = sim.get_state(), next_obs
-            q_values[i] += gamma**t * reward
+            q_values[i] += gamma**t * float(reward)
             alive[i] = not terminated and t + 1 < limits[i]
             sim_steps += 1
         if not alive.any():
@@ -757,37 +528,34 @@ def vine_rollouts(
     return q_values.reshape(num_states, num_actions), sim_steps
 
 
-# == 7. Updates ========================================================================
-def single_path_objective(actor: Actor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[TRPO eq. 14] on the rollout: states, actions, log pi_old(a|s) and advantages, [B]."""
+# == 6. Updates ============================================================================================
+def single_path_objective(actor: Actor, batch: dict[str, Tensor]) -> Tensor:
+    """L(theta) = mean_t rho_t A_t, rho = pi_theta / pi_old [TRPO eq. 14, Sec. 5.1]; A for Q changes L by a constant only."""
     log_probs, _ = actor.log_prob_entropy(batch["obs"], batch["actions"])
-    return surrogate(log_probs, batch["log_probs"], batch["advantages"])
+    return (torch.exp(log_probs - batch["log_probs"]) * batch["advantages"]).mean()
 
 
-def vine_objective(actor: Actor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def vine_objective(actor: Actor, batch: dict[str, Tensor]) -> Tensor:
     """[TRPO eq. 15-16] on the rollout set: states [R, O], actions, log q and Q, [R, K]."""
     obs = batch["obs"].unsqueeze(1).expand(-1, batch["q_values"].shape[1], -1)  # [R, K, O]
-    log_probs, _ = actor.log_prob_entropy(obs, batch["actions"])
-    return vine_surrogate(log_probs, batch["log_q"], batch["q_values"])
+    return vine_surrogate(actor.log_prob_entropy(obs, batch["actions"])[0], batch["log_q"], batch["q_values"])
 
 
 def update_policy(
     actor: Actor,
-    objective: Callable[[], torch.Tensor],
-    obs: torch.Tensor,
+    objective: Callable[[], Tensor],
+    obs: Tensor,
     delta: float,
     cg_iters: int,
     cg_damping: float,
     fisher_fraction: float,
     backtrack_coef: float,
     backtrack_iters: int,
-) -> dict[str, torch.Tensor]:
-    """One trust-region step [TRPO Sec. 6, App. C]: maximise objective() subject to the mean
-    KL(pi_old || pi_theta) <= delta over the states obs [B, O]; returns the metrics."""
+) -> dict[str, Tensor]:
+    """One trust-region step [TRPO Sec. 6, App. C]: max objective() s.t. mean KL(pi_old || pi_theta) <= delta on obs [B, O]."""
     params = list(actor.parameters())
     theta_old = torch.cat([p.detach().reshape(-1) for p in params])
-    with torch.no_grad():
-        dist_old = actor.dist_params(obs)  # [B, D], pi_old in every KL below
+    dist_old = actor.dist_params(obs).detach()  # [B, D], pi_old in every KL below
     surrogate_old = objective()
     g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(surrogate_old, params)])
     # [TRPO App. C.1] the Fisher on a random fraction of the states
@@ -796,40 +564,25 @@ def update_policy(
     kl_grad = torch.cat([x.reshape(-1) for x in torch.autograd.grad(kl_fisher, params, create_graph=True)])
     fvp = functools.partial(fisher_vector_product, kl_grad, params, damping=cg_damping)
     step_dir = conjugate_gradient(fvp, g, cg_iters)  # s ~ A^-1 g
-    curvature = step_dir @ fvp(step_dir)  # s^T A s
-    full_step = torch.sqrt(2 * delta / curvature.clamp_min(STEP_EPS)) * step_dir  # [TRPO App. C]
-
-    @torch.no_grad()
-    def evaluate_step() -> tuple[torch.Tensor, torch.Tensor]:
-        return objective(), actor.kl(dist_old, actor.dist_params(obs)).mean()
-
+    full_step = torch.sqrt(2 * delta / (step_dir @ fvp(step_dir)).clamp_min(STEP_EPS)) * step_dir  # beta s [TRPO App. C]
+    evaluate_step = torch.no_grad()(lambda: (objective(), actor.kl(dist_old, actor.dist_params(obs)).mean()))  # (L, KL)
     surrogate_old = surrogate_old.detach()
     fraction = line_search(actor, evaluate_step, theta_old, full_step, surrogate_old, delta, backtrack_coef, backtrack_iters)
     surrogate_new, kl = evaluate_step()
     entropy = categorical_entropy(dist_old) if actor.discrete else gaussian_entropy(dist_old.chunk(2, dim=-1)[1])
-    return {
-        "losses/policy": -surrogate_new,
-        "stats/surrogate_improvement": surrogate_new - surrogate_old,
-        "stats/kl": kl,
-        "stats/entropy": entropy.mean(),
-        "stats/step_fraction": torch.tensor(fraction),
-        "stats/line_search_rejected": torch.tensor(float(fraction == 0.0)),
-        "stats/grad_norm": g.norm(),
-    }
+    metrics = {"losses/policy": -surrogate_new, "stats/surrogate_improvement": surrogate_new - surrogate_old}
+    metrics |= {"stats/kl": kl, "stats/entropy": entropy.mean(), "stats/step_fraction": torch.tensor(fraction)}
+    return metrics | {"stats/line_search_rejected": torch.tensor(float(fraction == 0.0)), "stats/grad_norm": g.norm()}
 
 
 def update_value(
-    value: Value, value_opt: torch.optim.Optimizer, obs: torch.Tensor, returns: torch.Tensor, epochs: int, num_minibatches: int
-) -> dict[str, torch.Tensor]:
-    """Fit V to the returns R = A + V_old: `epochs` passes of minibatch Adam steps on
-    (V(s) - R)^2 / 2 ([SB3C]; the policy step does not touch V)."""
-    size = len(obs)
-    minibatch = size // num_minibatches
-    total = torch.zeros((), device=obs.device)
+    value: Value, value_opt: Optimizer, obs: Tensor, returns: Tensor, epochs: int, num_minibatches: int
+) -> dict[str, Tensor]:
+    """Fit V to the returns R = A + V_old: `epochs` passes of minibatch Adam steps on (V(s) - R)^2 / 2 ([SB3C])."""
+    size, total = len(obs), torch.zeros((), device=obs.device)
+    minibatch = size // num_minibatches  # the remainder of each epoch's permutation is left out
     for _ in range(epochs):
-        perm = torch.randperm(size, device=obs.device)
-        for start in range(0, minibatch * num_minibatches, minibatch):
-            idx = perm[start : start + minibatch]
+        for idx in torch.randperm(size, device=obs.device)[: minibatch * num_minibatches].view(num_minibatches, minibatch):
             loss = 0.5 * (value(obs[idx]) - returns[idx]).pow(2).mean()
             value_opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -838,54 +591,261 @@ def update_value(
     return {"losses/value": total / (epochs * num_minibatches)}
 
 
-# == 8. Evaluation =====================================================================
-def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int) -> list[float]:
-    """Undiscounted returns of `episodes` episodes of act(obs) -> action, reset with seed + i."""
+# == 7. Training ===========================================================================================
+def train(args: Args) -> dict:
+    """Train TRPO; returns the final metrics, counters and the run directory."""
+    device = setup(args)  # seeds, torch threads, device
+    # -- environments; the vine saves each training env's state at every step and branches on a copy of its own
+    envs = make_vec_env(args.env, args.num_envs)
+    obs_dim, action_space, vine = envs.single_observation_space.shape[0], envs.single_action_space, args.estimator == "vine"
+    trunk_sims = [Simulator(env, args.env) for env in envs.unwrapped.envs] if vine else []
+    branch_sim = Simulator(make_env(args.env), args.env) if vine else None
+    max_episode_steps = envs.unwrapped.envs[0].spec.max_episode_steps or np.iinfo(np.int64).max
+    # -- networks, optimizer and normalisers (the vine's Q needs no V)
+    nets = (args.hidden_sizes, args.activation, args.layer_norm)
+    actor, value = Actor(obs_dim, action_space, *nets).to(device), None if vine else Value(obs_dim, *nets).to(device)
+    value_opt = None if vine else torch.optim.Adam(value.parameters(), lr=args.value_lr, fused=True)
+    obs_rms, reward_scaler = RunningMeanStd((obs_dim,)), RewardScaler(args.num_envs, args.gamma, args.reward_clip)
+    region = (args.delta, args.cg_iters, args.cg_damping, args.fisher_fraction, args.backtrack_coef, args.backtrack_iters)
+    # the vine's branches follow pi with given noise, clipped for the env
+    branch_act = lambda obs, noise: actor.env_action(actor.sample_with_noise(observe(obs, update=False), noise)).cpu().numpy()
+
+    def observe(raw: np.ndarray, update: bool = True) -> Tensor:
+        """Observations [n, O] normalised, after merging them into the statistics if `update`."""
+        if args.norm_obs:
+            obs_rms.update(raw) if update else None
+            raw = obs_rms.normalize(raw, args.obs_clip)
+        return torch.as_tensor(raw, dtype=torch.float32, device=device)
+
+    # -- storage: the rollout; the vine's trunk, the simulator states [T, N, Z] and their episodes' steps so far [T, N]
+    rollout = make_rollout(args.num_steps, args.num_envs, obs_dim, action_space, device)
+    trunk_states = np.zeros((args.num_steps, args.num_envs, trunk_sims[0].size if vine else 0))
+    trunk_elapsed = np.zeros((args.num_steps, args.num_envs), dtype=np.int64)
+    sim_steps = torch.zeros((), dtype=torch.int64)  # trunk and branch steps (a tensor, so that resume.pt keeps it)
+    # -- run: directory, logging, evaluation, saving, resume (below the fence)
+    model = dict(actor=actor, value=value, obs_rms=obs_rms if args.norm_obs else None)
+    train_state = dict(value_opt=value_opt, reward_rms=reward_scaler.rms, sim_steps=sim_steps)
+    run = Run(args, envs, model, train_state, act=lambda obs: actor.deterministic(observe(obs.cpu().numpy(), update=False)))
+    if args.eval_only:
+        return run.evaluate_only()
+    global_step, num_updates = run.start()
+    # a resumed run starts fresh episodes; the statistics grow with the steps taken only, so a resume is exact
+    obs = observe(envs.reset(seed=args.seed + global_step)[0], update=False)
+    while global_step < args.total_steps:
+        for t in range(args.num_steps):  # collect a rollout
+            # act
+            if vine:  # the trunk: every state it visits can be restored to branch from
+                trunk_states[t], trunk_elapsed[t] = [sim.get_state() for sim in trunk_sims], envs.episode_lengths
+            with torch.no_grad():
+                actions, log_probs = actor.sample(obs)
+                values = rollout.values[t] if vine else value(obs)
+            # step
+            next_obs, rewards, terminated, truncated, infos = envs.step(actor.env_action(actions).cpu().numpy())
+            global_step += args.num_envs
+            run.add_episodes(global_step, infos)
+            ended = terminated | truncated
+            rewards = reward_scaler(rewards, ended) if args.norm_reward else rewards
+            rewards = torch.as_tensor(rewards, dtype=torch.float32, device=device)
+            # a time limit is not an MDP end: bootstrap from the true last observation
+            cut = [] if vine else np.flatnonzero(truncated & ~terminated)
+            if len(cut):
+                with torch.no_grad():
+                    rewards[cut] += args.gamma * value(observe(np.stack([infos["final_obs"][i] for i in cut]), update=False))
+            # store
+            rollout.obs[t], rollout.actions[t], rollout.log_probs[t], rollout.values[t] = obs, actions, log_probs, values
+            rollout.rewards[t], rollout.dones[t] = rewards, torch.as_tensor(ended, dtype=torch.float32, device=device)
+            obs = observe(next_obs)
+        sim_steps += args.num_steps * args.num_envs
+        # update: one trust-region step [TRPO Sec. 6] on the surrogate of either estimator
+        flat = Rollout(*(x.flatten(0, 1) for x in rollout))  # [T N, ...]
+        if vine:  # [TRPO Sec. 5.2] the rollout set: R distinct trunk states, uniformly
+            idx = torch.randperm(len(flat.obs))[: args.vine_states].numpy()
+            obs_set = flat.obs[idx]  # [R, O], normalised as the trunk saw them
+            actions, log_q = vine_actions(actor, obs_set, args.vine_actions)
+            noise = actor.noise((len(idx), args.vine_rollout_length - 1), device)  # common random numbers
+            states, horizons = trunk_states.reshape(len(flat.obs), -1)[idx], max_episode_steps - trunk_elapsed.flatten()[idx]
+            first = actor.env_action(actions).cpu().numpy()  # [R, K, ...]
+            with torch.no_grad():
+                q_values, branch_steps = vine_rollouts(branch_sim, states, first, branch_act, noise, horizons, args.gamma)
+            sim_steps += branch_steps
+            q_values = torch.as_tensor(q_values, dtype=torch.float32, device=device)
+            batch = dict(obs=obs_set, actions=actions, log_q=log_q, q_values=q_values)
+            metrics = update_policy(actor, functools.partial(vine_objective, actor, batch), flat.obs, *region)
+            metrics["stats/q_mean"] = q_values.mean()
+        else:
+            last_value = value(obs).detach()  # V(s_T)
+            advantages, returns = gae(rollout.rewards, rollout.values, rollout.dones, last_value, args.gamma, args.gae_lambda)
+            advantages, returns = advantages.flatten(), returns.flatten()
+            if args.norm_adv:
+                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+            batch = dict(obs=flat.obs, actions=flat.actions, log_probs=flat.log_probs, advantages=advantages)
+            metrics = update_policy(actor, functools.partial(single_path_objective, actor, batch), flat.obs, *region)
+            metrics |= update_value(value, value_opt, flat.obs, returns, args.value_epochs, args.value_minibatches)
+            metrics["stats/explained_variance"] = 1 - (returns - flat.values).var() / returns.var()
+        if float(metrics["stats/step_fraction"]) == 0.0:  # [TRPO App. C]: theta_old is kept
+            print(f"step {global_step} | line search accepted no step: policy unchanged", flush=True)
+        num_updates += 1
+        run.add_metrics(metrics)
+        run.writer.add_scalar("charts/sim_steps", int(sim_steps), global_step)
+        run.step(global_step, num_updates)  # log, evaluate and save as scheduled; stop on a signal
+    return dict(run.finish(global_step, num_updates), sim_steps=int(sim_steps))
+
+
+# ======== run plumbing below: identical in every file, not needed to read the algorithm ========
+import dataclasses
+import difflib
+import importlib
+import json
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+CHECKPOINT_FORMAT = 2  # 2: model and training state saved by name
+
+
+class UsageError(Exception):
+    """Bad user input: `main` prints it as one line on stderr and returns 2."""
+
+
+class Stopped(Exception):
+    """Stopped(message, exit code): a SIGINT or SIGTERM ended training after resume.pt was written."""
+
+
+def check_args(args: Args) -> None:
+    """Raise UsageError with the first failed check: the shared arguments', then the algorithm's."""
+    positive = min(args.total_steps, args.num_envs, args.threads, args.log_every, args.eval_episodes) > 0
+    checks = [
+        (positive, "--total-steps, --num-envs, --threads, --log-every and --eval-episodes must be positive"),
+        (min(args.eval_every, args.checkpoint_every) >= 0, "--eval-every and --checkpoint-every must be >= 0"),
+        (args.checkpoint is not None or not args.eval_only, "--eval-only needs --checkpoint PATH"),
+        (args.resume is None or args.checkpoint is None, "give either --resume or --checkpoint, not both"),
+        (not os.path.exists(args.log_dir) or os.path.isdir(args.log_dir), f"--log-dir {args.log_dir} is not a directory"),
+        (not args.cuda or torch.cuda.is_available(), "--cuda was given but torch sees no CUDA device"),
+        *algorithm_checks(args),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
+def make_env(env_id: str, render_mode: str | None = None) -> gym.Env:
+    """One gymnasium env whose spaces this algorithm takes; `module:Env-v0` imports `module` first (an env it
+    registers). An unknown id, a module that fails to import or a missing dependency is a UsageError."""
+    module, _, name = env_id.rpartition(":")
+    try:
+        importlib.import_module(module) if module else None
+    except Exception as e:  # noqa: BLE001 (whatever the user's module raises: one line)
+        raise UsageError(f"cannot import {module} for --env {env_id}: {type(e).__name__}: {e}") from None
+    if name not in gym.registry:
+        close = difflib.get_close_matches(name, list(gym.registry), n=3, cutoff=0.6)
+        raise UsageError(f"unknown env id {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    try:
+        env = gym.make(name, **({} if render_mode is None else {"render_mode": render_mode}))
+    except gym.error.DependencyNotInstalled as e:
+        raise UsageError(f"{name} needs a package that is not installed: {e}") from None
+    space, needs = env.action_space, " or ".join(space.__name__ for space in ACTION_SPACES)
+    if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
+        raise UsageError(f"{name} has observation space {env.observation_space}; {ALGO} needs a flat Box")
+    if not isinstance(space, ACTION_SPACES) or (isinstance(space, gym.spaces.Box) and not space.is_bounded()):
+        raise UsageError(f"{name} has the action space {space}; {ALGO} needs a {needs} (a bounded one if a Box)")
+    return env
+
+
+def make_vec_env(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
+    """Training envs, SAME_STEP autoreset: an ended episode's last observation is in infos["final_obs"] and
+    the returned observation starts the next one; its return and length are in infos["episode"]."""
+    envs = [lambda: make_env(env_id) for _ in range(num_envs)]
+    envs = gym.vector.SyncVectorEnv(envs, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    return gym.wrappers.vector.RecordEpisodeStatistics(envs)
+
+
+def make_eval_env(env_id: str, video_dir: str | None, episodes: int) -> gym.Env:
+    """The evaluation env; with video_dir, the first of every `episodes` episodes is recorded there, or,
+    where rendering cannot start, one line is printed and the run goes on without."""
+    if video_dir is None:
+        return make_env(env_id)
+    os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo rendering
+    env = make_env(env_id, "rgb_array")
+    try:
+        env.reset(seed=0)
+        env.render()  # fails here without a GL backend
+        trigger = lambda episode: episode % episodes == 0
+        return gym.wrappers.RecordVideo(env, video_dir, episode_trigger=trigger, name_prefix="eval")
+    except Exception as e:  # noqa: BLE001 (no GL backend, moviepy missing, ...)
+        print(f"video capture disabled: {type(e).__name__}: {e}".splitlines()[0], flush=True)
+        env.close()
+        return make_env(env_id)
+
+
+@torch.no_grad()
+def evaluate(act: Callable[[Tensor], Tensor], env: gym.Env, episodes: int, seed: int, device: torch.device) -> list[float]:
+    """Undiscounted returns of `episodes` episodes of the deterministic act(obs) -> action, reset with seed + i."""
     returns = []
     for i in range(episodes):
-        obs, _ = env.reset(seed=seed + i)
-        total, done = 0.0, False
+        (obs, _), total, done = env.reset(seed=seed + i), 0.0, False
         while not done:
-            obs, reward, terminated, truncated, _ = env.step(act(obs))
-            total += float(reward)
-            done = terminated or truncated
+            action = act(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total, done = total + float(reward), terminated or truncated
         returns.append(total)
     return returns
 
 
-# == 9. Checkpoints ====================================================================
-def save_checkpoint(path: str, payload: dict) -> None:
-    """torch.save to a temporary file, then rename: a killed run never leaves a broken file."""
-    tmp = f"{path}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str, env: str | None = None, device: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint of this algorithm (and of `env`, when given) with weights_only=True."""
+def load_checkpoint(path: str, env: str | None = None, training: bool = False) -> dict:
+    """A checkpoint of this algorithm (of `env`, and with training state, if asked), read with weights_only."""
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint not found: {path}")
     try:
-        payload = torch.load(path, map_location=device, weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 (whatever makes the file unreadable: one clear line)
-        raise UsageError(f"cannot read checkpoint {path}: {type(e).__name__}") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"{path} is not a checkpoint of this repository (format {CHECKPOINT_FORMAT})")
-    if payload["algo"] != ALGO:
-        raise UsageError(f"{path} is a {payload['algo']} checkpoint, not {ALGO}")
-    if env is not None and payload["env"] != env:
-        raise UsageError(f"{path} was trained on {payload['env']}, not {env}")
+        reason = f"{type(e).__name__}: {e}".splitlines()[0][:160]
+        raise UsageError(f"cannot read checkpoint {path}: truncated, corrupted or not a torch file ({reason})") from None
+    payload = payload if isinstance(payload, dict) else {}
+    problems = [
+        (not {"format", "algo", "env", "args", "state"} <= payload.keys(), "is not a checkpoint of this repository"),
+        (
+            payload.get("format") != CHECKPOINT_FORMAT,
+            f"has format {payload.get('format')}; this file reads {CHECKPOINT_FORMAT}",
+        ),
+        (payload.get("algo") != ALGO, f"is a {payload.get('algo')} checkpoint, not {ALGO}"),
+        (env is not None and payload.get("env") != env, f"was trained on {payload.get('env')}, not {env}"),
+        (training and "train" not in payload, "holds no training state (a model.pt?): give it to --checkpoint to fine-tune"),
+    ]
+    for problem, message in problems:
+        if problem:
+            raise UsageError(f"{path} {message}")
     return payload
 
 
+def state_of(things: dict) -> dict:
+    """The saved form of modules, optimizers and storage (their state_dict) and of tensors, by name."""
+    return {k: v.detach() if isinstance(v, Tensor) else v.state_dict() for k, v in things.items() if v is not None}
+
+
+def load_state(things: dict, state: dict, path: str) -> None:
+    """Load `state_of`'s output back in place; a checkpoint that does not fit is a UsageError."""
+    try:
+        for k, v in things.items():
+            if isinstance(v, Tensor):
+                v.data.copy_(state[k])
+            elif v is not None:
+                v.load_state_dict(state[k])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise UsageError(f"{path} does not fit this run's networks: {str(e).splitlines()[0][:160]}") from None
+
+
 def rng_state() -> dict:
-    """Python, numpy and torch random states as plain values and tensors."""
+    """Python, numpy and torch random states as plain values and tensors (torch.load's weights_only)."""
     kind, key, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss],
-        "torch": torch.get_rng_state(),
-    }
+    numpy = [kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss]
+    return {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
 
 
 def set_rng_state(state: dict) -> None:
@@ -895,62 +855,106 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-# == 10. Training ======================================================================
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def setup(args: Args) -> torch.device:
+    """Seed python, numpy and torch, set torch's CPU threads, and return the device."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    return torch.device("cuda" if args.cuda else "cpu")
 
 
-def open_run(args: Args) -> tuple[str, SummaryWriter]:
-    """The run directory (a new one, or the resumed run's) and its tensorboard writer."""
-    if args.resume is not None:
-        run_dir = os.path.dirname(os.path.abspath(args.resume))
-    else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = os.path.join(args.log_dir, f"{args.env}__{ALGO}__{args.seed}__{stamp}")
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=2)
-    writer = SummaryWriter(run_dir)
-    table = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
-    writer.add_text("args", f"|argument|value|\n|-|-|\n{table}")
-    return run_dir, writer
+class Run:
+    """Everything around `train`'s loop: run directory, tensorboard, progress line, evaluation and saving as
+    scheduled, --resume, --checkpoint (fine-tuning or --eval-only), SIGINT and SIGTERM, final evaluation.
 
+    model: what model.pt saves; train_state: what resume.pt adds (optimizers, storage, statistics); both by
+    name, as modules, tensors or objects with state_dict. act: obs -> deterministic action, for evaluation."""
 
-def saved_args(args: Args) -> dict:
-    """Arguments stored in a checkpoint: the run's settings without the load/resume paths."""
-    return dataclasses.asdict(dataclasses.replace(args, checkpoint=None, resume=None, eval_only=False))
+    def __init__(self, args: Args, envs: gym.vector.VectorEnv, model: dict, train_state: dict, act: Callable):
+        self.args, self.envs, self.model, self.train_state, self.act = args, envs, model, train_state, act
+        self.device = torch.device("cuda" if args.cuda else "cpu")
+        self.sums, self.counts, self.returns, self.eval_return, self.eval_step = {}, {}, [], float("nan"), None
+        self.writer, self.eval_env, self.stop_signal, self.handlers = None, None, None, {}
+        if args.checkpoint is not None:
+            load_state(model, load_checkpoint(args.checkpoint, args.env)["state"], args.checkpoint)
 
+    def start(self) -> tuple[int, int]:
+        """Open the run directory (new, or the resumed run's), restore --resume, catch SIGINT and SIGTERM;
+        return (global_step, num_updates)."""
+        args, global_step, num_updates = self.args, 0, 0
+        run_dir = os.path.join(args.log_dir, f"{args.env}__{ALGO}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+        # a new directory even for runs started in the same second: -2, -3, ...
+        self.run_dir = next(d for d in (run_dir, *(f"{run_dir}-{i}" for i in range(2, 10_000))) if not os.path.exists(d))
+        if args.resume is not None:
+            saved = load_checkpoint(args.resume, args.env, training=True)
+            load_state(self.model, saved["state"], args.resume)
+            load_state(self.train_state, saved["train"], args.resume)
+            set_rng_state(saved["train"]["rng"])
+            global_step, num_updates = saved["global_step"], saved["train"]["num_updates"]
+            self.run_dir = os.path.dirname(os.path.abspath(args.resume))
+        elif args.checkpoint is not None:
+            print(f"fine-tuning {args.checkpoint}: its weights; optimizers, storage and step count start afresh")
+        try:  # a resumed run records its new arguments (a longer --total-steps, say)
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "args.json"), "w") as f:
+                json.dump(dataclasses.asdict(args), f, indent=2)
+        except OSError as e:
+            raise UsageError(f"cannot write the run directory {self.run_dir}: {e.strerror}") from None
+        self.writer = SummaryWriter(self.run_dir)
+        table = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
+        self.writer.add_text("args", f"|argument|value|\n|-|-|\n{table}")
+        video_dir = os.path.join(self.run_dir, "videos") if args.capture_video else None
+        self.eval_env = make_eval_env(args.env, video_dir, args.eval_episodes)
+        self.last = (time.perf_counter(), global_step, num_updates)
+        self.next_log, self.next_eval, self.next_save = (
+            global_step + n for n in (args.log_every, args.eval_every, args.checkpoint_every)
+        )
+        for sig in (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ():
+            self.handlers[sig] = signal.signal(sig, self.on_signal)
+        return global_step, num_updates
 
-class Progress:
-    """Sums metric tensors between log lines (no host sync per step) and writes the log line."""
+    def on_signal(self, signum: int, frame: object) -> None:
+        """The first SIGINT or SIGTERM stops training at the end of the step, after writing resume.pt; a second
+        one stops at once."""
+        if self.stop_signal is not None:
+            raise KeyboardInterrupt
+        self.stop_signal = signum
 
-    def __init__(self, writer: SummaryWriter, start_step: int, start_updates: int):
-        self.writer, self.sums, self.counts = writer, {}, {}
-        self.returns: list[float] = []
-        self.eval_return = float("nan")
-        self.last = (time.perf_counter(), start_step, start_updates)
-
-    def add_metrics(self, metrics: dict[str, torch.Tensor]) -> None:
+    def add_metrics(self, metrics: dict[str, Tensor]) -> None:
+        """Sum an update's metric tensors until the next log line (no host sync per update)."""
         for k, v in metrics.items():
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
             self.counts[k] = self.counts.get(k, 0) + 1  # per key: updates log different keys
 
-    def add_episode(self, global_step: int, episode_return: float, length: int) -> None:
-        self.writer.add_scalar("charts/episodic_return", episode_return, global_step)
-        self.writer.add_scalar("charts/episodic_length", length, global_step)
-        self.returns.append(episode_return)
+    def add_episodes(self, global_step: int, infos: dict) -> None:
+        """Log the training episodes that ended at this step (from gymnasium's RecordEpisodeStatistics)."""
+        for i in np.flatnonzero(infos.get("_episode", [])):
+            self.returns.append(float(infos["episode"]["r"][i]))
+            self.writer.add_scalar("charts/episodic_return", self.returns[-1], global_step)
+            self.writer.add_scalar("charts/episodic_length", int(infos["episode"]["l"][i]), global_step)
 
-    def add_eval(self, global_step: int, returns: list[float]) -> None:
-        self.eval_return = float(np.mean(returns))
-        self.writer.add_scalar("charts/eval_return", self.eval_return, global_step)
+    def step(self, global_step: int, num_updates: int) -> None:
+        """End of a loop step: after a signal write resume.pt and stop; else log, evaluate and save as scheduled."""
+        args = self.args
+        if self.stop_signal is not None:
+            path, name = self.save(global_step, num_updates, True), signal.Signals(self.stop_signal).name
+            self.close()
+            raise Stopped(f"{name}: stopped at step {global_step}; continue with --resume {path}", 128 + self.stop_signal)
+        if global_step >= self.next_log:
+            self.log(global_step, num_updates)
+            self.next_log += args.log_every
+        if args.eval_every and global_step >= self.next_eval:
+            self.evaluate(global_step, num_updates)
+            self.next_eval += args.eval_every
+        if args.checkpoint_every and global_step >= self.next_save:
+            self.save(global_step, num_updates, True)
+            self.next_save += args.checkpoint_every
 
     def log(self, global_step: int, num_updates: int) -> None:
-        now = time.perf_counter()
-        t0, step0, updates0 = self.last
-        sps = (global_step - step0) / max(now - t0, 1e-9)
-        ups = (num_updates - updates0) / max(now - t0, 1e-9)
+        """The progress line; the metrics' means since the last line to tensorboard."""
+        now, (t0, step0, updates0) = time.perf_counter(), self.last
+        sps, ups = (global_step - step0) / max(now - t0, 1e-9), (num_updates - updates0) / max(now - t0, 1e-9)
         self.writer.add_scalar("charts/SPS", sps, global_step)
         self.writer.add_scalar("charts/updates_per_second", ups, global_step)
         for k, v in self.sums.items():
@@ -960,328 +964,64 @@ class Progress:
             f"step {global_step} | return {ret} | eval {self.eval_return:.1f} | SPS {sps:.0f} | updates/s {ups:.0f}",
             flush=True,
         )
-        self.sums, self.counts, self.returns = {}, {}, []
-        self.last = (now, global_step, num_updates)
+        self.sums, self.counts, self.returns, self.last = {}, {}, [], (now, global_step, num_updates)
 
-    def finish(self, global_step: int, num_updates: int, run_dir: str) -> None:
+    def evaluate(self, global_step: int, num_updates: int) -> None:
+        """Evaluate on the evaluation env (seeds seed + 10000 + i), log the mean return, write model.pt."""
+        returns = evaluate(self.act, self.eval_env, self.args.eval_episodes, self.args.seed + 10_000, self.device)
+        self.eval_return, self.eval_step = float(np.mean(returns)), global_step
+        self.writer.add_scalar("charts/eval_return", self.eval_return, global_step)
+        if self.args.save_model:
+            self.save(global_step, num_updates, False)
+
+    def save(self, global_step: int, num_updates: int, training: bool) -> str:
+        """model.pt, or resume.pt with the training state, counters and random states; atomic (write, rename)."""
+        args = dataclasses.asdict(dataclasses.replace(self.args, checkpoint=None, resume=None, eval_only=False))
+        payload = dict(format=CHECKPOINT_FORMAT, algo=ALGO, env=self.args.env, args=args, global_step=global_step)
+        payload["state"] = state_of(self.model)
+        if training:
+            payload["train"] = dict(state_of(self.train_state), num_updates=num_updates, rng=rng_state())
+        path = os.path.join(self.run_dir, "resume.pt" if training else "model.pt")
+        torch.save(payload, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
+        return path
+
+    def finish(self, global_step: int, num_updates: int) -> dict:
+        """The final evaluation (unless this step had one), log line and resume.pt; close; the results."""
+        if self.eval_step != global_step:
+            self.evaluate(global_step, num_updates)
         if global_step > self.last[1]:
             self.log(global_step, num_updates)
-        print(f"done: step {global_step} | eval {self.eval_return:.1f} | run {run_dir}", flush=True)
+        print(f"done: step {global_step} | eval {self.eval_return:.1f} | run {self.run_dir}", flush=True)
+        if self.args.checkpoint_every:
+            self.save(global_step, num_updates, True)
+        self.close()
+        return dict(global_step=global_step, num_updates=num_updates, eval_return=self.eval_return, run_dir=self.run_dir)
 
-
-def make_agent(args: Args, obs_dim: int, action_space: gym.Space, device: torch.device) -> dict:
-    """Networks, by the names their state is saved under (the vine's estimator needs no V)."""
-    agent = {"actor": Actor(obs_dim, action_space, args).to(device)}
-    if args.estimator == "single-path":
-        agent["value"] = Value(obs_dim, args).to(device)
-    return agent
-
-
-def policy_fn(
-    actor: Actor, obs_rms: RunningMeanStd | None, args: Args, action_space: gym.Space, device: torch.device
-) -> Callable[[np.ndarray], np.ndarray]:
-    """act(obs) -> action with the deterministic action and frozen normalisation statistics."""
-
-    @torch.no_grad()
-    def act(obs: np.ndarray) -> np.ndarray:
-        if obs_rms is not None:
-            obs = obs_rms.normalize(obs, args.obs_clip)
-        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
-        action = actor.deterministic(obs_t).cpu().numpy()
-        if isinstance(action_space, gym.spaces.Box):
-            action = np.clip(action, action_space.low, action_space.high)
-        return action
-
-    return act
-
-
-def agent_state(agent: dict) -> dict:
-    return {k: v.state_dict() if isinstance(v, nn.Module) else v.detach() for k, v in agent.items()}
-
-
-def load_agent_state(agent: dict, state: dict) -> None:
-    for k, v in agent.items():
-        if isinstance(v, nn.Module):
-            v.load_state_dict(state[k])
-        else:
-            with torch.no_grad():
-                v.copy_(state[k])
-
-
-def vine_batch(
-    actor: Actor,
-    obs_rms: RunningMeanStd | None,
-    data: Rollout,
-    trunk: Trunk,
-    sim: Simulator,
-    max_episode_steps: int,
-    args: Args,
-    action_space: gym.Space,
-) -> tuple[dict[str, torch.Tensor], int]:
-    """[TRPO Sec. 5.2] the rollout set, K actions at each of its states and the branches' Q
-    estimates; returns them and the simulator steps the branches took."""
-    device = data.obs.device
-
-    def env_actions(actions: torch.Tensor) -> np.ndarray:
-        actions = actions.cpu().numpy()
-        if actor.discrete:
-            return actions
-        return np.clip(actions, action_space.low, action_space.high)  # pi keeps the sample
-
-    @torch.no_grad()
-    def act(obs: np.ndarray, noise: torch.Tensor) -> np.ndarray:
-        if obs_rms is not None:
-            obs = obs_rms.normalize(obs, args.obs_clip)
-        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
-        return env_actions(actor.sample_with_noise(obs_t, noise))
-
-    # the rollout set: R distinct trunk states, uniformly
-    idx = torch.randperm(data.obs.shape[0] * data.obs.shape[1])[: args.vine_states]
-    obs = data.obs.flatten(0, 1)[idx.to(device)]  # [R, O], normalised as the trunk saw them
-    states = trunk.states.reshape(len(trunk.elapsed.reshape(-1)), -1)[idx.numpy()]  # [R, Z]
-    horizons = max_episode_steps - trunk.elapsed.reshape(-1)[idx.numpy()]  # [R]
-    num_states = len(idx)
-    with torch.no_grad():
-        if actor.discrete:  # q uniform: K distinct actions, all n if K >= n (eq. 15)
-            n = actor.head.out_features
-            k = min(args.vine_actions, n)
-            actions = torch.rand(num_states, n, device=device).argsort(-1)[:, :k]  # [R, K]
-            log_q = torch.full((num_states, k), -float(np.log(n)), device=device)
-        else:  # q = pi_old, the choice [TRPO Sec. 5.2] makes for continuous control
-            k = args.vine_actions
-            obs_k = obs.unsqueeze(1).expand(-1, k, -1)  # [R, K, O]
-            actions = actor.sample_with_noise(obs_k, actor.noise((num_states, k), device))
-            log_q, _ = actor.log_prob_entropy(obs_k, actions)  # [R, K]
-        noise = actor.noise((num_states, args.vine_rollout_length - 1), device)  # CRN
-    q_values, sim_steps = vine_rollouts(sim, states, env_actions(actions), act, noise, horizons, args.gamma)
-    batch = {
-        "obs": obs,
-        "actions": actions,
-        "log_q": log_q,
-        "q_values": torch.as_tensor(q_values, dtype=torch.float32, device=device),
-    }
-    return batch, sim_steps
-
-
-def evaluate_only(args: Args) -> dict:
-    """--eval-only: load the checkpoint's policy and evaluate it."""
-    device = torch.device("cuda" if args.cuda else "cpu")
-    payload = load_checkpoint(args.checkpoint, args.env, device)
-    video_dir = os.path.join(os.path.dirname(args.checkpoint), "videos") if args.capture_video else None
-    env = make_eval_env(args.env, video_dir, args.eval_episodes)
-    check_spaces(args.env, env.observation_space, env.action_space)
-    agent = make_agent(args, env.observation_space.shape[0], env.action_space, device)
-    load_agent_state(agent, payload["state"])
-    obs_rms = None
-    if payload["obs_norm"] is not None:
-        obs_rms = RunningMeanStd(env.observation_space.shape)
-        obs_rms.load_state_dict(payload["obs_norm"])
-    act = policy_fn(agent["actor"], obs_rms, args, env.action_space, device)
-    returns = evaluate(act, env, args.eval_episodes, args.seed + 10_000)
-    env.close()
-    print(
-        f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns " + " ".join(f"{r:.1f}" for r in returns),
-        flush=True,
-    )
-    return {"eval_return": float(np.mean(returns)), "eval_returns": returns}
-
-
-def train(args: Args) -> dict:
-    """Train TRPO; returns the final metrics, counters and the run directory."""
-    # -- setup: seeds, device, run directory, writer
-    seed_everything(args.seed)
-    torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.cuda else "cpu")
-    resume = load_checkpoint(args.resume, args.env) if args.resume else None
-    # -- environments
-    envs = make_vec_env(args.env, args.num_envs)
-    check_spaces(args.env, envs.single_observation_space, envs.single_action_space)
-    vine = args.estimator == "vine"
-    # the vine saves each training env's state at every step and branches on its own copy
-    trunk_sims = [Simulator(env, args.env) for env in envs.envs] if vine else []
-    branch_sim = Simulator(make_env(args.env), args.env) if vine else None
-    max_episode_steps = envs.envs[0].spec.max_episode_steps or sys.maxsize
-    run_dir, writer = open_run(args)
-    video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
-    eval_env = make_eval_env(args.env, video_dir, args.eval_episodes)
-    obs_dim = envs.single_observation_space.shape[0]
-    action_space = envs.single_action_space
-    # -- networks and optimizers
-    agent = make_agent(args, obs_dim, action_space, device)
-    actor, value = agent["actor"], agent.get("value")  # the vine has no V
-    value_opt = torch.optim.Adam(value.parameters(), lr=args.value_lr, fused=True) if value is not None else None
-    obs_rms = RunningMeanStd((obs_dim,))
-    reward_scaler = RewardScaler(args.num_envs, args.gamma, args.reward_clip)
-    # -- storage
-    data = make_rollout(args.num_steps, args.num_envs, obs_dim, action_space)
-    data = Rollout(*(x.to(device) for x in data))
-    trunk = make_trunk(args.num_steps, args.num_envs, trunk_sims[0].size if vine else 0)
-    global_step, num_updates, sim_steps = 0, 0, 0
-    if resume is not None:
-        load_agent_state(agent, resume["state"])
-        if value_opt is not None:
-            value_opt.load_state_dict(resume["train"]["value_opt"])
-        obs_rms.load_state_dict(resume["train"]["obs_rms"])
-        reward_scaler.rms.load_state_dict(resume["train"]["reward_rms"])
-        set_rng_state(resume["train"]["rng"])
-        global_step, num_updates = resume["global_step"], resume["train"]["num_updates"]
-        sim_steps = resume["train"]["sim_steps"]
-    act = policy_fn(actor, obs_rms if args.norm_obs else None, args, action_space, device)
-    stats = EpisodeStats(args.num_envs)
-    progress = Progress(writer, global_step, num_updates)
-
-    def payload(with_train_state: bool) -> dict:
-        out = {
-            "format": CHECKPOINT_FORMAT,
-            "algo": ALGO,
-            "env": args.env,
-            "args": saved_args(args),
-            "global_step": global_step,
-            "state": agent_state(agent),
-            "obs_norm": obs_rms.state_dict() if args.norm_obs else None,
-        }
-        if with_train_state:
-            out["train"] = {"value_opt": value_opt.state_dict()} if value_opt is not None else {}
-            out["train"].update(
-                num_updates=num_updates,
-                sim_steps=sim_steps,
-                obs_rms=obs_rms.state_dict(),
-                reward_rms=reward_scaler.rms.state_dict(),
-                rng=rng_state(),
-            )
-        return out
-
-    def observe(raw: np.ndarray, update: bool = True) -> torch.Tensor:
-        """Update the observation statistics with a batch and return it normalised."""
-        if not args.norm_obs:
-            return torch.as_tensor(raw, dtype=torch.float32, device=device)
-        if update:
-            obs_rms.update(raw)
-        return torch.as_tensor(obs_rms.normalize(raw, args.obs_clip), device=device)
-
-    # -- loop
-    obs, _ = envs.reset(seed=args.seed + global_step)  # a resumed run starts fresh episodes
-    obs = observe(obs, update=False)  # statistics grow with the steps taken, so a resume is exact
-    next_eval = global_step + args.eval_every if args.eval_every else None
-    next_log = global_step + args.log_every
-    next_ckpt = global_step + args.checkpoint_every if args.checkpoint_every else None
-    while global_step < args.total_steps:
-        for t in range(args.num_steps):
-            # act
-            if vine:  # the trunk: every state it visits can be restored to branch from
-                trunk.states[t] = [sim.get_state() for sim in trunk_sims]
-                trunk.elapsed[t] = stats.lengths
-            with torch.no_grad():
-                actions, log_probs = actor.sample(obs)
-                values = value(obs) if value is not None else data.values[t]  # vine: no V
-            env_actions = actions.cpu().numpy()
-            if not actor.discrete:  # the env gets the clipped action, pi_old keeps the sample
-                env_actions = np.clip(env_actions, action_space.low, action_space.high)
-            # step
-            next_obs, rewards, terminated, truncated, infos = envs.step(env_actions)
-            global_step += args.num_envs
-            sim_steps += args.num_envs
-            ended = terminated | truncated
-            for episode_return, length in stats.update(rewards, ended):
-                progress.add_episode(global_step, episode_return, length)
-            if args.norm_reward:
-                rewards = reward_scaler(rewards, ended)
-            rewards = torch.as_tensor(rewards, dtype=torch.float32, device=device)
-            # a time limit is not an MDP end: bootstrap from the true last observation
-            cut = np.flatnonzero(truncated & ~terminated) if value is not None else []
-            if len(cut):
-                final = np.stack([infos["final_obs"][i] for i in cut])
-                if args.norm_obs:
-                    final = obs_rms.normalize(final, args.obs_clip)
-                with torch.no_grad():
-                    final_t = torch.as_tensor(final, dtype=torch.float32, device=device)
-                    rewards[cut] += args.gamma * value(final_t)
-            # store
-            data.obs[t], data.actions[t], data.log_probs[t] = obs, actions, log_probs
-            data.rewards[t], data.values[t] = rewards, values
-            data.dones[t] = torch.as_tensor(ended, dtype=torch.float32, device=device)
-            obs = observe(next_obs)
-        # update: one trust-region step [TRPO Sec. 6] on the surrogate of either estimator
-        if vine:
-            batch, branch_steps = vine_batch(
-                actor, obs_rms if args.norm_obs else None, data, trunk, branch_sim, max_episode_steps, args, action_space
-            )
-            sim_steps += branch_steps
-            objective = functools.partial(vine_objective, actor, batch)
-        else:
-            with torch.no_grad():
-                advantages, returns = gae(data.rewards, data.values, data.dones, value(obs), args.gamma, args.gae_lambda)
-            advantages = advantages.flatten()
-            if args.norm_adv:
-                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-            batch = {
-                "obs": data.obs.flatten(0, 1),
-                "actions": data.actions.flatten(0, 1),
-                "log_probs": data.log_probs.flatten(),
-                "advantages": advantages,
-            }
-            objective = functools.partial(single_path_objective, actor, batch)
-        metrics = update_policy(
-            actor,
-            objective,
-            data.obs.flatten(0, 1),
-            args.delta,
-            args.cg_iters,
-            args.cg_damping,
-            args.fisher_fraction,
-            args.backtrack_coef,
-            args.backtrack_iters,
+    def evaluate_only(self) -> dict:
+        """--eval-only: evaluate the --checkpoint weights and print the returns (videos beside the checkpoint)."""
+        args, folder = self.args, os.path.dirname(self.args.checkpoint)
+        self.eval_env = make_eval_env(
+            args.env, os.path.join(folder, "videos") if args.capture_video else None, args.eval_episodes
         )
-        if vine:
-            metrics["stats/q_mean"] = batch["q_values"].mean()
-        else:
-            returns, old_values = returns.flatten(), data.values.flatten()
-            metrics.update(update_value(value, value_opt, batch["obs"], returns, args.value_epochs, args.value_minibatches))
-            metrics["stats/explained_variance"] = 1 - (returns - old_values).var() / returns.var()
-        if float(metrics["stats/step_fraction"]) == 0.0:  # [TRPO App. C]: theta_old is kept
-            print(f"step {global_step} | line search accepted no step: policy unchanged", flush=True)
-        num_updates += 1
-        progress.add_metrics(metrics)
-        writer.add_scalar("charts/sim_steps", sim_steps, global_step)
-        # log, evaluate and save
-        if global_step >= next_log:
-            progress.log(global_step, num_updates)
-            next_log += args.log_every
-        if next_eval is not None and global_step >= next_eval:
-            progress.add_eval(global_step, evaluate(act, eval_env, args.eval_episodes, args.seed + 10_000))
-            if args.save_model:
-                save_checkpoint(os.path.join(run_dir, "model.pt"), payload(with_train_state=False))
-            next_eval += args.eval_every
-        if next_ckpt is not None and global_step >= next_ckpt:
-            save_checkpoint(os.path.join(run_dir, "resume.pt"), payload(with_train_state=True))
-            next_ckpt += args.checkpoint_every
-    # -- finish: final evaluation, save, close
-    progress.add_eval(global_step, evaluate(act, eval_env, args.eval_episodes, args.seed + 10_000))
-    progress.finish(global_step, num_updates, run_dir)
-    if args.save_model:
-        save_checkpoint(os.path.join(run_dir, "model.pt"), payload(with_train_state=False))
-    if args.checkpoint_every:
-        save_checkpoint(os.path.join(run_dir, "resume.pt"), payload(with_train_state=True))
-    envs.close()
-    eval_env.close()
-    writer.close()
-    return {
-        "global_step": global_step,
-        "num_updates": num_updates,
-        "sim_steps": sim_steps,
-        "eval_return": progress.eval_return,
-        "run_dir": run_dir,
-    }
+        returns = evaluate(self.act, self.eval_env, args.eval_episodes, args.seed + 10_000, self.device)
+        self.close()
+        print(f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns", *(f"{r:.1f}" for r in returns))
+        return {"eval_return": float(np.mean(returns)), "eval_returns": returns}
+
+    def close(self) -> None:
+        for sig, handler in self.handlers.items():
+            signal.signal(sig, handler)
+        for closable in (self.envs, self.eval_env, self.writer):
+            closable.close() if closable is not None else None
 
 
-# == 11. Entry point ===================================================================
 def parse_args(argv: list[str] | None) -> Args:
-    """tyro parse; with --checkpoint or --resume the saved run's arguments become the defaults,
-    so flags given now override them and everything else matches the saved run."""
+    """tyro parse; with --checkpoint or --resume the saved run's arguments become the defaults, so flags given
+    now override them and everything else matches the saved run."""
     args = tyro.cli(Args, args=argv)
-    path = args.resume or args.checkpoint
-    if path is not None:
-        saved = load_checkpoint(path)["args"]
+    if args.resume or args.checkpoint:
+        saved = load_checkpoint(args.resume or args.checkpoint, training=args.resume is not None)["args"]
         fields = {f.name for f in dataclasses.fields(Args)}
         defaults = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
         args = tyro.cli(Args, args=argv, default=defaults)
@@ -1289,13 +1029,27 @@ def parse_args(argv: list[str] | None) -> Args:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:  # gymnasium's half_cheetah.xml uses an attribute that mujoco 4 deprecates: hide that warning alone
+        import mujoco
+
+        mujoco.set_mju_user_warning(
+            lambda text: None if "settotalmass" in text else print(f"WARNING: {text}", file=sys.stderr)
+        )
+    except ImportError:
+        pass
     try:
         args = parse_args(argv)
         check_args(args)
-        evaluate_only(args) if args.eval_only else train(args)
+        train(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(e.args[0], file=sys.stderr)
+        return e.args[1]
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        print("interrupted: nothing written since the last resume.pt", file=sys.stderr)
+        return 130
     return 0
 
 
