@@ -974,7 +974,7 @@ def train(args: Args) -> dict:
     priors = {f"prior_{v}": PriorBuffer(args.prior_episodes) for v in range(len(train_params))}
     mus = torch.full((len(train_params),), MU_INIT, dtype=torch.float64)
     # -- run: directory, logging, evaluation, saving, resume (below the fence); act: the mean, clipped to the bounds
-    act = lambda obs: actor(obs).clamp(low, high)
+    act = lambda obs: actor(obs.float()).clamp(low, high)
     eval_fn = (lambda: evaluate_variants(act, envs, args, device)) if args.robust else None  # on the variants
     run = Run(args, envs, model=dict(actor=actor), train_state=dict(mu=mus, **priors), act=act, eval_fn=eval_fn)
     if args.eval_only:
@@ -1107,7 +1107,7 @@ def evaluate(act: Callable[[Tensor], Tensor], env: gym.Env, episodes: int, seed:
     for i in range(episodes):
         (obs, _), total, done = env.reset(seed=seed + i), 0.0, False
         while not done:
-            action = act(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
+            action = act(torch.as_tensor(obs, device=device)).cpu().numpy()  # in the env's dtype
             obs, reward, terminated, truncated, _ = env.step(action)
             total, done = total + float(reward), terminated or truncated
         returns.append(total)

@@ -579,7 +579,7 @@ def train(args: Args) -> dict:
     # -- run: directory, logging, evaluation, saving, resume (below the fence)
     model = dict(actor=actor, actor_target=actor_target, critic=critic, critic_target=critic_target, **duals)
     train_state = dict(actor_opt=actor_opt, critic_opt=critic_opt, dual_opt=dual_opt, replay=replay)
-    run = Run(args, envs, model=model, train_state=train_state, act=actor.deterministic)
+    run = Run(args, envs, model=model, train_state=train_state, act=lambda obs: actor.deterministic(obs.float()))
     if args.eval_only:
         return run.evaluate_only()
     global_step, num_updates = run.start()
@@ -714,7 +714,7 @@ def evaluate(act: Callable[[Tensor], Tensor], env: gym.Env, episodes: int, seed:
     for i in range(episodes):
         (obs, _), total, done = env.reset(seed=seed + i), 0.0, False
         while not done:
-            action = act(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
+            action = act(torch.as_tensor(obs, device=device)).cpu().numpy()  # in the env's dtype
             obs, reward, terminated, truncated, _ = env.step(action)
             total, done = total + float(reward), terminated or truncated
         returns.append(total)

@@ -568,7 +568,7 @@ def evaluate(act: Callable[[Tensor], Tensor], env: gym.Env, episodes: int, seed:
     for i in range(episodes):
         (obs, _), total, done = env.reset(seed=seed + i), 0.0, False
         while not done:
-            action = act(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
+            action = act(torch.as_tensor(obs, device=device)).cpu().numpy()  # in the env's dtype
             obs, reward, terminated, truncated, _ = env.step(action)
             total, done = total + float(reward), terminated or truncated
         returns.append(total)

@@ -753,8 +753,9 @@ def make_env(env_id: str, render_mode: str | None = None) -> gym.Env:
     space, needs = env.action_space, " or ".join(space.__name__ for space in ACTION_SPACES)
     if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
         raise UsageError(f"{name} has observation space {env.observation_space}; {ALGO} needs a flat Box")
-    if not isinstance(space, ACTION_SPACES) or (isinstance(space, gym.spaces.Box) and not space.is_bounded()):
-        raise UsageError(f"{name} has the action space {space}; {ALGO} needs a {needs} (a bounded one if a Box)")
+    flat_bounded_box = isinstance(space, gym.spaces.Box) and len(space.shape) == 1 and space.is_bounded()
+    if not isinstance(space, ACTION_SPACES) or (isinstance(space, gym.spaces.Box) and not flat_bounded_box):
+        raise UsageError(f"{name} has the action space {space}; {ALGO} needs a {needs} (flat and bounded if a Box)")
     return env
 
 
@@ -791,7 +792,7 @@ def evaluate(act: Callable[[Tensor], Tensor], env: gym.Env, episodes: int, seed:
     for i in range(episodes):
         (obs, _), total, done = env.reset(seed=seed + i), 0.0, False
         while not done:
-            action = act(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
+            action = act(torch.as_tensor(obs, device=device)).cpu().numpy()  # in the env's dtype
             obs, reward, terminated, truncated, _ = env.step(action)
             total, done = total + float(reward), terminated or truncated
         returns.append(total)
@@ -810,10 +811,7 @@ def load_checkpoint(path: str, env: str | None = None, training: bool = False) -
     payload = payload if isinstance(payload, dict) else {}
     problems = [
         (not {"format", "algo", "env", "args", "state"} <= payload.keys(), "is not a checkpoint of this repository"),
-        (
-            payload.get("format") != CHECKPOINT_FORMAT,
-            f"has format {payload.get('format')}; this file reads {CHECKPOINT_FORMAT}",
-        ),
+        (payload.get("format") != CHECKPOINT_FORMAT, f"has format {payload.get('format')}, not {CHECKPOINT_FORMAT}"),
         (payload.get("algo") != ALGO, f"is a {payload.get('algo')} checkpoint, not {ALGO}"),
         (env is not None and payload.get("env") != env, f"was trained on {payload.get('env')}, not {env}"),
         (training and "train" not in payload, "holds no training state (a model.pt?): give it to --checkpoint to fine-tune"),
@@ -869,10 +867,14 @@ class Run:
     scheduled, --resume, --checkpoint (fine-tuning or --eval-only), SIGINT and SIGTERM, final evaluation.
 
     model: what model.pt saves; train_state: what resume.pt adds (optimizers, storage, statistics); both by
-    name, as modules, tensors or objects with state_dict. act: obs -> deterministic action, for evaluation."""
+    name, as modules, tensors or objects with state_dict. act: obs -> deterministic action, for evaluation.
+    eval_fn: for an algorithm that evaluates otherwise (on several envs): () -> {tag: value}, charts/eval_return in it."""
 
-    def __init__(self, args: Args, envs: gym.vector.VectorEnv, model: dict, train_state: dict, act: Callable):
-        self.args, self.envs, self.model, self.train_state, self.act = args, envs, model, train_state, act
+    def __init__(
+        self, args: Args, envs: object, model: dict, train_state: dict, act: Callable, eval_fn: Callable | None = None
+    ):
+        self.args, self.envs, self.model, self.train_state = args, envs, model, train_state
+        self.act, self.eval_fn = act, eval_fn
         self.device = torch.device("cuda" if args.cuda else "cpu")
         self.sums, self.counts, self.returns, self.eval_return, self.eval_step = {}, {}, [], float("nan"), None
         self.writer, self.eval_env, self.stop_signal, self.handlers = None, None, None, {}
@@ -967,11 +969,17 @@ class Run:
         self.sums, self.counts, self.returns, self.last = {}, {}, [], (now, global_step, num_updates)
 
     def evaluate(self, global_step: int, num_updates: int) -> None:
-        """Evaluate on the evaluation env (seeds seed + 10000 + i), log the mean return, write model.pt."""
-        returns = evaluate(self.act, self.eval_env, self.args.eval_episodes, self.args.seed + 10_000, self.device)
-        self.eval_return, self.eval_step = float(np.mean(returns)), global_step
-        self.writer.add_scalar("charts/eval_return", self.eval_return, global_step)
-        if self.args.save_model:
+        """Evaluate on the evaluation env (seeds seed + 10000 + i) or by eval_fn, log the scores, write model.pt."""
+        args = self.args
+        if self.eval_fn is not None:
+            scores = self.eval_fn()
+        else:
+            returns = evaluate(self.act, self.eval_env, args.eval_episodes, args.seed + 10_000, self.device)
+            scores = {"charts/eval_return": float(np.mean(returns))}
+        for tag, value in scores.items():
+            self.writer.add_scalar(tag, value, global_step)
+        self.eval_return, self.eval_step = scores["charts/eval_return"], global_step
+        if args.save_model:
             self.save(global_step, num_updates, False)
 
     def save(self, global_step: int, num_updates: int, training: bool) -> str:

@@ -627,7 +627,7 @@ def loaded_policy(model: str, args: Args, env: gym.Env):
     actor = Actor(env.observation_space.shape[0], env.action_space.shape[0], args.hidden_sizes, args.activation, 0.0)
     load_state({"actor": actor}, load_checkpoint(model, args.env)["state"], model)
     low, high = torch.as_tensor(env.action_space.low), torch.as_tensor(env.action_space.high)
-    return lambda obs: actor(obs).clamp(low, high)
+    return lambda obs: actor(obs.float()).clamp(low, high)
 
 
 def event_files(run_dir: str) -> list[str]:
