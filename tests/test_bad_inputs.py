@@ -50,6 +50,14 @@ ALGORITHM = {
         ["--critic-hidden-sizes", "0"],
         ["--dual-lr", "-1"],
     ],
+    "trpo": [
+        ["--estimator", "vine", "--vine-actions", "1"],
+        ["--estimator", "vine", "--vine-states", "100000"],
+        ["--delta", "0"],
+        ["--fisher-fraction", "1.5"],
+        ["--backtrack-coef", "1"],
+        ["--value-minibatches", "0"],
+    ],
     "dpi_ilqr": [
         ["--env", "Walker2d-v5"],  # no known cost
         ["--episodes", "1"],
