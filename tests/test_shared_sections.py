@@ -107,3 +107,29 @@ def test_nothing_cites_files_that_do_not_ship():
     banned = ["shared" + "/papers", "ALGO" + "_NOTES", "GYMNASIUM" + "_NOTES", "foundation" + " issue", "../" + "shared"]
     found = [(os.path.relpath(path, ROOT), b) for path in shipped_files() for b in banned if b in source(path)]
     assert not found
+
+
+PEP723 = re.compile(r"(?m)^# /// (?P<type>[a-zA-Z0-9-]+)$\s(?P<content>(^#(| .*)$\s)+)^# ///$")  # PEP 723's regex
+DISTRIBUTIONS = {"torch": "torch", "numpy": "numpy", "gymnasium": "gymnasium", "mujoco": "mujoco", "tyro": "tyro"}
+DISTRIBUTIONS.update({"torch.utils.tensorboard": "tensorboard", "matplotlib": "matplotlib"})
+
+
+@pytest.mark.parametrize("name", ["sac.py", *present()])
+def test_inline_metadata_declares_every_third_party_import(name):
+    """A copied file runs with `uv run FILE`: its PEP 723 block parses and names every package it imports."""
+    import tomllib
+
+    text = source(name)
+    blocks = [m for m in PEP723.finditer(text) if m.group("type") == "script"]
+    assert len(blocks) == 1 and text.startswith("# /// script\n")
+    content = "".join(line[2:] if line.startswith("# ") else line[1:] for line in blocks[0].group("content").splitlines(True))
+    metadata = tomllib.loads(content)
+    declared = {re.split(r"[\[<>=!~ ]", d)[0] for d in metadata["dependencies"]}
+    assert metadata["requires-python"] == ">=3.10"
+    imported = set()
+    for node in ast.walk(ast.parse(text)):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+        for module in names:  # torch.utils.tensorboard needs tensorboard as well as torch
+            imported |= {DISTRIBUTIONS[key] for key in (module, module.split(".")[0]) if key in DISTRIBUTIONS}
+    assert imported <= declared, f"{name} imports {imported - declared} without declaring it"
