@@ -9,44 +9,37 @@ References:
         Belov, Riedmiller 2020, "Local Search for Policy Iteration in Continuous Control", arXiv:2010.05545 (Alg. 1 the
         search, eq. 3-6, App. A.2 the estimator, App. A.3 Alg. 2 the training loop, App. B and Table 1 the networks).
     [MPO] Abdolmaleki, Springenberg, Tassa, Munos, Heess, Riedmiller 2018, "Maximum a Posteriori Policy Optimisation",
-        arXiv:1806.06920: the sampled-action E-step (the search at depth 1) and the KL-bounded M-step, shared with mpo.py.
-    [ACME] Hoffman et al. 2020, acme/jax/losses/mpo.py: the softplus duals, their learning rate and clamp.
+        arXiv:1806.06920: the sampled-action E-step (the search at depth 1) and the KL-bounded M-step, as in mpo.py.
+    [ACME] Hoffman et al. 2020, arXiv:2006.00979, acme/jax/losses/mpo.py: the softplus duals, their learning rate, clamp.
 
-Names: the paper's fixed search temperature alpha is `temperature`, and its trust-region multiplier eta keeps mpo.py's
-(ACME's) name `alpha_mean` (`alpha_cov` with a separate covariance bound), so `diff mpo.py treepi.py` shows the search
-and the model; pi^(i) and Q-hat^pi_pi(i) are `actor_target` and `critic_target`, eps_KL is `epsilon_mean`.
+Names: the paper's fixed search temperature alpha is `temperature`; its trust-region multiplier eta keeps mpo.py's (and
+ACME's) name `alpha_mean` (`alpha_cov` for MPO's separate covariance bound), so that `diff mpo.py treepi.py` shows the
+search and the model; pi^(i) and Q-hat^pi_pi(i) are `actor_target` and `critic_target`, eps_KL is `epsilon_mean`.
 
 Algorithm (one environment step; the function that does each line in brackets):
-    1. Act a ~ pi^(i)(.|s) (--act policy: TreePI/pi) or draw a by the root weights of a search from the env's state
-       (--act search: TreePI/search), and store the step per env in time order       [select_actions, SnippetReplay]
-    2. updates_per_step times: B snippets (o_1, a_1, r_1, ..., o_T, a_T, r_T); states s_t = f_trans(f_enc(o_1),
-       a_1..a_{t-1}) (--model learned) or the true s_t (--model true)                        [LatentModel.unroll]
-    3. L_r = (r_t - r(s_t, a_t))^2 (learned model only); L_Q = (r_t + gamma (1 - terminated_t) E_{a ~ pi^(i)}
-       Q'(s_{t+1}, a) - Q(s_t, a_t))^2                                                         [update, q_target]
-    4. E-step: a search from s_t with depth K, M actions per node, N rollouts (Alg. 1); a rollout descends by drawing
-       among a node's incomplete actions with p ∝ exp(Q-hat / alpha) (eq. 4), inserts one node (M actions of pi^(i),
-       values Q') and backs up V = alpha log mean_j exp(Q-hat_j / alpha), Q-hat = r + gamma (1 - terminated) V; the
-       root gives actions a_j and weights w_j = softmax_j(Q-hat_j / alpha)        [run_search, search, root_weights]
-    5. M-step: L_pi = -sum_j w_j log pi(a_j|s_t) + eta (KL[pi^(i)(.|s_t) || pi(.|s_t)] - eps_KL), eta by gradient
-       ascent (eq. 6)                                                        [gaussian_kl_decoupled, kl_penalty]
-    6. Q' <- Q every target_network_frequency updates; pi^(i+1) <- pi every policy_target_frequency updates   [train]
+    1. Act a ~ pi^(i)(.|s) (--act policy: TreePI/pi) or by the root weights of a search from the env's state (--act
+       search: TreePI/search); store the step per env in time order                 [select_actions, SnippetReplay]
+    2. updates_per_step times, on B snippets of T steps: s_t = f_trans(f_enc(o_1), a_1..a_{t-1}) (--model learned) or
+       the true state (--model true); L_r = (r_t - r(s_t, a_t))^2 (learned model); L_Q = (r_t + gamma (1 - terminated_t)
+       E_{pi^(i)} Q'(s_{t+1}, .) - Q(s_t, a_t))^2                                       [LatentModel.unroll, q_target]
+    3. E-step: a search (Alg. 1) from s_t, M actions per node, depth K, N rollouts; the root's actions a_j and weights
+       w_j = softmax_j(Q-hat_j / alpha) (eq. 4)                                      [proposals, search, root_weights]
+    4. M-step (eq. 6): L_pi = -sum_j w_j log pi(a_j|s_t) + eta (KL[pi^(i) || pi] - eps_KL); one step on L_r + L_Q + L_pi,
+       eta by gradient ascent                                                                    [update, kl_penalty]
+    5. Q' <- Q every target_network_frequency updates, pi^(i+1) <- pi every policy_target_frequency updates    [train]
 
 Shapes: B batch (snippets, or searched roots), T snippet length, O observation, A action, M actions per node, K depth,
 N rollouts, C nodes per tree, L latent size, S node state (L, or O + P: the simulator's [observation | P physics]).
 
-Readings of the paper where it is inconsistent, and deviations:
-    - N = 100 (Table 1, which "lists all parameters"), not Sec. 6.1's 200. Table 1's period 200 is Q''s, Sec. 5's 500
-      is pi^(i)'s; Alg. 2 copies both at one rate, which equal frequencies recover.
-    - The transition reward r(s_t, a_t) in the model, the tree and the TD target (eq. 3 and Alg. 1 write r(s)); the
-      TD target at s_{t+1} (eq. 6 prints s_t); nodes at depths 0..K-1 (Alg. 1's loop would insert at K).
-    - Termination: gymnasium ends Hopper episodes, the control suite never does. A termination head of the reward
-      network (cross-entropy) gives the tree gamma (1 - p_terminated); the true model uses the env's own termination.
-    - CPU defaults: 64-wide networks, batch 64, N = 32, one update per env step with target periods 20 and 50 (the
-      paper's 200 and 500 at 10 updates per step), a search from 16 states per batch (paper: 256, 256, 100, 10, all;
-      --help names each); the policy loss averages over the searched states, the KL bound over all.
+Readings of inconsistencies in the paper, and deviations from it:
+    - N = 100 (Table 1 "lists all parameters"; Sec. 6.1: 200); Table 1's period 200 is Q''s, Sec. 5's 500 pi^(i)'s; the
+      transition reward r(s_t, a_t) everywhere (eq. 3, Alg. 1: r(s)); the TD target at s_{t+1} (eq. 6 prints s_t).
+    - Gymnasium ends Hopper episodes (the control suite never does): a termination head gives the tree gamma (1 - p);
+      the true model uses the env's own termination.
+    - CPU defaults (--help names each paper value): 64-wide networks, batch 64, N = 32, one update per env step with
+      target periods 20 and 50 (the paper's pace at 10 updates per step), a search from 16 states per batch.
     - With the true model the policy loss stays eq. 6's (Sec. 6.2's switch serves 16 distributed actors). No uniform
-      warm-up: `learning_starts` only delays the gradient steps. The TD target's latents come from the online model;
-      only Q has a target copy. eta is softplus of a parameter with Adam steps at --dual-lr, clamped below (ACME).
+      warm-up. eta is softplus of a parameter with Adam steps at --dual-lr, clamped below (ACME; the paper gives no rate).
 """
 
 from collections.abc import Callable
@@ -64,7 +57,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 ALGO = "treepi"
-ACTION_SPACES = (gym.spaces.Box,)  # Gaussian actions, clipped to the env's bounds
+ACTION_SPACES = (gym.spaces.Box,)  # a Gaussian policy, its actions clipped to the env's bounds
 
 
 # == 1. Arguments ==========================================================================================
@@ -75,12 +68,10 @@ class Args:
     model: Literal["learned", "true"] = "learned"
     """Search model: a learned latent model (Sec. 5) or the MuJoCo simulator itself, stepped from saved states (Sec. 6.2)."""
     act: Literal["policy", "search"] = "policy"
-    """Act with pi^(i) (TreePI/pi) or with an action drawn from a search at every step (TreePI/search); evaluation uses
-    the greedy form of the same rule."""
+    """Act with pi^(i) (TreePI/pi) or by a search at every step (TreePI/search); evaluation uses the greedy form."""
     # Networks [TreePI Table 1, App. B]
     model_sizes: tuple[int, ...] = (64, 64)
-    """Layer sizes of the encoder and of the transition; the last is the latent size (paper: 256 256, Table 1's
-    256-LN-256; 64 wide for a CPU: an update is about 4x cheaper)."""
+    """Encoder and transition layers, the last the latent size (paper: 256 256; 64 for a CPU: an update is 4x cheaper)."""
     policy_hidden_sizes: tuple[int, ...] = (64, 64, 64)
     """Hidden layer sizes of the policy (paper: 256 256 256, Table 1's 256-LN-256-256)."""
     critic_hidden_sizes: tuple[int, ...] = (64, 64, 64)
@@ -90,8 +81,7 @@ class Args:
     layer_norm: bool = True
     """LayerNorm after the first hidden layer of every network [TreePI Table 1: 'LN']."""
     full_covariance: bool = False
-    """Gaussian policy with a full covariance (Cholesky factor) instead of a diagonal [MPO App. D] ([TreePI] App. B:
-    diagonal)."""
+    """Gaussian policy with a full covariance (Cholesky factor) [MPO App. D] ([TreePI] App. B: diagonal)."""
     # Replay [TreePI Sec. 5, Table 1]
     buffer_size: int = 2_000_000
     """Replay capacity in transitions [TreePI Table 1: 2e6]; memory is taken for no more than total_steps of them."""
@@ -106,11 +96,9 @@ class Args:
     gamma: float = 0.99
     """Discount factor gamma of the TD target and of the tree [TreePI Table 1]."""
     target_network_frequency: int = 20
-    """Gradient steps between copies Q' <- Q (paper: 200, Table 1, at 10 updates per env step: every 20 env steps;
-    20 keeps that pace at one update per step)."""
+    """Gradient steps between copies Q' <- Q (paper: 200, Table 1, at 10 updates per env step: the same pace)."""
     policy_target_frequency: int = 50
-    """Gradient steps between policy rounds pi^(i+1) <- pi (paper: 500, Sec. 5, at 10 updates per env step: every 50
-    env steps; 50 keeps that pace at one update per step)."""
+    """Gradient steps between policy rounds pi^(i+1) <- pi (paper: 500, Sec. 5, at 10 updates per env step)."""
     q_lr: float = 3e-4
     """Adam learning rate of the Q-function, the reward network and the model [TreePI Table 1]."""
     policy_lr: float = 3e-4
@@ -121,27 +109,22 @@ class Args:
     depth: int = 10
     """Maximum depth K of the tree; 1 gives MPO+Predictive's one-step weights [TreePI Table 1]."""
     num_rollouts: int = 32
-    """Rollouts N per search, the one that inserts the root included (paper: 100, Table 1; Sec. 6.1 says 200; each
-    rollout costs a model and a network call, so 32 for a CPU)."""
+    """Rollouts N per search, the root's included (paper: 100, Table 1; Sec. 6.1: 200; 32 for a CPU)."""
     temperature: float = 0.1
     """Temperature alpha of the search's softmax and soft backup, fixed [TreePI Table 1: 0.1] (MPO learns its eta)."""
     search_states: int = 16
-    """States of each batch that are searched, from its start (0: all batch_size x snippet_length, the paper; a search
-    per state is what makes a CPU update slow)."""
+    """States of each batch that are searched, from its start (0: all B x T, the paper; the search is an update's cost)."""
     # M-step trust region [TreePI eq. 6, MPO App. D]
     epsilon_mean: float = 0.005
     """Bound eps_KL on KL(pi^(i) || pi) [TreePI Sec. 5: 0.005]; with --epsilon-cov, the bound on its mean part only."""
     epsilon_cov: float | None = None
-    """Bound on the covariance part of KL(pi^(i) || pi) (None: one bound on the whole KL, as [TreePI] eq. 6; a value:
-    MPO's decoupled bounds, [TreePI] Table 2's MPO uses 1e-4)."""
+    """Bound on the covariance part of the KL (None: one bound on the whole KL, [TreePI] eq. 6; MPO's Table 2: 1e-4)."""
     dual_lr: float = 1e-2
     """Adam learning rate of the multipliers' parameters log_alpha_mean and log_alpha_cov (paper: not given; ACME)."""
     alpha_mean_init: float = 1.0
-    """Initial multiplier alpha_mean of the (whole or mean) KL bound: eta of [TreePI] eq. 6 (paper: not given; ACME:
-    10)."""
+    """Initial multiplier alpha_mean of the (whole or mean) KL bound, eta of [TreePI] eq. 6 (paper: not given; ACME: 10)."""
     alpha_cov_init: float = 100.0
-    """Initial multiplier alpha_cov of the covariance KL bound (ACME: 1000): large, so that the small epsilon_cov holds
-    from the start; it then falls while the bound is slack."""
+    """Initial multiplier alpha_cov of the covariance bound (ACME: 1000): large, so that epsilon_cov holds from the start."""
     # -- shared: identical in every file ------------------------------------------------------------------
     env: str = "HalfCheetah-v5"
     """Gymnasium id of the task (`module:Env-v0` imports `module` first, for an env it registers)."""
@@ -180,44 +163,26 @@ class Args:
 
 def algorithm_checks(args: Args) -> list[tuple[bool, str]]:
     """(condition, message) for each algorithm argument; `check_args` raises the first that fails."""
-    sizes = (*args.policy_hidden_sizes, *args.critic_hidden_sizes)
+    positive = ["batch_size", "snippet_length", "target_network_frequency", "policy_target_frequency", "num_samples"]
+    positive += ["depth", "num_rollouts", "temperature", "epsilon_mean", "alpha_mean_init", "q_lr", "policy_lr", "dual_lr"]
+    nonnegative = min(args.learning_starts, args.updates_per_step, args.search_states) >= 0
+    covariance_bound = args.alpha_cov_init > 0 and (args.epsilon_cov is None or args.epsilon_cov > 0)
     return [
-        (
-            len(args.model_sizes) >= 2 and min(args.model_sizes) > 0,
-            f"--model-sizes needs two or more positive sizes, got {args.model_sizes}",
-        ),
-        (min(sizes, default=0) > 0, "--policy-hidden-sizes and --critic-hidden-sizes must be positive"),
-        (
-            min(args.buffer_size, args.batch_size, args.snippet_length) > 0,
-            "--buffer-size, --batch-size and --snippet-length must be positive",
-        ),
-        (
-            args.buffer_size >= args.num_envs * args.snippet_length,
-            "--buffer-size must hold --snippet-length steps of every env",
-        ),
-        (min(args.learning_starts, args.updates_per_step) >= 0, "--learning-starts and --updates-per-step must be >= 0"),
+        (len(args.model_sizes) >= 2 and min(args.model_sizes) > 0, "--model-sizes needs two or more positive sizes"),
+        (min(args.policy_hidden_sizes + args.critic_hidden_sizes, default=0) > 0, "--*-hidden-sizes must be positive"),
+        *((getattr(args, k) > 0, f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}") for k in positive),
+        (covariance_bound, "--alpha-cov-init and --epsilon-cov must be positive"),
+        (args.buffer_size >= args.num_envs * args.snippet_length, "--buffer-size must hold --snippet-length steps per env"),
+        (nonnegative, "--learning-starts, --updates-per-step and --search-states must be >= 0"),
         (0.0 <= args.gamma <= 1.0, f"--gamma must be in [0, 1], got {args.gamma}"),
-        (
-            min(args.target_network_frequency, args.policy_target_frequency) > 0,
-            "--target-network-frequency and --policy-target-frequency must be positive",
-        ),
-        (min(args.q_lr, args.policy_lr, args.dual_lr) > 0, "learning rates must be positive"),
-        (
-            min(args.num_samples, args.depth, args.num_rollouts) > 0,
-            "--num-samples, --depth and --num-rollouts must be positive",
-        ),
-        (args.temperature > 0 and args.search_states >= 0, "--temperature must be positive and --search-states >= 0"),
-        (
-            args.epsilon_mean > 0 and (args.epsilon_cov is None or args.epsilon_cov > 0),
-            "--epsilon-mean and --epsilon-cov must be > 0",
-        ),
-        (min(args.alpha_mean_init, args.alpha_cov_init) > 0, "--alpha-mean-init and --alpha-cov-init must be positive"),
     ]
 
 
 # == 2. Networks ===========================================================================================
 ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh}
 SCALE_MIN = 1e-6  # added to the softplus'd Cholesky diagonal: a numerical guard (ACME's value)
+Sizes = tuple[int, ...]  # layer widths
+Plan = Callable[[Tensor], tuple[Tensor, Tensor]]  # the E-step: roots [n, S] -> root actions [n, M, A], weights [n, M]
 
 
 def mlp(in_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool) -> nn.Sequential:
@@ -233,12 +198,9 @@ def mlp(in_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm:
 
 
 class GaussianActor(nn.Module):
-    """Gaussian policy pi(a|s) = N(mean(s), L(s) L(s)^T) on actions rescaled to [-1, 1]^A [MPO App. D]: L is diagonal,
-    or with --full-covariance a full lower-triangular Cholesky factor; its diagonal goes through softplus. Samples are
-    unbounded (the replay stores them); the env executes them clipped to its bounds.
-
-    The distribution parameters `params` are the pair (mean [B, A], scale_tril [B, A, A]).
-    """
+    """Gaussian policy pi(a|s) = N(mean(s), L(s) L(s)^T) on actions rescaled to [-1, 1]^A [MPO App. D], `params` the pair
+    (mean [B, A], scale_tril L [B, A, A]): L is diagonal, or with --full-covariance lower-triangular, its diagonal through
+    softplus. Samples are stored unbounded; the env executes them clipped to its bounds."""
 
     def __init__(
         self,
@@ -250,13 +212,11 @@ class GaussianActor(nn.Module):
         full_covariance: bool,
     ):
         super().__init__()
-        self.action_dim = size = int(np.prod(action_space.shape))
+        size = self.action_dim = int(np.prod(action_space.shape))
         self.full_covariance = full_covariance
-        num_scale = size * (size + 1) // 2 if full_covariance else size  # entries of L
         self.trunk = mlp(obs_dim, hidden_sizes, activation, layer_norm)
-        self.head = nn.Linear(hidden_sizes[-1], size + num_scale)  # mean, L
-        low = torch.as_tensor(action_space.low, dtype=torch.float32).flatten()
-        high = torch.as_tensor(action_space.high, dtype=torch.float32).flatten()
+        self.head = nn.Linear(hidden_sizes[-1], size + (size * (size + 1) // 2 if full_covariance else size))  # mean, L
+        low, high = (torch.as_tensor(bound, dtype=torch.float32).flatten() for bound in (action_space.low, action_space.high))
         self.register_buffer("action_scale", (high - low) / 2)
         self.register_buffer("action_bias", (high + low) / 2)
 
@@ -270,47 +230,33 @@ class GaussianActor(nn.Module):
         diagonal = F.softplus(tril.diagonal(dim1=-2, dim2=-1)) + SCALE_MIN  # [MPO App. D]
         return mean, tril.tril(-1) + torch.diag_embed(diagonal)
 
-    def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
-        """An action a ~ pi(.|s) [B, A] (unclipped) and its log-probability [B]."""
-        params = self(obs)
-        actions = self.candidates(params, 1)[0]  # [B, 1, A]
-        return actions[:, 0], self.log_prob(params, actions)[:, 0]
-
     def candidates(self, params: tuple[Tensor, Tensor], num_samples: int) -> tuple[Tensor, Tensor]:
-        """M actions a_j ~ pi(.|s) per state [B, M, A] and their prior weights log(1/M) [B, M] in the E-step: the
-        samples stand in for the integral over actions [MPO Alg. 2, line 11]."""
+        """M actions a_j ~ pi(.|s) [B, M, A] with prior weights log(1/M) [B, M]: the E-step's integral [MPO Alg. 2, l. 11]."""
         mean, scale_tril = params
         noise = torch.randn(*mean.shape[:-1], num_samples, self.action_dim, device=mean.device)
         actions = mean.unsqueeze(-2) + noise @ scale_tril.transpose(-2, -1)  # a = mean + L noise
         return actions, torch.full(actions.shape[:-1], -float(np.log(num_samples)), device=mean.device)
 
     def log_prob(self, params: tuple[Tensor, Tensor], actions: Tensor) -> Tensor:
-        """log pi(a_j|s) [B, M] of actions [B, M, A]."""
-        return gaussian_log_prob(actions, *params)
+        return gaussian_log_prob(actions, *params)  # log pi(a_j|s) [B, M] of actions [B, M, A]
 
-    def kl_terms(self, params_old: tuple[Tensor, Tensor], params: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """The mean and covariance parts C_mean, C_cov [B] of KL(pi_old || pi) [MPO eq. 27]."""
-        return gaussian_kl_decoupled(*params_old, *params)
+    def kl_terms(self, params_old: tuple[Tensor, Tensor], params: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+        return gaussian_kl_decoupled(*params_old, *params)  # C_mean, C_cov [B] of KL(pi_old || pi) [MPO eq. 27]
 
     def entropy(self, params: tuple[Tensor, Tensor]) -> Tensor:
-        """H = A log(2 pi e) / 2 + sum_i log L_ii  [B]."""
-        log_diagonal = params[1].diagonal(dim1=-2, dim2=-1).log()
+        log_diagonal = params[1].diagonal(dim1=-2, dim2=-1).log()  # H = A log(2 pi e) / 2 + sum_i log L_ii  [B]
         return 0.5 * self.action_dim * float(np.log(2 * np.pi * np.e)) + log_diagonal.sum(-1)
 
     def critic_input(self, actions: Tensor) -> Tensor:
-        """The action the env executes, in [-1, 1]: Q(s, a) = Q(s, clip(a)) holds exactly, so the critic never
-        extrapolates outside the bounds (ACME clips the critic's input too)."""
-        return actions.clamp(-1.0, 1.0)
+        return actions.clamp(-1.0, 1.0)  # as executed: Q(s, a) = Q(s, clip(a)), never extrapolated (ACME clips it too)
 
     def env_action(self, actions: Tensor) -> Tensor:
-        """The executed action: clipped to [-1, 1] and rescaled to the env's bounds."""
-        return self.critic_input(actions) * self.action_scale + self.action_bias
+        return self.critic_input(actions) * self.action_scale + self.action_bias  # clipped, rescaled to the env's bounds
 
 
 class Critic(nn.Module):
-    """Q(s, a), an MLP on [s, a] [MPO Sec. 4; one Q-function, no twin]. The first layer is split into its state and
-    action columns, so the M actions of one state share the state's half: obs [N, 1, O] against actions [N, M, A]
-    gives Q [N, M] in one pass."""
+    """Q(s, a), an MLP on [s, a] [MPO Sec. 4; one Q-function, no twin]. The first layer is split into its state and action
+    columns, so that the M actions of a state share its half: obs [N, 1, O] and actions [N, M, A] give Q [N, M]."""
 
     def __init__(self, obs_dim: int, action_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool):
         super().__init__()
@@ -331,32 +277,21 @@ class Critic(nn.Module):
 
 
 class LatentModel(nn.Module):
-    """The learned model [TreePI Sec. 5, App. B]: encoder s_1 = f_enc(o_1), transition s_{t+1} = s_t + f_trans(s_t,
-    a_t) (a predicted delta), and a reward network r(s_t, a_t) whose second output is the termination logit (our
-    addition, see Deviations). The policy and the Q-function read these latent states."""
+    """The learned model [TreePI Sec. 5, App. B], whose latent states the policy and Q read: encoder s_1 = f_enc(o_1),
+    transition s_{t+1} = s_t + f_trans(s_t, a_t), reward r(s_t, a_t) and a termination logit (see Deviations)."""
 
-    def __init__(
-        self,
-        obs_dim: int,
-        action_dim: int,
-        sizes: tuple[int, ...],
-        reward_sizes: tuple[int, ...],
-        activation: str,
-        layer_norm: bool,
-    ):
+    def __init__(self, obs_dim: int, action_dim: int, sizes: Sizes, reward_sizes: Sizes, activation: str, layer_norm: bool):
         super().__init__()
-        latent = sizes[-1]
+        inputs = sizes[-1] + action_dim  # [s, a]; sizes: encoder and transition, the last the latent size
         self.encoder = mlp(obs_dim, sizes, activation, layer_norm)
-        self.transition = nn.Sequential(
-            mlp(latent + action_dim, sizes[:-1], activation, layer_norm), nn.Linear(sizes[-2], latent)
-        )
-        self.reward = nn.Sequential(
-            mlp(latent + action_dim, reward_sizes, activation, layer_norm), nn.Linear(reward_sizes[-1], 2)
-        )
+        self.transition = nn.Sequential(mlp(inputs, sizes[:-1], activation, layer_norm), nn.Linear(sizes[-2], sizes[-1]))
+        self.reward = nn.Sequential(mlp(inputs, reward_sizes, activation, layer_norm), nn.Linear(reward_sizes[-1], 2))
+
+    def roots(self, obs: Tensor, physics: np.ndarray | None) -> Tensor:
+        return self.encoder(obs)  # the search's root states for observations [n, O]: their latents [n, L]
 
     def features(self, states: Tensor) -> Tensor:
-        """The networks' input at a search node: the latent state itself."""
-        return states
+        return states  # the networks' input at a search node: the latent state itself
 
     def predict(self, states: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Next latent, reward and termination logit of (s, a), actions clipped as executed: [n, L], [n], [n]."""
@@ -365,19 +300,17 @@ class LatentModel(nn.Module):
         return states + self.transition(inputs), reward, logit
 
     def step(self, states: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The search's model call: next states, rewards and continuation 1 - p(terminated)."""
         next_states, reward, logit = self.predict(states, actions)
-        return next_states, reward, torch.sigmoid(-logit)
+        return next_states, reward, torch.sigmoid(-logit)  # the search's call: continuation 1 - p(terminated)
 
     def unroll(self, obs: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """s_t = f(o_1, a_1..a_{t-1}) [TreePI Sec. 5]: latents [B, T+1, L] for t = 1..T+1, predicted rewards and
         termination logits [B, T], from o_1 [B, O] and actions [B, T, A]."""
-        states, rewards, logits = [self.encoder(obs)], [], []
+        states, predictions = [self.encoder(obs)], []
         for t in range(actions.shape[1]):
-            next_state, reward, logit = self.predict(states[-1], actions[:, t])
-            states.append(next_state)
-            rewards.append(reward)
-            logits.append(logit)
+            predictions.append(self.predict(states[-1], actions[:, t]))  # (next latent, reward, termination logit)
+            states.append(predictions[-1][0])
+        _, rewards, logits = zip(*predictions)
         return torch.stack(states, 1), torch.stack(rewards, 1), torch.stack(logits, 1)
 
 
@@ -389,52 +322,34 @@ class Batch(NamedTuple):
     next_obs: Tensor  # [B, T, O]
     terminated: Tensor  # [B, T], 1.0 where the MDP ended (no bootstrap)
     valid: Tensor  # [B, T], 1.0 for the steps that belong to the snippet
-    physics: Tensor  # [B, T, P], the simulator's state at obs (--model true; else P = 0)
+    physics: Tensor  # [B, T, P], the simulator's state at obs (--model true; else P = 0), float64 as mj_getState's
 
 
 class SnippetReplay:
-    """Ring buffer of transitions in time order per env ([rows, num_envs, ...]), sampled as snippets of T consecutive
-    steps of one env, the trajectories the model unrolls over [TreePI Sec. 5]. A snippet stops after the first episode
-    end (terminated or truncated) and at the newest row, so it never joins two episodes; next_obs is stored per row, so
-    the last step of an episode keeps its true last observation. With --model true each row also keeps the simulator's
-    state (float64, as mj_getState gives it), where the searches of the update start."""
+    """Ring buffer of transitions in time order per env [rows, num_envs, ...], sampled as snippets of T steps of one env
+    that the model unrolls over [TreePI Sec. 5]; a snippet stops after an episode's end (whose true last observation is
+    its next_obs) and at the newest row."""
 
     COLUMNS = ("obs", "actions", "rewards", "next_obs", "terminated", "ended", "physics")
 
-    def __init__(
-        self,
-        capacity: int,
-        num_envs: int,
-        obs_dim: int,
-        action_dim: int,
-        physics_dim: int,
-        snippet_length: int,
-        device: torch.device,
-    ):
+    def __init__(self, capacity: int, num_envs: int, widths: dict[str, tuple], snippet_length: int, device: torch.device):
         self.rows, self.num_envs, self.length = capacity // num_envs, num_envs, snippet_length
         self.pos, self.size = 0, 0  # in rows (one row = one vector step)
-        widths = {"obs": (obs_dim,), "actions": (action_dim,), "next_obs": (obs_dim,), "physics": (physics_dim,)}
+        dtypes = {"physics": torch.float64}  # widths: the row shapes of obs, actions, next_obs, physics; the rest are scalars
         self.data = {
-            name: torch.zeros(
-                self.rows,
-                num_envs,
-                *widths.get(name, ()),
-                device=device,
-                dtype=torch.float64 if name == "physics" else torch.float32,
-            )
+            name: torch.zeros(self.rows, num_envs, *widths.get(name, ()), device=device, dtype=dtypes.get(name, torch.float32))
             for name in self.COLUMNS
         }
 
-    def add(self, **columns: np.ndarray | Tensor) -> None:
-        """Store one vector step: one array per column with leading size num_envs."""
-        for name, column in self.data.items():
-            column[self.pos] = torch.as_tensor(columns[name], dtype=column.dtype)
+    def add(self, *columns: np.ndarray | Tensor) -> None:
+        """Store one vector step: one array per column of COLUMNS, in that order, with leading size num_envs."""
+        for column, values in zip(self.data.values(), columns, strict=True):
+            column[self.pos] = torch.as_tensor(values, dtype=column.dtype)
         self.pos = (self.pos + 1) % self.rows
         self.size = min(self.size + 1, self.rows)
 
     def sample(self, batch_size: int) -> Batch:
-        """batch_size snippets: start row and env uniform with replacement; step k is valid when a row after the start
-        holds it and no episode ended at the steps before it."""
+        """Snippets from uniform start rows and envs; step k is valid if written after the start, with no end before it."""
         device = self.data["rewards"].device
         start = torch.randint(0, self.size, (batch_size,), device=device)
         env = torch.randint(0, self.num_envs, (batch_size, 1), device=device)
@@ -454,28 +369,17 @@ class SnippetReplay:
         self.pos, self.size = state["pos"], state["size"]
         for name, column in self.data.items():
             column[: self.size] = state["data"][name].to(column.device)
-        # The saving run stopped mid-episode and a resumed run starts fresh episodes, so the newest row ends its
-        # snippets (as a truncation would: it still bootstraps).
-        if self.size:
+        if self.size:  # the saving run stopped mid-episode and a resumed run starts afresh: a truncation, bootstrapped
             self.data["ended"][(self.pos - 1) % self.rows] = 1.0
 
 
 # == 4. Algorithm ==========================================================================================
 def full_tree_size(num_actions: int, depth: int) -> int:
-    """Nodes of the full tree, sum_{d < K} M^d: the rollouts after which the search is exact."""
-    return sum(num_actions**d for d in range(depth))
-
-
-def log_mean_exp(values: np.ndarray) -> np.ndarray:
-    """log (1/M) sum_j exp(values_j) over the last axis, stable for large values."""
-    peak = values.max(-1, keepdims=True)
-    return (peak + np.log(np.exp(values - peak).sum(-1, keepdims=True) / values.shape[-1]))[..., 0]
+    return sum(num_actions**d for d in range(depth))  # nodes of the full tree, sum_{d < K} M^d
 
 
 class Tree(NamedTuple):
-    """B search trees in fixed-capacity node arrays (node 0 is the root). The bookkeeping is numpy on the host: a
-    rollout does a few hundred tiny integer and float operations, cheaper in numpy than as torch ops or GPU kernels.
-    Node states and actions stay torch tensors on the device of the model that made them."""
+    """B search trees in node arrays of fixed capacity, node 0 the root; numpy on the host, states and actions on device."""
 
     states: Tensor  # [B, C, S] node states s
     actions: Tensor  # [B, C, M, A] actions a^{1:M} ~ pi^(i)(.|s) of each node
@@ -500,48 +404,33 @@ def search(
     gamma: float,
     uniforms: np.ndarray | None = None,
 ) -> Tree:
-    """TreePI's search from B root states at once [TreePI Alg. 1, Sec. 4].
-
-    Each of the N rollouts after the first (which inserts the roots):
-      forward rollout: from the root, draw action j among the node's incomplete actions with p_j ∝ exp(Q-hat[s, a^j] /
-        alpha) (eq. 4, by Gumbel-max) and follow it while it leads to a node; the first that leads nowhere is expanded,
-      insert: s' = f(s, a^j), r(s, a^j) and terminated from the model (one call for all trees); the new node draws
-        a^{1:M} ~ pi^(i)(.|s') and sets Q-hat[s', a^k] = Q'(s', a^k),
-      soft backup to the root: V(s') = alpha log (1/M) sum_k exp(Q-hat[s', a^k] / alpha),
-        Q-hat[s, a^j] = r(s, a^j) + gamma (1 - terminated) V(s').
-    Nodes live at depths 0 .. K-1 and a depth K-1 node keeps Q', so the root holds K-step estimates (K = 1: Q' itself,
-    MPO's E-step). An action is complete once the node it leads to is at depth K-1, terminal, or has M complete actions;
-    complete actions are never drawn again ("preventing fully expanded subtrees from being revisited", Sec. 4), so each
-    rollout adds a node and after full_tree_size(M, K) rollouts the root's Q-hat is exactly the full-tree estimator
-    Q-hat^K(s, a) = r + gamma V-hat^{K-1}(f(s, a)) of Sec. 4.
-
-    Symbols: alpha = temperature; M = num_samples from propose; N = num_rollouts; K = depth; Q^pi_pi(i) = Q'.
-    Args:
-        roots: [B, S] root states (latents, or the simulator's [obs | physics]).
-        propose: states [n, S] -> (actions [n, M, A] ~ pi^(i), Q'(s, a) [n, M]).
-        expand: (states [n, S], actions [n, A]) -> (next states [n, S], rewards [n], continuation 1 - terminated [n]).
-        uniforms: optional [N-1, K-1, B, M] numbers in (0, 1] for the Gumbel draws (tests pass them to compare
-            searches); by default drawn from numpy's global generator.
-    Returns: the Tree; the root's actions are `actions[:, 0]`, its weights `root_weights`.
-    """
+    """TreePI's search from B root states at once [TreePI Alg. 1, Sec. 4]. Each rollout after the first (which inserts
+    the roots) descends from the root, drawing among a node's incomplete actions with p_j ∝ exp(Q-hat[s, a^j] / alpha)
+    (eq. 4, by Gumbel-max), to the first action that leads nowhere; inserts s' = f(s, a^j) with r and terminated from
+    the model, a^{1:M} ~ pi^(i)(.|s') and Q-hat[s', a^k] = Q'(s', a^k); and backs up to the root
+        V(s') = alpha log (1/M) sum_k exp(Q-hat[s', a^k] / alpha),  Q-hat[s, a^j] = r + gamma (1 - terminated) V(s').
+    Nodes live at depths 0 .. K-1 (Alg. 1's loop would insert at K), and a depth K-1 node keeps Q' (K = 1: MPO's
+    E-step). An action is complete once its node is at depth K-1, terminal or has M complete actions, and is never drawn
+    again ("preventing fully expanded subtrees from being revisited", Sec. 4): after full_tree_size(M, K) rollouts the
+    root holds exactly the full-tree estimator Q-hat^K(s, a) = r + gamma V-hat^{K-1}(f(s, a)) of Sec. 4. Symbols: alpha
+    = temperature, M = num_samples of propose, N = num_rollouts, K = depth, Q^pi_pi(i) = Q'. roots [B, S]: latents, or
+    the simulator's [obs | physics]; propose: states [n, S] -> (actions [n, M, A] ~ pi^(i), Q'(s, a) [n, M]); expand:
+    (states [n, S], actions [n, A]) -> (next states [n, S], rewards [n], continuation 1 - terminated [n]); uniforms:
+    [N-1, K-1, B, M] numbers in (0, 1] for the Gumbel draws (tests pass them; default: numpy's global generator)."""
     num_trees, device = roots.shape[0], roots.device
     root_actions, root_q = propose(roots)  # [B, M, A], [B, M]
     num_actions = root_q.shape[1]
     capacity = min(num_rollouts, full_tree_size(num_actions, depth))
     # Flat node arrays [B C, ...]: node n of tree b is row b C + n, so one fancy index reaches one node of every tree
     rows, root_rows = num_trees * capacity, np.arange(num_trees) * capacity
-    states = roots.new_zeros(rows, *roots.shape[1:])
-    actions = root_actions.new_zeros(rows, *root_actions.shape[1:])
-    states[torch.from_numpy(root_rows).to(device)] = roots
-    actions[torch.from_numpy(root_rows).to(actions.device)] = root_actions
+    rooted = lambda root: torch.cat([root[:, None], root.new_zeros(num_trees, capacity - 1, *root.shape[1:])], 1).flatten(0, 1)
+    states, actions = rooted(roots), rooted(root_actions)  # [B C, S], [B C, M, A]: node 0 the root, zeros elsewhere
     q_hat = np.zeros((rows, num_actions))
     q_hat[root_rows] = root_q.cpu().numpy()
-    rewards, discounts = np.zeros(rows), np.zeros(rows)
-    parent, slot = np.full(rows, -1), np.zeros(rows, dtype=np.int64)
-    children = np.full((rows, num_actions), -1)
-    complete = np.zeros((rows, num_actions), dtype=bool)
+    rewards, discounts, size = np.zeros(rows), np.zeros(rows), np.ones(num_trees, dtype=np.int64)
+    parent, slot, node_depth = np.full(rows, -1), np.zeros(rows, dtype=np.int64), np.zeros(rows, dtype=np.int64)
+    children, complete = np.full((rows, num_actions), -1), np.zeros((rows, num_actions), dtype=bool)
     complete[root_rows] = depth == 1  # the root is at depth K-1 = 0: Q' is final
-    node_depth, size = np.zeros(rows, dtype=np.int64), np.ones(num_trees, dtype=np.int64)
     for rollout in range(1, num_rollouts):  # rollout 0 inserted the roots
         trees = np.flatnonzero(~complete[root_rows].all(1))  # a complete root has nothing to add
         if trees.size == 0:
@@ -565,18 +454,15 @@ def search(
             if down.size == 0:
                 break
         # insert [TreePI Alg. 1]: one model call and one policy/critic call for all trees
-        node, new_row = row - base, base + size[trees]  # [n] the expanded node, the new node's row
-        action_rows = torch.from_numpy(row).to(actions.device)
-        next_states, reward, cont = expand(
-            states[torch.from_numpy(row).to(device)], actions[action_rows, torch.from_numpy(leaf_slot).to(actions.device)]
-        )
+        new_row, expanded = base + size[trees], torch.from_numpy(row)  # the new node's row; the expanded node's
+        parent_actions = actions[expanded.to(actions.device), torch.from_numpy(leaf_slot).to(actions.device)]
+        next_states, reward, cont = expand(states[expanded.to(device)], parent_actions)
         new_actions, new_q = propose(next_states)
         states[torch.from_numpy(new_row).to(device)] = next_states.to(states.dtype)
         actions[torch.from_numpy(new_row).to(actions.device)] = new_actions
         cont = cont.cpu().numpy()
-        q_hat[new_row] = new_q.cpu().numpy()
-        rewards[new_row], discounts[new_row] = reward.cpu().numpy(), gamma * cont
-        parent[new_row], slot[new_row], children[row, leaf_slot] = node, leaf_slot, size[trees]
+        q_hat[new_row], rewards[new_row], discounts[new_row] = new_q.cpu().numpy(), reward.cpu().numpy(), gamma * cont
+        parent[new_row], slot[new_row], children[row, leaf_slot] = row - base, leaf_slot, size[trees]
         node_depth[new_row] = node_depth[row] + 1
         complete[new_row] = ((node_depth[new_row] == depth - 1) | (cont == 0))[:, None]
         size[trees] += 1
@@ -584,75 +470,53 @@ def search(
         row, up = new_row, np.arange(trees.size)  # trees still climbing
         while up.size:
             at = row[up]
-            value = temperature * log_mean_exp(q_hat[at] / temperature)  # V(s') = alpha log mean exp(Q-hat / alpha)
+            scaled = q_hat[at] / temperature  # V(s') = alpha log mean_k exp(Q-hat[s', a^k] / alpha), stably:
+            peak = scaled.max(-1, keepdims=True)
+            value = temperature * (peak + np.log(np.exp(scaled - peak).sum(-1, keepdims=True) / num_actions))[..., 0]
             above = base[up] + parent[at]  # the parent's row
             q_hat[above, slot[at]] = rewards[at] + discounts[at] * value  # Q-hat = r + gamma (1 - terminated) V(s')
             complete[above, slot[at]] = complete[at].all(1)
             row[up] = above
             up = up[parent[at] > 0]
-    nodes = (num_trees, capacity)
-    flat = (q_hat, rewards, discounts, parent, slot, children, complete, node_depth)
-    return Tree(
-        states.view(*nodes, *roots.shape[1:]),
-        actions.view(*nodes, *root_actions.shape[1:]),
-        *(x.reshape(*nodes, *x.shape[1:]) for x in flat),
-        size,
-    )
+    nodes = (states, actions, q_hat, rewards, discounts, parent, slot, children, complete, node_depth)  # [B C, ...]
+    return Tree(*(array.reshape(num_trees, capacity, *array.shape[1:]) for array in nodes), size)
 
 
 def root_weights(tree: Tree, temperature: float) -> Tensor:
-    """The root's normalised weights w^j = softmax_j(Q-hat[root, a^j] / alpha) [TreePI eq. 4]: MPO's E-step weights
-    with the search's Q-hat in place of Q' [B, M]."""
+    """The root's weights w^j = softmax_j(Q-hat[root, a^j] / alpha + log(1/M)) [B, M] [TreePI eq. 4]: MPO's E-step weights
+    (MPO eq. 8, M samples of pi^(i)) with the search's Q-hat for Q' and the fixed alpha for MPO's learned eta."""
     q_hat = torch.from_numpy(tree.q_hat[:, 0])  # float64, as the tree backs up
-    log_prior = torch.full_like(q_hat, -float(np.log(q_hat.shape[1])))  # M samples of pi^(i)
-    weights = e_step_weights(q_hat, torch.tensor(temperature, dtype=q_hat.dtype), log_prior)
+    log_prior = torch.full_like(q_hat, -float(np.log(q_hat.shape[1])))
+    weights = torch.softmax(q_hat / torch.tensor(temperature, dtype=q_hat.dtype) + log_prior, dim=-1)
     return weights.to(device=tree.actions.device, dtype=torch.float32)
 
 
-@torch.no_grad()
-def run_search(
-    roots: Tensor,
-    model: "LatentModel | Simulator",
-    actor_target: GaussianActor,
-    critic_target: Critic,
-    num_samples: int,
-    num_rollouts: int,
-    depth: int,
-    temperature: float,
-    gamma: float,
-) -> Tree:
-    """`search` with pi^(i) and Q' [TreePI Alg. 1's inputs] on the learned or the true model."""
+def proposals(actor_target: GaussianActor, critic_target: Critic, features: Callable, num_samples: int) -> Callable:
+    """The search's `propose` from Alg. 1's inputs pi^(i) and Q' [TreePI Alg. 1]: node states [n, S] -> M actions a ~ pi^(i)
+    [n, M, A] and Q'(s, a) [n, M], the networks reading features(states) (latents, or the simulator's observations)."""
     device = actor_target.action_scale.device
 
     def propose(states: Tensor) -> tuple[Tensor, Tensor]:
-        features = model.features(states).to(device)  # [n, L or O]
-        actions, _ = actor_target.candidates(actor_target(features), num_samples)  # [n, M, A]
-        return actions, critic_target(features.unsqueeze(1), actor_target.critic_input(actions))
+        inputs = features(states).to(device)  # [n, L or O]
+        actions, _ = actor_target.candidates(actor_target(inputs), num_samples)  # [n, M, A]
+        return actions, critic_target(inputs.unsqueeze(1), actor_target.critic_input(actions))
 
-    return search(roots, propose, model.step, num_rollouts, depth, temperature, gamma)
+    return propose
 
 
 @torch.no_grad()
 def select_actions(
-    obs: Tensor,
-    physics: np.ndarray | None,
-    model: LatentModel | None,
-    simulator: "Simulator | None",
-    actor_target: GaussianActor,
-    plan: Callable[[Tensor], Tree] | None,
-    temperature: float,
-    greedy: bool,
+    obs: Tensor, physics: np.ndarray | None, model: "SearchModel", actor_target: GaussianActor, plan: Plan | None, greedy: bool
 ) -> Tensor:
-    """Actions [n, A] (unclipped, in [-1, 1] units) for observations [n, O] and the simulator's saved states [n, P]:
-    a ~ pi^(i) (plan None: --act policy, [TreePI Alg. 2]) or a ~ mu-hat_K, the root weights of plan's search (--act
-    search, eq. 4); greedy: the mean, or the heaviest root action."""
-    features = obs if model is None else model.encoder(obs)
+    """Actions [n, A] (unclipped, [-1, 1] units) for observations [n, O] (simulator states [n, P]): a sample (greedy: the mean)
+    of pi^(i) (plan None: TreePI/pi [Alg. 2]), or of the root weights of plan's search (greedy: the heaviest; eq. 4)."""
+    roots = model.roots(obs, physics)  # latents, or [obs | physics]
     if plan is None:
-        return actor_target(features)[0] if greedy else actor_target.sample(features)[0]
-    tree = plan(features if simulator is None else simulator.roots(obs.cpu().numpy(), physics))
-    weights = root_weights(tree, temperature)  # [n, M]
+        params = actor_target(model.features(roots).to(actor_target.action_scale.device))
+        return params[0] if greedy else actor_target.candidates(params, 1)[0][:, 0]  # the mean, or a ~ pi^(i)
+    actions, weights = plan(roots)
     chosen = weights.argmax(1) if greedy else torch.multinomial(weights, 1)[:, 0]
-    return tree.actions[torch.arange(len(chosen), device=chosen.device), 0, chosen]
+    return actions[torch.arange(len(chosen), device=chosen.device), chosen]
 
 
 DUAL_MIN = 1e-8  # added to softplus in dual_variable, so that the multipliers stay positive (ACME)
@@ -660,12 +524,9 @@ LOG_DUAL_MIN = -18.0  # lower clamp of the dual parameters after each step (ACME
 
 
 def gaussian_log_prob(actions: Tensor, mean: Tensor, scale_tril: Tensor) -> Tensor:
-    """log N(a; mean, L L^T) = -|L^-1 (a - mean)|^2 / 2 - sum_i log L_ii - A log(2 pi) / 2.
-
-    The Gaussian policy of [MPO App. D] with Sigma = L L^T. One triangular solve per state serves all M actions of
-    that state. Shapes: actions [B, M, A]; mean [B, A]; scale_tril L [B, A, A] (lower triangular, positive diagonal);
-    returns [B, M].
-    """
+    """log N(a; mean, L L^T) = -|L^-1 (a - mean)|^2 / 2 - sum_i log L_ii - A log(2 pi) / 2, the policy of [MPO App. D]
+    with Sigma = L L^T; one triangular solve per state serves its M actions. Shapes: actions [B, M, A]; mean [B, A];
+    scale_tril L [B, A, A] (lower triangular, positive diagonal); returns [B, M]."""
     diff = (actions - mean.unsqueeze(-2)).transpose(-2, -1)  # [B, A, M]
     z = torch.linalg.solve_triangular(scale_tril, diff, upper=False)  # [B, A, M]
     log_det = scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1, keepdim=True)  # [B, 1]
@@ -676,119 +537,78 @@ def gaussian_kl_decoupled(mean_old: Tensor, scale_tril_old: Tensor, mean: Tensor
     """KL(pi_old || pi) of two Gaussians split into a mean and a covariance part [MPO App. D, eq. 27], KL = C_mean + C_cov:
         C_mean = (mean - mean_old)^T Sigma^-1 (mean - mean_old) / 2,
         C_cov  = (tr(Sigma^-1 Sigma_old) - A + log(|Sigma| / |Sigma_old|)) / 2,
-    with Sigma = L L^T the online and Sigma_old the old (target) covariance. The extracted paper text prints the two
-    labels swapped; this is the assignment that makes "mean" and "cov" mean what they say. (ACME puts Sigma_old into
-    C_mean instead, which decouples the gradients fully but makes the sum differ from the KL once Sigma moves.)
-    Symbols: mu_i, Sigma_i = mean_old, L_old L_old^T; mu, Sigma = mean, L L^T; n = A.
-    Shapes: mean_old, mean [B, A]; scale_tril_old, scale_tril [B, A, A]; returns two [B].
-    """
+    Sigma = L L^T the online, Sigma_old = L_old L_old^T the old (target) covariance (ACME's C_mean uses Sigma_old: fully
+    decoupled gradients, but a sum that is not the KL). Shapes: mean_old, mean [B, A]; scale_tril_old, scale_tril
+    [B, A, A]; returns two [B]."""
     diff = (mean - mean_old).unsqueeze(-1)  # [B, A, 1]
     # |L^-1 (mean - mean_old)|^2 is the Mahalanobis term, |L^-1 L_old|_F^2 = tr(Sigma^-1 Sigma_old)
-    whitened = torch.linalg.solve_triangular(
-        scale_tril, torch.cat([diff, scale_tril_old], dim=-1), upper=False
-    )  # [B, A, 1 + A]
+    whitened = torch.linalg.solve_triangular(scale_tril, torch.cat([diff, scale_tril_old], dim=-1), upper=False)
     log_diagonals = scale_tril.diagonal(dim1=-2, dim2=-1).log() - scale_tril_old.diagonal(dim1=-2, dim2=-1).log()
     log_det_ratio = 2 * log_diagonals.sum(-1)  # log |Sigma| / |Sigma_old|
-    kl_mean = 0.5 * whitened[..., 0].pow(2).sum(-1)
+    kl_mean = 0.5 * whitened[..., 0].pow(2).sum(-1)  # whitened [B, A, 1 + A]
     kl_cov = 0.5 * (whitened[..., 1:].pow(2).sum((-2, -1)) - mean.shape[-1] + log_det_ratio)
     return kl_mean, kl_cov
 
 
-def e_step_weights(q: Tensor, eta: Tensor, log_prior: Tensor) -> Tensor:
-    """The non-parametric E-step solution on the candidates, normalised per state:
-        q(a_j|s) = prior_j exp(Q(s, a_j) / eta) / sum_k prior_k exp(Q(s, a_k) / eta)
-    [MPO eq. 8: q_i(a|s) proportional to pi(a|s, theta_i) exp(Q_theta_i(s, a) / eta*)]. Symbols: eta the temperature
-    (alpha of [TreePI], fixed). Shapes: q, log_prior [B, M]; eta scalar; returns [B, M].
-    """
-    return torch.softmax(q / eta + log_prior, dim=-1)
-
-
 def dual_variable(log_dual: Tensor) -> Tensor:
-    """A positive dual variable (alpha_mean, alpha_cov) from its parameter: alpha = softplus(log_alpha) + DUAL_MIN, as
-    in [ACME], which also calls the parameters log_* though softplus, not exp, maps them. A multiplier then grows at most
-    linearly while its bound is violated; with exp it grows exponentially (alpha_cov reached 1e23 on HalfCheetah-v5
-    here, and Adam's second moment of its gradient overflowed to inf, freezing it). Shapes: any; returns the same.
-    """
+    """A positive dual variable (alpha_mean, alpha_cov) from its parameter: alpha = softplus(log_alpha) + DUAL_MIN, as in
+    [ACME], which also calls the parameters log_*. A multiplier then grows at most linearly while its bound is violated
+    (with exp, exponentially, until Adam's second moment overflows). Shapes: any; returns the same shape."""
     return F.softplus(log_dual) + DUAL_MIN
 
 
 def log_dual(init: float, device: torch.device) -> Tensor:
-    """The trainable parameter whose dual_variable is init: the inverse softplus, written stably (float64)."""
+    """The trainable parameter whose dual_variable is init: the inverse softplus, written stably."""
     value = max(init - DUAL_MIN, DUAL_MIN)
     return torch.tensor(value + np.log(-np.expm1(-value)), device=device, requires_grad=True)
 
 
 def kl_penalty(kl: Tensor, alpha: Tensor, epsilon: float) -> tuple[Tensor, Tensor]:
-    """The Lagrangian term alpha (epsilon - E_s KL) of the M-step [MPO App. D.3], split for simultaneous gradient
-    steps: the policy minimises sg(alpha) E_s KL, the multiplier minimises alpha (epsilon - sg(E_s KL)), so alpha grows
-    while the bound is violated. Symbols: eta_mu / eta_Sigma of [MPO] App. D.3 and eta of [TreePI] eq. 6 = alpha
-    (alpha_mean / alpha_cov), epsilon_mu / epsilon_Sigma = epsilon, C_mu / C_Sigma = kl.
-    Shapes: kl [B]; alpha scalar; returns (policy term, multiplier loss), two scalars.
-    """
+    """The Lagrangian term alpha (epsilon - E_s KL) of the M-step [MPO App. D.3, TreePI eq. 6], split for simultaneous
+    gradient steps: the policy minimises sg(alpha) E_s KL, the multiplier alpha (epsilon - sg(E_s KL)), so alpha grows
+    while the bound is violated. Symbols: eta_mu, eta_Sigma of [MPO], eta of [TreePI] = alpha; epsilon_mu, epsilon_Sigma,
+    eps_KL = epsilon; C_mu, C_Sigma = kl. Shapes: kl [B]; alpha scalar; returns (policy term, multiplier loss)."""
     kl = kl.mean()
     return alpha.detach() * kl, alpha * (epsilon - kl.detach())
 
 
 def q_target(rewards: Tensor, terminated: Tensor, next_q: Tensor, gamma: float) -> Tensor:
-    """y = r_t + gamma (1 - terminated_t) mean_k Q'(s_{t+1}, a_k), a_k ~ pi^(i)(.|s_{t+1}).
-
-    [TreePI eq. 6, L_Q]: the TD target with the expectation over pi^(i) estimated by samples. A truncated episode
-    still bootstraps: only `terminated` masks. The tree backs up the same quantity, Q-hat[parent, a] = r + gamma (1 -
-    terminated) V(child) (`search`). Shapes: rewards, terminated [...]; next_q [..., M]; returns [...].
-    """
+    """y = r_t + gamma (1 - terminated_t) mean_k Q'(s_{t+1}, a_k), a_k ~ pi^(i)(.|s_{t+1}) [TreePI eq. 6, L_Q]; a truncated
+    episode still bootstraps, as the tree's Q-hat = r + gamma (1 - terminated) V. Shapes: rewards, terminated [...];
+    next_q [..., M]; returns [...]."""
     return rewards + gamma * (1.0 - terminated) * next_q.mean(-1)
 
 
 # == 5. Updates ============================================================================================
-def search_roots(batch: Batch, states: Tensor, simulator: "Simulator | None", count: int) -> Tensor:
-    """Root states [n, S] at the first `count` valid steps of the batch (0: all of them), in the order of
-    batch.valid.flatten(): the latents (no gradient), or the simulator's [obs | physics]."""
-    mask = batch.valid.flatten().bool()
-    limit = count or int(mask.sum())
-    if simulator is None:
-        return states.flatten(0, 1)[mask][:limit].detach()
-    obs = batch.obs.flatten(0, 1)[mask][:limit].cpu().numpy()
-    return simulator.roots(obs, batch.physics.flatten(0, 1)[mask][:limit].cpu().numpy())
-
-
 def update(
     actor: GaussianActor,
     actor_target: GaussianActor,
     critic: Critic,
     critic_target: Critic,
-    model: LatentModel | None,
-    simulator: "Simulator | None",
-    plan: Callable[[Tensor], Tree],
-    actor_opt: Optimizer,
-    critic_opt: Optimizer,
-    dual_opt: Optimizer,
+    model: "SearchModel",
+    plan: Plan,
+    optimizers: tuple[Optimizer, Optimizer, Optimizer],
     log_alpha_mean: Tensor,
     log_alpha_cov: Tensor,
     batch: Batch,
     search_states: int,
     num_samples: int,
     gamma: float,
-    temperature: float,
     epsilon_mean: float,
     epsilon_cov: float | None,
 ) -> dict[str, Tensor]:
-    """One gradient step on L = sum_t L_r + L_Q + L_pi [TreePI eq. 6]: the model, the critic and the policy in one
-    backward pass (they share the latent states), and the multipliers on alpha (epsilon - KL), then clamped below.
-    plan: roots -> the search tree of [TreePI Alg. 1] with pi^(i) and Q' (`run_search`)."""
-    valid, count = batch.valid, batch.valid.sum()
-    metrics = {}
-    # s_t: the latent unroll from o_1 on the stored actions [TreePI Sec. 5], or the true state
-    if model is not None:
+    """One gradient step on L = sum_t L_r + L_Q + L_pi [TreePI eq. 6]: the model, the critic and the policy in one backward
+    pass (they share the latent states), and the multipliers on alpha (epsilon - KL); then the duals are clamped."""
+    valid, count, metrics, learned = batch.valid, batch.valid.sum(), {}, isinstance(model, LatentModel)
+    states, next_states, model_loss = batch.obs, batch.next_obs, 0.0  # s_t: the true state (--model true), or
+    if learned:  # the latent unroll from o_1 on the stored actions [TreePI Sec. 5]
         latents, rewards, logits = model.unroll(batch.obs[:, 0], batch.actions)  # [B, T+1, L]
-        states, next_states = latents[:, :-1], latents[:, 1:].detach()
+        states, next_states = latents[:, :-1], latents[:, 1:].detach()  # s_{t+1} of the TD target: online, no gradient
         reward_loss = ((rewards - batch.rewards).pow(2) * valid).sum() / count  # [eq. 6] L_r
         # Deviation: a termination head, so that the tree stops where the env would
         term_loss = F.binary_cross_entropy_with_logits(logits, batch.terminated, reduction="none")
         model_loss = reward_loss + (term_loss * valid).sum() / count
         metrics["losses/reward"] = reward_loss.detach()
-    else:
-        states, next_states = batch.obs, batch.next_obs
-        model_loss = torch.zeros((), device=count.device)
     flat_states = states.flatten(0, 1)  # [B T, L or O]
     # L_Q [eq. 6]: TD to r_t + gamma (1 - terminated_t) E_{a ~ pi^(i)} Q'(s_{t+1}, a)
     with torch.no_grad():
@@ -798,17 +618,18 @@ def update(
         target = q_target(batch.rewards, batch.terminated, next_q.view(*valid.shape, -1), gamma)
     q = critic(flat_states, actor_target.critic_input(batch.actions.flatten(0, 1)))  # [B T]
     q_loss = ((q.view_as(valid) - target).pow(2) * valid).sum() / count
-    # E-step [TreePI Alg. 1]: a search from each root replaces MPO's softmax(Q'/eta) weights
-    tree = plan(search_roots(batch, states, simulator, search_states))
-    actions, weights = tree.actions[:, 0], root_weights(tree, temperature)  # [n, M, A], [n, M]
-    # M-step [TreePI eq. 6, MPO eq. 10]: weighted maximum likelihood of the searched actions, under the KL bound to
-    # pi^(i) on every valid state (R of [TreePI eq. 6])
+    # E-step [TreePI Alg. 1]: searches from the first search_states valid states (0: all) replace MPO's softmax(Q'/eta)
     mask = valid.flatten().bool()
+    roots = flat_states[mask][: search_states or int(mask.sum())].detach()  # latents, or observations
+    if not learned:  # the simulator's node states [obs | physics]
+        roots = model.roots(roots, batch.physics.flatten(0, 1)[mask][: len(roots)].cpu().numpy())
+    actions, weights = plan(roots)  # [n, M, A], [n, M]
+    # M-step [TreePI eq. 6, MPO eq. 10]: weighted maximum likelihood of the searched actions, under the KL bound to pi^(i)
+    # on every valid state (R of [TreePI eq. 6]); the roots are the first n of them
     with torch.no_grad():
         params_old = actor_target(flat_states[mask])
-    params = actor(flat_states[mask])  # the roots are the first len(weights) valid states
-    root_params = tuple(p[: len(weights)] for p in params)
-    policy_loss = -(weights * actor.log_prob(root_params, actions)).sum(-1).mean()
+    params = actor(flat_states[mask])
+    policy_loss = -(weights * actor.log_prob(tuple(p[: len(weights)] for p in params), actions)).sum(-1).mean()
     kl_mean, kl_cov = actor.kl_terms(params_old, params)  # [n_valid] each
     if epsilon_cov is None:  # [TreePI eq. 6] one bound on the whole KL
         kl_mean, kl_cov = kl_mean + kl_cov, None
@@ -819,149 +640,109 @@ def update(
         penalty_cov, alpha_loss_cov = kl_penalty(kl_cov, alpha_cov, epsilon_cov)
         penalty, alpha_loss = penalty + penalty_cov, alpha_loss + alpha_loss_cov
         metrics.update({"stats/kl_cov": kl_cov.detach().mean(), "stats/alpha_cov": alpha_cov.detach()})
-    # disjoint parameters: one backward serves the model, critic, policy and dual steps
-    actor_opt.zero_grad(set_to_none=True)
-    critic_opt.zero_grad(set_to_none=True)
-    dual_opt.zero_grad(set_to_none=True)
-    (model_loss + q_loss + policy_loss + penalty + alpha_loss).backward()
-    actor_opt.step()
-    critic_opt.step()
-    dual_opt.step()
+    for optimizer in optimizers:  # the actor's, the critic's (and the model's), the multipliers'
+        optimizer.zero_grad(set_to_none=True)
+    (model_loss + q_loss + policy_loss + penalty + alpha_loss).backward()  # disjoint parameters: one backward serves all
+    for optimizer in optimizers:
+        optimizer.step()
     with torch.no_grad():
-        for log_alpha in (log_alpha_mean, log_alpha_cov):
-            log_alpha.clamp_(min=LOG_DUAL_MIN)
-    log_prior = -float(np.log(num_samples))
-    kl_q = (torch.xlogy(weights, weights) - weights * log_prior).sum(-1).mean()  # KL(q || pi')
-    metrics["losses/q"], metrics["losses/policy"], metrics["losses/dual"] = (
-        q_loss.detach(),
-        policy_loss.detach(),
-        alpha_loss.detach(),
-    )
+        for parameter in (log_alpha_mean, log_alpha_cov):
+            parameter.clamp_(min=LOG_DUAL_MIN)
+    metrics.update({"losses/q": q_loss.detach(), "losses/policy": policy_loss.detach(), "losses/dual": alpha_loss.detach()})
     metrics["stats/q_mean"] = (q.detach().view_as(valid) * valid).sum() / count
-    metrics["stats/kl_q"], metrics["stats/entropy"] = kl_q, actor.entropy(params).detach().mean()
+    log_prior = -float(np.log(num_samples))
+    metrics["stats/kl_q"] = (torch.xlogy(weights, weights) - weights * log_prior).sum(-1).mean()  # KL(q || pi^(i))
+    metrics["stats/entropy"] = actor.entropy(params).detach().mean()
     return metrics
 
 
 # == 6. True model =========================================================================================
-# The observation, reward and termination of gymnasium's v5 MuJoCo envs, vectorised over a batch of (qpos before,
-# qpos after, qvel after, action) and reading the env's own weights. They restate each env's step() (gymnasium 1.4);
-# tests compare them with env.step. Envs not listed are stepped through their own step() from a restored state.
-Array = np.ndarray  # [n, ...] batches of states or actions
-Outcome = tuple[np.ndarray, np.ndarray, np.ndarray]  # observations, rewards, terminated
+# The observation, reward and termination of gymnasium 1.4's v5 MuJoCo envs' step(), vectorised over batches [n, ...] of
+# (qpos before, qpos after, qvel after, action) with the env's own weights, give (obs, rewards, terminated); tests compare
+# them with env.step.
 
 
-def _forward_velocity(env: gym.Env, qpos0: Array, qpos: Array) -> Array:
-    return (qpos[:, 0] - qpos0[:, 0]) / env.dt
+def _locomotion(env: gym.Env, qpos0: np.ndarray, qpos: np.ndarray, qvel: np.ndarray, actions: np.ndarray) -> tuple:
+    """HalfCheetah and Swimmer (never terminated), Hopper and Walker2d (a healthy reward, terminated when unhealthy)."""
+    reward, healthy = env._forward_reward_weight * ((qpos[:, 0] - qpos0[:, 0]) / env.dt), np.ones(len(qpos), dtype=bool)
+    if hasattr(env, "_healthy_reward"):
+        (z_low, z_high), (angle_low, angle_high) = env._healthy_z_range, env._healthy_angle_range
+        z, angle = qpos[:, 1], qpos[:, 2]
+        healthy = (z_low < z) & (z < z_high) & (angle_low < angle) & (angle < angle_high)
+        if hasattr(env, "_healthy_state_range"):  # Hopper also bounds state_vector()[2:]
+            state, (low, high) = np.concatenate([qpos, qvel], 1)[:, 2:], env._healthy_state_range
+            healthy &= ((low < state) & (state < high)).all(1)
+        reward, qvel = reward + env._healthy_reward * healthy, np.clip(qvel, -10, 10)
+    obs = np.concatenate([qpos, qvel], 1)[:, -env.observation_space.shape[0] :]  # without the excluded x (and y) position
+    terminated = ~healthy & getattr(env, "_terminate_when_unhealthy", False)
+    return obs, reward - env._ctrl_cost_weight * np.square(actions).sum(1), terminated
 
 
-def _ctrl_cost(env: gym.Env, actions: Array) -> Array:
-    return env._ctrl_cost_weight * np.square(actions).sum(1)
-
-
-def _half_cheetah(env: gym.Env, qpos0: Array, qpos: Array, qvel: Array, actions: Array) -> Outcome:
-    reward = env._forward_reward_weight * _forward_velocity(env, qpos0, qpos)
-    position = qpos[:, 1:] if env._exclude_current_positions_from_observation else qpos
-    obs = np.concatenate([position, qvel], 1)
-    return obs, reward - _ctrl_cost(env, actions), np.zeros(len(qpos), dtype=bool)
-
-
-def _swimmer(env: gym.Env, qpos0: Array, qpos: Array, qvel: Array, actions: Array) -> Outcome:
-    reward = env._forward_reward_weight * _forward_velocity(env, qpos0, qpos)
-    position = qpos[:, 2:] if env._exclude_current_positions_from_observation else qpos
-    obs = np.concatenate([position, qvel], 1)
-    return obs, reward - _ctrl_cost(env, actions), np.zeros(len(qpos), dtype=bool)
-
-
-def _hopper_walker(env: gym.Env, qpos0: Array, qpos: Array, qvel: Array, actions: Array) -> Outcome:
-    z, angle = qpos[:, 1], qpos[:, 2]
-    healthy = (env._healthy_z_range[0] < z) & (z < env._healthy_z_range[1])
-    healthy &= (env._healthy_angle_range[0] < angle) & (angle < env._healthy_angle_range[1])
-    if hasattr(env, "_healthy_state_range"):  # Hopper also bounds state_vector()[2:]
-        state = np.concatenate([qpos, qvel], 1)[:, 2:]
-        low, high = env._healthy_state_range
-        healthy &= ((low < state) & (state < high)).all(1)
-    reward = env._forward_reward_weight * _forward_velocity(env, qpos0, qpos)
-    reward = reward + env._healthy_reward * healthy - _ctrl_cost(env, actions)
-    position = qpos[:, 1:] if env._exclude_current_positions_from_observation else qpos
-    obs = np.concatenate([position, np.clip(qvel, -10, 10)], 1)
-    return obs, reward, ~healthy & env._terminate_when_unhealthy
-
-
-def _inverted_pendulum(env: gym.Env, qpos0: Array, qpos: Array, qvel: Array, actions: Array) -> Outcome:
+def _inverted_pendulum(env: gym.Env, qpos0: np.ndarray, qpos: np.ndarray, qvel: np.ndarray, actions: np.ndarray) -> tuple:
     obs = np.concatenate([qpos, qvel], 1)
     terminated = ~np.isfinite(obs).all(1) | (np.abs(obs[:, 1]) > 0.2)
     return obs, (~terminated).astype(np.float64), terminated
 
 
-FAST_ENVS = {  # entry point of the env class -> its vectorised step outcome
-    "gymnasium.envs.mujoco.half_cheetah_v5:HalfCheetahEnv": _half_cheetah,
-    "gymnasium.envs.mujoco.swimmer_v5:SwimmerEnv": _swimmer,
-    "gymnasium.envs.mujoco.hopper_v5:HopperEnv": _hopper_walker,
-    "gymnasium.envs.mujoco.walker2d_v5:Walker2dEnv": _hopper_walker,
-    "gymnasium.envs.mujoco.inverted_pendulum_v5:InvertedPendulumEnv": _inverted_pendulum,
-}
+LOCOMOTION = ("half_cheetah_v5:HalfCheetahEnv", "swimmer_v5:SwimmerEnv", "hopper_v5:HopperEnv", "walker2d_v5:Walker2dEnv")
+FAST_ENVS = {f"gymnasium.envs.mujoco.{entry}": _locomotion for entry in LOCOMOTION}  # env class -> its step outcome
+FAST_ENVS["gymnasium.envs.mujoco.inverted_pendulum_v5:InvertedPendulumEnv"] = _inverted_pendulum
 STATE_SPEC = mujoco.mjtState.mjSTATE_FULLPHYSICS  # time, qpos, qvel, act, ...: what rollout steps
 
 
 class Simulator:
-    """The true model [TreePI Sec. 6.2]: copies of the env's MuJoCo simulation stepped from saved states. A node state
-    is [observation (O) | mj_getState(FULLPHYSICS) (P)] in float64.
-
-    Envs in FAST_ENVS take frame_skip mj_steps per env step on a bare MjData, and their reward, termination and
-    observation are recomputed from the states: with one thread by a plain loop of mj_setState / mj_step (as fast per
-    state as `mujoco.rollout`, without its ~0.3 ms per call), with --threads > 1 by `mujoco.rollout` in parallel in C.
-    Any other gymnasium MujocoEnv is stepped by its own step() on a private copy after mj_setState: slower, but exact.
-    Nothing here runs through the TimeLimit wrapper, so a search never advances an episode's step counter.
-    """
+    """The true model [TreePI Sec. 6.2]: the env's MuJoCo simulation stepped from saved node states [obs (O) | mj_getState
+    (P)] in float64, FAST_ENVS by frame_skip mj_steps on a bare MjData (one thread: a loop, cheaper than `mujoco.rollout`'s
+    calls; --threads > 1: `mujoco.rollout`), others by their own step(); never through TimeLimit (a search is no step)."""
 
     def __init__(self, env_id: str, threads: int):
         env = make_env(env_id).unwrapped
         if not isinstance(env, MujocoEnv):
             raise UsageError(
-                f"--model true steps saved MuJoCo states, so it needs a gymnasium MuJoCo env (HalfCheetah-v5, Hopper-v5, "
-                f"Walker2d-v5, Swimmer-v5, InvertedPendulum-v5, ...), and {env_id} is not one; use --model learned"
+                f"--model true steps saved MuJoCo states: it needs a gymnasium MuJoCo env (HalfCheetah-v5, Hopper-v5, "
+                f"Walker2d-v5, ...), and {env_id} is not one; use --model learned"
             )
         env.reset(seed=0)
-        self.env, self.mj_model = env, env.model
-        self.obs_dim = env.observation_space.shape[0]
-        low = torch.as_tensor(env.action_space.low, dtype=torch.float32).flatten()
-        high = torch.as_tensor(env.action_space.high, dtype=torch.float32).flatten()
-        # GaussianActor.env_action's numbers, so a searched action is the one the env executes
-        self.action_scale, self.action_bias = (high - low) / 2, (high + low) / 2
+        self.env, self.mj_model, self.obs_dim = env, env.model, env.observation_space.shape[0]
+        space = env.action_space
+        low, high = (torch.as_tensor(bound, dtype=torch.float32).flatten() for bound in (space.low, space.high))
+        self.action_scale, self.action_bias = (high - low) / 2, (high + low) / 2  # GaussianActor.env_action's
         self.outcome = FAST_ENVS.get(f"{type(env).__module__}:{type(env).__name__}")
         self.thread_data = [mujoco.MjData(self.mj_model) for _ in range(threads)]  # one per thread
         self.state_size = mujoco.mj_stateSize(self.mj_model, STATE_SPEC)
-        start = mujoco.mj_stateSize(self.mj_model, mujoco.mjtState.mjSTATE_TIME)
-        self.qpos = slice(start, start + self.mj_model.nq)
-        self.qvel = slice(self.qpos.stop, self.qpos.stop + self.mj_model.nv)
+        start, nq, nv = mujoco.mj_stateSize(self.mj_model, mujoco.mjtState.mjSTATE_TIME), self.mj_model.nq, self.mj_model.nv
+        self.qpos, self.qvel = slice(start, start + nq), slice(start + nq, start + nq + nv)  # in a saved state
 
     def physics(self, env: gym.Env) -> np.ndarray:
-        """The saved state of a (wrapped) env's simulation [P]."""
-        state = np.empty(self.state_size)
+        state = np.empty(self.state_size)  # the saved state [P] of a (wrapped) env's simulation
         mujoco.mj_getState(env.unwrapped.model, env.unwrapped.data, state, STATE_SPEC)
         return state
 
-    def features(self, states: Tensor) -> Tensor:
-        """The networks' input at a node: its observation [n, O] (float32)."""
-        return states[:, : self.obs_dim].float()
+    def roots(self, obs: Tensor, physics: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.concatenate([obs.cpu().numpy(), physics], 1).astype(np.float64))  # [obs | physics]
 
-    def roots(self, obs: np.ndarray, physics: np.ndarray) -> Tensor:
-        """Node states [n, S] from observations [n, O] and saved physics [n, P]."""
-        return torch.from_numpy(np.concatenate([obs, physics], 1).astype(np.float64))
+    def features(self, states: Tensor) -> Tensor:
+        return states[:, : self.obs_dim].float()  # the networks' input at a node: its observation [n, O]
 
     def step(self, states: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """One env step from each node state: next states [n, S], rewards [n] and continuation 1 - terminated [n], the
-        env's own reward and termination."""
+        """One env step from each node state: next states [n, S], the env's rewards [n] and continuation 1 - terminated [n]."""
         physics = states[:, self.obs_dim :].cpu().numpy()  # [n, P]
-        # the env's action [n, A], float32 as the training loop passes it to env.step
-        env_actions = (actions.cpu().clamp(-1.0, 1.0) * self.action_scale + self.action_bias).numpy()
+        env_actions = (actions.cpu().clamp(-1.0, 1.0) * self.action_scale + self.action_bias).numpy()  # float32, as executed
         next_physics, data, frame_skip = np.empty_like(physics), self.thread_data[0], self.env.frame_skip
-        if self.outcome is not None and len(self.thread_data) > 1:
+        if self.outcome is None:  # the env's own step() on its own data
+            data, obs = self.env.data, np.empty((len(physics), self.obs_dim))
+            rewards, terminated = np.empty(len(physics)), np.empty(len(physics), dtype=bool)
+            for i in range(len(physics)):
+                mujoco.mj_setState(self.mj_model, data, physics[i], STATE_SPEC)
+                mujoco.mj_forward(self.mj_model, data)  # positions the env reads before stepping
+                obs[i], rewards[i], terminated[i], _, _ = self.env.step(env_actions[i])
+                mujoco.mj_getState(self.mj_model, data, next_physics[i], STATE_SPEC)
+        elif len(self.thread_data) > 1:  # [n, frame_skip, P]: the state after each mj_step, the last one ends the env step
             control = np.repeat(env_actions[:, None].astype(np.float64), frame_skip, axis=1)
-            # [n, frame_skip, P]: the state after each mj_step; the last one ends the env step
-            trajectory, _ = mujoco.rollout.rollout(self.mj_model, self.thread_data, physics, control, persistent_pool=True)
-            next_physics = trajectory[:, -1]
-        elif self.outcome is not None:
+            next_physics = mujoco.rollout.rollout(self.mj_model, self.thread_data, physics, control, persistent_pool=True)[0][
+                :, -1
+            ]
+        else:
             for i in range(len(physics)):
                 mujoco.mj_setState(self.mj_model, data, physics[i], STATE_SPEC)
                 data.qacc_warmstart[:] = 0.0  # as a fresh rollout: independent of the last row
@@ -971,89 +752,73 @@ class Simulator:
         if self.outcome is not None:
             qpos, qvel = next_physics[:, self.qpos], next_physics[:, self.qvel]
             obs, rewards, terminated = self.outcome(self.env, physics[:, self.qpos], qpos, qvel, env_actions)
-        else:  # the env's own step() on its own data
-            data, obs = self.env.data, np.empty((len(physics), self.obs_dim))
-            rewards, terminated = np.empty(len(physics)), np.empty(len(physics), dtype=bool)
-            for i in range(len(physics)):
-                mujoco.mj_setState(self.mj_model, data, physics[i], STATE_SPEC)
-                mujoco.mj_forward(self.mj_model, data)  # positions the env reads before stepping
-                obs[i], rewards[i], terminated[i], _, _ = self.env.step(env_actions[i])
-                mujoco.mj_getState(self.mj_model, data, next_physics[i], STATE_SPEC)
         next_states = torch.from_numpy(np.concatenate([obs, next_physics], 1))
         return next_states, torch.from_numpy(rewards), torch.from_numpy(1.0 - terminated)
+
+
+SearchModel = LatentModel | Simulator  # what a search steps: node states, features(states) and step(states, actions)
 
 
 # == 7. Training ===========================================================================================
 def train(args: Args) -> dict:
     """Train TreePI; returns the final metrics, counters and the run directory."""
     device = setup(args)  # seeds, torch threads, device
-    # -- environments, and with --model true the simulator that the searches step
+    # -- environments
     envs = make_vec_env(args.env, args.num_envs)
     obs_dim, action_space = envs.single_observation_space.shape[0], envs.single_action_space
-    action_dim = int(np.prod(action_space.shape))
-    simulator = Simulator(args.env, args.threads) if args.model == "true" else None
+    action_dim, learned = int(np.prod(action_space.shape)), args.model == "learned"
     # -- networks and optimizers: pi and Q read latent states (learned model) or true observations
-    in_dim = args.model_sizes[-1] if args.model == "learned" else obs_dim
-    policy_nets = (args.policy_hidden_sizes, args.activation, args.layer_norm, args.full_covariance)
-    critic_nets = (args.critic_hidden_sizes, args.activation, args.layer_norm)
-    actor = GaussianActor(in_dim, action_space, *policy_nets).to(device)
-    actor_target = GaussianActor(in_dim, action_space, *policy_nets).to(device)  # pi^(i)
+    in_dim = args.model_sizes[-1] if learned else obs_dim
+    policy = (in_dim, action_space, args.policy_hidden_sizes, args.activation, args.layer_norm, args.full_covariance)
+    actor, actor_target = (GaussianActor(*policy).to(device) for _ in range(2))
     actor_target.load_state_dict(actor.state_dict())
     actor_target.requires_grad_(False)
-    critic = Critic(in_dim, action_dim, *critic_nets).to(device)
-    critic_target = Critic(in_dim, action_dim, *critic_nets).to(device)  # Q'
+    value = (in_dim, action_dim, args.critic_hidden_sizes, args.activation, args.layer_norm)
+    critic, critic_target = Critic(*value).to(device), Critic(*value).to(device)
     critic_target.load_state_dict(critic.state_dict())
     critic_target.requires_grad_(False)
     log_alpha_mean, log_alpha_cov = log_dual(args.alpha_mean_init, device), log_dual(args.alpha_cov_init, device)
-    model = LatentModel(obs_dim, action_dim, args.model_sizes, *critic_nets).to(device) if args.model == "learned" else None
+    # the search's model: the learned one (whose reward network has the critic's hidden sizes), or the simulator
+    latent = (obs_dim, action_dim, args.model_sizes, args.critic_hidden_sizes, args.activation, args.layer_norm)
+    model = LatentModel(*latent).to(device) if learned else Simulator(args.env, args.threads)
     # fused Adam: one kernel per step for all parameters instead of several per tensor
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, fused=True)
     # the model learns from every loss through the latents; its step rides with the critic's
-    critic_params = [*critic.parameters(), *(model.parameters() if model is not None else [])]
-    critic_opt = torch.optim.Adam(critic_params, lr=args.q_lr, fused=True)
+    critic_opt = torch.optim.Adam([*critic.parameters(), *(model.parameters() if learned else [])], lr=args.q_lr, fused=True)
     dual_opt = torch.optim.Adam([log_alpha_mean, log_alpha_cov], lr=args.dual_lr, fused=True)
-    search_model = model if simulator is None else simulator
-    search = (args.num_samples, args.num_rollouts, args.depth, args.temperature, args.gamma)
-    plan = lambda roots: run_search(roots, search_model, actor_target, critic_target, *search)
-    acting_plan = plan if args.act == "search" else None  # TreePI/search acts by searching, TreePI/pi with pi^(i)
+    propose = proposals(actor_target, critic_target, model.features, args.num_samples)
+
+    @torch.no_grad()
+    def plan(roots: Tensor) -> tuple[Tensor, Tensor]:  # the E-step [TreePI Alg. 1]: a search with pi^(i) and Q' per root
+        tree = search(roots, propose, model.step, args.num_rollouts, args.depth, args.temperature, args.gamma)
+        return tree.actions[:, 0], root_weights(tree, args.temperature)
+
+    acting = plan if args.act == "search" else None  # TreePI/search acts by searching, TreePI/pi with pi^(i)
+    nets = (actor, actor_target, critic, critic_target, model, plan, (actor_opt, critic_opt, dual_opt))  # update's inputs
+    numbers = (args.search_states, args.num_samples, args.gamma, args.epsilon_mean, args.epsilon_cov)  # and its numbers
     # -- storage: never more rows than the run can fill (Table 1's 2e6 would be 0.5 GB)
     capacity = min(args.buffer_size, args.total_steps + args.num_envs * args.snippet_length)
-    physics_dim = simulator.state_size if simulator is not None else 0
-    replay = SnippetReplay(capacity, args.num_envs, obs_dim, action_dim, physics_dim, args.snippet_length, device)
+    widths = dict(obs=(obs_dim,), actions=(action_dim,), next_obs=(obs_dim,), physics=(0 if learned else model.state_size,))
+    replay = SnippetReplay(capacity, args.num_envs, widths, args.snippet_length, device)
 
-    def greedy_action(obs: Tensor) -> Tensor:
-        """Evaluation: the greedy form of --act (a search starts from the evaluation env's own state)."""
-        physics = simulator.physics(run.eval_env)[None] if simulator is not None else None
-        actions = select_actions(obs[None], physics, model, simulator, actor_target, acting_plan, args.temperature, True)
-        return actor_target.env_action(actions)[0]
+    def greedy_action(obs: Tensor) -> Tensor:  # evaluation: greedy --act, a search from the evaluation env's own state
+        physics = None if learned else model.physics(run.eval_env)[None]
+        return actor_target.env_action(select_actions(obs[None], physics, model, actor_target, acting, greedy=True))[0]
 
     # -- run: directory, logging, evaluation, saving, resume (below the fence)
-    run = Run(
-        args,
-        envs,
-        model=dict(
-            actor=actor,
-            actor_target=actor_target,
-            critic=critic,
-            critic_target=critic_target,
-            log_alpha_mean=log_alpha_mean,
-            log_alpha_cov=log_alpha_cov,
-            model=model,
-        ),
-        train_state=dict(actor_opt=actor_opt, critic_opt=critic_opt, dual_opt=dual_opt, replay=replay),
-        act=greedy_action,
-    )
+    saved = dict(actor=actor, actor_target=actor_target, critic=critic, critic_target=critic_target)
+    saved.update(model=model if learned else None, log_alpha_mean=log_alpha_mean, log_alpha_cov=log_alpha_cov)
+    train_state = dict(actor_opt=actor_opt, critic_opt=critic_opt, dual_opt=dual_opt, replay=replay)
+    run = Run(args, envs, model=saved, train_state=train_state, act=greedy_action)
     if args.eval_only:
         return run.evaluate_only()
     global_step, num_updates = run.start()
     obs, _ = envs.reset(seed=args.seed + global_step)  # a resumed run starts fresh episodes
     while global_step < args.total_steps:
         # act: with pi^(i), or a search from each env's current state [TreePI Alg. 2]
-        physics = (
-            np.stack([simulator.physics(env) for env in envs.unwrapped.envs]) if simulator else np.zeros((args.num_envs, 0))
-        )
-        obs_tensor = torch.as_tensor(obs, dtype=torch.float32, device=device)
-        actions = select_actions(obs_tensor, physics, model, simulator, actor_target, acting_plan, args.temperature, False)
+        physics = np.stack([model.physics(env) for env in envs.unwrapped.envs]) if not learned else np.zeros((len(obs), 0))
+        observations = torch.as_tensor(obs, dtype=torch.float32, device=device)
+        actions = select_actions(observations, physics, model, actor_target, acting, greedy=False)
         # step: the env executes the action clipped to its bounds; the replay keeps the sample
         next_obs, rewards, terminated, truncated, infos = envs.step(actor.env_action(actions).cpu().numpy())
         global_step += args.num_envs
@@ -1062,31 +827,13 @@ def train(args: Args) -> dict:
         ended, real_next_obs = terminated | truncated, next_obs.copy()
         for i in np.flatnonzero(ended):
             real_next_obs[i] = infos["final_obs"][i]
-        replay.add(
-            obs=obs,
-            actions=actions,
-            rewards=rewards,
-            next_obs=real_next_obs,
-            terminated=terminated,
-            ended=ended,
-            physics=physics,
-        )
+        replay.add(obs, actions, rewards, real_next_obs, terminated, ended, physics)  # in the order of COLUMNS
         obs = next_obs
         # update: updates_per_step gradient steps on eq. 6 per environment step
         if global_step >= args.learning_starts:
             for _ in range(args.updates_per_step * args.num_envs):
                 batch = replay.sample(args.batch_size)
-                nets = (actor, actor_target, critic, critic_target, model, simulator, plan)
-                optimizers = (actor_opt, critic_opt, dual_opt, log_alpha_mean, log_alpha_cov)
-                numbers = (
-                    args.search_states,
-                    args.num_samples,
-                    args.gamma,
-                    args.temperature,
-                    args.epsilon_mean,
-                    args.epsilon_cov,
-                )
-                run.add_metrics(update(*nets, *optimizers, batch, *numbers))
+                run.add_metrics(update(*nets, log_alpha_mean, log_alpha_cov, batch, *numbers))
                 num_updates += 1
                 if num_updates % args.target_network_frequency == 0:
                     critic_target.load_state_dict(critic.state_dict())  # Q' <- Q [Table 1]

@@ -51,6 +51,8 @@ def networks(args: treepi.Args, obs_dim: int, action_space) -> dict:
     nets["critic"] = treepi.Critic(in_dim, action_dim, *critic)
     nets["critic_target"] = treepi.Critic(in_dim, action_dim, *critic)
     nets["critic_target"].load_state_dict(nets["critic"].state_dict())
+    for target in (nets["actor_target"], nets["critic_target"]):
+        target.requires_grad_(False)
     for name in ("alpha_mean", "alpha_cov"):
         nets[f"log_{name}"] = treepi.log_dual(getattr(args, f"{name}_init"), torch.device("cpu"))
     if args.model == "learned":
@@ -58,10 +60,21 @@ def networks(args: treepi.Args, obs_dim: int, action_space) -> dict:
     return nets
 
 
-def plan_of(args: treepi.Args, nets: dict, search_model):
-    """roots -> the search tree with pi^(i) and Q' on search_model, as train builds it."""
-    numbers = (args.num_samples, args.num_rollouts, args.depth, args.temperature, args.gamma)
-    return lambda roots: treepi.run_search(roots, search_model, nets["actor_target"], nets["critic_target"], *numbers)
+@torch.no_grad()
+def search_with(args: treepi.Args, nets: dict, model, roots: torch.Tensor) -> treepi.Tree:
+    """A search from roots with pi^(i) and Q' on model (the latent model or the simulator), as train's plan runs it."""
+    propose = treepi.proposals(nets["actor_target"], nets["critic_target"], model.features, args.num_samples)
+    return treepi.search(roots, propose, model.step, args.num_rollouts, args.depth, args.temperature, args.gamma)
+
+
+def plan_of(args: treepi.Args, nets: dict, model):
+    """train's plan: roots -> the root actions and weights of a search."""
+
+    def plan(roots):
+        tree = search_with(args, nets, model, roots)
+        return tree.actions[:, 0], root_weights(tree, args.temperature)
+
+    return plan
 
 
 # -- a tiny deterministic problem with known rewards and leaf values -------------------------
@@ -294,7 +307,7 @@ def test_simulator_reproduces_env_step(env_id):
     rng = np.random.default_rng(3)
     steps, branches = 12, 3
     actions = rng.uniform(-1.3, 1.3, (branches, steps, sim.action_scale.numel())).astype(np.float32)
-    states = sim.roots(np.repeat(obs[None], branches, 0), np.repeat(sim.physics(env)[None], branches, 0))
+    states = sim.roots(torch.as_tensor(np.repeat(obs[None], branches, 0)), np.repeat(sim.physics(env)[None], branches, 0))
     predicted = []
     for t in range(steps):
         states, rewards, cont = sim.step(states, torch.from_numpy(actions[:, t]))
@@ -325,7 +338,7 @@ def test_true_model_search_path_replays_in_the_env():
     sim = Simulator("Hopper-v5", threads=1)
     env = make_env("Hopper-v5")
     obs, _ = env.reset(seed=7)
-    roots = sim.roots(obs[None], sim.physics(env)[None])
+    roots = sim.roots(torch.as_tensor(obs[None]), sim.physics(env)[None])
 
     def propose(states):
         actions = torch.rand(len(states), 4, 3) * 2 - 1
@@ -352,7 +365,7 @@ def test_true_model_search_path_replays_in_the_env():
 
 # -- the losses and the model ----------------------------------------------------------------
 def test_tree_backup_and_td_target_share_reward_discount_and_termination():
-    """K = 2 and M = 1 through run_search with a random latent model: the root's value is
+    """K = 2 and M = 1 through proposals and search with a random latent model: the root's value is
     r + gamma (1 - p_term) V(s'), V(s') = Q'(s', a') (one action), which is exactly q_target
     with the model's reward and termination and the same a': one convention for both."""
     torch.manual_seed(8)
@@ -370,7 +383,7 @@ def test_tree_backup_and_td_target_share_reward_discount_and_termination():
     agent = networks(args, 4, space)
     model = agent["model"]
     roots = model.encoder(torch.randn(5, 4)).detach()
-    tree = plan_of(args, agent, model)(roots)
+    tree = search_with(args, agent, model, roots)
     assert tree.size.tolist() == [2] * 5
     with torch.no_grad():
         next_states, rewards, logits = model.predict(roots, tree.actions[:, 0, 0])
@@ -452,31 +465,27 @@ def test_one_update_moves_the_multipliers_of_the_bounds_it_uses(epsilon_cov):
     )
     space = make_env("InvertedPendulum-v5").action_space
     agent = networks(args, 4, space)
-    replay = treepi.SnippetReplay(20, 1, 4, 1, 0, 3, torch.device("cpu"))
-    for t in range(20):
+    widths = dict(obs=(4,), actions=(1,), next_obs=(4,), physics=(0,))
+    replay = treepi.SnippetReplay(20, 1, widths, 3, torch.device("cpu"))
+    for t in range(20):  # obs, actions, rewards, next_obs, terminated, ended, physics
+        ended = torch.tensor([float(t % 7 == 6)])
         replay.add(
-            obs=torch.randn(1, 4),
-            actions=torch.randn(1, 1),
-            rewards=torch.ones(1),
-            next_obs=torch.randn(1, 4),
-            terminated=torch.zeros(1),
-            ended=torch.tensor([float(t % 7 == 6)]),
-            physics=torch.zeros(1, 0),
+            torch.randn(1, 4), torch.randn(1, 1), torch.ones(1), torch.randn(1, 4), torch.zeros(1), ended, torch.zeros(1, 0)
         )
     names = ("actor", "critic", "model")
     before = {k: [p.detach().clone() for p in agent[k].parameters()] for k in names}
     duals = [agent["log_alpha_mean"], agent["log_alpha_cov"]]
     mean_before, cov_before = (d.item() for d in duals)
     assert treepi.dual_variable(duals[0]).item() == pytest.approx(args.alpha_mean_init)
-    opts = [
+    opts = (
         torch.optim.Adam(agent["actor"].parameters(), lr=1e-3),
         torch.optim.Adam([*agent["critic"].parameters(), *agent["model"].parameters()], lr=1e-3),
         torch.optim.Adam(duals, lr=0.01),
-    ]
+    )
     nets = [agent[k] for k in ("actor", "actor_target", "critic", "critic_target", "model")]
-    numbers = (args.search_states, args.num_samples, args.gamma, args.temperature, args.epsilon_mean, args.epsilon_cov)
+    numbers = (args.search_states, args.num_samples, args.gamma, args.epsilon_mean, args.epsilon_cov)
     batch = replay.sample(args.batch_size)
-    metrics = treepi.update(*nets, None, plan_of(args, agent, agent["model"]), *opts, *duals, batch, *numbers)
+    metrics = treepi.update(*nets, plan_of(args, agent, agent["model"]), opts, *duals, batch, *numbers)
     assert metrics["stats/kl_mean"].item() == pytest.approx(0.0, abs=1e-6)
     step = agent["log_alpha_mean"].item() - mean_before
     assert step == pytest.approx(-0.01, abs=1e-4)  # Adam's first step: the learning rate
@@ -494,10 +503,10 @@ def test_snippets_never_cross_an_episode_end(log_dir):
     step, terminated only where the odd episodes end, truncation kept with its final obs."""
     out = treepi.train(small_args(log_dir, env="tests/Counting-v0", num_envs=2, total_steps=80, snippet_length=4))
     saved = torch.load(os.path.join(out["run_dir"], "resume.pt"), weights_only=True)
-    rb = treepi.SnippetReplay(80, 2, 2, 1, 0, 4, torch.device("cpu"))
-    rb.load_state_dict(saved["train"]["replay"])
+    replay = treepi.SnippetReplay(80, 2, dict(obs=(2,), actions=(1,), next_obs=(2,), physics=(0,)), 4, torch.device("cpu"))
+    replay.load_state_dict(saved["train"]["replay"])
     torch.manual_seed(0)
-    batch = rb.sample(500)
+    batch = replay.sample(500)
     valid = batch.valid.bool()
     steps = torch.tensor([1.0, 0.0])
     torch.testing.assert_close(batch.next_obs[valid], batch.obs[valid] + steps)
@@ -550,8 +559,8 @@ def test_end_to_end_runs_log_and_round_trip(env_id, model, act, log_dir, capsys)
         agent = networks(args, obs.shape[1], env.action_space)
         if trained:
             treepi.load_state(agent, payload["state"], model_path)
-        model = agent.get("model")
-        means.append(treepi.select_actions(obs, None, model, None, agent["actor_target"], None, args.temperature, True))
+        features = obs if model == "true" else agent["model"].encoder(obs)  # pi^(i) reads latents or observations
+        means.append(agent["actor_target"](features)[0].detach())
     assert not torch.allclose(means[0], means[1])
     # --eval-only on the command line: the saved arguments become the defaults
     capsys.readouterr()
@@ -662,7 +671,7 @@ def test_parallel_rollout_path_equals_the_single_thread_loop():
     for _ in range(6):
         obs.append(env.step(env.action_space.sample())[0])
         physics.append(single.physics(env))
-    roots = single.roots(np.stack(obs), np.stack(physics))
+    roots = single.roots(torch.as_tensor(np.stack(obs)), np.stack(physics))
     actions = torch.rand(6, 3, generator=torch.Generator().manual_seed(5)) * 2.4 - 1.2
     for a, b in zip(single.step(roots, actions), parallel.step(roots, actions)):
         assert torch.equal(a, b)
@@ -701,7 +710,7 @@ def test_true_model_search_improves_on_the_untrained_policy():
         for _ in range(40):
             obs_tensor, physics = torch.as_tensor(obs[None], dtype=torch.float32), simulator.physics(env)[None]
             actor = agent["actor_target"]
-            actions = treepi.select_actions(obs_tensor, physics, None, simulator, actor, plan, args.temperature, True)
+            actions = treepi.select_actions(obs_tensor, physics, simulator, actor, plan, greedy=True)
             obs, reward, _, _, _ = env.step(actor.env_action(actions)[0].numpy())
             total += float(reward)
         return total
