@@ -1,103 +1,47 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["torch>=2.6", "numpy>=1.26", "gymnasium[mujoco]>=1.1,<2", "mujoco>=3.1", "tensorboard>=2.14", "tyro>=0.9", "moviepy>=2"]
+# ///
 """TreePI: tree search for policy improvement in continuous action spaces, in one file.
 
 References:
-    [TreePI] Springenberg, Heess, Mankowitz, Merel, Byravan, Abdolmaleki, Kay, Degrave,
-        Schrittwieser, Tassa, Buchli, Belov, Riedmiller 2020, "Local Search for Policy Iteration
-        in Continuous Control", arXiv:2010.05545 (Alg. 1 the search, eq. 3-6, App. A.2 the
-        estimator, App. A.3 Alg. 2 the training loop, App. B and Table 1 the networks).
-    [MPO] Abdolmaleki, Springenberg, Tassa, Munos, Heess, Riedmiller 2018, "Maximum a Posteriori
-        Policy Optimisation": the sampled-action E-step that TreePI recovers at depth 1, and the
-        KL-bounded M-step; this file shares mpo.py's code and names for both.
-    [ACME] Hoffman et al. 2020, acme/jax/losses/mpo.py: the softplus duals, their learning rate
-        and clamp, the clipped critic input (as in mpo.py).
+    [TreePI] Springenberg, Heess, Mankowitz, Merel, Byravan, Abdolmaleki, Kay, Degrave, Schrittwieser, Tassa, Buchli,
+        Belov, Riedmiller 2020, "Local Search for Policy Iteration in Continuous Control", arXiv:2010.05545 (Alg. 1 the
+        search, eq. 3-6, App. A.2 the estimator, App. A.3 Alg. 2 the training loop, App. B and Table 1 the networks).
+    [MPO] Abdolmaleki, Springenberg, Tassa, Munos, Heess, Riedmiller 2018, "Maximum a Posteriori Policy Optimisation",
+        arXiv:1806.06920: the sampled-action E-step (the search at depth 1) and the KL-bounded M-step, as in mpo.py.
+    [ACME] Hoffman et al. 2020, arXiv:2006.00979, acme/jax/losses/mpo.py: the softplus duals, their learning rate, clamp.
 
-Names: mpo.py's names hold for the shared policy machinery, so the paper's symbols map as
-    alpha (search temperature, fixed)  -> eta          (MPO's temperature)
-    eta (trust-region multiplier)      -> alpha_mean   (MPO's M-step multiplier)
-    eps_KL                             -> epsilon_mean
-    pi^(i), Q-hat^pi_pi(i)             -> actor_target, critic_target (pi', Q')
+Names: the paper's fixed search temperature alpha is `temperature`; its trust-region multiplier eta keeps mpo.py's (and
+ACME's) name `alpha_mean` (`alpha_cov` for MPO's separate covariance bound), so that `diff mpo.py treepi.py` shows the
+search and the model; pi^(i) and Q-hat^pi_pi(i) are `actor_target` and `critic_target`, eps_KL is `epsilon_mean`.
 
 Algorithm (one environment step; the function that does each line in brackets):
-    1. Act a ~ pi^(i)(.|s) (--act policy, TreePI/pi), or search from the env's current state
-       and draw a from the root's weights (--act search, TreePI/search)       [select_actions]
-    2. Store the step per env in time order                                  [SnippetReplay]
-    3. updates_per_step times: sample B snippets (o_1, a_1, r_1, ..., o_T, a_T, r_T); states
-       s_t = f_trans(f_enc(o_1), a_1..a_{t-1}) (--model learned) or s_t = o_t (--model true)
-                                                                         [LatentModel.unroll]
-    4. L_r = (r_t - r(s_t, a_t))^2, learned model only                                [update]
-    5. L_Q = (r_t + gamma (1 - terminated_t) E_{a ~ pi^(i)} Q'(s_{t+1}, a) - Q(s_t, a_t))^2
-                                                                                   [q_target]
-    6. E-step: search from s_t (Alg. 1), depth K, M actions per node, N rollouts; a rollout
-       descends by drawing among a node's incomplete actions with p ∝ exp(Q-hat / alpha)
-       (eq. 4), inserts one node (M actions from pi^(i), values Q') and backs up
-       V = alpha log mean_j exp(Q-hat_j / alpha), Q-hat[s, a] = r + gamma (1 - terminated) V;
-       the root gives actions a_j and weights w_j = softmax(Q-hat_j / alpha)
-                                                           [run_search, search, root_weights]
-    7. M-step: L_pi = -sum_j w_j log pi(a_j|s_t) + eta_KL (KL[pi^(i)(.|s_t) || pi(.|s_t)] - eps_KL),
-       eta_KL by gradient ascent (eq. 6)                      [gaussian_kl_decoupled, kl_penalty]
-    8. Every target_network_frequency updates Q' <- Q; every policy_target_frequency updates
-       pi^(i+1) <- pi                                                                     [train]
+    1. Act a ~ pi^(i)(.|s) (--act policy: TreePI/pi) or by the root weights of a search from the env's state (--act
+       search: TreePI/search); store the step per env in time order                 [select_actions, SnippetReplay]
+    2. updates_per_step times, on B snippets of T steps: s_t = f_trans(f_enc(o_1), a_1..a_{t-1}) (--model learned) or
+       the true state (--model true); L_r = (r_t - r(s_t, a_t))^2 (learned model); L_Q = (r_t + gamma (1 - terminated_t)
+       E_{pi^(i)} Q'(s_{t+1}, .) - Q(s_t, a_t))^2                                       [LatentModel.unroll, q_target]
+    3. E-step: a search (Alg. 1) from s_t, M actions per node, depth K, N rollouts; the root's actions a_j and weights
+       w_j = softmax_j(Q-hat_j / alpha) (eq. 4)                                      [proposals, search, root_weights]
+    4. M-step (eq. 6): L_pi = -sum_j w_j log pi(a_j|s_t) + eta (KL[pi^(i) || pi] - eps_KL); one step on L_r + L_Q + L_pi,
+       eta by gradient ascent                                                                    [update, kl_penalty]
+    5. Q' <- Q every target_network_frequency updates, pi^(i+1) <- pi every policy_target_frequency updates    [train]
 
-Shapes: B batch (snippets, or searched roots), T snippet length, O observation size, A action
-size, M actions per node, K depth, N rollouts, C node capacity of a tree, L latent size, S node
-state size (L, or O + P for the simulator's [observation | P physics numbers]).
+Shapes: B batch (snippets, or searched roots), T snippet length, O observation, A action, M actions per node, K depth,
+N rollouts, C nodes per tree, L latent size, S node state (L, or O + P: the simulator's [observation | P physics]).
 
-Usage:
-    python treepi.py --env HalfCheetah-v5
-    python treepi.py --env Hopper-v5 --act search --seed 2
-    python treepi.py --env Hopper-v5 --model true --act search
-    python treepi.py --env HalfCheetah-v5 --depth 1      (MPO+Predictive, [TreePI] Fig. 1)
-    python treepi.py --env HalfCheetah-v5 --checkpoint runs/<run>/model.pt --eval-only
-    python treepi.py --resume runs/<run>/resume.pt
-    [TreePI] Table 1 and Fig. 1 (a GPU workload): --model-sizes 256 256 --policy-hidden-sizes
-        256 256 256 --critic-hidden-sizes 256 256 256 --batch-size 256 --num-rollouts 100
-        --search-states 0 --updates-per-step 10 --target-network-frequency 200
-        --policy-target-frequency 500 --cuda
-
-Resolved inconsistencies of the paper:
-    - N = 100 rollouts (Table 1), not the 200 of Sec. 6.1's text: Table 1 is the list the
-      authors say holds for all experiments ("All parameters are listed in Table 1").
-    - Periods: Table 1's "target network update period 200" is the Q target; Sec. 5's "after
-      500 steps we set pi^(i+1) = pi_theta" is the policy round. Alg. 2 copies both at one
-      rate: equal --target-network-frequency and --policy-target-frequency recover it.
-    - Rewards: eq. 3, Sec. 4 and Alg. 1 write r(s) and eq. 6 r_phi(s_t); we use the transition
-      reward r(s_t, a_t) in the model, the tree and the TD target alike, with the critic's
-      terminal convention, so the tree backs up exactly what the critic learns.
-    - eq. 6 prints E_pi[Q'(s_t, .)] inside the TD target; the target is taken at s_{t+1}.
-    - Alg. 1 descending "while s in T[d], d < K" would insert at depth K; nodes live at depths
-      0 .. K-1 (Sec. 4's tree: Q-hat^K = r + gamma V-hat^{K-1}, leaves Q^pi), and complete
-      subtrees are skipped, so N = full_tree_size(M, K) <= M^K rollouts give the exact tree.
-
-Deviations from the paper:
-    - Termination: gymnasium's Hopper or InvertedPendulum end episodes, which the control suite
-      never does. The learned reward network also predicts a termination logit (trained by
-      cross-entropy); the tree uses gamma (1 - p_terminated) where the TD target uses
-      gamma (1 - terminated); the true model uses the env's own termination.
-    - Cost on a CPU: 64-wide networks, batch 64, N = 32, one update per env step, and a search
-      from `--search-states 16` states of each batch (paper: 256, 256, 100, 10 and all); the
-      policy loss then averages over the searched states, the KL bound over all of them. With
-      one update per env step instead of ten, the target periods are cut tenfold (20 and 50
-      updates, paper: 200 and 500) so that Q' and pi^(i) advance at the paper's pace per env
-      step. --help names every paper value and the Usage line above restores them.
-    - With the true model the policy loss stays eq. 6's searched one: Sec. 6.2's switch to the
-      likelihood of actor-searched actions serves its 16 distributed actors, not one learner.
-    - Acting starts with the initial pi^(i) or search (no uniform warm-up), as mpo.py does;
-      `learning_starts` only delays the gradient steps.
-    - The latent states of the TD target come from the online model (no gradient); only the Q
-      head has a target copy (eq. 6's phi'_Q), and every loss trains the representation.
-    - The multiplier of eq. 6 (alpha_mean) is softplus of a parameter that takes Adam steps at
-      --dual-lr and is clamped below, as in mpo.py and ACME; the paper says only that it is
-      optimised "via gradient descent / ascent" with the other parameters.
+Readings of inconsistencies in the paper, and deviations from it:
+    - N = 100 (Table 1 "lists all parameters"; Sec. 6.1: 200); Table 1's period 200 is Q''s, Sec. 5's 500 pi^(i)'s; the
+      transition reward r(s_t, a_t) everywhere (eq. 3, Alg. 1: r(s)); the TD target at s_{t+1} (eq. 6 prints s_t).
+    - Gymnasium ends Hopper episodes (the control suite never does): a termination head gives the tree gamma (1 - p);
+      the true model uses the env's own termination.
+    - CPU defaults (--help names each paper value): 64-wide networks, batch 64, N = 32, one update per env step with
+      target periods 20 and 50 (the paper's pace at 10 updates per step), a search from 16 states per batch.
+    - With the true model the policy loss stays eq. 6's (Sec. 6.2's switch serves 16 distributed actors). No uniform
+      warm-up. eta is softplus of a parameter with Adam steps at --dual-lr, clamped below (ACME; the paper gives no rate).
 """
 
-# == 1. Imports ========================================================================
-import dataclasses
-import difflib
-import json
-import os
-import random
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -108,24 +52,82 @@ import mujoco.rollout
 import numpy as np
 import torch
 import torch.nn.functional as F
-import tyro
-from torch import nn
-from torch.utils.tensorboard import SummaryWriter
+from gymnasium.envs.mujoco.mujoco_env import MujocoEnv
+from torch import Tensor, nn
+from torch.optim import Optimizer
 
 ALGO = "treepi"
-CHECKPOINT_FORMAT = 1
+ACTION_SPACES = (gym.spaces.Box,)  # a Gaussian policy, its actions clipped to the env's bounds
 
 
-# == 2. Arguments ======================================================================
-class UsageError(Exception):
-    """Bad user input: `main` prints it as one line on stderr and returns 2."""
-
-
+# == 1. Arguments ==========================================================================================
 @dataclass
 class Args:
-    # -- shared: identical in every file ---------------------------------------------
+    # -- algorithm ----------------------------------------------------------------------------------------
+    # Model and acting [TreePI Sec. 5, 6.1, 6.2]
+    model: Literal["learned", "true"] = "learned"
+    """Search model: a learned latent model (Sec. 5) or the MuJoCo simulator itself, stepped from saved states (Sec. 6.2)."""
+    act: Literal["policy", "search"] = "policy"
+    """Act with pi^(i) (TreePI/pi) or by a search at every step (TreePI/search); evaluation uses the greedy form."""
+    # Networks [TreePI Table 1, App. B]
+    model_sizes: tuple[int, ...] = (64, 64)
+    """Encoder and transition layers, the last the latent size (paper: 256 256; 64 for a CPU: an update is 4x cheaper)."""
+    policy_hidden_sizes: tuple[int, ...] = (64, 64, 64)
+    """Hidden layer sizes of the policy (paper: 256 256 256, Table 1's 256-LN-256-256)."""
+    critic_hidden_sizes: tuple[int, ...] = (64, 64, 64)
+    """Hidden layer sizes of the Q-function and of the reward network (paper: 256 256 256)."""
+    activation: Literal["relu", "elu", "tanh"] = "elu"
+    """Hidden activation [TreePI Table 1: elu]."""
+    layer_norm: bool = True
+    """LayerNorm after the first hidden layer of every network [TreePI Table 1: 'LN']."""
+    full_covariance: bool = False
+    """Gaussian policy with a full covariance (Cholesky factor) [MPO App. D] ([TreePI] App. B: diagonal)."""
+    # Replay [TreePI Sec. 5, Table 1]
+    buffer_size: int = 2_000_000
+    """Replay capacity in transitions [TreePI Table 1: 2e6]; memory is taken for no more than total_steps of them."""
+    batch_size: int = 64
+    """Snippets per gradient step (paper: 256, Table 1; 64 for a CPU)."""
+    snippet_length: int = 5
+    """Steps T of a snippet, over which the latent model is unrolled (paper: not given)."""
+    learning_starts: int = 5_000
+    """Env steps (acting with the initial pi^(i) or search) before gradient steps begin (paper: not given)."""
+    updates_per_step: int = 1
+    """Gradient steps per env step (paper: 10 in Fig. 1, 1-20 in Fig. 2; 1 keeps a CPU run usable)."""
+    gamma: float = 0.99
+    """Discount factor gamma of the TD target and of the tree [TreePI Table 1]."""
+    target_network_frequency: int = 20
+    """Gradient steps between copies Q' <- Q (paper: 200, Table 1, at 10 updates per env step: the same pace)."""
+    policy_target_frequency: int = 50
+    """Gradient steps between policy rounds pi^(i+1) <- pi (paper: 500, Sec. 5, at 10 updates per env step)."""
+    q_lr: float = 3e-4
+    """Adam learning rate of the Q-function, the reward network and the model [TreePI Table 1]."""
+    policy_lr: float = 3e-4
+    """Adam learning rate of the policy [TreePI Table 1]."""
+    # Search, the E-step [TreePI Alg. 1, Table 1]
+    num_samples: int = 20
+    """Branching factor M: actions sampled from pi^(i) per node, and for E_pi Q' [TreePI Table 1]."""
+    depth: int = 10
+    """Maximum depth K of the tree; 1 gives MPO+Predictive's one-step weights [TreePI Table 1]."""
+    num_rollouts: int = 32
+    """Rollouts N per search, the root's included (paper: 100, Table 1; Sec. 6.1: 200; 32 for a CPU)."""
+    temperature: float = 0.1
+    """Temperature alpha of the search's softmax and soft backup, fixed [TreePI Table 1: 0.1] (MPO learns its eta)."""
+    search_states: int = 16
+    """States of each batch that are searched, from its start (0: all B x T, the paper; the search is an update's cost)."""
+    # M-step trust region [TreePI eq. 6, MPO App. D]
+    epsilon_mean: float = 0.005
+    """Bound eps_KL on KL(pi^(i) || pi) [TreePI Sec. 5: 0.005]; with --epsilon-cov, the bound on its mean part only."""
+    epsilon_cov: float | None = None
+    """Bound on the covariance part of the KL (None: one bound on the whole KL, [TreePI] eq. 6; MPO's Table 2: 1e-4)."""
+    dual_lr: float = 1e-2
+    """Adam learning rate of the multipliers' parameters log_alpha_mean and log_alpha_cov (paper: not given; ACME)."""
+    alpha_mean_init: float = 1.0
+    """Initial multiplier alpha_mean of the (whole or mean) KL bound, eta of [TreePI] eq. 6 (paper: not given; ACME: 10)."""
+    alpha_cov_init: float = 100.0
+    """Initial multiplier alpha_cov of the covariance bound (ACME: 1000): large, so that epsilon_cov holds from the start."""
+    # -- shared: identical in every file ------------------------------------------------------------------
     env: str = "HalfCheetah-v5"
-    """Gymnasium id of the task."""
+    """Gymnasium id of the task (`module:Env-v0` imports `module` first, for an env it registers)."""
     seed: int = 1
     """Seed for python, numpy, torch and the environments."""
     total_steps: int = 1_000_000
@@ -147,362 +149,40 @@ class Args:
     save_model: bool = True
     """Write model.pt (weights and statistics for evaluation) at each evaluation and the end."""
     checkpoint_every: int = 100_000
-    """Write resume.pt (everything needed to continue) every this many env steps (0: never)."""
+    """Write resume.pt (everything needed to continue) every this many env steps (0: only on a signal)."""
     checkpoint: str | None = None
-    """A model.pt or resume.pt to load; its saved arguments become the defaults."""
+    """A model.pt or resume.pt whose weights to fine-tune (or, with --eval-only, evaluate); its saved
+    arguments become the defaults."""
     eval_only: bool = False
     """With --checkpoint: evaluate the loaded policy, print the returns and exit."""
     resume: str | None = None
-    """A resume.pt to continue training from, in its run directory."""
+    """A resume.pt to continue training from, in its run directory (Ctrl-C writes one)."""
     capture_video: bool = False
     """Record evaluation episodes to <run>/videos (needs a rendering backend)."""
-    # -- algorithm ---------------------------------------------------------------------
-    # Model and acting [TreePI Sec. 5, 6.1, 6.2]
-    model: Literal["learned", "true"] = "learned"
-    """Search model: a learned latent model (Sec. 5) or the MuJoCo simulator itself, stepped
-    from saved states (Sec. 6.2)."""
-    act: Literal["policy", "search"] = "policy"
-    """Act with pi^(i) (TreePI/pi) or with an action drawn from a search at every step
-    (TreePI/search); evaluation uses the greedy form of the same rule."""
-    # Networks [TreePI Table 1, App. B]
-    model_sizes: tuple[int, ...] = (64, 64)
-    """Layer sizes of the encoder and of the transition; the last is the latent size (paper:
-    256 256, Table 1's 256-LN-256; 64 wide for a CPU: an update is about 4x cheaper)."""
-    policy_hidden_sizes: tuple[int, ...] = (64, 64, 64)
-    """Hidden layer sizes of the policy (paper: 256 256 256, Table 1's 256-LN-256-256)."""
-    critic_hidden_sizes: tuple[int, ...] = (64, 64, 64)
-    """Hidden layer sizes of the Q-function and of the reward network (paper: 256 256 256)."""
-    activation: Literal["relu", "elu", "tanh"] = "elu"
-    """Hidden activation [TreePI Table 1: elu]."""
-    layer_norm: bool = True
-    """LayerNorm after the first hidden layer of every network [TreePI Table 1: 'LN']."""
-    full_covariance: bool = False
-    """Gaussian policy with a full covariance (Cholesky factor) instead of a diagonal [MPO App. D]
-    ([TreePI] App. B: diagonal)."""
-    # Replay [TreePI Sec. 5, Table 1]
-    buffer_size: int = 2_000_000
-    """Replay capacity in transitions [TreePI Table 1: 2e6]; memory is taken for no more than
-    total_steps of them."""
-    batch_size: int = 64
-    """Snippets per gradient step (paper: 256, Table 1; 64 for a CPU)."""
-    snippet_length: int = 5
-    """Steps T of a snippet, over which the latent model is unrolled (paper: not given)."""
-    learning_starts: int = 5_000
-    """Env steps (acting with the initial pi^(i) or search) before gradient steps begin (paper:
-    not given)."""
-    updates_per_step: int = 1
-    """Gradient steps per env step (paper: 10 in Fig. 1, 1-20 in Fig. 2; 1 keeps a CPU run
-    usable)."""
-    gamma: float = 0.99
-    """Discount factor gamma of the TD target and of the tree [TreePI Table 1]."""
-    target_network_frequency: int = 20
-    """Gradient steps between copies Q' <- Q (paper: 200, Table 1, at 10 updates per env step:
-    every 20 env steps; 20 keeps that pace at one update per step)."""
-    policy_target_frequency: int = 50
-    """Gradient steps between policy rounds pi^(i+1) <- pi (paper: 500, Sec. 5, at 10 updates
-    per env step: every 50 env steps; 50 keeps that pace at one update per step)."""
-    q_lr: float = 3e-4
-    """Adam learning rate of the Q-function, the reward network and the model [TreePI Table 1]."""
-    policy_lr: float = 3e-4
-    """Adam learning rate of the policy [TreePI Table 1]."""
-    # Search, the E-step [TreePI Alg. 1, Table 1]
-    num_samples: int = 20
-    """Branching factor M: actions sampled from pi^(i) per node, and for E_pi Q' [TreePI Table 1]."""
-    depth: int = 10
-    """Maximum depth K of the tree; 1 gives MPO+Predictive's one-step weights [TreePI Table 1]."""
-    num_rollouts: int = 32
-    """Rollouts N per search, the one that inserts the root included (paper: 100, Table 1;
-    Sec. 6.1 says 200; each rollout costs a model and a network call, so 32 for a CPU)."""
-    eta: float = 0.1
-    """Temperature of the search's softmax and soft backup: alpha of [TreePI] (Table 1: 0.1),
-    MPO's eta held fixed."""
-    search_states: int = 16
-    """States of each batch that are searched, from its start (0: all batch_size x
-    snippet_length, the paper; a search per state is what makes a CPU update slow)."""
-    # M-step trust region [TreePI eq. 6, MPO App. D]
-    epsilon_mean: float = 0.005
-    """Bound eps_KL on KL(pi^(i) || pi) [TreePI Sec. 5: 0.005]; with --epsilon-cov, the bound on
-    its mean part only [MPO]."""
-    epsilon_cov: float | None = None
-    """Bound on the covariance part of KL(pi^(i) || pi) (None: one bound on the whole KL, as
-    [TreePI] eq. 6; a value: MPO's decoupled bounds, [TreePI] Table 2's MPO uses 1e-4)."""
-    dual_lr: float = 1e-2
-    """Adam learning rate of the dual parameters log_alpha_mean and log_alpha_cov (paper: not
-    given; ACME)."""
-    alpha_mean_init: float = 1.0
-    """Initial multiplier alpha_mean of the (whole or mean) KL bound: eta of [TreePI] eq. 6
-    (paper: not given; ACME: 10)."""
-    alpha_cov_init: float = 100.0
-    """Initial multiplier alpha_cov of the covariance KL bound (ACME: 1000): large, so that the
-    small epsilon_cov holds from the start; it then falls while the bound is slack."""
 
 
-def check_args(args: Args) -> None:
-    """Raise UsageError for values no run can use."""
-    if args.total_steps <= 0:
-        raise UsageError(f"--total-steps must be positive, got {args.total_steps}")
-    if args.num_envs <= 0:
-        raise UsageError(f"--num-envs must be positive, got {args.num_envs}")
-    if args.threads <= 0:
-        raise UsageError(f"--threads must be positive, got {args.threads}")
-    if args.log_every <= 0:
-        raise UsageError(f"--log-every must be positive, got {args.log_every}")
-    if args.eval_every < 0 or args.checkpoint_every < 0:
-        raise UsageError("--eval-every and --checkpoint-every must be >= 0")
-    if args.eval_episodes <= 0:
-        raise UsageError(f"--eval-episodes must be positive, got {args.eval_episodes}")
-    if args.eval_only and args.checkpoint is None:
-        raise UsageError("--eval-only needs --checkpoint PATH")
-    if args.resume is not None and args.checkpoint is not None:
-        raise UsageError("give either --resume or --checkpoint, not both")
-    if args.cuda and not torch.cuda.is_available():
-        raise UsageError("--cuda was given but torch sees no CUDA device")
-    # -- algorithm ---------------------------------------------------------------------
-    if len(args.model_sizes) < 2 or min(args.model_sizes) <= 0:
-        raise UsageError(f"--model-sizes needs two or more positive sizes, got {args.model_sizes}")
-    if min(args.policy_hidden_sizes + args.critic_hidden_sizes, default=0) <= 0:
-        raise UsageError("--policy-hidden-sizes and --critic-hidden-sizes must be positive")
-    if args.buffer_size <= 0 or args.batch_size <= 0:
-        raise UsageError("--buffer-size and --batch-size must be positive")
-    if args.snippet_length <= 0:
-        raise UsageError(f"--snippet-length must be positive, got {args.snippet_length}")
-    if args.buffer_size < args.num_envs * args.snippet_length:
-        raise UsageError("--buffer-size must hold --snippet-length steps of every env")
-    if args.learning_starts < 0 or args.updates_per_step < 0:
-        raise UsageError("--learning-starts and --updates-per-step must be >= 0")
-    if not 0.0 <= args.gamma <= 1.0:
-        raise UsageError(f"--gamma must be in [0, 1], got {args.gamma}")
-    if min(args.target_network_frequency, args.policy_target_frequency) <= 0:
-        raise UsageError("--target-network-frequency and --policy-target-frequency must be positive")
-    if min(args.q_lr, args.policy_lr, args.dual_lr) <= 0:
-        raise UsageError("learning rates must be positive")
-    if min(args.num_samples, args.depth, args.num_rollouts) <= 0:
-        raise UsageError("--num-samples, --depth and --num-rollouts must be positive")
-    if args.eta <= 0 or args.search_states < 0:
-        raise UsageError("--eta must be positive and --search-states >= 0")
-    if args.epsilon_mean <= 0 or (args.epsilon_cov is not None and args.epsilon_cov <= 0):
-        raise UsageError("--epsilon-mean and --epsilon-cov must be positive")
-    if min(args.alpha_mean_init, args.alpha_cov_init) <= 0:
-        raise UsageError("--alpha-mean-init and --alpha-cov-init must be positive")
+def algorithm_checks(args: Args) -> list[tuple[bool, str]]:
+    """(condition, message) for each algorithm argument; `check_args` raises the first that fails."""
+    positive = ["batch_size", "snippet_length", "target_network_frequency", "policy_target_frequency", "num_samples"]
+    positive += ["depth", "num_rollouts", "temperature", "epsilon_mean", "alpha_mean_init", "q_lr", "policy_lr", "dual_lr"]
+    nonnegative = min(args.learning_starts, args.updates_per_step, args.search_states) >= 0
+    covariance_bound = args.alpha_cov_init > 0 and (args.epsilon_cov is None or args.epsilon_cov > 0)
+    return [
+        (len(args.model_sizes) >= 2 and min(args.model_sizes) > 0, "--model-sizes needs two or more positive sizes"),
+        (min(args.policy_hidden_sizes + args.critic_hidden_sizes, default=0) > 0, "--*-hidden-sizes must be positive"),
+        *((getattr(args, k) > 0, f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}") for k in positive),
+        (covariance_bound, "--alpha-cov-init and --epsilon-cov must be positive"),
+        (args.buffer_size >= args.num_envs * args.snippet_length, "--buffer-size must hold --snippet-length steps per env"),
+        (nonnegative, "--learning-starts, --updates-per-step and --search-states must be >= 0"),
+        (0.0 <= args.gamma <= 1.0, f"--gamma must be in [0, 1], got {args.gamma}"),
+    ]
 
 
-# == 3. Environment ====================================================================
-def make_env(env_id: str, render_mode: str | None = None) -> gym.Env:
-    """One gymnasium env; an unknown id or a missing dependency becomes a UsageError."""
-    if env_id not in gym.registry:
-        close = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise UsageError(f"unknown env id {env_id!r}{hint}")
-    kwargs = {} if render_mode is None else {"render_mode": render_mode}
-    try:
-        return gym.make(env_id, **kwargs)
-    except gym.error.DependencyNotInstalled as e:
-        raise UsageError(f"{env_id} needs a package that is not installed: {e}") from None
-
-
-def make_vec_env(env_id: str, num_envs: int) -> gym.vector.SyncVectorEnv:
-    """Training envs in SAME_STEP autoreset mode: an ended episode's last observation is in
-    infos["final_obs"] and the returned observation already starts the next episode."""
-    return gym.vector.SyncVectorEnv(
-        [lambda: make_env(env_id) for _ in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
-    )
-
-
-def make_eval_env(env_id: str, video_dir: str | None, episodes: int) -> gym.Env:
-    """The evaluation env; with video_dir, the first of every `episodes` episodes is recorded
-    there, or, where rendering cannot start, one line is printed and the run goes on without."""
-    if video_dir is None:
-        return make_env(env_id)
-    os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo rendering (GYMNASIUM_NOTES)
-    env = make_env(env_id, "rgb_array")
-    try:
-        env.reset(seed=0)
-        env.render()  # fails here without a GL backend
-        trigger = lambda episode: episode % episodes == 0
-        return gym.wrappers.RecordVideo(env, video_dir, episode_trigger=trigger, name_prefix="eval")
-    except Exception as e:  # noqa: BLE001 (no GL backend, moviepy missing, ...)
-        print(f"video capture disabled: {type(e).__name__}: {e}".splitlines()[0], flush=True)
-        env.close()
-        return make_env(env_id)
-
-
-def check_spaces(env_id: str, obs_space: gym.Space, action_space: gym.Space) -> None:
-    """TreePI needs flat Box observations and a bounded Box action space."""
-    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-        raise UsageError(f"{env_id} has observation space {obs_space}; this script needs a flat Box")
-    if not isinstance(action_space, gym.spaces.Box):
-        raise UsageError(f"{env_id} has a {type(action_space).__name__} action space; TreePI needs a continuous (Box) one")
-    if not (np.isfinite(action_space.low).all() and np.isfinite(action_space.high).all()):
-        raise UsageError(f"{env_id} has unbounded actions; TreePI clips actions to finite bounds")
-
-
-class EpisodeStats:
-    """Running return and length of each parallel env."""
-
-    def __init__(self, num_envs: int):
-        self.returns = np.zeros(num_envs)
-        self.lengths = np.zeros(num_envs, dtype=np.int64)
-
-    def update(self, rewards: np.ndarray, ended: np.ndarray) -> list[tuple[float, int]]:
-        """Add one step's rewards; return (return, length) of the episodes that ended."""
-        self.returns += rewards
-        self.lengths += 1
-        finished = [(float(self.returns[i]), int(self.lengths[i])) for i in np.flatnonzero(ended)]
-        self.returns[ended] = 0.0
-        self.lengths[ended] = 0
-        return finished
-
-
-# The true model's observation, reward and termination of gymnasium's v5 MuJoCo envs, vectorised
-# over a batch of (qpos before, qpos after, qvel after, action) and reading the env's own weights.
-# They restate each env's step() (gymnasium 1.4 source); tests compare them with env.step.
-# Envs not listed here are stepped through their own step() from a restored state instead.
-Array = np.ndarray  # [n, ...] batches of states or actions
-Outcome = tuple[np.ndarray, np.ndarray, np.ndarray]  # observations, rewards, terminated
-
-
-def _forward_velocity(env: gym.Env, qpos0: Array, qpos: Array) -> Array:
-    return (qpos[:, 0] - qpos0[:, 0]) / env.dt
-
-
-def _ctrl_cost(env: gym.Env, actions: Array) -> Array:
-    return env._ctrl_cost_weight * np.square(actions).sum(1)
-
-
-def _half_cheetah(env: gym.Env, qpos0: Array, qpos: Array, qvel: Array, actions: Array) -> Outcome:
-    reward = env._forward_reward_weight * _forward_velocity(env, qpos0, qpos)
-    position = qpos[:, 1:] if env._exclude_current_positions_from_observation else qpos
-    obs = np.concatenate([position, qvel], 1)
-    return obs, reward - _ctrl_cost(env, actions), np.zeros(len(qpos), dtype=bool)
-
-
-def _swimmer(env: gym.Env, qpos0: Array, qpos: Array, qvel: Array, actions: Array) -> Outcome:
-    reward = env._forward_reward_weight * _forward_velocity(env, qpos0, qpos)
-    position = qpos[:, 2:] if env._exclude_current_positions_from_observation else qpos
-    obs = np.concatenate([position, qvel], 1)
-    return obs, reward - _ctrl_cost(env, actions), np.zeros(len(qpos), dtype=bool)
-
-
-def _hopper_walker(env: gym.Env, qpos0: Array, qpos: Array, qvel: Array, actions: Array) -> Outcome:
-    z, angle = qpos[:, 1], qpos[:, 2]
-    healthy = (env._healthy_z_range[0] < z) & (z < env._healthy_z_range[1])
-    healthy &= (env._healthy_angle_range[0] < angle) & (angle < env._healthy_angle_range[1])
-    if hasattr(env, "_healthy_state_range"):  # Hopper also bounds state_vector()[2:]
-        state = np.concatenate([qpos, qvel], 1)[:, 2:]
-        low, high = env._healthy_state_range
-        healthy &= ((low < state) & (state < high)).all(1)
-    reward = env._forward_reward_weight * _forward_velocity(env, qpos0, qpos)
-    reward = reward + env._healthy_reward * healthy - _ctrl_cost(env, actions)
-    position = qpos[:, 1:] if env._exclude_current_positions_from_observation else qpos
-    obs = np.concatenate([position, np.clip(qvel, -10, 10)], 1)
-    return obs, reward, ~healthy & env._terminate_when_unhealthy
-
-
-def _inverted_pendulum(env: gym.Env, qpos0: Array, qpos: Array, qvel: Array, actions: Array) -> Outcome:
-    obs = np.concatenate([qpos, qvel], 1)
-    terminated = ~np.isfinite(obs).all(1) | (np.abs(obs[:, 1]) > 0.2)
-    return obs, (~terminated).astype(np.float64), terminated
-
-
-FAST_ENVS = {  # entry point of the env class -> its vectorised step outcome
-    "gymnasium.envs.mujoco.half_cheetah_v5:HalfCheetahEnv": _half_cheetah,
-    "gymnasium.envs.mujoco.swimmer_v5:SwimmerEnv": _swimmer,
-    "gymnasium.envs.mujoco.hopper_v5:HopperEnv": _hopper_walker,
-    "gymnasium.envs.mujoco.walker2d_v5:Walker2dEnv": _hopper_walker,
-    "gymnasium.envs.mujoco.inverted_pendulum_v5:InvertedPendulumEnv": _inverted_pendulum,
-}
-STATE_SPEC = mujoco.mjtState.mjSTATE_FULLPHYSICS  # time, qpos, qvel, act, ...: what rollout steps
-
-
-class Simulator:
-    """The true model [TreePI Sec. 6.2]: copies of the env's MuJoCo simulation stepped from saved
-    states. A node state is [observation (O) | mj_getState(FULLPHYSICS) (P)] in float64.
-
-    Envs in FAST_ENVS take frame_skip mj_steps per env step on a bare MjData, and their reward,
-    termination and observation are recomputed from the states. With one thread a plain loop of
-    mj_setState / mj_step does this (as fast per state as `mujoco.rollout`, without its ~0.3 ms
-    per call); with --threads > 1 `mujoco.rollout` steps all states in parallel in C. Any
-    other gymnasium MujocoEnv is stepped by its own step() on a private copy after
-    mj_setState: slower, but exact for any MuJoCo task. Nothing here runs through the TimeLimit
-    wrapper, so a search never advances an episode's step counter (GYMNASIUM_NOTES).
-    """
-
-    def __init__(self, env_id: str, threads: int):
-        env = make_env(env_id).unwrapped
-        if not isinstance(env, gym.envs.mujoco.MujocoEnv):
-            raise UsageError(
-                f"--model true steps saved MuJoCo states (mj_getState/mj_setState), and {env_id} "
-                "is not a MuJoCo env; use --model learned"
-            )
-        env.reset(seed=0)
-        self.env, self.mj_model = env, env.model
-        self.obs_dim = env.observation_space.shape[0]
-        low = torch.as_tensor(env.action_space.low, dtype=torch.float32).flatten()
-        high = torch.as_tensor(env.action_space.high, dtype=torch.float32).flatten()
-        # GaussianActor.env_action's numbers, so a searched action is the one the env executes
-        self.action_scale, self.action_bias = (high - low) / 2, (high + low) / 2
-        entry = f"{type(env).__module__}:{type(env).__name__}"
-        self.outcome = FAST_ENVS.get(entry)
-        self.thread_data = [mujoco.MjData(self.mj_model) for _ in range(threads)]  # one per thread
-        self.state_size = mujoco.mj_stateSize(self.mj_model, STATE_SPEC)
-        start = mujoco.mj_stateSize(self.mj_model, mujoco.mjtState.mjSTATE_TIME)
-        self.qpos = slice(start, start + self.mj_model.nq)
-        self.qvel = slice(self.qpos.stop, self.qpos.stop + self.mj_model.nv)
-
-    def physics(self, env: gym.Env) -> np.ndarray:
-        """The saved state of a (wrapped) env's simulation [P]."""
-        state = np.empty(self.state_size)
-        mujoco.mj_getState(env.unwrapped.model, env.unwrapped.data, state, STATE_SPEC)
-        return state
-
-    def features(self, states: torch.Tensor) -> torch.Tensor:
-        """The networks' input at a node: its observation [n, O] (float32)."""
-        return states[:, : self.obs_dim].float()
-
-    def step(self, states: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One env step from each node state: next states [n, S], rewards [n] and continuation
-        1 - terminated [n], the env's own reward and termination."""
-        physics = states[:, self.obs_dim :].cpu().numpy()  # [n, P]
-        # the env's action [n, A], float32 as the training loop passes it to env.step
-        acts = (actions.cpu().clamp(-1.0, 1.0) * self.action_scale + self.action_bias).numpy()
-        if self.outcome is not None and len(self.thread_data) > 1:
-            control = np.repeat(acts[:, None].astype(np.float64), self.env.frame_skip, axis=1)
-            # [n, frame_skip, P]: the state after each mj_step; the last one ends the env step
-            trajectory, _ = mujoco.rollout.rollout(self.mj_model, self.thread_data, physics, control, persistent_pool=True)
-            next_physics = trajectory[:, -1]
-        elif self.outcome is not None:
-            next_physics, data = np.empty_like(physics), self.thread_data[0]
-            for i in range(len(physics)):
-                mujoco.mj_setState(self.mj_model, data, physics[i], STATE_SPEC)
-                data.qacc_warmstart[:] = 0.0  # as a fresh rollout: independent of the last row
-                data.ctrl[:] = acts[i]
-                mujoco.mj_step(self.mj_model, data, nstep=self.env.frame_skip)
-                mujoco.mj_getState(self.mj_model, data, next_physics[i], STATE_SPEC)
-        if self.outcome is not None:
-            obs, rewards, terminated = self.outcome(
-                self.env, physics[:, self.qpos], next_physics[:, self.qpos], next_physics[:, self.qvel], acts
-            )
-        else:
-            env, data = self.env, self.env.data
-            next_physics = np.empty_like(physics)
-            obs, rewards = np.empty((len(physics), self.obs_dim)), np.empty(len(physics))
-            terminated = np.empty(len(physics), dtype=bool)
-            for i in range(len(physics)):
-                mujoco.mj_setState(self.mj_model, data, physics[i], STATE_SPEC)
-                mujoco.mj_forward(self.mj_model, data)  # positions the env reads before stepping
-                obs[i], rewards[i], terminated[i], _, _ = env.step(acts[i])
-                mujoco.mj_getState(self.mj_model, data, next_physics[i], STATE_SPEC)
-        next_states = torch.from_numpy(np.concatenate([obs, next_physics], 1))
-        return next_states, torch.from_numpy(rewards), torch.from_numpy(1.0 - terminated)
-
-    def roots(self, obs: np.ndarray, physics: np.ndarray) -> torch.Tensor:
-        """Node states [n, S] from observations [n, O] and saved physics [n, P]."""
-        return torch.from_numpy(np.concatenate([obs, physics], 1).astype(np.float64))
-
-
-# == 4. Networks =======================================================================
+# == 2. Networks ===========================================================================================
 ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh}
 SCALE_MIN = 1e-6  # added to the softplus'd Cholesky diagonal: a numerical guard (ACME's value)
+Sizes = tuple[int, ...]  # layer widths
+Plan = Callable[[Tensor], tuple[Tensor, Tensor]]  # the E-step: roots [n, S] -> root actions [n, M, A], weights [n, M]
 
 
 def mlp(in_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool) -> nn.Sequential:
@@ -518,28 +198,29 @@ def mlp(in_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm:
 
 
 class GaussianActor(nn.Module):
-    """Gaussian policy pi(a|s) = N(mean(s), L(s) L(s)^T) on actions rescaled to [-1, 1]^A
-    [MPO App. D]: L is diagonal, or with --full-covariance a full lower-triangular Cholesky
-    factor; its diagonal goes through softplus. Samples are unbounded (the replay stores them and
-    their log-probability); the env executes them clipped to its bounds.
+    """Gaussian policy pi(a|s) = N(mean(s), L(s) L(s)^T) on actions rescaled to [-1, 1]^A [MPO App. D], `params` the pair
+    (mean [B, A], scale_tril L [B, A, A]): L is diagonal, or with --full-covariance lower-triangular, its diagonal through
+    softplus. Samples are stored unbounded; the env executes them clipped to its bounds."""
 
-    The distribution parameters `params` are the pair (mean [B, A], scale_tril [B, A, A]).
-    """
-
-    def __init__(self, obs_dim: int, action_space: gym.spaces.Box, args: Args):
+    def __init__(
+        self,
+        obs_dim: int,
+        action_space: gym.spaces.Box,
+        hidden_sizes: tuple[int, ...],
+        activation: str,
+        layer_norm: bool,
+        full_covariance: bool,
+    ):
         super().__init__()
-        self.action_dim = self.critic_action_dim = int(np.prod(action_space.shape))
-        self.full_covariance = args.full_covariance
-        size = self.action_dim
-        num_scale = size * (size + 1) // 2 if args.full_covariance else size  # entries of L
-        self.trunk = mlp(obs_dim, args.policy_hidden_sizes, args.activation, args.layer_norm)
-        self.head = nn.Linear(args.policy_hidden_sizes[-1], size + num_scale)  # mean, L
-        low = torch.as_tensor(action_space.low, dtype=torch.float32).flatten()
-        high = torch.as_tensor(action_space.high, dtype=torch.float32).flatten()
+        size = self.action_dim = int(np.prod(action_space.shape))
+        self.full_covariance = full_covariance
+        self.trunk = mlp(obs_dim, hidden_sizes, activation, layer_norm)
+        self.head = nn.Linear(hidden_sizes[-1], size + (size * (size + 1) // 2 if full_covariance else size))  # mean, L
+        low, high = (torch.as_tensor(bound, dtype=torch.float32).flatten() for bound in (action_space.low, action_space.high))
         self.register_buffer("action_scale", (high - low) / 2)
         self.register_buffer("action_bias", (high + low) / 2)
 
-    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         mean, raw = self.head(self.trunk(obs)).split([self.action_dim, self.head.out_features - self.action_dim], dim=-1)
         if not self.full_covariance:
             return mean, torch.diag_embed(F.softplus(raw) + SCALE_MIN)  # [B, A], [B, A, A]
@@ -549,177 +230,126 @@ class GaussianActor(nn.Module):
         diagonal = F.softplus(tril.diagonal(dim1=-2, dim2=-1)) + SCALE_MIN  # [MPO App. D]
         return mean, tril.tril(-1) + torch.diag_embed(diagonal)
 
-    def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """An action a ~ pi(.|s) [B, A] (unclipped) and its log-probability [B]."""
-        params = self(obs)
-        actions = self.candidates(params, 1)[0]  # [B, 1, A]
-        return actions[:, 0], self.log_prob(params, actions)[:, 0]
-
-    def candidates(self, params: tuple[torch.Tensor, torch.Tensor], num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """M actions a_j ~ pi(.|s) per state [B, M, A] and their prior weights log(1/M) [B, M]
-        in the E-step: the samples stand in for the integral over actions [MPO Alg. 2, line 11]."""
+    def candidates(self, params: tuple[Tensor, Tensor], num_samples: int) -> tuple[Tensor, Tensor]:
+        """M actions a_j ~ pi(.|s) [B, M, A] with prior weights log(1/M) [B, M]: the E-step's integral [MPO Alg. 2, l. 11]."""
         mean, scale_tril = params
         noise = torch.randn(*mean.shape[:-1], num_samples, self.action_dim, device=mean.device)
         actions = mean.unsqueeze(-2) + noise @ scale_tril.transpose(-2, -1)  # a = mean + L noise
         return actions, torch.full(actions.shape[:-1], -float(np.log(num_samples)), device=mean.device)
 
-    def log_prob(self, params: tuple[torch.Tensor, torch.Tensor], actions: torch.Tensor) -> torch.Tensor:
-        """log pi(a_j|s) [B, M] of actions [B, M, A]."""
-        return gaussian_log_prob(actions, *params)
+    def log_prob(self, params: tuple[Tensor, Tensor], actions: Tensor) -> Tensor:
+        return gaussian_log_prob(actions, *params)  # log pi(a_j|s) [B, M] of actions [B, M, A]
 
-    def kl_terms(
-        self, params_old: tuple[torch.Tensor, torch.Tensor], params: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The mean and covariance parts C_mean, C_cov [B] of KL(pi_old || pi) [MPO eq. 27]."""
-        return gaussian_kl_decoupled(*params_old, *params)
+    def kl_terms(self, params_old: tuple[Tensor, Tensor], params: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+        return gaussian_kl_decoupled(*params_old, *params)  # C_mean, C_cov [B] of KL(pi_old || pi) [MPO eq. 27]
 
-    def entropy(self, params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """H = A log(2 pi e) / 2 + sum_i log L_ii  [B]."""
-        log_diagonal = params[1].diagonal(dim1=-2, dim2=-1).log()
+    def entropy(self, params: tuple[Tensor, Tensor]) -> Tensor:
+        log_diagonal = params[1].diagonal(dim1=-2, dim2=-1).log()  # H = A log(2 pi e) / 2 + sum_i log L_ii  [B]
         return 0.5 * self.action_dim * float(np.log(2 * np.pi * np.e)) + log_diagonal.sum(-1)
 
-    def critic_input(self, actions: torch.Tensor) -> torch.Tensor:
-        """The action the env executes, in [-1, 1]: Q(s, a) = Q(s, clip(a)) holds exactly, so the
-        critic never extrapolates outside the bounds (ACME clips the critic's input too)."""
-        return actions.clamp(-1.0, 1.0)
+    def critic_input(self, actions: Tensor) -> Tensor:
+        return actions.clamp(-1.0, 1.0)  # as executed: Q(s, a) = Q(s, clip(a)), never extrapolated (ACME clips it too)
 
-    def env_action(self, actions: torch.Tensor) -> torch.Tensor:
-        """The executed action: clipped to [-1, 1] and rescaled to the env's bounds."""
-        return self.critic_input(actions) * self.action_scale + self.action_bias
-
-    def deterministic(self, obs: torch.Tensor) -> torch.Tensor:
-        """The mean, executed as env_action, used for evaluation."""
-        return self.env_action(self(obs)[0])
-
-
-Actor = GaussianActor
+    def env_action(self, actions: Tensor) -> Tensor:
+        return self.critic_input(actions) * self.action_scale + self.action_bias  # clipped, rescaled to the env's bounds
 
 
 class Critic(nn.Module):
-    """Q(s, a), an MLP on [s, a] [MPO Sec. 4; one Q-function, no twin]. The first layer is
-    split into its state and action columns, so the M actions of one state share the state's
-    half: obs [N, 1, O] against actions [N, M, A] gives Q [N, M] in one pass."""
+    """Q(s, a), an MLP on [s, a] [MPO Sec. 4; one Q-function, no twin]. The first layer is split into its state and action
+    columns, so that the M actions of a state share its half: obs [N, 1, O] and actions [N, M, A] give Q [N, M]."""
 
-    def __init__(self, obs_dim: int, action_dim: int, args: Args):
+    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool):
         super().__init__()
-        width = args.critic_hidden_sizes[0]
+        width = hidden_sizes[0]
         self.obs_layer = nn.Linear(obs_dim, width)
         self.action_layer = nn.Linear(action_dim, width, bias=False)
         bound = (obs_dim + action_dim) ** -0.5  # nn.Linear's initialisation of the joint layer
         for p in (*self.obs_layer.parameters(), self.action_layer.weight):
             nn.init.uniform_(p, -bound, bound)
-        self.norm = nn.LayerNorm(width) if args.layer_norm else nn.Identity()
-        self.act = ACTIVATIONS[args.activation]()
-        self.body = mlp(width, args.critic_hidden_sizes[1:], args.activation, False)
-        self.head = nn.Linear(args.critic_hidden_sizes[-1], 1)
+        self.norm = nn.LayerNorm(width) if layer_norm else nn.Identity()
+        self.activation = ACTIVATIONS[activation]()
+        self.body = mlp(width, hidden_sizes[1:], activation, False)
+        self.head = nn.Linear(hidden_sizes[-1], 1)
 
-    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    def forward(self, obs: Tensor, actions: Tensor) -> Tensor:
         x = self.action_layer(actions).add_(self.obs_layer(obs))  # broadcast: [N, M, H] or [B, H]
-        return self.head(self.body(self.act(self.norm(x)))).squeeze(-1)  # [N, M] or [B]
+        return self.head(self.body(self.activation(self.norm(x)))).squeeze(-1)  # [N, M] or [B]
 
 
 class LatentModel(nn.Module):
-    """The learned model [TreePI Sec. 5, App. B]: encoder s_1 = f_enc(o_1), transition
-    s_{t+1} = s_t + f_trans(s_t, a_t) (a predicted delta), and a reward network r(s_t, a_t)
-    whose second output is the termination logit (our addition, see Deviations). The policy
-    and the Q-function read these latent states."""
+    """The learned model [TreePI Sec. 5, App. B], whose latent states the policy and Q read: encoder s_1 = f_enc(o_1),
+    transition s_{t+1} = s_t + f_trans(s_t, a_t), reward r(s_t, a_t) and a termination logit (see Deviations)."""
 
-    def __init__(self, obs_dim: int, action_dim: int, args: Args):
+    def __init__(self, obs_dim: int, action_dim: int, sizes: Sizes, reward_sizes: Sizes, activation: str, layer_norm: bool):
         super().__init__()
-        sizes, latent = args.model_sizes, args.model_sizes[-1]
-        self.encoder = mlp(obs_dim, sizes, args.activation, args.layer_norm)
-        self.transition = nn.Sequential(
-            mlp(latent + action_dim, sizes[:-1], args.activation, args.layer_norm), nn.Linear(sizes[-2], latent)
-        )
-        self.reward = nn.Sequential(
-            mlp(latent + action_dim, args.critic_hidden_sizes, args.activation, args.layer_norm),
-            nn.Linear(args.critic_hidden_sizes[-1], 2),
-        )
+        inputs = sizes[-1] + action_dim  # [s, a]; sizes: encoder and transition, the last the latent size
+        self.encoder = mlp(obs_dim, sizes, activation, layer_norm)
+        self.transition = nn.Sequential(mlp(inputs, sizes[:-1], activation, layer_norm), nn.Linear(sizes[-2], sizes[-1]))
+        self.reward = nn.Sequential(mlp(inputs, reward_sizes, activation, layer_norm), nn.Linear(reward_sizes[-1], 2))
 
-    def features(self, states: torch.Tensor) -> torch.Tensor:
-        """The networks' input at a search node: the latent state itself."""
-        return states
+    def roots(self, obs: Tensor, physics: np.ndarray | None) -> Tensor:
+        return self.encoder(obs)  # the search's root states for observations [n, O]: their latents [n, L]
 
-    def predict(self, states: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Next latent, reward and termination logit of (s, a), actions clipped as executed:
-        [n, L], [n], [n]."""
+    def features(self, states: Tensor) -> Tensor:
+        return states  # the networks' input at a search node: the latent state itself
+
+    def predict(self, states: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Next latent, reward and termination logit of (s, a), actions clipped as executed: [n, L], [n], [n]."""
         inputs = torch.cat([states, actions.clamp(-1.0, 1.0)], -1)
         reward, logit = self.reward(inputs).unbind(-1)
         return states + self.transition(inputs), reward, logit
 
-    def step(self, states: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The search's model call: next states, rewards and continuation 1 - p(terminated)."""
+    def step(self, states: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         next_states, reward, logit = self.predict(states, actions)
-        return next_states, reward, torch.sigmoid(-logit)
+        return next_states, reward, torch.sigmoid(-logit)  # the search's call: continuation 1 - p(terminated)
 
-    def unroll(self, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """s_t = f(o_1, a_1..a_{t-1}) [TreePI Sec. 5]: latents [B, T+1, L] for t = 1..T+1,
-        predicted rewards and termination logits [B, T], from o_1 [B, O] and actions [B, T, A]."""
-        states, rewards, logits = [self.encoder(obs)], [], []
+    def unroll(self, obs: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """s_t = f(o_1, a_1..a_{t-1}) [TreePI Sec. 5]: latents [B, T+1, L] for t = 1..T+1, predicted rewards and
+        termination logits [B, T], from o_1 [B, O] and actions [B, T, A]."""
+        states, predictions = [self.encoder(obs)], []
         for t in range(actions.shape[1]):
-            next_state, reward, logit = self.predict(states[-1], actions[:, t])
-            states.append(next_state)
-            rewards.append(reward)
-            logits.append(logit)
+            predictions.append(self.predict(states[-1], actions[:, t]))  # (next latent, reward, termination logit)
+            states.append(predictions[-1][0])
+        _, rewards, logits = zip(*predictions)
         return torch.stack(states, 1), torch.stack(rewards, 1), torch.stack(logits, 1)
 
 
-# == 5. Storage ========================================================================
+# == 3. Storage ============================================================================================
 class Batch(NamedTuple):
-    obs: torch.Tensor  # [B, T, O]
-    actions: torch.Tensor  # [B, T, A], the policy's samples as stored (before clipping)
-    rewards: torch.Tensor  # [B, T]
-    next_obs: torch.Tensor  # [B, T, O]
-    terminated: torch.Tensor  # [B, T], 1.0 where the MDP ended (no bootstrap)
-    valid: torch.Tensor  # [B, T], 1.0 for the steps that belong to the snippet
-    physics: torch.Tensor  # [B, T, P], the simulator's state at obs (--model true; else P = 0)
+    obs: Tensor  # [B, T, O]
+    actions: Tensor  # [B, T, A], the policy's samples as stored (before clipping)
+    rewards: Tensor  # [B, T]
+    next_obs: Tensor  # [B, T, O]
+    terminated: Tensor  # [B, T], 1.0 where the MDP ended (no bootstrap)
+    valid: Tensor  # [B, T], 1.0 for the steps that belong to the snippet
+    physics: Tensor  # [B, T, P], the simulator's state at obs (--model true; else P = 0), float64 as mj_getState's
 
 
 class SnippetReplay:
-    """Ring buffer of transitions in time order per env ([rows, num_envs, ...]), sampled as
-    snippets of T consecutive steps of one env, the trajectories the model unrolls over
-    [TreePI Sec. 5]. A snippet stops after the first episode end (terminated or truncated) and
-    at the newest row, so it never joins two episodes; next_obs is stored per row, so the last
-    step of an episode keeps its true last observation. With --model true each row also keeps
-    the simulator's state, where the searches of the update start."""
+    """Ring buffer of transitions in time order per env [rows, num_envs, ...], sampled as snippets of T steps of one env
+    that the model unrolls over [TreePI Sec. 5]; a snippet stops after an episode's end (whose true last observation is
+    its next_obs) and at the newest row."""
 
     COLUMNS = ("obs", "actions", "rewards", "next_obs", "terminated", "ended", "physics")
 
-    def __init__(
-        self,
-        capacity: int,
-        num_envs: int,
-        obs_dim: int,
-        action_dim: int,
-        physics_dim: int,
-        snippet_length: int,
-        device: torch.device,
-    ):
+    def __init__(self, capacity: int, num_envs: int, widths: dict[str, tuple], snippet_length: int, device: torch.device):
         self.rows, self.num_envs, self.length = capacity // num_envs, num_envs, snippet_length
         self.pos, self.size = 0, 0  # in rows (one row = one vector step)
-        widths = {"obs": (obs_dim,), "actions": (action_dim,), "next_obs": (obs_dim,)}
-        widths["physics"] = (physics_dim,)
+        dtypes = {"physics": torch.float64}  # widths: the row shapes of obs, actions, next_obs, physics; the rest are scalars
         self.data = {
-            name: torch.zeros(
-                self.rows,
-                num_envs,
-                *widths.get(name, ()),
-                device=device,
-                dtype=torch.float64 if name == "physics" else torch.float32,  # mj_getState's
-            )
+            name: torch.zeros(self.rows, num_envs, *widths.get(name, ()), device=device, dtype=dtypes.get(name, torch.float32))
             for name in self.COLUMNS
         }
 
-    def add(self, **columns: np.ndarray | torch.Tensor) -> None:
-        """Store one vector step: one array per column with leading size num_envs."""
-        for name, column in self.data.items():
-            column[self.pos] = torch.as_tensor(columns[name], dtype=column.dtype)
+    def add(self, *columns: np.ndarray | Tensor) -> None:
+        """Store one vector step: one array per column of COLUMNS, in that order, with leading size num_envs."""
+        for column, values in zip(self.data.values(), columns, strict=True):
+            column[self.pos] = torch.as_tensor(values, dtype=column.dtype)
         self.pos = (self.pos + 1) % self.rows
         self.size = min(self.size + 1, self.rows)
 
     def sample(self, batch_size: int) -> Batch:
-        """batch_size snippets: start row and env uniform with replacement; step k is valid when
-        a row after the start holds it and no episode ended at the steps before it."""
+        """Snippets from uniform start rows and envs; step k is valid if written after the start, with no end before it."""
         device = self.data["rewards"].device
         start = torch.randint(0, self.size, (batch_size,), device=device)
         env = torch.randint(0, self.num_envs, (batch_size, 1), device=device)
@@ -732,128 +362,28 @@ class SnippetReplay:
         return Batch(**{name: snippet[name] for name in Batch._fields if name != "valid"}, valid=valid.float())
 
     def state_dict(self) -> dict:
-        return {"pos": self.pos, "size": self.size, "data": {k: v[: self.size] for k, v in self.data.items()}}
+        # clone: a saved slice would carry its whole preallocated storage into resume.pt
+        return {"pos": self.pos, "size": self.size, "data": {k: v[: self.size].clone() for k, v in self.data.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.pos, self.size = state["pos"], state["size"]
         for name, column in self.data.items():
             column[: self.size] = state["data"][name].to(column.device)
-        # The saving run stopped mid-episode and a resumed run starts fresh episodes, so the
-        # newest row ends its snippets (as a truncation would: it still bootstraps).
-        if self.size:
+        if self.size:  # the saving run stopped mid-episode and a resumed run starts afresh: a truncation, bootstrapped
             self.data["ended"][(self.pos - 1) % self.rows] = 1.0
 
 
-# == 6. Algorithm ======================================================================
-DUAL_MIN = 1e-8  # added to softplus in dual_variable, so that eta and alpha stay positive (ACME)
-LOG_DUAL_MIN = -18.0  # lower clamp of the dual parameters after each step (ACME's clamp)
-
-
-def gaussian_log_prob(actions: torch.Tensor, mean: torch.Tensor, scale_tril: torch.Tensor) -> torch.Tensor:
-    """log N(a; mean, L L^T) = -|L^-1 (a - mean)|^2 / 2 - sum_i log L_ii - A log(2 pi) / 2.
-
-    The Gaussian policy of [MPO App. D] with Sigma = L L^T. One triangular solve per state
-    serves all M actions of that state.
-    Shapes: actions [B, M, A]; mean [B, A]; scale_tril L [B, A, A] (lower triangular, positive
-    diagonal); returns [B, M].
-    """
-    diff = (actions - mean.unsqueeze(-2)).transpose(-2, -1)  # [B, A, M]
-    z = torch.linalg.solve_triangular(scale_tril, diff, upper=False)  # [B, A, M]
-    log_det = scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1, keepdim=True)  # [B, 1]
-    return -0.5 * z.pow(2).sum(-2) - log_det - 0.5 * mean.shape[-1] * float(np.log(2 * np.pi))
-
-
-def gaussian_kl_decoupled(
-    mean_old: torch.Tensor, scale_tril_old: torch.Tensor, mean: torch.Tensor, scale_tril: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """KL(pi_old || pi) of two Gaussians split into a mean and a covariance part [MPO App. D,
-    eq. 27], KL = C_mean + C_cov:
-        C_mean = (mean - mean_old)^T Sigma^-1 (mean - mean_old) / 2,
-        C_cov  = (tr(Sigma^-1 Sigma_old) - A + log(|Sigma| / |Sigma_old|)) / 2,
-    with Sigma = L L^T the online and Sigma_old the old (target) covariance. The extracted paper
-    text prints the two labels swapped; this is the assignment that makes "mean" and "cov"
-    mean what they say. (ACME puts Sigma_old into C_mean instead, which decouples the gradients
-    fully but makes the sum differ from the KL once Sigma moves; we keep the paper's exact sum.)
-    Symbols: mu_i, Sigma_i = mean_old, L_old L_old^T; mu, Sigma = mean, L L^T; n = A.
-    Shapes: mean_old, mean [B, A]; scale_tril_old, scale_tril [B, A, A]; returns two [B].
-    """
-    diff = (mean - mean_old).unsqueeze(-1)  # [B, A, 1]
-    # |L^-1 (mean - mean_old)|^2 is the Mahalanobis term, |L^-1 L_old|_F^2 = tr(Sigma^-1 Sigma_old)
-    whitened = torch.linalg.solve_triangular(
-        scale_tril, torch.cat([diff, scale_tril_old], dim=-1), upper=False
-    )  # [B, A, 1 + A]
-    log_det_ratio = 2 * (scale_tril.diagonal(dim1=-2, dim2=-1).log() - scale_tril_old.diagonal(dim1=-2, dim2=-1).log()).sum(
-        -1
-    )  # log |Sigma| / |Sigma_old|
-    kl_mean = 0.5 * whitened[..., 0].pow(2).sum(-1)
-    kl_cov = 0.5 * (whitened[..., 1:].pow(2).sum((-2, -1)) - mean.shape[-1] + log_det_ratio)
-    return kl_mean, kl_cov
-
-
-def e_step_weights(q: torch.Tensor, eta: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
-    """The non-parametric E-step solution on the candidates, normalised per state:
-        q(a_j|s) = prior_j exp(Q(s, a_j) / eta) / sum_k prior_k exp(Q(s, a_k) / eta)
-    [MPO eq. 8: q_i(a|s) proportional to pi(a|s, theta_i) exp(Q_theta_i(s, a) / eta*)].
-    Symbols: eta the temperature (alpha of [TreePI], fixed). Shapes: q, log_prior [B, M]; eta
-    scalar; returns [B, M].
-    """
-    return torch.softmax(q / eta + log_prior, dim=-1)
-
-
-def dual_variable(log_dual: torch.Tensor) -> torch.Tensor:
-    """A positive dual variable (eta, alpha_mean, alpha_cov) from its parameter:
-        eta = softplus(log_eta) + DUAL_MIN
-    as in [ACME], which also calls the parameters log_* though softplus, not exp, maps them.
-    A multiplier then grows at most linearly while its bound is violated; with exp it grows
-    exponentially (alpha_cov reached 1e23 on HalfCheetah-v5 here, and Adam's second moment of
-    its gradient overflowed to inf, freezing it). Shapes: any; returns the same shape.
-    """
-    return F.softplus(log_dual) + DUAL_MIN
-
-
-def kl_penalty(kl: torch.Tensor, alpha: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Lagrangian term alpha (epsilon - E_s KL) of the M-step [MPO App. D.3], split for
-    simultaneous gradient steps: the policy minimises sg(alpha) E_s KL, the multiplier
-    minimises alpha (epsilon - sg(E_s KL)), so alpha grows while the bound is violated.
-    Symbols: eta_mu / eta_Sigma of App. D.3 = alpha (alpha_mean / alpha_cov here, as eta is the
-    E-step's temperature), epsilon_mu / epsilon_Sigma = epsilon, C_mu / C_Sigma = kl.
-    Shapes: kl [B]; alpha scalar; returns (policy term, multiplier loss), two scalars.
-    """
-    kl = kl.mean()
-    return alpha.detach() * kl, alpha * (epsilon - kl.detach())
-
-
-def q_target(rewards: torch.Tensor, terminated: torch.Tensor, next_q: torch.Tensor, gamma: float) -> torch.Tensor:
-    """y = r_t + gamma (1 - terminated_t) mean_k Q'(s_{t+1}, a_k), a_k ~ pi^(i)(.|s_{t+1}).
-
-    [TreePI eq. 6, L_Q]: the TD target with the expectation over pi^(i) estimated by samples.
-    A truncated episode still bootstraps: only `terminated` masks. The tree backs up the same
-    quantity, Q[parent, a] = r + gamma (1 - terminated) V(child) (`search`).
-    Shapes: rewards, terminated [...]; next_q [..., M]; returns [...].
-    """
-    return rewards + gamma * (1.0 - terminated) * next_q.mean(-1)
-
-
+# == 4. Algorithm ==========================================================================================
 def full_tree_size(num_actions: int, depth: int) -> int:
-    """Nodes of the full tree, sum_{d < K} M^d: the rollouts after which the search is exact."""
-    return sum(num_actions**d for d in range(depth))
-
-
-def log_mean_exp(x: np.ndarray) -> np.ndarray:
-    """log (1/M) sum_j exp(x_j) over the last axis, stable for large |x|."""
-    peak = x.max(-1, keepdims=True)
-    return (peak + np.log(np.exp(x - peak).sum(-1, keepdims=True) / x.shape[-1]))[..., 0]
+    return sum(num_actions**d for d in range(depth))  # nodes of the full tree, sum_{d < K} M^d
 
 
 class Tree(NamedTuple):
-    """B search trees in fixed-capacity node arrays (node 0 is the root). The bookkeeping is
-    numpy on the host: a rollout does a few hundred tiny integer and float operations, about
-    1 us each in numpy against 5 us for a torch CPU op or one kernel launch on a GPU. Node
-    states and actions stay torch tensors on the device of the model that made them."""
+    """B search trees in node arrays of fixed capacity, node 0 the root; numpy on the host, states and actions on device."""
 
-    states: torch.Tensor  # [B, C, S] node states s
-    actions: torch.Tensor  # [B, C, M, A] actions a^{1:M} ~ pi^(i)(.|s) of each node
-    q: np.ndarray  # [B, C, M] Q-hat[s, a^j]: Q'(s, a^j) at insertion, then r + gamma V(child)
+    states: Tensor  # [B, C, S] node states s
+    actions: Tensor  # [B, C, M, A] actions a^{1:M} ~ pi^(i)(.|s) of each node
+    q_hat: np.ndarray  # [B, C, M] Q-hat[s, a^j]: Q'(s, a^j) at insertion, then r + gamma V(child)
     rewards: np.ndarray  # [B, C] r of the transition from the parent into the node
     discounts: np.ndarray  # [B, C] gamma (1 - terminated) of that transition
     parent: np.ndarray  # [B, C] parent node (-1 for the root)
@@ -865,290 +395,610 @@ class Tree(NamedTuple):
 
 
 def search(
-    roots: torch.Tensor,
-    propose: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    expand: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]],
+    roots: Tensor,
+    propose: Callable[[Tensor], tuple[Tensor, Tensor]],
+    expand: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]],
     num_rollouts: int,
     depth: int,
-    eta: float,
+    temperature: float,
     gamma: float,
     uniforms: np.ndarray | None = None,
 ) -> Tree:
-    """TreePI's search from B root states at once [TreePI Alg. 1, Sec. 4].
-
-    Each of the N rollouts after the first (which inserts the roots):
-      forward rollout: from the root, draw action j among the node's incomplete actions with
-        p_j ∝ exp(Q-hat[s, a^j] / eta) (eq. 4, by Gumbel-max) and follow it while it leads to
-        a node; the first action that leads nowhere is expanded,
-      insert: s' = f(s, a^j), r(s, a^j) and terminated from the model (one call for all trees);
-        the new node draws a^{1:M} ~ pi^(i)(.|s') and sets Q-hat[s', a^k] = Q'(s', a^k),
-      soft backup to the root: V(s') = eta log (1/M) sum_k exp(Q-hat[s', a^k] / eta),
-        Q-hat[s, a^j] = r(s, a^j) + gamma (1 - terminated) V(s').
-    Nodes live at depths 0 .. K-1 and a depth K-1 node keeps Q', so the root holds K-step
-    estimates (K = 1: Q' itself, MPO's E-step). An action is complete once the node it leads to
-    is at depth K-1, terminal, or has M complete actions; complete actions are never drawn again
-    ("preventing fully expanded subtrees from being revisited", Sec. 4), so each rollout adds a
-    node and after full_tree_size(M, K) rollouts the root's Q-hat is exactly the full-tree
-    estimator Q-hat^K(s, a) = r + gamma V-hat^{K-1}(f(s, a)) of Sec. 4.
-
-    Symbols: alpha of [TreePI] = eta (MPO's name for the temperature); M = num_samples from
-    propose; N = num_rollouts; K = depth; Q^pi_pi(i) = Q' (the target critic).
-    Args:
-        roots: [B, S] root states (latents, or the simulator's [obs | physics]).
-        propose: states [n, S] -> (actions [n, M, A] ~ pi^(i), Q'(s, a) [n, M]).
-        expand: (states [n, S], actions [n, A]) -> (next states [n, S], rewards [n],
-            continuation 1 - terminated [n]).
-        uniforms: optional [N-1, K-1, B, M] numbers in (0, 1] for the Gumbel draws (tests pass
-            them to compare searches); by default drawn from numpy's global generator.
-    Returns: the Tree; the root's actions are `actions[:, 0]`, its weights `root_weights`.
-    """
+    """TreePI's search from B root states at once [TreePI Alg. 1, Sec. 4]. Each rollout after the first (which inserts
+    the roots) descends from the root, drawing among a node's incomplete actions with p_j ∝ exp(Q-hat[s, a^j] / alpha)
+    (eq. 4, by Gumbel-max), to the first action that leads nowhere; inserts s' = f(s, a^j) with r and terminated from
+    the model, a^{1:M} ~ pi^(i)(.|s') and Q-hat[s', a^k] = Q'(s', a^k); and backs up to the root
+        V(s') = alpha log (1/M) sum_k exp(Q-hat[s', a^k] / alpha),  Q-hat[s, a^j] = r + gamma (1 - terminated) V(s').
+    Nodes live at depths 0 .. K-1 (Alg. 1's loop would insert at K), and a depth K-1 node keeps Q' (K = 1: MPO's
+    E-step). An action is complete once its node is at depth K-1, terminal or has M complete actions, and is never drawn
+    again ("preventing fully expanded subtrees from being revisited", Sec. 4): after full_tree_size(M, K) rollouts the
+    root holds exactly the full-tree estimator Q-hat^K(s, a) = r + gamma V-hat^{K-1}(f(s, a)) of Sec. 4. Symbols: alpha
+    = temperature, M = num_samples of propose, N = num_rollouts, K = depth, Q^pi_pi(i) = Q'. roots [B, S]: latents, or
+    the simulator's [obs | physics]; propose: states [n, S] -> (actions [n, M, A] ~ pi^(i), Q'(s, a) [n, M]); expand:
+    (states [n, S], actions [n, A]) -> (next states [n, S], rewards [n], continuation 1 - terminated [n]); uniforms:
+    [N-1, K-1, B, M] numbers in (0, 1] for the Gumbel draws (tests pass them; default: numpy's global generator)."""
     num_trees, device = roots.shape[0], roots.device
     root_actions, root_q = propose(roots)  # [B, M, A], [B, M]
     num_actions = root_q.shape[1]
     capacity = min(num_rollouts, full_tree_size(num_actions, depth))
-    states = roots.new_zeros(num_trees, capacity, *roots.shape[1:])
-    actions = root_actions.new_zeros(num_trees, capacity, *root_actions.shape[1:])
-    states[:, 0], actions[:, 0] = roots, root_actions
-    q = np.zeros((num_trees, capacity, num_actions))
-    q[:, 0] = root_q.cpu().numpy()
-    rewards, discounts = np.zeros((num_trees, capacity)), np.zeros((num_trees, capacity))
-    parent = np.full((num_trees, capacity), -1)
-    slot = np.zeros((num_trees, capacity), dtype=np.int64)
-    children = np.full((num_trees, capacity, num_actions), -1)
-    complete = np.zeros((num_trees, capacity, num_actions), dtype=bool)
-    complete[:, 0] = depth == 1  # the root is at depth K-1 = 0: Q' is final
-    node_depth = np.zeros((num_trees, capacity), dtype=np.int64)
-    size = np.ones(num_trees, dtype=np.int64)
-    # Flat views [B*C, ...] of the same memory: node n of tree b is row b*C + n, so a single
-    # fancy index reads or writes one node of every tree.
-    qf, cf, kf = (x.reshape(-1, num_actions) for x in (q, complete, children))
-    rf, df, pf, sf = (x.reshape(-1) for x in (rewards, discounts, parent, slot))
-    for i in range(1, num_rollouts):  # rollout 0 inserted the roots
-        trees = np.flatnonzero(~complete[:, 0].all(1))  # a complete root has nothing to add
+    # Flat node arrays [B C, ...]: node n of tree b is row b C + n, so one fancy index reaches one node of every tree
+    rows, root_rows = num_trees * capacity, np.arange(num_trees) * capacity
+    rooted = lambda root: torch.cat([root[:, None], root.new_zeros(num_trees, capacity - 1, *root.shape[1:])], 1).flatten(0, 1)
+    states, actions = rooted(roots), rooted(root_actions)  # [B C, S], [B C, M, A]: node 0 the root, zeros elsewhere
+    q_hat = np.zeros((rows, num_actions))
+    q_hat[root_rows] = root_q.cpu().numpy()
+    rewards, discounts, size = np.zeros(rows), np.zeros(rows), np.ones(num_trees, dtype=np.int64)
+    parent, slot, node_depth = np.full(rows, -1), np.zeros(rows, dtype=np.int64), np.zeros(rows, dtype=np.int64)
+    children, complete = np.full((rows, num_actions), -1), np.zeros((rows, num_actions), dtype=bool)
+    complete[root_rows] = depth == 1  # the root is at depth K-1 = 0: Q' is final
+    for rollout in range(1, num_rollouts):  # rollout 0 inserted the roots
+        trees = np.flatnonzero(~complete[root_rows].all(1))  # a complete root has nothing to add
         if trees.size == 0:
             break
-        u = uniforms[i - 1][:, trees] if uniforms is not None else 1.0 - np.random.random((depth - 1, trees.size, num_actions))
-        gumbel = -np.log(-np.log(u))  # [K-1, n, M]
+        shape = (depth - 1, trees.size, num_actions)
+        uniform = uniforms[rollout - 1][:, trees] if uniforms is not None else 1.0 - np.random.random(shape)
+        gumbel = -np.log(-np.log(uniform))  # [K-1, n, M]
         base = trees * capacity  # the root's row of each tree searched
         # forward rollout [TreePI Alg. 1]: descend through expanded, incomplete actions
         row, leaf_slot = base.copy(), np.zeros(trees.size, dtype=np.int64)
         down = np.arange(trees.size)  # trees still descending
-        for d in range(depth - 1):  # a depth K-1 node is complete: never descended into
+        for level in range(depth - 1):  # a depth K-1 node is complete: never descended into
             at = row[down]
-            logits = np.where(cf[at], -np.inf, qf[at] / eta + gumbel[d, down])
-            j = logits.argmax(1)  # [eq. 4] a ~ Categorical(softmax(Q-hat / alpha))
-            child = kf[at, j]
-            leaf_slot[down] = j
+            logits = np.where(complete[at], -np.inf, q_hat[at] / temperature + gumbel[level, down])
+            chosen = logits.argmax(1)  # [eq. 4] a ~ Categorical(softmax(Q-hat / alpha))
+            child = children[at, chosen]
+            leaf_slot[down] = chosen
             go_on = child >= 0
             down = down[go_on]
             row[down] = base[down] + child[go_on]
             if down.size == 0:
                 break
         # insert [TreePI Alg. 1]: one model call and one policy/critic call for all trees
-        node, new = row - base, size[trees]  # [n] the expanded node and the new one
-        b_state, b_action = torch.from_numpy(trees).to(device), torch.from_numpy(trees)
-        b_action = b_action.to(actions.device)
-        next_states, reward, cont = expand(
-            states[b_state, torch.from_numpy(node).to(device)],
-            actions[b_action, torch.from_numpy(node).to(actions.device), torch.from_numpy(leaf_slot).to(actions.device)],
-        )
+        new_row, expanded = base + size[trees], torch.from_numpy(row)  # the new node's row; the expanded node's
+        parent_actions = actions[expanded.to(actions.device), torch.from_numpy(leaf_slot).to(actions.device)]
+        next_states, reward, cont = expand(states[expanded.to(device)], parent_actions)
         new_actions, new_q = propose(next_states)
-        states[b_state, torch.from_numpy(new).to(device)] = next_states.to(states.dtype)
-        actions[b_action, torch.from_numpy(new).to(actions.device)] = new_actions
-        cont, new_row = cont.cpu().numpy(), base + new
-        qf[new_row] = new_q.cpu().numpy()
-        rf[new_row], df[new_row] = reward.cpu().numpy(), gamma * cont
-        pf[new_row], sf[new_row], kf[row, leaf_slot] = node, leaf_slot, new
-        node_depth[trees, new] = node_depth[trees, node] + 1
-        cf[new_row] = ((node_depth[trees, new] == depth - 1) | (cont == 0))[:, None]
+        states[torch.from_numpy(new_row).to(device)] = next_states.to(states.dtype)
+        actions[torch.from_numpy(new_row).to(actions.device)] = new_actions
+        cont = cont.cpu().numpy()
+        q_hat[new_row], rewards[new_row], discounts[new_row] = new_q.cpu().numpy(), reward.cpu().numpy(), gamma * cont
+        parent[new_row], slot[new_row], children[row, leaf_slot] = row - base, leaf_slot, size[trees]
+        node_depth[new_row] = node_depth[row] + 1
+        complete[new_row] = ((node_depth[new_row] == depth - 1) | (cont == 0))[:, None]
         size[trees] += 1
         # soft backup to the root [TreePI Alg. 1]
         row, up = new_row, np.arange(trees.size)  # trees still climbing
         while up.size:
             at = row[up]
-            value = eta * log_mean_exp(qf[at] / eta)  # V(s') = alpha log mean exp(Q-hat / alpha)
-            above = base[up] + pf[at]  # the parent's row
-            qf[above, sf[at]] = rf[at] + df[at] * value  # Q-hat = r + gamma (1 - term) V(s')
-            cf[above, sf[at]] = cf[at].all(1)
+            scaled = q_hat[at] / temperature  # V(s') = alpha log mean_k exp(Q-hat[s', a^k] / alpha), stably:
+            peak = scaled.max(-1, keepdims=True)
+            value = temperature * (peak + np.log(np.exp(scaled - peak).sum(-1, keepdims=True) / num_actions))[..., 0]
+            above = base[up] + parent[at]  # the parent's row
+            q_hat[above, slot[at]] = rewards[at] + discounts[at] * value  # Q-hat = r + gamma (1 - terminated) V(s')
+            complete[above, slot[at]] = complete[at].all(1)
             row[up] = above
-            up = up[pf[at] > 0]
-    return Tree(states, actions, q, rewards, discounts, parent, slot, children, complete, node_depth, size)
+            up = up[parent[at] > 0]
+    nodes = (states, actions, q_hat, rewards, discounts, parent, slot, children, complete, node_depth)  # [B C, ...]
+    return Tree(*(array.reshape(num_trees, capacity, *array.shape[1:]) for array in nodes), size)
 
 
-def root_weights(tree: Tree, eta: float) -> torch.Tensor:
-    """The root's normalised weights w^j = softmax_j(Q-hat[root, a^j] / eta) [TreePI eq. 4]:
-    MPO's E-step weights with the search's Q-hat in place of Q' [B, M]."""
-    q = torch.from_numpy(tree.q[:, 0])  # float64, as the tree backs up
-    log_prior = torch.full_like(q, -float(np.log(q.shape[1])))  # M samples of pi^(i)
-    weights = e_step_weights(q, torch.tensor(eta, dtype=q.dtype), log_prior)
+def root_weights(tree: Tree, temperature: float) -> Tensor:
+    """The root's weights w^j = softmax_j(Q-hat[root, a^j] / alpha + log(1/M)) [B, M] [TreePI eq. 4]: MPO's E-step weights
+    (MPO eq. 8, M samples of pi^(i)) with the search's Q-hat for Q' and the fixed alpha for MPO's learned eta."""
+    q_hat = torch.from_numpy(tree.q_hat[:, 0])  # float64, as the tree backs up
+    log_prior = torch.full_like(q_hat, -float(np.log(q_hat.shape[1])))
+    weights = torch.softmax(q_hat / torch.tensor(temperature, dtype=q_hat.dtype) + log_prior, dim=-1)
     return weights.to(device=tree.actions.device, dtype=torch.float32)
 
 
-# == 7. Updates ========================================================================
-@torch.no_grad()
-def run_search(
-    roots: torch.Tensor, model: LatentModel | Simulator, actor_target: Actor, critic_target: Critic, args: Args
-) -> Tree:
-    """`search` with pi^(i) and Q' [TreePI Alg. 1's inputs] on the learned or the true model."""
+def proposals(actor_target: GaussianActor, critic_target: Critic, features: Callable, num_samples: int) -> Callable:
+    """The search's `propose` from Alg. 1's inputs pi^(i) and Q' [TreePI Alg. 1]: node states [n, S] -> M actions a ~ pi^(i)
+    [n, M, A] and Q'(s, a) [n, M], the networks reading features(states) (latents, or the simulator's observations)."""
     device = actor_target.action_scale.device
 
-    def propose(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = model.features(states).to(device)  # [n, X]
-        actions, _ = actor_target.candidates(actor_target(x), args.num_samples)  # [n, M, A]
-        return actions, critic_target(x.unsqueeze(1), actor_target.critic_input(actions))
+    def propose(states: Tensor) -> tuple[Tensor, Tensor]:
+        inputs = features(states).to(device)  # [n, L or O]
+        actions, _ = actor_target.candidates(actor_target(inputs), num_samples)  # [n, M, A]
+        return actions, critic_target(inputs.unsqueeze(1), actor_target.critic_input(actions))
 
-    return search(roots, propose, model.step, args.num_rollouts, args.depth, args.eta, args.gamma)
-
-
-def search_roots(batch: Batch, states: torch.Tensor, simulator: Simulator | None, count: int) -> torch.Tensor:
-    """Root states [n, S] at the first `count` valid steps of the batch (0: all of them), in
-    the order of batch.valid.flatten(): the latents (no gradient), or the simulator's
-    [obs | physics]."""
-    mask = batch.valid.flatten().bool()
-    limit = count or int(mask.sum())
-    if simulator is None:
-        return states.flatten(0, 1)[mask][:limit].detach()
-    obs = batch.obs.flatten(0, 1)[mask][:limit].cpu().numpy()
-    return simulator.roots(obs, batch.physics.flatten(0, 1)[mask][:limit].cpu().numpy())
+    return propose
 
 
+@torch.no_grad()
+def select_actions(
+    obs: Tensor, physics: np.ndarray | None, model: "SearchModel", actor_target: GaussianActor, plan: Plan | None, greedy: bool
+) -> Tensor:
+    """Actions [n, A] (unclipped, [-1, 1] units) for observations [n, O] (simulator states [n, P]): a sample (greedy: the mean)
+    of pi^(i) (plan None: TreePI/pi [Alg. 2]), or of the root weights of plan's search (greedy: the heaviest; eq. 4)."""
+    roots = model.roots(obs, physics)  # latents, or [obs | physics]
+    if plan is None:
+        params = actor_target(model.features(roots).to(actor_target.action_scale.device))
+        return params[0] if greedy else actor_target.candidates(params, 1)[0][:, 0]  # the mean, or a ~ pi^(i)
+    actions, weights = plan(roots)
+    chosen = weights.argmax(1) if greedy else torch.multinomial(weights, 1)[:, 0]
+    return actions[torch.arange(len(chosen), device=chosen.device), chosen]
+
+
+DUAL_MIN = 1e-8  # added to softplus in dual_variable, so that the multipliers stay positive (ACME)
+LOG_DUAL_MIN = -18.0  # lower clamp of the dual parameters after each step (ACME's clamp)
+
+
+def gaussian_log_prob(actions: Tensor, mean: Tensor, scale_tril: Tensor) -> Tensor:
+    """log N(a; mean, L L^T) = -|L^-1 (a - mean)|^2 / 2 - sum_i log L_ii - A log(2 pi) / 2, the policy of [MPO App. D]
+    with Sigma = L L^T; one triangular solve per state serves its M actions. Shapes: actions [B, M, A]; mean [B, A];
+    scale_tril L [B, A, A] (lower triangular, positive diagonal); returns [B, M]."""
+    diff = (actions - mean.unsqueeze(-2)).transpose(-2, -1)  # [B, A, M]
+    z = torch.linalg.solve_triangular(scale_tril, diff, upper=False)  # [B, A, M]
+    log_det = scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1, keepdim=True)  # [B, 1]
+    return -0.5 * z.pow(2).sum(-2) - log_det - 0.5 * mean.shape[-1] * float(np.log(2 * np.pi))
+
+
+def gaussian_kl_decoupled(mean_old: Tensor, scale_tril_old: Tensor, mean: Tensor, scale_tril: Tensor) -> tuple[Tensor, Tensor]:
+    """KL(pi_old || pi) of two Gaussians split into a mean and a covariance part [MPO App. D, eq. 27], KL = C_mean + C_cov:
+        C_mean = (mean - mean_old)^T Sigma^-1 (mean - mean_old) / 2,
+        C_cov  = (tr(Sigma^-1 Sigma_old) - A + log(|Sigma| / |Sigma_old|)) / 2,
+    Sigma = L L^T the online, Sigma_old = L_old L_old^T the old (target) covariance (ACME's C_mean uses Sigma_old: fully
+    decoupled gradients, but a sum that is not the KL). Shapes: mean_old, mean [B, A]; scale_tril_old, scale_tril
+    [B, A, A]; returns two [B]."""
+    diff = (mean - mean_old).unsqueeze(-1)  # [B, A, 1]
+    # |L^-1 (mean - mean_old)|^2 is the Mahalanobis term, |L^-1 L_old|_F^2 = tr(Sigma^-1 Sigma_old)
+    whitened = torch.linalg.solve_triangular(scale_tril, torch.cat([diff, scale_tril_old], dim=-1), upper=False)
+    log_diagonals = scale_tril.diagonal(dim1=-2, dim2=-1).log() - scale_tril_old.diagonal(dim1=-2, dim2=-1).log()
+    log_det_ratio = 2 * log_diagonals.sum(-1)  # log |Sigma| / |Sigma_old|
+    kl_mean = 0.5 * whitened[..., 0].pow(2).sum(-1)  # whitened [B, A, 1 + A]
+    kl_cov = 0.5 * (whitened[..., 1:].pow(2).sum((-2, -1)) - mean.shape[-1] + log_det_ratio)
+    return kl_mean, kl_cov
+
+
+def dual_variable(log_dual: Tensor) -> Tensor:
+    """A positive dual variable (alpha_mean, alpha_cov) from its parameter: alpha = softplus(log_alpha) + DUAL_MIN, as in
+    [ACME], which also calls the parameters log_*. A multiplier then grows at most linearly while its bound is violated
+    (with exp, exponentially, until Adam's second moment overflows). Shapes: any; returns the same shape."""
+    return F.softplus(log_dual) + DUAL_MIN
+
+
+def log_dual(init: float, device: torch.device) -> Tensor:
+    """The trainable parameter whose dual_variable is init: the inverse softplus, written stably."""
+    value = max(init - DUAL_MIN, DUAL_MIN)
+    return torch.tensor(value + np.log(-np.expm1(-value)), device=device, requires_grad=True)
+
+
+def kl_penalty(kl: Tensor, alpha: Tensor, epsilon: float) -> tuple[Tensor, Tensor]:
+    """The Lagrangian term alpha (epsilon - E_s KL) of the M-step [MPO App. D.3, TreePI eq. 6], split for simultaneous
+    gradient steps: the policy minimises sg(alpha) E_s KL, the multiplier alpha (epsilon - sg(E_s KL)), so alpha grows
+    while the bound is violated. Symbols: eta_mu, eta_Sigma of [MPO], eta of [TreePI] = alpha; epsilon_mu, epsilon_Sigma,
+    eps_KL = epsilon; C_mu, C_Sigma = kl. Shapes: kl [B]; alpha scalar; returns (policy term, multiplier loss)."""
+    kl = kl.mean()
+    return alpha.detach() * kl, alpha * (epsilon - kl.detach())
+
+
+def q_target(rewards: Tensor, terminated: Tensor, next_q: Tensor, gamma: float) -> Tensor:
+    """y = r_t + gamma (1 - terminated_t) mean_k Q'(s_{t+1}, a_k), a_k ~ pi^(i)(.|s_{t+1}) [TreePI eq. 6, L_Q]; a truncated
+    episode still bootstraps, as the tree's Q-hat = r + gamma (1 - terminated) V. Shapes: rewards, terminated [...];
+    next_q [..., M]; returns [...]."""
+    return rewards + gamma * (1.0 - terminated) * next_q.mean(-1)
+
+
+# == 5. Updates ============================================================================================
 def update(
-    actor: Actor,
-    actor_target: Actor,
+    actor: GaussianActor,
+    actor_target: GaussianActor,
     critic: Critic,
     critic_target: Critic,
-    model: LatentModel | None,
-    simulator: Simulator | None,
-    actor_opt: torch.optim.Optimizer,
-    critic_opt: torch.optim.Optimizer,
-    dual_opt: torch.optim.Optimizer,
-    log_alpha_mean: torch.Tensor,
-    log_alpha_cov: torch.Tensor,
+    model: "SearchModel",
+    plan: Plan,
+    optimizers: tuple[Optimizer, Optimizer, Optimizer],
+    log_alpha_mean: Tensor,
+    log_alpha_cov: Tensor,
     batch: Batch,
-    args: Args,
-) -> dict[str, torch.Tensor]:
-    """One gradient step on L = sum_t L_r + L_Q + L_pi [TreePI eq. 6]: the model, the critic
-    and the policy in one backward pass (they share the latent states), and the multipliers on
-    alpha (epsilon - KL), which are then clamped from below."""
-    valid, count = batch.valid, batch.valid.sum()
-    metrics = {}
-    # s_t: the latent unroll from o_1 on the stored actions [TreePI Sec. 5], or the true state
-    if model is not None:
+    search_states: int,
+    num_samples: int,
+    gamma: float,
+    epsilon_mean: float,
+    epsilon_cov: float | None,
+) -> dict[str, Tensor]:
+    """One gradient step on L = sum_t L_r + L_Q + L_pi [TreePI eq. 6]: the model, the critic and the policy in one backward
+    pass (they share the latent states), and the multipliers on alpha (epsilon - KL); then the duals are clamped."""
+    valid, count, metrics, learned = batch.valid, batch.valid.sum(), {}, isinstance(model, LatentModel)
+    states, next_states, model_loss = batch.obs, batch.next_obs, 0.0  # s_t: the true state (--model true), or
+    if learned:  # the latent unroll from o_1 on the stored actions [TreePI Sec. 5]
         latents, rewards, logits = model.unroll(batch.obs[:, 0], batch.actions)  # [B, T+1, L]
-        states, next_states = latents[:, :-1], latents[:, 1:].detach()
+        states, next_states = latents[:, :-1], latents[:, 1:].detach()  # s_{t+1} of the TD target: online, no gradient
         reward_loss = ((rewards - batch.rewards).pow(2) * valid).sum() / count  # [eq. 6] L_r
         # Deviation: a termination head, so that the tree stops where the env would
         term_loss = F.binary_cross_entropy_with_logits(logits, batch.terminated, reduction="none")
         model_loss = reward_loss + (term_loss * valid).sum() / count
         metrics["losses/reward"] = reward_loss.detach()
-    else:
-        states, next_states = batch.obs, batch.next_obs
-        model_loss = torch.zeros((), device=count.device)
-    flat_states = states.flatten(0, 1)  # [B T, X]
+    flat_states = states.flatten(0, 1)  # [B T, L or O]
     # L_Q [eq. 6]: TD to r_t + gamma (1 - terminated_t) E_{a ~ pi^(i)} Q'(s_{t+1}, a)
     with torch.no_grad():
         next_flat = next_states.flatten(0, 1)
-        next_actions, _ = actor_target.candidates(actor_target(next_flat), args.num_samples)
+        next_actions, _ = actor_target.candidates(actor_target(next_flat), num_samples)
         next_q = critic_target(next_flat.unsqueeze(1), actor_target.critic_input(next_actions))
-        target = q_target(batch.rewards, batch.terminated, next_q.view(*valid.shape, -1), args.gamma)
+        target = q_target(batch.rewards, batch.terminated, next_q.view(*valid.shape, -1), gamma)
     q = critic(flat_states, actor_target.critic_input(batch.actions.flatten(0, 1)))  # [B T]
     q_loss = ((q.view_as(valid) - target).pow(2) * valid).sum() / count
-    # E-step [TreePI Alg. 1]: a search from each root replaces MPO's softmax(Q'/eta) weights
-    roots = search_roots(batch, states, simulator, args.search_states)
-    tree = run_search(roots, simulator if model is None else model, actor_target, critic_target, args)
-    actions, weights = tree.actions[:, 0], root_weights(tree, args.eta)  # [n, M, A], [n, M]
-    # M-step [TreePI eq. 6, MPO eq. 10]: weighted maximum likelihood of the searched actions,
-    # under the KL bound to pi^(i) on every valid state (R of [TreePI eq. 6])
+    # E-step [TreePI Alg. 1]: searches from the first search_states valid states (0: all) replace MPO's softmax(Q'/eta)
     mask = valid.flatten().bool()
+    roots = flat_states[mask][: search_states or int(mask.sum())].detach()  # latents, or observations
+    if not learned:  # the simulator's node states [obs | physics]
+        roots = model.roots(roots, batch.physics.flatten(0, 1)[mask][: len(roots)].cpu().numpy())
+    actions, weights = plan(roots)  # [n, M, A], [n, M]
+    # M-step [TreePI eq. 6, MPO eq. 10]: weighted maximum likelihood of the searched actions, under the KL bound to pi^(i)
+    # on every valid state (R of [TreePI eq. 6]); the roots are the first n of them
     with torch.no_grad():
         params_old = actor_target(flat_states[mask])
-    params = actor(flat_states[mask])  # the roots are the first len(roots) valid states
-    root_params = tuple(p[: len(roots)] for p in params)
-    policy_loss = -(weights * actor.log_prob(root_params, actions)).sum(-1).mean()
+    params = actor(flat_states[mask])
+    policy_loss = -(weights * actor.log_prob(tuple(p[: len(weights)] for p in params), actions)).sum(-1).mean()
     kl_mean, kl_cov = actor.kl_terms(params_old, params)  # [n_valid] each
-    if args.epsilon_cov is None:  # [TreePI eq. 6] one bound on the whole KL
+    if epsilon_cov is None:  # [TreePI eq. 6] one bound on the whole KL
         kl_mean, kl_cov = kl_mean + kl_cov, None
     alpha_mean, alpha_cov = dual_variable(log_alpha_mean), dual_variable(log_alpha_cov)
-    penalty, alpha_loss = kl_penalty(kl_mean, alpha_mean, args.epsilon_mean)
+    penalty, alpha_loss = kl_penalty(kl_mean, alpha_mean, epsilon_mean)
     metrics.update({"stats/kl_mean": kl_mean.detach().mean(), "stats/alpha_mean": alpha_mean.detach()})
     if kl_cov is not None:
-        penalty_cov, alpha_loss_cov = kl_penalty(kl_cov, alpha_cov, args.epsilon_cov)
+        penalty_cov, alpha_loss_cov = kl_penalty(kl_cov, alpha_cov, epsilon_cov)
         penalty, alpha_loss = penalty + penalty_cov, alpha_loss + alpha_loss_cov
         metrics.update({"stats/kl_cov": kl_cov.detach().mean(), "stats/alpha_cov": alpha_cov.detach()})
-    # disjoint parameters: one backward serves the model, critic, policy and dual steps
-    actor_opt.zero_grad(set_to_none=True)
-    critic_opt.zero_grad(set_to_none=True)
-    dual_opt.zero_grad(set_to_none=True)
-    (model_loss + q_loss + policy_loss + penalty + alpha_loss).backward()
-    actor_opt.step()
-    critic_opt.step()
-    dual_opt.step()
+    for optimizer in optimizers:  # the actor's, the critic's (and the model's), the multipliers'
+        optimizer.zero_grad(set_to_none=True)
+    (model_loss + q_loss + policy_loss + penalty + alpha_loss).backward()  # disjoint parameters: one backward serves all
+    for optimizer in optimizers:
+        optimizer.step()
     with torch.no_grad():
-        for log_dual in (log_alpha_mean, log_alpha_cov):
-            log_dual.clamp_(min=LOG_DUAL_MIN)
-    log_prior = -float(np.log(args.num_samples))
-    kl_q = (torch.xlogy(weights, weights) - weights * log_prior).sum(-1).mean()  # KL(q || pi')
-    metrics.update(
-        {
-            "losses/q": q_loss.detach(),
-            "losses/policy": policy_loss.detach(),
-            "losses/dual": alpha_loss.detach(),
-            "stats/q_mean": (q.detach().view_as(valid) * valid).sum() / count,
-            "stats/kl_q": kl_q,
-            "stats/entropy": actor.entropy(params).detach().mean(),
-        }
-    )
+        for parameter in (log_alpha_mean, log_alpha_cov):
+            parameter.clamp_(min=LOG_DUAL_MIN)
+    metrics.update({"losses/q": q_loss.detach(), "losses/policy": policy_loss.detach(), "losses/dual": alpha_loss.detach()})
+    metrics["stats/q_mean"] = (q.detach().view_as(valid) * valid).sum() / count
+    log_prior = -float(np.log(num_samples))
+    metrics["stats/kl_q"] = (torch.xlogy(weights, weights) - weights * log_prior).sum(-1).mean()  # KL(q || pi^(i))
+    metrics["stats/entropy"] = actor.entropy(params).detach().mean()
     return metrics
 
 
-# == 8. Evaluation =====================================================================
-def evaluate(act: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int) -> list[float]:
-    """Undiscounted returns of `episodes` episodes of act(obs) -> action, reset with seed + i."""
+# == 6. True model =========================================================================================
+# The observation, reward and termination of gymnasium 1.4's v5 MuJoCo envs' step(), vectorised over batches [n, ...] of
+# (qpos before, qpos after, qvel after, action) with the env's own weights, give (obs, rewards, terminated); tests compare
+# them with env.step.
+
+
+def _locomotion(env: gym.Env, qpos0: np.ndarray, qpos: np.ndarray, qvel: np.ndarray, actions: np.ndarray) -> tuple:
+    """HalfCheetah and Swimmer (never terminated), Hopper and Walker2d (a healthy reward, terminated when unhealthy)."""
+    reward, healthy = env._forward_reward_weight * ((qpos[:, 0] - qpos0[:, 0]) / env.dt), np.ones(len(qpos), dtype=bool)
+    if hasattr(env, "_healthy_reward"):
+        (z_low, z_high), (angle_low, angle_high) = env._healthy_z_range, env._healthy_angle_range
+        z, angle = qpos[:, 1], qpos[:, 2]
+        healthy = (z_low < z) & (z < z_high) & (angle_low < angle) & (angle < angle_high)
+        if hasattr(env, "_healthy_state_range"):  # Hopper also bounds state_vector()[2:]
+            state, (low, high) = np.concatenate([qpos, qvel], 1)[:, 2:], env._healthy_state_range
+            healthy &= ((low < state) & (state < high)).all(1)
+        reward, qvel = reward + env._healthy_reward * healthy, np.clip(qvel, -10, 10)
+    obs = np.concatenate([qpos, qvel], 1)[:, -env.observation_space.shape[0] :]  # without the excluded x (and y) position
+    terminated = ~healthy & getattr(env, "_terminate_when_unhealthy", False)
+    return obs, reward - env._ctrl_cost_weight * np.square(actions).sum(1), terminated
+
+
+def _inverted_pendulum(env: gym.Env, qpos0: np.ndarray, qpos: np.ndarray, qvel: np.ndarray, actions: np.ndarray) -> tuple:
+    obs = np.concatenate([qpos, qvel], 1)
+    terminated = ~np.isfinite(obs).all(1) | (np.abs(obs[:, 1]) > 0.2)
+    return obs, (~terminated).astype(np.float64), terminated
+
+
+LOCOMOTION = ("half_cheetah_v5:HalfCheetahEnv", "swimmer_v5:SwimmerEnv", "hopper_v5:HopperEnv", "walker2d_v5:Walker2dEnv")
+FAST_ENVS = {f"gymnasium.envs.mujoco.{entry}": _locomotion for entry in LOCOMOTION}  # env class -> its step outcome
+FAST_ENVS["gymnasium.envs.mujoco.inverted_pendulum_v5:InvertedPendulumEnv"] = _inverted_pendulum
+STATE_SPEC = mujoco.mjtState.mjSTATE_FULLPHYSICS  # time, qpos, qvel, act, ...: what rollout steps
+
+
+class Simulator:
+    """The true model [TreePI Sec. 6.2]: the env's MuJoCo simulation stepped from saved node states [obs (O) | mj_getState
+    (P)] in float64, FAST_ENVS by frame_skip mj_steps on a bare MjData (one thread: a loop, cheaper than `mujoco.rollout`'s
+    calls; --threads > 1: `mujoco.rollout`), others by their own step(); never through TimeLimit (a search is no step)."""
+
+    def __init__(self, env_id: str, threads: int):
+        env = make_env(env_id).unwrapped
+        if not isinstance(env, MujocoEnv):
+            raise UsageError(
+                f"--model true steps saved MuJoCo states: it needs a gymnasium MuJoCo env (HalfCheetah-v5, Hopper-v5, "
+                f"Walker2d-v5, ...), and {env_id} is not one; use --model learned"
+            )
+        env.reset(seed=0)
+        self.env, self.mj_model, self.obs_dim = env, env.model, env.observation_space.shape[0]
+        space = env.action_space
+        low, high = (torch.as_tensor(bound, dtype=torch.float32).flatten() for bound in (space.low, space.high))
+        self.action_scale, self.action_bias = (high - low) / 2, (high + low) / 2  # GaussianActor.env_action's
+        self.outcome = FAST_ENVS.get(f"{type(env).__module__}:{type(env).__name__}")
+        self.thread_data = [mujoco.MjData(self.mj_model) for _ in range(threads)]  # one per thread
+        self.state_size = mujoco.mj_stateSize(self.mj_model, STATE_SPEC)
+        start, nq, nv = mujoco.mj_stateSize(self.mj_model, mujoco.mjtState.mjSTATE_TIME), self.mj_model.nq, self.mj_model.nv
+        self.qpos, self.qvel = slice(start, start + nq), slice(start + nq, start + nq + nv)  # in a saved state
+
+    def physics(self, env: gym.Env) -> np.ndarray:
+        state = np.empty(self.state_size)  # the saved state [P] of a (wrapped) env's simulation
+        mujoco.mj_getState(env.unwrapped.model, env.unwrapped.data, state, STATE_SPEC)
+        return state
+
+    def roots(self, obs: Tensor, physics: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.concatenate([obs.cpu().numpy(), physics], 1).astype(np.float64))  # [obs | physics]
+
+    def features(self, states: Tensor) -> Tensor:
+        return states[:, : self.obs_dim].float()  # the networks' input at a node: its observation [n, O]
+
+    def step(self, states: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One env step from each node state: next states [n, S], the env's rewards [n] and continuation 1 - terminated [n]."""
+        physics = states[:, self.obs_dim :].cpu().numpy()  # [n, P]
+        env_actions = (actions.cpu().clamp(-1.0, 1.0) * self.action_scale + self.action_bias).numpy()  # float32, as executed
+        next_physics, data, frame_skip = np.empty_like(physics), self.thread_data[0], self.env.frame_skip
+        if self.outcome is None:  # the env's own step() on its own data
+            data, obs = self.env.data, np.empty((len(physics), self.obs_dim))
+            rewards, terminated = np.empty(len(physics)), np.empty(len(physics), dtype=bool)
+            for i in range(len(physics)):
+                mujoco.mj_setState(self.mj_model, data, physics[i], STATE_SPEC)
+                mujoco.mj_forward(self.mj_model, data)  # positions the env reads before stepping
+                obs[i], rewards[i], terminated[i], _, _ = self.env.step(env_actions[i])
+                mujoco.mj_getState(self.mj_model, data, next_physics[i], STATE_SPEC)
+        elif len(self.thread_data) > 1:  # [n, frame_skip, P]: the state after each mj_step, the last one ends the env step
+            control = np.repeat(env_actions[:, None].astype(np.float64), frame_skip, axis=1)
+            next_physics = mujoco.rollout.rollout(self.mj_model, self.thread_data, physics, control, persistent_pool=True)[0][
+                :, -1
+            ]
+        else:
+            for i in range(len(physics)):
+                mujoco.mj_setState(self.mj_model, data, physics[i], STATE_SPEC)
+                data.qacc_warmstart[:] = 0.0  # as a fresh rollout: independent of the last row
+                data.ctrl[:] = env_actions[i]
+                mujoco.mj_step(self.mj_model, data, nstep=frame_skip)
+                mujoco.mj_getState(self.mj_model, data, next_physics[i], STATE_SPEC)
+        if self.outcome is not None:
+            qpos, qvel = next_physics[:, self.qpos], next_physics[:, self.qvel]
+            obs, rewards, terminated = self.outcome(self.env, physics[:, self.qpos], qpos, qvel, env_actions)
+        next_states = torch.from_numpy(np.concatenate([obs, next_physics], 1))
+        return next_states, torch.from_numpy(rewards), torch.from_numpy(1.0 - terminated)
+
+
+SearchModel = LatentModel | Simulator  # what a search steps: node states, features(states) and step(states, actions)
+
+
+# == 7. Training ===========================================================================================
+def train(args: Args) -> dict:
+    """Train TreePI; returns the final metrics, counters and the run directory."""
+    device = setup(args)  # seeds, torch threads, device
+    # -- environments
+    envs = make_vec_env(args.env, args.num_envs)
+    obs_dim, action_space = envs.single_observation_space.shape[0], envs.single_action_space
+    action_dim, learned = int(np.prod(action_space.shape)), args.model == "learned"
+    # -- networks and optimizers: pi and Q read latent states (learned model) or true observations
+    in_dim = args.model_sizes[-1] if learned else obs_dim
+    policy = (in_dim, action_space, args.policy_hidden_sizes, args.activation, args.layer_norm, args.full_covariance)
+    actor, actor_target = (GaussianActor(*policy).to(device) for _ in range(2))
+    actor_target.load_state_dict(actor.state_dict())
+    actor_target.requires_grad_(False)
+    value = (in_dim, action_dim, args.critic_hidden_sizes, args.activation, args.layer_norm)
+    critic, critic_target = Critic(*value).to(device), Critic(*value).to(device)
+    critic_target.load_state_dict(critic.state_dict())
+    critic_target.requires_grad_(False)
+    log_alpha_mean, log_alpha_cov = log_dual(args.alpha_mean_init, device), log_dual(args.alpha_cov_init, device)
+    # the search's model: the learned one (whose reward network has the critic's hidden sizes), or the simulator
+    latent = (obs_dim, action_dim, args.model_sizes, args.critic_hidden_sizes, args.activation, args.layer_norm)
+    model = LatentModel(*latent).to(device) if learned else Simulator(args.env, args.threads)
+    # fused Adam: one kernel per step for all parameters instead of several per tensor
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, fused=True)
+    # the model learns from every loss through the latents; its step rides with the critic's
+    critic_opt = torch.optim.Adam([*critic.parameters(), *(model.parameters() if learned else [])], lr=args.q_lr, fused=True)
+    dual_opt = torch.optim.Adam([log_alpha_mean, log_alpha_cov], lr=args.dual_lr, fused=True)
+    propose = proposals(actor_target, critic_target, model.features, args.num_samples)
+
+    @torch.no_grad()
+    def plan(roots: Tensor) -> tuple[Tensor, Tensor]:  # the E-step [TreePI Alg. 1]: a search with pi^(i) and Q' per root
+        tree = search(roots, propose, model.step, args.num_rollouts, args.depth, args.temperature, args.gamma)
+        return tree.actions[:, 0], root_weights(tree, args.temperature)
+
+    acting = plan if args.act == "search" else None  # TreePI/search acts by searching, TreePI/pi with pi^(i)
+    nets = (actor, actor_target, critic, critic_target, model, plan, (actor_opt, critic_opt, dual_opt))  # update's inputs
+    numbers = (args.search_states, args.num_samples, args.gamma, args.epsilon_mean, args.epsilon_cov)  # and its numbers
+    # -- storage: never more rows than the run can fill (Table 1's 2e6 would be 0.5 GB)
+    capacity = min(args.buffer_size, args.total_steps + args.num_envs * args.snippet_length)
+    widths = dict(obs=(obs_dim,), actions=(action_dim,), next_obs=(obs_dim,), physics=(0 if learned else model.state_size,))
+    replay = SnippetReplay(capacity, args.num_envs, widths, args.snippet_length, device)
+
+    def greedy_action(obs: Tensor) -> Tensor:  # evaluation: greedy --act, a search from the evaluation env's own state
+        physics = None if learned else model.physics(run.eval_env)[None]
+        return actor_target.env_action(select_actions(obs[None], physics, model, actor_target, acting, greedy=True))[0]
+
+    # -- run: directory, logging, evaluation, saving, resume (below the fence)
+    saved = dict(actor=actor, actor_target=actor_target, critic=critic, critic_target=critic_target)
+    saved.update(model=model if learned else None, log_alpha_mean=log_alpha_mean, log_alpha_cov=log_alpha_cov)
+    train_state = dict(actor_opt=actor_opt, critic_opt=critic_opt, dual_opt=dual_opt, replay=replay)
+    run = Run(args, envs, model=saved, train_state=train_state, act=greedy_action)
+    if args.eval_only:
+        return run.evaluate_only()
+    global_step, num_updates = run.start()
+    obs, _ = envs.reset(seed=args.seed + global_step)  # a resumed run starts fresh episodes
+    while global_step < args.total_steps:
+        # act: with pi^(i), or a search from each env's current state [TreePI Alg. 2]
+        physics = np.stack([model.physics(env) for env in envs.unwrapped.envs]) if not learned else np.zeros((len(obs), 0))
+        observations = torch.as_tensor(obs, dtype=torch.float32, device=device)
+        actions = select_actions(observations, physics, model, actor_target, acting, greedy=False)
+        # step: the env executes the action clipped to its bounds; the replay keeps the sample
+        next_obs, rewards, terminated, truncated, infos = envs.step(actor.env_action(actions).cpu().numpy())
+        global_step += args.num_envs
+        run.add_episodes(global_step, infos)
+        # store: an ended episode's true last observation, never the next episode's first
+        ended, real_next_obs = terminated | truncated, next_obs.copy()
+        for i in np.flatnonzero(ended):
+            real_next_obs[i] = infos["final_obs"][i]
+        replay.add(obs, actions, rewards, real_next_obs, terminated, ended, physics)  # in the order of COLUMNS
+        obs = next_obs
+        # update: updates_per_step gradient steps on eq. 6 per environment step
+        if global_step >= args.learning_starts:
+            for _ in range(args.updates_per_step * args.num_envs):
+                batch = replay.sample(args.batch_size)
+                run.add_metrics(update(*nets, log_alpha_mean, log_alpha_cov, batch, *numbers))
+                num_updates += 1
+                if num_updates % args.target_network_frequency == 0:
+                    critic_target.load_state_dict(critic.state_dict())  # Q' <- Q [Table 1]
+                if num_updates % args.policy_target_frequency == 0:
+                    actor_target.load_state_dict(actor.state_dict())  # pi^(i+1) <- pi [Sec. 5]
+        run.step(global_step, num_updates)  # log, evaluate and save as scheduled; stop on a signal
+    return run.finish(global_step, num_updates)
+
+
+# ======== run plumbing below: identical in every file, not needed to read the algorithm ========
+import dataclasses
+import difflib
+import importlib
+import json
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+CHECKPOINT_FORMAT = 2  # 2: model and training state saved by name
+
+
+class UsageError(Exception):
+    """Bad user input: `main` prints it as one line on stderr and returns 2."""
+
+
+class Stopped(Exception):
+    """Stopped(message, exit code): a SIGINT or SIGTERM ended training after resume.pt was written."""
+
+
+def check_args(args: Args) -> None:
+    """Raise UsageError with the first failed check: the shared arguments', then the algorithm's."""
+    positive = min(args.total_steps, args.num_envs, args.threads, args.log_every, args.eval_episodes) > 0
+    checks = [
+        (positive, "--total-steps, --num-envs, --threads, --log-every and --eval-episodes must be positive"),
+        (min(args.eval_every, args.checkpoint_every) >= 0, "--eval-every and --checkpoint-every must be >= 0"),
+        (args.checkpoint is not None or not args.eval_only, "--eval-only needs --checkpoint PATH"),
+        (args.resume is None or args.checkpoint is None, "give either --resume or --checkpoint, not both"),
+        (not os.path.exists(args.log_dir) or os.path.isdir(args.log_dir), f"--log-dir {args.log_dir} is not a directory"),
+        (not args.cuda or torch.cuda.is_available(), "--cuda was given but torch sees no CUDA device"),
+        *algorithm_checks(args),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
+def make_env(env_id: str, render_mode: str | None = None) -> gym.Env:
+    """One gymnasium env whose spaces this algorithm takes; `module:Env-v0` imports `module` first (an env it
+    registers). An unknown id, a module that fails to import or a missing dependency is a UsageError."""
+    module, _, name = env_id.rpartition(":")
+    try:
+        importlib.import_module(module) if module else None
+    except Exception as e:  # noqa: BLE001 (whatever the user's module raises: one line)
+        raise UsageError(f"cannot import {module} for --env {env_id}: {type(e).__name__}: {e}") from None
+    if name not in gym.registry:
+        close = difflib.get_close_matches(name, list(gym.registry), n=3, cutoff=0.6)
+        raise UsageError(f"unknown env id {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    try:
+        env = gym.make(name, **({} if render_mode is None else {"render_mode": render_mode}))
+    except gym.error.DependencyNotInstalled as e:
+        raise UsageError(f"{name} needs a package that is not installed: {e}") from None
+    space, needs = env.action_space, " or ".join(space.__name__ for space in ACTION_SPACES)
+    if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
+        raise UsageError(f"{name} has observation space {env.observation_space}; {ALGO} needs a flat Box")
+    if not isinstance(space, ACTION_SPACES) or (isinstance(space, gym.spaces.Box) and not space.is_bounded()):
+        raise UsageError(f"{name} has the action space {space}; {ALGO} needs a {needs} (a bounded one if a Box)")
+    return env
+
+
+def make_vec_env(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
+    """Training envs, SAME_STEP autoreset: an ended episode's last observation is in infos["final_obs"] and
+    the returned observation starts the next one; its return and length are in infos["episode"]."""
+    envs = [lambda: make_env(env_id) for _ in range(num_envs)]
+    envs = gym.vector.SyncVectorEnv(envs, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    return gym.wrappers.vector.RecordEpisodeStatistics(envs)
+
+
+def make_eval_env(env_id: str, video_dir: str | None, episodes: int) -> gym.Env:
+    """The evaluation env; with video_dir, the first of every `episodes` episodes is recorded there, or,
+    where rendering cannot start, one line is printed and the run goes on without."""
+    if video_dir is None:
+        return make_env(env_id)
+    os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo rendering
+    env = make_env(env_id, "rgb_array")
+    try:
+        env.reset(seed=0)
+        env.render()  # fails here without a GL backend
+        trigger = lambda episode: episode % episodes == 0
+        return gym.wrappers.RecordVideo(env, video_dir, episode_trigger=trigger, name_prefix="eval")
+    except Exception as e:  # noqa: BLE001 (no GL backend, moviepy missing, ...)
+        print(f"video capture disabled: {type(e).__name__}: {e}".splitlines()[0], flush=True)
+        env.close()
+        return make_env(env_id)
+
+
+@torch.no_grad()
+def evaluate(act: Callable[[Tensor], Tensor], env: gym.Env, episodes: int, seed: int, device: torch.device) -> list[float]:
+    """Undiscounted returns of `episodes` episodes of the deterministic act(obs) -> action, reset with seed + i."""
     returns = []
     for i in range(episodes):
-        obs, _ = env.reset(seed=seed + i)
-        total, done = 0.0, False
+        (obs, _), total, done = env.reset(seed=seed + i), 0.0, False
         while not done:
-            obs, reward, terminated, truncated, _ = env.step(act(obs))
-            total += float(reward)
-            done = terminated or truncated
+            action = act(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total, done = total + float(reward), terminated or truncated
         returns.append(total)
     return returns
 
 
-# == 9. Checkpoints ====================================================================
-def save_checkpoint(path: str, payload: dict) -> None:
-    """torch.save to a temporary file, then rename: a killed run never leaves a broken file."""
-    tmp = f"{path}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str, env: str | None = None, device: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint of this algorithm (and of `env`, when given) with weights_only=True."""
+def load_checkpoint(path: str, env: str | None = None, training: bool = False) -> dict:
+    """A checkpoint of this algorithm (of `env`, and with training state, if asked), read with weights_only."""
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint not found: {path}")
     try:
-        payload = torch.load(path, map_location=device, weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 (whatever makes the file unreadable: one clear line)
-        raise UsageError(f"cannot read checkpoint {path}: {type(e).__name__}") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"{path} is not a checkpoint of this repository (format {CHECKPOINT_FORMAT})")
-    if payload["algo"] != ALGO:
-        raise UsageError(f"{path} is a {payload['algo']} checkpoint, not {ALGO}")
-    if env is not None and payload["env"] != env:
-        raise UsageError(f"{path} was trained on {payload['env']}, not {env}")
+        reason = f"{type(e).__name__}: {e}".splitlines()[0][:160]
+        raise UsageError(f"cannot read checkpoint {path}: truncated, corrupted or not a torch file ({reason})") from None
+    payload = payload if isinstance(payload, dict) else {}
+    problems = [
+        (not {"format", "algo", "env", "args", "state"} <= payload.keys(), "is not a checkpoint of this repository"),
+        (
+            payload.get("format") != CHECKPOINT_FORMAT,
+            f"has format {payload.get('format')}; this file reads {CHECKPOINT_FORMAT}",
+        ),
+        (payload.get("algo") != ALGO, f"is a {payload.get('algo')} checkpoint, not {ALGO}"),
+        (env is not None and payload.get("env") != env, f"was trained on {payload.get('env')}, not {env}"),
+        (training and "train" not in payload, "holds no training state (a model.pt?): give it to --checkpoint to fine-tune"),
+    ]
+    for problem, message in problems:
+        if problem:
+            raise UsageError(f"{path} {message}")
     return payload
 
 
+def state_of(things: dict) -> dict:
+    """The saved form of modules, optimizers and storage (their state_dict) and of tensors, by name."""
+    return {k: v.detach() if isinstance(v, Tensor) else v.state_dict() for k, v in things.items() if v is not None}
+
+
+def load_state(things: dict, state: dict, path: str) -> None:
+    """Load `state_of`'s output back in place; a checkpoint that does not fit is a UsageError."""
+    try:
+        for k, v in things.items():
+            if isinstance(v, Tensor):
+                v.data.copy_(state[k])
+            elif v is not None:
+                v.load_state_dict(state[k])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise UsageError(f"{path} does not fit this run's networks: {str(e).splitlines()[0][:160]}") from None
+
+
 def rng_state() -> dict:
-    """Python, numpy and torch random states as plain values and tensors."""
+    """Python, numpy and torch random states as plain values and tensors (torch.load's weights_only)."""
     kind, key, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss],
-        "torch": torch.get_rng_state(),
-    }
+    numpy = [kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss]
+    return {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
 
 
 def set_rng_state(state: dict) -> None:
@@ -1158,62 +1008,98 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-# == 10. Training ======================================================================
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def setup(args: Args) -> torch.device:
+    """Seed python, numpy and torch, set torch's CPU threads, and return the device."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    return torch.device("cuda" if args.cuda else "cpu")
 
 
-def open_run(args: Args) -> tuple[str, SummaryWriter]:
-    """The run directory (a new one, or the resumed run's) and its tensorboard writer."""
-    if args.resume is not None:
-        run_dir = os.path.dirname(os.path.abspath(args.resume))
-    else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = os.path.join(args.log_dir, f"{args.env}__{ALGO}__{args.seed}__{stamp}")
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=2)
-    writer = SummaryWriter(run_dir)
-    table = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
-    writer.add_text("args", f"|argument|value|\n|-|-|\n{table}")
-    return run_dir, writer
+class Run:
+    """Everything around `train`'s loop: run directory, tensorboard, progress line, evaluation and saving as
+    scheduled, --resume, --checkpoint (fine-tuning or --eval-only), SIGINT and SIGTERM, final evaluation.
 
+    model: what model.pt saves; train_state: what resume.pt adds (optimizers, storage, statistics); both by
+    name, as modules, tensors or objects with state_dict. act: obs -> deterministic action, for evaluation."""
 
-def saved_args(args: Args) -> dict:
-    """Arguments stored in a checkpoint: the run's settings without the load/resume paths."""
-    return dataclasses.asdict(dataclasses.replace(args, checkpoint=None, resume=None, eval_only=False))
+    def __init__(self, args: Args, envs: gym.vector.VectorEnv, model: dict, train_state: dict, act: Callable):
+        self.args, self.envs, self.model, self.train_state, self.act = args, envs, model, train_state, act
+        self.device = torch.device("cuda" if args.cuda else "cpu")
+        self.sums, self.counts, self.returns, self.eval_return, self.eval_step = {}, {}, [], float("nan"), None
+        self.writer, self.eval_env, self.stop_signal, self.handlers = None, None, None, {}
+        if args.checkpoint is not None:
+            load_state(model, load_checkpoint(args.checkpoint, args.env)["state"], args.checkpoint)
 
+    def start(self) -> tuple[int, int]:
+        """Open the run directory (new, or the resumed run's), restore --resume, catch SIGINT and SIGTERM;
+        return (global_step, num_updates)."""
+        args, global_step, num_updates = self.args, 0, 0
+        self.run_dir = os.path.join(args.log_dir, f"{args.env}__{ALGO}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+        if args.resume is not None:
+            saved = load_checkpoint(args.resume, args.env, training=True)
+            load_state(self.model, saved["state"], args.resume)
+            load_state(self.train_state, saved["train"], args.resume)
+            set_rng_state(saved["train"]["rng"])
+            global_step, num_updates = saved["global_step"], saved["train"]["num_updates"]
+            self.run_dir = os.path.dirname(os.path.abspath(args.resume))
+        elif args.checkpoint is not None:
+            print(f"fine-tuning {args.checkpoint}: its weights; optimizers, storage and step count start afresh")
+        try:  # a resumed run records its new arguments (a longer --total-steps, say)
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "args.json"), "w") as f:
+                json.dump(dataclasses.asdict(args), f, indent=2)
+        except OSError as e:
+            raise UsageError(f"cannot write the run directory {self.run_dir}: {e.strerror}") from None
+        self.writer = SummaryWriter(self.run_dir)
+        table = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
+        self.writer.add_text("args", f"|argument|value|\n|-|-|\n{table}")
+        video_dir = os.path.join(self.run_dir, "videos") if args.capture_video else None
+        self.eval_env = make_eval_env(args.env, video_dir, args.eval_episodes)
+        self.last = (time.perf_counter(), global_step, num_updates)
+        self.next_log, self.next_eval, self.next_save = (
+            global_step + n for n in (args.log_every, args.eval_every, args.checkpoint_every)
+        )
+        for sig in (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ():
+            # stop at the end of this step, after writing resume.pt
+            self.handlers[sig] = signal.signal(sig, lambda signum, frame: setattr(self, "stop_signal", signum))
+        return global_step, num_updates
 
-class Progress:
-    """Sums metric tensors between log lines (no host sync per step) and writes the log line."""
-
-    def __init__(self, writer: SummaryWriter, start_step: int, start_updates: int):
-        self.writer, self.sums, self.counts = writer, {}, {}
-        self.returns: list[float] = []
-        self.eval_return = float("nan")
-        self.last = (time.perf_counter(), start_step, start_updates)
-
-    def add_metrics(self, metrics: dict[str, torch.Tensor]) -> None:
+    def add_metrics(self, metrics: dict[str, Tensor]) -> None:
+        """Sum an update's metric tensors until the next log line (no host sync per update)."""
         for k, v in metrics.items():
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
             self.counts[k] = self.counts.get(k, 0) + 1  # per key: updates log different keys
 
-    def add_episode(self, global_step: int, episode_return: float, length: int) -> None:
-        self.writer.add_scalar("charts/episodic_return", episode_return, global_step)
-        self.writer.add_scalar("charts/episodic_length", length, global_step)
-        self.returns.append(episode_return)
+    def add_episodes(self, global_step: int, infos: dict) -> None:
+        """Log the training episodes that ended at this step (from gymnasium's RecordEpisodeStatistics)."""
+        for i in np.flatnonzero(infos.get("_episode", [])):
+            self.returns.append(float(infos["episode"]["r"][i]))
+            self.writer.add_scalar("charts/episodic_return", self.returns[-1], global_step)
+            self.writer.add_scalar("charts/episodic_length", int(infos["episode"]["l"][i]), global_step)
 
-    def add_eval(self, global_step: int, returns: list[float]) -> None:
-        self.eval_return = float(np.mean(returns))
-        self.writer.add_scalar("charts/eval_return", self.eval_return, global_step)
+    def step(self, global_step: int, num_updates: int) -> None:
+        """End of a loop step: after a signal write resume.pt and stop; else log, evaluate and save as scheduled."""
+        args = self.args
+        if self.stop_signal is not None:
+            path, name = self.save(global_step, num_updates, True), signal.Signals(self.stop_signal).name
+            self.close()
+            raise Stopped(f"{name}: stopped at step {global_step}; continue with --resume {path}", 128 + self.stop_signal)
+        if global_step >= self.next_log:
+            self.log(global_step, num_updates)
+            self.next_log += args.log_every
+        if args.eval_every and global_step >= self.next_eval:
+            self.evaluate(global_step, num_updates)
+            self.next_eval += args.eval_every
+        if args.checkpoint_every and global_step >= self.next_save:
+            self.save(global_step, num_updates, True)
+            self.next_save += args.checkpoint_every
 
     def log(self, global_step: int, num_updates: int) -> None:
-        now = time.perf_counter()
-        t0, step0, updates0 = self.last
-        sps = (global_step - step0) / max(now - t0, 1e-9)
-        ups = (num_updates - updates0) / max(now - t0, 1e-9)
+        """The progress line; the metrics' means since the last line to tensorboard."""
+        now, (t0, step0, updates0) = time.perf_counter(), self.last
+        sps, ups = (global_step - step0) / max(now - t0, 1e-9), (num_updates - updates0) / max(now - t0, 1e-9)
         self.writer.add_scalar("charts/SPS", sps, global_step)
         self.writer.add_scalar("charts/updates_per_second", ups, global_step)
         for k, v in self.sums.items():
@@ -1223,266 +1109,69 @@ class Progress:
             f"step {global_step} | return {ret} | eval {self.eval_return:.1f} | SPS {sps:.0f} | updates/s {ups:.0f}",
             flush=True,
         )
-        self.sums, self.counts, self.returns = {}, {}, []
-        self.last = (now, global_step, num_updates)
+        self.sums, self.counts, self.returns, self.last = {}, {}, [], (now, global_step, num_updates)
 
-    def finish(self, global_step: int, num_updates: int, run_dir: str) -> None:
+    def evaluate(self, global_step: int, num_updates: int) -> None:
+        """Evaluate on the evaluation env (seeds seed + 10000 + i), log the mean return, write model.pt."""
+        returns = evaluate(self.act, self.eval_env, self.args.eval_episodes, self.args.seed + 10_000, self.device)
+        self.eval_return, self.eval_step = float(np.mean(returns)), global_step
+        self.writer.add_scalar("charts/eval_return", self.eval_return, global_step)
+        if self.args.save_model:
+            self.save(global_step, num_updates, False)
+
+    def save(self, global_step: int, num_updates: int, training: bool) -> str:
+        """model.pt, or resume.pt with the training state, counters and random states; atomic (write, rename)."""
+        args = dataclasses.asdict(dataclasses.replace(self.args, checkpoint=None, resume=None, eval_only=False))
+        payload = dict(format=CHECKPOINT_FORMAT, algo=ALGO, env=self.args.env, args=args, global_step=global_step)
+        payload["state"] = state_of(self.model)
+        if training:
+            payload["train"] = dict(state_of(self.train_state), num_updates=num_updates, rng=rng_state())
+        path = os.path.join(self.run_dir, "resume.pt" if training else "model.pt")
+        torch.save(payload, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
+        return path
+
+    def finish(self, global_step: int, num_updates: int) -> dict:
+        """The final evaluation (unless this step had one), log line and resume.pt; close; the results."""
+        if self.eval_step != global_step:
+            self.evaluate(global_step, num_updates)
         if global_step > self.last[1]:
             self.log(global_step, num_updates)
-        print(f"done: step {global_step} | eval {self.eval_return:.1f} | run {run_dir}", flush=True)
+        print(f"done: step {global_step} | eval {self.eval_return:.1f} | run {self.run_dir}", flush=True)
+        if self.args.checkpoint_every:
+            self.save(global_step, num_updates, True)
+        self.close()
+        return dict(global_step=global_step, num_updates=num_updates, eval_return=self.eval_return, run_dir=self.run_dir)
 
-
-def make_agent(args: Args, obs_dim: int, action_space: gym.spaces.Box, device: torch.device) -> dict:
-    """Networks, their targets pi^(i) and Q', the learned model and the dual variables, by the
-    names their state is saved under; the policy and Q read latents or true observations."""
-    in_dim = args.model_sizes[-1] if args.model == "learned" else obs_dim
-    actor = GaussianActor(in_dim, action_space, args).to(device)
-    actor_target = GaussianActor(in_dim, action_space, args).to(device)
-    actor_target.load_state_dict(actor.state_dict())
-    actor_target.requires_grad_(False)
-    critic = Critic(in_dim, actor.critic_action_dim, args).to(device)
-    critic_target = Critic(in_dim, actor.critic_action_dim, args).to(device)
-    critic_target.load_state_dict(critic.state_dict())
-    critic_target.requires_grad_(False)
-
-    def log_dual(init: float) -> torch.Tensor:
-        """The parameter whose dual_variable is init: the inverse softplus, written stably."""
-        value = max(init - DUAL_MIN, DUAL_MIN)
-        return torch.tensor(value + np.log(-np.expm1(-value)), device=device, requires_grad=True)
-
-    agent = {
-        "actor": actor,
-        "actor_target": actor_target,
-        "critic": critic,
-        "critic_target": critic_target,
-        "log_alpha_mean": log_dual(args.alpha_mean_init),
-        "log_alpha_cov": log_dual(args.alpha_cov_init),
-    }
-    if args.model == "learned":
-        agent["model"] = LatentModel(obs_dim, actor.action_dim, args).to(device)
-    return agent
-
-
-@torch.no_grad()
-def select_actions(
-    agent: dict, simulator: Simulator | None, args: Args, obs: np.ndarray, physics: np.ndarray, greedy: bool
-) -> torch.Tensor:
-    """Actions [n, A] (unclipped, in [-1, 1] units) for observations [n, O] and the simulator's
-    saved states [n, P]: a ~ pi^(i) (--act policy, [TreePI Alg. 2]) or a ~ mu-hat_K, the
-    search's root weights (--act search, eq. 4); greedy: the mean, or the heaviest root action."""
-    actor_target = agent["actor_target"]
-    x = torch.as_tensor(obs, dtype=torch.float32, device=actor_target.action_scale.device)
-    if args.model == "learned":
-        x = agent["model"].encoder(x)
-    if args.act == "policy":
-        return actor_target(x)[0] if greedy else actor_target.sample(x)[0]
-    roots = x if simulator is None else simulator.roots(obs, physics)
-    model = agent["model"] if simulator is None else simulator
-    tree = run_search(roots, model, actor_target, agent["critic_target"], args)
-    weights = root_weights(tree, args.eta)  # [n, M]
-    j = weights.argmax(1) if greedy else torch.multinomial(weights, 1)[:, 0]
-    return tree.actions[torch.arange(len(j), device=j.device), 0, j]
-
-
-def policy_fn(agent: dict, simulator: Simulator | None, args: Args, env: gym.Env) -> Callable[[np.ndarray], np.ndarray]:
-    """act(obs) -> action by the greedy rule of --act, for `evaluate` on `env` (where a search
-    with --model true starts: from env's own simulation state)."""
-
-    def act(obs: np.ndarray) -> np.ndarray:
-        physics = simulator.physics(env)[None] if simulator is not None else obs[None, :0]
-        actions = select_actions(agent, simulator, args, obs[None], physics, greedy=True)
-        return agent["actor_target"].env_action(actions)[0].cpu().numpy()
-
-    return act
-
-
-def agent_state(agent: dict) -> dict:
-    return {k: v.state_dict() if isinstance(v, nn.Module) else v.detach() for k, v in agent.items()}
-
-
-def load_agent_state(agent: dict, state: dict) -> None:
-    for k, v in agent.items():
-        if isinstance(v, nn.Module):
-            v.load_state_dict(state[k])
-        else:
-            with torch.no_grad():
-                v.copy_(state[k])
-
-
-def evaluate_only(args: Args) -> dict:
-    """--eval-only: load the checkpoint's policy and evaluate it."""
-    device = torch.device("cuda" if args.cuda else "cpu")
-    payload = load_checkpoint(args.checkpoint, args.env, device)
-    video_dir = os.path.join(os.path.dirname(args.checkpoint), "videos") if args.capture_video else None
-    env = make_eval_env(args.env, video_dir, args.eval_episodes)
-    check_spaces(args.env, env.observation_space, env.action_space)
-    simulator = Simulator(args.env, args.threads) if args.model == "true" else None
-    agent = make_agent(args, env.observation_space.shape[0], env.action_space, device)
-    load_agent_state(agent, payload["state"])
-    returns = evaluate(policy_fn(agent, simulator, args, env), env, args.eval_episodes, args.seed + 10_000)
-    env.close()
-    print(
-        f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns " + " ".join(f"{r:.1f}" for r in returns),
-        flush=True,
-    )
-    return {"eval_return": float(np.mean(returns)), "eval_returns": returns}
-
-
-def train(args: Args) -> dict:
-    """Train TreePI; returns the final metrics, counters and the run directory."""
-    # -- setup: seeds, device, run directory, writer
-    seed_everything(args.seed)
-    torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.cuda else "cpu")
-    resume = load_checkpoint(args.resume, args.env) if args.resume else None
-    # -- environments
-    envs = make_vec_env(args.env, args.num_envs)
-    check_spaces(args.env, envs.single_observation_space, envs.single_action_space)
-    simulator = Simulator(args.env, args.threads) if args.model == "true" else None
-    run_dir, writer = open_run(args)
-    video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
-    eval_env = make_eval_env(args.env, video_dir, args.eval_episodes)
-    obs_dim = envs.single_observation_space.shape[0]
-    # -- networks and optimizers
-    agent = make_agent(args, obs_dim, envs.single_action_space, device)
-    actor, actor_target, critic, critic_target = (agent[k] for k in ("actor", "actor_target", "critic", "critic_target"))
-    log_alpha_mean, log_alpha_cov = (agent[k] for k in ("log_alpha_mean", "log_alpha_cov"))
-    model = agent.get("model")  # None with --model true
-    # fused Adam: one kernel per step for all parameters instead of several per tensor
-    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, fused=True)
-    # the model learns from every loss through the latents; its step rides with the critic's
-    critic_params = [*critic.parameters(), *(model.parameters() if model is not None else [])]
-    critic_opt = torch.optim.Adam(critic_params, lr=args.q_lr, fused=True)
-    dual_opt = torch.optim.Adam([log_alpha_mean, log_alpha_cov], lr=args.dual_lr, fused=True)
-    optimizers = {"actor_opt": actor_opt, "critic_opt": critic_opt, "dual_opt": dual_opt}
-    # -- storage: never more rows than the run can fill (Table 1's 2e6 would be 0.5 GB)
-    rb = SnippetReplay(
-        min(args.buffer_size, args.total_steps + args.num_envs * args.snippet_length),
-        args.num_envs,
-        obs_dim,
-        actor.action_dim,
-        simulator.state_size if simulator is not None else 0,
-        args.snippet_length,
-        device,
-    )
-    global_step, num_updates = 0, 0
-    if resume is not None:
-        load_agent_state(agent, resume["state"])
-        for name, opt in optimizers.items():
-            if opt is not None:
-                opt.load_state_dict(resume["train"][name])
-        rb.load_state_dict(resume["train"]["replay"])
-        set_rng_state(resume["train"]["rng"])
-        global_step, num_updates = resume["global_step"], resume["train"]["num_updates"]
-    act = policy_fn(agent, simulator, args, eval_env)
-    stats = EpisodeStats(args.num_envs)
-    progress = Progress(writer, global_step, num_updates)
-
-    def payload(with_train_state: bool) -> dict:
-        out = {
-            "format": CHECKPOINT_FORMAT,
-            "algo": ALGO,
-            "env": args.env,
-            "args": saved_args(args),
-            "global_step": global_step,
-            "state": agent_state(agent),
-            "obs_norm": None,
-        }
-        if with_train_state:
-            out["train"] = {name: opt.state_dict() for name, opt in optimizers.items() if opt is not None}
-            out["train"].update(num_updates=num_updates, replay=rb.state_dict(), rng=rng_state())
-        return out
-
-    # -- loop
-    obs, _ = envs.reset(seed=args.seed + global_step)  # a resumed run starts fresh episodes
-    next_eval = global_step + args.eval_every if args.eval_every else None
-    next_log = global_step + args.log_every
-    next_ckpt = global_step + args.checkpoint_every if args.checkpoint_every else None
-    while global_step < args.total_steps:
-        # act: with pi^(i), or a search from each env's current state [TreePI Alg. 2]
-        physics = (
-            np.stack([simulator.physics(env) for env in envs.envs]) if simulator is not None else np.zeros((args.num_envs, 0))
+    def evaluate_only(self) -> dict:
+        """--eval-only: evaluate the --checkpoint weights and print the returns (videos beside the checkpoint)."""
+        args = self.args
+        self.eval_env = make_eval_env(
+            args.env,
+            os.path.join(os.path.dirname(args.checkpoint), "videos") if args.capture_video else None,
+            args.eval_episodes,
         )
-        actions = select_actions(agent, simulator, args, obs, physics, greedy=False)
-        # step: the env executes the action clipped to its bounds; the replay keeps the sample
-        next_obs, rewards, terminated, truncated, infos = envs.step(actor.env_action(actions).cpu().numpy())
-        global_step += args.num_envs
-        ended = terminated | truncated
-        for episode_return, length in stats.update(rewards, ended):
-            progress.add_episode(global_step, episode_return, length)
-        # store: an ended episode's true last observation, never the next episode's first
-        real_next_obs = next_obs.copy()
-        for i in np.flatnonzero(ended):
-            real_next_obs[i] = infos["final_obs"][i]
-        rb.add(
-            obs=obs,
-            actions=actions,
-            rewards=rewards,
-            next_obs=real_next_obs,
-            terminated=terminated,
-            ended=ended,
-            physics=physics,
+        returns = evaluate(self.act, self.eval_env, args.eval_episodes, args.seed + 10_000, self.device)
+        self.close()
+        print(
+            f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns "
+            + " ".join(f"{r:.1f}" for r in returns)
         )
-        obs = next_obs
-        # update: updates_per_step gradient steps on eq. 6 per environment step
-        if global_step >= args.learning_starts:
-            for _ in range(args.updates_per_step * args.num_envs):
-                batch = rb.sample(args.batch_size)
-                progress.add_metrics(
-                    update(
-                        actor,
-                        actor_target,
-                        critic,
-                        critic_target,
-                        model,
-                        simulator,
-                        actor_opt,
-                        critic_opt,
-                        dual_opt,
-                        log_alpha_mean,
-                        log_alpha_cov,
-                        batch,
-                        args,
-                    )
-                )
-                num_updates += 1
-                if num_updates % args.target_network_frequency == 0:
-                    critic_target.load_state_dict(critic.state_dict())  # Q' <- Q [Table 1]
-                if num_updates % args.policy_target_frequency == 0:
-                    actor_target.load_state_dict(actor.state_dict())  # pi^(i+1) <- pi [Sec. 5]
-        # log, evaluate and save
-        if global_step >= next_log:
-            progress.log(global_step, num_updates)
-            next_log += args.log_every
-        if next_eval is not None and global_step >= next_eval:
-            progress.add_eval(global_step, evaluate(act, eval_env, args.eval_episodes, args.seed + 10_000))
-            if args.save_model:
-                save_checkpoint(os.path.join(run_dir, "model.pt"), payload(with_train_state=False))
-            next_eval += args.eval_every
-        if next_ckpt is not None and global_step >= next_ckpt:
-            save_checkpoint(os.path.join(run_dir, "resume.pt"), payload(with_train_state=True))
-            next_ckpt += args.checkpoint_every
-    # -- finish: final evaluation, save, close
-    progress.add_eval(global_step, evaluate(act, eval_env, args.eval_episodes, args.seed + 10_000))
-    progress.finish(global_step, num_updates, run_dir)
-    if args.save_model:
-        save_checkpoint(os.path.join(run_dir, "model.pt"), payload(with_train_state=False))
-    if args.checkpoint_every:
-        save_checkpoint(os.path.join(run_dir, "resume.pt"), payload(with_train_state=True))
-    envs.close()
-    eval_env.close()
-    writer.close()
-    return {"global_step": global_step, "num_updates": num_updates, "eval_return": progress.eval_return, "run_dir": run_dir}
+        return {"eval_return": float(np.mean(returns)), "eval_returns": returns}
+
+    def close(self) -> None:
+        for sig, handler in self.handlers.items():
+            signal.signal(sig, handler)
+        for closable in (self.envs, self.eval_env, self.writer):
+            closable.close() if closable is not None else None
 
 
-# == 11. Entry point ===================================================================
 def parse_args(argv: list[str] | None) -> Args:
-    """tyro parse; with --checkpoint or --resume the saved run's arguments become the defaults,
-    so flags given now override them and everything else matches the saved run."""
+    """tyro parse; with --checkpoint or --resume the saved run's arguments become the defaults, so flags given
+    now override them and everything else matches the saved run."""
     args = tyro.cli(Args, args=argv)
-    path = args.resume or args.checkpoint
-    if path is not None:
-        saved = load_checkpoint(path)["args"]
+    if args.resume or args.checkpoint:
+        saved = load_checkpoint(args.resume or args.checkpoint, training=args.resume is not None)["args"]
         fields = {f.name for f in dataclasses.fields(Args)}
         defaults = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
         args = tyro.cli(Args, args=argv, default=defaults)
@@ -1490,13 +1179,20 @@ def parse_args(argv: list[str] | None) -> Args:
 
 
 def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message=".*settotalmass")  # gymnasium's half_cheetah.xml, under mujoco 4
     try:
         args = parse_args(argv)
         check_args(args)
-        evaluate_only(args) if args.eval_only else train(args)
+        train(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(e.args[0], file=sys.stderr)
+        return e.args[1]
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        print("interrupted: nothing written since the last resume.pt", file=sys.stderr)
+        return 130
     return 0
 
 

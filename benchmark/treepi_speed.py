@@ -3,7 +3,7 @@
 For B root states and N rollouts a search makes N-1 model calls (B transitions each) and N
 policy/critic calls (B*M actions each). This script times, interleaved and repeated so that
 a shared machine's load hits both sides alike:
-  search   run_search from B roots, wall time;
+  search   treepi.search from B roots with pi^(i) and Q' (treepi.proposals), wall time;
   network  the same network calls without a tree: N x (model step + policy samples + critic)
            on B rows (learned model), or N x (policy samples + critic) (true model);
   physics  (true model) the N-1 env steps of B states alone: mujoco.rollout on the same saved
@@ -63,10 +63,18 @@ def main() -> None:
     flags = ["--env", cli.env, "--model", cli.model, *cli.flags.split()]
     args = treepi.tyro.cli(treepi.Args, args=flags)
     env = treepi.make_env(cli.env)
-    obs_dim = env.observation_space.shape[0]
-    agent = treepi.make_agent(args, obs_dim, env.action_space, torch.device("cpu"))
-    actor, critic = agent["actor_target"], agent["critic_target"]
+    obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    # pi^(i), Q' and the search's model, built as treepi.train builds them
+    in_dim = args.model_sizes[-1] if cli.model == "learned" else obs_dim
+    policy = (args.policy_hidden_sizes, args.activation, args.layer_norm, args.full_covariance)
+    actor = treepi.GaussianActor(in_dim, env.action_space, *policy).requires_grad_(False)
+    critic = treepi.Critic(in_dim, action_dim, args.critic_hidden_sizes, args.activation, args.layer_norm).requires_grad_(
+        False
+    )
     simulator = treepi.Simulator(cli.env, 1) if cli.model == "true" else None
+    latent = (obs_dim, action_dim, args.model_sizes, args.critic_hidden_sizes, args.activation, args.layer_norm)
+    model = treepi.LatentModel(*latent).requires_grad_(False) if simulator is None else simulator
+    propose = treepi.proposals(actor, critic, model.features, args.num_samples)
     n = args.num_rollouts
     print(
         f"{cli.model} model, {cli.env}, M={args.num_samples} K={args.depth} N={n}, "
@@ -85,24 +93,21 @@ def main() -> None:
             obs_rows.append(obs)
             physics_rows.append(simulator.physics(env) if simulator else np.zeros(0))
         obs_rows, physics_rows = np.stack(obs_rows), np.stack(physics_rows)
-        if simulator is None:
-            roots = agent["model"].encoder(torch.as_tensor(obs_rows, dtype=torch.float32)).detach()
-            model = agent["model"]
-        else:
-            roots, model = simulator.roots(obs_rows, physics_rows), simulator
-        x = model.features(roots).float()
-        actions = actor.candidates(actor(x), args.num_samples)[0]
+        roots = model.roots(torch.as_tensor(obs_rows, dtype=torch.float32), physics_rows)  # latents, or [obs | physics]
+        features = model.features(roots).float()
+        actions = actor.candidates(actor(features), args.num_samples)[0]
 
         @torch.no_grad()
         def networks():
             for i in range(n):
                 if simulator is None and i > 0:
                     model.step(roots, actions[:, 0])
-                a, _ = actor.candidates(actor(x), args.num_samples)
-                critic(x.unsqueeze(1), actor.critic_input(a))
+                sampled, _ = actor.candidates(actor(features), args.num_samples)
+                critic(features.unsqueeze(1), actor.critic_input(sampled))
 
+        @torch.no_grad()
         def search():
-            treepi.run_search(roots, model, actor, critic, args)
+            treepi.search(roots, propose, model.step, n, args.depth, args.temperature, args.gamma)
 
         results = {"search": [], "network": [], "rollout": [], "mj_step": []}
         if simulator is not None:

@@ -39,6 +39,44 @@ def small_args(log_dir: str, **overrides) -> treepi.Args:
     return treepi.Args(**base)
 
 
+def networks(args: treepi.Args, obs_dim: int, action_space) -> dict:
+    """pi, pi^(i), Q, Q', the multipliers' parameters and the learned model, built in train's order, by saved name."""
+    in_dim = args.model_sizes[-1] if args.model == "learned" else obs_dim
+    action_dim = action_space.shape[0]
+    policy = (args.policy_hidden_sizes, args.activation, args.layer_norm, args.full_covariance)
+    critic = (args.critic_hidden_sizes, args.activation, args.layer_norm)
+    nets = dict(actor=treepi.GaussianActor(in_dim, action_space, *policy))
+    nets["actor_target"] = treepi.GaussianActor(in_dim, action_space, *policy)
+    nets["actor_target"].load_state_dict(nets["actor"].state_dict())
+    nets["critic"] = treepi.Critic(in_dim, action_dim, *critic)
+    nets["critic_target"] = treepi.Critic(in_dim, action_dim, *critic)
+    nets["critic_target"].load_state_dict(nets["critic"].state_dict())
+    for target in (nets["actor_target"], nets["critic_target"]):
+        target.requires_grad_(False)
+    for name in ("alpha_mean", "alpha_cov"):
+        nets[f"log_{name}"] = treepi.log_dual(getattr(args, f"{name}_init"), torch.device("cpu"))
+    if args.model == "learned":
+        nets["model"] = treepi.LatentModel(obs_dim, action_dim, args.model_sizes, *critic)
+    return nets
+
+
+@torch.no_grad()
+def search_with(args: treepi.Args, nets: dict, model, roots: torch.Tensor) -> treepi.Tree:
+    """A search from roots with pi^(i) and Q' on model (the latent model or the simulator), as train's plan runs it."""
+    propose = treepi.proposals(nets["actor_target"], nets["critic_target"], model.features, args.num_samples)
+    return treepi.search(roots, propose, model.step, args.num_rollouts, args.depth, args.temperature, args.gamma)
+
+
+def plan_of(args: treepi.Args, nets: dict, model):
+    """train's plan: roots -> the root actions and weights of a search."""
+
+    def plan(roots):
+        tree = search_with(args, nets, model, roots)
+        return tree.actions[:, 0], root_weights(tree, args.temperature)
+
+    return plan
+
+
 # -- a tiny deterministic problem with known rewards and leaf values -------------------------
 def toy_propose(states: torch.Tensor, num_actions: int) -> tuple[torch.Tensor, torch.Tensor]:
     """M actions that depend on the state (so every node has its own), and a leaf Q."""
@@ -56,9 +94,9 @@ def toy_expand(states, actions, terminal_above=math.inf):
     return next_states, rewards, cont
 
 
-def brute_force_q(state, depth, num_actions, eta, gamma, terminal_above=math.inf):
+def brute_force_q(state, depth, num_actions, temperature, gamma, terminal_above=math.inf):
     """Q-hat^K(s, a^j) of the full tree by plain recursion over python floats [TreePI Sec. 4]:
-    Q-hat^1 = Qbar; Q-hat^k(s, a) = r + gamma (1 - term) eta log mean_j exp(Q-hat^{k-1}(s', a'_j)/eta)."""
+    Q-hat^1 = Qbar; Q-hat^k(s, a) = r + gamma (1 - term) alpha log mean_j exp(Q-hat^{k-1}(s', a'_j)/alpha)."""
     s = torch.tensor([state], dtype=torch.float64)
     actions, q = toy_propose(s, num_actions)
     if depth == 1:
@@ -66,8 +104,8 @@ def brute_force_q(state, depth, num_actions, eta, gamma, terminal_above=math.inf
     out = []
     for j in range(num_actions):
         s2, r, cont = toy_expand(s, actions[:, j], terminal_above)
-        child = brute_force_q(s2[0].tolist(), depth - 1, num_actions, eta, gamma, terminal_above)
-        value = eta * math.log(sum(math.exp(c / eta) for c in child) / num_actions)
+        child = brute_force_q(s2[0].tolist(), depth - 1, num_actions, temperature, gamma, terminal_above)
+        value = temperature * math.log(sum(math.exp(c / temperature) for c in child) / num_actions)
         out.append(float(r[0]) + gamma * float(cont[0]) * value)
     return out
 
@@ -83,12 +121,12 @@ def test_full_search_equals_brute_force_recursion(num_actions, depth, terminal_a
         lambda s, a: toy_expand(s, a, terminal_above),
         num_rollouts=full + 5,
         depth=depth,
-        eta=0.7,
+        temperature=0.7,
         gamma=0.9,
     )
     for b in range(len(roots)):
         expected = brute_force_q(roots[b].tolist(), depth, num_actions, 0.7, 0.9, terminal_above)
-        np.testing.assert_allclose(tree.q[b, 0], expected, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(tree.q_hat[b, 0], expected, rtol=1e-12, atol=1e-12)
     assert tree.complete[:, 0].all()  # the root is complete: nothing was left to expand
     if terminal_above == math.inf:
         assert (tree.size == full).all()  # one node per rollout, never more than the full tree
@@ -99,10 +137,12 @@ def test_partial_search_adds_one_node_per_rollout_and_keeps_its_invariants():
     K-1, an expanded action holds r + gamma (1 - term) V(child), an unexpanded one its Qbar,
     and an action is complete exactly when its subtree is."""
     torch.manual_seed(0)
-    num_actions, depth, eta, gamma, n = 3, 4, 0.5, 0.95, 17
+    num_actions, depth, temperature, gamma, n = 3, 4, 0.5, 0.95, 17
     roots = torch.randn(5, 2, dtype=torch.float64)
-    tree = search(roots, lambda s: toy_propose(s, num_actions), lambda s, a: toy_expand(s, a, 1.0), n, depth, eta, gamma)
-    assert tree.q.shape[1] == n
+    tree = search(
+        roots, lambda s: toy_propose(s, num_actions), lambda s, a: toy_expand(s, a, 1.0), n, depth, temperature, gamma
+    )
+    assert tree.q_hat.shape[1] == n
     # one node per rollout, unless terminals made the whole tree smaller than N
     assert ((tree.size == n) | tree.complete[:, 0].all(1)).all() and (tree.size == n).sum() >= 3
     assert tree.depth.max() == depth - 1
@@ -112,31 +152,31 @@ def test_partial_search_adds_one_node_per_rollout_and_keeps_its_invariants():
             for j in range(num_actions):
                 child = tree.children[b, node, j]
                 if child < 0:
-                    assert tree.q[b, node, j] == pytest.approx(float(leaf_q[0, j]), abs=1e-12)
+                    assert tree.q_hat[b, node, j] == pytest.approx(float(leaf_q[0, j]), abs=1e-12)
                     leaf = tree.depth[b, node] == depth - 1
                     terminal = node > 0 and tree.discounts[b, node] == 0
                     assert tree.complete[b, node, j] == (leaf or terminal)
                     continue
                 assert tree.parent[b, child] == node and tree.slot[b, child] == j
-                child_q = tree.q[b, child]
-                value = eta * math.log(np.mean(np.exp(child_q / eta)))
+                child_q = tree.q_hat[b, child]
+                value = temperature * math.log(np.mean(np.exp(child_q / temperature)))
                 expected = tree.rewards[b, child] + tree.discounts[b, child] * value
-                assert tree.q[b, node, j] == pytest.approx(expected, abs=1e-12)
+                assert tree.q_hat[b, node, j] == pytest.approx(expected, abs=1e-12)
                 terminal = tree.discounts[b, child] == 0
                 full_below = tree.depth[b, child] == depth - 1 or tree.complete[b, child].all()
                 assert tree.complete[b, node, j] == (terminal or full_below)
     assert (tree.discounts[:, 1:] == 0).any() and (tree.discounts[:, 1:] == gamma).any()
 
 
-def test_selection_samples_root_actions_with_softmax_q_over_eta():
+def test_selection_samples_root_actions_with_softmax_q_over_temperature():
     """[TreePI eq. 4] With N = 2 the only descent is the root's: over many identical trees
-    the expanded root action is distributed as softmax(Qbar/eta) (chi-square, 3 dof)."""
+    the expanded root action is distributed as softmax(Qbar/alpha) (chi-square, 3 dof)."""
     np.random.seed(0)
-    num_actions, eta, count = 4, 0.6, 20_000
+    num_actions, temperature, count = 4, 0.6, 20_000
     roots = torch.tensor([[0.2, 0.1]], dtype=torch.float64).expand(count, 2)
-    tree = search(roots, lambda s: toy_propose(s, num_actions), toy_expand, 2, 3, eta, gamma=1.0)
+    tree = search(roots, lambda s: toy_propose(s, num_actions), toy_expand, 2, 3, temperature, gamma=1.0)
     _, q = toy_propose(roots[:1], num_actions)
-    expected = torch.softmax(q[0] / eta, 0).numpy() * count
+    expected = torch.softmax(q[0] / temperature, 0).numpy() * count
     chosen = tree.slot[:, 1]
     observed = np.bincount(chosen, minlength=num_actions)
     chi2 = ((observed - expected) ** 2 / expected).sum()
@@ -145,7 +185,7 @@ def test_selection_samples_root_actions_with_softmax_q_over_eta():
 
 
 def test_completed_subtrees_are_never_revisited():
-    """With eta -> 0 selection is greedy; without the completeness mask the best root action
+    """With alpha -> 0 selection is greedy; without the completeness mask the best root action
     would be chosen again after its one-node subtree (depth 2, terminal children) is done.
     Every rollout must still expand a new root action, in decreasing Qbar order."""
     num_actions = 3
@@ -156,7 +196,7 @@ def test_completed_subtrees_are_never_revisited():
         lambda s, a: toy_expand(s, a, -math.inf),  # every transition terminates
         num_rollouts=4,
         depth=3,
-        eta=1e-3,
+        temperature=1e-3,
         gamma=0.9,
     )
     _, q = toy_propose(roots, num_actions)
@@ -175,7 +215,7 @@ def test_batched_search_equals_single_searches_with_the_same_random_numbers():
     batched = run(roots, uniforms)
     for b in range(len(roots)):
         single = run(roots[b : b + 1], uniforms[:, :, b : b + 1])
-        for field in ("q", "children", "complete", "rewards", "parent", "size"):
+        for field in ("q_hat", "children", "complete", "rewards", "parent", "size"):
             np.testing.assert_array_equal(getattr(batched, field)[b], getattr(single, field)[0])
         torch.testing.assert_close(batched.states[b], single.states[0], rtol=0, atol=0)
     # the random numbers matter: other numbers give another (partial) tree
@@ -185,7 +225,7 @@ def test_batched_search_equals_single_searches_with_the_same_random_numbers():
 
 def test_depth_one_gives_mpo_weights_without_model_calls():
     """K = 1: the search is the root alone, and its weights are MPO's E-step weights
-    softmax_j(Qbar(s, a_j)/eta) over M samples of pi [TreePI Sec. 6.1, MPO+Predictive]."""
+    softmax_j(Qbar(s, a_j)/alpha) over M samples of pi [TreePI Sec. 6.1, MPO+Predictive]."""
     torch.manual_seed(4)
     mean, std = torch.randn(6, 2), torch.rand(6, 2) + 0.1
     w_critic = torch.randn(2)
@@ -209,8 +249,8 @@ def test_depth_one_gives_mpo_weights_without_model_calls():
     torch.testing.assert_close(tree.actions[:, 0], sampled["actions"])
 
 
-def test_unbiased_in_exp_space_with_gamma_one_and_eta_one():
-    """[TreePI App. A.2] gamma = eta (alpha of the paper) = 1, deterministic f: E[exp Q-hat^K(s, a)] =
+def test_unbiased_in_exp_space_with_gamma_one_and_temperature_one():
+    """[TreePI App. A.2] gamma = alpha (the temperature) = 1, deterministic f: E[exp Q-hat^K(s, a)] =
     exp Q*^K(s, a). Problem: pi = N(0, sigma^2), f(s, a) = s + a, r(s, a) = c (s + a),
     Qbar(s, a) = c' (s + a). Then Q*^K(s, a) = (c (K-1) + c')(s + a)
         + sigma^2/2 sum_{i=2..K} (c (K-i) + c')^2 (a Gaussian sum of the K-1 later actions).
@@ -232,10 +272,10 @@ def test_unbiased_in_exp_space_with_gamma_one_and_eta_one():
     a = tree.actions[:, 0, :, 0].numpy()  # [count, M]
     variance = sum((c * (depth - i) + c_leaf) ** 2 for i in range(2, depth + 1))
     q_star = (c * (depth - 1) + c_leaf) * (s0 + a) + sigma**2 / 2 * variance
-    ratio = np.exp(tree.q[:, 0] - q_star).ravel()
+    ratio = np.exp(tree.q_hat[:, 0] - q_star).ravel()
     stderr = ratio.std() / math.sqrt(ratio.size)
     assert abs(ratio.mean() - 1.0) < 4 * stderr
-    log_gap = (tree.q[:, 0] - q_star).ravel()
+    log_gap = (tree.q_hat[:, 0] - q_star).ravel()
     assert log_gap.mean() < -4 * log_gap.std() / math.sqrt(log_gap.size)
 
 
@@ -267,7 +307,7 @@ def test_simulator_reproduces_env_step(env_id):
     rng = np.random.default_rng(3)
     steps, branches = 12, 3
     actions = rng.uniform(-1.3, 1.3, (branches, steps, sim.action_scale.numel())).astype(np.float32)
-    states = sim.roots(np.repeat(obs[None], branches, 0), np.repeat(sim.physics(env)[None], branches, 0))
+    states = sim.roots(torch.as_tensor(np.repeat(obs[None], branches, 0)), np.repeat(sim.physics(env)[None], branches, 0))
     predicted = []
     for t in range(steps):
         states, rewards, cont = sim.step(states, torch.from_numpy(actions[:, t]))
@@ -298,13 +338,13 @@ def test_true_model_search_path_replays_in_the_env():
     sim = Simulator("Hopper-v5", threads=1)
     env = make_env("Hopper-v5")
     obs, _ = env.reset(seed=7)
-    roots = sim.roots(obs[None], sim.physics(env)[None])
+    roots = sim.roots(torch.as_tensor(obs[None]), sim.physics(env)[None])
 
     def propose(states):
         actions = torch.rand(len(states), 4, 3) * 2 - 1
         return actions, sim.features(states)[:, :1].expand(-1, 4) * 0  # Qbar = 0
 
-    tree = search(roots, propose, sim.step, num_rollouts=30, depth=6, eta=1.0, gamma=0.99)
+    tree = search(roots, propose, sim.step, num_rollouts=30, depth=6, temperature=1.0, gamma=0.99)
     node = int(np.argmax(tree.depth[0]))
     path = []
     while node > 0:
@@ -325,7 +365,7 @@ def test_true_model_search_path_replays_in_the_env():
 
 # -- the losses and the model ----------------------------------------------------------------
 def test_tree_backup_and_td_target_share_reward_discount_and_termination():
-    """K = 2 and M = 1 through run_search with a random latent model: the root's value is
+    """K = 2 and M = 1 through proposals and search with a random latent model: the root's value is
     r + gamma (1 - p_term) V(s'), V(s') = Q'(s', a') (one action), which is exactly q_target
     with the model's reward and termination and the same a': one convention for both."""
     torch.manual_seed(8)
@@ -337,19 +377,19 @@ def test_tree_backup_and_td_target_share_reward_discount_and_termination():
         depth=2,
         num_rollouts=2,
         gamma=0.9,
-        eta=0.3,
+        temperature=0.3,
     )
     space = make_env("InvertedPendulum-v5").action_space
-    agent = treepi.make_agent(args, 4, space, torch.device("cpu"))
+    agent = networks(args, 4, space)
     model = agent["model"]
     roots = model.encoder(torch.randn(5, 4)).detach()
-    tree = treepi.run_search(roots, model, agent["actor_target"], agent["critic_target"], args)
+    tree = search_with(args, agent, model, roots)
     assert tree.size.tolist() == [2] * 5
     with torch.no_grad():
         next_states, rewards, logits = model.predict(roots, tree.actions[:, 0, 0])
         next_q = agent["critic_target"](next_states, tree.actions[:, 1, 0].clamp(-1, 1))
         expected = treepi.q_target(rewards, torch.sigmoid(logits), next_q[:, None], args.gamma)
-    np.testing.assert_allclose(tree.q[:, 0, 0], expected.double().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tree.q_hat[:, 0, 0], expected.double().numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_gaussian_log_prob_and_kl_match_torch_distributions():
@@ -386,8 +426,7 @@ def test_latent_unroll_is_causal_and_matches_stepwise_predictions():
     """s_t = f(o_1, a_1..a_{t-1}): changing a_3 leaves s_1..s_3 and r_1, r_2 unchanged, and
     the unroll equals encoding o_1 and calling predict step by step."""
     torch.manual_seed(11)
-    args = treepi.Args(model_sizes=(8, 8), critic_hidden_sizes=(8,))
-    model = treepi.LatentModel(3, 2, args)
+    model = treepi.LatentModel(3, 2, (8, 8), (8,), "elu", True)
     obs, actions = torch.randn(4, 3), torch.randn(4, 5, 2)
     states, rewards, logits = model.unroll(obs, actions)
     assert states.shape == (4, 6, 8) and rewards.shape == (4, 5) == logits.shape
@@ -425,47 +464,35 @@ def test_one_update_moves_the_multipliers_of_the_bounds_it_uses(epsilon_cov):
         epsilon_cov=epsilon_cov,
     )
     space = make_env("InvertedPendulum-v5").action_space
-    agent = treepi.make_agent(args, 4, space, torch.device("cpu"))
-    rb = treepi.SnippetReplay(20, 1, 4, 1, 0, 3, torch.device("cpu"))
-    for t in range(20):
-        rb.add(
-            obs=torch.randn(1, 4),
-            actions=torch.randn(1, 1),
-            rewards=torch.ones(1),
-            next_obs=torch.randn(1, 4),
-            terminated=torch.zeros(1),
-            ended=torch.tensor([float(t % 7 == 6)]),
-            physics=torch.zeros(1, 0),
+    agent = networks(args, 4, space)
+    widths = dict(obs=(4,), actions=(1,), next_obs=(4,), physics=(0,))
+    replay = treepi.SnippetReplay(20, 1, widths, 3, torch.device("cpu"))
+    for t in range(20):  # obs, actions, rewards, next_obs, terminated, ended, physics
+        ended = torch.tensor([float(t % 7 == 6)])
+        replay.add(
+            torch.randn(1, 4), torch.randn(1, 1), torch.ones(1), torch.randn(1, 4), torch.zeros(1), ended, torch.zeros(1, 0)
         )
-    nets = ("actor", "critic", "model")
-    before = {k: [p.detach().clone() for p in agent[k].parameters()] for k in nets}
+    names = ("actor", "critic", "model")
+    before = {k: [p.detach().clone() for p in agent[k].parameters()] for k in names}
     duals = [agent["log_alpha_mean"], agent["log_alpha_cov"]]
     mean_before, cov_before = (d.item() for d in duals)
     assert treepi.dual_variable(duals[0]).item() == pytest.approx(args.alpha_mean_init)
-    opts = [
+    opts = (
         torch.optim.Adam(agent["actor"].parameters(), lr=1e-3),
         torch.optim.Adam([*agent["critic"].parameters(), *agent["model"].parameters()], lr=1e-3),
         torch.optim.Adam(duals, lr=0.01),
-    ]
-    metrics = treepi.update(
-        agent["actor"],
-        agent["actor_target"],
-        agent["critic"],
-        agent["critic_target"],
-        agent["model"],
-        None,
-        *opts,
-        *duals,
-        rb.sample(args.batch_size),
-        args,
     )
+    nets = [agent[k] for k in ("actor", "actor_target", "critic", "critic_target", "model")]
+    numbers = (args.search_states, args.num_samples, args.gamma, args.epsilon_mean, args.epsilon_cov)
+    batch = replay.sample(args.batch_size)
+    metrics = treepi.update(*nets, plan_of(args, agent, agent["model"]), opts, *duals, batch, *numbers)
     assert metrics["stats/kl_mean"].item() == pytest.approx(0.0, abs=1e-6)
     step = agent["log_alpha_mean"].item() - mean_before
     assert step == pytest.approx(-0.01, abs=1e-4)  # Adam's first step: the learning rate
     step_cov = agent["log_alpha_cov"].item() - cov_before
     assert step_cov == pytest.approx(0.0 if epsilon_cov is None else -0.01, abs=1e-4)
     assert ("stats/kl_cov" in metrics) == (epsilon_cov is not None)
-    for k in nets:
+    for k in names:
         assert any(not torch.equal(a, b) for a, b in zip(before[k], agent[k].parameters()))
 
 
@@ -476,10 +503,10 @@ def test_snippets_never_cross_an_episode_end(log_dir):
     step, terminated only where the odd episodes end, truncation kept with its final obs."""
     out = treepi.train(small_args(log_dir, env="tests/Counting-v0", num_envs=2, total_steps=80, snippet_length=4))
     saved = torch.load(os.path.join(out["run_dir"], "resume.pt"), weights_only=True)
-    rb = treepi.SnippetReplay(80, 2, 2, 1, 0, 4, torch.device("cpu"))
-    rb.load_state_dict(saved["train"]["replay"])
+    replay = treepi.SnippetReplay(80, 2, dict(obs=(2,), actions=(1,), next_obs=(2,), physics=(0,)), 4, torch.device("cpu"))
+    replay.load_state_dict(saved["train"]["replay"])
     torch.manual_seed(0)
-    batch = rb.sample(500)
+    batch = replay.sample(500)
     valid = batch.valid.bool()
     steps = torch.tensor([1.0, 0.0])
     torch.testing.assert_close(batch.next_obs[valid], batch.obs[valid] + steps)
@@ -522,18 +549,19 @@ def test_end_to_end_runs_log_and_round_trip(env_id, model, act, log_dir, capsys)
     model_path = os.path.join(run_dir, "model.pt")
     if act == "policy":
         reload = dataclasses.replace(args, checkpoint=model_path, eval_only=True)
-        assert treepi.evaluate_only(reload)["eval_return"] == out["eval_return"]
+        evaluated = treepi.train(reload)
+        assert evaluated["eval_return"] == out["eval_return"] and len(evaluated["eval_returns"]) == 1
     # and the saved policy is not the untrained one
     env = make_env(env_id)
-    obs = env.reset(seed=0)[0][None]
-    policy_args = dataclasses.replace(args, act="policy")
-    acts = []
+    obs = torch.as_tensor(env.reset(seed=0)[0][None], dtype=torch.float32)
+    means = []
     for trained in (True, False):
-        agent = treepi.make_agent(args, obs.shape[1], env.action_space, torch.device("cpu"))
+        agent = networks(args, obs.shape[1], env.action_space)
         if trained:
-            treepi.load_agent_state(agent, payload["state"])
-        acts.append(treepi.select_actions(agent, None, policy_args, obs, obs[:, :0], True))
-    assert not torch.allclose(acts[0], acts[1])
+            treepi.load_state(agent, payload["state"], model_path)
+        features = obs if model == "true" else agent["model"].encoder(obs)  # pi^(i) reads latents or observations
+        means.append(agent["actor_target"](features)[0].detach())
+    assert not torch.allclose(means[0], means[1])
     # --eval-only on the command line: the saved arguments become the defaults
     capsys.readouterr()
     code = treepi.main(["--checkpoint", model_path, "--eval-only"])
@@ -592,8 +620,9 @@ def run_bad(argv: list[str], capsys) -> str:
 
 
 def test_true_model_on_an_env_without_saved_states_is_refused(capsys, log_dir):
+    """Pendulum-v1 is classic control, not MuJoCo: one line naming what --model true takes, exit 2, no traceback."""
     line = run_bad(["--env", "Pendulum-v1", "--model", "true", "--log-dir", log_dir], capsys)
-    assert "MuJoCo" in line and "--model learned" in line
+    assert "MuJoCo" in line and "HalfCheetah-v5" in line and "Pendulum-v1" in line and "--model learned" in line
     assert not os.path.exists(log_dir)  # refused before a run directory was made
 
 
@@ -608,7 +637,7 @@ def test_discrete_and_unknown_envs_are_refused(capsys, log_dir):
         ["--total-steps", "0"],
         ["--num-rollouts", "0"],
         ["--depth", "0"],
-        ["--eta", "0"],
+        ["--temperature", "0"],
         ["--model-sizes", "64"],
         ["--buffer-size", "4", "--snippet-length", "5"],
         ["--search-states", "-1"],
@@ -642,7 +671,7 @@ def test_parallel_rollout_path_equals_the_single_thread_loop():
     for _ in range(6):
         obs.append(env.step(env.action_space.sample())[0])
         physics.append(single.physics(env))
-    roots = single.roots(np.stack(obs), np.stack(physics))
+    roots = single.roots(torch.as_tensor(np.stack(obs)), np.stack(physics))
     actions = torch.rand(6, 3, generator=torch.Generator().manual_seed(5)) * 2.4 - 1.2
     for a, b in zip(single.step(roots, actions), parallel.step(roots, actions)):
         assert torch.equal(a, b)
@@ -668,24 +697,25 @@ def test_true_model_search_improves_on_the_untrained_policy():
         critic_hidden_sizes=(16,),
     )
     env = make_env(args.env)
-    agent = treepi.make_agent(args, 17, env.action_space, torch.device("cpu"))
+    agent = networks(args, 17, env.action_space)
     with torch.no_grad():
         agent["critic_target"].head.weight.zero_()
         agent["critic_target"].head.bias.zero_()
     simulator = Simulator(args.env, 1)
-    search_act = treepi.policy_fn(agent, simulator, args, env)
-    args_pi = treepi.Args(**{**vars(args), "act": "policy"})
-    policy_act = treepi.policy_fn(agent, simulator, args_pi, env)
 
-    def episode_return(act, seed: int) -> float:
+    def episode_return(plan, seed: int) -> float:
+        """40 steps of the greedy rule: the heaviest root action of plan's search, or pi's mean (plan None)."""
         obs, _ = env.reset(seed=seed)
         total = 0.0
         for _ in range(40):
-            obs, reward, _, _, _ = env.step(act(obs))
+            obs_tensor, physics = torch.as_tensor(obs[None], dtype=torch.float32), simulator.physics(env)[None]
+            actor = agent["actor_target"]
+            actions = treepi.select_actions(obs_tensor, physics, simulator, actor, plan, greedy=True)
+            obs, reward, _, _, _ = env.step(actor.env_action(actions)[0].numpy())
             total += float(reward)
         return total
 
-    assert episode_return(search_act, 0) > episode_return(policy_act, 0) + 10
+    assert episode_return(plan_of(args, agent, simulator), 0) > episode_return(None, 0) + 10
 
 
 def test_learns_to_hold_the_pendulum(log_dir):
