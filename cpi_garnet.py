@@ -554,6 +554,7 @@ def train(args: Args) -> dict:
 
 
 # ======== run plumbing below: identical in every file, not needed to read the algorithm ========
+import contextlib
 import dataclasses
 import json
 import os
@@ -720,14 +721,11 @@ def parse_args(argv: list[str] | None) -> Args:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:  # gymnasium's half_cheetah.xml uses an attribute that mujoco 4 deprecates: hide that warning alone
+    with contextlib.suppress(ImportError):  # gymnasium's half_cheetah.xml uses an attribute mujoco 4 deprecates
         import mujoco
 
-        mujoco.set_mju_user_warning(
-            lambda text: None if "settotalmass" in text else print(f"WARNING: {text}", file=sys.stderr)
-        )
-    except ImportError:
-        pass
+        warn = lambda text: None if "settotalmass" in text else print(f"WARNING: {text}", file=sys.stderr)
+        mujoco.set_mju_user_warning(warn)
     try:
         args = parse_args(argv)
         check_args(args)

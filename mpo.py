@@ -614,6 +614,7 @@ def train(args: Args) -> dict:
 
 
 # ======== run plumbing below: identical in every file, not needed to read the algorithm ========
+import contextlib
 import dataclasses
 import difflib
 import importlib
@@ -761,20 +762,6 @@ def load_state(things: dict, state: dict, path: str) -> None:
         raise UsageError(f"{path} does not fit this run's networks: {str(e).splitlines()[0][:160]}") from None
 
 
-def rng_state() -> dict:
-    """Python, numpy and torch random states as plain values and tensors (torch.load's weights_only)."""
-    kind, key, pos, has_gauss, gauss = np.random.get_state()
-    numpy = [kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss]
-    return {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict) -> None:
-    kind, key, pos, has_gauss, gauss = state["numpy"]
-    random.setstate(state["python"])
-    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-
-
 def setup(args: Args) -> torch.device:
     """Seed python, numpy and torch, set torch's CPU threads, and return the device."""
     random.seed(args.seed)
@@ -785,12 +772,11 @@ def setup(args: Args) -> torch.device:
 
 
 class Run:
-    """Everything around `train`'s loop: run directory, tensorboard, progress line, evaluation and saving as
-    scheduled, --resume, --checkpoint (fine-tuning or --eval-only), SIGINT and SIGTERM, final evaluation.
-
-    model: what model.pt saves; train_state: what resume.pt adds (optimizers, storage, statistics); both by
-    name, as modules, tensors or objects with state_dict. act: obs -> deterministic action, for evaluation.
-    eval_fn: for an algorithm that evaluates otherwise (on several envs): () -> {tag: value}, charts/eval_return in it."""
+    """Everything around `train`'s loop: run directory, tensorboard, progress line, evaluation and saving as scheduled,
+    --resume, --checkpoint (fine-tuning or --eval-only), SIGINT and SIGTERM, the final evaluation. model: what model.pt
+    saves; train_state: what resume.pt adds (optimizers, storage, statistics); both by name, as modules, tensors or
+    objects with state_dict. act: obs -> deterministic action, for evaluation. eval_fn: for an algorithm that
+    evaluates otherwise (on several envs): () -> {tag: value}, charts/eval_return among them."""
 
     def __init__(
         self, args: Args, envs: object, model: dict, train_state: dict, act: Callable, eval_fn: Callable | None = None
@@ -804,8 +790,7 @@ class Run:
             load_state(model, load_checkpoint(args.checkpoint, args.env)["state"], args.checkpoint)
 
     def start(self) -> tuple[int, int]:
-        """Open the run directory (new, or the resumed run's), restore --resume, catch SIGINT and SIGTERM;
-        return (global_step, num_updates)."""
+        """Open the run directory (new, or --resume's, restored), catch signals; return (global_step, num_updates)."""
         args, global_step, num_updates = self.args, 0, 0
         run_dir = os.path.join(args.log_dir, f"{args.env}__{ALGO}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
         # a new directory even for runs started in the same second: -2, -3, ...
@@ -814,7 +799,11 @@ class Run:
             saved = load_checkpoint(args.resume, args.env, training=True)
             load_state(self.model, saved["state"], args.resume)
             load_state(self.train_state, saved["train"], args.resume)
-            set_rng_state(saved["train"]["rng"])
+            rng = saved["train"]["rng"]
+            kind, key, pos, has_gauss, gauss = rng["numpy"]
+            np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            random.setstate(rng["python"])
+            torch.set_rng_state(rng["torch"])
             global_step, num_updates = saved["global_step"], saved["train"]["num_updates"]
             self.run_dir = os.path.dirname(os.path.abspath(args.resume))
         elif args.checkpoint is not None:
@@ -831,16 +820,14 @@ class Run:
         video_dir = os.path.join(self.run_dir, "videos") if args.capture_video else None
         self.eval_env = make_eval_env(args.env, video_dir, args.eval_episodes)
         self.last = (time.perf_counter(), global_step, num_updates)
-        self.next_log, self.next_eval, self.next_save = (
-            global_step + n for n in (args.log_every, args.eval_every, args.checkpoint_every)
-        )
+        every = (args.log_every, args.eval_every, args.checkpoint_every)
+        self.next_log, self.next_eval, self.next_save = (global_step + n for n in every)
         for sig in (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ():
             self.handlers[sig] = signal.signal(sig, self.on_signal)
         return global_step, num_updates
 
     def on_signal(self, signum: int, frame: object) -> None:
-        """The first SIGINT or SIGTERM stops training at the end of the step, after writing resume.pt; a second
-        one stops at once."""
+        """A first SIGINT or SIGTERM stops at the end of the step, after writing resume.pt; a second one at once."""
         if self.stop_signal is not None:
             raise KeyboardInterrupt
         self.stop_signal = signum
@@ -884,10 +871,8 @@ class Run:
         for k, v in self.sums.items():
             self.writer.add_scalar(k, (v / self.counts[k]).item(), global_step)
         ret = f"{np.mean(self.returns):.1f}" if self.returns else "-"
-        print(
-            f"step {global_step} | return {ret} | eval {self.eval_return:.1f} | SPS {sps:.0f} | updates/s {ups:.0f}",
-            flush=True,
-        )
+        line = f"step {global_step} | return {ret} | eval {self.eval_return:.1f} | SPS {sps:.0f} | updates/s {ups:.0f}"
+        print(line, flush=True)
         self.sums, self.counts, self.returns, self.last = {}, {}, [], (now, global_step, num_updates)
 
     def evaluate(self, global_step: int, num_updates: int) -> None:
@@ -910,7 +895,10 @@ class Run:
         payload = dict(format=CHECKPOINT_FORMAT, algo=ALGO, env=self.args.env, args=args, global_step=global_step)
         payload["state"] = state_of(self.model)
         if training:
-            payload["train"] = dict(state_of(self.train_state), num_updates=num_updates, rng=rng_state())
+            kind, key, pos, has_gauss, gauss = np.random.get_state()  # as tensors and plain values, for weights_only
+            numpy = [kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss]
+            rng = dict(python=random.getstate(), numpy=numpy, torch=torch.get_rng_state())
+            payload["train"] = dict(state_of(self.train_state), num_updates=num_updates, rng=rng)
         path = os.path.join(self.run_dir, "resume.pt" if training else "model.pt")
         torch.save(payload, f"{path}.tmp")
         os.replace(f"{path}.tmp", path)
@@ -931,9 +919,8 @@ class Run:
     def evaluate_only(self) -> dict:
         """--eval-only: evaluate the --checkpoint weights and print the returns (videos beside the checkpoint)."""
         args, folder = self.args, os.path.dirname(self.args.checkpoint)
-        self.eval_env = make_eval_env(
-            args.env, os.path.join(folder, "videos") if args.capture_video else None, args.eval_episodes
-        )
+        video_dir = os.path.join(folder, "videos") if args.capture_video else None
+        self.eval_env = make_eval_env(args.env, video_dir, args.eval_episodes)
         returns = evaluate(self.act, self.eval_env, args.eval_episodes, args.seed + 10_000, self.device)
         self.close()
         print(f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns", *(f"{r:.1f}" for r in returns))
@@ -959,14 +946,11 @@ def parse_args(argv: list[str] | None) -> Args:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:  # gymnasium's half_cheetah.xml uses an attribute that mujoco 4 deprecates: hide that warning alone
+    with contextlib.suppress(ImportError):  # gymnasium's half_cheetah.xml uses an attribute mujoco 4 deprecates
         import mujoco
 
-        mujoco.set_mju_user_warning(
-            lambda text: None if "settotalmass" in text else print(f"WARNING: {text}", file=sys.stderr)
-        )
-    except ImportError:
-        pass
+        warn = lambda text: None if "settotalmass" in text else print(f"WARNING: {text}", file=sys.stderr)
+        mujoco.set_mju_user_warning(warn)
     try:
         args = parse_args(argv)
         check_args(args)

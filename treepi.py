@@ -151,8 +151,7 @@ class Args:
     checkpoint_every: int = 100_000
     """Write resume.pt (everything needed to continue) every this many env steps (0: only on a signal)."""
     checkpoint: str | None = None
-    """A model.pt or resume.pt whose weights to fine-tune (or, with --eval-only, evaluate); its saved
-    arguments become the defaults."""
+    """A model.pt or resume.pt to fine-tune, or to evaluate with --eval-only; its saved arguments become defaults."""
     eval_only: bool = False
     """With --checkpoint: evaluate the loaded policy, print the returns and exit."""
     resume: str | None = None
@@ -803,7 +802,7 @@ def train(args: Args) -> dict:
 
     def greedy_action(obs: Tensor) -> Tensor:  # evaluation: greedy --act, a search from the evaluation env's own state
         physics = None if learned else model.physics(run.eval_env)[None]
-        return actor_target.env_action(select_actions(obs[None], physics, model, actor_target, acting, greedy=True))[0]
+        return actor_target.env_action(select_actions(obs.float()[None], physics, model, actor_target, acting, greedy=True))[0]
 
     # -- run: directory, logging, evaluation, saving, resume (below the fence)
     saved = dict(actor=actor, actor_target=actor_target, critic=critic, critic_target=critic_target)
@@ -844,6 +843,7 @@ def train(args: Args) -> dict:
 
 
 # ======== run plumbing below: identical in every file, not needed to read the algorithm ========
+import contextlib
 import dataclasses
 import difflib
 import importlib
@@ -854,7 +854,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable
 
 import tyro
@@ -906,8 +905,9 @@ def make_env(env_id: str, render_mode: str | None = None) -> gym.Env:
     space, needs = env.action_space, " or ".join(space.__name__ for space in ACTION_SPACES)
     if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
         raise UsageError(f"{name} has observation space {env.observation_space}; {ALGO} needs a flat Box")
-    if not isinstance(space, ACTION_SPACES) or (isinstance(space, gym.spaces.Box) and not space.is_bounded()):
-        raise UsageError(f"{name} has the action space {space}; {ALGO} needs a {needs} (a bounded one if a Box)")
+    flat_bounded_box = isinstance(space, gym.spaces.Box) and len(space.shape) == 1 and space.is_bounded()
+    if not isinstance(space, ACTION_SPACES) or (isinstance(space, gym.spaces.Box) and not flat_bounded_box):
+        raise UsageError(f"{name} has the action space {space}; {ALGO} needs a {needs} (flat and bounded if a Box)")
     return env
 
 
@@ -944,7 +944,7 @@ def evaluate(act: Callable[[Tensor], Tensor], env: gym.Env, episodes: int, seed:
     for i in range(episodes):
         (obs, _), total, done = env.reset(seed=seed + i), 0.0, False
         while not done:
-            action = act(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
+            action = act(torch.as_tensor(obs, device=device)).cpu().numpy()  # in the env's dtype
             obs, reward, terminated, truncated, _ = env.step(action)
             total, done = total + float(reward), terminated or truncated
         returns.append(total)
@@ -963,10 +963,7 @@ def load_checkpoint(path: str, env: str | None = None, training: bool = False) -
     payload = payload if isinstance(payload, dict) else {}
     problems = [
         (not {"format", "algo", "env", "args", "state"} <= payload.keys(), "is not a checkpoint of this repository"),
-        (
-            payload.get("format") != CHECKPOINT_FORMAT,
-            f"has format {payload.get('format')}; this file reads {CHECKPOINT_FORMAT}",
-        ),
+        (payload.get("format") != CHECKPOINT_FORMAT, f"has format {payload.get('format')}, not {CHECKPOINT_FORMAT}"),
         (payload.get("algo") != ALGO, f"is a {payload.get('algo')} checkpoint, not {ALGO}"),
         (env is not None and payload.get("env") != env, f"was trained on {payload.get('env')}, not {env}"),
         (training and "train" not in payload, "holds no training state (a model.pt?): give it to --checkpoint to fine-tune"),
@@ -994,20 +991,6 @@ def load_state(things: dict, state: dict, path: str) -> None:
         raise UsageError(f"{path} does not fit this run's networks: {str(e).splitlines()[0][:160]}") from None
 
 
-def rng_state() -> dict:
-    """Python, numpy and torch random states as plain values and tensors (torch.load's weights_only)."""
-    kind, key, pos, has_gauss, gauss = np.random.get_state()
-    numpy = [kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss]
-    return {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict) -> None:
-    kind, key, pos, has_gauss, gauss = state["numpy"]
-    random.setstate(state["python"])
-    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-
-
 def setup(args: Args) -> torch.device:
     """Seed python, numpy and torch, set torch's CPU threads, and return the device."""
     random.seed(args.seed)
@@ -1018,14 +1001,17 @@ def setup(args: Args) -> torch.device:
 
 
 class Run:
-    """Everything around `train`'s loop: run directory, tensorboard, progress line, evaluation and saving as
-    scheduled, --resume, --checkpoint (fine-tuning or --eval-only), SIGINT and SIGTERM, final evaluation.
+    """Everything around `train`'s loop: run directory, tensorboard, progress line, evaluation and saving as scheduled,
+    --resume, --checkpoint (fine-tuning or --eval-only), SIGINT and SIGTERM, the final evaluation. model: what model.pt
+    saves; train_state: what resume.pt adds (optimizers, storage, statistics); both by name, as modules, tensors or
+    objects with state_dict. act: obs -> deterministic action, for evaluation. eval_fn: for an algorithm that
+    evaluates otherwise (on several envs): () -> {tag: value}, charts/eval_return among them."""
 
-    model: what model.pt saves; train_state: what resume.pt adds (optimizers, storage, statistics); both by
-    name, as modules, tensors or objects with state_dict. act: obs -> deterministic action, for evaluation."""
-
-    def __init__(self, args: Args, envs: gym.vector.VectorEnv, model: dict, train_state: dict, act: Callable):
-        self.args, self.envs, self.model, self.train_state, self.act = args, envs, model, train_state, act
+    def __init__(
+        self, args: Args, envs: object, model: dict, train_state: dict, act: Callable, eval_fn: Callable | None = None
+    ):
+        self.args, self.envs, self.model, self.train_state = args, envs, model, train_state
+        self.act, self.eval_fn = act, eval_fn
         self.device = torch.device("cuda" if args.cuda else "cpu")
         self.sums, self.counts, self.returns, self.eval_return, self.eval_step = {}, {}, [], float("nan"), None
         self.writer, self.eval_env, self.stop_signal, self.handlers = None, None, None, {}
@@ -1033,15 +1019,20 @@ class Run:
             load_state(model, load_checkpoint(args.checkpoint, args.env)["state"], args.checkpoint)
 
     def start(self) -> tuple[int, int]:
-        """Open the run directory (new, or the resumed run's), restore --resume, catch SIGINT and SIGTERM;
-        return (global_step, num_updates)."""
+        """Open the run directory (new, or --resume's, restored), catch signals; return (global_step, num_updates)."""
         args, global_step, num_updates = self.args, 0, 0
-        self.run_dir = os.path.join(args.log_dir, f"{args.env}__{ALGO}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = os.path.join(args.log_dir, f"{args.env}__{ALGO}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+        # a new directory even for runs started in the same second: -2, -3, ...
+        self.run_dir = next(d for d in (run_dir, *(f"{run_dir}-{i}" for i in range(2, 10_000))) if not os.path.exists(d))
         if args.resume is not None:
             saved = load_checkpoint(args.resume, args.env, training=True)
             load_state(self.model, saved["state"], args.resume)
             load_state(self.train_state, saved["train"], args.resume)
-            set_rng_state(saved["train"]["rng"])
+            rng = saved["train"]["rng"]
+            kind, key, pos, has_gauss, gauss = rng["numpy"]
+            np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            random.setstate(rng["python"])
+            torch.set_rng_state(rng["torch"])
             global_step, num_updates = saved["global_step"], saved["train"]["num_updates"]
             self.run_dir = os.path.dirname(os.path.abspath(args.resume))
         elif args.checkpoint is not None:
@@ -1058,13 +1049,17 @@ class Run:
         video_dir = os.path.join(self.run_dir, "videos") if args.capture_video else None
         self.eval_env = make_eval_env(args.env, video_dir, args.eval_episodes)
         self.last = (time.perf_counter(), global_step, num_updates)
-        self.next_log, self.next_eval, self.next_save = (
-            global_step + n for n in (args.log_every, args.eval_every, args.checkpoint_every)
-        )
+        every = (args.log_every, args.eval_every, args.checkpoint_every)
+        self.next_log, self.next_eval, self.next_save = (global_step + n for n in every)
         for sig in (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ():
-            # stop at the end of this step, after writing resume.pt
-            self.handlers[sig] = signal.signal(sig, lambda signum, frame: setattr(self, "stop_signal", signum))
+            self.handlers[sig] = signal.signal(sig, self.on_signal)
         return global_step, num_updates
+
+    def on_signal(self, signum: int, frame: object) -> None:
+        """A first SIGINT or SIGTERM stops at the end of the step, after writing resume.pt; a second one at once."""
+        if self.stop_signal is not None:
+            raise KeyboardInterrupt
+        self.stop_signal = signum
 
     def add_metrics(self, metrics: dict[str, Tensor]) -> None:
         """Sum an update's metric tensors until the next log line (no host sync per update)."""
@@ -1105,18 +1100,22 @@ class Run:
         for k, v in self.sums.items():
             self.writer.add_scalar(k, (v / self.counts[k]).item(), global_step)
         ret = f"{np.mean(self.returns):.1f}" if self.returns else "-"
-        print(
-            f"step {global_step} | return {ret} | eval {self.eval_return:.1f} | SPS {sps:.0f} | updates/s {ups:.0f}",
-            flush=True,
-        )
+        line = f"step {global_step} | return {ret} | eval {self.eval_return:.1f} | SPS {sps:.0f} | updates/s {ups:.0f}"
+        print(line, flush=True)
         self.sums, self.counts, self.returns, self.last = {}, {}, [], (now, global_step, num_updates)
 
     def evaluate(self, global_step: int, num_updates: int) -> None:
-        """Evaluate on the evaluation env (seeds seed + 10000 + i), log the mean return, write model.pt."""
-        returns = evaluate(self.act, self.eval_env, self.args.eval_episodes, self.args.seed + 10_000, self.device)
-        self.eval_return, self.eval_step = float(np.mean(returns)), global_step
-        self.writer.add_scalar("charts/eval_return", self.eval_return, global_step)
-        if self.args.save_model:
+        """Evaluate on the evaluation env (seeds seed + 10000 + i) or by eval_fn, log the scores, write model.pt."""
+        args = self.args
+        if self.eval_fn is not None:
+            scores = self.eval_fn()
+        else:
+            returns = evaluate(self.act, self.eval_env, args.eval_episodes, args.seed + 10_000, self.device)
+            scores = {"charts/eval_return": float(np.mean(returns))}
+        for tag, value in scores.items():
+            self.writer.add_scalar(tag, value, global_step)
+        self.eval_return, self.eval_step = scores["charts/eval_return"], global_step
+        if args.save_model:
             self.save(global_step, num_updates, False)
 
     def save(self, global_step: int, num_updates: int, training: bool) -> str:
@@ -1125,7 +1124,10 @@ class Run:
         payload = dict(format=CHECKPOINT_FORMAT, algo=ALGO, env=self.args.env, args=args, global_step=global_step)
         payload["state"] = state_of(self.model)
         if training:
-            payload["train"] = dict(state_of(self.train_state), num_updates=num_updates, rng=rng_state())
+            kind, key, pos, has_gauss, gauss = np.random.get_state()  # as tensors and plain values, for weights_only
+            numpy = [kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss]
+            rng = dict(python=random.getstate(), numpy=numpy, torch=torch.get_rng_state())
+            payload["train"] = dict(state_of(self.train_state), num_updates=num_updates, rng=rng)
         path = os.path.join(self.run_dir, "resume.pt" if training else "model.pt")
         torch.save(payload, f"{path}.tmp")
         os.replace(f"{path}.tmp", path)
@@ -1145,18 +1147,12 @@ class Run:
 
     def evaluate_only(self) -> dict:
         """--eval-only: evaluate the --checkpoint weights and print the returns (videos beside the checkpoint)."""
-        args = self.args
-        self.eval_env = make_eval_env(
-            args.env,
-            os.path.join(os.path.dirname(args.checkpoint), "videos") if args.capture_video else None,
-            args.eval_episodes,
-        )
+        args, folder = self.args, os.path.dirname(self.args.checkpoint)
+        video_dir = os.path.join(folder, "videos") if args.capture_video else None
+        self.eval_env = make_eval_env(args.env, video_dir, args.eval_episodes)
         returns = evaluate(self.act, self.eval_env, args.eval_episodes, args.seed + 10_000, self.device)
         self.close()
-        print(
-            f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns "
-            + " ".join(f"{r:.1f}" for r in returns)
-        )
+        print(f"eval over {len(returns)} episodes: mean {np.mean(returns):.1f} | returns", *(f"{r:.1f}" for r in returns))
         return {"eval_return": float(np.mean(returns)), "eval_returns": returns}
 
     def close(self) -> None:
@@ -1179,7 +1175,11 @@ def parse_args(argv: list[str] | None) -> Args:
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", message=".*settotalmass")  # gymnasium's half_cheetah.xml, under mujoco 4
+    with contextlib.suppress(ImportError):  # gymnasium's half_cheetah.xml uses an attribute mujoco 4 deprecates
+        import mujoco
+
+        warn = lambda text: None if "settotalmass" in text else print(f"WARNING: {text}", file=sys.stderr)
+        mujoco.set_mju_user_warning(warn)
     try:
         args = parse_args(argv)
         check_args(args)

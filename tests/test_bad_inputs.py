@@ -50,6 +50,14 @@ ALGORITHM = {
         ["--critic-hidden-sizes", "0"],
         ["--dual-lr", "-1"],
     ],
+    "treepi": [
+        ["--env", "Pendulum-v1", "--model", "true"],  # the true model needs a MuJoCo env
+        ["--temperature", "0"],
+        ["--depth", "0"],
+        ["--model-sizes", "16"],
+        ["--search-states", "-1"],
+        ["--buffer-size", "2", "--snippet-length", "5"],
+    ],
     "trpo": [
         ["--estimator", "vine", "--vine-actions", "1"],
         ["--estimator", "vine", "--vine-states", "100000"],
