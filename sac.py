@@ -171,13 +171,11 @@ class Actor(nn.Module):
     def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         """A reparameterised action in the env's bounds and its log-probability [B]."""
         mean, log_std = self(obs)
-        noise = torch.randn_like(mean)
-        return squashed_gaussian(mean, log_std, noise, self.action_scale, self.action_bias)
+        return squashed_gaussian(mean, log_std, torch.randn_like(mean), self.action_scale, self.action_bias)
 
     def deterministic(self, obs: Tensor) -> Tensor:
         """The squashed mean, used for evaluation."""
-        mean, _ = self(obs)
-        return torch.tanh(mean) * self.action_scale + self.action_bias
+        return torch.tanh(self(obs)[0]) * self.action_scale + self.action_bias
 
 
 class Critic(nn.Module):
@@ -320,7 +318,7 @@ def update_actor(
     alpha = log_alpha.exp()
     loss = (alpha.detach() * log_prob - q).mean()  # [SAC J_pi]
     critic.requires_grad_(True)
-    metrics = {"losses/policy": loss.detach(), "stats/entropy": -log_prob.detach().mean()}
+    metrics = {"losses/policy": loss.detach(), "stats/entropy": -log_prob.detach().mean(), "stats/alpha": alpha.detach()}
     if alpha_opt is not None:
         alpha_loss = -(alpha * (log_prob.detach() + target_entropy)).mean()  # [SAC J(alpha)]
         loss = loss + alpha_loss  # disjoint parameters: one backward serves both steps
@@ -331,7 +329,6 @@ def update_actor(
     actor_opt.step()
     if alpha_opt is not None:
         alpha_opt.step()
-    metrics["stats/alpha"] = alpha.detach()
     return metrics
 
 
