@@ -225,7 +225,8 @@ PENDULUM_ANGLE_LIMIT = 0.2  # InvertedPendulum-v5 terminates when |angle| > 0.2 
 PENDULUM_RAIL_COST = 0.1  # weight of x^2, keeps the cart off the rail ends (|x| <= 1)
 PENDULUM_ACTION_COST = 1e-3  # small control cost, conditions Q_aa
 HOPPER_ANGLE_LIMIT = 0.2  # Hopper-v5 is unhealthy when |torso angle| > 0.2 rad
-COSTS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+CostFn = Callable[[Tensor, Tensor], Tensor]  # c(obs [..., O], actions [..., A]) -> [...]
+COSTS: dict[str, CostFn] = {
     # obs = (x, angle, x', angle'); the env's flat +1 while |angle| <= 0.2 is useless to an LQR: a smooth surrogate
     "InvertedPendulum-v5": lambda obs, actions: (
         -1.0
@@ -451,13 +452,12 @@ def gmm_log_prob(points: Tensor, gmm: GMM) -> Tensor:
 
 
 def gmm_fit(points: Tensor, clusters: int, iters: int, init: GMM | None) -> GMM:
-    """Gaussian mixture over transitions by EM, the prior's source [iLQR "fit a global GMM"]: E-step r_mk = w_k
-    N(x_m; mu_k, Sigma_k) / sum_j w_j N(x_m; mu_j, Sigma_j); M-step (MAP, a pseudo-point of the global covariance S)
-    N_k = sum_m r_mk, mu_k = sum_m r_mk x_m / N_k, w_k = N_k / M, Sigma_k = (sum_m r_mk (x_m - mu_k)(x_m - mu_k)' + S)
-    / (N_k + 1). Starts from `init` if it has K components, else from each point assigned to the nearest of K random
-    points (torch's generator; [GPS] assigns at random, so every mean starts near the global mean); stops when the
-    mean log-likelihood gains less than GMM_TOL. Shapes: points [M, D] float64 -> GMM with K = clusters.
-    """
+    """Gaussian mixture over transitions by EM, the prior's source [iLQR "fit a global GMM"]: E-step r_mk = w_k N(x_m; mu_k,
+    Sigma_k) / sum_j w_j N(x_m; mu_j, Sigma_j); M-step (MAP, a pseudo-point of the global covariance S) N_k = sum_m r_mk,
+    mu_k = sum_m r_mk x_m / N_k, w_k = N_k / M, Sigma_k = (sum_m r_mk (x_m - mu_k)(x_m - mu_k)' + S) / (N_k + 1). Starts
+    from `init` if it has K components, else from each point assigned to the nearest of K random points (torch's generator;
+    [GPS] assigns at random, so every mean starts near the global mean); stops when the mean log-likelihood gains less than
+    GMM_TOL. Shapes: points [M, D] float64 -> GMM with K = clusters."""
     num, dim = points.shape
     centre = points.mean(0)
     x = points - centre  # EM on centred points keeps the second moments well conditioned
@@ -504,26 +504,23 @@ def prior_moments(gmm: GMM, points: Tensor, mask: Tensor) -> tuple[Tensor, Tenso
     return mu0, sym(phi)
 
 
-def fit_dynamics(
-    points: Tensor, mask: Tensor, mu0: Tensor, phi: Tensor, strength: float, reg: float, obs_dim: int
-) -> Dynamics:
-    """Per-step linear-Gaussian dynamics from a normal-inverse-Wishart posterior [DPI eq. 8]. With n_t samples
-    y_i = (s_t, a_t, s_{t+1}), their mean m and scatter S, and the prior (mu0_t, Phi_t) worth m0 = n0 = `strength`
-    samples [iLQR; GPS]: Sigma = (S + m0 Phi + n m0 / (n + m0) (m - mu0)(m - mu0)') / (n + n0), mu = (n m + m0 mu0) /
-    (n + m0). Conditioning on (s, a): F = Sigma_{s',y} Sigma_{y,y}^-1 (reg * diag(Sigma_{y,y}) added, a ridge on
-    standardised inputs), f = mu_{s'} - F mu_y, cov = Sigma_{s',s'} - F Sigma_{y,y} F'. Shapes: points [T, N, D], mask
-    [T, N] (a sample per step unless strength > 0), mu0 [T, D], phi [T, D, D] -> F [T, O, Y], f [T, O], cov [T, O, O].
-    """
+def fit_dynamics(points: Tensor, mask: Tensor, mu0: Tensor, phi: Tensor, n0: float, reg: float, obs_dim: int) -> Dynamics:
+    """Per-step linear-Gaussian dynamics from a normal-inverse-Wishart posterior [DPI eq. 8]. With n_t samples y_i = (s_t,
+    a_t, s_{t+1}), their mean m and scatter S, and the prior (mu0_t, Phi_t) worth m0 = n0 samples (`n0`, [iLQR; GPS]):
+    Sigma = (S + m0 Phi + n m0 / (n + m0) (m - mu0)(m - mu0)') / (n + n0), mu = (n m + m0 mu0) / (n + m0). Conditioning
+    on (s, a): F = Sigma_{s',y} Sigma_{y,y}^-1 (reg * diag(Sigma_{y,y}) added, a ridge on standardised inputs), f =
+    mu_{s'} - F mu_y, cov = Sigma_{s',s'} - F Sigma_{y,y} F'. Shapes: points [T, N, D], mask [T, N] (a sample per step
+    unless n0 > 0), mu0 [T, D], phi [T, D, D] -> F [T, O, Y], f [T, O], cov [T, O, O]."""
     w = mask.to(points.dtype)  # [T, N]
     n = w.sum(1)  # [T]
     mean = masked_mean(points, mask)  # [T, D]
     diff = (points - mean[:, None]) * w[..., None]  # masked rows are zero
     scatter = diff.transpose(1, 2) @ diff  # [T, D, D]
     shift = mean - mu0
-    coef = (n * strength / (n + strength).clamp_min(1e-12))[:, None, None]
-    sigma = (scatter + strength * phi + coef * shift[:, :, None] * shift[:, None, :]) / (n + strength)[:, None, None]
+    coef = (n * n0 / (n + n0).clamp_min(1e-12))[:, None, None]
+    sigma = (scatter + n0 * phi + coef * shift[:, :, None] * shift[:, None, :]) / (n + n0)[:, None, None]
     # Deviation from [GPS] (the sample mean): the posterior mean, defined even at a step that one episode reached
-    mu = (n[:, None] * mean + strength * mu0) / (n + strength)[:, None]
+    mu = (n[:, None] * mean + n0 * mu0) / (n + n0)[:, None]
     sigma = sym(sigma)
     y = points.shape[2] - obs_dim
     # Deviation from [GPS] (reg * I): relative to each input's variance, since converged states barely move (README)
@@ -536,11 +533,10 @@ def fit_dynamics(
     return Dynamics(F, f, cov)
 
 
-def quadratic_cost(cost_fn: Callable[[Tensor, Tensor], Tensor], obs: Tensor, actions: Tensor, mask: Tensor) -> Quadratic:
-    """Second-order expansion of c around every sample y^ = [s; a], re-centred and averaged per step [GPS]:
-    c(y) ~ 1/2 y'H y + (g - H y^)'y + (c(y^) - g'y^ + 1/2 y^'H y^), g and H the gradient and Hessian at y^ (exact for
-    the quadratic costs of COSTS). Shapes: obs [T, N, O], actions [T, N, A], mask [T, N] -> [T, Y, Y], [T, Y], [T].
-    """
+def quadratic_cost(cost_fn: CostFn, obs: Tensor, actions: Tensor, mask: Tensor) -> Quadratic:
+    """Second-order expansion of c around every sample y^ = [s; a], re-centred and averaged per step [GPS]: c(y) ~ 1/2 y'H y
+    + (g - H y^)'y + (c(y^) - g'y^ + 1/2 y^'H y^), g and H the gradient and Hessian at y^ (exact for the quadratic costs of
+    COSTS). Shapes: obs [T, N, O], actions [T, N, A], mask [T, N] -> [T, Y, Y], [T, Y], [T]."""
     # Deviation: [DPI Sec. 5.1] fits a quadratic to sampled costs; c is known, so its exact local expansion is used
     obs_dim = obs.shape[-1]
     y = torch.cat([obs, actions], -1).detach().requires_grad_(True)  # [T, N, Y]
@@ -704,14 +700,12 @@ def solve_eta(
     return float((discount * kl).sum()), eta
 
 
-def dual_search(
-    solve: Callable, alpha: float, mu: float, tolerance: float, max_iters: int
-) -> tuple[float, object, float, int]:
-    """mu with |KL(mu) - alpha| <= tolerance * alpha [DPI eq. 9; GPS bracket search]. KL(mu) falls as mu grows (more
-    weight on -log pi_n); solve(mu) returns (KL, solution), or None when Q_aa is not PD, which [GPS] answers by raising
-    mu (more weight on the PD term Pbar). Bracket [lo, hi] from MU_BOUNDS: KL > alpha (or None): lo = mu, mu =
-    min(sqrt(lo hi), 10 lo); KL < alpha: hi = mu, mu = max(sqrt(lo hi), hi / 10). Returns the last mu within the
-    tolerance, else the last below alpha (feasible), else the last PD one; its solution and KL; the passes used."""
+def dual_search(solve: Callable, alpha: float, mu: float, tol: float, max_iters: int) -> tuple[float, object, float, int]:
+    """mu with |KL(mu) - alpha| <= tol * alpha [DPI eq. 9; GPS bracket search]. KL(mu) falls as mu grows (more weight on
+    -log pi_n); solve(mu) returns (KL, solution), or None when Q_aa is not PD, which [GPS] answers by raising mu (more weight
+    on the PD term Pbar). Bracket [lo, hi] from MU_BOUNDS: KL > alpha (or None): lo = mu, mu = min(sqrt(lo hi), 10 lo);
+    KL < alpha: hi = mu, mu = max(sqrt(lo hi), hi / 10). Returns the last mu within the tolerance, else the last below
+    alpha (feasible), else the last PD one; its solution and KL; the passes used."""
     # Deviation: [DPI Sec. 5.1] ascends "by projected gradient"; [GPS]'s bracket reaches KL = alpha in far fewer passes
     lo, hi = MU_BOUNDS
     best, fallback, iters = None, None, 0  # (mu, solution, KL) below alpha, and of any PD pass
@@ -720,7 +714,7 @@ def dual_search(
         if result is not None:
             kl, solution = result
             fallback = (mu, solution, kl)
-            if abs(kl - alpha) <= tolerance * alpha:
+            if abs(kl - alpha) <= tol * alpha:
                 return mu, solution, kl, iters
             if kl < alpha:
                 best = (mu, solution, kl)
@@ -795,7 +789,7 @@ class Imitation(NamedTuple):  # what the natural-gradient step needs from one tr
 
 
 def update_eta(
-    rollouts: Rollouts, actor: Actor, cost_fn: Callable[[Tensor, Tensor], Tensor], prior: PriorBuffer, mu: float, args: Args
+    rollouts: Rollouts, actor: Actor, cost_fn: CostFn, prior: PriorBuffer, mu: float, args: Args
 ) -> tuple[Imitation, float, dict[str, Tensor]]:
     """Steps 2-7 for one training env: refit the GMM prior (in `prior`), fit the local model, search mu and solve for
     eta, evaluate A^eta; the imitation target, the new mu and metrics."""
