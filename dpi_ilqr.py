@@ -30,13 +30,12 @@ Algorithm (one iteration; the function that does each line in brackets):
 Shapes: N episodes, T time steps, O observation size, A action size, Y = O + A, D = 2 O + A (one transition),
 K mixture components, M prior points, B states in a batch, P policy parameters.
 
-Deviations from the paper (each marked where it happens): the known cost c(s, a) [DPI Sec. 2] is written per env
-from its reward (COSTS); pi_n in -log pi_n and the KL is linearised per step (GPS); A^eta is for the true cost c, not
-the augmented c'; states in L(theta) weigh the same, not gamma^t; TRPO's line search checks the step; c is expanded
-exactly at the samples (GPS), not regressed; mu comes from GPS's bracket search, not projected gradient ascent;
-training episodes are cut at --horizon T. Changes to GPS: a dynamics ridge relative to each input's variance, GMM
-components with a pseudo-point of the global covariance started from a k-means step, the NIW mean shrunk to the
-prior's. The robust variants are ours.
+Deviations from the paper (each marked where it happens): the known cost c(s, a) [DPI Sec. 2] is written per env from its
+reward (COSTS); pi_n in -log pi_n and the KL is linearised per step (GPS); A^eta is for the true cost c, not the augmented c';
+states in L(theta) weigh the same, not gamma^t; TRPO's line search checks the step; c is expanded exactly at the samples (GPS),
+not regressed; mu comes from GPS's bracket search, not projected gradient ascent; training episodes are cut at --horizon T.
+Changes to GPS: a dynamics ridge relative to each input's variance, GMM components with a pseudo-point of the global covariance
+started from a k-means step, the NIW mean shrunk to the prior's. The robust variants are ours.
 """
 
 import functools
@@ -483,8 +482,7 @@ def gmm_fit(points: Tensor, clusters: int, iters: int, init: GMM | None) -> GMM:
         weighted = (resp[:, :, None] * x[:, None]).reshape(num, -1)  # [M, K D]
         second = (weighted.T @ x).reshape(clusters, dim, dim)  # sum_m r_mk x_m x_m'
         scatter = second - n_k[:, None, None] * means[:, :, None] * means[:, None, :]
-        # Deviation from [GPS] (1e-6 I, reseeding), the paper being silent: the pseudo-point keeps a component with
-        # few points well conditioned
+        # Deviation from [GPS] (1e-6 I, reseeding; the paper is silent): the pseudo-point conditions a sparse component
         covs = sym((scatter + global_cov) / (n_k + 1.0)[:, None, None])
         gmm, resp = GMM(torch.log(n_k / num), means, covs), None
     return GMM(gmm.log_weights, gmm.means + centre, gmm.covs)
@@ -540,8 +538,7 @@ def quadratic_cost(cost_fn: CostFn, obs: Tensor, actions: Tensor, mask: Tensor) 
     # Deviation: [DPI Sec. 5.1] fits a quadratic to sampled costs; c is known, so its exact local expansion is used
     obs_dim = obs.shape[-1]
     y = torch.cat([obs, actions], -1).detach().requires_grad_(True)  # [T, N, Y]
-    # Samples are independent: the gradient of the summed cost is every sample's gradient, and one more backward pass
-    # per input dim gives every sample's Hessian row
+    # Samples are independent: grad of the summed cost = each sample's gradient; a backward pass per input dim = a Hessian row
     with torch.enable_grad():
         value = cost_fn(y[..., :obs_dim], y[..., obs_dim:])  # [T, N]
         (grad,) = torch.autograd.grad(value.sum(), y, create_graph=True)  # [T, N, Y]
@@ -592,8 +589,7 @@ def lqr_backward(dynamics: Dynamics, cost: Quadratic, gamma: float) -> tuple[Lin
     Shapes: F [T, O, Y], f [T, O], C [T, Y, Y], c [T, Y], c0 [T] -> K [T, A, O], k [T, A], cov [T, A, A], V_xx [T, O, O],
     v_x [T, O], v0 [T]."""
     steps, obs_dim, _ = dynamics.F.shape
-    dtype = cost.C.dtype
-    V_xx, v_x, v0 = torch.zeros(obs_dim, obs_dim, dtype=dtype), torch.zeros(obs_dim, dtype=dtype), torch.zeros((), dtype=dtype)
+    V_xx, v_x, v0 = cost.C.new_zeros(obs_dim, obs_dim), cost.C.new_zeros(obs_dim), cost.C.new_zeros(())  # V_T = 0
     out = []  # (K, k, cov, V_xx, v_x, v0) per step, from t = T-1 down
     for t in reversed(range(steps)):
         F, f = dynamics.F[t], dynamics.f[t]
@@ -622,9 +618,8 @@ def lqr_evaluate(
     cov^eta_t), i.e. with M = [I; K], m = [0; k]: V_xx = M'Q_yy M, v_x = M'(Q_yy m + q_y), v0 = q0 + 1/2 m'Q_yy m
     + q_y'm + 1/2 tr(Q_aa cov^eta). Shapes as lqr_backward; returns Q (C [T, Y, Y], c [T, Y], c0 [T]) and V."""
     steps, obs_dim, _ = dynamics.F.shape
-    dtype = cost.C.dtype
-    V_xx, v_x, v0 = torch.zeros(obs_dim, obs_dim, dtype=dtype), torch.zeros(obs_dim, dtype=dtype), torch.zeros((), dtype=dtype)
-    eye = torch.eye(obs_dim, dtype=dtype)
+    V_xx, v_x, v0 = cost.C.new_zeros(obs_dim, obs_dim), cost.C.new_zeros(obs_dim), cost.C.new_zeros(())  # V_T = 0
+    eye = torch.eye(obs_dim, dtype=cost.C.dtype)
     out = []  # (Q, q, q0, V_xx, v_x, v0) per step, from t = T-1 down
     for t in reversed(range(steps)):
         F, f = dynamics.F[t], dynamics.f[t]
@@ -633,7 +628,7 @@ def lqr_evaluate(
         q = cost.c[t] + gamma * F.T @ (v_x + V_xx @ f)
         q0 = cost.c0[t] + gamma * (0.5 * f @ V_xx @ f + v_x @ f + noise + v0)
         M = torch.cat([eye, policy.K[t]], 0)  # [Y, O]
-        m = torch.cat([torch.zeros(obs_dim, dtype=dtype), policy.k[t]])  # [Y]
+        m = torch.cat([v_x.new_zeros(obs_dim), policy.k[t]])  # [Y]
         V_xx = sym(M.T @ Q @ M)
         v_x = M.T @ (Q @ m + q)
         v0 = q0 + 0.5 * m @ Q @ m + q @ m + 0.5 * torch.trace(Q[obs_dim:, obs_dim:] @ policy.cov[t])
@@ -691,8 +686,7 @@ def solve_eta(
 ) -> tuple[float, LinearGaussianPolicy] | None:
     """eta for one mu and its KL sum_t gamma^t E KL(eta_t || pi_n) [DPI eq. 9-10]: LQR on c' = c / mu - log pi_n, then
     eta's state marginals under the model from s_0 ~ N(x0_mean [O], x0_cov [O, O]); None when Q_aa is not PD."""
-    result = lqr_backward(dynamics, augmented_cost(cost, mu, pi_bar), gamma)
-    if result is None:
+    if (result := lqr_backward(dynamics, augmented_cost(cost, mu, pi_bar), gamma)) is None:
         return None
     eta = result[0]
     kl = trajectory_kl(eta, pi_bar, *forward_marginals(dynamics, eta, x0_mean, x0_cov))
@@ -718,12 +712,10 @@ def dual_search(solve: Callable, alpha: float, mu: float, tol: float, max_iters:
                 return mu, solution, kl, iters
             if kl < alpha:
                 best = (mu, solution, kl)
-        if result is None or result[0] > alpha:  # mu too small
-            lo = mu
-            mu = min(float(np.sqrt(lo * hi)), 10.0 * lo)
-        else:
-            hi = mu
-            mu = max(float(np.sqrt(lo * hi)), 0.1 * hi)
+        if result is None or result[0] > alpha:  # mu too small: lo = mu, mu = min(sqrt(lo hi), 10 lo)
+            lo, mu = mu, min(float(np.sqrt(mu * hi)), 10.0 * mu)
+        else:  # hi = mu, mu = max(sqrt(lo hi), hi / 10)
+            hi, mu = mu, max(float(np.sqrt(lo * mu)), 0.1 * mu)
     chosen = best if best is not None else fallback
     if chosen is None:
         raise RuntimeError("Q_aa was not positive definite for any mu: the model is degenerate")
@@ -820,8 +812,7 @@ def update_eta(
     # 5-6. LQR on c' inside the search on mu [DPI eq. 9-10]
     solve = lambda m: solve_eta(m, dynamics, cost, pi_bar, x0_mean, x0_cov, args.gamma)
     mu, eta, kl, dual_iters = dual_search(solve, args.alpha, mu, args.kl_tolerance, args.dual_iters)
-    # 7. A^eta = Q - V of eta under the model [DPI Sec. 5.1]. Deviation: with the true cost c, not c' (the paper
-    # leaves it open), so the KL bonus stays out of the imitation target and E_{a ~ eta} A^eta = 0 as for an advantage
+    # 7. A^eta = Q - V of eta under the model [DPI Sec. 5.1]. Deviation (paper open): true cost c, not c', E_{a~eta} A^eta = 0
     Q, V = lqr_evaluate(dynamics, cost, eta, args.gamma)
     _, V_pi = lqr_evaluate(dynamics, cost, pi_bar, args.gamma)
     flat_mask = rollouts.mask[:, :steps]
