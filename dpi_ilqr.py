@@ -30,13 +30,12 @@ Algorithm (one iteration; the function that does each line in brackets):
 Shapes: N episodes, T time steps, O observation size, A action size, Y = O + A, D = 2 O + A (one transition),
 K mixture components, M prior points, B states in a batch, P policy parameters.
 
-Deviations from the paper (each marked where it happens): the known cost c(s, a) [DPI Sec. 2] is written per env
-from its reward (COSTS); pi_n in -log pi_n and the KL is linearised per step (GPS); A^eta is for the true cost c, not
-the augmented c'; states in L(theta) weigh the same, not gamma^t; TRPO's line search checks the step; c is expanded
-exactly at the samples (GPS), not regressed; mu comes from GPS's bracket search, not projected gradient ascent;
-training episodes are cut at --horizon T. Changes to GPS: a dynamics ridge relative to each input's variance, GMM
-components with a pseudo-point of the global covariance started from a k-means step, the NIW mean shrunk to the
-prior's. The robust variants are ours.
+Deviations from the paper (each marked where it happens): the known cost c(s, a) [DPI Sec. 2] is written per env from its
+reward (COSTS); pi_n in -log pi_n and the KL is linearised per step (GPS); A^eta is for the true cost c, not the augmented c';
+states in L(theta) weigh the same, not gamma^t; TRPO's line search checks the step; c is expanded exactly at the samples (GPS),
+not regressed; mu comes from GPS's bracket search, not projected gradient ascent; training episodes are cut at --horizon T.
+Changes to GPS: a dynamics ridge relative to each input's variance, GMM components with a pseudo-point of the global covariance
+started from a k-means step, the NIW mean shrunk to the prior's. The robust variants are ours.
 """
 
 import functools
@@ -219,16 +218,15 @@ def register_envs() -> None:
         gym.register(LQ_ENV_ID, entry_point=LinearQuadraticEnv, max_episode_steps=LQ_HORIZON)
 
 
-# The known cost c(s, a) of each env [DPI Sec. 2], from its reward (gymnasium 1.4 v5 sources): obs [..., O], actions
-# [..., A] -> [...]. Deviation: the LQR sees a per-step cost, so termination and time limits are not part of it; the
-# locomotion costs take the x velocity qvel[0] at s_t where the rewards take the step's mean velocity (x' - x) / dt.
+# The known cost c(s, a) of each env [DPI Sec. 2] from its reward (gymnasium 1.4 v5): obs [..., O], actions [..., A] -> [...].
+# Deviation (README, Costs): a per-step cost, without termination or time limits; velocities at s_t, not (x' - x) / dt.
 PENDULUM_ANGLE_LIMIT = 0.2  # InvertedPendulum-v5 terminates when |angle| > 0.2 rad
 PENDULUM_RAIL_COST = 0.1  # weight of x^2, keeps the cart off the rail ends (|x| <= 1)
 PENDULUM_ACTION_COST = 1e-3  # small control cost, conditions Q_aa
 HOPPER_ANGLE_LIMIT = 0.2  # Hopper-v5 is unhealthy when |torso angle| > 0.2 rad
-COSTS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    # -1 + (angle / 0.2)^2 + 0.1 x^2 + 1e-3 |a|^2, obs = (x, angle, x', angle'): the env's +1 per step while |angle|
-    # <= 0.2 is flat, so useless to an LQR; the angle term is a smooth surrogate of that band
+CostFn = Callable[[Tensor, Tensor], Tensor]  # c(obs [..., O], actions [..., A]) -> [...]
+COSTS: dict[str, CostFn] = {
+    # obs = (x, angle, x', angle'); the env's flat +1 while |angle| <= 0.2 is useless to an LQR: a smooth surrogate
     "InvertedPendulum-v5": lambda obs, actions: (
         -1.0
         + (obs[..., 1] / PENDULUM_ANGLE_LIMIT) ** 2
@@ -236,8 +234,7 @@ COSTS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
         + PENDULUM_ACTION_COST * (actions**2).sum(-1)
     ),
     "Swimmer-v5": lambda obs, actions: -obs[..., 3] + 1e-4 * (actions**2).sum(-1),  # -x velocity (qvel[0] after qpos[2:])
-    # -1 - x velocity (obs[5]) + 1e-3 |a|^2 + (torso angle / 0.2)^2: the LQR cannot see that the episode ends outside
-    # the healthy set, so a quadratic torso-angle term stands in for the angle limit
+    # -1 - x velocity (obs[5]) + 1e-3 |a|^2 + a quadratic torso-angle term for the healthy range the LQR cannot see
     "Hopper-v5": lambda obs, actions: (
         -1.0 - obs[..., 5] + 1e-3 * (actions**2).sum(-1) + (obs[..., 1] / HOPPER_ANGLE_LIMIT) ** 2
     ),
@@ -250,9 +247,9 @@ COSTS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 
 
 def make_variant_env(env_id: str, mass_scale: float, length_scale: float) -> gym.Env:
-    """An env with perturbed physics [DPI Sec. 6.3] (the paper varies pole mass and length). InvertedPendulum-v5: the
-    pole `length_scale` times as long (its mass grows with it: masses come from geom volumes), then `mass_scale` times
-    as heavy. Other MuJoCo envs: every body's mass and inertia times `mass_scale`. LinearQuadratic-v0: the mass."""
+    """An env with perturbed physics [DPI Sec. 6.3: pole mass and length]. InvertedPendulum-v5: the pole `length_scale`
+    times as long (and heavy: masses come from geom volumes), then `mass_scale` times as heavy; other MuJoCo envs: every
+    body's mass and inertia times `mass_scale`; LinearQuadratic-v0: the mass."""
     if env_id == LQ_ENV_ID:
         return gym.make(env_id, mass=mass_scale)
     if env_id != "InvertedPendulum-v5":
@@ -276,9 +273,8 @@ def make_variant_env(env_id: str, mass_scale: float, length_scale: float) -> gym
 
 
 def robust_variants(args: Args) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
-    """(mass_scale, length_scale) of the training and the held-out test variants, uniform in the ranges, from a
-    generator of their own. The test variants are drawn first, so a seed gives the same test set for any number of
-    training variants (one training variant is the paper's "non-robust" baseline)."""
+    """(mass_scale, length_scale) of the training and the held-out test variants, uniform in the ranges, from their own
+    generator; the test variants first, so a seed gives one test set for any number of training variants."""
     rng = np.random.default_rng(args.seed)
     params = []
     for _ in range(args.robust_test_variants + args.robust_train_variants):
@@ -288,8 +284,7 @@ def robust_variants(args: Args) -> tuple[list[tuple[float, float]], list[tuple[f
 
 
 class TrainingEnvs(NamedTuple):
-    """--num-envs lockstep copies of each training env and (--robust) one env per held-out test variant. No vector
-    env: `rollout` runs each episode from a reset at t = 0 (one model per time step) to its end."""
+    """--num-envs copies of each training env and (--robust) the held-out test variants; no vector env: see `rollout`."""
 
     train: list[list[gym.Env]]
     test: list[gym.Env]
@@ -336,12 +331,10 @@ class Rollouts(NamedTuple):  # N episodes from resets, time-aligned, float64 for
     mask: Tensor  # [N, T] bool, True where step t was taken
 
 
-def rollout(
-    envs: list[gym.Env], sample_actions: Callable[[np.ndarray], np.ndarray], horizon: int, seeds: np.ndarray
-) -> tuple[Rollouts, dict]:
-    """len(seeds) episodes of sample_actions(obs) -> actions, each from env.reset(seed) and cut at `horizon` steps, run
-    len(envs) at a time in lockstep (one batched policy call per step). Returns the rollouts and the ended episodes'
-    returns and lengths in the order they ended, in the infos form of gymnasium's RecordEpisodeStatistics."""
+def rollout(envs: list[gym.Env], sample_actions: Callable, horizon: int, seeds: np.ndarray) -> tuple[Rollouts, dict]:
+    """len(seeds) episodes of sample_actions(obs [n, O]) -> actions [n, A], each from env.reset(seed) at t = 0 (one
+    model per time step) and cut at `horizon` steps, len(envs) at a time in lockstep. Returns the rollouts and, in the
+    order they ended, the episodes' returns and lengths as gymnasium's RecordEpisodeStatistics infos."""
     space = envs[0].action_space
     obs = np.zeros((len(seeds), horizon + 1, envs[0].observation_space.shape[0]))
     actions = np.zeros((len(seeds), horizon, space.shape[0]))
@@ -361,8 +354,7 @@ def rollout(
                 i = group[j]
                 obs[i, t + 1], actions[i, t], mask[i, t] = next_obs, action, True
                 returns[i] += reward
-                # Deviation: cut at the LQR horizon T, because one model is fitted per step and the paper's
-                # "relatively short" horizons [DPI Sec. 7] cannot cover 1000
+                # Deviation: cut at the LQR horizon T (one model per step; [DPI Sec. 7] "relatively short")
                 if terminated or truncated or t == horizon - 1:
                     alive[j] = False
                     ended.append(i)
@@ -459,13 +451,12 @@ def gmm_log_prob(points: Tensor, gmm: GMM) -> Tensor:
 
 
 def gmm_fit(points: Tensor, clusters: int, iters: int, init: GMM | None) -> GMM:
-    """Gaussian mixture over transitions by EM, the prior's source [iLQR "fit a global GMM"]: E-step r_mk = w_k
-    N(x_m; mu_k, Sigma_k) / sum_j w_j N(x_m; mu_j, Sigma_j); M-step (MAP, a pseudo-point of the global covariance S)
-    N_k = sum_m r_mk, mu_k = sum_m r_mk x_m / N_k, w_k = N_k / M, Sigma_k = (sum_m r_mk (x_m - mu_k)(x_m - mu_k)' + S)
-    / (N_k + 1). Starts from `init` if it has K components, else from each point assigned to the nearest of K random
-    points (torch's generator; [GPS] assigns at random, so every mean starts near the global mean); stops when the
-    mean log-likelihood gains less than GMM_TOL. Shapes: points [M, D] float64 -> GMM with K = clusters.
-    """
+    """Gaussian mixture over transitions by EM, the prior's source [iLQR "fit a global GMM"]: E-step r_mk = w_k N(x_m; mu_k,
+    Sigma_k) / sum_j w_j N(x_m; mu_j, Sigma_j); M-step (MAP, a pseudo-point of the global covariance S) N_k = sum_m r_mk,
+    mu_k = sum_m r_mk x_m / N_k, w_k = N_k / M, Sigma_k = (sum_m r_mk (x_m - mu_k)(x_m - mu_k)' + S) / (N_k + 1). Starts
+    from `init` if it has K components, else from each point assigned to the nearest of K random points (torch's generator;
+    [GPS] assigns at random, so every mean starts near the global mean); stops when the mean log-likelihood gains less than
+    GMM_TOL. Shapes: points [M, D] float64 -> GMM with K = clusters."""
     num, dim = points.shape
     centre = points.mean(0)
     x = points - centre  # EM on centred points keeps the second moments well conditioned
@@ -491,8 +482,7 @@ def gmm_fit(points: Tensor, clusters: int, iters: int, init: GMM | None) -> GMM:
         weighted = (resp[:, :, None] * x[:, None]).reshape(num, -1)  # [M, K D]
         second = (weighted.T @ x).reshape(clusters, dim, dim)  # sum_m r_mk x_m x_m'
         scatter = second - n_k[:, None, None] * means[:, :, None] * means[:, None, :]
-        # Deviation from [GPS] (1e-6 I, reseeding), the paper being silent: the pseudo-point keeps a component with
-        # few points well conditioned
+        # Deviation from [GPS] (1e-6 I, reseeding; the paper is silent): the pseudo-point conditions a sparse component
         covs = sym((scatter + global_cov) / (n_k + 1.0)[:, None, None])
         gmm, resp = GMM(torch.log(n_k / num), means, covs), None
     return GMM(gmm.log_weights, gmm.means + centre, gmm.covs)
@@ -512,30 +502,26 @@ def prior_moments(gmm: GMM, points: Tensor, mask: Tensor) -> tuple[Tensor, Tenso
     return mu0, sym(phi)
 
 
-def fit_dynamics(
-    points: Tensor, mask: Tensor, mu0: Tensor, phi: Tensor, strength: float, reg: float, obs_dim: int
-) -> Dynamics:
-    """Per-step linear-Gaussian dynamics from a normal-inverse-Wishart posterior [DPI eq. 8]. With n_t samples
-    y_i = (s_t, a_t, s_{t+1}), their mean m and scatter S, and the prior (mu0_t, Phi_t) worth m0 = n0 = `strength`
-    samples [iLQR; GPS]: Sigma = (S + m0 Phi + n m0 / (n + m0) (m - mu0)(m - mu0)') / (n + n0), mu = (n m + m0 mu0) /
-    (n + m0). Conditioning on (s, a): F = Sigma_{s',y} Sigma_{y,y}^-1 (reg * diag(Sigma_{y,y}) added, a ridge on
-    standardised inputs), f = mu_{s'} - F mu_y, cov = Sigma_{s',s'} - F Sigma_{y,y} F'. Shapes: points [T, N, D], mask
-    [T, N] (a sample per step unless strength > 0), mu0 [T, D], phi [T, D, D] -> F [T, O, Y], f [T, O], cov [T, O, O].
-    """
+def fit_dynamics(points: Tensor, mask: Tensor, mu0: Tensor, phi: Tensor, n0: float, reg: float, obs_dim: int) -> Dynamics:
+    """Per-step linear-Gaussian dynamics from a normal-inverse-Wishart posterior [DPI eq. 8]. With n_t samples y_i = (s_t,
+    a_t, s_{t+1}), their mean m and scatter S, and the prior (mu0_t, Phi_t) worth m0 = n0 samples (`n0`, [iLQR; GPS]):
+    Sigma = (S + m0 Phi + n m0 / (n + m0) (m - mu0)(m - mu0)') / (n + n0), mu = (n m + m0 mu0) / (n + m0). Conditioning
+    on (s, a): F = Sigma_{s',y} Sigma_{y,y}^-1 (reg * diag(Sigma_{y,y}) added, a ridge on standardised inputs), f =
+    mu_{s'} - F mu_y, cov = Sigma_{s',s'} - F Sigma_{y,y} F'. Shapes: points [T, N, D], mask [T, N] (a sample per step
+    unless n0 > 0), mu0 [T, D], phi [T, D, D] -> F [T, O, Y], f [T, O], cov [T, O, O]."""
     w = mask.to(points.dtype)  # [T, N]
     n = w.sum(1)  # [T]
     mean = masked_mean(points, mask)  # [T, D]
     diff = (points - mean[:, None]) * w[..., None]  # masked rows are zero
     scatter = diff.transpose(1, 2) @ diff  # [T, D, D]
     shift = mean - mu0
-    coef = (n * strength / (n + strength).clamp_min(1e-12))[:, None, None]
-    sigma = (scatter + strength * phi + coef * shift[:, :, None] * shift[:, None, :]) / (n + strength)[:, None, None]
+    coef = (n * n0 / (n + n0).clamp_min(1e-12))[:, None, None]
+    sigma = (scatter + n0 * phi + coef * shift[:, :, None] * shift[:, None, :]) / (n + n0)[:, None, None]
     # Deviation from [GPS] (the sample mean): the posterior mean, defined even at a step that one episode reached
-    mu = (n[:, None] * mean + strength * mu0) / (n + strength)[:, None]
+    mu = (n[:, None] * mean + n0 * mu0) / (n + n0)[:, None]
     sigma = sym(sigma)
     y = points.shape[2] - obs_dim
-    # Deviation from [GPS] (reg * I): the ridge scales with each input's variance, because once pi_n has converged
-    # the states barely move and an absolute 1e-6 biases A_t, B_t
+    # Deviation from [GPS] (reg * I): relative to each input's variance, since converged states barely move (README)
     variance = torch.diagonal(sigma[:, :y, :y], dim1=1, dim2=2).clamp_min(VARIANCE_FLOOR)
     s_yy = sigma[:, :y, :y] + reg * torch.diag_embed(variance)
     s_xy = sigma[:, y:, :y]  # [T, O, Y]
@@ -545,16 +531,14 @@ def fit_dynamics(
     return Dynamics(F, f, cov)
 
 
-def quadratic_cost(cost_fn: Callable[[Tensor, Tensor], Tensor], obs: Tensor, actions: Tensor, mask: Tensor) -> Quadratic:
-    """Second-order expansion of c around every sample y^ = [s; a], re-centred and averaged per step [GPS]:
-    c(y) ~ 1/2 y'H y + (g - H y^)'y + (c(y^) - g'y^ + 1/2 y^'H y^), g and H the gradient and Hessian at y^ (exact for
-    the quadratic costs of COSTS). Shapes: obs [T, N, O], actions [T, N, A], mask [T, N] -> [T, Y, Y], [T, Y], [T].
-    """
+def quadratic_cost(cost_fn: CostFn, obs: Tensor, actions: Tensor, mask: Tensor) -> Quadratic:
+    """Second-order expansion of c around every sample y^ = [s; a], re-centred and averaged per step [GPS]: c(y) ~ 1/2 y'H y
+    + (g - H y^)'y + (c(y^) - g'y^ + 1/2 y^'H y^), g and H the gradient and Hessian at y^ (exact for the quadratic costs of
+    COSTS). Shapes: obs [T, N, O], actions [T, N, A], mask [T, N] -> [T, Y, Y], [T, Y], [T]."""
     # Deviation: [DPI Sec. 5.1] fits a quadratic to sampled costs; c is known, so its exact local expansion is used
     obs_dim = obs.shape[-1]
     y = torch.cat([obs, actions], -1).detach().requires_grad_(True)  # [T, N, Y]
-    # Samples are independent: the gradient of the summed cost is every sample's gradient, and one more backward pass
-    # per input dim gives every sample's Hessian row
+    # Samples are independent: grad of the summed cost = each sample's gradient; a backward pass per input dim = a Hessian row
     with torch.enable_grad():
         value = cost_fn(y[..., :obs_dim], y[..., obs_dim:])  # [T, N]
         (grad,) = torch.autograd.grad(value.sum(), y, create_graph=True)  # [T, N, Y]
@@ -570,8 +554,7 @@ def linearize_policy(actor: Actor, obs: Tensor, mask: Tensor) -> tuple[Tensor, T
     """Linear mean of pi_n per step, mean(s) ~ Kbar_t s + kbar_t near the samples at t: Kbar_t = mean_i J(s_i), kbar_t =
     mean_i (mean(s_i) - J(s_i) s_i), J the Jacobian of the mean (GPS fits the same line by regression).
     Shapes: obs [T, N, O], mask [T, N] -> Kbar [T, A, O], kbar [T, A] (float64)."""
-    # Deviation: -log pi_n of eq. 10 needs a quadratic in (s, a), and the paper does not say how to get one from a
-    # neural policy: its mean is linearised around the samples (GPS)
+    # Deviation: -log pi_n of eq. 10 must be quadratic in (s, a); the paper is silent, GPS linearises the mean
     x = obs.float().requires_grad_(True)  # [T, N, O]
     with torch.enable_grad():
         mean = actor(x)  # [T, N, A]
@@ -599,17 +582,14 @@ def augmented_cost(cost: Quadratic, mu: float, pi_bar: LinearGaussianPolicy) -> 
 
 
 def lqr_backward(dynamics: Dynamics, cost: Quadratic, gamma: float) -> tuple[LinearGaussianPolicy, ValueFunction] | None:
-    """Maximum-entropy LQR on the model [DPI eq. 10; GPS backward]; None if Q_aa is not PD. From V_T = 0, for
-    t = T-1 .. 0: Q_yy = C_t + gamma F_t'V_xx F_t, q_y = c_t + gamma F_t'(v_x + V_xx f_t), K_t = -Q_aa^-1 Q_as,
-    k_t = -Q_aa^-1 q_a, cov_t = Q_aa^-1 (exp(-Q) normalised minimises E[c'] - entropy), V_xx = Q_ss + Q_sa K_t,
-    v_x = q_s + Q_sa k_t; v0 is the certainty-equivalent constant (no noise, no entropy), so V_0(s) is the optimal
-    deterministic cost. Q_aa = C_aa / mu + Pbar + gamma B'V_xx B is PD for the convex costs of COSTS; no ridge is added
-    (it would change the KL that mu controls). Shapes: F [T, O, Y], f [T, O], C [T, Y, Y], c [T, Y], c0 [T] ->
-    K [T, A, O], k [T, A], cov [T, A, A], V_xx [T, O, O], v_x [T, O], v0 [T].
-    """
+    """Maximum-entropy LQR on the model [DPI eq. 10; GPS backward]; None if Q_aa is not PD (no ridge: README). From
+    V_T = 0, for t = T-1 .. 0: Q_yy = C_t + gamma F_t'V_xx F_t, q_y = c_t + gamma F_t'(v_x + V_xx f_t), K_t = -Q_aa^-1
+    Q_as, k_t = -Q_aa^-1 q_a, cov_t = Q_aa^-1 (exp(-Q) normalised minimises E[c'] - entropy), V_xx = Q_ss + Q_sa K_t,
+    v_x = q_s + Q_sa k_t; v0 is certainty-equivalent (no noise, no entropy): V_0(s) is the optimal deterministic cost.
+    Shapes: F [T, O, Y], f [T, O], C [T, Y, Y], c [T, Y], c0 [T] -> K [T, A, O], k [T, A], cov [T, A, A], V_xx [T, O, O],
+    v_x [T, O], v0 [T]."""
     steps, obs_dim, _ = dynamics.F.shape
-    dtype = cost.C.dtype
-    V_xx, v_x, v0 = torch.zeros(obs_dim, obs_dim, dtype=dtype), torch.zeros(obs_dim, dtype=dtype), torch.zeros((), dtype=dtype)
+    V_xx, v_x, v0 = cost.C.new_zeros(obs_dim, obs_dim), cost.C.new_zeros(obs_dim), cost.C.new_zeros(())  # V_T = 0
     out = []  # (K, k, cov, V_xx, v_x, v0) per step, from t = T-1 down
     for t in reversed(range(steps)):
         F, f = dynamics.F[t], dynamics.f[t]
@@ -638,9 +618,8 @@ def lqr_evaluate(
     cov^eta_t), i.e. with M = [I; K], m = [0; k]: V_xx = M'Q_yy M, v_x = M'(Q_yy m + q_y), v0 = q0 + 1/2 m'Q_yy m
     + q_y'm + 1/2 tr(Q_aa cov^eta). Shapes as lqr_backward; returns Q (C [T, Y, Y], c [T, Y], c0 [T]) and V."""
     steps, obs_dim, _ = dynamics.F.shape
-    dtype = cost.C.dtype
-    V_xx, v_x, v0 = torch.zeros(obs_dim, obs_dim, dtype=dtype), torch.zeros(obs_dim, dtype=dtype), torch.zeros((), dtype=dtype)
-    eye = torch.eye(obs_dim, dtype=dtype)
+    V_xx, v_x, v0 = cost.C.new_zeros(obs_dim, obs_dim), cost.C.new_zeros(obs_dim), cost.C.new_zeros(())  # V_T = 0
+    eye = torch.eye(obs_dim, dtype=cost.C.dtype)
     out = []  # (Q, q, q0, V_xx, v_x, v0) per step, from t = T-1 down
     for t in reversed(range(steps)):
         F, f = dynamics.F[t], dynamics.f[t]
@@ -649,7 +628,7 @@ def lqr_evaluate(
         q = cost.c[t] + gamma * F.T @ (v_x + V_xx @ f)
         q0 = cost.c0[t] + gamma * (0.5 * f @ V_xx @ f + v_x @ f + noise + v0)
         M = torch.cat([eye, policy.K[t]], 0)  # [Y, O]
-        m = torch.cat([torch.zeros(obs_dim, dtype=dtype), policy.k[t]])  # [Y]
+        m = torch.cat([v_x.new_zeros(obs_dim), policy.k[t]])  # [Y]
         V_xx = sym(M.T @ Q @ M)
         v_x = M.T @ (Q @ m + q)
         v0 = q0 + 0.5 * m @ Q @ m + q @ m + 0.5 * torch.trace(Q[obs_dim:, obs_dim:] @ policy.cov[t])
@@ -707,8 +686,7 @@ def solve_eta(
 ) -> tuple[float, LinearGaussianPolicy] | None:
     """eta for one mu and its KL sum_t gamma^t E KL(eta_t || pi_n) [DPI eq. 9-10]: LQR on c' = c / mu - log pi_n, then
     eta's state marginals under the model from s_0 ~ N(x0_mean [O], x0_cov [O, O]); None when Q_aa is not PD."""
-    result = lqr_backward(dynamics, augmented_cost(cost, mu, pi_bar), gamma)
-    if result is None:
+    if (result := lqr_backward(dynamics, augmented_cost(cost, mu, pi_bar), gamma)) is None:
         return None
     eta = result[0]
     kl = trajectory_kl(eta, pi_bar, *forward_marginals(dynamics, eta, x0_mean, x0_cov))
@@ -716,16 +694,13 @@ def solve_eta(
     return float((discount * kl).sum()), eta
 
 
-def dual_search(
-    solve: Callable[[float], tuple[float, object] | None], alpha: float, mu: float, tolerance: float, max_iters: int
-) -> tuple[float, object, float, int]:
-    """mu with |KL(mu) - alpha| <= tolerance * alpha [DPI eq. 9; GPS bracket search]. KL(mu) falls as mu grows (more
-    weight on -log pi_n); solve(mu) returns (KL, solution), or None when Q_aa is not PD, which [GPS] answers by raising
-    mu (more weight on the PD term Pbar). Bracket [lo, hi] from MU_BOUNDS: KL > alpha (or None): lo = mu, mu =
-    min(sqrt(lo hi), 10 lo); KL < alpha: hi = mu, mu = max(sqrt(lo hi), hi / 10). Returns the last mu within the
-    tolerance, else the last below alpha (feasible), else the last PD one; its solution and KL; the passes used."""
-    # Deviation: [DPI Sec. 5.1] updates mu "by projected gradient ascent"; the bracket search of [GPS] reaches the
-    # same fixed point (KL = alpha) in far fewer LQR passes
+def dual_search(solve: Callable, alpha: float, mu: float, tol: float, max_iters: int) -> tuple[float, object, float, int]:
+    """mu with |KL(mu) - alpha| <= tol * alpha [DPI eq. 9; GPS bracket search]. KL(mu) falls as mu grows (more weight on
+    -log pi_n); solve(mu) returns (KL, solution), or None when Q_aa is not PD, which [GPS] answers by raising mu (more weight
+    on the PD term Pbar). Bracket [lo, hi] from MU_BOUNDS: KL > alpha (or None): lo = mu, mu = min(sqrt(lo hi), 10 lo);
+    KL < alpha: hi = mu, mu = max(sqrt(lo hi), hi / 10). Returns the last mu within the tolerance, else the last below
+    alpha (feasible), else the last PD one; its solution and KL; the passes used."""
+    # Deviation: [DPI Sec. 5.1] ascends "by projected gradient"; [GPS]'s bracket reaches KL = alpha in far fewer passes
     lo, hi = MU_BOUNDS
     best, fallback, iters = None, None, 0  # (mu, solution, KL) below alpha, and of any PD pass
     for iters in range(1, max_iters + 1):
@@ -733,16 +708,14 @@ def dual_search(
         if result is not None:
             kl, solution = result
             fallback = (mu, solution, kl)
-            if abs(kl - alpha) <= tolerance * alpha:
+            if abs(kl - alpha) <= tol * alpha:
                 return mu, solution, kl, iters
             if kl < alpha:
                 best = (mu, solution, kl)
-        if result is None or result[0] > alpha:  # mu too small
-            lo = mu
-            mu = min(float(np.sqrt(lo * hi)), 10.0 * lo)
-        else:
-            hi = mu
-            mu = max(float(np.sqrt(lo * hi)), 0.1 * hi)
+        if result is None or result[0] > alpha:  # mu too small: lo = mu, mu = min(sqrt(lo hi), 10 lo)
+            lo, mu = mu, min(float(np.sqrt(mu * hi)), 10.0 * mu)
+        else:  # hi = mu, mu = max(sqrt(lo hi), hi / 10)
+            hi, mu = mu, max(float(np.sqrt(lo * mu)), 0.1 * mu)
     chosen = best if best is not None else fallback
     if chosen is None:
         raise RuntimeError("Q_aa was not positive definite for any mu: the model is degenerate")
@@ -762,51 +735,40 @@ def expected_disadvantage(A: Quadratic, obs: Tensor, steps: Tensor, mean: Tensor
 
 
 def gaussian_kl(mean_old: Tensor, log_std_old: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
-    """KL(N_old || N) = sum_i log(s_i / s_old_i) + (s_old_i^2 + (m_old_i - m_i)^2) / (2 s_i^2)
-    - 1/2 for diagonal Gaussians: [B, A] each -> [B]."""
+    """KL(N_old || N) = sum_i log(s_i / s_old_i) + (s_old_i^2 + (m_old_i - m_i)^2) / (2 s_i^2) - 1/2 for diagonal
+    Gaussians: [B, A] each -> [B]."""
     var_ratio = torch.exp(2 * (log_std_old - log_std))
     mahalanobis = ((mean_old - mean) * torch.exp(-log_std)).pow(2)
     return (log_std - log_std_old + 0.5 * (var_ratio + mahalanobis) - 0.5).sum(-1)
 
 
 def conjugate_gradient(avp: Callable[[Tensor], Tensor], b: Tensor, iters: int) -> Tensor:
-    """An approximate solution x of A x = b, A symmetric positive definite, from products A v.
-
-    [TRPO App. C] conjugate gradient from x_0 = 0 for `iters` steps (the paper: 10), stopping
-    early once |b - A x|^2 < CG_RESIDUAL_TOL. avp: v -> A v. Shapes: b [P]; returns x [P].
-    """
-    x = torch.zeros_like(b)
-    r, p = b.clone(), b.clone()  # the residual b - A x and the search direction
+    """x ~ A^-1 b for A symmetric positive definite, from products avp(v) = A v: [TRPO App. C] conjugate gradient from
+    x_0 = 0 for `iters` steps (the paper: 10), stopping early once |b - A x|^2 < CG_RESIDUAL_TOL. Shapes: b, x [P]."""
+    x, r, p = torch.zeros_like(b), b.clone(), b.clone()  # the solution, the residual b - A x, the search direction
     rr = r @ r
     for _ in range(iters):
         if rr < CG_RESIDUAL_TOL:
             break
         ap = avp(p)
         alpha = rr / (p @ ap)
-        x += alpha * p
-        r -= alpha * ap
+        x, r = x + alpha * p, r - alpha * ap
         rr_new = r @ r
-        p = r + (rr_new / rr) * p
-        rr = rr_new
+        p, rr = r + (rr_new / rr) * p, rr_new
     return x
 
 
 def fisher_vector_product(kl_grad: Tensor, params: list[Tensor], v: Tensor, damping: float) -> Tensor:
-    """(A + damping I) v, A = d^2/dtheta^2 mean_s KL(pi_old(.|s) || pi_theta(.|s)) at theta_old.
-
-    [TRPO App. C.1] the Hessian-vector product of the analytic mean KL: kl_grad = dKL/dtheta,
-    built with create_graph=True at theta = theta_old, is differentiated once more along v.
-    There the second term of eq. 57 vanishes, so this is the Fisher J^T M J v, M the Fisher
-    of the distribution parameters. Shapes: kl_grad, v [P]; params the P parameters.
-    """
+    """(A + damping I) v, A = d^2/dtheta^2 mean_s KL(pi_old(.|s) || pi_theta(.|s)) at theta_old [TRPO App. C.1]: kl_grad
+    = dKL/dtheta (create_graph=True at theta_old) differentiated along v. There eq. 57's second term vanishes: this is
+    the Fisher J^T M J v, M the distribution parameters' Fisher. Shapes: kl_grad, v [P]; params the P parameters."""
     hvp = torch.autograd.grad(kl_grad @ v, params, retain_graph=True)
     return torch.cat([h.reshape(-1) for h in hvp]) + damping * v
 
 
 @torch.no_grad()
 def set_parameters(params: list[Tensor], theta: Tensor) -> None:
-    """Copy the flat vector theta [P] into the parameters in place (vector_to_parameters would
-    make them views into theta, whose memory alignment can change matmul rounding)."""
+    """Copy theta [P] into params in place (vector_to_parameters' views into theta can change matmul rounding)."""
     for p, chunk in zip(params, theta.split([p.numel() for p in params])):
         p.copy_(chunk.view_as(p))
 
@@ -819,7 +781,7 @@ class Imitation(NamedTuple):  # what the natural-gradient step needs from one tr
 
 
 def update_eta(
-    rollouts: Rollouts, actor: Actor, cost_fn: Callable[[Tensor, Tensor], Tensor], prior: PriorBuffer, mu: float, args: Args
+    rollouts: Rollouts, actor: Actor, cost_fn: CostFn, prior: PriorBuffer, mu: float, args: Args
 ) -> tuple[Imitation, float, dict[str, Tensor]]:
     """Steps 2-7 for one training env: refit the GMM prior (in `prior`), fit the local model, search mu and solve for
     eta, evaluate A^eta; the imitation target, the new mu and metrics."""
@@ -850,8 +812,7 @@ def update_eta(
     # 5-6. LQR on c' inside the search on mu [DPI eq. 9-10]
     solve = lambda m: solve_eta(m, dynamics, cost, pi_bar, x0_mean, x0_cov, args.gamma)
     mu, eta, kl, dual_iters = dual_search(solve, args.alpha, mu, args.kl_tolerance, args.dual_iters)
-    # 7. A^eta = Q - V of eta under the model [DPI Sec. 5.1]. Deviation: with the true cost c, not c' (the paper
-    # leaves it open), so the KL bonus stays out of the imitation target and E_{a ~ eta} A^eta = 0 as for an advantage
+    # 7. A^eta = Q - V of eta under the model [DPI Sec. 5.1]. Deviation (paper open): true cost c, not c', E_{a~eta} A^eta = 0
     Q, V = lqr_evaluate(dynamics, cost, eta, args.gamma)
     _, V_pi = lqr_evaluate(dynamics, cost, pi_bar, args.gamma)
     flat_mask = rollouts.mask[:, :steps]
@@ -876,8 +837,7 @@ def update_eta(
 
 def surrogate(actor: Actor, targets: list[Imitation]) -> Tensor:
     """L(theta) = sum over training envs of mean_s E_{a ~ pi_theta} A^eta_t(s, a) [DPI eq. 11; Sec. 6.3]."""
-    # Deviation: every visited state weighs the same (TRPO practice), not gamma^t as in d_pi, which would leave the
-    # late states of an episode almost no weight
+    # Deviation: every visited state weighs the same (TRPO practice), not gamma^t (late states would get almost none)
     var = (2 * actor.log_std).exp().double()
     total = torch.zeros((), dtype=torch.float64)
     for target in targets:
@@ -896,50 +856,31 @@ def update_actor(actor: Actor, targets: list[Imitation], args: Args) -> dict[str
     with torch.no_grad():
         mean_old = actor(obs)  # [B, A], pi_theta_n in every KL below
         log_std_old = actor.log_std.expand_as(mean_old).clone()
-
-    def mean_kl() -> Tensor:
-        mean = actor(obs)
-        return gaussian_kl(mean_old, log_std_old, mean, actor.log_std.expand_as(mean)).mean()
-
+    mean_kl = lambda: gaussian_kl(mean_old, log_std_old, actor(obs), actor.log_std.expand_as(mean_old)).mean()
     loss_old = surrogate(actor, targets)  # L(theta_n), a cost
     g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss_old, params)]).float()
     kl_grad = torch.cat([x.reshape(-1) for x in torch.autograd.grad(mean_kl(), params, create_graph=True)])
     # [DPI eq. 11] F_theta_n, the Hessian of E_s KL(pi_theta_n, pi_theta) at theta_n
     fvp = functools.partial(fisher_vector_product, kl_grad, params, damping=args.cg_damping)
     step_dir = conjugate_gradient(fvp, g, args.cg_iters)  # s ~ F^-1 g
-    sfs = step_dir @ fvp(step_dir)
-    full_step = -torch.sqrt(args.beta / sfs.clamp_min(STEP_EPS)) * step_dir  # [DPI eq. 12]
-
-    @torch.no_grad()
-    def evaluate_step() -> tuple[Tensor, Tensor]:
-        return -surrogate(actor, targets), mean_kl()  # -L, to maximise as TRPO's surrogate
-
-    loss_old, fraction = loss_old.detach(), 0.0
-    if args.line_search:
-        # Deviation: the paper takes the step of eq. 12 as it is. [TRPO App. C] backtracking takes the first c^j
-        # full_step with L(theta) < L(theta_n) and mean KL <= beta / 2, else restores theta_n exactly, so that a step
-        # whose quadratic KL model is wrong cannot make pi worse
-        for j in range(args.backtrack_iters):
-            set_parameters(params, theta_old + args.backtrack_coef**j * full_step)
+    full_step = -torch.sqrt(args.beta / (step_dir @ fvp(step_dir)).clamp_min(STEP_EPS)) * step_dir  # [DPI eq. 12]
+    evaluate_step = torch.no_grad()(lambda: (-surrogate(actor, targets), mean_kl()))  # (-L, KL): -L to maximise, as TRPO
+    loss_old, fraction = loss_old.detach(), 1.0
+    if not args.line_search:  # the paper's plain step
+        set_parameters(params, theta_old + full_step)
+    else:  # Deviation: [TRPO App. C] backtracking, so that a step whose quadratic KL model is wrong cannot make pi worse
+        for fraction in (args.backtrack_coef**j for j in range(args.backtrack_iters)):  # the first with L and KL in bounds
+            set_parameters(params, theta_old + fraction * full_step)
             neg_loss_new, kl = evaluate_step()
             if bool(kl <= args.beta / 2) and bool(neg_loss_new > -loss_old):
-                fraction = args.backtrack_coef**j
                 break
-        else:
+        else:  # none: theta_n restored exactly
             set_parameters(params, theta_old)
-    else:  # the paper's plain step
-        set_parameters(params, theta_old + full_step)
-        fraction = 1.0
+            fraction = 0.0
     neg_loss_new, kl = evaluate_step()
-    return {
-        "losses/policy": -neg_loss_new,
-        "stats/surrogate_improvement": loss_old + neg_loss_new,
-        "stats/kl": kl,
-        "stats/entropy": (log_std_old[0] + 0.5 * (1.0 + LOG_2PI)).sum(),
-        "stats/step_fraction": torch.tensor(fraction),
-        "stats/line_search_rejected": torch.tensor(float(fraction == 0.0)),
-        "stats/grad_norm": g.norm(),
-    }
+    metrics = {"losses/policy": -neg_loss_new, "stats/surrogate_improvement": loss_old + neg_loss_new, "stats/kl": kl}
+    metrics |= {"stats/entropy": (log_std_old[0] + 0.5 * (1.0 + LOG_2PI)).sum(), "stats/step_fraction": torch.tensor(fraction)}
+    return metrics | {"stats/line_search_rejected": torch.tensor(float(fraction == 0.0)), "stats/grad_norm": g.norm()}
 
 
 # == 7. Training ===========================================================================================
@@ -950,7 +891,7 @@ def evaluate_variants(act: Callable, envs: TrainingEnvs, args: Args, device: tor
     train_return = float(np.mean([mean_return(group[0]) for group in envs.train]))
     return {
         "charts/eval_return_train": train_return,
-        "charts/eval_return": float(np.mean([mean_return(env) for env in envs.test])),
+        "charts/eval_return": float(np.mean([mean_return(e) for e in envs.test])),
     }
 
 
@@ -975,17 +916,12 @@ def train(args: Args) -> dict:
     mus = torch.full((len(train_params),), MU_INIT, dtype=torch.float64)
     # -- run: directory, logging, evaluation, saving, resume (below the fence); act: the mean, clipped to the bounds
     act = lambda obs: actor(obs.float()).clamp(low, high)
+    explore = torch.no_grad()(lambda obs: actor.sample(torch.as_tensor(obs, dtype=torch.float32, device=device)).numpy())
     eval_fn = (lambda: evaluate_variants(act, envs, args, device)) if args.robust else None  # on the variants
     run = Run(args, envs, model=dict(actor=actor), train_state=dict(mu=mus, **priors), act=act, eval_fn=eval_fn)
     if args.eval_only:
         return run.evaluate_only()
     global_step, num_updates = run.start()
-
-    @torch.no_grad()
-    def explore(obs: np.ndarray) -> np.ndarray:
-        """a ~ pi_n(.|s), the behaviour policy of the rollouts."""
-        return actor.sample(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
-
     while global_step < args.total_steps:  # one DPI iteration per pass [DPI Alg. 1]
         targets, eta_metrics = [], {}
         for v, (group, prior) in enumerate(zip(envs.train, priors.values())):
