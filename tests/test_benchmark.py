@@ -372,3 +372,24 @@ def test_failed_run_is_reported_and_the_command_exits_nonzero(tiny, monkeypatch,
     assert "FAILED  broken/Pendulum-v1/seed1 (exit 2)" in printed and "no-such-flag" in printed
     (broken,) = [r for r in bench.plan(both, (1,), both.envs, STEPS, out) if r.variant == "broken"]
     assert not os.path.exists(os.path.join(broken.dir, "done.json"))
+
+
+def test_same_metrics_reads_every_scalar_once_and_names_the_first_difference(tmp_path):
+    """benchmark/same_metrics.py: a point logged twice at the same step with the same value counts once, timing
+    tags are skipped, and a changed value is reported at its index."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    spec = importlib.util.spec_from_file_location("same_metrics", os.path.join(ROOT, "benchmark", "same_metrics.py"))
+    same = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(same)
+    writer = SummaryWriter(str(tmp_path))
+    for step, value in [(1, 0.5), (2, 1.5), (2, 1.5), (3, 2.5)]:
+        writer.add_scalar("charts/eval_return", value, step)
+    writer.add_scalar("charts/SPS", 123.0, 1)
+    writer.close()
+    read = same.scalars(str(tmp_path))
+    assert read == {"charts/eval_return": [(1, 0.5), (2, 1.5), (3, 2.5)]}
+    assert same.differences(read, read) == []
+    changed = {"charts/eval_return": [(1, 0.5), (2, 1.25), (3, 2.5)]}
+    (line,) = same.differences(read, changed)
+    assert line.startswith("charts/eval_return: point 1: [(2, 1.5)] against [(2, 1.25)]")
