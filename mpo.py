@@ -459,67 +459,53 @@ Actor = GaussianActor | CategoricalActor
 VALUE_CHUNK = 64  # states per target-critic call for V' on a CPU (64 states x M = 20 actions is fast)
 
 
-def update_critic(
+def update(
+    actor: Actor,
     actor_target: Actor,
     critic: Critic,
     critic_target: Critic,
-    critic_opt: Optimizer,
+    optimizers: tuple[Optimizer, Optimizer, Optimizer],
+    log_eta: Tensor,
+    log_alpha_mean: Tensor,
+    log_alpha_cov: Tensor,
     batch: Batch,
+    num_samples: int,
     gamma: float,
     retrace_lambda: float,
-    num_samples: int,
+    epsilon: float,
+    epsilon_mean: float,
+    epsilon_cov: float,
 ) -> dict[str, Tensor]:
-    """One Adam step on (Q(s_0, a_0) - Q_ret)^2 / 2 [MPO Sec. 4], Q_ret from the targets: pi' as in the E-step (ACME)."""
+    """One gradient step on (Q(s_0, a_0) - Q_ret)^2 / 2 [MPO Sec. 4] and one E- and M-step on the snippets' first states
+    [MPO Alg. 2, lines 15-20], in one backward pass: the critic, eta on g(eta), the policy on the weighted likelihood plus
+    the KL penalties, the multipliers on alpha (epsilon - C); then the duals are clamped."""
     with torch.no_grad():
-        obs, next_obs, actions = (x.flatten(0, 1) for x in (batch.obs, batch.next_obs, batch.actions))  # [B T, O or A]
-        # [MPO eq. 13] c_k = lambda min(1, pi(a_k|s_k) / b(a_k|s_k)), b stored at acting time
-        log_pi = actor_target.log_prob(actor_target(obs), actions.unsqueeze(1))  # [B T, 1]
+        obs, next_obs, stored = (x.flatten(0, 1) for x in (batch.obs, batch.next_obs, batch.actions))  # [B T, O or A]
+        # [MPO eq. 13] c_k = lambda min(1, pi'(a_k|s_k) / b(a_k|s_k)), b stored at acting time; pi' as in the E-step (ACME)
+        log_pi = actor_target.log_prob(actor_target(obs), stored.unsqueeze(1))  # [B T, 1]
         traces = retrace_lambda * (log_pi.view_as(batch.rewards) - batch.behaviour_log_prob).clamp(max=0.0).exp()  # [B, T]
-        # V'(s') = E_{a ~ pi} Q'(s', a): M samples, or all actions weighted by pi if discrete; in chunks on a CPU (page faults)
+        # V'(s') = E_{a ~ pi'} Q'(s', a): M samples, or all actions weighted by pi' if discrete; in chunks on a CPU (page faults)
         next_v = []
         for next_obs_chunk in next_obs.split(VALUE_CHUNK if next_obs.device.type == "cpu" else len(next_obs)):  # [chunk, O]
             next_actions, log_prior = actor_target.candidates(actor_target(next_obs_chunk), num_samples)  # [chunk, M, A]
             next_q = critic_target(next_obs_chunk.unsqueeze(1), actor_target.critic_input(next_actions))  # [chunk, M]
             next_v.append((log_prior.exp() * next_q).sum(-1))
         next_v = torch.cat(next_v).view_as(batch.rewards)  # [B, T]
-        q_taken = critic_target(obs, actor_target.critic_input(actions)).view_as(batch.rewards)
+        q_taken = critic_target(obs, actor_target.critic_input(stored)).view_as(batch.rewards)
         target = retrace_target(batch.rewards, batch.terminated, batch.valid, q_taken, next_v, traces, gamma)[:, 0]  # [B]
-    q = critic(batch.obs[:, 0], actor_target.critic_input(batch.actions[:, 0]))  # [B]
-    loss = 0.5 * (q - target).pow(2).mean()  # [MPO Sec. 4] squared loss to Q_ret
-    critic_opt.zero_grad(set_to_none=True)
-    loss.backward()
-    critic_opt.step()
-    trace = (traces * batch.valid).sum() / batch.valid.sum()
-    return {"losses/q": loss.detach(), "stats/q_mean": q.detach().mean(), "stats/trace": trace}
-
-
-def update_policy(
-    actor: Actor,
-    actor_target: Actor,
-    critic_target: Critic,
-    actor_opt: Optimizer,
-    dual_opt: Optimizer,
-    log_eta: Tensor,
-    log_alpha_mean: Tensor,
-    log_alpha_cov: Tensor,
-    obs: Tensor,
-    num_samples: int,
-    epsilon: float,
-    epsilon_mean: float,
-    epsilon_cov: float,
-) -> dict[str, Tensor]:
-    """One E-step and one M-step as simultaneous gradient steps [MPO Alg. 2, lines 15-20]: eta on g(eta), the policy on
-    the weighted likelihood plus the KL penalties, the multipliers on alpha (epsilon - C); then the duals are clamped."""
+    first_obs = batch.obs[:, 0]  # s_0 of each snippet [B, O]
+    q = critic(first_obs, actor_target.critic_input(batch.actions[:, 0]))  # [B]
+    q_loss = 0.5 * (q - target).pow(2).mean()  # [MPO Sec. 4] squared loss to Q_ret
+    # E-step [MPO eq. 8-9] on the same states: eta steps on the dual; the weights use its current value
     with torch.no_grad():
-        params_old = actor_target(obs)
+        params_old = actor_target(first_obs)
         actions, log_prior = actor_target.candidates(params_old, num_samples)  # [B, M, A]
-        q = critic_target(obs.unsqueeze(1), actor_target.critic_input(actions))  # [B, M]
-    # E-step [MPO eq. 8-9]: eta steps on the dual; the weights use its current value
+        q_candidates = critic_target(first_obs.unsqueeze(1), actor_target.critic_input(actions))  # [B, M]
     eta = dual_variable(log_eta)
-    eta_loss = temperature_dual(eta, q, log_prior, epsilon)
-    weights = e_step_weights(q, eta.detach(), log_prior)  # [B, M]
+    eta_loss = temperature_dual(eta, q_candidates, log_prior, epsilon)
+    weights = e_step_weights(q_candidates, eta.detach(), log_prior)  # [B, M]
     # M-step [MPO eq. 10, 12]: weighted maximum likelihood of the candidates under the decoupled KL bounds [MPO App. D.3]
-    params = actor(obs)
+    params = actor(first_obs)
     policy_loss = -(weights * actor.log_prob(params, actions)).sum(-1).mean()
     kl_mean, kl_cov = actor.kl_terms(params_old, params)  # [B] each; no kl_cov when discrete
     alpha_mean, alpha_cov = dual_variable(log_alpha_mean), dual_variable(log_alpha_cov)
@@ -530,15 +516,18 @@ def update_policy(
         penalty, alpha_loss = penalty + penalty_cov, alpha_loss + alpha_loss_cov
         metrics.update({"stats/kl_cov": kl_cov.detach().mean(), "stats/alpha_cov": alpha_cov.detach()})
     dual_loss = eta_loss + alpha_loss
-    actor_opt.zero_grad(set_to_none=True)
-    dual_opt.zero_grad(set_to_none=True)
-    (policy_loss + penalty + dual_loss).backward()  # disjoint parameters: one backward serves the policy and dual steps
-    actor_opt.step()
-    dual_opt.step()
+    for optimizer in optimizers:  # the actor's, the critic's, the duals'
+        optimizer.zero_grad(set_to_none=True)
+    (q_loss + policy_loss + penalty + dual_loss).backward()  # disjoint parameters: one backward serves all
+    for optimizer in optimizers:
+        optimizer.step()
     with torch.no_grad():
         for parameter in (log_eta, log_alpha_mean, log_alpha_cov):
             parameter.clamp_(min=LOG_DUAL_MIN)
-    metrics.update({"losses/policy": policy_loss.detach(), "losses/dual": dual_loss.detach(), "stats/eta": eta.detach()})
+    metrics.update({"losses/q": q_loss.detach(), "losses/policy": policy_loss.detach(), "losses/dual": dual_loss.detach()})
+    metrics["stats/q_mean"] = q.detach().mean()
+    metrics["stats/trace"] = (traces * batch.valid).sum() / batch.valid.sum()
+    metrics["stats/eta"] = eta.detach()
     metrics["stats/kl_q"] = (torch.xlogy(weights, weights) - weights * log_prior).sum(-1).mean()  # KL(q || pi')
     metrics["stats/entropy"] = actor.entropy(params).detach().mean()
     return metrics
@@ -570,10 +559,8 @@ def train(args: Args) -> dict:
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, fused=True)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.q_lr, fused=True)
     dual_opt = torch.optim.Adam([log_eta, log_alpha_mean, log_alpha_cov], lr=args.dual_lr, fused=True)
-    # the updates' arguments besides the batch
-    retrace = (args.gamma, args.retrace_lambda, args.num_samples)
-    policy_step = (actor, actor_target, critic_target, actor_opt, dual_opt, log_eta, log_alpha_mean, log_alpha_cov)
-    bounds = (args.num_samples, args.epsilon, args.epsilon_mean, args.epsilon_cov)
+    nets = (actor, actor_target, critic, critic_target, (actor_opt, critic_opt, dual_opt))  # update's inputs
+    numbers = (args.num_samples, args.gamma, args.retrace_lambda, args.epsilon, args.epsilon_mean, args.epsilon_cov)
     # -- storage
     replay = SnippetReplay(args.buffer_size, args.num_envs, obs_dim, actor.action_dim, args.retrace_steps, device)
     # -- run: directory, logging, evaluation, saving, resume (below the fence)
@@ -602,9 +589,7 @@ def train(args: Args) -> dict:
         if global_step >= args.learning_starts:
             for _ in range(args.num_envs):
                 batch = replay.sample(args.batch_size)
-                metrics = update_critic(actor_target, critic, critic_target, critic_opt, batch, *retrace)
-                metrics.update(update_policy(*policy_step, batch.obs[:, 0], *bounds))
-                run.add_metrics(metrics)
+                run.add_metrics(update(*nets, log_eta, log_alpha_mean, log_alpha_cov, batch, *numbers))
                 num_updates += 1
                 if num_updates % args.target_network_frequency == 0:  # [MPO Alg. 2, line 25] pi' <- pi (the M-step's), Q' <- Q
                     actor_target.load_state_dict(actor.state_dict())
