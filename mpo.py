@@ -26,11 +26,11 @@ Algorithm (one environment step; the function that does each line in brackets):
 Shapes: B batch (snippets, states), T snippet length, M candidate actions per state (all n if discrete), O obs, A action.
 
 Deviations from the paper:
-    - eta, alpha_mean, alpha_cov = softplus(log_eta, log_alpha_*) + 1e-8 (ACME's form and names), with Adam at --dual-lr
-      (paper: not given), log_* clamped below at -18 (ACME). Actions are rescaled to [-1, 1]; the critic sees the clipped
-      action the env executes (ACME), the replay and log b(a|s) the unclipped sample; a discrete one, one-hot (paper: DQN).
+    - eta, alpha_mean, alpha_cov = softplus(log_eta, log_alpha_*) + 1e-8 (ACME's form and names), Adam at --dual-lr (paper: not
+      given), log_* clamped below at -18 (ACME). Actions are rescaled to [-1, 1]; the critic sees the clipped action the env
+      executes (ACME), the replay and log b(a|s) the unclipped sample; a discrete one goes one-hot (paper: a DQN torso).
     - Left open by the paper: T = 5, M = 20 (ACME), B = 256 ([TreePI] Table 2), ReLU (ACME, [TreePI]: ELU); no warm-up.
-      One update per env step (per env), as sac.py (Alg. 2: 1000 gradient steps per batch of trajectories, then the copy).
+      One update per env step (per env), as sac.py (Alg. 2: 1000 gradient steps per batch of trajectories, then target copy).
     - Retrace and the E-step use pi' (the paper's pi(a|s, theta_i)), as ACME does; C_mean uses the online covariance, as
       eq. 27 has it, so C_mean + C_cov = KL(pi' || pi) exactly (ACME: the target covariance in C_mean).
 """
@@ -441,13 +441,12 @@ def retrace_target(
 
 
 # == 5. Updates ============================================================================================
-Actor = GaussianActor | CategoricalActor
 VALUE_CHUNK = 64  # states per target-critic call for V' on a CPU (64 states x M = 20 actions is fast)
 
 
 def update(
-    actor: Actor,
-    actor_target: Actor,
+    actor: GaussianActor | CategoricalActor,
+    actor_target: GaussianActor | CategoricalActor,
     critic: Critic,
     critic_target: Critic,
     optimizers: tuple[Optimizer, Optimizer, Optimizer],
@@ -455,48 +454,42 @@ def update(
     log_alpha_mean: Tensor,
     log_alpha_cov: Tensor,
     batch: Batch,
-    num_samples: int,
-    gamma: float,
-    retrace_lambda: float,
-    epsilon: float,
-    epsilon_mean: float,
-    epsilon_cov: float,
+    args: Args,
 ) -> dict[str, Tensor]:
     """One step on (Q(s_0, a_0) - Q_ret)^2 / 2 [MPO Sec. 4], g(eta), the policy's weighted likelihood plus KL penalties and
     alpha (epsilon - C) on the snippets' first states [MPO Alg. 2, lines 15-20], one backward pass; then clamp the duals."""
     first_obs = batch.obs[:, 0]  # s_0 of each snippet [B, O]
     with torch.no_grad():
         obs, next_obs, stored = (x.flatten(0, 1) for x in (batch.obs, batch.next_obs, batch.actions))  # [B T, O or A]
-        # [MPO eq. 13] c_k = lambda min(1, pi'(a_k|s_k) / b(a_k|s_k)), b stored at acting time; pi' as in the E-step (ACME)
+        # [MPO eq. 13] c_k = lambda min(1, pi'(a_k|s_k) / b(a_k|s_k)) [B, T], b stored when acting; pi' as in the E-step (ACME)
         log_pi = actor_target.log_prob(actor_target(obs), stored.unsqueeze(1))  # [B T, 1]
-        traces = retrace_lambda * (log_pi.view_as(batch.rewards) - batch.behaviour_log_prob).clamp(max=0.0).exp()  # [B, T]
+        traces = args.retrace_lambda * (log_pi.view_as(batch.rewards) - batch.behaviour_log_prob).clamp(max=0.0).exp()
         # V'(s') = E_{a ~ pi'} Q'(s', a): M samples, or all actions weighted by pi'; in chunks on a CPU (page faults)
         next_v = []
         for next_obs_chunk in next_obs.split(VALUE_CHUNK if next_obs.device.type == "cpu" else len(next_obs)):  # [chunk, O]
-            next_actions, log_prior = actor_target.candidates(actor_target(next_obs_chunk), num_samples)  # [chunk, M, A]
+            next_actions, log_prior = actor_target.candidates(actor_target(next_obs_chunk), args.num_samples)  # [chunk, M, A]
             next_q = critic_target(next_obs_chunk.unsqueeze(1), actor_target.critic_input(next_actions))  # [chunk, M]
             next_v.append((log_prior.exp() * next_q).sum(-1))
         next_v = torch.cat(next_v).view_as(batch.rewards)  # [B, T]
         q_taken = critic_target(obs, actor_target.critic_input(stored)).view_as(batch.rewards)
-        target = retrace_target(batch.rewards, batch.terminated, batch.valid, q_taken, next_v, traces, gamma)[:, 0]  # [B]
+        target = retrace_target(batch.rewards, batch.terminated, batch.valid, q_taken, next_v, traces, args.gamma)[:, 0]
         params_old = actor_target(first_obs)
-        actions, log_prior = actor_target.candidates(params_old, num_samples)  # the E-step's a_j ~ pi'(.|s_0) [B, M, A]
+        actions, log_prior = actor_target.candidates(params_old, args.num_samples)  # the E-step's a_j ~ pi'(.|s_0) [B, M, A]
         q_candidates = critic_target(first_obs.unsqueeze(1), actor_target.critic_input(actions))  # [B, M]
     q = critic(first_obs, actor_target.critic_input(batch.actions[:, 0]))  # [B]
     q_loss = 0.5 * (q - target).pow(2).mean()  # [MPO Sec. 4] squared loss to Q_ret
-    # E-step [MPO eq. 8-9]: eta steps on the dual; the weights use its current value
-    eta = dual_variable(log_eta)
-    eta_loss = temperature_dual(eta, q_candidates, log_prior, epsilon)
+    # E-step [MPO eq. 8-9]: eta steps on the dual, the weights use its current value (alpha_*: the M-step's)
+    eta, alpha_mean, alpha_cov = (dual_variable(x) for x in (log_eta, log_alpha_mean, log_alpha_cov))
+    eta_loss = temperature_dual(eta, q_candidates, log_prior, args.epsilon)
     weights = e_step_weights(q_candidates, eta.detach(), log_prior)  # [B, M]
     # M-step [MPO eq. 10, 12]: weighted maximum likelihood of the candidates under the decoupled KL bounds [MPO App. D.3]
     params = actor(first_obs)
     policy_loss = -(weights * actor.log_prob(params, actions)).sum(-1).mean()
     kl_mean, kl_cov = actor.kl_terms(params_old, params)  # [B] each; no kl_cov when discrete
-    alpha_mean, alpha_cov = dual_variable(log_alpha_mean), dual_variable(log_alpha_cov)
-    penalty, alpha_loss = kl_penalty(kl_mean, alpha_mean, epsilon_mean)
+    penalty, alpha_loss = kl_penalty(kl_mean, alpha_mean, args.epsilon_mean)
     metrics = {"stats/kl_mean": kl_mean.detach().mean(), "stats/alpha_mean": alpha_mean.detach()}
     if kl_cov is not None:
-        penalty_cov, alpha_loss_cov = kl_penalty(kl_cov, alpha_cov, epsilon_cov)
+        penalty_cov, alpha_loss_cov = kl_penalty(kl_cov, alpha_cov, args.epsilon_cov)
         penalty, alpha_loss = penalty + penalty_cov, alpha_loss + alpha_loss_cov
         metrics.update({"stats/kl_cov": kl_cov.detach().mean(), "stats/alpha_cov": alpha_cov.detach()})
     dual_loss = eta_loss + alpha_loss
@@ -543,7 +536,6 @@ def train(args: Args) -> dict:
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.q_lr, fused=True)
     dual_opt = torch.optim.Adam([log_eta, log_alpha_mean, log_alpha_cov], lr=args.dual_lr, fused=True)
     nets = (actor, actor_target, critic, critic_target, (actor_opt, critic_opt, dual_opt))  # update's inputs
-    numbers = (args.num_samples, args.gamma, args.retrace_lambda, args.epsilon, args.epsilon_mean, args.epsilon_cov)
     # -- storage
     replay = SnippetReplay(args.buffer_size, args.num_envs, obs_dim, actor.action_dim, args.retrace_steps, device)
     # -- run: directory, logging, evaluation, saving, resume (below the fence)
@@ -572,7 +564,7 @@ def train(args: Args) -> dict:
         if global_step >= args.learning_starts:
             for _ in range(args.num_envs):
                 batch = replay.sample(args.batch_size)
-                run.add_metrics(update(*nets, log_eta, log_alpha_mean, log_alpha_cov, batch, *numbers))
+                run.add_metrics(update(*nets, log_eta, log_alpha_mean, log_alpha_cov, batch, args))
                 num_updates += 1
                 if num_updates % args.target_network_frequency == 0:  # [MPO Alg. 2, line 25] pi' <- pi (the M-step's), Q' <- Q
                     actor_target.load_state_dict(actor.state_dict())

@@ -318,9 +318,8 @@ def test_categorical_e_and_m_step_match_hand_computation():
     optimizers = [torch.optim.SGD(params, lr=1.0) for params in (actor.parameters(), critic.parameters())]
     optimizers.append(torch.optim.SGD([log_eta, log_alpha_mean, log_alpha_cov], lr=1.0))
     batch = one_step_batch(torch.zeros(1, 2), torch.tensor([[2.0]]), torch.tensor([reward]))  # the stored action a = 2
-    numbers = (args.num_samples, args.gamma, args.retrace_lambda, epsilon, epsilon_mean, args.epsilon_cov)
     metrics = update(
-        actor, actor_target, critic, critic_target, optimizers, log_eta, log_alpha_mean, log_alpha_cov, batch, *numbers
+        actor, actor_target, critic, critic_target, optimizers, log_eta, log_alpha_mean, log_alpha_cov, batch, args
     )
     expected_logits = [logits[a] - grad_logits[a] for a in range(3)]
     assert actor.head.bias.tolist() == pytest.approx(expected_logits, rel=1e-5)
@@ -392,8 +391,9 @@ def test_gaussian_e_and_m_step_match_an_independent_lagrangian(diagonal):
     stored, rewards = 2 * torch.randn(num_states, dim, dtype=torch.float64), torch.randn(num_states, dtype=torch.float64)
     optimizers = [torch.optim.SGD(params, lr=lr) for params in (actor.parameters(), critic.parameters())]
     optimizers.append(torch.optim.SGD([log_eta, log_alpha_mean, log_alpha_cov], lr=lr))
-    batch, numbers = one_step_batch(obs, stored, rewards), (num_samples, 0.99, 1.0, epsilon, epsilon_mean, epsilon_cov)
-    update(actor, actor_target, critic, critic_target, optimizers, log_eta, log_alpha_mean, log_alpha_cov, batch, *numbers)
+    args = Args(num_samples=num_samples, epsilon=epsilon, epsilon_mean=epsilon_mean, epsilon_cov=epsilon_cov)
+    batch = one_step_batch(obs, stored, rewards)
+    update(actor, actor_target, critic, critic_target, optimizers, log_eta, log_alpha_mean, log_alpha_cov, batch, args)
     for new, old, grad in zip(actor.parameters(), before.parameters(), grads):
         assert torch.allclose(new, old - lr * grad, rtol=1e-9, atol=1e-12)
     assert any(g.abs().max() > 1e-3 for g in grads)  # the step is not trivially zero
@@ -403,7 +403,7 @@ def test_gaussian_e_and_m_step_match_an_independent_lagrangian(diagonal):
     assert log_alpha_mean.item() == pytest.approx(expected, rel=1e-9)
     expected = x[2] - lr * sigmoid(x[2]) * (epsilon_cov - c_cov)
     assert log_alpha_cov.item() == pytest.approx(expected, rel=1e-9)
-    target = rewards + 0.99 * torch.tensor(q.mean(1))  # V'(s) = mean_j Q'(s, a_j) over the fixed samples of pi'
+    target = rewards + args.gamma * torch.tensor(q.mean(1))  # V'(s) = mean_j Q'(s, a_j) over the fixed samples of pi'
     assert_critic_step(critic, before_critic, obs, stored.clamp(-1, 1), target, lr)
 
 
