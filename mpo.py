@@ -7,8 +7,7 @@
 References:
     [MPO] Abdolmaleki, Springenberg, Tassa, Munos, Heess, Riedmiller 2018, "Maximum a Posteriori Policy Optimisation",
         arXiv:1806.06920 (E-step eq. 7-9, M-step eq. 10-12, decoupled KL App. D, Retrace eq. 13, Table 2, Alg. 2).
-    [TreePI] Springenberg, Heess et al. 2020, "Local Search for Policy Iteration in Continuous Control", arXiv:2010.05545,
-        Table 2: MPO as a baseline (README: the flags that select it).
+    [TreePI] Springenberg, Heess et al. 2020, arXiv:2010.05545, Table 2: MPO as a baseline (README: the flags that select it).
     [Retrace] Munos, Stepleton, Harutyunyan, Bellemare 2016, arXiv:1606.02647: the trace c = lambda min(1, pi / b).
     [ACME] Hoffman et al. 2020, arXiv:2006.00979, acme/agents/jax/mpo: followed where the paper is silent.
 
@@ -17,24 +16,21 @@ Algorithm (one environment step; the function that does each line in brackets):
        in time order, b = pi at acting time; sample B snippets of T steps within one episode          [SnippetReplay]
     2. Retrace target (eq. 13) from the targets pi', Q': Q_ret = Q'(s_0, a_0) + sum_j gamma^j (prod_{k=1..j} c_k) [r_j +
        gamma V'(s_{j+1}) - Q'(s_j, a_j)], c_k = lambda min(1, pi'(a_k|s_k) / b(a_k|s_k)), V' = E_pi' Q'   [retrace_target]
-    3. Critic step on (Q(s_0, a_0) - Q_ret)^2 / 2                                                        [update_critic]
-    4. E-step (eq. 7-9): M actions a_j ~ pi'(.|s) (all, weighted by pi', if discrete), weights q_j = softmax_j(Q'(s, a_j) /
-       eta); eta steps on g(eta) = eta eps + eta mean_s log mean_j exp(Q'(s, a_j) / eta) [temperature_dual, e_step_weights]
-    5. M-step (eq. 10-12, App. D): a step on -mean_s sum_j q_j log pi(a_j|s) + alpha_mean C_mean + alpha_cov C_cov, with
-       KL(pi' || pi) = C_mean + C_cov; each alpha steps on alpha (eps - C) [gaussian_kl_decoupled, kl_penalty, update_policy]
+    3. E-step (eq. 7-9): M actions a_j ~ pi'(.|s) (all, weighted by pi', if discrete), weights q_j = softmax_j(Q'(s, a_j) /
+       eta), the dual g(eta) = eta eps + eta mean_s log mean_j exp(Q'(s, a_j) / eta)   [temperature_dual, e_step_weights]
+    4. M-step (eq. 10-12, App. D): L_pi = -mean_s sum_j q_j log pi(a_j|s) + alpha_mean C_mean + alpha_cov C_cov, with
+       KL(pi' || pi) = C_mean + C_cov                                                  [gaussian_kl_decoupled, kl_penalty]
+    5. One step on (Q(s_0, a_0) - Q_ret)^2 / 2 + g(eta) + L_pi and each alpha (eps - C), one backward pass         [update]
     6. Every `target_network_frequency` gradient steps: pi' <- pi, Q' <- Q                       [MPO Alg. 2, line 25]
 
-Shapes: B batch (snippets, states), T snippet length, M candidate actions per state (samples, or the n actions of a
-discrete space), O observation size, A action size.
+Shapes: B batch (snippets, states), T snippet length, M candidate actions per state (all n if discrete), O obs, A action.
 
 Deviations from the paper:
-    - eta, alpha_mean, alpha_cov are softplus of log_eta, log_alpha_* (ACME's parameterisation and names), with their own
-      Adam learning rate (paper: not given) and clamped below at -18 (ACME).
-    - Actions are rescaled to [-1, 1]; the critic sees the clipped action the env executes (ACME), the replay and
-      log b(a|s) the unclipped sample. A discrete action goes to the critic one-hot (paper: a DQN torso).
-    - Left open by the paper: T = 5, M = 20 (ACME), B = 256 ([TreePI] Table 2), ReLU (ACME, [TreePI]: ELU); pi acts from
-      the first step (no uniform warm-up). One critic, E- and M-step per env step (per env), as in sac.py (Alg. 2: 1000
-      gradient steps per batch of collected trajectories, then the target copy: our default target period).
+    - eta, alpha_mean, alpha_cov = softplus(log_eta, log_alpha_*) + 1e-8 (ACME's form and names), Adam at --dual-lr (paper: not
+      given), log_* clamped below at -18 (ACME). Actions are rescaled to [-1, 1]; the critic sees the clipped action the env
+      executes (ACME), the replay and log b(a|s) the unclipped sample; a discrete one goes one-hot (paper: a DQN torso).
+    - Left open by the paper: T = 5, M = 20 (ACME), B = 256 ([TreePI] Table 2), ReLU (ACME, [TreePI]: ELU); no warm-up.
+      One update per env step (per env), as sac.py (Alg. 2: 1000 gradient steps per batch of trajectories, then target copy).
     - Retrace and the E-step use pi' (the paper's pi(a|s, theta_i)), as ACME does; C_mean uses the online covariance, as
       eq. 27 has it, so C_mean + C_cov = KL(pi' || pi) exactly (ACME: the target covariance in C_mean).
 """
@@ -87,12 +83,11 @@ class Args:
     """Adam learning rate of the Q-function [MPO Table 2: 5e-4; [TreePI] Table 2: 3e-4]."""
     policy_lr: float = 5e-4
     """Adam learning rate of the policy [MPO Table 2: 5e-4; [TreePI] Table 2: 3e-4]."""
-    # E-step [MPO Sec. 3.2]
+    # E-step and M-step [MPO Sec. 3.2, 3.3, App. D]
     num_samples: int = 20
     """Actions M sampled per state for the E-step and for E_pi Q' (paper: not given; ACME: 20)."""
     epsilon: float = 0.1
     """KL bound epsilon of the non-parametric E-step [MPO eq. 7; Table 2: 0.1]."""
-    # M-step [MPO Sec. 3.3, App. D]
     epsilon_mean: float = 0.1
     """Bound epsilon_mu on the mean part of KL(pi' || pi) (categorical: all of it) [MPO Table 2: 0.1; [TreePI]: 0.005]."""
     epsilon_cov: float = 1e-4
@@ -244,8 +239,7 @@ class CategoricalActor(nn.Module):
         self, obs_dim: int, action_space: gym.spaces.Discrete, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool
     ):
         super().__init__()
-        self.action_dim, self.num_actions = 1, int(action_space.n)
-        self.critic_action_dim = self.num_actions
+        self.action_dim, self.num_actions, self.critic_action_dim = 1, int(action_space.n), int(action_space.n)
         self.trunk = mlp(obs_dim, hidden_sizes, activation, layer_norm)
         self.head = nn.Linear(hidden_sizes[-1], self.num_actions)
 
@@ -266,10 +260,9 @@ class CategoricalActor(nn.Module):
         return logits.log_softmax(-1).gather(-1, actions[..., 0].long())  # log pi(a_j|s) [B, M] of indices [B, M, 1]
 
     def kl_terms(self, logits_old: Tensor, logits: Tensor) -> tuple[Tensor, Tensor | None]:
-        """KL(pi_old || pi) = sum_a pi_old(a) (log pi_old(a) - log pi(a)) [B] [MPO eq. 12, App. B], bounded by epsilon_mean
-        as a whole: there is no covariance part."""
+        """KL(pi_old || pi) = sum_a pi_old(a) log(pi_old(a) / pi(a)) [B] [MPO eq. 12, App. B]; no covariance part."""
         log_p_old = logits_old.log_softmax(-1)
-        return (log_p_old.exp() * (log_p_old - logits.log_softmax(-1))).sum(-1), None
+        return (log_p_old.exp() * (log_p_old - logits.log_softmax(-1))).sum(-1), None  # epsilon_mean bounds all of it
 
     def entropy(self, logits: Tensor) -> Tensor:
         return -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)  # [B]
@@ -381,10 +374,9 @@ def gaussian_kl_decoupled(mean_old: Tensor, scale_tril_old: Tensor, mean: Tensor
     """KL(pi_old || pi) of two Gaussians split into a mean and a covariance part [MPO App. D, eq. 27], KL = C_mean + C_cov:
         C_mean = (mean - mean_old)^T Sigma^-1 (mean - mean_old) / 2,
         C_cov  = (tr(Sigma^-1 Sigma_old) - A + log(|Sigma| / |Sigma_old|)) / 2,
-    with Sigma = L L^T the online and Sigma_old the old (target) covariance: C_mean moves with the mean only, C_cov with
-    the covariance only (ACME's C_mean uses Sigma_old: fully decoupled gradients, but a sum that is not the KL).
-    Symbols: mu_i, Sigma_i = mean_old, L_old L_old^T; mu, Sigma = mean, L L^T; n = A.
-    Shapes: mean_old, mean [B, A]; scale_tril_old, scale_tril [B, A, A]; returns two [B]."""
+    Sigma = L L^T the online, Sigma_old = L_old L_old^T the old (target) covariance (ACME's C_mean uses Sigma_old: fully
+    decoupled gradients, but a sum that is not the KL). Shapes: mean_old, mean [B, A]; scale_tril_old, scale_tril
+    [B, A, A]; returns two [B]."""
     diff = (mean - mean_old).unsqueeze(-1)  # [B, A, 1]
     # |L^-1 (mean - mean_old)|^2 is the Mahalanobis term, |L^-1 L_old|_F^2 = tr(Sigma^-1 Sigma_old)
     whitened = torch.linalg.solve_triangular(scale_tril, torch.cat([diff, scale_tril_old], dim=-1), upper=False)
@@ -396,20 +388,16 @@ def gaussian_kl_decoupled(mean_old: Tensor, scale_tril_old: Tensor, mean: Tensor
 
 
 def temperature_dual(eta: Tensor, q: Tensor, log_prior: Tensor, epsilon: float) -> Tensor:
-    """The convex dual of the E-step (eq. 7), estimated on each state's candidate actions:
-        g(eta) = eta epsilon + eta mean_s log sum_j prior_j exp(Q(s, a_j) / eta)
-    [MPO eq. 9, App. D.2], prior_j = 1/M for M samples of pi_old, pi_old(a_j|s) for all actions of a categorical policy.
-    The epsilon is the Lagrangian's, eta (epsilon - KL) of App. D.2: dg/deta = epsilon - mean_s KL(q || pi_old), so the
-    minimiser puts the E-step's KL at epsilon. Symbols: eta = eta (temperature), Q = q (target critic, no gradient),
-    epsilon = epsilon. Shapes: eta scalar; q, log_prior [B, M]; returns a scalar."""
+    """The convex dual of the E-step (eq. 7) on each state's candidates [MPO eq. 9, App. D.2], Q = q (target critic):
+        g(eta) = eta epsilon + eta mean_s log sum_j prior_j exp(Q(s, a_j) / eta),
+    prior_j = 1/M for M samples of pi_old, pi_old(a_j|s) for all actions of a categorical policy. dg/deta = epsilon -
+    mean_s KL(q || pi_old), so the minimiser puts the E-step's KL at epsilon. Shapes: q, log_prior [B, M]; eta, g scalars."""
     return eta * epsilon + eta * torch.logsumexp(q / eta + log_prior, dim=-1).mean()
 
 
 def e_step_weights(q: Tensor, eta: Tensor, log_prior: Tensor) -> Tensor:
-    """The non-parametric E-step solution on the candidates, normalised per state:
-        q(a_j|s) = prior_j exp(Q(s, a_j) / eta) / sum_k prior_k exp(Q(s, a_k) / eta)
-    [MPO eq. 8: q_i(a|s) proportional to pi(a|s, theta_i) exp(Q_theta_i(s, a) / eta*)]. Symbols as in temperature_dual.
-    Shapes: q, log_prior [B, M]; eta scalar; returns [B, M]."""
+    """The non-parametric E-step [MPO eq. 8: q_i(a|s) proportional to pi(a|s, theta_i) exp(Q_theta_i(s, a) / eta*)] on the
+    candidates: q(a_j|s) = prior_j exp(Q(s, a_j) / eta) / sum_k prior_k exp(Q(s, a_k) / eta), normalised per state [B, M]."""
     return torch.softmax(q / eta + log_prior, dim=-1)
 
 
@@ -429,9 +417,8 @@ def log_dual(init: float, device: torch.device) -> Tensor:
 def kl_penalty(kl: Tensor, alpha: Tensor, epsilon: float) -> tuple[Tensor, Tensor]:
     """The Lagrangian term alpha (epsilon - E_s KL) of the M-step [MPO App. D.3], split for simultaneous gradient steps:
     the policy minimises sg(alpha) E_s KL, the multiplier alpha (epsilon - sg(E_s KL)), so alpha grows while the bound is
-    violated. Symbols: eta_mu / eta_Sigma of App. D.3 = alpha (alpha_mean / alpha_cov here, as eta is the E-step's
-    temperature), epsilon_mu / epsilon_Sigma = epsilon, C_mu / C_Sigma = kl. Shapes: kl [B]; alpha scalar; returns
-    (policy term, multiplier loss), two scalars."""
+    violated. Symbols: eta_mu, eta_Sigma of App. D.3 = alpha (eta is the E-step's temperature here); epsilon_mu,
+    epsilon_Sigma = epsilon; C_mu, C_Sigma = kl. Shapes: kl [B]; alpha scalar; returns (policy term, multiplier loss)."""
     kl = kl.mean()
     return alpha.detach() * kl, alpha * (epsilon - kl.detach())
 
@@ -442,9 +429,8 @@ def retrace_target(
     """Retrace targets for every step of the snippets [MPO eq. 13, with the gamma before E_pi of [Retrace]], by the recursion
         Q_ret(s_k, a_k) = r_k + gamma (1 - terminated_k) [V'(s'_k) + c_{k+1} (Q_ret(s_{k+1}, a_{k+1}) - Q'(s_{k+1}, a_{k+1}))],
     c_{k+1} = 0 where the snippet stops (after T steps: eq. 13's bootstrap with Q'; after an episode end; at the newest
-    data); unrolled, step 2 of the module docstring. Symbols: c_k = traces = lambda min(1, pi(a_k|s_k) / b(a_k|s_k)); Q' =
-    q_taken, the target critic at the stored actions; V'(s') = next_v = E_{a ~ pi} Q'(s', a) at next_obs.
-    Shapes: all inputs [B, T]; returns [B, T], 0 where valid is 0."""
+    data). Symbols: c_k = traces = lambda min(1, pi(a_k|s_k) / b(a_k|s_k)); Q' = q_taken, at the stored actions; V'(s') =
+    next_v = E_{a ~ pi} Q'(s', a). Shapes: all inputs [B, T]; returns [B, T], 0 where valid is 0."""
     targets = []
     correction = torch.zeros_like(rewards[:, 0])  # c_{k+1} (Q_ret - Q') at step k + 1
     for k in reversed(range(rewards.shape[1])):
@@ -455,90 +441,69 @@ def retrace_target(
 
 
 # == 5. Updates ============================================================================================
-Actor = GaussianActor | CategoricalActor
 VALUE_CHUNK = 64  # states per target-critic call for V' on a CPU (64 states x M = 20 actions is fast)
 
 
-def update_critic(
-    actor_target: Actor,
+def update(
+    actor: GaussianActor | CategoricalActor,
+    actor_target: GaussianActor | CategoricalActor,
     critic: Critic,
     critic_target: Critic,
-    critic_opt: Optimizer,
-    batch: Batch,
-    gamma: float,
-    retrace_lambda: float,
-    num_samples: int,
-) -> dict[str, Tensor]:
-    """One Adam step on (Q(s_0, a_0) - Q_ret)^2 / 2 [MPO Sec. 4], Q_ret from the targets: pi' as in the E-step (ACME)."""
-    with torch.no_grad():
-        obs, next_obs, actions = (x.flatten(0, 1) for x in (batch.obs, batch.next_obs, batch.actions))  # [B T, O or A]
-        # [MPO eq. 13] c_k = lambda min(1, pi(a_k|s_k) / b(a_k|s_k)), b stored at acting time
-        log_pi = actor_target.log_prob(actor_target(obs), actions.unsqueeze(1))  # [B T, 1]
-        traces = retrace_lambda * (log_pi.view_as(batch.rewards) - batch.behaviour_log_prob).clamp(max=0.0).exp()  # [B, T]
-        # V'(s') = E_{a ~ pi} Q'(s', a): M samples, or all actions weighted by pi if discrete; in chunks on a CPU (page faults)
-        next_v = []
-        for next_obs_chunk in next_obs.split(VALUE_CHUNK if next_obs.device.type == "cpu" else len(next_obs)):  # [chunk, O]
-            next_actions, log_prior = actor_target.candidates(actor_target(next_obs_chunk), num_samples)  # [chunk, M, A]
-            next_q = critic_target(next_obs_chunk.unsqueeze(1), actor_target.critic_input(next_actions))  # [chunk, M]
-            next_v.append((log_prior.exp() * next_q).sum(-1))
-        next_v = torch.cat(next_v).view_as(batch.rewards)  # [B, T]
-        q_taken = critic_target(obs, actor_target.critic_input(actions)).view_as(batch.rewards)
-        target = retrace_target(batch.rewards, batch.terminated, batch.valid, q_taken, next_v, traces, gamma)[:, 0]  # [B]
-    q = critic(batch.obs[:, 0], actor_target.critic_input(batch.actions[:, 0]))  # [B]
-    loss = 0.5 * (q - target).pow(2).mean()  # [MPO Sec. 4] squared loss to Q_ret
-    critic_opt.zero_grad(set_to_none=True)
-    loss.backward()
-    critic_opt.step()
-    trace = (traces * batch.valid).sum() / batch.valid.sum()
-    return {"losses/q": loss.detach(), "stats/q_mean": q.detach().mean(), "stats/trace": trace}
-
-
-def update_policy(
-    actor: Actor,
-    actor_target: Actor,
-    critic_target: Critic,
-    actor_opt: Optimizer,
-    dual_opt: Optimizer,
+    optimizers: tuple[Optimizer, Optimizer, Optimizer],
     log_eta: Tensor,
     log_alpha_mean: Tensor,
     log_alpha_cov: Tensor,
-    obs: Tensor,
-    num_samples: int,
-    epsilon: float,
-    epsilon_mean: float,
-    epsilon_cov: float,
+    batch: Batch,
+    args: Args,
 ) -> dict[str, Tensor]:
-    """One E-step and one M-step as simultaneous gradient steps [MPO Alg. 2, lines 15-20]: eta on g(eta), the policy on
-    the weighted likelihood plus the KL penalties, the multipliers on alpha (epsilon - C); then the duals are clamped."""
+    """One step on (Q(s_0, a_0) - Q_ret)^2 / 2 [MPO Sec. 4], g(eta), the policy's weighted likelihood plus KL penalties and
+    alpha (epsilon - C) on the snippets' first states [MPO Alg. 2, lines 15-20], one backward pass; then clamp the duals."""
+    first_obs = batch.obs[:, 0]  # s_0 of each snippet [B, O]
     with torch.no_grad():
-        params_old = actor_target(obs)
-        actions, log_prior = actor_target.candidates(params_old, num_samples)  # [B, M, A]
-        q = critic_target(obs.unsqueeze(1), actor_target.critic_input(actions))  # [B, M]
-    # E-step [MPO eq. 8-9]: eta steps on the dual; the weights use its current value
-    eta = dual_variable(log_eta)
-    eta_loss = temperature_dual(eta, q, log_prior, epsilon)
-    weights = e_step_weights(q, eta.detach(), log_prior)  # [B, M]
+        obs, next_obs, stored = (x.flatten(0, 1) for x in (batch.obs, batch.next_obs, batch.actions))  # [B T, O or A]
+        # [MPO eq. 13] c_k = lambda min(1, pi'(a_k|s_k) / b(a_k|s_k)) [B, T], b stored when acting; pi' as in the E-step (ACME)
+        log_pi = actor_target.log_prob(actor_target(obs), stored.unsqueeze(1))  # [B T, 1]
+        traces = args.retrace_lambda * (log_pi.view_as(batch.rewards) - batch.behaviour_log_prob).clamp(max=0.0).exp()
+        # V'(s') = E_{a ~ pi'} Q'(s', a): M samples, or all actions weighted by pi'; in chunks on a CPU (page faults)
+        next_v = []
+        for next_obs_chunk in next_obs.split(VALUE_CHUNK if next_obs.device.type == "cpu" else len(next_obs)):  # [chunk, O]
+            next_actions, log_prior = actor_target.candidates(actor_target(next_obs_chunk), args.num_samples)  # [chunk, M, A]
+            next_q = critic_target(next_obs_chunk.unsqueeze(1), actor_target.critic_input(next_actions))  # [chunk, M]
+            next_v.append((log_prior.exp() * next_q).sum(-1))
+        next_v = torch.cat(next_v).view_as(batch.rewards)  # [B, T]
+        q_taken = critic_target(obs, actor_target.critic_input(stored)).view_as(batch.rewards)
+        target = retrace_target(batch.rewards, batch.terminated, batch.valid, q_taken, next_v, traces, args.gamma)[:, 0]
+        params_old = actor_target(first_obs)
+        actions, log_prior = actor_target.candidates(params_old, args.num_samples)  # the E-step's a_j ~ pi'(.|s_0) [B, M, A]
+        q_candidates = critic_target(first_obs.unsqueeze(1), actor_target.critic_input(actions))  # [B, M]
+    q = critic(first_obs, actor_target.critic_input(batch.actions[:, 0]))  # [B]
+    q_loss = 0.5 * (q - target).pow(2).mean()  # [MPO Sec. 4] squared loss to Q_ret
+    # E-step [MPO eq. 8-9]: eta steps on the dual, the weights use its current value (alpha_*: the M-step's)
+    eta, alpha_mean, alpha_cov = (dual_variable(x) for x in (log_eta, log_alpha_mean, log_alpha_cov))
+    eta_loss = temperature_dual(eta, q_candidates, log_prior, args.epsilon)
+    weights = e_step_weights(q_candidates, eta.detach(), log_prior)  # [B, M]
     # M-step [MPO eq. 10, 12]: weighted maximum likelihood of the candidates under the decoupled KL bounds [MPO App. D.3]
-    params = actor(obs)
+    params = actor(first_obs)
     policy_loss = -(weights * actor.log_prob(params, actions)).sum(-1).mean()
     kl_mean, kl_cov = actor.kl_terms(params_old, params)  # [B] each; no kl_cov when discrete
-    alpha_mean, alpha_cov = dual_variable(log_alpha_mean), dual_variable(log_alpha_cov)
-    penalty, alpha_loss = kl_penalty(kl_mean, alpha_mean, epsilon_mean)
+    penalty, alpha_loss = kl_penalty(kl_mean, alpha_mean, args.epsilon_mean)
     metrics = {"stats/kl_mean": kl_mean.detach().mean(), "stats/alpha_mean": alpha_mean.detach()}
     if kl_cov is not None:
-        penalty_cov, alpha_loss_cov = kl_penalty(kl_cov, alpha_cov, epsilon_cov)
+        penalty_cov, alpha_loss_cov = kl_penalty(kl_cov, alpha_cov, args.epsilon_cov)
         penalty, alpha_loss = penalty + penalty_cov, alpha_loss + alpha_loss_cov
         metrics.update({"stats/kl_cov": kl_cov.detach().mean(), "stats/alpha_cov": alpha_cov.detach()})
     dual_loss = eta_loss + alpha_loss
-    actor_opt.zero_grad(set_to_none=True)
-    dual_opt.zero_grad(set_to_none=True)
-    (policy_loss + penalty + dual_loss).backward()  # disjoint parameters: one backward serves the policy and dual steps
-    actor_opt.step()
-    dual_opt.step()
+    for optimizer in optimizers:  # the actor's, the critic's, the duals'
+        optimizer.zero_grad(set_to_none=True)
+    (q_loss + policy_loss + penalty + dual_loss).backward()  # disjoint parameters: one backward serves all
+    for optimizer in optimizers:
+        optimizer.step()
     with torch.no_grad():
         for parameter in (log_eta, log_alpha_mean, log_alpha_cov):
             parameter.clamp_(min=LOG_DUAL_MIN)
-    metrics.update({"losses/policy": policy_loss.detach(), "losses/dual": dual_loss.detach(), "stats/eta": eta.detach()})
+    metrics.update({"losses/q": q_loss.detach(), "losses/policy": policy_loss.detach(), "losses/dual": dual_loss.detach()})
+    metrics.update({"stats/q_mean": q.detach().mean(), "stats/eta": eta.detach()})
+    metrics["stats/trace"] = (traces * batch.valid).sum() / batch.valid.sum()
     metrics["stats/kl_q"] = (torch.xlogy(weights, weights) - weights * log_prior).sum(-1).mean()  # KL(q || pi')
     metrics["stats/entropy"] = actor.entropy(params).detach().mean()
     return metrics
@@ -570,10 +535,7 @@ def train(args: Args) -> dict:
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, fused=True)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.q_lr, fused=True)
     dual_opt = torch.optim.Adam([log_eta, log_alpha_mean, log_alpha_cov], lr=args.dual_lr, fused=True)
-    # the updates' arguments besides the batch
-    retrace = (args.gamma, args.retrace_lambda, args.num_samples)
-    policy_step = (actor, actor_target, critic_target, actor_opt, dual_opt, log_eta, log_alpha_mean, log_alpha_cov)
-    bounds = (args.num_samples, args.epsilon, args.epsilon_mean, args.epsilon_cov)
+    nets = (actor, actor_target, critic, critic_target, (actor_opt, critic_opt, dual_opt))  # update's inputs
     # -- storage
     replay = SnippetReplay(args.buffer_size, args.num_envs, obs_dim, actor.action_dim, args.retrace_steps, device)
     # -- run: directory, logging, evaluation, saving, resume (below the fence)
@@ -602,9 +564,7 @@ def train(args: Args) -> dict:
         if global_step >= args.learning_starts:
             for _ in range(args.num_envs):
                 batch = replay.sample(args.batch_size)
-                metrics = update_critic(actor_target, critic, critic_target, critic_opt, batch, *retrace)
-                metrics.update(update_policy(*policy_step, batch.obs[:, 0], *bounds))
-                run.add_metrics(metrics)
+                run.add_metrics(update(*nets, log_eta, log_alpha_mean, log_alpha_cov, batch, args))
                 num_updates += 1
                 if num_updates % args.target_network_frequency == 0:  # [MPO Alg. 2, line 25] pi' <- pi (the M-step's), Q' <- Q
                     actor_target.load_state_dict(actor.state_dict())

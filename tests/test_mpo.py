@@ -17,7 +17,9 @@ import torch
 
 from mpo import (
     Args,
+    Batch,
     CategoricalActor,
+    Critic,
     GaussianActor,
     SnippetReplay,
     e_step_weights,
@@ -30,7 +32,7 @@ from mpo import (
     retrace_target,
     temperature_dual,
     train,
-    update_policy,
+    update,
 )
 
 # Small settings that keep every end-to-end run to seconds.
@@ -81,6 +83,23 @@ def random_tril(batch: int, dim: int, gen: torch.Generator, diagonal: bool) -> t
     diag = torch.rand(batch, dim, generator=gen, dtype=torch.float64) + 0.3
     off = torch.zeros_like(raw) if diagonal else raw.tril(-1)
     return off + torch.diag_embed(diag)
+
+
+def one_step_batch(obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor) -> Batch:
+    """Snippets of one step (T = 1) from obs [B, O], stored actions [B, A] and rewards [B], not terminated, with
+    next_obs = obs: the Retrace target is then r + gamma V'(s')."""
+    zeros = torch.zeros_like(rewards)
+    steps = [obs, actions, zeros, rewards, obs, zeros, torch.ones_like(rewards)]
+    return Batch(*(x.unsqueeze(1) for x in steps))
+
+
+def assert_critic_step(critic, before, obs, critic_actions, target, lr):
+    """critic is its snapshot `before` after one SGD step (lr) on (Q(s, a) - target)^2 / 2, from autograd."""
+    loss = 0.5 * (before(obs, critic_actions) - target).pow(2).mean()
+    grads = torch.autograd.grad(loss, list(before.parameters()))
+    for new, old, grad in zip(critic.parameters(), before.parameters(), grads, strict=True):
+        assert torch.allclose(new, old - lr * grad, rtol=1e-6, atol=1e-7)
+    assert any(g.abs().max() > 1e-3 for g in grads)  # the step is not trivially zero
 
 
 # -- E-step: the temperature dual ------------------------------------------------------------
@@ -251,11 +270,12 @@ def test_retrace_is_one_step_target_when_traces_are_zero():
 
 # -- Categorical MPO by hand -----------------------------------------------------------------
 def test_categorical_e_and_m_step_match_hand_computation():
-    """One update_policy step on a single state with 3 actions and plain SGD, against the
+    """One update step on a single state with 3 actions and plain SGD, against the
     hand-derived quantities: q(a) = pi_old(a) exp(Q(a)/eta) / Z; the logits move by
     -[(p - q) + alpha (p - p_old)]; the parameter x of eta = softplus(x) + 1e-8 by
     -sigmoid(x) g'(eta) with g'(eta) = epsilon + log Z - sum_a q(a) Q(a) / eta; that of alpha
-    by -sigmoid(x) (epsilon_mean - KL(p_old || p))."""
+    by -sigmoid(x) (epsilon_mean - KL(p_old || p)); the critic by one step on
+    (Q(s, a) - r - gamma sum_a' p_old(a') Q'(a'))^2 / 2 (a one-step snippet)."""
     logits_old, logits = [0.2, -0.5, 1.0], [0.6, -0.1, 0.4]
     q_values, eta, alpha, epsilon, epsilon_mean = [1.0, 2.0, 0.5], 0.7, 2.0, 0.1, 0.05
     p_old = [math.exp(x) / sum(math.exp(y) for y in logits_old) for x in logits_old]
@@ -280,8 +300,8 @@ def test_categorical_e_and_m_step_match_hand_computation():
     kl_t, no_cov = actor.kl_terms(torch.tensor([logits_old]), torch.tensor([logits]))
     assert kl_t.item() == pytest.approx(kl, rel=1e-6) and no_cov is None
 
-    # one step of update_policy with SGD (lr 1): a step is minus the gradient
-    args = Args(epsilon=epsilon, epsilon_mean=epsilon_mean)
+    # one update step with SGD (lr 1): a step is minus the gradient
+    args, reward = Args(epsilon=epsilon, epsilon_mean=epsilon_mean), 0.5
     for net, values in ((actor, logits), (actor_target, logits_old)):
         torch.nn.init.zeros_(net.head.weight)  # logits = bias, whatever the state
         net.head.bias.data = torch.tensor(values)
@@ -293,22 +313,13 @@ def test_categorical_e_and_m_step_match_hand_computation():
     log_eta = torch.tensor(x_eta, requires_grad=True)
     log_alpha_mean = torch.tensor(x_alpha, requires_grad=True)
     log_alpha_cov = torch.tensor(0.0, requires_grad=True)
-    actor_opt = torch.optim.SGD(actor.parameters(), lr=1.0)
-    dual_opt = torch.optim.SGD([log_eta, log_alpha_mean, log_alpha_cov], lr=1.0)
-    metrics = update_policy(
-        actor,
-        actor_target,
-        critic_target,
-        actor_opt,
-        dual_opt,
-        log_eta,
-        log_alpha_mean,
-        log_alpha_cov,
-        torch.zeros(1, 2),
-        args.num_samples,
-        epsilon,
-        epsilon_mean,
-        args.epsilon_cov,
+    critic = Critic(2, 3, (4,), "relu", False)
+    before = copy.deepcopy(critic)
+    optimizers = [torch.optim.SGD(params, lr=1.0) for params in (actor.parameters(), critic.parameters())]
+    optimizers.append(torch.optim.SGD([log_eta, log_alpha_mean, log_alpha_cov], lr=1.0))
+    batch = one_step_batch(torch.zeros(1, 2), torch.tensor([[2.0]]), torch.tensor([reward]))  # the stored action a = 2
+    metrics = update(
+        actor, actor_target, critic, critic_target, optimizers, log_eta, log_alpha_mean, log_alpha_cov, batch, args
     )
     expected_logits = [logits[a] - grad_logits[a] for a in range(3)]
     assert actor.head.bias.tolist() == pytest.approx(expected_logits, rel=1e-5)
@@ -317,16 +328,19 @@ def test_categorical_e_and_m_step_match_hand_computation():
     assert log_alpha_mean.item() == pytest.approx(expected_x_alpha, rel=1e-5)
     assert log_alpha_cov.item() == 0.0  # a categorical policy has no covariance bound
     assert metrics["stats/kl_mean"].item() == pytest.approx(kl, rel=1e-5)
+    target = reward + args.gamma * sum(p_old[a] * q_values[a] for a in range(3))
+    assert_critic_step(critic, before, torch.zeros(1, 2), torch.tensor([[0.0, 0.0, 1.0]]), target, lr=1.0)
 
 
 @pytest.mark.parametrize("diagonal", [True, False])
 def test_gaussian_e_and_m_step_match_an_independent_lagrangian(diagonal):
-    """One update_policy step (plain SGD) on a Gaussian policy with fixed candidate actions,
+    """One update step (plain SGD) on a Gaussian policy with fixed candidate actions,
     against the same step computed independently: numpy E-step weights softmax_j(Q_j / eta);
     the policy's step from autograd of -mean_s sum_j q_j log N(a_j; mu, Sigma)
     + alpha_mean mean_s (mu - mu_old)^T Sigma^-1 (mu - mu_old) / 2 (explicit inverse)
     + alpha_cov mean_s KL(N(mu_old, Sigma_old) || N(mu_old, Sigma)) (torch.distributions);
-    the duals' steps from the closed-form slopes of g(eta) and of alpha (epsilon - C)."""
+    the duals' steps from the closed-form slopes of g(eta) and of alpha (epsilon - C); the
+    critic's from autograd of (Q(s, clip(a)) - r - gamma mean_j Q'(s, a_j))^2 / 2."""
     torch.manual_seed(7)
     num_states, num_samples, dim, lr = 3, 6, 2, 0.1
     eta, alpha_mean, alpha_cov = 0.8, 3.0, 50.0
@@ -372,21 +386,14 @@ def test_gaussian_e_and_m_step_match_an_independent_lagrangian(diagonal):
 
     log_eta, log_alpha_mean, log_alpha_cov = map(dual_param, (eta, alpha_mean, alpha_cov))
     x = [p.item() for p in (log_eta, log_alpha_mean, log_alpha_cov)]
-    update_policy(
-        actor,
-        actor_target,
-        critic_target,
-        torch.optim.SGD(actor.parameters(), lr=lr),
-        torch.optim.SGD([log_eta, log_alpha_mean, log_alpha_cov], lr=lr),
-        log_eta,
-        log_alpha_mean,
-        log_alpha_cov,
-        obs,
-        num_samples,
-        epsilon,
-        epsilon_mean,
-        epsilon_cov,
-    )
+    critic = Critic(2, dim, (4,), "relu", False).double()
+    before_critic = copy.deepcopy(critic)
+    stored, rewards = 2 * torch.randn(num_states, dim, dtype=torch.float64), torch.randn(num_states, dtype=torch.float64)
+    optimizers = [torch.optim.SGD(params, lr=lr) for params in (actor.parameters(), critic.parameters())]
+    optimizers.append(torch.optim.SGD([log_eta, log_alpha_mean, log_alpha_cov], lr=lr))
+    args = Args(num_samples=num_samples, epsilon=epsilon, epsilon_mean=epsilon_mean, epsilon_cov=epsilon_cov)
+    batch = one_step_batch(obs, stored, rewards)
+    update(actor, actor_target, critic, critic_target, optimizers, log_eta, log_alpha_mean, log_alpha_cov, batch, args)
     for new, old, grad in zip(actor.parameters(), before.parameters(), grads):
         assert torch.allclose(new, old - lr * grad, rtol=1e-9, atol=1e-12)
     assert any(g.abs().max() > 1e-3 for g in grads)  # the step is not trivially zero
@@ -396,6 +403,8 @@ def test_gaussian_e_and_m_step_match_an_independent_lagrangian(diagonal):
     assert log_alpha_mean.item() == pytest.approx(expected, rel=1e-9)
     expected = x[2] - lr * sigmoid(x[2]) * (epsilon_cov - c_cov)
     assert log_alpha_cov.item() == pytest.approx(expected, rel=1e-9)
+    target = rewards + args.gamma * torch.tensor(q.mean(1))  # V'(s) = mean_j Q'(s, a_j) over the fixed samples of pi'
+    assert_critic_step(critic, before_critic, obs, stored.clamp(-1, 1), target, lr)
 
 
 # -- Snippet replay on the counting env ------------------------------------------------------
