@@ -255,8 +255,7 @@ class RewardScaler:
     ends, then clipped (baselines' VecNormalize)."""
 
     def __init__(self, num_envs: int, gamma: float, clip: float):
-        self.rms, self.gamma, self.clip = RunningMeanStd(()), gamma, clip
-        self.returns = np.zeros(num_envs)
+        self.rms, self.gamma, self.clip, self.returns = RunningMeanStd(()), gamma, clip, np.zeros(num_envs)
 
     def __call__(self, rewards: np.ndarray, ended: np.ndarray) -> np.ndarray:
         self.returns = self.returns * self.gamma + rewards
@@ -272,14 +271,6 @@ class Rollout(NamedTuple):
     rewards: Tensor  # [T, N] scaled rewards, + gamma V(final obs) at truncations
     dones: Tensor  # [T, N] 1.0 where the episode ended after this step (either way)
     values: Tensor  # [T, N] V_old(s)
-
-
-def make_rollout(num_steps: int, num_envs: int, obs_dim: int, action_space: gym.Space, device: torch.device) -> Rollout:
-    """Preallocated rollout storage on `device`, written in place step by step."""
-    tn, discrete = (num_steps, num_envs), isinstance(action_space, gym.spaces.Discrete)
-    actions = torch.zeros(tn, dtype=torch.long) if discrete else torch.zeros(*tn, *action_space.shape)
-    log_probs, rewards, dones, values = (torch.zeros(tn) for _ in range(4))
-    return Rollout(*(x.to(device) for x in (torch.zeros(*tn, obs_dim), actions, log_probs, rewards, dones, values)))
 
 
 # == 4. Algorithm ==========================================================================================
@@ -316,8 +307,7 @@ def gae(rewards: Tensor, values: Tensor, dones: Tensor, last_value: Tensor, gamm
     advantages, next_advantage = torch.zeros_like(rewards), torch.zeros_like(last_value)
     discounts = gamma * lam * not_done
     for t in reversed(range(rewards.shape[0])):
-        next_advantage = deltas[t] + discounts[t] * next_advantage
-        advantages[t] = next_advantage
+        advantages[t] = next_advantage = deltas[t] + discounts[t] * next_advantage
     return advantages, advantages + values
 
 
@@ -361,10 +351,9 @@ def update_ppo(
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             optimizer.step()
-            with torch.no_grad():
-                log_ratio = log_probs - flat.log_probs[idx]
-                approx_kl = (log_ratio.exp() - 1 - log_ratio).mean()  # k3 estimator (Schulman)
-                clipfrac = ((log_ratio.exp() - 1).abs() > args.clip_coef).float().mean()
+            log_ratio = (log_probs - flat.log_probs[idx]).detach()
+            approx_kl = (log_ratio.exp() - 1 - log_ratio).mean()  # k3 estimator (Schulman)
+            clipfrac = ((log_ratio.exp() - 1).abs() > args.clip_coef).float().mean()
             history.append(torch.stack([pg_loss, v_loss, entropy.mean(), approx_kl, clipfrac, grad_norm]).detach())
         if args.target_kl is not None and approx_kl.item() > args.target_kl:
             break  # early stop on the approximate KL (Spinning Up, CleanRL; [PPO Sec. 4] adapts a KL penalty instead)
@@ -392,8 +381,10 @@ def train(args: Args) -> dict:
             raw = obs_rms.normalize(raw, args.obs_clip)
         return torch.as_tensor(raw, dtype=torch.float32, device=device)
 
-    # -- storage
-    rollout = make_rollout(args.num_steps, args.num_envs, obs_dim, action_space, device)
+    # -- storage: the rollout, preallocated and written in place step by step
+    tn = (args.num_steps, args.num_envs)
+    stored_actions = torch.zeros(tn, dtype=torch.long) if actor.discrete else torch.zeros(*tn, *action_space.shape)
+    rollout = Rollout(*(x.to(device) for x in (torch.zeros(*tn, obs_dim), stored_actions, *map(torch.zeros, [tn] * 4))))
     # -- run: directory, logging, evaluation, saving, resume (below the fence)
     model = dict(actor=actor, value=value, obs_rms=obs_rms if args.norm_obs else None)
     train_state = dict(optimizer=optimizer, reward_rms=reward_scaler.rms)
@@ -406,32 +397,29 @@ def train(args: Args) -> dict:
     while global_step < args.total_steps:
         if args.anneal_lr:  # linear decay to 0 over the run (baselines ppo2)
             optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - global_step / args.total_steps)
-        for t in range(args.num_steps):  # collect a rollout
-            # act
-            with torch.no_grad():
+        with torch.no_grad():  # collect a rollout, then its advantages
+            for t in range(args.num_steps):
+                # act: a Box action is clipped for the env, pi_old keeps the sample
                 actions, log_probs = actor.sample(obs)
                 values = value(obs)
-            env_actions = actions.cpu().numpy()  # Box: the env gets the clipped action, pi_old keeps the sample
-            env_actions = env_actions if actor.discrete else np.clip(env_actions, action_space.low, action_space.high)
-            # step
-            next_obs, rewards, terminated, truncated, infos = envs.step(env_actions)
-            global_step += args.num_envs
-            run.add_episodes(global_step, infos)
-            ended = terminated | truncated
-            rewards = reward_scaler(rewards, ended) if args.norm_reward else rewards
-            rewards = torch.as_tensor(rewards, dtype=torch.float32, device=device)
-            # a time limit is not an MDP end: bootstrap from the true last observation
-            cut = np.flatnonzero(truncated & ~terminated)
-            if len(cut):
-                with torch.no_grad():
+                env_actions = (actions if actor.discrete else actions.clamp(actor.low, actor.high)).cpu().numpy()
+                # step
+                next_obs, rewards, terminated, truncated, infos = envs.step(env_actions)
+                global_step += args.num_envs
+                run.add_episodes(global_step, infos)
+                ended = terminated | truncated
+                rewards = reward_scaler(rewards, ended) if args.norm_reward else rewards
+                rewards = torch.as_tensor(rewards, dtype=torch.float32, device=device)
+                # a time limit is not an MDP end: bootstrap from the true last observation
+                cut = np.flatnonzero(truncated & ~terminated)
+                if len(cut):
                     rewards[cut] += args.gamma * value(observe(np.stack([infos["final_obs"][i] for i in cut]), update=False))
-            # store
-            rollout.obs[t], rollout.actions[t], rollout.log_probs[t], rollout.values[t] = obs, actions, log_probs, values
-            rollout.rewards[t], rollout.dones[t] = rewards, torch.as_tensor(ended, dtype=torch.float32, device=device)
-            obs = observe(next_obs)
-        # update
-        with torch.no_grad():
+                # store
+                rollout.obs[t], rollout.actions[t], rollout.log_probs[t], rollout.values[t] = obs, actions, log_probs, values
+                rollout.rewards[t], rollout.dones[t] = rewards, torch.as_tensor(ended, dtype=torch.float32, device=device)
+                obs = observe(next_obs)
             advantages, returns = gae(rollout.rewards, rollout.values, rollout.dones, value(obs), args.gamma, args.gae_lambda)
+        # update
         metrics, steps = update_ppo(actor, value, optimizer, rollout, advantages, returns, args)
         num_updates += steps
         run.add_metrics({**metrics, "charts/learning_rate": torch.tensor(optimizer.param_groups[0]["lr"])})
