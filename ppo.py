@@ -166,8 +166,7 @@ def orthogonal_init(module: nn.Module, gain: float) -> nn.Module:
 
 
 class Actor(nn.Module):
-    """pi(a|s): a diagonal Gaussian with a state-independent log std for Box actions [PPO Sec. 6.1], a categorical
-    over logits for Discrete ones."""
+    """pi(a|s) [PPO Sec. 6.1]: a diagonal Gaussian, state-independent log std (Box actions), or a categorical (Discrete)."""
 
     def __init__(self, obs_dim: int, space: gym.Space, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool):
         super().__init__()
@@ -226,8 +225,7 @@ class RunningMeanStd:
     VecNormalize). Kept in float64 numpy for speed on the per-step path; state_dict() gives tensors."""
 
     def __init__(self, shape: tuple[int, ...]):
-        # baselines' initial count: the first batch dominates at once
-        self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), 1e-4
+        self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), 1e-4  # baselines' count: the first batch dominates
 
     def update(self, x: np.ndarray) -> None:
         """Merge a batch x [n, *shape]."""
@@ -314,8 +312,7 @@ def gae(rewards: Tensor, values: Tensor, dones: Tensor, last_value: Tensor, gamm
 def clipped_surrogate(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, clip: float) -> Tensor:
     """Negated L^CLIP = -E[min(rho A, clip(rho, 1 - eps, 1 + eps) A)], rho = pi / pi_old [PPO eq. 7]."""
     ratio = torch.exp(log_probs - old_log_probs)
-    clipped = torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    return -torch.min(ratio * advantages, clipped * advantages).mean()
+    return -torch.min(ratio * advantages, torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * advantages).mean()
 
 
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float | None) -> Tensor:
@@ -342,8 +339,7 @@ def update_ppo(
         for idx in torch.randperm(len(advantages))[: minibatch * num_minibatches].view(num_minibatches, minibatch):
             log_probs, entropy = actor.log_prob_entropy(flat.obs[idx], flat.actions[idx])
             adv = advantages[idx]
-            if args.norm_adv:
-                adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8) if args.norm_adv else adv
             pg_loss = clipped_surrogate(log_probs, flat.log_probs[idx], adv, args.clip_coef)
             v_loss = value_loss(value(flat.obs[idx]), flat.values[idx], returns[idx], v_clip)
             loss = pg_loss - args.ent_coef * entropy.mean() + args.vf_coef * v_loss  # [PPO eq. 9]

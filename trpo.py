@@ -279,8 +279,7 @@ class RunningMeanStd:
     VecNormalize). Kept in float64 numpy for speed on the per-step path; state_dict() gives tensors."""
 
     def __init__(self, shape: tuple[int, ...]):
-        # baselines' initial count: the first batch dominates at once
-        self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), 1e-4
+        self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), 1e-4  # baselines' count: the first batch dominates
 
     def update(self, x: np.ndarray) -> None:
         """Merge a batch x [n, *shape]."""
