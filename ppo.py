@@ -5,31 +5,25 @@
 """Proximal Policy Optimization (PPO, clipped objective) with GAE, in one file.
 
 References:
-    [PPO] Schulman, Wolski, Dhariwal, Radford, Klimov 2017, "Proximal Policy Optimization Algorithms",
-        arXiv:1707.06347: L^CLIP eq. 7, the combined loss eq. 9, GAE eq. 11-12, the MuJoCo settings Table 3.
-    [GAE] Schulman, Moritz, Levine, Jordan, Abbeel 2016, "High-Dimensional Continuous Control Using Generalized
-        Advantage Estimation", arXiv:1506.02438.
-    [TreePI] Springenberg, Heess et al. 2020, "Local Search for Policy Iteration in Continuous Control",
-        arXiv:2010.05545: Table 2 lists PPO as a baseline.
+    [PPO] Schulman, Wolski, Dhariwal, Radford, Klimov 2017, "Proximal Policy Optimization Algorithms", arXiv:1707.06347:
+        L^CLIP eq. 7, the combined loss eq. 9, GAE eq. 11-12, the MuJoCo settings Table 3.
+    [GAE] Schulman, Moritz, Levine, Jordan, Abbeel 2016, arXiv:1506.02438: generalized advantage estimation (eq. 16).
+    [TreePI] Springenberg, Heess et al. 2020, arXiv:2010.05545: Table 2's PPO baseline (--activation, --layer-norm).
     [CleanRL] Huang et al. 2022, ppo_continuous_action.py / ppo.py: argument names and baselines' ppo2 details.
 
-Algorithm (one iteration; the function that does each line in brackets):
-    1. Roll out pi_old for num_steps steps in each of num_envs envs: normalised observations, actions, log pi_old(a|s),
-       scaled rewards (+ gamma V(final obs) at a truncation), V(s) and episode ends
-                                                              [Actor.sample, RunningMeanStd, RewardScaler, Rollout]
+Algorithm (one iteration; in brackets the function doing each line; shapes: T steps, N envs, B minibatch, O obs, A action):
+    1. Roll out pi_old, num_steps steps in each of num_envs envs: normalised observations, actions, log pi_old(a|s), scaled
+       rewards (+ gamma V(final obs) at a truncation), V(s), episode ends [Actor.sample, RunningMeanStd, RewardScaler, Rollout]
     2. A_t = sum_l (gamma lambda)^l delta_{t+l}, delta_t = r_t + gamma V(s_{t+1}) - V(s_t), cut at episode ends;
-       returns R_t = A_t + V(s_t)                                                                             [gae]
+       returns R_t = A_t + V(s_t)                                                                                   [gae]
     3. update_epochs epochs of minibatch Adam steps on -L^CLIP + vf_coef (V - R)^2 / 2 - ent_coef H[pi], with
        L^CLIP = E[min(rho A, clip(rho, 1 - eps, 1 + eps) A)], rho = pi(a|s) / pi_old(a|s); stop early once the
-       approximate KL exceeds target_kl (if set)                          [clipped_surrogate, value_loss, update_ppo]
-
-Shapes: T steps per env per rollout, N envs, B minibatch, O observation size, A action size (or number of actions).
+       approximate KL exceeds target_kl (if set)                                [clipped_surrogate, value_loss, update_ppo]
 
 Deviations from the paper:
-    - Observation normalisation, reward scaling, value clipping, orthogonal initialisation, advantage normalisation,
-      the annealed learning rate and gradient clipping are OpenAI baselines' ppo2 details (and CleanRL's).
-    - A time limit is not a terminal state: a truncated step's reward gets gamma V(final obs) added (CleanRL and
-      baselines treat it as terminal). The running statistics are saved with the weights, frozen at evaluation.
+    - baselines ppo2's (and CleanRL's) details: observation normalisation, reward scaling, value clipping, orthogonal
+      initialisation, advantage normalisation, the annealed learning rate, gradient clipping.
+    - A time limit is not a terminal state: a truncated step's reward gets gamma V(final obs) (CleanRL, baselines: terminal).
 """
 
 from dataclasses import dataclass
@@ -172,22 +166,19 @@ def orthogonal_init(module: nn.Module, gain: float) -> nn.Module:
 
 
 class Actor(nn.Module):
-    """pi(a|s): a diagonal Gaussian with a state-independent log std for Box actions [PPO Sec. 6.1], a categorical
-    over logits for Discrete ones."""
+    """pi(a|s) [PPO Sec. 6.1]: a diagonal Gaussian, state-independent log std (Box actions), or a categorical (Discrete)."""
 
-    def __init__(
-        self, obs_dim: int, action_space: gym.Space, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool
-    ):
+    def __init__(self, obs_dim: int, space: gym.Space, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool):
         super().__init__()
-        self.discrete = isinstance(action_space, gym.spaces.Discrete)
-        out_dim = int(action_space.n) if self.discrete else int(np.prod(action_space.shape))
+        self.discrete = isinstance(space, gym.spaces.Discrete)
+        out_dim = int(space.n) if self.discrete else int(np.prod(space.shape))
         self.trunk = orthogonal_init(mlp(obs_dim, hidden_sizes, activation, layer_norm), np.sqrt(2))
         # a small last layer starts the policy near uniform / zero mean (baselines ppo2)
         self.head = orthogonal_init(nn.Linear(hidden_sizes[-1], out_dim), 0.01)
         self.log_std = None if self.discrete else nn.Parameter(torch.zeros(out_dim))
         if not self.discrete:  # the env's bounds, which the mean action of an evaluation is clipped to
-            self.register_buffer("low", torch.as_tensor(action_space.low, dtype=torch.float32))
-            self.register_buffer("high", torch.as_tensor(action_space.high, dtype=torch.float32))
+            self.register_buffer("low", torch.as_tensor(space.low, dtype=torch.float32))
+            self.register_buffer("high", torch.as_tensor(space.high, dtype=torch.float32))
 
     def forward(self, obs: Tensor) -> Tensor:
         """Gaussian mean [B, A] or categorical logits [B, A]."""
@@ -207,11 +198,8 @@ class Actor(nn.Module):
         if self.discrete:
             actions = torch.multinomial(out.softmax(-1), 1).squeeze(-1)
             return actions, categorical_log_prob(out, actions)
-        noise = torch.randn_like(out)
-        actions = out + self.log_std.exp() * noise
-        # log N(a; mean, std) with (a - mean) / std = noise: no division needed
-        log_probs = (-0.5 * noise.pow(2) - self.log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
-        return actions, log_probs
+        noise = torch.randn_like(out)  # log N(a; mean, std) with (a - mean) / std = noise: no division needed
+        return out + self.log_std.exp() * noise, (-0.5 * noise.pow(2) - self.log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
 
     def deterministic(self, obs: Tensor) -> Tensor:
         """The mean action clipped to the env's bounds, or the most likely one; used for evaluation."""
@@ -237,8 +225,7 @@ class RunningMeanStd:
     VecNormalize). Kept in float64 numpy for speed on the per-step path; state_dict() gives tensors."""
 
     def __init__(self, shape: tuple[int, ...]):
-        # baselines' initial count: the first batch dominates at once
-        self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), 1e-4
+        self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), 1e-4  # baselines' count: the first batch dominates
 
     def update(self, x: np.ndarray) -> None:
         """Merge a batch x [n, *shape]."""
@@ -266,8 +253,7 @@ class RewardScaler:
     ends, then clipped (baselines' VecNormalize)."""
 
     def __init__(self, num_envs: int, gamma: float, clip: float):
-        self.rms, self.gamma, self.clip = RunningMeanStd(()), gamma, clip
-        self.returns = np.zeros(num_envs)
+        self.rms, self.gamma, self.clip, self.returns = RunningMeanStd(()), gamma, clip, np.zeros(num_envs)
 
     def __call__(self, rewards: np.ndarray, ended: np.ndarray) -> np.ndarray:
         self.returns = self.returns * self.gamma + rewards
@@ -283,14 +269,6 @@ class Rollout(NamedTuple):
     rewards: Tensor  # [T, N] scaled rewards, + gamma V(final obs) at truncations
     dones: Tensor  # [T, N] 1.0 where the episode ended after this step (either way)
     values: Tensor  # [T, N] V_old(s)
-
-
-def make_rollout(num_steps: int, num_envs: int, obs_dim: int, action_space: gym.Space, device: torch.device) -> Rollout:
-    """Preallocated rollout storage on `device`, written in place step by step."""
-    tn, discrete = (num_steps, num_envs), isinstance(action_space, gym.spaces.Discrete)
-    actions = torch.zeros(tn, dtype=torch.long) if discrete else torch.zeros(*tn, *action_space.shape)
-    log_probs, rewards, dones, values = (torch.zeros(tn) for _ in range(4))
-    return Rollout(*(x.to(device) for x in (torch.zeros(*tn, obs_dim), actions, log_probs, rewards, dones, values)))
 
 
 # == 4. Algorithm ==========================================================================================
@@ -316,34 +294,25 @@ def categorical_entropy(logits: Tensor) -> Tensor:
     return -(log_p.exp() * log_p).sum(-1)
 
 
-def gae(
-    rewards: Tensor, values: Tensor, dones: Tensor, last_value: Tensor, gamma: float, gae_lambda: float
-) -> tuple[Tensor, Tensor]:
-    """Generalized advantage estimation, cut at episode ends [PPO eq. 11-12; GAE eq. 16].
-
-    delta_t = r_t + gamma (1 - done_t) V(s_{t+1}) - V(s_t)
-    A_t = delta_t + gamma lambda (1 - done_t) A_{t+1},   returns R_t = A_t + V(s_t).
-    done_t marks a step after which the episode ended (terminated or truncated); a truncated step's reward
-    already holds gamma V(final obs), so the cut is right for both.
-    Shapes: rewards, values, dones [T, N]; last_value [N] = V(s_T); returns two [T, N].
-    """
+def gae(rewards: Tensor, values: Tensor, dones: Tensor, last_value: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalized advantage estimation, cut at episode ends [PPO eq. 11-12; GAE eq. 16]:
+        delta_t = r_t + gamma (1 - done_t) V(s_{t+1}) - V(s_t),   A_t = delta_t + gamma lambda (1 - done_t) A_{t+1},
+    returns R_t = A_t + V(s_t). done_t: the episode ended after step t, terminated or truncated (a truncated step's
+    reward already holds gamma V(final obs)). Shapes: rewards, values, dones [T, N]; last_value [N] = V(s_T); A, R [T, N]."""
     not_done = 1.0 - dones
     next_values = torch.cat([values[1:], last_value.unsqueeze(0)])  # V(s_{t+1})
     deltas = rewards + gamma * not_done * next_values - values
-    advantages = torch.zeros_like(rewards)
-    next_advantage = torch.zeros_like(last_value)
-    discounts = gamma * gae_lambda * not_done
+    advantages, next_advantage = torch.zeros_like(rewards), torch.zeros_like(last_value)
+    discounts = gamma * lam * not_done
     for t in reversed(range(rewards.shape[0])):
-        next_advantage = deltas[t] + discounts[t] * next_advantage
-        advantages[t] = next_advantage
+        advantages[t] = next_advantage = deltas[t] + discounts[t] * next_advantage
     return advantages, advantages + values
 
 
 def clipped_surrogate(log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor, clip: float) -> Tensor:
     """Negated L^CLIP = -E[min(rho A, clip(rho, 1 - eps, 1 + eps) A)], rho = pi / pi_old [PPO eq. 7]."""
     ratio = torch.exp(log_probs - old_log_probs)
-    clipped = torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    return -torch.min(ratio * advantages, clipped * advantages).mean()
+    return -torch.min(ratio * advantages, torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * advantages).mean()
 
 
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float | None) -> Tensor:
@@ -360,40 +329,32 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float 
 def update_ppo(
     actor: Actor, value: Value, optimizer: Optimizer, rollout: Rollout, advantages: Tensor, returns: Tensor, args: Args
 ) -> tuple[dict[str, Tensor], int]:
-    """update_epochs epochs of minibatch Adam steps on [PPO eq. 9]'s combined loss; returns the metrics
-    (averaged over the steps taken) and the number of gradient steps."""
+    """update_epochs epochs of minibatch Adam steps on [PPO eq. 9]'s combined loss; returns the metrics (averaged over the
+    steps taken) and the number of gradient steps."""
     flat = Rollout(*(x.flatten(0, 1) for x in rollout))  # [T * N, ...]
     advantages, returns = advantages.flatten(), returns.flatten()
-    size, params, sums, steps = advantages.shape[0], [*actor.parameters(), *value.parameters()], {}, 0
-    minibatch = size // args.num_minibatches
-    for _ in range(args.update_epochs):
-        perm = torch.randperm(size)
-        for start in range(0, minibatch * args.num_minibatches, minibatch):
-            idx = perm[start : start + minibatch]
+    params, history, v_clip = [*actor.parameters(), *value.parameters()], [], args.clip_coef if args.clip_vloss else None
+    num_minibatches, minibatch = args.num_minibatches, len(advantages) // args.num_minibatches
+    for _ in range(args.update_epochs):  # the remainder of each epoch's permutation is left out
+        for idx in torch.randperm(len(advantages))[: minibatch * num_minibatches].view(num_minibatches, minibatch):
             log_probs, entropy = actor.log_prob_entropy(flat.obs[idx], flat.actions[idx])
             adv = advantages[idx]
-            if args.norm_adv:
-                adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8) if args.norm_adv else adv
             pg_loss = clipped_surrogate(log_probs, flat.log_probs[idx], adv, args.clip_coef)
-            v_clip = args.clip_coef if args.clip_vloss else None
             v_loss = value_loss(value(flat.obs[idx]), flat.values[idx], returns[idx], v_clip)
             loss = pg_loss - args.ent_coef * entropy.mean() + args.vf_coef * v_loss  # [PPO eq. 9]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             optimizer.step()
-            with torch.no_grad():
-                log_ratio = log_probs - flat.log_probs[idx]
-                approx_kl = (log_ratio.exp() - 1 - log_ratio).mean()  # k3 estimator (Schulman)
-                clipfrac = ((log_ratio.exp() - 1).abs() > args.clip_coef).float().mean()
-            metrics = {"losses/policy": pg_loss, "losses/value": v_loss, "stats/entropy": entropy.mean()}
-            metrics |= {"stats/kl": approx_kl, "stats/clipfrac": clipfrac, "stats/grad_norm": grad_norm}
-            for k, v in metrics.items():
-                sums[k] = sums[k] + v.detach() if k in sums else v.detach()
-            steps += 1
+            log_ratio = (log_probs - flat.log_probs[idx]).detach()
+            approx_kl = (log_ratio.exp() - 1 - log_ratio).mean()  # k3 estimator (Schulman)
+            clipfrac = ((log_ratio.exp() - 1).abs() > args.clip_coef).float().mean()
+            history.append(torch.stack([pg_loss, v_loss, entropy.mean(), approx_kl, clipfrac, grad_norm]).detach())
         if args.target_kl is not None and approx_kl.item() > args.target_kl:
             break  # early stop on the approximate KL (Spinning Up, CleanRL; [PPO Sec. 4] adapts a KL penalty instead)
-    return {k: v / steps for k, v in sums.items()}, steps
+    names = ("losses/policy", "losses/value", "stats/entropy", "stats/kl", "stats/clipfrac", "stats/grad_norm")
+    return dict(zip(names, sum(history) / len(history))), len(history)
 
 
 # == 6. Training ===========================================================================================
@@ -416,16 +377,14 @@ def train(args: Args) -> dict:
             raw = obs_rms.normalize(raw, args.obs_clip)
         return torch.as_tensor(raw, dtype=torch.float32, device=device)
 
-    # -- storage
-    rollout = make_rollout(args.num_steps, args.num_envs, obs_dim, action_space, device)
+    # -- storage: the rollout, preallocated and written in place step by step
+    tn = (args.num_steps, args.num_envs)
+    stored_actions = torch.zeros(tn, dtype=torch.long) if actor.discrete else torch.zeros(*tn, *action_space.shape)
+    rollout = Rollout(*(x.to(device) for x in (torch.zeros(*tn, obs_dim), stored_actions, *map(torch.zeros, [tn] * 4))))
     # -- run: directory, logging, evaluation, saving, resume (below the fence)
-    run = Run(
-        args,
-        envs,
-        model=dict(actor=actor, value=value, obs_rms=obs_rms if args.norm_obs else None),
-        train_state=dict(optimizer=optimizer, reward_rms=reward_scaler.rms),
-        act=lambda obs: actor.deterministic(observe(obs.cpu().numpy(), update=False)),  # frozen statistics
-    )
+    model = dict(actor=actor, value=value, obs_rms=obs_rms if args.norm_obs else None)
+    train_state = dict(optimizer=optimizer, reward_rms=reward_scaler.rms)
+    run = Run(args, envs, model, train_state, act=lambda obs: actor.deterministic(observe(obs.cpu().numpy(), update=False)))
     if args.eval_only:
         return run.evaluate_only()
     global_step, num_updates = run.start()
@@ -434,32 +393,29 @@ def train(args: Args) -> dict:
     while global_step < args.total_steps:
         if args.anneal_lr:  # linear decay to 0 over the run (baselines ppo2)
             optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - global_step / args.total_steps)
-        for t in range(args.num_steps):  # collect a rollout
-            # act
-            with torch.no_grad():
+        with torch.no_grad():  # collect a rollout, then its advantages
+            for t in range(args.num_steps):
+                # act: a Box action is clipped for the env, pi_old keeps the sample
                 actions, log_probs = actor.sample(obs)
                 values = value(obs)
-            env_actions = actions.cpu().numpy()  # Box: the env gets the clipped action, pi_old keeps the sample
-            env_actions = env_actions if actor.discrete else np.clip(env_actions, action_space.low, action_space.high)
-            # step
-            next_obs, rewards, terminated, truncated, infos = envs.step(env_actions)
-            global_step += args.num_envs
-            run.add_episodes(global_step, infos)
-            ended = terminated | truncated
-            rewards = reward_scaler(rewards, ended) if args.norm_reward else rewards
-            rewards = torch.as_tensor(rewards, dtype=torch.float32, device=device)
-            # a time limit is not an MDP end: bootstrap from the true last observation
-            cut = np.flatnonzero(truncated & ~terminated)
-            if len(cut):
-                with torch.no_grad():
+                env_actions = (actions if actor.discrete else actions.clamp(actor.low, actor.high)).cpu().numpy()
+                # step
+                next_obs, rewards, terminated, truncated, infos = envs.step(env_actions)
+                global_step += args.num_envs
+                run.add_episodes(global_step, infos)
+                ended = terminated | truncated
+                rewards = reward_scaler(rewards, ended) if args.norm_reward else rewards
+                rewards = torch.as_tensor(rewards, dtype=torch.float32, device=device)
+                # a time limit is not an MDP end: bootstrap from the true last observation
+                cut = np.flatnonzero(truncated & ~terminated)
+                if len(cut):
                     rewards[cut] += args.gamma * value(observe(np.stack([infos["final_obs"][i] for i in cut]), update=False))
-            # store
-            rollout.obs[t], rollout.actions[t], rollout.log_probs[t], rollout.values[t] = obs, actions, log_probs, values
-            rollout.rewards[t], rollout.dones[t] = rewards, torch.as_tensor(ended, dtype=torch.float32, device=device)
-            obs = observe(next_obs)
-        # update
-        with torch.no_grad():
+                # store
+                rollout.obs[t], rollout.actions[t], rollout.log_probs[t], rollout.values[t] = obs, actions, log_probs, values
+                rollout.rewards[t], rollout.dones[t] = rewards, torch.as_tensor(ended, dtype=torch.float32, device=device)
+                obs = observe(next_obs)
             advantages, returns = gae(rollout.rewards, rollout.values, rollout.dones, value(obs), args.gamma, args.gae_lambda)
+        # update
         metrics, steps = update_ppo(actor, value, optimizer, rollout, advantages, returns, args)
         num_updates += steps
         run.add_metrics({**metrics, "charts/learning_rate": torch.tensor(optimizer.param_groups[0]["lr"])})

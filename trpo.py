@@ -191,19 +191,17 @@ def orthogonal_init(module: nn.Module, gain: float) -> nn.Module:
 class Actor(nn.Module):
     """pi(a|s) [TRPO App. D]: a diagonal Gaussian, state-independent log std (Box actions), or a categorical (Discrete)."""
 
-    def __init__(
-        self, obs_dim: int, action_space: gym.Space, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool
-    ):
+    def __init__(self, obs_dim: int, space: gym.Space, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool):
         super().__init__()
-        self.discrete = isinstance(action_space, gym.spaces.Discrete)
-        out_dim = int(action_space.n) if self.discrete else int(np.prod(action_space.shape))
+        self.discrete = isinstance(space, gym.spaces.Discrete)
+        out_dim = int(space.n) if self.discrete else int(np.prod(space.shape))
         self.trunk = orthogonal_init(mlp(obs_dim, hidden_sizes, activation, layer_norm), np.sqrt(2))
         # a small last layer starts the policy near uniform / zero mean (baselines ppo2)
         self.head = orthogonal_init(nn.Linear(hidden_sizes[-1], out_dim), 0.01)
         self.log_std = None if self.discrete else nn.Parameter(torch.zeros(out_dim))
         if not self.discrete:  # the env's bounds, which the env's actions are clipped to (log pi keeps the sample)
-            self.register_buffer("low", torch.as_tensor(action_space.low, dtype=torch.float32))
-            self.register_buffer("high", torch.as_tensor(action_space.high, dtype=torch.float32))
+            self.register_buffer("low", torch.as_tensor(space.low, dtype=torch.float32))
+            self.register_buffer("high", torch.as_tensor(space.high, dtype=torch.float32))
 
     def forward(self, obs: Tensor) -> Tensor:
         """Gaussian mean [B, A] or categorical logits [B, A]."""
@@ -223,11 +221,8 @@ class Actor(nn.Module):
         if self.discrete:
             actions = torch.multinomial(out.softmax(-1), 1).squeeze(-1)
             return actions, categorical_log_prob(out, actions)
-        noise = torch.randn_like(out)
-        actions = out + self.log_std.exp() * noise
-        # log N(a; mean, std) with (a - mean) / std = noise: no division needed
-        log_probs = (-0.5 * noise.pow(2) - self.log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
-        return actions, log_probs
+        noise = torch.randn_like(out)  # log N(a; mean, std) with (a - mean) / std = noise: no division needed
+        return out + self.log_std.exp() * noise, (-0.5 * noise.pow(2) - self.log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
 
     def deterministic(self, obs: Tensor) -> Tensor:
         """The mean action clipped to the env's bounds, or the most likely one; used for evaluation."""
@@ -284,8 +279,7 @@ class RunningMeanStd:
     VecNormalize). Kept in float64 numpy for speed on the per-step path; state_dict() gives tensors."""
 
     def __init__(self, shape: tuple[int, ...]):
-        # baselines' initial count: the first batch dominates at once
-        self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), 1e-4
+        self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), 1e-4  # baselines' count: the first batch dominates
 
     def update(self, x: np.ndarray) -> None:
         """Merge a batch x [n, *shape]."""
@@ -313,8 +307,7 @@ class RewardScaler:
     ends, then clipped (baselines' VecNormalize)."""
 
     def __init__(self, num_envs: int, gamma: float, clip: float):
-        self.rms, self.gamma, self.clip = RunningMeanStd(()), gamma, clip
-        self.returns = np.zeros(num_envs)
+        self.rms, self.gamma, self.clip, self.returns = RunningMeanStd(()), gamma, clip, np.zeros(num_envs)
 
     def __call__(self, rewards: np.ndarray, ended: np.ndarray) -> np.ndarray:
         self.returns = self.returns * self.gamma + rewards
@@ -330,14 +323,6 @@ class Rollout(NamedTuple):
     rewards: Tensor  # [T, N] scaled rewards, + gamma V(final obs) at truncations
     dones: Tensor  # [T, N] 1.0 where the episode ended after this step (either way)
     values: Tensor  # [T, N] V_old(s)
-
-
-def make_rollout(num_steps: int, num_envs: int, obs_dim: int, action_space: gym.Space, device: torch.device) -> Rollout:
-    """Preallocated rollout storage on `device`, written in place step by step."""
-    tn, discrete = (num_steps, num_envs), isinstance(action_space, gym.spaces.Discrete)
-    actions = torch.zeros(tn, dtype=torch.long) if discrete else torch.zeros(*tn, *action_space.shape)
-    log_probs, rewards, dones, values = (torch.zeros(tn) for _ in range(4))
-    return Rollout(*(x.to(device) for x in (torch.zeros(*tn, obs_dim), actions, log_probs, rewards, dones, values)))
 
 
 # == 4. Environment ========================================================================================
@@ -401,26 +386,18 @@ def categorical_entropy(logits: Tensor) -> Tensor:
     return -(log_p.exp() * log_p).sum(-1)
 
 
-def gae(
-    rewards: Tensor, values: Tensor, dones: Tensor, last_value: Tensor, gamma: float, gae_lambda: float
-) -> tuple[Tensor, Tensor]:
-    """Generalized advantage estimation, cut at episode ends [GAE eq. 16].
-
-    delta_t = r_t + gamma (1 - done_t) V(s_{t+1}) - V(s_t)
-    A_t = delta_t + gamma lambda (1 - done_t) A_{t+1},   returns R_t = A_t + V(s_t).
-    done_t marks a step after which the episode ended (terminated or truncated); a truncated step's reward
-    already holds gamma V(final obs), so the cut is right for both.
-    Shapes: rewards, values, dones [T, N]; last_value [N] = V(s_T); returns two [T, N].
-    """
+def gae(rewards: Tensor, values: Tensor, dones: Tensor, last_value: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalized advantage estimation, cut at episode ends [GAE eq. 16]:
+        delta_t = r_t + gamma (1 - done_t) V(s_{t+1}) - V(s_t),   A_t = delta_t + gamma lambda (1 - done_t) A_{t+1},
+    returns R_t = A_t + V(s_t). done_t: the episode ended after step t, terminated or truncated (a truncated step's
+    reward already holds gamma V(final obs)). Shapes: rewards, values, dones [T, N]; last_value [N] = V(s_T); A, R [T, N]."""
     not_done = 1.0 - dones
     next_values = torch.cat([values[1:], last_value.unsqueeze(0)])  # V(s_{t+1})
     deltas = rewards + gamma * not_done * next_values - values
-    advantages = torch.zeros_like(rewards)
-    next_advantage = torch.zeros_like(last_value)
-    discounts = gamma * gae_lambda * not_done
+    advantages, next_advantage = torch.zeros_like(rewards), torch.zeros_like(last_value)
+    discounts = gamma * lam * not_done
     for t in reversed(range(rewards.shape[0])):
-        next_advantage = deltas[t] + discounts[t] * next_advantage
-        advantages[t] = next_advantage
+        advantages[t] = next_advantage = deltas[t] + discounts[t] * next_advantage
     return advantages, advantages + values
 
 
@@ -618,7 +595,9 @@ def train(args: Args) -> dict:
         return torch.as_tensor(raw, dtype=torch.float32, device=device)
 
     # -- storage: the rollout; the vine's trunk, the simulator states [T, N, Z] and their episodes' steps so far [T, N]
-    rollout = make_rollout(args.num_steps, args.num_envs, obs_dim, action_space, device)
+    tn = (args.num_steps, args.num_envs)
+    stored_actions = torch.zeros(tn, dtype=torch.long) if actor.discrete else torch.zeros(*tn, *action_space.shape)
+    rollout = Rollout(*(x.to(device) for x in (torch.zeros(*tn, obs_dim), stored_actions, *map(torch.zeros, [tn] * 4))))
     trunk_states = np.zeros((args.num_steps, args.num_envs, trunk_sims[0].size if vine else 0))
     trunk_elapsed = np.zeros((args.num_steps, args.num_envs), dtype=np.int64)
     sim_steps = torch.zeros((), dtype=torch.int64)  # trunk and branch steps (a tensor, so that resume.pt keeps it)
@@ -632,29 +611,28 @@ def train(args: Args) -> dict:
     # a resumed run starts fresh episodes; the statistics grow with the steps taken only, so a resume is exact
     obs = observe(envs.reset(seed=args.seed + global_step)[0], update=False)
     while global_step < args.total_steps:
-        for t in range(args.num_steps):  # collect a rollout
-            # act
-            if vine:  # the trunk: every state it visits can be restored to branch from
-                trunk_states[t], trunk_elapsed[t] = [sim.get_state() for sim in trunk_sims], envs.episode_lengths
-            with torch.no_grad():
+        with torch.no_grad():  # collect a rollout
+            for t in range(args.num_steps):
+                # act
+                if vine:  # the trunk: every state it visits can be restored to branch from
+                    trunk_states[t], trunk_elapsed[t] = [sim.get_state() for sim in trunk_sims], envs.episode_lengths
                 actions, log_probs = actor.sample(obs)
                 values = rollout.values[t] if vine else value(obs)
-            # step
-            next_obs, rewards, terminated, truncated, infos = envs.step(actor.env_action(actions).cpu().numpy())
-            global_step += args.num_envs
-            run.add_episodes(global_step, infos)
-            ended = terminated | truncated
-            rewards = reward_scaler(rewards, ended) if args.norm_reward else rewards
-            rewards = torch.as_tensor(rewards, dtype=torch.float32, device=device)
-            # a time limit is not an MDP end: bootstrap from the true last observation
-            cut = [] if vine else np.flatnonzero(truncated & ~terminated)
-            if len(cut):
-                with torch.no_grad():
+                # step
+                next_obs, rewards, terminated, truncated, infos = envs.step(actor.env_action(actions).cpu().numpy())
+                global_step += args.num_envs
+                run.add_episodes(global_step, infos)
+                ended = terminated | truncated
+                rewards = reward_scaler(rewards, ended) if args.norm_reward else rewards
+                rewards = torch.as_tensor(rewards, dtype=torch.float32, device=device)
+                # a time limit is not an MDP end: bootstrap from the true last observation
+                cut = [] if vine else np.flatnonzero(truncated & ~terminated)
+                if len(cut):
                     rewards[cut] += args.gamma * value(observe(np.stack([infos["final_obs"][i] for i in cut]), update=False))
-            # store
-            rollout.obs[t], rollout.actions[t], rollout.log_probs[t], rollout.values[t] = obs, actions, log_probs, values
-            rollout.rewards[t], rollout.dones[t] = rewards, torch.as_tensor(ended, dtype=torch.float32, device=device)
-            obs = observe(next_obs)
+                # store
+                rollout.obs[t], rollout.actions[t], rollout.log_probs[t], rollout.values[t] = obs, actions, log_probs, values
+                rollout.rewards[t], rollout.dones[t] = rewards, torch.as_tensor(ended, dtype=torch.float32, device=device)
+                obs = observe(next_obs)
         sim_steps += args.num_steps * args.num_envs
         # update: one trust-region step [TRPO Sec. 6] on the surrogate of either estimator
         flat = Rollout(*(x.flatten(0, 1) for x in rollout))  # [T N, ...]
