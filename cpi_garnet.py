@@ -655,17 +655,17 @@ class Run:
     def start(self) -> tuple[int, int]:
         """Open the run directory (new, or the resumed run's) and restore --resume; return (global_step, num_updates)."""
         args, global_step, num_updates = self.args, 0, 0
-        run_dir = os.path.join(args.log_dir, f"{args.env}__{ALGO}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
-        # a new directory even for runs started in the same second: -2, -3, ...
-        self.run_dir = next(d for d in (run_dir, *(f"{run_dir}-{i}" for i in range(2, 10_000))) if not os.path.exists(d))
         if args.resume is not None:
             saved = load_checkpoint(args.resume, args.env, training=True)
             load_state(self.model, saved["state"], args.resume)
             load_state(self.train_state, saved["train"], args.resume)
             global_step, num_updates = saved["global_step"], saved["train"]["num_updates"]
             self.run_dir = os.path.dirname(os.path.abspath(args.resume))
-        elif args.checkpoint is not None:
-            print(f"continuing {args.checkpoint}: its finished MDPs are kept, the step count starts afresh")
+        else:  # a new directory, even for runs started in the same second: -2, -3, ...
+            run_dir = os.path.join(args.log_dir, f"{args.env}__{ALGO}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+            self.run_dir = next(d for d in (run_dir, *(f"{run_dir}-{i}" for i in range(2, 10_000))) if not os.path.exists(d))
+            if args.checkpoint is not None:
+                print(f"continuing {args.checkpoint}: its finished MDPs are kept, the step count starts afresh")
         try:  # a resumed run records its new arguments (a larger --num-mdps, say)
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "args.json"), "w") as f:

@@ -590,14 +590,16 @@ def train(args: Args) -> dict:
     def observe(raw: np.ndarray, update: bool = True) -> Tensor:
         """Observations [n, O] normalised, after merging them into the statistics if `update`."""
         if args.norm_obs:
-            obs_rms.update(raw) if update else None
+            if update:
+                obs_rms.update(raw)
             raw = obs_rms.normalize(raw, args.obs_clip)
         return torch.as_tensor(raw, dtype=torch.float32, device=device)
 
     # -- storage: the rollout; the vine's trunk, the simulator states [T, N, Z] and their episodes' steps so far [T, N]
-    tn = (args.num_steps, args.num_envs)
-    stored_actions = torch.zeros(tn, dtype=torch.long) if actor.discrete else torch.zeros(*tn, *action_space.shape)
-    rollout = Rollout(*(x.to(device) for x in (torch.zeros(*tn, obs_dim), stored_actions, *map(torch.zeros, [tn] * 4))))
+    shape = (args.num_steps, args.num_envs)  # [T, N]
+    zeros = lambda *size, dtype=torch.float32: torch.zeros(*shape, *size, dtype=dtype, device=device)
+    stored_actions = zeros(dtype=torch.long) if actor.discrete else zeros(*action_space.shape)
+    rollout = Rollout(zeros(obs_dim), stored_actions, log_probs=zeros(), rewards=zeros(), dones=zeros(), values=zeros())
     trunk_states = np.zeros((args.num_steps, args.num_envs, trunk_sims[0].size if vine else 0))
     trunk_elapsed = np.zeros((args.num_steps, args.num_envs), dtype=np.int64)
     sim_steps = torch.zeros((), dtype=torch.int64)  # trunk and branch steps (a tensor, so that resume.pt keeps it)
@@ -719,7 +721,7 @@ def make_env(env_id: str, render_mode: str | None = None) -> gym.Env:
     registers). An unknown id, a module that fails to import or a missing dependency is a UsageError."""
     module, _, name = env_id.rpartition(":")
     try:
-        importlib.import_module(module) if module else None
+        importlib.import_module(module) if module else None  # the module registers the user's env
     except Exception as e:  # noqa: BLE001 (whatever the user's module raises: one line)
         raise UsageError(f"cannot import {module} for --env {env_id}: {type(e).__name__}: {e}") from None
     if name not in gym.registry:
@@ -848,9 +850,6 @@ class Run:
     def start(self) -> tuple[int, int]:
         """Open the run directory (new, or --resume's, restored), catch signals; return (global_step, num_updates)."""
         args, global_step, num_updates = self.args, 0, 0
-        run_dir = os.path.join(args.log_dir, f"{args.env}__{ALGO}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
-        # a new directory even for runs started in the same second: -2, -3, ...
-        self.run_dir = next(d for d in (run_dir, *(f"{run_dir}-{i}" for i in range(2, 10_000))) if not os.path.exists(d))
         if args.resume is not None:
             saved = load_checkpoint(args.resume, args.env, training=True)
             load_state(self.model, saved["state"], args.resume)
@@ -862,8 +861,11 @@ class Run:
             torch.set_rng_state(rng["torch"])
             global_step, num_updates = saved["global_step"], saved["train"]["num_updates"]
             self.run_dir = os.path.dirname(os.path.abspath(args.resume))
-        elif args.checkpoint is not None:
-            print(f"fine-tuning {args.checkpoint}: its weights; optimizers, storage and step count start afresh")
+        else:  # a new directory, even for runs started in the same second: -2, -3, ...
+            run_dir = os.path.join(args.log_dir, f"{args.env}__{ALGO}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+            self.run_dir = next(d for d in (run_dir, *(f"{run_dir}-{i}" for i in range(2, 10_000))) if not os.path.exists(d))
+            if args.checkpoint is not None:
+                print(f"fine-tuning {args.checkpoint}: its weights; optimizers, storage and step count start afresh")
         try:  # a resumed run records its new arguments (a longer --total-steps, say)
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "args.json"), "w") as f:
@@ -985,8 +987,8 @@ class Run:
     def close(self) -> None:
         for sig, handler in self.handlers.items():
             signal.signal(sig, handler)
-        for closable in (self.envs, self.eval_env, self.writer):
-            closable.close() if closable is not None else None
+        for closable in (c for c in (self.envs, self.eval_env, self.writer) if c is not None):
+            closable.close()
 
 
 def parse_args(argv: list[str] | None) -> Args:
