@@ -1,6 +1,6 @@
 # /// script
 # requires-python = ">=3.10"
-# dependencies = ["torch>=2.6", "numpy>=1.26", "gymnasium[mujoco]>=1.1,<2", "mujoco>=3.1", "tensorboard>=2.14", "tyro>=0.9", "moviepy>=2", "matplotlib>=3.8"]
+# dependencies = ["torch>=2.6", "numpy>=1.26", "gymnasium[mujoco]>=1.1,<2", "mujoco>=4.0.1", "tensorboard>=2.14", "tyro>=0.9", "moviepy>=2", "matplotlib>=3.8"]
 # ///
 """Conservative Policy Iteration against AGGREVATED-VI on random Garnet MDPs ([DPI] Fig. 1a), in one file.
 

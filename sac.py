@@ -1,6 +1,6 @@
 # /// script
 # requires-python = ">=3.10"
-# dependencies = ["torch>=2.6", "numpy>=1.26", "gymnasium[mujoco]>=1.1,<2", "mujoco>=3.1", "tensorboard>=2.14", "tyro>=0.9", "moviepy>=2"]
+# dependencies = ["torch>=2.6", "numpy>=1.26", "gymnasium[mujoco]>=1.1,<2", "mujoco>=4.0.1", "tensorboard>=2.14", "tyro>=0.9", "dm-control>=1.0.52", "shimmy[dm-control]>=2.0.1", "moviepy>=2"]
 # ///
 """Soft Actor-Critic (SAC) for continuous control, in one file.
 
@@ -448,8 +448,12 @@ def check_args(args: Args) -> None:
 
 def make_env(env_id: str, render_mode: str | None = None) -> gym.Env:
     """One gymnasium env whose spaces this algorithm takes; `module:Env-v0` imports `module` first (an env it
-    registers). An unknown id, a module that fails to import or a missing dependency is a UsageError."""
+    registers), `dm_control/<domain>-<task>-v0` imports shimmy (the DeepMind Control Suite). A Dict observation (the
+    suite's) is flattened: its keys in sorted order, each value flattened, concatenated. An unknown id, a module that
+    fails to import or a missing dependency is a UsageError."""
     module, _, name = env_id.rpartition(":")
+    module = module or ("shimmy" if name.startswith("dm_control/") else "")  # shimmy registers the suite's ids
+    os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; dm_control reads it once, at import
     try:
         importlib.import_module(module) if module else None  # the module registers the user's env
     except Exception as e:  # noqa: BLE001 (whatever the user's module raises: one line)
@@ -461,6 +465,8 @@ def make_env(env_id: str, render_mode: str | None = None) -> gym.Env:
         env = gym.make(name, **({} if render_mode is None else {"render_mode": render_mode}))
     except gym.error.DependencyNotInstalled as e:
         raise UsageError(f"{name} needs a package that is not installed: {e}") from None
+    if isinstance(env.observation_space, gym.spaces.Dict):  # gymnasium's Dict keeps its keys sorted
+        env = gym.wrappers.FlattenObservation(env)
     space, needs = env.action_space, " or ".join(space.__name__ for space in ACTION_SPACES)
     if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
         raise UsageError(f"{name} has observation space {env.observation_space}; {ALGO} needs a flat Box")
@@ -483,7 +489,6 @@ def make_eval_env(env_id: str, video_dir: str | None, episodes: int) -> gym.Env:
     where rendering cannot start, one line is printed and the run goes on without."""
     if video_dir is None:
         return make_env(env_id)
-    os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo rendering
     env = make_env(env_id, "rgb_array")
     try:
         env.reset(seed=0)
@@ -592,7 +597,8 @@ class Run:
             global_step, num_updates = saved["global_step"], saved["train"]["num_updates"]
             self.run_dir = os.path.dirname(os.path.abspath(args.resume))
         else:  # a new directory, even for runs started in the same second: -2, -3, ...
-            run_dir = os.path.join(args.log_dir, f"{args.env}__{ALGO}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+            name = f"{args.env.replace('/', '-')}__{ALGO}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"  # dm_control/... too
+            run_dir = os.path.join(args.log_dir, name)
             self.run_dir = next(d for d in (run_dir, *(f"{run_dir}-{i}" for i in range(2, 10_000))) if not os.path.exists(d))
             if args.checkpoint is not None:
                 print(f"fine-tuning {args.checkpoint}: its weights; optimizers, storage and step count start afresh")
