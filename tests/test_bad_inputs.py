@@ -22,7 +22,12 @@ SHARED = [
     ["--resume", "{tmp}/notes.pt"],
     ["--log-dir", "{tmp}/notes.pt"],  # a file, not a directory
 ]
-SHARED_ENV = [["--env", "NoSuchEnv-v0"], ["--env", "no_such_module_here:Thing-v0"], ["--env", "HalfCheetah-v9"]]
+SHARED_ENV = [
+    ["--env", "NoSuchEnv-v0"],
+    ["--env", "dm_control/cartpole-swingup-v9"],
+    ["--env", "no_such_module_here:Thing-v0"],
+    ["--env", "HalfCheetah-v9"],
+]
 ALGORITHM = {
     "sac": [
         ["--env", "CartPole-v1"],
