@@ -393,3 +393,22 @@ def test_same_metrics_reads_every_scalar_once_and_names_the_first_difference(tmp
     changed = {"charts/eval_return": [(1, 0.5), (2, 1.25), (3, 2.5)]}
     (line,) = same.differences(read, changed)
     assert line.startswith("charts/eval_return: point 1: [(2, 1.5)] against [(2, 1.25)]")
+
+
+def test_a_comparison_runs_on_a_control_suite_task(tmp_path, monkeypatch):
+    """bench.py runs, reads and plots a `dm_control/...` env: the id's slash makes nested run directories."""
+    monkeypatch.setitem(bench.VARIANTS, "tiny_sac", bench.Variant("sac.py", (
+        "--learning-starts", "1000", "--batch-size", "16", "--hidden-sizes", "16", "--eval-every", "1000",
+        "--eval-episodes", "1", "--log-every", "500")))  # fmt: skip
+    env = "dm_control/cartpole-swingup-v0"
+    comp = bench.Comparison("tiny_suite", (bench.Line("SAC", "tiny_sac"),), envs=(env,), steps=1100, seeds=(1,))
+    monkeypatch.setitem(bench.COMPARISONS, "tiny_suite", comp)
+    out = str(tmp_path / "bench")
+    assert bench.main(["run", "tiny_suite", "--out", out]) == 0
+    assert bench.main(["csv", "tiny_suite", "--out", out]) == 0
+    with open(os.path.join(out, "csv", "tiny_suite.csv")) as f:
+        rows = [line.strip().split(",") for line in f][1:]
+    returns = [row for row in rows if row[3] == "charts/episodic_return"]
+    assert len(returns) == 1 and returns[0][1] == env and int(returns[0][4]) == 1000  # the one 1000-step episode
+    assert bench.main(["plot", "tiny_suite", "--out", out, "--figures", str(tmp_path)]) == 0
+    assert (tmp_path / "tiny_suite.png").stat().st_size > 1000
