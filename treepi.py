@@ -48,7 +48,6 @@ from typing import Literal, NamedTuple
 
 import gymnasium as gym
 import mujoco
-import mujoco.rollout
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -686,35 +685,87 @@ def _inverted_pendulum(env: gym.Env, qpos0: np.ndarray, qpos: np.ndarray, qvel: 
 LOCOMOTION = ("half_cheetah_v5:HalfCheetahEnv", "swimmer_v5:SwimmerEnv", "hopper_v5:HopperEnv", "walker2d_v5:Walker2dEnv")
 FAST_ENVS = {f"gymnasium.envs.mujoco.{entry}": _locomotion for entry in LOCOMOTION}  # env class -> its step outcome
 FAST_ENVS["gymnasium.envs.mujoco.inverted_pendulum_v5:InvertedPendulumEnv"] = _inverted_pendulum
-STATE_SPEC = mujoco.mjtState.mjSTATE_FULLPHYSICS  # time, qpos, qvel, act, ...: what rollout steps
+STATE_SPEC = mujoco.mjtState.mjSTATE_INTEGRATION  # all that mj_step reads: time, qpos, qvel, act, the solver's warmstart, ...
+# Body positions that Ant-v5 (xpos) and Humanoid-v5 (xipos, its mass centre) read before stepping: after an env step they
+# describe the state at the start of its last substep (mj_step computes them, then integrates), which no forward pass from
+# the saved state gives back, so a node carries them.
+CARRIED = ("xpos", "xipos")
+
+
+def mujoco_of(env: gym.Env) -> tuple[mujoco.MjModel, mujoco.MjData] | None:
+    """The MjModel and MjData of a (wrapped) gymnasium v5 MuJoCo env or control suite task (shimmy), else None."""
+    env = env.unwrapped
+    if isinstance(env, MujocoEnv) and type(env).__module__.endswith("_v5"):
+        return env.model, env.data
+    if type(env).__module__ == "shimmy.dm_control_compatibility" and type(env._env).__module__ == "dm_control.rl.control":
+        return env._env.physics.model.ptr, env._env.physics.data.ptr
+    return None
+
+
+def model_arrays(model: mujoco.MjModel) -> dict[str, np.ndarray]:
+    return {name: np.array(value) for name in dir(model) if isinstance(value := getattr(model, name), np.ndarray)}
 
 
 class Simulator:
-    """The true model [TreePI Sec. 6.2]: the env's MuJoCo simulation stepped from saved node states [obs (O) | mj_getState
-    (P)] in float64, FAST_ENVS by frame_skip mj_steps on a bare MjData (one thread: a loop, cheaper than `mujoco.rollout`'s
-    calls; --threads > 1: `mujoco.rollout`), others by their own step(); never through TimeLimit (a search is no step)."""
+    """The true model [TreePI Sec. 6.2]: the env's MuJoCo simulation stepped from saved node states [obs (O) | physics (P)]
+    in float64, physics = [mj_getState (STATE_SPEC) | CARRIED arrays | the model arrays that the env's resets randomise
+    (a suite task's target)], so that every step returns exactly the env's own observation, reward and termination (tests
+    replay them bit for bit). FAST_ENVS by frame_skip mj_steps, other gymnasium v5 envs by their own step(), suite tasks
+    by the steps of dm_control's Environment.step with the task's own reward; never through TimeLimit or Environment.step
+    (a search is no step)."""
 
-    def __init__(self, env_id: str, threads: int):
-        env = make_env(env_id).unwrapped
-        if not isinstance(env, MujocoEnv):
+    def __init__(self, env_id: str):
+        wrapped = make_env(env_id)
+        env, found = wrapped.unwrapped, mujoco_of(wrapped)
+        if found is None:
             raise UsageError(
-                f"--model true steps saved MuJoCo states: it needs a gymnasium MuJoCo env (HalfCheetah-v5, Hopper-v5, "
-                f"Walker2d-v5, ...), and {env_id} is not one; use --model learned"
+                f"--model true steps saved MuJoCo states: it needs a gymnasium v5 MuJoCo env (HalfCheetah-v5, Ant-v5, ...) "
+                f"or a control suite task (dm_control/cartpole-swingup-v0, ...), and {env_id} is not one; use --model learned"
             )
-        env.reset(seed=0)
-        self.env, self.mj_model, self.obs_dim = env, env.model, env.observation_space.shape[0]
+        self.env, (self.mj_model, self.data), self.obs_dim = env, found, wrapped.observation_space.shape[0]
         space = env.action_space
         low, high = (torch.as_tensor(bound, dtype=torch.float32).flatten() for bound in (space.low, space.high))
         self.action_scale, self.action_bias = (high - low) / 2, (high + low) / 2  # GaussianActor.env_action's
         self.outcome = FAST_ENVS.get(f"{type(env).__module__}:{type(env).__name__}")
-        self.thread_data = [mujoco.MjData(self.mj_model) for _ in range(threads)]  # one per thread
-        self.state_size = mujoco.mj_stateSize(self.mj_model, STATE_SPEC)
+        self.suite = not isinstance(env, MujocoEnv)
+        # the model arrays that resets change (a suite task's target); a model drawn when the env is built (the suite's lqr)
+        # differs between two envs after the same reset, and no saved state can carry it
+        twin, _ = make_env(env_id), wrapped.reset(seed=0)
+        twin.reset(seed=0)
+        if any(not np.array_equal(a, b) for a, b in zip(*(model_arrays(mujoco_of(e)[0]).values() for e in (twin, wrapped)))):
+            raise UsageError(
+                f"--model true cannot replay {env_id}: its model is drawn when the env is built; use --model learned"
+            )
+        snapshots = [model_arrays(self.mj_model) for seed in range(4) if env.reset(seed=seed)]  # ends at reset(seed=3)
+        self.model_fields = [
+            name for name, a in snapshots[0].items() if any(not np.array_equal(s[name], a) for s in snapshots)
+        ]
+        parts = [("state", mujoco.mj_stateSize(self.mj_model, STATE_SPEC))]
+        parts += [(name, getattr(self.data, name).size) for name in CARRIED]
+        parts += [(name, getattr(self.mj_model, name).size) for name in self.model_fields]
+        ends = np.cumsum([size for _, size in parts])
+        self.parts = {name: slice(end - size, end) for (name, size), end in zip(parts, ends)}  # where each lies in P
+        self.state_size = int(ends[-1])
         start, nq, nv = mujoco.mj_stateSize(self.mj_model, mujoco.mjtState.mjSTATE_TIME), self.mj_model.nq, self.mj_model.nv
         self.qpos, self.qvel = slice(start, start + nq), slice(start + nq, start + nq + nv)  # in a saved state
 
+    def save(self, model: mujoco.MjModel, data: mujoco.MjData, out: np.ndarray) -> None:
+        mujoco.mj_getState(model, data, out[self.parts["state"]], STATE_SPEC)
+        for name in CARRIED:
+            out[self.parts[name]] = getattr(data, name).ravel()
+        for name in self.model_fields:
+            out[self.parts[name]] = getattr(model, name).ravel()
+
+    def restore(self, physics: np.ndarray) -> None:
+        for name in self.model_fields:
+            getattr(self.mj_model, name).flat[:] = physics[self.parts[name]]
+        mujoco.mj_setState(self.mj_model, self.data, physics[self.parts["state"]], STATE_SPEC)
+        for name in CARRIED:
+            getattr(self.data, name).flat[:] = physics[self.parts[name]]
+
     def physics(self, env: gym.Env) -> np.ndarray:
         state = np.empty(self.state_size)  # the saved state [P] of a (wrapped) env's simulation
-        mujoco.mj_getState(env.unwrapped.model, env.unwrapped.data, state, STATE_SPEC)
+        self.save(*mujoco_of(env), state)
         return state
 
     def roots(self, obs: Tensor, physics: np.ndarray) -> Tensor:
@@ -723,31 +774,35 @@ class Simulator:
     def features(self, states: Tensor) -> Tensor:
         return states[:, : self.obs_dim].float()  # the networks' input at a node: its observation [n, O]
 
+    def suite_step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool]:
+        """dm_control's Environment.step without its step count: the task's observation (flattened as make_env's
+        wrapper does), reward and termination (discount 0, as shimmy reads it)."""
+        environment = self.env._env
+        physics, task = environment.physics, environment.task
+        mujoco.mj_step1(self.mj_model, self.data)  # physics.step (legacy_step) leaves position and velocity fields fresh
+        task.before_step(action, physics)
+        physics.step(environment._n_sub_steps)
+        task.after_step(physics)
+        reward = task.get_reward(physics)
+        obs = gym.spaces.flatten(self.env.observation_space, task.get_observation(physics))
+        return obs, reward, task.get_termination(physics) == 0
+
     def step(self, states: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One env step from each node state: next states [n, S], the env's rewards [n] and continuation 1 - terminated [n]."""
         physics = states[:, self.obs_dim :].cpu().numpy()  # [n, P]
         env_actions = (actions.cpu().clamp(-1.0, 1.0) * self.action_scale + self.action_bias).numpy()  # float32, as executed
-        next_physics, data, frame_skip = np.empty_like(physics), self.thread_data[0], self.env.frame_skip
-        if self.outcome is None:  # the env's own step() on its own data
-            data, obs = self.env.data, np.empty((len(physics), self.obs_dim))
-            rewards, terminated = np.empty(len(physics)), np.empty(len(physics), dtype=bool)
-            for i in range(len(physics)):
-                mujoco.mj_setState(self.mj_model, data, physics[i], STATE_SPEC)
-                mujoco.mj_forward(self.mj_model, data)  # positions the env reads before stepping
+        next_physics, obs = np.empty_like(physics), np.empty((len(physics), self.obs_dim))
+        rewards, terminated = np.empty(len(physics)), np.empty(len(physics), dtype=bool)
+        for i in range(len(physics)):
+            self.restore(physics[i])
+            if self.outcome is not None:  # FAST_ENVS: the env's mj_steps; its outcome below, from qpos and qvel
+                self.data.ctrl[:] = env_actions[i]
+                mujoco.mj_step(self.mj_model, self.data, nstep=self.env.frame_skip)
+            elif self.suite:
+                obs[i], rewards[i], terminated[i] = self.suite_step(env_actions[i])
+            else:  # the env's own step() on its own data
                 obs[i], rewards[i], terminated[i], _, _ = self.env.step(env_actions[i])
-                mujoco.mj_getState(self.mj_model, data, next_physics[i], STATE_SPEC)
-        elif len(self.thread_data) > 1:  # [n, frame_skip, P]: the state after each mj_step, the last one ends the env step
-            control = np.repeat(env_actions[:, None].astype(np.float64), frame_skip, axis=1)
-            next_physics = mujoco.rollout.rollout(self.mj_model, self.thread_data, physics, control, persistent_pool=True)[0][
-                :, -1
-            ]
-        else:
-            for i in range(len(physics)):
-                mujoco.mj_setState(self.mj_model, data, physics[i], STATE_SPEC)
-                data.qacc_warmstart[:] = 0.0  # as a fresh rollout: independent of the last row
-                data.ctrl[:] = env_actions[i]
-                mujoco.mj_step(self.mj_model, data, nstep=frame_skip)
-                mujoco.mj_getState(self.mj_model, data, next_physics[i], STATE_SPEC)
+            self.save(self.mj_model, self.data, next_physics[i])
         if self.outcome is not None:
             qpos, qvel = next_physics[:, self.qpos], next_physics[:, self.qvel]
             obs, rewards, terminated = self.outcome(self.env, physics[:, self.qpos], qpos, qvel, env_actions)
@@ -779,7 +834,7 @@ def train(args: Args) -> dict:
     log_alpha_mean, log_alpha_cov = log_dual(args.alpha_mean_init, device), log_dual(args.alpha_cov_init, device)
     # the search's model: the learned one (whose reward network has the critic's hidden sizes), or the simulator
     latent = (obs_dim, action_dim, args.model_sizes, args.critic_hidden_sizes, args.activation, args.layer_norm)
-    model = LatentModel(*latent).to(device) if learned else Simulator(args.env, args.threads)
+    model = LatentModel(*latent).to(device) if learned else Simulator(args.env)
     # fused Adam: one kernel per step for all parameters instead of several per tensor
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, fused=True)
     # the model learns from every loss through the latents; its step rides with the critic's

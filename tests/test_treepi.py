@@ -301,7 +301,7 @@ def test_simulator_reproduces_env_step(env_id):
     """From a saved state, the simulator's next observation, reward and termination for an
     action sequence equal what the env returns when the same actions are stepped. Three
     branches start from one state in one batched call, with actions beyond the bounds."""
-    sim = Simulator(env_id, threads=1)
+    sim = Simulator(env_id)
     env = make_env(env_id)
     obs, _ = env.reset(seed=3)
     rng = np.random.default_rng(3)
@@ -335,7 +335,7 @@ def test_true_model_search_path_replays_in_the_env():
     """The rewards and states a true-model search stores along its deepest path equal what
     the env returns when the path's actions are stepped from the root state."""
     torch.manual_seed(6)
-    sim = Simulator("Hopper-v5", threads=1)
+    sim = Simulator("Hopper-v5")
     env = make_env("Hopper-v5")
     obs, _ = env.reset(seed=7)
     roots = sim.roots(torch.as_tensor(obs[None]), sim.physics(env)[None])
@@ -661,22 +661,6 @@ def test_checkpoint_of_another_env_or_algorithm_is_refused(capsys, log_dir, tmp_
     assert "mpo" in run_bad(["--checkpoint", str(tmp_path / "other.pt"), "--eval-only"], capsys)
 
 
-def test_parallel_rollout_path_equals_the_single_thread_loop():
-    """--threads 2 steps the states with mujoco.rollout's thread pool, --threads 1 with a loop of
-    mj_step on one MjData: the same next states and rewards, bit for bit."""
-    single, parallel = Simulator("Hopper-v5", threads=1), Simulator("Hopper-v5", threads=2)
-    env = make_env("Hopper-v5")
-    env.reset(seed=4)
-    obs, physics = [], []
-    for _ in range(6):
-        obs.append(env.step(env.action_space.sample())[0])
-        physics.append(single.physics(env))
-    roots = single.roots(torch.as_tensor(np.stack(obs)), np.stack(physics))
-    actions = torch.rand(6, 3, generator=torch.Generator().manual_seed(5)) * 2.4 - 1.2
-    for a, b in zip(single.step(roots, actions), parallel.step(roots, actions)):
-        assert torch.equal(a, b)
-
-
 # -- learning and planning ----------------------------------------------------------------
 def test_true_model_search_improves_on_the_untrained_policy():
     """[TreePI Sec. 6.2] With the true model the search alone improves on pi: on
@@ -701,7 +685,7 @@ def test_true_model_search_improves_on_the_untrained_policy():
     with torch.no_grad():
         agent["critic_target"].head.weight.zero_()
         agent["critic_target"].head.bias.zero_()
-    simulator = Simulator(args.env, 1)
+    simulator = Simulator(args.env)
 
     def episode_return(plan, seed: int) -> float:
         """40 steps of the greedy rule: the heaviest root action of plan's search, or pi's mean (plan None)."""
