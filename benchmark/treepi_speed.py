@@ -6,8 +6,8 @@ a shared machine's load hits both sides alike:
   search   treepi.search from B roots with pi^(i) and Q' (treepi.proposals), wall time;
   network  the same network calls without a tree: N x (model step + policy samples + critic)
            on B rows (learned model), or N x (policy samples + critic) (true model);
-  physics  (true model) the N-1 env steps of B states alone: mujoco.rollout on the same saved
-           states (frame_skip mj_steps each), and mj_setState + mj_step on one MjData;
+  physics  (true model) the N-1 env steps of B states alone: the Simulator's restore of each
+           saved state and frame_skip mj_steps on its MjData, no observation or reward;
 and reports roots searched per second, model transitions per second, and the ratios
 raw / search (1 = the search costs no more than what it calls).
 
@@ -21,7 +21,8 @@ load ~7, 2026-11-22; B = 1 / 16 / 64 roots:
     learned: 46 / 72 / 156 ms per search, 22 / 222 / 410 roots/s, 0.7k / 6.9k / 12.7k
              transitions/s; network/search 0.59 / 0.65 / 0.66
     true (HalfCheetah-v5): 42 / 136 / 251 ms, 24 / 118 / 255 roots/s, 0.7k / 3.6k / 7.9k
-             transitions/s; (mj_step + network)/search 0.41 / 0.48 / 0.70
+             transitions/s; (mj_step + network)/search 0.41 / 0.48 / 0.70 (before the true
+             model's node states carried the solver warmstart and body positions)
 The rest is the tree's bookkeeping: a profile of B = 16 (learned) puts ~25% in search()'s own
 numpy work (Gumbel draws, descent, backup) and ~5% in log_mean_exp; the true model adds the
 numpy recomputation of observations and rewards.
@@ -71,7 +72,7 @@ def main() -> None:
     critic = treepi.Critic(in_dim, action_dim, args.critic_hidden_sizes, args.activation, args.layer_norm).requires_grad_(
         False
     )
-    simulator = treepi.Simulator(cli.env, 1) if cli.model == "true" else None
+    simulator = treepi.Simulator(cli.env) if cli.model == "true" else None
     latent = (obs_dim, action_dim, args.model_sizes, args.critic_hidden_sizes, args.activation, args.layer_norm)
     model = treepi.LatentModel(*latent).requires_grad_(False) if simulator is None else simulator
     propose = treepi.proposals(actor, critic, model.features, args.num_samples)
@@ -109,28 +110,22 @@ def main() -> None:
         def search():
             treepi.search(roots, propose, model.step, n, args.depth, args.temperature, args.gamma)
 
-        results = {"search": [], "network": [], "rollout": [], "mj_step": []}
+        results = {"search": [], "network": [], "mj_step": []}
         if simulator is not None:
             controls = actions[:, 0].clamp(-1, 1) * simulator.action_scale + simulator.action_bias
             controls = np.repeat(controls.numpy()[:, None].astype(np.float64), model.env.frame_skip, 1)
-            data = mujoco.MjData(model.mj_model)
-
-            def rollout():
-                for _ in range(n - 1):
-                    mujoco.rollout.rollout(model.mj_model, model.thread_data, physics_rows, controls)
 
             def mj_step():
                 for _ in range(n - 1):
                     for b in range(num_roots):
-                        mujoco.mj_setState(model.mj_model, data, physics_rows[b], treepi.STATE_SPEC)
-                        data.ctrl[:] = controls[b, 0]
-                        mujoco.mj_step(model.mj_model, data, nstep=model.env.frame_skip)
+                        model.restore(physics_rows[b])
+                        model.data.ctrl[:] = controls[b, 0]
+                        mujoco.mj_step(model.mj_model, model.data, nstep=model.env.frame_skip)
 
         for _ in range(cli.repeats):  # interleaved: load changes hit every side alike
             results["search"].append(timed(search, 1))
             results["network"].append(timed(networks, 1))
             if simulator is not None:
-                results["rollout"].append(timed(rollout, 1))
                 results["mj_step"].append(timed(mj_step, 1))
         t = {k: statistics.median(v) for k, v in results.items() if v}
         transitions = num_roots * (n - 1)
@@ -143,10 +138,9 @@ def main() -> None:
             line += f" | network/search {t['network'] / t['search']:.2f}"
         else:
             line += (
-                f" | physics: rollout {t['rollout'] * 1e3:7.1f} ms, mj_step {t['mj_step'] * 1e3:7.1f}"
-                f" ms | rollout/search {t['rollout'] / t['search']:.2f}, mj_step/search "
-                f"{t['mj_step'] / t['search']:.2f}, (rollout+network)/search "
-                f"{(t['rollout'] + t['network']) / t['search']:.2f}"
+                f" | physics: mj_step {t['mj_step'] * 1e3:7.1f} ms | mj_step/search "
+                f"{t['mj_step'] / t['search']:.2f}, (mj_step+network)/search "
+                f"{(t['mj_step'] + t['network']) / t['search']:.2f}"
             )
         print(line, flush=True)
 
