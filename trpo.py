@@ -735,6 +735,8 @@ def make_env(env_id: str, render_mode: str | None = None) -> gym.Env:
         env = gym.make(name, **({} if render_mode is None else {"render_mode": render_mode}))
     except gym.error.DependencyNotInstalled as e:
         raise UsageError(f"{name} needs a package that is not installed: {e}") from None
+    except Exception as e:  # noqa: BLE001 (an env whose constructor refuses its arguments: one line)
+        raise UsageError(f"cannot make {name}: {type(e).__name__}: {e}".splitlines()[0]) from None
     if isinstance(env.observation_space, gym.spaces.Dict):  # gymnasium's Dict keeps its keys sorted
         env = gym.wrappers.FlattenObservation(env)
     space, needs = env.action_space, " or ".join(space.__name__ for space in ACTION_SPACES)

@@ -25,6 +25,7 @@ SHARED = [
 SHARED_ENV = [
     ["--env", "NoSuchEnv-v0"],
     ["--env", "dm_control/cartpole-swingup-v9"],
+    ["--env", "dm_control/compatibility-env-v0"],  # shimmy's generic id: its constructor needs an env object
     ["--env", "no_such_module_here:Thing-v0"],
     ["--env", "HalfCheetah-v9"],
 ]
