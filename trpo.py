@@ -682,10 +682,8 @@ def train(args: Args) -> dict:
             obs_set = flat.obs[idx]  # [R, O], normalised as the trunk saw them
             actions, log_q = vine_actions(actor, obs_set, args.vine_actions)
             noise = actor.noise((len(idx), args.vine_rollout_length - 1), device)  # common random numbers
-            states, horizons = (
-                trunk_states.reshape(len(flat.obs), -1)[idx],
-                branch_sim.time_limit - trunk_elapsed.flatten()[idx],
-            )
+            states = trunk_states.reshape(len(flat.obs), -1)[idx]
+            horizons = branch_sim.time_limit - trunk_elapsed.flatten()[idx]  # steps left before the episode's time limit
             first = actor.env_action(actions).cpu().numpy()  # [R, K, ...]
             with torch.no_grad():
                 q_values, branch_steps = vine_rollouts(branch_sim, states, first, branch_act, noise, horizons, args.gamma)
