@@ -327,36 +327,76 @@ class Rollout(NamedTuple):
 
 # == 4. Environment ========================================================================================
 MJ_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # MuJoCo's full integration state: qpos, qvel, act, warm start, ctrl, ...
+# Besides MJ_STATE a state holds the body positions xpos and xipos [nbody, 3]: gymnasium's v5 Ant and Humanoid read them
+# BEFORE stepping (torso xpos, mass centre from xipos), and mj_step leaves them one substep stale, so only their saved
+# values give the rewards of the real env (mj_step recomputes every other derived quantity before using it); for a
+# suite task also the model arrays its episodes draw (finger's target site, reacher's and fish's target geoms, ...) or
+# its env (lqr's stiffness); quadruped-escape draws a 201 x 201 terrain, too large to save at every step: refused.
+DATA_FIELDS = ("xpos", "xipos")
+SUITE_MODEL_FIELDS = ("body_pos", "body_quat", "geom_pos", "geom_size", "site_pos", "site_size", "wrap_prm", "jnt_stiffness")
+UNRESTORABLE = ("dm_control/quadruped-escape-v0",)
 
 
 class Simulator:
-    """Saves and restores the simulator below the TimeLimit wrapper (`env`, which the branches step), for the vine [TRPO
-    Sec. 5.2]: MuJoCo's MJ_STATE or a classic-control env's `state`. Both step deterministically (randomness is drawn at
-    reset; Acrobot's torque noise is off by default), so branches share the policy noise only. A restored trunk state
-    replays the trunk bit-exactly on CartPole-v1 and Hopper-v5 (tested); other envs are not checked."""
+    """Saves, restores and steps the simulator below any time limit, for the vine [TRPO Sec. 5.2]: a gymnasium MuJoCo
+    env, a DeepMind Control Suite task or a classic-control env's `state`. All step deterministically (randomness is
+    drawn at reset; Acrobot's torque noise is off by default), so branches share the policy noise only. A state restored
+    in another env replays the observations, rewards and terminations bit-exactly on CartPole-v1, every gymnasium MuJoCo
+    v5 env and the suite tasks tested. `time_limit`: the steps of an episode (the spec's or the suite's)."""
 
     def __init__(self, env: gym.Env, env_id: str):
         self.env = env.unwrapped  # below TimeLimit: restoring a state must not count steps
-        self.mujoco = isinstance(getattr(self.env, "model", None), mujoco.MjModel)
+        self.suite = getattr(self.env, "_env", None)  # dm_control's control.Environment, under shimmy's env
+        self.model, self.data = (
+            (self.suite.physics.model.ptr, self.suite.physics.data.ptr)
+            if self.suite
+            else (getattr(self.env, "model", None), getattr(self.env, "data", None))
+        )
+        self.mujoco = isinstance(self.model, mujoco.MjModel)
         if not self.mujoco and not type(self.env).__module__.startswith("gymnasium.envs.classic_control"):
             raise UsageError(f"--estimator vine restores simulator states: MuJoCo and classic-control envs only, not {env_id}")
+        if env_id in UNRESTORABLE:
+            raise UsageError(f"--estimator vine cannot restore {env_id}: its episodes draw a terrain too large to save")
         if not self.mujoco and getattr(self.env, "state", None) is None:  # created by the first reset
             self.env.reset(seed=0)
-        self.size = mujoco.mj_stateSize(self.env.model, MJ_STATE) if self.mujoco else len(np.asarray(self.env.state))
+        self.size = len(self.get_state())
+        space = self.env.observation_space  # the suite's Dict, flattened as make_env does
+        self.flatten = functools.partial(gym.spaces.flatten, space) if isinstance(space, gym.spaces.Dict) else lambda x: x
+        self.obs_dim = gym.spaces.flatdim(space)
+        limits = (env.spec.max_episode_steps, getattr(self.suite, "_step_limit", None), np.iinfo(np.int64).max)
+        self.time_limit = int(min(limit for limit in limits if limit))
+
+    def fields(self) -> list[np.ndarray]:
+        """The arrays saved after MJ_STATE (views: writing them writes the simulator)."""
+        model_fields = SUITE_MODEL_FIELDS if self.suite else ()
+        return [getattr(self.data, f) for f in DATA_FIELDS] + [getattr(self.model, f) for f in model_fields]
 
     def get_state(self) -> np.ndarray:
         if not self.mujoco:
             return np.array(self.env.state, dtype=np.float64)
-        state = np.empty(self.size)
-        mujoco.mj_getState(self.env.model, self.env.data, state, MJ_STATE)
-        return state
+        state = np.empty(mujoco.mj_stateSize(self.model, MJ_STATE))
+        mujoco.mj_getState(self.model, self.data, state, MJ_STATE)
+        return np.concatenate([state, *(x.ravel() for x in self.fields())])
 
     def set_state(self, state: np.ndarray) -> None:
-        if self.mujoco:
-            return mujoco.mj_setState(self.env.model, self.env.data, state, MJ_STATE)
-        self.env.state = state.copy()
-        if hasattr(self.env, "steps_beyond_terminated"):  # CartPole's post-termination count
-            self.env.steps_beyond_terminated = None
+        if not self.mujoco:
+            self.env.state = state.copy()
+            if hasattr(self.env, "steps_beyond_terminated"):  # CartPole's post-termination count
+                self.env.steps_beyond_terminated = None
+            return
+        fields = self.fields()
+        parts = np.split(state, np.cumsum([mujoco.mj_stateSize(self.model, MJ_STATE), *(x.size for x in fields)])[:-1])
+        for x, part in zip(fields, parts[1:]):
+            x.flat[:] = part
+        mujoco.mj_setState(self.model, self.data, parts[0], MJ_STATE)
+        if self.suite:  # its step starts with mj_step2 on what mj_step1 derived (its step ends with mj_step1: xpos as saved)
+            mujoco.mj_forward(self.model, self.data)
+            self.suite._step_count, self.suite._reset_next_step = 0, False  # the branch horizons apply the time limit
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool]:
+        """The observation (flat), reward and termination of one step."""
+        obs, reward, terminated, _, _ = self.env.step(action)
+        return self.flatten(obs), float(reward), bool(terminated)
 
 
 # == 5. Algorithm ==========================================================================================
@@ -489,15 +529,15 @@ def vine_rollouts(
     branch_noise = noise.repeat_interleave(num_actions, dim=0)  # [R K, L - 1, ...]: CRN
     limits = np.repeat(np.minimum(horizons, noise.shape[1] + 1), num_actions)  # [R K]
     q_values, alive, sim_steps = np.zeros(len(actions)), np.ones(len(actions), dtype=bool), 0
-    obs = np.zeros((len(actions), *sim.env.observation_space.shape))  # [R K, O]
+    obs = np.zeros((len(actions), sim.obs_dim))  # [R K, O]
     for t in range(noise.shape[1] + 1):
         if t > 0:
             actions = act(obs, branch_noise[:, t - 1])
         for i in np.flatnonzero(alive):
             sim.set_state(branch_states[i])
-            next_obs, reward, terminated, _, _ = sim.env.step(actions[i])
-            branch_states[i], obs[i] = sim.get_state(), next_obs
-            q_values[i] += gamma**t * float(reward)
+            obs[i], reward, terminated = sim.step(actions[i])
+            branch_states[i] = sim.get_state()
+            q_values[i] += gamma**t * reward
             alive[i] = not terminated and t + 1 < limits[i]
             sim_steps += 1
         if not alive.any():
@@ -577,7 +617,6 @@ def train(args: Args) -> dict:
     obs_dim, action_space, vine = envs.single_observation_space.shape[0], envs.single_action_space, args.estimator == "vine"
     trunk_sims = [Simulator(env, args.env) for env in envs.unwrapped.envs] if vine else []
     branch_sim = Simulator(make_env(args.env), args.env) if vine else None
-    max_episode_steps = envs.unwrapped.envs[0].spec.max_episode_steps or np.iinfo(np.int64).max
     # -- networks, optimizer and normalisers (the vine's Q needs no V)
     nets = (args.hidden_sizes, args.activation, args.layer_norm)
     actor, value = Actor(obs_dim, action_space, *nets).to(device), None if vine else Value(obs_dim, *nets).to(device)
@@ -643,7 +682,8 @@ def train(args: Args) -> dict:
             obs_set = flat.obs[idx]  # [R, O], normalised as the trunk saw them
             actions, log_q = vine_actions(actor, obs_set, args.vine_actions)
             noise = actor.noise((len(idx), args.vine_rollout_length - 1), device)  # common random numbers
-            states, horizons = trunk_states.reshape(len(flat.obs), -1)[idx], max_episode_steps - trunk_elapsed.flatten()[idx]
+            states = trunk_states.reshape(len(flat.obs), -1)[idx]
+            horizons = branch_sim.time_limit - trunk_elapsed.flatten()[idx]  # steps left before the episode's time limit
             first = actor.env_action(actions).cpu().numpy()  # [R, K, ...]
             with torch.no_grad():
                 q_values, branch_steps = vine_rollouts(branch_sim, states, first, branch_act, noise, horizons, args.gamma)

@@ -73,6 +73,7 @@ ALGORITHM = {
         ["--fisher-fraction", "1.5"],
         ["--backtrack-coef", "1"],
         ["--value-minibatches", "0"],
+        ["--env", "dm_control/quadruped-escape-v0", "--estimator", "vine"],  # a terrain per episode: not restorable
     ],
     "dpi_ilqr": [
         ["--env", "Walker2d-v5"],  # no known cost

@@ -455,6 +455,14 @@ def test_vine_end_to_end(log_dir, env_id):
     assert_model_reproduces(out, args)
 
 
+def test_vine_on_the_control_suite_through_main(log_dir, capsys):
+    """The vine on a suite task (Dict observations flattened, the suite's own time limit) runs to the end."""
+    argv = ["--env", "dm_control/cartpole-swingup-v0", "--estimator", "vine", "--total-steps", "200", "--num-steps", "100"]
+    argv += ["--vine-states", "4", "--vine-rollout-length", "5", "--eval-every", "0", "--eval-episodes", "1"]
+    assert main([*argv, "--checkpoint-every", "0", "--log-dir", log_dir]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_vine_branches_stop_at_the_time_limit(log_dir):
     """Trunk episodes of 3 steps: a branch from the state after e steps runs 3 - e <= 3 steps
     (CartPole cannot fall in 3), never the 10 of --vine-rollout-length."""
