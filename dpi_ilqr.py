@@ -219,7 +219,7 @@ def register_envs() -> None:
         gym.register(LQ_ENV_ID, entry_point=LinearQuadraticEnv, max_episode_steps=LQ_HORIZON)
 
 
-# The known cost c(s, a) of each env [DPI Sec. 2] from its reward (gymnasium 1.4 v5): obs [..., O], actions [..., A] -> [...].
+# The known cost c(s, a) of each env [DPI Sec. 2] from its reward (gymnasium 1.4 v5, dm-control 1.0.52): obs, actions -> [...].
 # Deviation (README, Costs): a per-step cost, without termination or time limits; velocities at s_t, not (x' - x) / dt.
 PENDULUM_ANGLE_LIMIT = 0.2  # InvertedPendulum-v5 terminates when |angle| > 0.2 rad
 PENDULUM_RAIL_COST = 0.1  # weight of x^2, keeps the cart off the rail ends (|x| <= 1)
