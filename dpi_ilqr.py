@@ -171,6 +171,7 @@ def algorithm_checks(args: Args) -> list[tuple[bool, str]]:
         (0.0 < args.kl_tolerance < 1.0, f"--kl-tolerance must be in (0, 1), got {args.kl_tolerance}"),
         (0.0 < args.backtrack_coef < 1.0, f"--backtrack-coef must be in (0, 1), got {args.backtrack_coef}"),
         (not args.robust or min(variants) > 0, "--robust needs positive --robust-train-variants and --robust-test-variants"),
+        (not args.robust or not args.env.startswith("dm_control/"), "--robust perturbs gymnasium's models, not the suite's"),
         (all(0.0 < low <= high for low, high in ranges), "--robust-mass-range and --robust-length-range need 0 < low <= high"),
     ]
 
@@ -218,13 +219,28 @@ def register_envs() -> None:
         gym.register(LQ_ENV_ID, entry_point=LinearQuadraticEnv, max_episode_steps=LQ_HORIZON)
 
 
-# The known cost c(s, a) of each env [DPI Sec. 2] from its reward (gymnasium 1.4 v5): obs [..., O], actions [..., A] -> [...].
+# The known cost c(s, a) of each env [DPI Sec. 2] from its reward (gymnasium 1.4 v5, dm-control 1.0.52): obs, actions -> [...].
 # Deviation (README, Costs): a per-step cost, without termination or time limits; velocities at s_t, not (x' - x) / dt.
 PENDULUM_ANGLE_LIMIT = 0.2  # InvertedPendulum-v5 terminates when |angle| > 0.2 rad
 PENDULUM_RAIL_COST = 0.1  # weight of x^2, keeps the cart off the rail ends (|x| <= 1)
 PENDULUM_ACTION_COST = 1e-3  # small control cost, conditions Q_aa
 HOPPER_ANGLE_LIMIT = 0.2  # Hopper-v5 is unhealthy when |torso angle| > 0.2 rad
 CostFn = Callable[[Tensor, Tensor], Tensor]  # c(obs [..., O], actions [..., A]) -> [...]
+
+
+def cartpole_swingup_cost(obs: Tensor, actions: Tensor) -> Tensor:
+    """Minus dm_control's smooth cartpole reward (suite/cartpole.py; tolerance with bounds 0 and a Gaussian sigmoid is
+    g(z, m) = 0.1^((z / m)^2)): upright (cos + 1) / 2, centred (1 + g(x, 2)) / 2, small control (4 + 1 - u^2) / 5 (its
+    quadratic tolerance, for |u| <= 1: the action bounds), small velocity (1 + g(angle', 5)) / 2, multiplied.
+    obs = (x, cos, sin, x', angle'): the suite's position and velocity, flattened in sorted key order. The suite rewards
+    step t at (s_{t+1}, a_t); like every cost here, c is charged at (s_t, a_t)."""
+    tolerance = lambda z, margin: 0.1 ** ((z / margin) ** 2)
+    upright, centred = (obs[..., 1] + 1) / 2, (1 + tolerance(obs[..., 0], 2.0)) / 2
+    small_control = (5 - (actions**2).sum(-1)) / 5
+    small_velocity = (1 + tolerance(obs[..., 4], 5.0)) / 2
+    return -upright * centred * small_control * small_velocity
+
+
 COSTS: dict[str, CostFn] = {
     # obs = (x, angle, x', angle'); the env's flat +1 while |angle| <= 0.2 is useless to an LQR: a smooth surrogate
     "InvertedPendulum-v5": lambda obs, actions: (
@@ -243,6 +259,7 @@ COSTS: dict[str, CostFn] = {
     LQ_ENV_ID: lambda obs, actions: (
         (torch.tensor(LQ_STATE_COST, dtype=obs.dtype) * obs**2).sum(-1) + LQ_ACTION_COST * (actions**2).sum(-1)
     ),
+    "dm_control/cartpole-swingup-v0": cartpole_swingup_cost,  # exactly minus the reward, smooth inside the action bounds
 }
 
 

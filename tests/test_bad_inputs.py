@@ -77,6 +77,8 @@ ALGORITHM = {
     ],
     "dpi_ilqr": [
         ["--env", "Walker2d-v5"],  # no known cost
+        ["--env", "dm_control/walker-run-v0"],  # no known cost
+        ["--env", "dm_control/cartpole-swingup-v0", "--robust"],  # the variants perturb gymnasium's models
         ["--episodes", "1"],
         ["--kl-tolerance", "1"],
         ["--robust", "--robust-test-variants", "0"],

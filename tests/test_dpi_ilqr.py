@@ -299,6 +299,30 @@ def test_locomotion_costs_reward_the_forward_velocity(env_id, index):
     assert float(COSTS[env_id](o, one) - COSTS[env_id](o, zero)) == pytest.approx(weight * one.numel())
 
 
+def test_cartpole_swingup_cost_is_minus_the_suite_reward():
+    """dm_control's own task.get_reward on random states and controls (every angle, the cart beyond the tolerance
+    margin, both action bounds), and along an episode: the reward of step t is minus c(s_{t+1}, a_t)."""
+    cost = COSTS["dm_control/cartpole-swingup-v0"]
+    env = make_env("dm_control/cartpole-swingup-v0")
+    obs, _ = env.reset(seed=0)
+    physics, task = env.unwrapped._env.physics, env.unwrapped._env.task
+    rng = np.random.default_rng(0)
+    for i in range(50):
+        with physics.reset_context():  # forward kinematics: the pole's orientation from qpos
+            physics.data.qpos[:] = rng.uniform([-3.0, -np.pi], [3.0, np.pi])
+            physics.data.qvel[:] = rng.normal(0.0, 5.0, 2)
+            physics.data.ctrl[:] = (-1.0, 1.0)[i] if i < 2 else rng.uniform(-1.0, 1.0)
+        parts = task.get_observation(physics)
+        flat = np.concatenate([parts[key].ravel() for key in sorted(parts)])
+        value = cost(torch.as_tensor(flat), torch.as_tensor(physics.data.ctrl.copy()))
+        assert float(value) == pytest.approx(-task.get_reward(physics), rel=1e-12, abs=1e-15)
+    obs, _ = env.reset(seed=1)
+    for _ in range(50):
+        action = rng.uniform(-1.0, 1.0, 1)
+        obs, reward, *_ = env.step(action)
+        assert float(cost(torch.as_tensor(obs), torch.as_tensor(action))) == pytest.approx(-reward, rel=1e-12, abs=1e-15)
+
+
 def test_linearize_policy_matches_finite_differences():
     torch.manual_seed(0)
     actor = Actor(3, 2, (8,), "tanh", 0.0)
@@ -672,6 +696,17 @@ def test_train_robust_logs_train_and_test_returns(log_dir):
     events.Reload()
     tags = events.Tags()["scalars"]
     assert {"charts/eval_return", "charts/eval_return_train", "stats/mu"} <= set(tags)
+
+
+def test_train_on_the_control_suite_and_refuse_its_other_tasks(log_dir, capsys):
+    """A tiny run on dm_control/cartpole-swingup-v0 through main(); a suite task without a cost is one line naming
+    the supported envs."""
+    argv = ["--env", "dm_control/cartpole-swingup-v0", "--episodes", "2", "--horizon", "10", "--prior-em-iters", "5"]
+    assert main([*argv, "--total-steps", "40", "--eval-episodes", "1", "--log-dir", log_dir]) == 0
+    assert "eval" in capsys.readouterr().out
+    assert main(["--env", "dm_control/walker-run-v0", "--log-dir", log_dir]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "supported: InvertedPendulum-v5" in err and "dm_control/cartpole-swingup-v0" in err
 
 
 @pytest.mark.parametrize(
