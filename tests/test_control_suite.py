@@ -78,6 +78,7 @@ def test_sac_stores_the_time_limit_step_unterminated_with_its_true_next_observat
 RUNS = {
     "sac": ["--total-steps", "1100", "--learning-starts", "1000", "--batch-size", "16", "--hidden-sizes", "16", "16"],
     "ppo": ["--total-steps", "2048", "--num-envs", "2", "--num-steps", "512", "--update-epochs", "1", "--hidden-sizes", "16"],
+    "dpi_ilqr": ["--total-steps", "40", "--episodes", "2", "--horizon", "10", "--prior-em-iters", "5"],
     "mpo": [
         *("--total-steps", "1050", "--learning-starts", "1000", "--batch-size", "8", "--num-samples", "4"),
         *("--retrace-steps", "3", "--policy-hidden-sizes", "16", "--critic-hidden-sizes", "16"),
@@ -106,7 +107,7 @@ def test_every_continuous_file_trains_evaluates_and_loads_back_on_cartpole_swing
     assert f"mean {final:.1f}" in capsys.readouterr().out
     # resume.pt continues the run to a larger budget in the same directory
     total = int(RUNS[name][RUNS[name].index("--total-steps") + 1])
-    more = total + (1024 if name == "ppo" else 1000 if name == "trpo" else 20)
+    more = total + {"ppo": 1024, "trpo": 1000}.get(name, 20)  # whole rollouts or iterations
     assert script.main(["--resume", os.path.join(run_dir, "resume.pt"), "--total-steps", str(more)]) == 0
     assert torch.load(os.path.join(run_dir, "resume.pt"), weights_only=True)["global_step"] == more
 
