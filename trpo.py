@@ -332,7 +332,7 @@ MJ_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # MuJoCo's full integration stat
 # values give the rewards of the real env (mj_step recomputes every other derived quantity before using it); for a
 # suite task also the model arrays its episodes draw (finger's target site, reacher's and fish's target geoms, ...) or
 # its env (lqr's stiffness); quadruped-escape draws a 201 x 201 terrain, too large to save at every step: refused.
-DATA_FIELDS = ("xpos", "xipos")
+CARRIED = ("xpos", "xipos")
 SUITE_MODEL_FIELDS = ("body_pos", "body_quat", "geom_pos", "geom_size", "site_pos", "site_size", "wrap_prm", "jnt_stiffness")
 UNRESTORABLE = ("dm_control/quadruped-escape-v0",)
 
@@ -369,7 +369,7 @@ class Simulator:
     def fields(self) -> list[np.ndarray]:
         """The arrays saved after MJ_STATE (views: writing them writes the simulator)."""
         model_fields = SUITE_MODEL_FIELDS if self.suite else ()
-        return [getattr(self.data, f) for f in DATA_FIELDS] + [getattr(self.model, f) for f in model_fields]
+        return [getattr(self.data, f) for f in CARRIED] + [getattr(self.model, f) for f in model_fields]
 
     def get_state(self) -> np.ndarray:
         if not self.mujoco:
