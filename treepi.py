@@ -73,7 +73,8 @@ class Args:
     """Act with pi^(i) (TreePI/pi) or by a search at every step (TreePI/search); evaluation uses the greedy form."""
     e_step: Literal["search", "mpo"] = "search"
     """E-step: TreePI's search, or MPO's (eq. 7-9) on every valid state of the batch: MPO+Predictive [TreePI Sec. 6.1, App. D;
-    Table 2: --epsilon 0.1 --epsilon-cov 1e-4], the same networks and predictive losses, the model only as a loss."""
+    Table 2: --epsilon-cov 1e-4, both target periods 200], the same networks and losses, the model only as a loss (the
+    search's flags then serve --act search only)."""
     reward_scale: float = 1.0
     """Factor on every reward before it is stored or searched: the scale that --temperature is measured in (see there)."""
     # Networks [TreePI Table 1, App. B]

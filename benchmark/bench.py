@@ -126,7 +126,9 @@ VARIANTS: dict[str, Variant] = {
     "treepi_search": Variant("treepi.py", ("--act", "search"), doc="TreePI acting by search"),
     "treepi_depth1": Variant("treepi.py", ("--depth", "1"), doc="TreePI(1)/π: depth 1 at the fixed α"),
     "mpo_predictive": Variant(
-        "treepi.py", ("--e-step", "mpo", "--epsilon", "0.1", "--epsilon-cov", "1e-4"), doc="MPO+Predictive ([TreePI] Table 2)"
+        "treepi.py",
+        ("--e-step", "mpo", "--epsilon", "0.1", "--epsilon-cov", "1e-4", "--policy-target-frequency", "20"),
+        doc="MPO+Predictive ([TreePI] Table 2: E-step 0.1, mean 0.005, cov 1e-4, both targets every 200 at 10 updates/step)",
     ),
     "trpo_single": Variant("trpo.py", doc="TRPO, single-path estimator"),
     "trpo_vine": Variant(
