@@ -9,12 +9,12 @@ References:
         Belov, Riedmiller 2020, "Local Search for Policy Iteration in Continuous Control", arXiv:2010.05545 (Alg. 1 the
         search, eq. 3-6, App. A.2 the estimator, App. A.3 Alg. 2 the training loop, App. B and Table 1 the networks).
     [MPO] Abdolmaleki, Springenberg, Tassa, Munos, Heess, Riedmiller 2018, "Maximum a Posteriori Policy Optimisation",
-        arXiv:1806.06920: the sampled-action E-step (the search at depth 1) and the KL-bounded M-step, as in mpo.py.
+        arXiv:1806.06920: the sampled-action E-step (--e-step mpo: MPO+Predictive) and the KL-bounded M-step, as in mpo.py.
     [ACME] Hoffman et al. 2020, arXiv:2006.00979, acme/jax/losses/mpo.py: the softplus duals, their learning rate, clamp.
 
 Names: the paper's fixed search temperature alpha is `temperature`; its trust-region multiplier eta keeps mpo.py's (and
-ACME's) name `alpha_mean` (`alpha_cov` for MPO's separate covariance bound), so that `diff mpo.py treepi.py` shows the
-search and the model; pi^(i) and Q-hat^pi_pi(i) are `actor_target` and `critic_target`, eps_KL is `epsilon_mean`.
+ACME's) name `alpha_mean` (`alpha_cov` for MPO's covariance bound), MPO's E-step temperature is mpo.py's `eta`, so that
+`diff mpo.py treepi.py` shows the search and the model; pi^(i), Q-hat^pi_pi(i) are `actor_target`, `critic_target`.
 
 Algorithm (one environment step; the function that does each line in brackets):
     1. Act a ~ pi^(i)(.|s) (--act policy: TreePI/pi) or by the root weights of a search from the env's state (--act
@@ -22,10 +22,12 @@ Algorithm (one environment step; the function that does each line in brackets):
     2. updates_per_step times, on B snippets of T steps: s_t = f_trans(f_enc(o_1), a_1..a_{t-1}) (--model learned) or
        the true state (--model true); L_r = (r_t - r(s_t, a_t))^2 (learned model); L_Q = (r_t + gamma (1 - terminated_t)
        E_{pi^(i)} Q'(s_{t+1}, .) - Q(s_t, a_t))^2                                       [LatentModel.unroll, q_target]
-    3. E-step: a search (Alg. 1) from s_t, M actions per node, depth K, N rollouts; the root's actions a_j and weights
-       w_j = softmax_j(Q-hat_j / alpha) (eq. 4)                                      [proposals, search, root_weights]
-    4. M-step (eq. 6): L_pi = -sum_j w_j log pi(a_j|s_t) + eta (KL[pi^(i) || pi] - eps_KL); one step on L_r + L_Q + L_pi,
-       eta by gradient ascent                                                                    [update, kl_penalty]
+    3. E-step: a search (Alg. 1) from valid s_t drawn at random, M actions per node, depth K, N rollouts; the root's
+       actions a_j, weights w_j = softmax_j(Q-hat_j / alpha) (eq. 4)                 [proposals, search, root_weights]
+       or, --e-step mpo (MPO+Predictive, Sec. 6.1, App. D), at every valid s_t: a_j ~ pi^(i), w_j = softmax_j(Q'(s_t,
+       a_j) / eta), eta by a step on MPO's dual g(eta) at bound epsilon (eq. 9)       [temperature_dual, e_step_weights]
+    4. M-step (eq. 6): L_pi = -sum_j w_j log pi(a_j|s_t) + alpha_mean (KL[pi^(i) || pi] - eps_KL) (or MPO's separate
+       mean and covariance bounds); one step on L_r + L_Q + L_pi, the multipliers by gradient ascent  [update, kl_penalty]
     5. Q' <- Q every target_network_frequency updates, pi^(i+1) <- pi every policy_target_frequency updates    [train]
 
 Shapes: B batch (snippets, or searched roots), T snippet length, O observation, A action, M actions per node, K depth,
@@ -35,11 +37,11 @@ Readings of inconsistencies in the paper, and deviations from it:
     - N = 100 (Table 1 "lists all parameters"; Sec. 6.1: 200); Table 1's period 200 is Q''s, Sec. 5's 500 pi^(i)'s; the
       transition reward r(s_t, a_t) everywhere (eq. 3, Alg. 1: r(s)); the TD target at s_{t+1} (eq. 6 prints s_t).
     - Gymnasium ends Hopper episodes (the control suite never does): a termination head gives the tree gamma (1 - p);
-      the true model uses the env's own termination.
+      the true model uses the env's own termination. alpha is in reward units, tuned on the suite's [0, 1]: --reward-scale.
     - CPU defaults (--help names each paper value): 64-wide networks, batch 64, N = 32, one update per env step with
-      target periods 20 and 50 (the paper's pace at 10 updates per step), a search from 16 states per batch.
+      target periods 20 and 50 (the paper's pace at 10 updates per step), a search from 16 random states per batch.
     - With the true model the policy loss stays eq. 6's (Sec. 6.2's switch serves 16 distributed actors). No uniform
-      warm-up. eta is softplus of a parameter with Adam steps at --dual-lr, clamped below (ACME; the paper gives no rate).
+      warm-up. The duals are softplus of parameters with Adam steps at --dual-lr, clamped below (ACME; no rate given).
 """
 
 from collections.abc import Callable
@@ -68,6 +70,10 @@ class Args:
     """Search model: a learned latent model (Sec. 5) or the MuJoCo simulator itself, stepped from saved states (Sec. 6.2)."""
     act: Literal["policy", "search"] = "policy"
     """Act with pi^(i) (TreePI/pi) or by a search at every step (TreePI/search); evaluation uses the greedy form."""
+    e_step: Literal["search", "mpo"] = "search"
+    """TreePI's search, or MPO's E-step on all valid states: MPO+Predictive [TreePI Sec. 6.1; Table 2: --epsilon-cov 1e-4]."""
+    reward_scale: float = 1.0
+    """Factor on rewards before they are stored or searched, alpha's unit: 1/r_max (Hopper-v5: 0.25) gives [0, 1] per step."""
     # Networks [TreePI Table 1, App. B]
     model_sizes: tuple[int, ...] = (64, 64)
     """Encoder and transition layers, the last the latent size (paper: 256 256; 64 for a CPU: an update is 4x cheaper)."""
@@ -106,13 +112,15 @@ class Args:
     num_samples: int = 20
     """Branching factor M: actions sampled from pi^(i) per node, and for E_pi Q' [TreePI Table 1]."""
     depth: int = 10
-    """Maximum depth K of the tree; 1 gives MPO+Predictive's one-step weights [TreePI Table 1]."""
+    """Maximum depth K of the tree [TreePI Table 1]; 1 is TreePI(1): MPO's one-step weights at the fixed alpha (Fig. 1)."""
     num_rollouts: int = 32
     """Rollouts N per search, the root's included (paper: 100, Table 1; Sec. 6.1: 200; 32 for a CPU)."""
+    # exp(Q-hat / alpha): the control suite pays [0, 1] per step; a trained Hopper-v5 3-4, HalfCheetah-v5 ~10, where 0.1
+    # is nearly greedy (Hopper-v5: KL(w || 1/M) 2.3-2.9 of log 20 = 3.0); --reward-scale 1/r_max restores the paper's regime
     temperature: float = 0.1
-    """Temperature alpha of the search's softmax and soft backup, fixed [TreePI Table 1: 0.1] (MPO learns its eta)."""
+    """Search temperature alpha, fixed [TreePI Table 1: 0.1], in reward units: tuned for rewards in [0, 1] per step."""
     search_states: int = 16
-    """States of each batch that are searched, from its start (0: all B x T, the paper; the search is an update's cost)."""
+    """Valid states of each batch searched, drawn at random (0: all B x T, the paper; the search is an update's cost)."""
     # M-step trust region [TreePI eq. 6, MPO App. D]
     epsilon_mean: float = 0.005
     """Bound eps_KL on KL(pi^(i) || pi) [TreePI Sec. 5: 0.005]; with --epsilon-cov, the bound on its mean part only."""
@@ -124,6 +132,11 @@ class Args:
     """Initial multiplier alpha_mean of the (whole or mean) KL bound, eta of [TreePI] eq. 6 (paper: not given; ACME: 10)."""
     alpha_cov_init: float = 100.0
     """Initial multiplier alpha_cov of the covariance bound (ACME: 1000): large, so that epsilon_cov holds from the start."""
+    # MPO's E-step (--e-step mpo) [MPO eq. 7-9]
+    epsilon: float = 0.1
+    """KL bound epsilon of the non-parametric E-step [MPO eq. 7; Table 2: 0.1]."""
+    eta_init: float = 1.0
+    """Initial temperature eta (ACME: 10)."""
     # -- shared: identical in every file ------------------------------------------------------------------
     env: str = "HalfCheetah-v5"
     """Gymnasium id of the task (`module:Env-v0` imports `module` first, for an env it registers)."""
@@ -163,6 +176,7 @@ def algorithm_checks(args: Args) -> list[tuple[bool, str]]:
     """(condition, message) for each algorithm argument; `check_args` raises the first that fails."""
     positive = ["batch_size", "snippet_length", "target_network_frequency", "policy_target_frequency", "num_samples"]
     positive += ["depth", "num_rollouts", "temperature", "epsilon_mean", "alpha_mean_init", "q_lr", "policy_lr", "dual_lr"]
+    positive += ["epsilon", "eta_init", "reward_scale"]
     nonnegative = min(args.learning_starts, args.updates_per_step, args.search_states) >= 0
     covariance_bound = args.alpha_cov_init > 0 and (args.epsilon_cov is None or args.epsilon_cov > 0)
     return [
@@ -178,7 +192,7 @@ def algorithm_checks(args: Args) -> list[tuple[bool, str]]:
 
 # == 2. Networks ===========================================================================================
 ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh}
-SCALE_MIN = 1e-6  # added to the softplus'd Cholesky diagonal: a numerical guard (ACME's value)
+SCALE_MIN = 1e-6  # the least standard deviation (Cholesky diagonal): a numerical guard (ACME's value)
 Sizes = tuple[int, ...]  # layer widths
 Plan = Callable[[Tensor], tuple[Tensor, Tensor]]  # the E-step: roots [n, S] -> root actions [n, M, A], weights [n, M]
 
@@ -196,9 +210,10 @@ def mlp(in_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm:
 
 
 class GaussianActor(nn.Module):
-    """Gaussian policy pi(a|s) = N(mean(s), L(s) L(s)^T) on actions rescaled to [-1, 1]^A [MPO App. D], `params` the pair
-    (mean [B, A], scale_tril L [B, A, A]): L is diagonal, or with --full-covariance lower-triangular, its diagonal through
-    softplus. Samples are stored unbounded; the env executes them clipped to its bounds."""
+    """Gaussian policy pi(a|s) = N(mean(s), L(s) L(s)^T) on actions rescaled to [-1, 1]^A, `params` the pair (mean [B, A],
+    scale_tril L [B, A, A]): a diagonal variance L^2 = softplus(head) [TreePI App. B: N(mu, I softplus(varsigma))], or with
+    --full-covariance the Cholesky factor L, lower-triangular with its diagonal through softplus [MPO App. D]. Samples are
+    stored unbounded; the env executes them clipped to its bounds."""
 
     def __init__(
         self,
@@ -221,7 +236,7 @@ class GaussianActor(nn.Module):
     def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         mean, raw = self.head(self.trunk(obs)).split([self.action_dim, self.head.out_features - self.action_dim], dim=-1)
         if not self.full_covariance:
-            return mean, torch.diag_embed(F.softplus(raw) + SCALE_MIN)  # [B, A], [B, A, A]
+            return mean, torch.diag_embed((F.softplus(raw) + SCALE_MIN**2).sqrt())  # [B, A], [B, A, A]: sigma^2 = softplus
         rows, cols = torch.tril_indices(self.action_dim, self.action_dim, device=obs.device)
         tril = raw.new_zeros(*raw.shape[:-1], self.action_dim, self.action_dim)
         tril[..., rows, cols] = raw  # [B, A, A]
@@ -502,6 +517,17 @@ def proposals(actor_target: GaussianActor, critic_target: Critic, features: Call
     return propose
 
 
+def scaled(step: Callable, reward_scale: float) -> Callable:
+    """A model's step, (states [n, S], actions [n, A]) -> (next states, rewards [n], continuation [n]), with its rewards
+    times reward_scale: the simulator's, in the scale of the stored rewards that Q learns (--reward-scale)."""
+
+    def expand(states: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        next_states, rewards, continuation = step(states, actions)
+        return next_states, reward_scale * rewards, continuation
+
+    return expand
+
+
 @torch.no_grad()
 def select_actions(
     obs: Tensor, physics: np.ndarray | None, model: "SearchModel", actor_target: GaussianActor, plan: Plan | None, greedy: bool
@@ -517,7 +543,7 @@ def select_actions(
     return actions[torch.arange(len(chosen), device=chosen.device), chosen]
 
 
-DUAL_MIN = 1e-8  # added to softplus in dual_variable, so that the multipliers stay positive (ACME)
+DUAL_MIN = 1e-8  # added to softplus in dual_variable, so that eta and alpha stay positive (ACME)
 LOG_DUAL_MIN = -18.0  # lower clamp of the dual parameters after each step (ACME's clamp)
 
 
@@ -548,8 +574,22 @@ def gaussian_kl_decoupled(mean_old: Tensor, scale_tril_old: Tensor, mean: Tensor
     return kl_mean, kl_cov
 
 
+def temperature_dual(eta: Tensor, q: Tensor, log_prior: Tensor, epsilon: float) -> Tensor:
+    """The convex dual of the E-step (eq. 7) on each state's candidates [MPO eq. 9, App. D.2], Q = q (target critic):
+        g(eta) = eta epsilon + eta mean_s log sum_j prior_j exp(Q(s, a_j) / eta),
+    prior_j = 1/M for M samples of pi_old, pi_old(a_j|s) for all actions of a categorical policy. dg/deta = epsilon -
+    mean_s KL(q || pi_old), so the minimiser puts the E-step's KL at epsilon. Shapes: q, log_prior [B, M]; eta, g scalars."""
+    return eta * epsilon + eta * torch.logsumexp(q / eta + log_prior, dim=-1).mean()
+
+
+def e_step_weights(q: Tensor, eta: Tensor, log_prior: Tensor) -> Tensor:
+    """The non-parametric E-step [MPO eq. 8: q_i(a|s) proportional to pi(a|s, theta_i) exp(Q_theta_i(s, a) / eta*)] on the
+    candidates: q(a_j|s) = prior_j exp(Q(s, a_j) / eta) / sum_k prior_k exp(Q(s, a_k) / eta), normalised per state [B, M]."""
+    return torch.softmax(q / eta + log_prior, dim=-1)
+
+
 def dual_variable(log_dual: Tensor) -> Tensor:
-    """A positive dual variable (alpha_mean, alpha_cov) from its parameter: alpha = softplus(log_alpha) + DUAL_MIN, as in
+    """A positive dual variable (eta, alpha_mean, alpha_cov) from its parameter: eta = softplus(log_eta) + DUAL_MIN, as in
     [ACME], which also calls the parameters log_*. A multiplier then grows at most linearly while its bound is violated
     (with exp, exponentially, until Adam's second moment overflows). Shapes: any; returns the same shape."""
     return F.softplus(log_dual) + DUAL_MIN
@@ -594,9 +634,12 @@ def update(
     gamma: float,
     epsilon_mean: float,
     epsilon_cov: float | None,
+    log_eta: Tensor | None = None,
+    epsilon: float = 0.1,
 ) -> dict[str, Tensor]:
     """One gradient step on L = sum_t L_r + L_Q + L_pi [TreePI eq. 6]: the model, the critic and the policy in one backward
-    pass (they share the latent states), and the multipliers on alpha (epsilon - KL); then the duals are clamped."""
+    pass (they share the latent states), and the multipliers on alpha (epsilon - KL); then the duals are clamped. The
+    E-step: plan's searches, or with log_eta MPO's [MPO eq. 7-9] (MPO+Predictive), eta on its dual at bound epsilon."""
     valid, count, metrics, learned = batch.valid, batch.valid.sum(), {}, isinstance(model, LatentModel)
     states, next_states, model_loss = batch.obs, batch.next_obs, 0.0  # s_t: the true state (--model true), or
     if learned:  # the latent unroll from o_1 on the stored actions [TreePI Sec. 5]
@@ -616,18 +659,30 @@ def update(
         target = q_target(batch.rewards, batch.terminated, next_q.view(*valid.shape, -1), gamma)
     q = critic(flat_states, actor_target.critic_input(batch.actions.flatten(0, 1)))  # [B T]
     q_loss = ((q.view_as(valid) - target).pow(2) * valid).sum() / count
-    # E-step [TreePI Alg. 1]: searches from the first search_states valid states (0: all) replace MPO's softmax(Q'/eta)
     mask = valid.flatten().bool()
-    roots = flat_states[mask][: search_states or int(mask.sum())].detach()  # latents, or observations
-    if not learned:  # the simulator's node states [obs | physics]
-        roots = model.roots(roots, batch.physics.flatten(0, 1)[mask][: len(roots)].cpu().numpy())
-    actions, weights = plan(roots)  # [n, M, A], [n, M]
-    # M-step [TreePI eq. 6, MPO eq. 10]: weighted maximum likelihood of the searched actions, under the KL bound to pi^(i)
-    # on every valid state (R of [TreePI eq. 6]); the roots are the first n of them
+    valid_states = flat_states[mask]  # [n_valid, L or O]
     with torch.no_grad():
-        params_old = actor_target(flat_states[mask])
-    params = actor(flat_states[mask])
-    policy_loss = -(weights * actor.log_prob(tuple(p[: len(weights)] for p in params), actions)).sum(-1).mean()
+        params_old = actor_target(valid_states)
+    if log_eta is None:  # E-step [TreePI Alg. 1]: searches from search_states valid states drawn at random (0: all)
+        picked = torch.randperm(len(valid_states), device=valid_states.device)[: search_states or len(valid_states)]
+        roots = valid_states[picked].detach()  # latents, or observations
+        if not learned:  # the simulator's node states [obs | physics]
+            roots = model.roots(roots, batch.physics.flatten(0, 1)[mask][picked].cpu().numpy())
+        actions, weights = plan(roots)  # [n, M, A], [n, M]
+        eta_loss = 0.0
+    else:  # E-step [MPO eq. 8-9] on every valid state: a_j ~ pi^(i), weights softmax_j(Q'(s, a_j) / eta), eta on its dual
+        picked = slice(None)
+        with torch.no_grad():
+            actions, log_prior = actor_target.candidates(params_old, num_samples)  # [n_valid, M, A], [n_valid, M]
+            q_candidates = critic_target(valid_states.unsqueeze(1), actor_target.critic_input(actions))  # [n_valid, M]
+        eta = dual_variable(log_eta)
+        eta_loss = temperature_dual(eta, q_candidates, log_prior, epsilon)
+        weights = e_step_weights(q_candidates, eta.detach(), log_prior)  # [n_valid, M]
+        metrics["stats/eta"] = eta.detach()
+    # M-step [TreePI eq. 6, MPO eq. 10]: weighted maximum likelihood of the E-step's actions at its n states (picked), under
+    # the KL bound to pi^(i) on every valid state (R of [TreePI eq. 6])
+    params = actor(valid_states)
+    policy_loss = -(weights * actor.log_prob(tuple(p[picked] for p in params), actions)).sum(-1).mean()
     kl_mean, kl_cov = actor.kl_terms(params_old, params)  # [n_valid] each
     if epsilon_cov is None:  # [TreePI eq. 6] one bound on the whole KL
         kl_mean, kl_cov = kl_mean + kl_cov, None
@@ -638,15 +693,17 @@ def update(
         penalty_cov, alpha_loss_cov = kl_penalty(kl_cov, alpha_cov, epsilon_cov)
         penalty, alpha_loss = penalty + penalty_cov, alpha_loss + alpha_loss_cov
         metrics.update({"stats/kl_cov": kl_cov.detach().mean(), "stats/alpha_cov": alpha_cov.detach()})
-    for optimizer in optimizers:  # the actor's, the critic's (and the model's), the multipliers'
+    dual_loss = eta_loss + alpha_loss
+    for optimizer in optimizers:  # the actor's, the critic's (and the model's), the duals'
         optimizer.zero_grad(set_to_none=True)
-    (model_loss + q_loss + policy_loss + penalty + alpha_loss).backward()  # disjoint parameters: one backward serves all
+    (model_loss + q_loss + policy_loss + penalty + dual_loss).backward()  # disjoint parameters: one backward serves all
     for optimizer in optimizers:
         optimizer.step()
     with torch.no_grad():
-        for parameter in (log_alpha_mean, log_alpha_cov):
-            parameter.clamp_(min=LOG_DUAL_MIN)
-    metrics.update({"losses/q": q_loss.detach(), "losses/policy": policy_loss.detach(), "losses/dual": alpha_loss.detach()})
+        for parameter in (log_alpha_mean, log_alpha_cov, log_eta):
+            if parameter is not None:
+                parameter.clamp_(min=LOG_DUAL_MIN)
+    metrics.update({"losses/q": q_loss.detach(), "losses/policy": policy_loss.detach(), "losses/dual": dual_loss.detach()})
     metrics["stats/q_mean"] = (q.detach().view_as(valid) * valid).sum() / count
     log_prior = -float(np.log(num_samples))
     metrics["stats/kl_q"] = (torch.xlogy(weights, weights) - weights * log_prior).sum(-1).mean()  # KL(q || pi^(i))
@@ -832,6 +889,7 @@ def train(args: Args) -> dict:
     critic_target.load_state_dict(critic.state_dict())
     critic_target.requires_grad_(False)
     log_alpha_mean, log_alpha_cov = log_dual(args.alpha_mean_init, device), log_dual(args.alpha_cov_init, device)
+    log_eta = log_dual(args.eta_init, device) if args.e_step == "mpo" else None  # MPO's E-step temperature [MPO eq. 9]
     # the search's model: the learned one (whose reward network has the critic's hidden sizes), or the simulator
     latent = (obs_dim, action_dim, args.model_sizes, args.critic_hidden_sizes, args.activation, args.layer_norm)
     model = LatentModel(*latent).to(device) if learned else Simulator(args.env)
@@ -839,17 +897,19 @@ def train(args: Args) -> dict:
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, fused=True)
     # the model learns from every loss through the latents; its step rides with the critic's
     critic_opt = torch.optim.Adam([*critic.parameters(), *(model.parameters() if learned else [])], lr=args.q_lr, fused=True)
-    dual_opt = torch.optim.Adam([log_alpha_mean, log_alpha_cov], lr=args.dual_lr, fused=True)
+    duals = [log_alpha_mean, log_alpha_cov] + ([log_eta] if log_eta is not None else [])
+    dual_opt = torch.optim.Adam(duals, lr=args.dual_lr, fused=True)
     propose = proposals(actor_target, critic_target, model.features, args.num_samples)
+    expand = model.step if learned else scaled(model.step, args.reward_scale)  # the learned model learns scaled rewards
 
     @torch.no_grad()
     def plan(roots: Tensor) -> tuple[Tensor, Tensor]:  # the E-step [TreePI Alg. 1]: a search with pi^(i) and Q' per root
-        tree = search(roots, propose, model.step, args.num_rollouts, args.depth, args.temperature, args.gamma)
+        tree = search(roots, propose, expand, args.num_rollouts, args.depth, args.temperature, args.gamma)
         return tree.actions[:, 0], root_weights(tree, args.temperature)
 
     acting = plan if args.act == "search" else None  # TreePI/search acts by searching, TreePI/pi with pi^(i)
     nets = (actor, actor_target, critic, critic_target, model, plan, (actor_opt, critic_opt, dual_opt))  # update's inputs
-    numbers = (args.search_states, args.num_samples, args.gamma, args.epsilon_mean, args.epsilon_cov)  # and its numbers
+    numbers = (args.search_states, args.num_samples, args.gamma, args.epsilon_mean, args.epsilon_cov, log_eta, args.epsilon)
     # -- storage: never more rows than the run can fill (Table 1's 2e6 would be 0.5 GB)
     capacity = min(args.buffer_size, args.total_steps + args.num_envs * args.snippet_length)
     widths = dict(obs=(obs_dim,), actions=(action_dim,), next_obs=(obs_dim,), physics=(0 if learned else model.state_size,))
@@ -861,7 +921,7 @@ def train(args: Args) -> dict:
 
     # -- run: directory, logging, evaluation, saving, resume (below the fence)
     saved = dict(actor=actor, actor_target=actor_target, critic=critic, critic_target=critic_target)
-    saved.update(model=model if learned else None, log_alpha_mean=log_alpha_mean, log_alpha_cov=log_alpha_cov)
+    saved.update(model=model if learned else None, log_alpha_mean=log_alpha_mean, log_alpha_cov=log_alpha_cov, log_eta=log_eta)
     train_state = dict(actor_opt=actor_opt, critic_opt=critic_opt, dual_opt=dual_opt, replay=replay)
     run = Run(args, envs, model=saved, train_state=train_state, act=greedy_action)
     if args.eval_only:
@@ -881,7 +941,7 @@ def train(args: Args) -> dict:
         ended, real_next_obs = terminated | truncated, next_obs.copy()
         for i in np.flatnonzero(ended):
             real_next_obs[i] = infos["final_obs"][i]
-        replay.add(obs, actions, rewards, real_next_obs, terminated, ended, physics)  # in the order of COLUMNS
+        replay.add(obs, actions, args.reward_scale * rewards, real_next_obs, terminated, ended, physics)  # as COLUMNS
         obs = next_obs
         # update: updates_per_step gradient steps on eq. 6 per environment step
         if global_step >= args.learning_starts:

@@ -124,7 +124,12 @@ VARIANTS: dict[str, Variant] = {
     "mpo": Variant("mpo.py", doc="MPO"),
     "treepi_pi": Variant("treepi.py", ("--act", "policy"), doc="TreePI acting with the policy"),
     "treepi_search": Variant("treepi.py", ("--act", "search"), doc="TreePI acting by search"),
-    "treepi_depth1": Variant("treepi.py", ("--depth", "1"), doc="MPO+Predictive"),
+    "treepi_depth1": Variant("treepi.py", ("--depth", "1"), doc="TreePI(1)/π: depth 1 at the fixed α"),
+    "mpo_predictive": Variant(
+        "treepi.py",
+        ("--e-step", "mpo", "--epsilon", "0.1", "--epsilon-cov", "1e-4", "--policy-target-frequency", "20"),
+        doc="MPO+Predictive ([TreePI] Table 2: E-step 0.1, mean 0.005, cov 1e-4, both targets every 200 at 10 updates/step)",
+    ),
     "trpo_single": Variant("trpo.py", doc="TRPO, single-path estimator"),
     "trpo_vine": Variant(
         "trpo.py",
@@ -189,11 +194,11 @@ def against_cleanrl(
 
 COMPARISONS: dict[str, Comparison] = {
     "treepi_fig1": Comparison(
-        "TreePI/search and TreePI/π against MPO+Predictive (TreePI at depth 1), MPO and SAC",
+        "TreePI/search and TreePI/π against MPO+Predictive, MPO and SAC",
         (
             Line("TreePI/search", "treepi_search"),
             Line("TreePI/π", "treepi_pi"),
-            Line("MPO+Predictive", "treepi_depth1"),
+            Line("MPO+Predictive", "mpo_predictive"),
             Line("MPO", "mpo"),
             Line("SAC", "sac"),
         ),

@@ -65,6 +65,9 @@ ALGORITHM = {
         ["--model-sizes", "16"],
         ["--search-states", "-1"],
         ["--buffer-size", "2", "--snippet-length", "5"],
+        ["--e-step", "mpo", "--epsilon", "0"],
+        ["--eta-init", "-1"],
+        ["--reward-scale", "0"],
     ],
     "trpo": [
         ["--estimator", "vine", "--vine-actions", "1"],
