@@ -194,10 +194,11 @@ def against_cleanrl(
 
 COMPARISONS: dict[str, Comparison] = {
     "treepi_fig1": Comparison(
-        "TreePI/search and TreePI/π against MPO+Predictive, MPO and SAC",
+        "TreePI/search, TreePI/π and TreePI(1)/π against MPO+Predictive, MPO and SAC",
         (
             Line("TreePI/search", "treepi_search"),
             Line("TreePI/π", "treepi_pi"),
+            Line("TreePI(1)/π", "treepi_depth1"),
             Line("MPO+Predictive", "mpo_predictive"),
             Line("MPO", "mpo"),
             Line("SAC", "sac"),
