@@ -745,22 +745,36 @@ FAST_ENVS["gymnasium.envs.mujoco.inverted_pendulum_v5:InvertedPendulumEnv"] = _i
 STATE_SPEC = mujoco.mjtState.mjSTATE_INTEGRATION  # all that mj_step reads: time, qpos, qvel, act, the solver's warmstart, ...
 # Body positions that Ant-v5 (xpos) and Humanoid-v5 (xipos, its mass centre) read before stepping: after an env step they
 # describe the state at the start of its last substep (mj_step computes them, then integrates), which no forward pass from
-# the saved state gives back, so a node carries them.
+# the saved state gives back, so a saved state carries them.
 CARRIED = ("xpos", "xipos")
+MAX_DRAWN = 10_000  # the most model numbers a saved state carries (quadruped-escape's 201 x 201 terrain is refused)
 
 
 def mujoco_of(env: gym.Env) -> tuple[mujoco.MjModel, mujoco.MjData] | None:
-    """The MjModel and MjData of a (wrapped) gymnasium v5 MuJoCo env or control suite task (shimmy), else None."""
+    """The MjModel and MjData of a (wrapped) gymnasium MuJoCo env or control suite task (shimmy), else None."""
     env = env.unwrapped
-    if isinstance(env, MujocoEnv) and type(env).__module__.endswith("_v5"):
+    if isinstance(env, MujocoEnv):
         return env.model, env.data
     if type(env).__module__ == "shimmy.dm_control_compatibility" and type(env._env).__module__ == "dm_control.rl.control":
         return env._env.physics.model.ptr, env._env.physics.data.ptr
     return None
 
 
-def model_arrays(model: mujoco.MjModel) -> dict[str, np.ndarray]:
-    return {name: np.array(value) for name in dir(model) if isinstance(value := getattr(model, name), np.ndarray)}
+def drawn_model_fields(env_id: str) -> list[str]:
+    """The MjModel arrays that an env draws at reset (a suite task's target) or when it is built (the suite's lqr): those
+    that differ across seeded resets or between two envs. A saved state carries them, at most MAX_DRAWN numbers."""
+    envs, snapshots = (make_env(env_id), make_env(env_id)), []
+    for seed in range(4):
+        for env in envs:
+            env.reset(seed=seed)
+            model = mujoco_of(env)[0]
+            snapshots.append({name: np.array(x) for name in dir(model) if isinstance(x := getattr(model, name), np.ndarray)})
+    fields = [name for name, x in snapshots[0].items() if any(not np.array_equal(s[name], x) for s in snapshots[1:])]
+    if (size := sum(snapshots[0][name].size for name in fields)) > MAX_DRAWN:
+        raise UsageError(
+            f"{env_id} draws {size:,} model numbers ({', '.join(fields)}) per episode: too many to save per state"
+        )
+    return fields
 
 
 class Simulator:
@@ -774,29 +788,18 @@ class Simulator:
     def __init__(self, env_id: str):
         wrapped = make_env(env_id)
         env, found = wrapped.unwrapped, mujoco_of(wrapped)
-        if found is None:
+        if found is None or (isinstance(env, MujocoEnv) and not type(env).__module__.endswith("_v5")):
             raise UsageError(
                 f"--model true steps saved MuJoCo states: it needs a gymnasium v5 MuJoCo env (HalfCheetah-v5, Ant-v5, ...) "
                 f"or a control suite task (dm_control/cartpole-swingup-v0, ...), and {env_id} is not one; use --model learned"
             )
+        wrapped.reset(seed=0)
         self.env, (self.mj_model, self.data), self.obs_dim = env, found, wrapped.observation_space.shape[0]
         space = env.action_space
         low, high = (torch.as_tensor(bound, dtype=torch.float32).flatten() for bound in (space.low, space.high))
         self.action_scale, self.action_bias = (high - low) / 2, (high + low) / 2  # GaussianActor.env_action's
         self.outcome = FAST_ENVS.get(f"{type(env).__module__}:{type(env).__name__}")
-        self.suite = not isinstance(env, MujocoEnv)
-        # the model arrays that resets change (a suite task's target); a model drawn when the env is built (the suite's lqr)
-        # differs between two envs after the same reset, and no saved state can carry it
-        twin, _ = make_env(env_id), wrapped.reset(seed=0)
-        twin.reset(seed=0)
-        if any(not np.array_equal(a, b) for a, b in zip(*(model_arrays(mujoco_of(e)[0]).values() for e in (twin, wrapped)))):
-            raise UsageError(
-                f"--model true cannot replay {env_id}: its model is drawn when the env is built; use --model learned"
-            )
-        snapshots = [model_arrays(self.mj_model) for seed in range(4) if env.reset(seed=seed)]  # ends at reset(seed=3)
-        self.model_fields = [
-            name for name, a in snapshots[0].items() if any(not np.array_equal(s[name], a) for s in snapshots)
-        ]
+        self.suite, self.model_fields = not isinstance(env, MujocoEnv), drawn_model_fields(env_id)
         parts = [("state", mujoco.mj_stateSize(self.mj_model, STATE_SPEC))]
         parts += [(name, getattr(self.data, name).size) for name in CARRIED]
         parts += [(name, getattr(self.mj_model, name).size) for name in self.model_fields]

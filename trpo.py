@@ -43,6 +43,7 @@ import gymnasium as gym
 import mujoco  # the vine saves and restores MuJoCo states
 import numpy as np
 import torch
+from gymnasium.envs.mujoco.mujoco_env import MujocoEnv
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -327,14 +328,38 @@ class Rollout(NamedTuple):
 
 # == 4. Environment ========================================================================================
 MJ_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # MuJoCo's full integration state: qpos, qvel, act, warm start, ctrl, ...
-# Besides MJ_STATE a state holds the body positions xpos and xipos [nbody, 3]: gymnasium's v5 Ant and Humanoid read them
-# BEFORE stepping (torso xpos, mass centre from xipos), and mj_step leaves them one substep stale, so only their saved
-# values give the rewards of the real env (mj_step recomputes every other derived quantity before using it); for a
-# suite task also the model arrays its episodes draw (finger's target site, reacher's and fish's target geoms, ...) or
-# its env (lqr's stiffness); quadruped-escape draws a 201 x 201 terrain, too large to save at every step: refused.
+# Body positions that Ant-v5 (xpos) and Humanoid-v5 (xipos, its mass centre) read before stepping: after an env step they
+# describe the state at the start of its last substep (mj_step computes them, then integrates), which no forward pass from
+# the saved state gives back, so a saved state carries them.
 CARRIED = ("xpos", "xipos")
-SUITE_MODEL_FIELDS = ("body_pos", "body_quat", "geom_pos", "geom_size", "site_pos", "site_size", "wrap_prm", "jnt_stiffness")
-UNRESTORABLE = ("dm_control/quadruped-escape-v0",)
+MAX_DRAWN = 10_000  # the most model numbers a saved state carries (quadruped-escape's 201 x 201 terrain is refused)
+
+
+def mujoco_of(env: gym.Env) -> tuple[mujoco.MjModel, mujoco.MjData] | None:
+    """The MjModel and MjData of a (wrapped) gymnasium MuJoCo env or control suite task (shimmy), else None."""
+    env = env.unwrapped
+    if isinstance(env, MujocoEnv):
+        return env.model, env.data
+    if type(env).__module__ == "shimmy.dm_control_compatibility" and type(env._env).__module__ == "dm_control.rl.control":
+        return env._env.physics.model.ptr, env._env.physics.data.ptr
+    return None
+
+
+def drawn_model_fields(env_id: str) -> list[str]:
+    """The MjModel arrays that an env draws at reset (a suite task's target) or when it is built (the suite's lqr): those
+    that differ across seeded resets or between two envs. A saved state carries them, at most MAX_DRAWN numbers."""
+    envs, snapshots = (make_env(env_id), make_env(env_id)), []
+    for seed in range(4):
+        for env in envs:
+            env.reset(seed=seed)
+            model = mujoco_of(env)[0]
+            snapshots.append({name: np.array(x) for name in dir(model) if isinstance(x := getattr(model, name), np.ndarray)})
+    fields = [name for name, x in snapshots[0].items() if any(not np.array_equal(s[name], x) for s in snapshots[1:])]
+    if (size := sum(snapshots[0][name].size for name in fields)) > MAX_DRAWN:
+        raise UsageError(
+            f"{env_id} draws {size:,} model numbers ({', '.join(fields)}) per episode: too many to save per state"
+        )
+    return fields
 
 
 class Simulator:
@@ -347,16 +372,11 @@ class Simulator:
     def __init__(self, env: gym.Env, env_id: str):
         self.env = env.unwrapped  # below TimeLimit: restoring a state must not count steps
         self.suite = getattr(self.env, "_env", None)  # dm_control's control.Environment, under shimmy's env
-        self.model, self.data = (
-            (self.suite.physics.model.ptr, self.suite.physics.data.ptr)
-            if self.suite
-            else (getattr(self.env, "model", None), getattr(self.env, "data", None))
-        )
-        self.mujoco = isinstance(self.model, mujoco.MjModel)
+        self.model, self.data = mujoco_of(env) or (None, None)
+        self.mujoco = self.model is not None
         if not self.mujoco and not type(self.env).__module__.startswith("gymnasium.envs.classic_control"):
             raise UsageError(f"--estimator vine restores simulator states: MuJoCo and classic-control envs only, not {env_id}")
-        if env_id in UNRESTORABLE:
-            raise UsageError(f"--estimator vine cannot restore {env_id}: its episodes draw a terrain too large to save")
+        self.model_fields = drawn_model_fields(env_id) if self.mujoco else []
         if not self.mujoco and getattr(self.env, "state", None) is None:  # created by the first reset
             self.env.reset(seed=0)
         self.size = len(self.get_state())
@@ -368,8 +388,7 @@ class Simulator:
 
     def fields(self) -> list[np.ndarray]:
         """The arrays saved after MJ_STATE (views: writing them writes the simulator)."""
-        model_fields = SUITE_MODEL_FIELDS if self.suite else ()
-        return [getattr(self.data, f) for f in CARRIED] + [getattr(self.model, f) for f in model_fields]
+        return [getattr(self.data, f) for f in CARRIED] + [getattr(self.model, f) for f in self.model_fields]
 
     def get_state(self) -> np.ndarray:
         if not self.mujoco:

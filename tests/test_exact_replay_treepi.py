@@ -15,6 +15,7 @@ from treepi import Simulator, make_env
 GYMNASIUM = ["Ant-v5", "HalfCheetah-v5", "Hopper-v5", "Humanoid-v5", "HumanoidStandup-v5", "InvertedDoublePendulum-v5"]
 GYMNASIUM += ["InvertedPendulum-v5", "Pusher-v5", "Reacher-v5", "Swimmer-v5", "Walker2d-v5"]
 SUITE = [f"dm_control/{task}-v0" for task in ("cartpole-swingup", "finger-turn_hard", "walker-run", "humanoid-stand")]
+SUITE += ["dm_control/lqr-lqr_2_1-v0"]  # its joint stiffnesses are drawn when the env is built
 SEEDS, WARM_UP, STEPS = (1, 2, 3), 6, 10
 
 
@@ -55,11 +56,14 @@ def test_fresh_simulator_replays_the_real_env_bit_for_bit(env_id):
         assert sim.model_fields == ["site_pos"] and len(np.unique(targets, axis=0)) == len(SEEDS)
 
 
-def test_a_model_drawn_when_the_env_is_built_is_refused():
-    """The suite's lqr draws its bodies when the env is built: two envs differ after the same reset, so no node state
-    can be replayed."""
-    with pytest.raises(treepi.UsageError, match="drawn when the env is built"):
-        Simulator("dm_control/lqr-lqr_2_1-v0")
+def test_the_drawn_model_arrays_are_those_that_resets_or_construction_change():
+    """finger draws its target site at reset, lqr its joint stiffnesses when built; gymnasium's envs draw none; a terrain
+    drawn per episode (quadruped-escape, 201 x 201 heights) is too large to carry in every node state: refused."""
+    assert treepi.drawn_model_fields("dm_control/finger-turn_hard-v0") == ["site_pos"]
+    assert treepi.drawn_model_fields("dm_control/lqr-lqr_2_1-v0") == ["jnt_stiffness"]
+    assert treepi.drawn_model_fields("Ant-v5") == []
+    with pytest.raises(treepi.UsageError, match="40,401 model numbers"):
+        Simulator("dm_control/quadruped-escape-v0")
 
 
 def test_control_suite_true_model_trains_end_to_end(log_dir):

@@ -2,10 +2,14 @@
 stepping elsewhere, replays the real env's observations, rewards and terminations bit-exactly (the vine's branches
 [TRPO Sec. 5.2] must see what the trunk would have seen)."""
 
+import inspect
+
 import gymnasium as gym
 import numpy as np
 import pytest
 
+import treepi
+import trpo
 from trpo import Simulator, make_env
 
 GYM_MUJOCO = ["Ant", "HalfCheetah", "Hopper", "Humanoid", "HumanoidStandup", "InvertedDoublePendulum", "InvertedPendulum"]
@@ -66,3 +70,13 @@ def test_restores_count_no_suite_steps():
         sim.set_state(state)
         obs, reward, terminated = sim.step(action)
         assert np.array_equal(obs, expected[0]) and (reward, terminated) == expected[1:]
+
+
+def test_the_saved_state_is_treepis_in_the_same_words():
+    """trpo.py's vine and treepi.py's true model save the same things, by the same code: the carried body positions and
+    the model arrays an env draws (tested in tests/test_exact_replay_treepi.py)."""
+    for name in ("mujoco_of", "drawn_model_fields"):
+        assert inspect.getsource(getattr(trpo, name)) == inspect.getsource(getattr(treepi, name)), name
+    assert (trpo.CARRIED, trpo.MAX_DRAWN) == (treepi.CARRIED, treepi.MAX_DRAWN)
+    with pytest.raises(trpo.UsageError, match="40,401 model numbers"):
+        Simulator(make_env("dm_control/quadruped-escape-v0"), "dm_control/quadruped-escape-v0")
