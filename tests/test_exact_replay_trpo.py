@@ -13,7 +13,7 @@ import trpo
 from trpo import Simulator, make_env
 
 GYM_MUJOCO = ["Ant", "HalfCheetah", "Hopper", "Humanoid", "HumanoidStandup", "InvertedDoublePendulum", "InvertedPendulum"]
-GYM_MUJOCO += ["Pusher", "Reacher", "Swimmer", "Walker2d"]
+GYM_MUJOCO += ["Pusher", "Reacher", "Swimmer", "Walker2d"]  # codespell:ignore
 SUITE = ["cartpole-swingup", "finger-turn_hard", "walker-run", "humanoid-stand", "reacher-hard", "fish-swim", "lqr-lqr_2_1"]
 ENV_IDS = ["CartPole-v1"] + [f"{name}-v5" for name in GYM_MUJOCO] + [f"dm_control/{task}-v0" for task in SUITE]
 
