@@ -452,13 +452,14 @@ def search(
         uniform = uniforms[rollout - 1][:, trees] if uniforms is not None else 1.0 - np.random.random(shape)
         gumbel = -np.log(-np.log(uniform))  # [K-1, n, M]
         base = trees * capacity  # the root's row of each tree searched
-        # forward rollout [TreePI Alg. 1]: descend through expanded, incomplete actions
-        row, leaf_slot = base.copy(), np.zeros(trees.size, dtype=np.int64)
+        # forward rollout [TreePI Alg. 1]: descend through expanded, incomplete actions; path: (trees, rows, actions)
+        row, leaf_slot, path = base.copy(), np.zeros(trees.size, dtype=np.int64), []
         down = np.arange(trees.size)  # trees still descending
         for level in range(depth - 1):  # a depth K-1 node is complete: never descended into
             at = row[down]
             logits = np.where(complete[at], -np.inf, q_hat[at] / temperature + gumbel[level, down])
             chosen = logits.argmax(1)  # [eq. 4] a ~ Categorical(softmax(Q-hat / alpha))
+            path.append((down, at, chosen))
             child = children[at, chosen]
             leaf_slot[down] = chosen
             go_on = child >= 0
@@ -479,18 +480,16 @@ def search(
         node_depth[new_row] = node_depth[row] + 1
         complete[new_row] = ((node_depth[new_row] == depth - 1) | (cont == 0))[:, None]
         size[trees] += 1
-        # soft backup to the root [TreePI Alg. 1]
-        row, up = new_row, np.arange(trees.size)  # trees still climbing
-        while up.size:
-            at = row[up]
-            scaled = q_hat[at] / temperature  # V(s') = alpha log mean_k exp(Q-hat[s', a^k] / alpha), stably:
+        # soft backup to the root [TreePI Alg. 1] along the path, deepest level first; below: each tree's child row
+        below = new_row
+        for down, at, chosen in reversed(path):
+            child = below[down]
+            scaled = q_hat[child] / temperature  # V(s') = alpha log mean_k exp(Q-hat[s', a^k] / alpha), stably:
             peak = scaled.max(-1, keepdims=True)
             value = temperature * (peak + np.log(np.exp(scaled - peak).sum(-1, keepdims=True) / num_actions))[..., 0]
-            above = base[up] + parent[at]  # the parent's row
-            q_hat[above, slot[at]] = rewards[at] + discounts[at] * value  # Q-hat = r + gamma (1 - terminated) V(s')
-            complete[above, slot[at]] = complete[at].all(1)
-            row[up] = above
-            up = up[parent[at] > 0]
+            q_hat[at, chosen] = rewards[child] + discounts[child] * value  # Q-hat = r + gamma (1 - terminated) V(s')
+            complete[at, chosen] = complete[child].all(1)
+            below[down] = at
     nodes = (states, actions, q_hat, rewards, discounts, parent, slot, children, complete, node_depth)  # [B C, ...]
     return Tree(*(array.reshape(num_trees, capacity, *array.shape[1:]) for array in nodes), size)
 
