@@ -75,12 +75,14 @@ def main() -> None:
     simulator = treepi.Simulator(cli.env) if cli.model == "true" else None
     latent = (obs_dim, action_dim, args.model_sizes, args.critic_hidden_sizes, args.activation, args.layer_norm)
     model = treepi.LatentModel(*latent).requires_grad_(False) if simulator is None else simulator
-    propose = treepi.proposals(actor, critic, model.features, args.num_samples)
+    propose = treepi.proposals(actor, critic, model.features, args.num_samples, args.bf16)
+    precision = torch.autocast("cpu", torch.bfloat16, enabled=args.bf16)  # --flags=--bf16: as treepi.train sets it
+    step = precision(model.step) if simulator is None else model.step
     n = args.num_rollouts
     print(
         f"{cli.model} model, {cli.env}, M={args.num_samples} K={args.depth} N={n}, "
         f"nets {args.policy_hidden_sizes}/{args.critic_hidden_sizes}/{args.model_sizes}, "
-        f"torch threads 1"
+        f"torch threads 1{', bf16' if args.bf16 else ''}"
     )
     for num_roots in cli.roots:
         # roots: states visited by random actions
@@ -99,6 +101,7 @@ def main() -> None:
         actions = actor.candidates(actor(features), args.num_samples)[0]
 
         @torch.no_grad()
+        @precision
         def networks():
             for i in range(n):
                 if simulator is None and i > 0:
@@ -108,7 +111,7 @@ def main() -> None:
 
         @torch.no_grad()
         def search():
-            treepi.search(roots, propose, model.step, n, args.depth, args.temperature, args.gamma)
+            treepi.search(roots, propose, step, n, args.depth, args.temperature, args.gamma)
 
         results = {"search": [], "network": [], "mj_step": []}
         if simulator is not None:
