@@ -916,10 +916,10 @@ def train(args: Args) -> dict:
     precision = torch.autocast(device.type, torch.bfloat16, enabled=args.bf16)
     expand = precision(model.step) if learned else scaled(model.step, args.reward_scale)
 
-    @torch.no_grad()
     def plan(roots: Tensor) -> tuple[Tensor, Tensor]:  # the E-step [TreePI Alg. 1]: a search with pi^(i) and Q' per root
-        tree = search(roots, propose, expand, args.num_rollouts, args.depth, args.temperature, args.gamma)
-        return tree.actions[:, 0], root_weights(tree, args.temperature)
+        with torch.inference_mode():  # no_grad without autograd's version counters; clone: a tensor autograd may save
+            tree = search(roots, propose, expand, args.num_rollouts, args.depth, args.temperature, args.gamma)
+        return tree.actions[:, 0].clone(), root_weights(tree, args.temperature)
 
     acting = plan if args.act == "search" else None  # TreePI/search acts by searching, TreePI/pi with pi^(i)
     nets = (actor, actor_target, critic, critic_target, model, plan, (actor_opt, critic_opt, dual_opt))  # update's inputs

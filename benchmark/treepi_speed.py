@@ -100,7 +100,7 @@ def main() -> None:
         features = model.features(roots).float()
         actions = actor.candidates(actor(features), args.num_samples)[0]
 
-        @torch.no_grad()
+        @torch.inference_mode()  # as treepi.train runs its searches
         @precision
         def networks():
             for i in range(n):
@@ -109,7 +109,7 @@ def main() -> None:
                 sampled, _ = actor.candidates(actor(features), args.num_samples)
                 critic(features.unsqueeze(1), actor.critic_input(sampled))
 
-        @torch.no_grad()
+        @torch.inference_mode()  # as treepi.train runs its searches
         def search():
             treepi.search(roots, propose, step, n, args.depth, args.temperature, args.gamma)
 
