@@ -87,6 +87,8 @@ class Args:
     """LayerNorm after the first hidden layer of every network [TreePI Table 1: 'LN']."""
     full_covariance: bool = False
     """Gaussian policy with a full covariance (Cholesky factor) [MPO App. D] ([TreePI] App. B: diagonal)."""
+    bf16: bool = False
+    """The searches' network passes in bfloat16 matrix products (tree, samples, updates stay float32); paper: float32."""
     # Replay [TreePI Sec. 5, Table 1]
     buffer_size: int = 2_000_000
     """Replay capacity in transitions [TreePI Table 1: 2e6]; memory is taken for no more than total_steps of them."""
@@ -234,7 +236,8 @@ class GaussianActor(nn.Module):
         self.register_buffer("action_bias", (high + low) / 2)
 
     def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
-        mean, raw = self.head(self.trunk(obs)).split([self.action_dim, self.head.out_features - self.action_dim], dim=-1)
+        out = self.head(self.trunk(obs)).float()  # float32 even under --bf16: the samples, their log-probabilities
+        mean, raw = out.split([self.action_dim, self.head.out_features - self.action_dim], dim=-1)
         if not self.full_covariance:
             return mean, torch.diag_embed((F.softplus(raw) + SCALE_MIN**2).sqrt())  # [B, A], [B, A, A]: sigma^2 = softplus
         rows, cols = torch.tril_indices(self.action_dim, self.action_dim, device=obs.device)
@@ -286,7 +289,7 @@ class Critic(nn.Module):
 
     def forward(self, obs: Tensor, actions: Tensor) -> Tensor:
         x = self.action_layer(actions).add_(self.obs_layer(obs))  # broadcast: [N, M, H] or [B, H]
-        return self.head(self.body(self.activation(self.norm(x)))).squeeze(-1)  # [N, M] or [B]
+        return self.head(self.body(self.activation(self.norm(x)))).squeeze(-1).float()  # [N, M] or [B], float32
 
 
 class LatentModel(nn.Module):
@@ -309,8 +312,8 @@ class LatentModel(nn.Module):
     def predict(self, states: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Next latent, reward and termination logit of (s, a), actions clipped as executed: [n, L], [n], [n]."""
         inputs = torch.cat([states, actions.clamp(-1.0, 1.0)], -1)
-        reward, logit = self.reward(inputs).unbind(-1)
-        return states + self.transition(inputs), reward, logit
+        reward, logit = self.reward(inputs).float().unbind(-1)  # float32 even under --bf16
+        return states + self.transition(inputs).float(), reward, logit
 
     def step(self, states: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         next_states, reward, logit = self.predict(states, actions)
@@ -452,13 +455,14 @@ def search(
         uniform = uniforms[rollout - 1][:, trees] if uniforms is not None else 1.0 - np.random.random(shape)
         gumbel = -np.log(-np.log(uniform))  # [K-1, n, M]
         base = trees * capacity  # the root's row of each tree searched
-        # forward rollout [TreePI Alg. 1]: descend through expanded, incomplete actions
-        row, leaf_slot = base.copy(), np.zeros(trees.size, dtype=np.int64)
+        # forward rollout [TreePI Alg. 1]: descend through expanded, incomplete actions; path: (trees, rows, actions)
+        row, leaf_slot, path = base.copy(), np.zeros(trees.size, dtype=np.int64), []
         down = np.arange(trees.size)  # trees still descending
         for level in range(depth - 1):  # a depth K-1 node is complete: never descended into
             at = row[down]
             logits = np.where(complete[at], -np.inf, q_hat[at] / temperature + gumbel[level, down])
             chosen = logits.argmax(1)  # [eq. 4] a ~ Categorical(softmax(Q-hat / alpha))
+            path.append((down, at, chosen))
             child = children[at, chosen]
             leaf_slot[down] = chosen
             go_on = child >= 0
@@ -479,18 +483,16 @@ def search(
         node_depth[new_row] = node_depth[row] + 1
         complete[new_row] = ((node_depth[new_row] == depth - 1) | (cont == 0))[:, None]
         size[trees] += 1
-        # soft backup to the root [TreePI Alg. 1]
-        row, up = new_row, np.arange(trees.size)  # trees still climbing
-        while up.size:
-            at = row[up]
-            scaled = q_hat[at] / temperature  # V(s') = alpha log mean_k exp(Q-hat[s', a^k] / alpha), stably:
+        # soft backup to the root [TreePI Alg. 1] along the path, deepest level first; below: each tree's child row
+        below = new_row
+        for down, at, chosen in reversed(path):
+            child = below[down]
+            scaled = q_hat[child] / temperature  # V(s') = alpha log mean_k exp(Q-hat[s', a^k] / alpha), stably:
             peak = scaled.max(-1, keepdims=True)
             value = temperature * (peak + np.log(np.exp(scaled - peak).sum(-1, keepdims=True) / num_actions))[..., 0]
-            above = base[up] + parent[at]  # the parent's row
-            q_hat[above, slot[at]] = rewards[at] + discounts[at] * value  # Q-hat = r + gamma (1 - terminated) V(s')
-            complete[above, slot[at]] = complete[at].all(1)
-            row[up] = above
-            up = up[parent[at] > 0]
+            q_hat[at, chosen] = rewards[child] + discounts[child] * value  # Q-hat = r + gamma (1 - terminated) V(s')
+            complete[at, chosen] = complete[child].all(1)
+            below[down] = at
     nodes = (states, actions, q_hat, rewards, discounts, parent, slot, children, complete, node_depth)  # [B C, ...]
     return Tree(*(array.reshape(num_trees, capacity, *array.shape[1:]) for array in nodes), size)
 
@@ -504,15 +506,22 @@ def root_weights(tree: Tree, temperature: float) -> Tensor:
     return weights.to(device=tree.actions.device, dtype=torch.float32)
 
 
-def proposals(actor_target: GaussianActor, critic_target: Critic, features: Callable, num_samples: int) -> Callable:
+def proposals(
+    actor_target: GaussianActor, critic_target: Critic, features: Callable, num_samples: int, bf16: bool = False
+) -> Callable:
     """The search's `propose` from Alg. 1's inputs pi^(i) and Q' [TreePI Alg. 1]: node states [n, S] -> M actions a ~ pi^(i)
-    [n, M, A] and Q'(s, a) [n, M], the networks reading features(states) (latents, or the simulator's observations)."""
+    [n, M, A] and Q'(s, a) [n, M], the networks reading features(states) (latents, or the simulator's observations); bf16:
+    their matrix products in bfloat16 (torch.autocast), the actions sampled in float32."""
     device = actor_target.action_scale.device
+    precision = torch.autocast(device.type, torch.bfloat16, enabled=bf16)  # off: a no-op
 
     def propose(states: Tensor) -> tuple[Tensor, Tensor]:
         inputs = features(states).to(device)  # [n, L or O]
-        actions, _ = actor_target.candidates(actor_target(inputs), num_samples)  # [n, M, A]
-        return actions, critic_target(inputs.unsqueeze(1), actor_target.critic_input(actions))
+        with precision:
+            params = actor_target(inputs)
+        actions, _ = actor_target.candidates(params, num_samples)  # [n, M, A]
+        with precision:
+            return actions, critic_target(inputs.unsqueeze(1), actor_target.critic_input(actions))
 
     return propose
 
@@ -902,13 +911,15 @@ def train(args: Args) -> dict:
     critic_opt = torch.optim.Adam([*critic.parameters(), *(model.parameters() if learned else [])], lr=args.q_lr, fused=True)
     duals = [log_alpha_mean, log_alpha_cov] + ([log_eta] if log_eta is not None else [])
     dual_opt = torch.optim.Adam(duals, lr=args.dual_lr, fused=True)
-    propose = proposals(actor_target, critic_target, model.features, args.num_samples)
-    expand = model.step if learned else scaled(model.step, args.reward_scale)  # the learned model learns scaled rewards
+    propose = proposals(actor_target, critic_target, model.features, args.num_samples, args.bf16)
+    # the learned model learns scaled rewards; --bf16: its search passes under torch.autocast too (off, a no-op)
+    precision = torch.autocast(device.type, torch.bfloat16, enabled=args.bf16)
+    expand = precision(model.step) if learned else scaled(model.step, args.reward_scale)
 
-    @torch.no_grad()
     def plan(roots: Tensor) -> tuple[Tensor, Tensor]:  # the E-step [TreePI Alg. 1]: a search with pi^(i) and Q' per root
-        tree = search(roots, propose, expand, args.num_rollouts, args.depth, args.temperature, args.gamma)
-        return tree.actions[:, 0], root_weights(tree, args.temperature)
+        with torch.inference_mode():  # no_grad without autograd's version counters; clone: a tensor autograd may save
+            tree = search(roots, propose, expand, args.num_rollouts, args.depth, args.temperature, args.gamma)
+        return tree.actions[:, 0].clone(), root_weights(tree, args.temperature)
 
     acting = plan if args.act == "search" else None  # TreePI/search acts by searching, TreePI/pi with pi^(i)
     nets = (actor, actor_target, critic, critic_target, model, plan, (actor_opt, critic_opt, dual_opt))  # update's inputs

@@ -16,16 +16,20 @@ raw / search (1 = the search costs no more than what it calls).
     python benchmark/treepi_speed.py --roots 16 64 --flags="--num-rollouts 100 --model-sizes
         256 256 --policy-hidden-sizes 256 256 256 --critic-hidden-sizes 256 256 256"
 
-Measured with the defaults (M=20, K=10, N=32, 64-wide nets, one torch thread) on a 2-core VM at
-load ~7, 2026-11-22; B = 1 / 16 / 64 roots:
-    learned: 46 / 72 / 156 ms per search, 22 / 222 / 410 roots/s, 0.7k / 6.9k / 12.7k
-             transitions/s; network/search 0.59 / 0.65 / 0.66
-    true (HalfCheetah-v5): 42 / 136 / 251 ms, 24 / 118 / 255 roots/s, 0.7k / 3.6k / 7.9k
-             transitions/s; (mj_step + network)/search 0.41 / 0.48 / 0.70 (before the true
-             model's node states carried the solver warmstart and body positions)
-The rest is the tree's bookkeeping: a profile of B = 16 (learned) puts ~25% in search()'s own
-numpy work (Gumbel draws, descent, backup) and ~5% in log_mean_exp; the true model adds the
-numpy recomputation of observations and rewards.
+Measured with the defaults (M=20, K=10, N=32, 64-wide nets, one torch thread) on a 2-core VM
+shared with another job, 2026-12-06, interleaved with the previous revision (within noise of it);
+B = 1 / 16 / 64 roots:
+    learned: 16-19 / 28-30 / 57-58 ms per search, 53-65 / 540-580 / 1100 roots/s;
+             network/search 0.6-0.76 / 0.60-0.66 / 0.68-0.78
+    true (HalfCheetah-v5): 18 / 46 ms, 55 / 350 roots/s; (mj_step + network)/search 0.39 / 0.59
+The rest is the tree's bookkeeping, whose numpy calls per level of a descent and backup do not
+depend on B: a profile of training (Hopper-v5, trees ~8 levels deep once Q is trained) puts
+~35% of a search in search()'s own numpy work and ~60% in the network calls (ELU ~25% of
+those, the linear layers ~25%); the true model adds the saved-state copies and the numpy
+recomputation of observations and rewards.
+--bf16 (interleaved with float32): with the paper's 256-wide networks a search of B = 16 / 64
+roots takes 0.89 / 0.84 of float32's time and B = 1 twice as long; with the 64-wide defaults
+bfloat16 is slower at every B (autocast's casts cost more than the smaller products save).
 """
 
 import argparse
@@ -75,12 +79,14 @@ def main() -> None:
     simulator = treepi.Simulator(cli.env) if cli.model == "true" else None
     latent = (obs_dim, action_dim, args.model_sizes, args.critic_hidden_sizes, args.activation, args.layer_norm)
     model = treepi.LatentModel(*latent).requires_grad_(False) if simulator is None else simulator
-    propose = treepi.proposals(actor, critic, model.features, args.num_samples)
+    propose = treepi.proposals(actor, critic, model.features, args.num_samples, args.bf16)
+    precision = torch.autocast("cpu", torch.bfloat16, enabled=args.bf16)  # --flags=--bf16: as treepi.train sets it
+    step = precision(model.step) if simulator is None else model.step
     n = args.num_rollouts
     print(
         f"{cli.model} model, {cli.env}, M={args.num_samples} K={args.depth} N={n}, "
         f"nets {args.policy_hidden_sizes}/{args.critic_hidden_sizes}/{args.model_sizes}, "
-        f"torch threads 1"
+        f"torch threads 1{', bf16' if args.bf16 else ''}"
     )
     for num_roots in cli.roots:
         # roots: states visited by random actions
@@ -98,7 +104,8 @@ def main() -> None:
         features = model.features(roots).float()
         actions = actor.candidates(actor(features), args.num_samples)[0]
 
-        @torch.no_grad()
+        @torch.inference_mode()  # as treepi.train runs its searches
+        @precision
         def networks():
             for i in range(n):
                 if simulator is None and i > 0:
@@ -106,9 +113,9 @@ def main() -> None:
                 sampled, _ = actor.candidates(actor(features), args.num_samples)
                 critic(features.unsqueeze(1), actor.critic_input(sampled))
 
-        @torch.no_grad()
+        @torch.inference_mode()  # as treepi.train runs its searches
         def search():
-            treepi.search(roots, propose, model.step, n, args.depth, args.temperature, args.gamma)
+            treepi.search(roots, propose, step, n, args.depth, args.temperature, args.gamma)
 
         results = {"search": [], "network": [], "mj_step": []}
         if simulator is not None:

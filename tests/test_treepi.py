@@ -249,6 +249,33 @@ def test_depth_one_gives_mpo_weights_without_model_calls():
     torch.testing.assert_close(tree.actions[:, 0], sampled["actions"])
 
 
+def test_bf16_search_passes_stay_within_bfloat16_precision_of_float32():
+    """--bf16: pi^(i), Q' and the latent model run under torch.autocast in the search, and return float32; with the same
+    seed they draw the same noise, so the actions, Q' and the model's outputs differ from the float32 passes only by
+    bfloat16's rounding (8 significant bits), and a search on them gives float32 weights that sum to one."""
+    args = small_args("/unused", model_sizes=(64, 64), policy_hidden_sizes=(64, 64), critic_hidden_sizes=(64, 64))
+    env = make_env(args.env)
+    torch.manual_seed(0)
+    nets = networks(args, env.observation_space.shape[0], env.action_space)
+    model, roots = nets["model"].requires_grad_(False), torch.randn(16, 64)
+    outputs = {}
+    for bf16 in (False, True):
+        propose = treepi.proposals(nets["actor_target"], nets["critic_target"], model.features, args.num_samples, bf16)
+        step = torch.autocast("cpu", torch.bfloat16, enabled=bf16)(model.step)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            actions, q = propose(roots)
+            outputs[bf16] = (actions, q, *step(roots, actions[:, 0]))
+    for exact, rounded in zip(outputs[False], outputs[True]):
+        assert rounded.dtype == exact.dtype == torch.float32
+        assert not torch.equal(rounded, exact)  # autocast is on
+        scale = exact.abs().max()
+        torch.testing.assert_close(rounded, exact, rtol=0, atol=0.05 * float(scale))
+    tree = search(roots, propose, step, 8, 3, 0.1, 0.99)
+    weights = root_weights(tree, 0.1)
+    assert weights.dtype == torch.float32 and torch.allclose(weights.sum(1), torch.ones(16))
+
+
 def test_unbiased_in_exp_space_with_gamma_one_and_temperature_one():
     """[TreePI App. A.2] gamma = alpha (the temperature) = 1, deterministic f: E[exp Q-hat^K(s, a)] =
     exp Q*^K(s, a). Problem: pi = N(0, sigma^2), f(s, a) = s + a, r(s, a) = c (s + a),
