@@ -4,7 +4,7 @@ Times K updates of each variant in turn (A B C A B C ...), each on a replay of r
 defaults, and prints the median time per update and its ratio to sac.py's update_critic + update_actor. A variant is
 NAME=PATH[:flag,flag] (PATH a copy of mpo.py, e.g. from `git show main:mpo.py > /tmp/mpo_main.py`).
 
-    python benchmark/mpo_speed.py mpo=mpo.py mpo_bf16=mpo.py:bf16 mpo_diag=mpo.py:no_full_covariance main=/tmp/mpo_main.py
+    python benchmark/mpo_speed.py mpo=mpo.py mpo_bf16=mpo.py:bf16 mpo_full=mpo.py:full_covariance main=/tmp/mpo_main.py
 """
 
 import importlib.util
@@ -30,7 +30,7 @@ def load(path: str, name: str):
 
 def mpo_step(path: str, name: str, flags: list[str]):
     mpo = load(path, name)
-    args = mpo.Args(**{flag.removeprefix("no_"): not flag.startswith("no_") for flag in flags})  # bf16, no_full_covariance
+    args = mpo.Args(**{flag.removeprefix("no_"): not flag.startswith("no_") for flag in flags})  # e.g. bf16, full_covariance
     space = gym.spaces.Box(-1.0, 1.0, (ACT,), np.float32)
     actor, actor_target = (
         mpo.GaussianActor(OBS, space, args.policy_hidden_sizes, args.activation, False, args.full_covariance) for _ in range(2)

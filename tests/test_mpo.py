@@ -618,11 +618,11 @@ def event_files(run_dir: str) -> list[str]:
     "env, extra",
     [
         ("Pendulum-v1", {}),
-        ("Pendulum-v1", {"full_covariance": False, "bf16": True}),
+        ("Pendulum-v1", {"full_covariance": True, "bf16": True}),
         ("CartPole-v1", {}),
-        ("Hopper-v5", {}),  # MuJoCo: 3-D actions, early terminations
+        ("Hopper-v5", {"full_covariance": True}),  # MuJoCo: 3-D actions, early terminations
     ],
-    ids=["continuous", "diagonal-bf16", "discrete", "mujoco"],
+    ids=["continuous", "full-covariance-bf16", "discrete", "mujoco"],
 )
 def test_short_run_updates_logs_and_saves_a_model_that_reloads(env, extra, log_dir, capsys):
     """train() does gradient steps, writes tensorboard events and model.pt, and the saved model,
