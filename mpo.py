@@ -13,17 +13,18 @@ References:
 
 Algorithm (one environment step; the function that does each line in brackets):
     1. Act a ~ pi(.|s), execute a clipped to the env's bounds; store (s, a, log b(a|s), r, s', terminated, ended) per env
-       in time order, b = pi at acting time; sample B snippets of T steps within one episode          [SnippetReplay]
-    2. Retrace target (eq. 13) from the targets pi', Q': Q_ret = Q'(s_0, a_0) + sum_j gamma^j (prod_{k=1..j} c_k) [r_j +
-       gamma V'(s_{j+1}) - Q'(s_j, a_j)], c_k = lambda min(1, pi'(a_k|s_k) / b(a_k|s_k)), V' = E_pi' Q'   [retrace_target]
-    3. E-step (eq. 7-9): M actions a_j ~ pi'(.|s) (all, weighted by pi', if discrete), weights q_j = softmax_j(Q'(s, a_j) /
-       eta), the dual g(eta) = eta eps + eta mean_s log mean_j exp(Q'(s, a_j) / eta)   [temperature_dual, e_step_weights]
+       in time order, b = pi at acting time; sample ceil(B / T) snippets of T steps within one episode [SnippetReplay]
+    2. Retrace target (eq. 13) of every step t from the targets pi', Q': Q_ret(t) = Q'(s_t, a_t) + sum_{j>=t} gamma^(j-t)
+       (prod_{k=t+1..j} c_k) [r_j + gamma V'(s_{j+1}) - Q'(s_j, a_j)], c_k = lambda min(1, pi'(a_k|s_k) / b(a_k|s_k)),
+       V'(s) = mean_j Q'(s, a_j) on the samples of line 3                                                [retrace_target]
+    3. E-step (eq. 7-9) at every s_t: M actions a_j ~ pi'(.|s_t) (all, weighted by pi', if discrete), q_j = softmax_j(
+       Q'(s, a_j) / eta), g(eta) = eta eps + eta mean_s log mean_j exp(Q'(s, a_j) / eta)   [temperature_dual, e_step_weights]
     4. M-step (eq. 10-12, App. D): L_pi = -mean_s sum_j q_j log pi(a_j|s) + alpha_mean C_mean + alpha_cov C_cov, with
        KL(pi' || pi) = C_mean + C_cov                                                  [gaussian_kl_decoupled, kl_penalty]
-    5. One step on (Q(s_0, a_0) - Q_ret)^2 / 2 + g(eta) + L_pi and each alpha (eps - C), one backward pass         [update]
+    5. One step on (Q(s_t, a_t) - Q_ret(t))^2 / 2 + g(eta) + L_pi + each alpha (eps - C), means over all valid t  [update]
     6. Every `target_network_frequency` gradient steps: pi' <- pi, Q' <- Q                       [MPO Alg. 2, line 25]
 
-Shapes: B batch (snippets, states), T snippet length, M candidate actions per state (all n if discrete), O obs, A action.
+Shapes: B batch ((s_t, a_t) pairs), T snippet length, M candidate actions per state (all n if discrete), O obs, A action.
 
 Deviations from the paper:
     - eta, alpha_mean, alpha_cov = softplus(log_eta, log_alpha_*) + 1e-8 (ACME's form and names), Adam at --dual-lr (paper: not
@@ -31,11 +32,17 @@ Deviations from the paper:
       executes (ACME), the replay and log b(a|s) the unclipped sample; a discrete one goes one-hot (paper: a DQN torso).
     - Left open by the paper: T = 5, M = 20 (ACME), B = 256 ([TreePI] Table 2), ReLU (ACME, [TreePI]: ELU); no warm-up.
       One update per env step (per env), as sac.py (Alg. 2: 1000 gradient steps per batch of trajectories, then target copy).
+    - Every valid step t of a snippet trains Q, the E-step and the M-step (eq. 13's loss is over all (s_t, a_t) drawn; ACME:
+      every step), ceil(B / T) snippets keeping B pairs; one sample set per state serves V' and the E-step (Alg. 2, l. 11: M
+      actions "for estimating integrals"): 4-5x fewer Q' evaluations than step 0 alone with two sample sets.
+    - A diagonal covariance unless --full-covariance (App. D: a full Cholesky factor). Not for speed (3% per update here):
+      at 10k steps on Walker2d-v5 the full one learned less (3 seeds; README).
     - Retrace and the E-step use pi' (the paper's pi(a|s, theta_i)), as ACME does; C_mean uses the online covariance, as
       eq. 27 has it, so C_mean + C_cov = KL(pi' || pi) exactly (ACME: the target covariance in C_mean).
 """
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal, NamedTuple
 
 import gymnasium as gym
@@ -68,7 +75,7 @@ class Args:
     buffer_size: int = 1_000_000
     """Replay buffer capacity in transitions."""
     batch_size: int = 256
-    """Snippets per critic step and states per E/M-step (paper: not given; [TreePI] Table 2)."""
+    """(s_t, a_t) pairs per step: ceil(B / T) snippets of T steps (paper: not given; [TreePI] Table 2)."""
     learning_starts: int = 5_000
     """Env steps (acting with the initial policy) before gradient steps begin."""
     retrace_steps: int = 5
@@ -94,6 +101,8 @@ class Args:
     """Bound epsilon_Sigma on the covariance part of KL(pi' || pi) [MPO Table 2: 1e-4]."""
     dual_lr: float = 1e-2
     """Adam learning rate of the dual parameters log_eta, log_alpha_* (paper: not given; ACME)."""
+    bf16: bool = False
+    """Updates' matrix products in bfloat16 (weights, Q, log pi, losses, Adam stay float32); paper: float32."""
     eta_init: float = 1.0
     """Initial temperature eta (ACME: 10)."""
     alpha_mean_init: float = 1.0
@@ -150,7 +159,8 @@ def algorithm_checks(args: Args) -> list[tuple[bool, str]]:
 
 
 # == 2. Networks ===========================================================================================
-ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh}
+# in place where torch offers it: no fresh activation tensor, whose first touch page-faults on a CPU (same numbers)
+ACTIVATIONS = {"relu": partial(nn.ReLU, inplace=True), "elu": partial(nn.ELU, inplace=True), "tanh": nn.Tanh}
 SCALE_MIN = 1e-6  # added to the softplus'd Cholesky diagonal: a numerical guard (ACME's value)
 
 
@@ -190,7 +200,12 @@ class GaussianActor(nn.Module):
         self.register_buffer("action_bias", (high + low) / 2)
 
     def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
-        mean, raw = self.head(self.trunk(obs)).split([self.action_dim, self.head.out_features - self.action_dim], dim=-1)
+        # the weights' dtype (float32) under --bf16 too: samples, log-probabilities and KLs in float32
+        mean, raw = (
+            self.head(self.trunk(obs))
+            .to(self.head.weight.dtype)
+            .split([self.action_dim, self.head.out_features - self.action_dim], dim=-1)
+        )
         if not self.full_covariance:
             return mean, torch.diag_embed(F.softplus(raw) + SCALE_MIN)  # [B, A], [B, A, A]
         rows, cols = torch.tril_indices(self.action_dim, self.action_dim, device=obs.device)
@@ -208,7 +223,8 @@ class GaussianActor(nn.Module):
         """M actions a_j ~ pi(.|s) [B, M, A] with prior weights log(1/M) [B, M]: the E-step's integral [MPO Alg. 2, l. 11]."""
         mean, scale_tril = params
         noise = torch.randn(*mean.shape[:-1], num_samples, self.action_dim, device=mean.device)
-        actions = mean.unsqueeze(-2) + noise @ scale_tril.transpose(-2, -1)  # a = mean + L noise
+        with torch.autocast(mean.device.type, enabled=False):  # float32 samples under --bf16
+            actions = mean.unsqueeze(-2) + noise @ scale_tril.transpose(-2, -1)  # a = mean + L noise
         return actions, torch.full(actions.shape[:-1], -float(np.log(num_samples)), device=mean.device)
 
     def log_prob(self, params: tuple[Tensor, Tensor], actions: Tensor) -> Tensor:
@@ -244,7 +260,7 @@ class CategoricalActor(nn.Module):
         self.head = nn.Linear(hidden_sizes[-1], self.num_actions)
 
     def forward(self, obs: Tensor) -> Tensor:
-        return self.head(self.trunk(obs))  # [B, n]
+        return self.head(self.trunk(obs)).to(self.head.weight.dtype)  # [B, n], the weights' dtype under --bf16 too
 
     def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         logits = self(obs)
@@ -268,7 +284,7 @@ class CategoricalActor(nn.Module):
         return -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)  # [B]
 
     def critic_input(self, actions: Tensor) -> Tensor:
-        return F.one_hot(actions[..., 0].long(), self.num_actions).float()  # one-hot [..., n] from indices [..., 1]
+        return F.one_hot(actions[..., 0].long(), self.num_actions).to(actions.dtype)  # one-hot [..., n] from indices [..., 1]
 
     def env_action(self, actions: Tensor) -> Tensor:
         return actions[..., 0].long()
@@ -296,7 +312,9 @@ class Critic(nn.Module):
 
     def forward(self, obs: Tensor, actions: Tensor) -> Tensor:
         x = self.action_layer(actions).add_(self.obs_layer(obs))  # broadcast: [N, M, H] or [B, H]
-        return self.head(self.body(self.activation(self.norm(x)))).squeeze(-1)  # [N, M] or [B]
+        return (
+            self.head(self.body(self.activation(self.norm(x)))).to(self.head.weight.dtype).squeeze(-1)
+        )  # [N, M] or [B], float32
 
 
 # == 3. Storage ============================================================================================
@@ -423,6 +441,11 @@ def kl_penalty(kl: Tensor, alpha: Tensor, epsilon: float) -> tuple[Tensor, Tenso
     return alpha.detach() * kl, alpha * (epsilon - kl.detach())
 
 
+def take(params: Tensor | tuple[Tensor, Tensor], index: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+    """The rows `index` of a policy's params: the logits [N, n] or the pair (mean [N, A], scale_tril [N, A, A])."""
+    return tuple(x[index] for x in params) if isinstance(params, tuple) else params[index]
+
+
 def retrace_target(
     rewards: Tensor, terminated: Tensor, valid: Tensor, q_taken: Tensor, next_v: Tensor, traces: Tensor, gamma: float
 ) -> Tensor:
@@ -441,7 +464,7 @@ def retrace_target(
 
 
 # == 5. Updates ============================================================================================
-VALUE_CHUNK = 64  # states per target-critic call for V' on a CPU (64 states x M = 20 actions is fast)
+VALUE_CHUNK = 64  # states per target-critic call on a CPU (64 states x M = 20 actions is fast)
 
 
 def update(
@@ -456,36 +479,42 @@ def update(
     batch: Batch,
     args: Args,
 ) -> dict[str, Tensor]:
-    """One step on (Q(s_0, a_0) - Q_ret)^2 / 2 [MPO Sec. 4], g(eta), the policy's weighted likelihood plus KL penalties and
-    alpha (epsilon - C) on the snippets' first states [MPO Alg. 2, lines 15-20], one backward pass; then clamp the duals."""
-    first_obs = batch.obs[:, 0]  # s_0 of each snippet [B, O]
+    """One step on (Q(s_t, a_t) - Q_ret)^2 / 2 [MPO Sec. 4, eq. 13], g(eta), the policy's weighted likelihood plus KL
+    penalties and alpha (epsilon - C) [MPO Alg. 2, lines 15-20] on every valid step t of the snippets, one backward pass;
+    then clamp the duals."""
+    # s_0 .. s_T of each snippet: s_{t+1} = s'_t, the stored s_{t+1} wherever step t + 1 is valid [B (T + 1), O]
+    states = torch.cat([batch.obs[:, :1], batch.next_obs], dim=1).flatten(0, 1)
+    rows = torch.arange(len(states), device=states.device).view(len(batch.obs), -1)[:, :-1].flatten()  # s_t's rows [B T]
+    valid = batch.valid.flatten().bool()  # [B T]
+    stored = batch.actions.flatten(0, 1)  # a_t [B T, A]
     with torch.no_grad():
-        obs, next_obs, stored = (x.flatten(0, 1) for x in (batch.obs, batch.next_obs, batch.actions))  # [B T, O or A]
-        # [MPO eq. 13] c_k = lambda min(1, pi'(a_k|s_k) / b(a_k|s_k)) [B, T], b stored when acting; pi' as in the E-step (ACME)
-        log_pi = actor_target.log_prob(actor_target(obs), stored.unsqueeze(1))  # [B T, 1]
-        traces = args.retrace_lambda * (log_pi.view_as(batch.rewards) - batch.behaviour_log_prob).clamp(max=0.0).exp()
-        # V'(s') = E_{a ~ pi'} Q'(s', a): M samples, or all actions weighted by pi'; in chunks on a CPU (page faults)
-        next_v = []
-        for next_obs_chunk in next_obs.split(VALUE_CHUNK if next_obs.device.type == "cpu" else len(next_obs)):  # [chunk, O]
-            next_actions, log_prior = actor_target.candidates(actor_target(next_obs_chunk), args.num_samples)  # [chunk, M, A]
-            next_q = critic_target(next_obs_chunk.unsqueeze(1), actor_target.critic_input(next_actions))  # [chunk, M]
-            next_v.append((log_prior.exp() * next_q).sum(-1))
-        next_v = torch.cat(next_v).view_as(batch.rewards)  # [B, T]
-        q_taken = critic_target(obs, actor_target.critic_input(stored)).view_as(batch.rewards)
-        target = retrace_target(batch.rewards, batch.terminated, batch.valid, q_taken, next_v, traces, args.gamma)[:, 0]
-        params_old = actor_target(first_obs)
-        actions, log_prior = actor_target.candidates(params_old, args.num_samples)  # the E-step's a_j ~ pi'(.|s_0) [B, M, A]
-        q_candidates = critic_target(first_obs.unsqueeze(1), actor_target.critic_input(actions))  # [B, M]
-    q = critic(first_obs, actor_target.critic_input(batch.actions[:, 0]))  # [B]
-    q_loss = 0.5 * (q - target).pow(2).mean()  # [MPO Sec. 4] squared loss to Q_ret
+        params_old = actor_target(states)  # pi'(.|s) [B (T + 1), ...]
+        # [MPO Alg. 2, l. 11] one sample set a_j ~ pi'(.|s) per state (all actions, weighted by pi', if discrete) serves both
+        # integrals: V'(s_t) = E_pi' Q'(s_t, .) of Retrace and the E-step at s_t; Q' in chunks on a CPU (page faults)
+        actions, log_prior = actor_target.candidates(params_old, args.num_samples)  # [B (T + 1), M, A], [B (T + 1), M]
+        chunk = VALUE_CHUNK if states.device.type == "cpu" else len(states)
+        pieces = zip(states.unsqueeze(1).split(chunk), actor_target.critic_input(actions).split(chunk))
+        q_candidates = torch.cat([critic_target(*piece) for piece in pieces])  # Q'(s, a_j) [B (T + 1), M]
+        next_v = (log_prior.exp() * q_candidates).sum(-1)[rows + 1].view_as(batch.rewards)  # V'(s'_t) [B, T]
+        # [MPO eq. 13] c_t = lambda min(1, pi'(a_t|s_t) / b(a_t|s_t)) [B, T], b stored when acting; pi' as in the E-step (ACME)
+        log_pi = actor_target.log_prob(take(params_old, rows), stored.unsqueeze(1)).view_as(batch.rewards)
+        traces = args.retrace_lambda * (log_pi - batch.behaviour_log_prob).clamp(max=0.0).exp()
+        q_taken = critic_target(states[rows], actor_target.critic_input(stored)).view_as(batch.rewards)
+        target = retrace_target(batch.rewards, batch.terminated, batch.valid, q_taken, next_v, traces, args.gamma)
+    # every valid step t trains the critic, the E-step and the M-step [MPO eq. 13; ACME]: N pairs (s_t, a_t), their samples
+    train_rows = rows[valid]  # [N]
+    obs, params_old = states[train_rows], take(params_old, train_rows)  # s_t [N, O], pi'(.|s_t)
+    actions, log_prior, q_candidates = actions[train_rows], log_prior[train_rows], q_candidates[train_rows]  # [N, M, ...]
+    q = critic(obs, actor_target.critic_input(stored[valid]))  # [N]
+    q_loss = 0.5 * (q - target.flatten()[valid]).pow(2).mean()  # [MPO Sec. 4] squared loss to Q_ret
     # E-step [MPO eq. 8-9]: eta steps on the dual, the weights use its current value (alpha_*: the M-step's)
     eta, alpha_mean, alpha_cov = (dual_variable(x) for x in (log_eta, log_alpha_mean, log_alpha_cov))
     eta_loss = temperature_dual(eta, q_candidates, log_prior, args.epsilon)
-    weights = e_step_weights(q_candidates, eta.detach(), log_prior)  # [B, M]
+    weights = e_step_weights(q_candidates, eta.detach(), log_prior)  # [N, M]
     # M-step [MPO eq. 10, 12]: weighted maximum likelihood of the candidates under the decoupled KL bounds [MPO App. D.3]
-    params = actor(first_obs)
+    params = actor(obs)
     policy_loss = -(weights * actor.log_prob(params, actions)).sum(-1).mean()
-    kl_mean, kl_cov = actor.kl_terms(params_old, params)  # [B] each; no kl_cov when discrete
+    kl_mean, kl_cov = actor.kl_terms(params_old, params)  # [N] each; no kl_cov when discrete
     penalty, alpha_loss = kl_penalty(kl_mean, alpha_mean, args.epsilon_mean)
     metrics = {"stats/kl_mean": kl_mean.detach().mean(), "stats/alpha_mean": alpha_mean.detach()}
     if kl_cov is not None:
@@ -503,7 +532,7 @@ def update(
             parameter.clamp_(min=LOG_DUAL_MIN)
     metrics.update({"losses/q": q_loss.detach(), "losses/policy": policy_loss.detach(), "losses/dual": dual_loss.detach()})
     metrics.update({"stats/q_mean": q.detach().mean(), "stats/eta": eta.detach()})
-    metrics["stats/trace"] = (traces * batch.valid).sum() / batch.valid.sum()
+    metrics["stats/trace"] = traces.flatten()[valid].mean()
     metrics["stats/kl_q"] = (torch.xlogy(weights, weights) - weights * log_prior).sum(-1).mean()  # KL(q || pi')
     metrics["stats/entropy"] = actor.entropy(params).detach().mean()
     return metrics
@@ -536,6 +565,8 @@ def train(args: Args) -> dict:
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.q_lr, fused=True)
     dual_opt = torch.optim.Adam([log_eta, log_alpha_mean, log_alpha_cov], lr=args.dual_lr, fused=True)
     nets = (actor, actor_target, critic, critic_target, (actor_opt, critic_opt, dual_opt))  # update's inputs
+    # --bf16: the update under torch.autocast (bfloat16 matrix products); off, a no-op
+    update_step = torch.autocast(device.type, torch.bfloat16, enabled=args.bf16)(update)
     # -- storage
     replay = SnippetReplay(args.buffer_size, args.num_envs, obs_dim, actor.action_dim, args.retrace_steps, device)
     # -- run: directory, logging, evaluation, saving, resume (below the fence)
@@ -563,8 +594,8 @@ def train(args: Args) -> dict:
         # update: one critic step, E-step and M-step per environment step
         if global_step >= args.learning_starts:
             for _ in range(args.num_envs):
-                batch = replay.sample(args.batch_size)
-                run.add_metrics(update(*nets, log_eta, log_alpha_mean, log_alpha_cov, batch, args))
+                batch = replay.sample(-(-args.batch_size // args.retrace_steps))  # ceil(B / T) snippets, >= B pairs
+                run.add_metrics(update_step(*nets, log_eta, log_alpha_mean, log_alpha_cov, batch, args))
                 num_updates += 1
                 if num_updates % args.target_network_frequency == 0:  # [MPO Alg. 2, line 25] pi' <- pi (the M-step's), Q' <- Q
                     actor_target.load_state_dict(actor.state_dict())

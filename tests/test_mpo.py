@@ -347,13 +347,16 @@ def test_gaussian_e_and_m_step_match_an_independent_lagrangian(diagonal):
     epsilon, epsilon_mean, epsilon_cov = 0.1, 0.05, 1e-3
     space = gym.spaces.Box(-1.0, 1.0, (dim,), np.float32)
     policy = (2, space, (4,), "relu", False, not diagonal)
-    fixed = torch.randn(num_states, num_samples, dim, dtype=torch.float64)
+    # the samples of pi' at s_0 and at s'_0 of each one-step snippet, in update's order (s_0, s'_0 per snippet)
+    fixed = torch.randn(num_states, 2, num_samples, dim, dtype=torch.float64)
 
     class FixedCandidates(GaussianActor):
         """pi' whose M 'samples' are the fixed actions, so the test knows them."""
 
         def candidates(self, params, num_samples):
-            return fixed, torch.full(fixed.shape[:-1], -math.log(num_samples), dtype=fixed.dtype)
+            assert len(params[0]) == 2 * num_states
+            flat = fixed.flatten(0, 1)
+            return flat, torch.full(flat.shape[:-1], -math.log(num_samples), dtype=fixed.dtype)
 
     actor = GaussianActor(*policy).double()
     actor_target = FixedCandidates(*policy).double().requires_grad_(False)
@@ -363,7 +366,8 @@ def test_gaussian_e_and_m_step_match_an_independent_lagrangian(diagonal):
     def critic_target(obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         return -3.0 * (actions - 0.3).pow(2).sum(-1)  # [B, M] from clipped actions [B, M, A]
 
-    q = critic_target(None, fixed.clamp(-1, 1)).numpy()
+    q, q_next = critic_target(None, fixed.clamp(-1, 1)).unbind(1)  # the E-step's at s_0, V''s at s'_0 [B, M] each
+    q = q.numpy()
     # independent E-step: weights and the dual's slope g'(eta) = eps + mean_s (log Z - E_q Q/eta)
     log_z = np.log(np.mean(np.exp(q / eta), axis=1))
     w = np.exp(q / eta - log_z[:, None]) / num_samples
@@ -374,7 +378,7 @@ def test_gaussian_e_and_m_step_match_an_independent_lagrangian(diagonal):
         mean_old, tril_old = actor_target(obs)
     mean, tril = before(obs)
     sigma = tril @ tril.transpose(-2, -1)
-    log_lik = mvn(mean.unsqueeze(1), scale_tril=tril.unsqueeze(1)).log_prob(fixed)  # [B, M]
+    log_lik = mvn(mean.unsqueeze(1), scale_tril=tril.unsqueeze(1)).log_prob(fixed[:, 0])  # [B, M]
     diff = (mean - mean_old).unsqueeze(-1)
     c_mean = 0.5 * (diff.transpose(-2, -1) @ torch.linalg.inv(sigma) @ diff).flatten()
     c_cov = torch.distributions.kl_divergence(mvn(mean_old, scale_tril=tril_old), mvn(mean_old, scale_tril=tril))
@@ -403,8 +407,143 @@ def test_gaussian_e_and_m_step_match_an_independent_lagrangian(diagonal):
     assert log_alpha_mean.item() == pytest.approx(expected, rel=1e-9)
     expected = x[2] - lr * sigmoid(x[2]) * (epsilon_cov - c_cov)
     assert log_alpha_cov.item() == pytest.approx(expected, rel=1e-9)
-    target = rewards + args.gamma * torch.tensor(q.mean(1))  # V'(s) = mean_j Q'(s, a_j) over the fixed samples of pi'
+    target = rewards + args.gamma * q_next.mean(1)  # V'(s') = mean_j Q'(s', a_j) over the fixed samples of pi' at s'
     assert_critic_step(critic, before_critic, obs, stored.clamp(-1, 1), target, lr)
+
+
+# -- Every step of the snippets trains, one sample set per state -----------------------------
+@pytest.mark.parametrize("policy", ["gaussian", "categorical"])
+def test_all_steps_update_matches_a_per_step_loop(policy):
+    """One update (plain SGD) on snippets of T = 3 steps with early ends, against the same step
+    computed by plain per-step loops: pi' evaluated state by state, the trace
+    c_t = lambda min(1, pi'(a_t|s_t) / b(a_t|s_t)) and the Retrace target by the backward recursion
+    Q_ret(t) = r_t + gamma (1 - term_t) [V'(s'_t) + c_{t+1} (Q_ret(t+1) - Q'(s_{t+1}, a_{t+1}))];
+    the loss the mean over every valid step t of (Q(s_t, a_t) - Q_ret(t))^2 / 2 - sum_j q_j log pi(a_j|s_t)
+    + alpha_mean C_mean + alpha_cov C_cov (torch.distributions); the duals' closed-form slopes. A Gaussian pi'
+    has fixed samples per state s_0 .. s_T of each snippet: those at s_t serve both V'(s'_{t-1}) and the
+    E-step at s_t [MPO Alg. 2, l. 11]; a categorical pi' enumerates its actions."""
+    gen = torch.Generator().manual_seed(11)
+    num_snippets, steps, obs_dim, num_samples, lr, gamma, lam = 4, 3, 2, 5, 0.1, 0.9, 0.8
+    eta, alpha_mean, alpha_cov, epsilon, epsilon_mean, epsilon_cov = 0.8, 3.0, 50.0, 0.1, 0.05, 1e-3
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    w_obs = rand(obs_dim)
+    if policy == "gaussian":
+        dim = 2
+        space = gym.spaces.Box(-1.0, 1.0, (dim,), np.float32)
+        fixed = rand(num_snippets, steps + 1, num_samples, dim)  # pi''s samples at s_0 .. s_T of each snippet
+
+        class Policy(GaussianActor):
+            def candidates(self, params, m):
+                assert len(params[0]) == num_snippets * (steps + 1)
+                flat = fixed.flatten(0, 1)
+                return flat, torch.full(flat.shape[:-1], -math.log(m), dtype=flat.dtype)
+
+        actor, actor_target = GaussianActor(2, space, (4,), "relu", False, True), Policy(2, space, (4,), "relu", False, True)
+        stored = 1.5 * rand(num_snippets, steps, dim)  # some outside [-1, 1]: the critic sees them clipped
+
+        def critic_target(obs, critic_actions):
+            return -3.0 * (critic_actions - 0.3).pow(2).sum(-1) + (obs * w_obs).sum(-1)
+
+        def candidate_values(b, t, state):  # (actions [M, A], their log prior, Q' [M]) at state s_t of snippet b
+            a = fixed[b, t]
+            return a, torch.full((num_samples,), -math.log(num_samples), dtype=a.dtype), critic_target(state, a.clamp(-1, 1))
+
+        def distribution(params):
+            return torch.distributions.MultivariateNormal(params[0][0], scale_tril=params[1][0])
+
+    else:
+        dim, table = 1, rand(3)
+        space = gym.spaces.Discrete(3)
+        actor, actor_target = CategoricalActor(2, space, (4,), "relu", False), CategoricalActor(2, space, (4,), "relu", False)
+        stored = torch.randint(0, 3, (num_snippets, steps, 1), generator=gen).double()
+
+        def critic_target(obs, one_hot):
+            return (one_hot * table).sum(-1) + (obs * w_obs).sum(-1)
+
+        def candidate_values(b, t, state):
+            a = torch.arange(3, dtype=torch.float64).unsqueeze(-1)
+            return a, actor_target(state[None])[0].log_softmax(-1), table + (state * w_obs).sum()
+
+        def distribution(params):
+            return torch.distributions.Categorical(logits=params[0])
+
+    actor, actor_target = actor.double(), actor_target.double().requires_grad_(False)
+    critic = Critic(2, actor.critic_action_dim, (4,), "relu", False).double()
+    before_actor, before_critic = copy.deepcopy(actor), copy.deepcopy(critic)
+    # snippets as SnippetReplay returns them: s_{t+1} = s'_t while valid, anything after the end
+    lengths, terminated = torch.tensor([3, 1, 2, 3]), torch.zeros(num_snippets, steps, dtype=torch.float64)
+    terminated[1, 0] = terminated[3, 2] = 1.0
+    valid = (torch.arange(steps) < lengths.unsqueeze(1)).double()
+    next_obs, obs = rand(num_snippets, steps, obs_dim), rand(num_snippets, steps, obs_dim)
+    obs[:, 1:] = torch.where(valid[:, 1:, None].bool(), next_obs[:, :-1], obs[:, 1:])
+    with torch.no_grad():
+        log_pi = [[distribution(actor_target(obs[b, t][None])).log_prob(stored[b, t] if dim > 1 else stored[b, t, 0]).item()
+                   for t in range(steps)] for b in range(num_snippets)]  # fmt: skip
+    behaviour = torch.tensor(log_pi) + 0.5 * rand(num_snippets, steps)  # pi / b on both sides of 1
+    rewards = rand(num_snippets, steps)
+    batch = Batch(obs, stored, behaviour, rewards, next_obs, terminated, valid)
+
+    # the per-step loops
+    def q_target(state, action):  # Q'(s, a) of a stored action
+        return critic_target(state, actor.critic_input(action[None]))[0]
+
+    loss, pairs, slopes, kls = 0.0, 0, [], [[], []]
+    for b in range(num_snippets):
+        length, q_ret = int(lengths[b]), [0.0] * steps
+        for t in reversed(range(length)):
+            with torch.no_grad():
+                _, log_prior, q_next = candidate_values(b, t + 1, next_obs[b, t])
+                bootstrap = (log_prior.exp() * q_next).sum()  # V'(s'_t)
+                if t + 1 < length:
+                    trace = lam * min(1.0, math.exp(log_pi[b][t + 1] - behaviour[b, t + 1].item()))
+                    bootstrap = bootstrap + trace * (q_ret[t + 1] - q_target(obs[b, t + 1], stored[b, t + 1]))
+                q_ret[t] = rewards[b, t] + gamma * (1 - terminated[b, t]) * bootstrap
+        for t in range(length):
+            state = obs[b, t]
+            q = before_critic(state[None], actor.critic_input(stored[b, t][None]))[0]
+            with torch.no_grad():
+                actions, log_prior, q_candidates = candidate_values(b, t, state)
+                log_z = torch.logsumexp(q_candidates / eta + log_prior, 0)
+                weights = (q_candidates / eta + log_prior - log_z).exp()
+                slopes.append(epsilon + log_z - (weights * q_candidates).sum() / eta)
+                old = distribution(actor_target(state[None]))
+            new = distribution(before_actor(state[None]))
+            log_lik = new.log_prob(actions if dim > 1 else actions[:, 0])
+            loss = loss + 0.5 * (q - q_ret[t]).pow(2) - (weights * log_lik).sum()
+            if dim > 1:  # C_mean with the online covariance, C_cov with the old mean [MPO eq. 27]
+                diff = new.mean - old.mean
+                kls[0].append(0.5 * diff @ torch.linalg.solve(new.covariance_matrix, diff))
+                kls[1].append(torch.distributions.kl_divergence(old, type(new)(old.mean, scale_tril=new.scale_tril)))
+            else:
+                kls[0].append(torch.distributions.kl_divergence(old, new))
+            pairs += 1
+    c_mean = torch.stack(kls[0]).mean()
+    loss = loss / pairs + alpha_mean * c_mean
+    if dim > 1:
+        c_cov = torch.stack(kls[1]).mean()
+        loss = loss + alpha_cov * c_cov
+    params = [*before_actor.parameters(), *before_critic.parameters()]
+    grads = torch.autograd.grad(loss, params)
+
+    def dual_param(value: float) -> torch.Tensor:
+        return torch.tensor(inverse_softplus(value - 1e-8), dtype=torch.float64, requires_grad=True)
+
+    duals = [dual_param(x) for x in (eta, alpha_mean, alpha_cov)]
+    x = [p.item() for p in duals]
+    optimizers = [torch.optim.SGD(p, lr=lr) for p in (actor.parameters(), critic.parameters(), duals)]
+    args = Args(num_samples=num_samples, epsilon=epsilon, epsilon_mean=epsilon_mean, epsilon_cov=epsilon_cov, gamma=gamma)
+    args.retrace_lambda = lam
+    update(actor, actor_target, critic, critic_target, optimizers, *duals, batch, args)
+    for new, old, grad in zip([*actor.parameters(), *critic.parameters()], params, grads, strict=True):
+        assert torch.allclose(new, old - lr * grad, rtol=1e-9, atol=1e-12)
+    assert all(g.abs().max() > 1e-3 for g in grads[-2:])  # the critic's head moves
+    assert duals[0].item() == pytest.approx(x[0] - lr * sigmoid(x[0]) * torch.stack(slopes).mean().item(), rel=1e-9)
+    assert duals[1].item() == pytest.approx(x[1] - lr * sigmoid(x[1]) * (epsilon_mean - c_mean.item()), rel=1e-9)
+    if dim > 1:
+        assert duals[2].item() == pytest.approx(x[2] - lr * sigmoid(x[2]) * (epsilon_cov - c_cov.item()), rel=1e-9)
 
 
 # -- Snippet replay on the counting env ------------------------------------------------------
@@ -479,11 +618,11 @@ def event_files(run_dir: str) -> list[str]:
     "env, extra",
     [
         ("Pendulum-v1", {}),
-        ("Pendulum-v1", {"full_covariance": True}),
+        ("Pendulum-v1", {"full_covariance": True, "bf16": True}),
         ("CartPole-v1", {}),
         ("Hopper-v5", {"full_covariance": True}),  # MuJoCo: 3-D actions, early terminations
     ],
-    ids=["continuous", "full-covariance", "discrete", "mujoco"],
+    ids=["continuous", "full-covariance-bf16", "discrete", "mujoco"],
 )
 def test_short_run_updates_logs_and_saves_a_model_that_reloads(env, extra, log_dir, capsys):
     """train() does gradient steps, writes tensorboard events and model.pt, and the saved model,
