@@ -201,11 +201,8 @@ class GaussianActor(nn.Module):
 
     def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         # the weights' dtype (float32) under --bf16 too: samples, log-probabilities and KLs in float32
-        mean, raw = (
-            self.head(self.trunk(obs))
-            .to(self.head.weight.dtype)
-            .split([self.action_dim, self.head.out_features - self.action_dim], dim=-1)
-        )
+        out = self.head(self.trunk(obs)).to(self.head.weight.dtype)
+        mean, raw = out.split([self.action_dim, self.head.out_features - self.action_dim], dim=-1)
         if not self.full_covariance:
             return mean, torch.diag_embed(F.softplus(raw) + SCALE_MIN)  # [B, A], [B, A, A]
         rows, cols = torch.tril_indices(self.action_dim, self.action_dim, device=obs.device)
@@ -312,9 +309,8 @@ class Critic(nn.Module):
 
     def forward(self, obs: Tensor, actions: Tensor) -> Tensor:
         x = self.action_layer(actions).add_(self.obs_layer(obs))  # broadcast: [N, M, H] or [B, H]
-        return (
-            self.head(self.body(self.activation(self.norm(x)))).to(self.head.weight.dtype).squeeze(-1)
-        )  # [N, M] or [B], float32
+        q = self.head(self.body(self.activation(self.norm(x))))  # [..., 1]
+        return q.to(self.head.weight.dtype).squeeze(-1)  # [N, M] or [B], the weights' dtype under --bf16 too
 
 
 # == 3. Storage ============================================================================================

@@ -751,7 +751,7 @@ def _inverted_pendulum(env: gym.Env, qpos0: np.ndarray, qpos: np.ndarray, qvel: 
 LOCOMOTION = ("half_cheetah_v5:HalfCheetahEnv", "swimmer_v5:SwimmerEnv", "hopper_v5:HopperEnv", "walker2d_v5:Walker2dEnv")
 FAST_ENVS = {f"gymnasium.envs.mujoco.{entry}": _locomotion for entry in LOCOMOTION}  # env class -> its step outcome
 FAST_ENVS["gymnasium.envs.mujoco.inverted_pendulum_v5:InvertedPendulumEnv"] = _inverted_pendulum
-STATE_SPEC = mujoco.mjtState.mjSTATE_INTEGRATION  # all that mj_step reads: time, qpos, qvel, act, the solver's warmstart, ...
+MJ_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # all mj_step reads: qpos, qvel, act, ctrl, the solver warmstart, ...
 # Body positions that Ant-v5 (xpos) and Humanoid-v5 (xipos, its mass centre) read before stepping: after an env step they
 # describe the state at the start of its last substep (mj_step computes them, then integrates), which no forward pass from
 # the saved state gives back, so a saved state carries them.
@@ -778,6 +778,8 @@ def drawn_model_fields(env_id: str) -> list[str]:
             env.reset(seed=seed)
             model = mujoco_of(env)[0]
             snapshots.append({name: np.array(x) for name in dir(model) if isinstance(x := getattr(model, name), np.ndarray)})
+    for env in envs:
+        env.close()
     fields = [name for name, x in snapshots[0].items() if any(not np.array_equal(s[name], x) for s in snapshots[1:])]
     if (size := sum(snapshots[0][name].size for name in fields)) > MAX_DRAWN:
         raise UsageError(
@@ -788,7 +790,7 @@ def drawn_model_fields(env_id: str) -> list[str]:
 
 class Simulator:
     """The true model [TreePI Sec. 6.2]: the env's MuJoCo simulation stepped from saved node states [obs (O) | physics (P)]
-    in float64, physics = [mj_getState (STATE_SPEC) | CARRIED arrays | the model arrays that the env's resets randomise
+    in float64, physics = [mj_getState (MJ_STATE) | CARRIED arrays | the model arrays that the env's resets randomise
     (a suite task's target)], so that every step returns exactly the env's own observation, reward and termination (tests
     replay them bit for bit). FAST_ENVS by frame_skip mj_steps, other gymnasium v5 envs by their own step(), suite tasks
     by the steps of dm_control's Environment.step with the task's own reward; never through TimeLimit or Environment.step
@@ -809,7 +811,7 @@ class Simulator:
         self.action_scale, self.action_bias = (high - low) / 2, (high + low) / 2  # GaussianActor.env_action's
         self.outcome = FAST_ENVS.get(f"{type(env).__module__}:{type(env).__name__}")
         self.suite, self.model_fields = not isinstance(env, MujocoEnv), drawn_model_fields(env_id)
-        parts = [("state", mujoco.mj_stateSize(self.mj_model, STATE_SPEC))]
+        parts = [("state", mujoco.mj_stateSize(self.mj_model, MJ_STATE))]
         parts += [(name, getattr(self.data, name).size) for name in CARRIED]
         parts += [(name, getattr(self.mj_model, name).size) for name in self.model_fields]
         ends = np.cumsum([size for _, size in parts])
@@ -819,7 +821,7 @@ class Simulator:
         self.qpos, self.qvel = slice(start, start + nq), slice(start + nq, start + nq + nv)  # in a saved state
 
     def save(self, model: mujoco.MjModel, data: mujoco.MjData, out: np.ndarray) -> None:
-        mujoco.mj_getState(model, data, out[self.parts["state"]], STATE_SPEC)
+        mujoco.mj_getState(model, data, out[self.parts["state"]], MJ_STATE)
         for name in CARRIED:
             out[self.parts[name]] = getattr(data, name).ravel()
         for name in self.model_fields:
@@ -828,7 +830,7 @@ class Simulator:
     def restore(self, physics: np.ndarray) -> None:
         for name in self.model_fields:
             getattr(self.mj_model, name).flat[:] = physics[self.parts[name]]
-        mujoco.mj_setState(self.mj_model, self.data, physics[self.parts["state"]], STATE_SPEC)
+        mujoco.mj_setState(self.mj_model, self.data, physics[self.parts["state"]], MJ_STATE)
         for name in CARRIED:
             getattr(self.data, name).flat[:] = physics[self.parts[name]]
 

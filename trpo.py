@@ -327,7 +327,7 @@ class Rollout(NamedTuple):
 
 
 # == 4. Environment ========================================================================================
-MJ_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # MuJoCo's full integration state: qpos, qvel, act, warm start, ctrl, ...
+MJ_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # all mj_step reads: qpos, qvel, act, ctrl, the solver warmstart, ...
 # Body positions that Ant-v5 (xpos) and Humanoid-v5 (xipos, its mass centre) read before stepping: after an env step they
 # describe the state at the start of its last substep (mj_step computes them, then integrates), which no forward pass from
 # the saved state gives back, so a saved state carries them.
@@ -354,6 +354,8 @@ def drawn_model_fields(env_id: str) -> list[str]:
             env.reset(seed=seed)
             model = mujoco_of(env)[0]
             snapshots.append({name: np.array(x) for name in dir(model) if isinstance(x := getattr(model, name), np.ndarray)})
+    for env in envs:
+        env.close()
     fields = [name for name, x in snapshots[0].items() if any(not np.array_equal(s[name], x) for s in snapshots[1:])]
     if (size := sum(snapshots[0][name].size for name in fields)) > MAX_DRAWN:
         raise UsageError(
@@ -408,8 +410,8 @@ class Simulator:
         for x, part in zip(fields, parts[1:]):
             x.flat[:] = part
         mujoco.mj_setState(self.model, self.data, parts[0], MJ_STATE)
-        if self.suite:  # its step starts with mj_step2 on what mj_step1 derived (its step ends with mj_step1: xpos as saved)
-            mujoco.mj_forward(self.model, self.data)
+        if self.suite:  # dm_control's step starts with mj_step2 on what mj_step1 derived (physics.step ends with mj_step1)
+            mujoco.mj_step1(self.model, self.data)
             self.suite._step_count, self.suite._reset_next_step = 0, False  # the branch horizons apply the time limit
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool]:
