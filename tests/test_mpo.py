@@ -546,6 +546,139 @@ def test_all_steps_update_matches_a_per_step_loop(policy):
         assert duals[2].item() == pytest.approx(x[2] - lr * sigmoid(x[2]) * (epsilon_cov - c_cov.item()), rel=1e-9)
 
 
+@pytest.fixture
+def float64_one_thread():
+    """float64 as torch's default dtype (the noise of GaussianActor.candidates then matches double networks), one torch
+    thread (small networks in a loop, not the machine's contended cores), the global RNG restored afterwards."""
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    with torch.random.fork_rng():
+        yield
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
+
+
+def test_shared_sample_sets_update_is_unbiased_against_separate_ones(float64_one_thread):
+    """update draws ONE set of M actions a_j ~ pi'(.|s) per state s_0 .. s_T of each snippet and uses the set at
+    s_{t+1} = s'_t for both integrals of [MPO] Abdolmaleki et al. 2018, arXiv:1806.06920, Alg. 2 line 11: V'(s'_t) =
+    E_pi' Q'(s'_t, .) in the Retrace target of step t (eq. 13) and the E-step at s_{t+1} (weights and dual g(eta), eq. 8-9);
+    the paper draws separate sets. Sharing is unbiased: the critic's loss depends on the samples only through V', g(eta)
+    and the M-step's loss only through the E-step's sets, and either group of sets has the same distribution (independent
+    draws of pi' at each state) shared or not, so each loss's expected gradient is unchanged. As the losses act on
+    disjoint parameters (the critic; the actor and eta), each parameter's step even keeps its distribution: sharing
+    changes only the joint one of the critic's step and the E-step's.
+    Estimator A: `draws` plain-SGD updates from the same start, with fresh samples of the real pi' (Gaussian, full
+    covariance); the changes / -lr are the gradients. Estimator B, written here: per draw two independent sets per state
+    from torch.distributions.MultivariateNormal(pi''s mean, scale_tril), one for V'(s'_t) in the per-step Retrace
+    recursion, one for the E-step at s_t; the loss of test_all_steps_update_matches_a_per_step_loop; autograd.
+    Checks: the means over the draws agree within 4.5 standard errors of their difference, on a random projection of
+    each parameter's gradient and on eta's; the critic's head-bias gradient (the mean TD error, linear in V') and eta's
+    are correlated across A's draws, beyond 4 / sqrt(draws), and not across B's."""
+    gen = torch.Generator().manual_seed(3)
+    num_snippets, steps, obs_dim, dim, num_samples, lr, gamma, lam, draws = 4, 3, 2, 2, 5, 0.1, 0.9, 0.8, 1000
+    eta, alpha_mean, alpha_cov, epsilon, epsilon_mean, epsilon_cov = 0.8, 3.0, 50.0, 0.1, 0.05, 1e-3
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    w_obs = rand(obs_dim)
+
+    def critic_target(obs, critic_actions):
+        return -3.0 * (critic_actions - 0.3).pow(2).sum(-1) + (obs * w_obs).sum(-1)
+
+    torch.manual_seed(3)
+    space = gym.spaces.Box(-1.0, 1.0, (dim,), np.float32)
+    actor = GaussianActor(obs_dim, space, (4,), "relu", False, True).double()
+    actor_target = GaussianActor(obs_dim, space, (4,), "relu", False, True).double().requires_grad_(False)
+    critic = Critic(obs_dim, dim, (4,), "relu", False).double()
+    duals = [torch.tensor(inverse_softplus(value - 1e-8), requires_grad=True) for value in (eta, alpha_mean, alpha_cov)]
+    params = [*actor.parameters(), *critic.parameters()]
+    start = [p.detach().clone() for p in (*params, *duals)]  # every draw starts here
+    directions = [rand(*p.shape) for p in params]
+    # snippets as SnippetReplay returns them (as test_all_steps_update_matches_a_per_step_loop): one early end, two ends
+    # by termination; s_{t+1} = s'_t while valid, some stored actions outside [-1, 1] (the critic sees them clipped)
+    lengths, terminated = torch.tensor([3, 1, 2, 3]), torch.zeros(num_snippets, steps)
+    terminated[1, 0] = terminated[3, 2] = 1.0
+    valid = (torch.arange(steps) < lengths.unsqueeze(1)).double()
+    next_obs, obs = rand(num_snippets, steps, obs_dim), rand(num_snippets, steps, obs_dim)
+    obs[:, 1:] = torch.where(valid[:, 1:, None].bool(), next_obs[:, :-1], obs[:, 1:])
+    stored = 1.5 * rand(num_snippets, steps, dim)
+    normal = torch.distributions.MultivariateNormal
+
+    def policy(net, states):  # pi(.|s) as a torch distribution
+        mean, tril = net(states)
+        return normal(mean, scale_tril=tril)
+
+    with torch.no_grad():
+        pi_old, pi_next = policy(actor_target, obs), policy(actor_target, next_obs)
+        log_pi = pi_old.log_prob(stored)  # log pi'(a_t|s_t) [S, T]
+    behaviour = log_pi + 0.5 * rand(num_snippets, steps)  # pi / b on both sides of 1
+    rewards = rand(num_snippets, steps)
+    batch = Batch(obs, stored, behaviour, rewards, next_obs, terminated, valid)
+
+    def summary(grads, eta_grad):  # the statistics compared: projections, eta's, the critic's head bias
+        return torch.stack([*((g * u).sum() for g, u in zip(grads, directions, strict=True)), eta_grad, grads[-1][0]])
+
+    # A: update, from the same start in every draw
+    optimizers = [torch.optim.SGD(p, lr=lr) for p in (actor.parameters(), critic.parameters(), duals)]
+    args = Args(num_samples=num_samples, epsilon=epsilon, epsilon_mean=epsilon_mean, epsilon_cov=epsilon_cov, gamma=gamma)
+    args.retrace_lambda = lam
+
+    def restart():
+        with torch.no_grad():
+            for p, p0 in zip([*params, *duals], start, strict=True):
+                p.copy_(p0)
+
+    stats_a = []
+    for _ in range(draws):
+        restart()
+        update(actor, actor_target, critic, critic_target, optimizers, *duals, batch, args)
+        with torch.no_grad():  # SGD: the change is -lr times the gradient
+            grads = [(p0 - p) / lr for p, p0 in zip([*params, duals[0]], start)]
+            stats_a.append(summary(grads[:-1], grads[-1]))
+    stats_a = torch.stack(stats_a)
+
+    # B: two independent sets per state and draw, the per-step recursion of eq. 13, autograd
+    restart()
+    with torch.no_grad():
+        e_actions = pi_old.sample((draws, num_samples)).movedim(1, -2)  # the E-step's at s_t [K, S, T, M, A]
+        v_actions = pi_next.sample((draws, num_samples)).movedim(1, -2)  # V''s at s'_t, independent of them
+        v_next = critic_target(next_obs.unsqueeze(-2), v_actions.clamp(-1, 1)).mean(-1)  # V'(s'_t) [K, S, T]
+        q_stored = critic_target(obs, stored.clamp(-1, 1))  # Q'(s_t, a_t) [S, T]
+        q_ret = torch.zeros(draws, num_snippets, steps)
+        for b in range(num_snippets):
+            length = int(lengths[b])
+            for t in reversed(range(length)):
+                bootstrap = v_next[:, b, t]
+                if t + 1 < length:
+                    trace = lam * min(1.0, math.exp(log_pi[b, t + 1] - behaviour[b, t + 1]))
+                    bootstrap = bootstrap + trace * (q_ret[:, b, t + 1] - q_stored[b, t + 1])
+                q_ret[:, b, t] = rewards[b, t] + gamma * (1 - terminated[b, t]) * bootstrap
+        keep = valid.bool()
+        q_candidates = critic_target(obs.unsqueeze(-2), e_actions.clamp(-1, 1))[:, keep]  # Q'(s_t, a_j) [K, N, M]
+        log_z = torch.logsumexp(q_candidates / eta, -1) - math.log(num_samples)
+        weights = (q_candidates / eta - math.log(num_samples) - log_z.unsqueeze(-1)).exp()
+        slopes = epsilon + (log_z - (weights * q_candidates).sum(-1) / eta).mean(-1)  # g'(eta) [K]
+        old = policy(actor_target, obs[keep])
+    q, new = critic(obs[keep], stored[keep].clamp(-1, 1)), policy(actor, obs[keep])
+    diff = new.mean - old.mean  # C_mean with the online covariance, C_cov with the old mean [MPO eq. 27]
+    c_mean = 0.5 * (diff * torch.linalg.solve(new.covariance_matrix, diff)).sum(-1)
+    c_cov = torch.distributions.kl_divergence(old, normal(old.mean, scale_tril=new.scale_tril))
+    penalty = alpha_mean * c_mean.mean() + alpha_cov * c_cov.mean()
+    stats_b, eta_slope = [], sigmoid(start[-3].item())  # d eta / d log_eta
+    for k in range(draws):
+        log_lik = new.log_prob(e_actions[k, keep].transpose(0, 1)).transpose(0, 1)  # log pi(a_j|s_t) [N, M]
+        loss = (0.5 * (q - q_ret[k, keep]).pow(2) - (weights[k] * log_lik).sum(-1)).mean() + penalty
+        stats_b.append(summary(torch.autograd.grad(loss, params, retain_graph=True), eta_slope * slopes[k]))
+    stats_b = torch.stack(stats_b)
+
+    z = (stats_a.mean(0) - stats_b.mean(0)) / (stats_a.var(0) / draws + stats_b.var(0) / draws).sqrt()
+    assert z.abs().max() < 4.5, z
+    correlation = [torch.corrcoef(stats[:, -2:].T)[0, 1].item() for stats in (stats_a, stats_b)]
+    assert abs(correlation[0]) > 4 / math.sqrt(draws) > abs(correlation[1]), correlation
+
+
 # -- Snippet replay on the counting env ------------------------------------------------------
 def test_snippets_never_cross_episodes_and_keep_behaviour_log_probs(log_dir):
     """Train on tests/Counting-v0 without updates and inspect the saved
