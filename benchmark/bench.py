@@ -125,10 +125,18 @@ VARIANTS: dict[str, Variant] = {
     "treepi_pi": Variant("treepi.py", ("--act", "policy"), doc="TreePI acting with the policy"),
     "treepi_search": Variant("treepi.py", ("--act", "search"), doc="TreePI acting by search"),
     "treepi_depth1": Variant("treepi.py", ("--depth", "1"), doc="TreePI(1)/π: depth 1 at the fixed α"),
+    "treepi_true": Variant(
+        "treepi.py", ("--model", "true"), doc="TreePI/π searching the simulator itself ([TreePI] Sec. 6.2)"
+    ),
     "mpo_predictive": Variant(
         "treepi.py",
         ("--e-step", "mpo", "--epsilon", "0.1", "--epsilon-cov", "1e-4", "--policy-target-frequency", "20"),
         doc="MPO+Predictive ([TreePI] Table 2: E-step 0.1, mean 0.005, cov 1e-4, both targets every 200 at 10 updates/step)",
+    ),
+    "mpo_e_step_true_obs": Variant(
+        "treepi.py",
+        ("--model", "true", "--e-step", "mpo", "--epsilon", "0.1", "--epsilon-cov", "1e-4", "--policy-target-frequency", "20"),
+        doc="MPO+Predictive's E-step and M-step on the true observations: no latent model, no search",
     ),
     "trpo_single": Variant("trpo.py", doc="TRPO, single-path estimator"),
     "trpo_vine": Variant(
@@ -208,6 +216,21 @@ COMPARISONS: dict[str, Comparison] = {
         extra_args=("--learning-starts", "500", *evaluate_every(250)),
         wall_clock=True,
         paper="[TreePI] Fig. 1",
+    ),
+    "treepi_models": Comparison(
+        "TreePI/π with the learned model and with the simulator, against the same E-step on latents and observations",
+        (
+            Line("TreePI/π, true model", "treepi_true"),
+            Line("TreePI/π, learned model", "treepi_pi"),
+            Line("MPO+Predictive", "mpo_predictive"),
+            Line("MPO E-step, true observations", "mpo_e_step_true_obs"),
+            Line("MPO", "mpo"),
+            Line("SAC", "sac"),
+        ),
+        envs=("InvertedDoublePendulum-v5",),
+        steps=15_000,
+        extra_args=evaluate_every(2_500),
+        paper="[TreePI] Sec. 6.2 (the true model) against Sec. 5 (the learned one)",
     ),
     "mpo_vs_sac_ppo": Comparison(
         "MPO against SAC and PPO",
