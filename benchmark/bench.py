@@ -200,6 +200,9 @@ def against_cleanrl(
     )
 
 
+# the baselines of [TreePI] Fig. 1, in two comparisons
+TREEPI_BASELINES = (Line("MPO+Predictive", "mpo_predictive"), Line("MPO", "mpo"), Line("SAC", "sac"))
+
 COMPARISONS: dict[str, Comparison] = {
     "treepi_fig1": Comparison(
         "TreePI/search, TreePI/π and TreePI(1)/π against MPO+Predictive, MPO and SAC",
@@ -207,9 +210,7 @@ COMPARISONS: dict[str, Comparison] = {
             Line("TreePI/search", "treepi_search"),
             Line("TreePI/π", "treepi_pi"),
             Line("TreePI(1)/π", "treepi_depth1"),
-            Line("MPO+Predictive", "mpo_predictive"),
-            Line("MPO", "mpo"),
-            Line("SAC", "sac"),
+            *TREEPI_BASELINES,
         ),
         envs=("InvertedPendulum-v5",),
         steps=1_500,
@@ -222,10 +223,8 @@ COMPARISONS: dict[str, Comparison] = {
         (
             Line("TreePI/π, true model", "treepi_true"),
             Line("TreePI/π, learned model", "treepi_pi"),
-            Line("MPO+Predictive", "mpo_predictive"),
             Line("MPO E-step, true observations", "mpo_e_step_true_obs"),
-            Line("MPO", "mpo"),
-            Line("SAC", "sac"),
+            *TREEPI_BASELINES,
         ),
         envs=("InvertedDoublePendulum-v5",),
         steps=15_000,
