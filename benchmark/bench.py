@@ -110,6 +110,8 @@ class Comparison:
         return override or self.variant_steps.get(variant, self.env_steps.get(env, self.steps))
 
 
+# MPO+Predictive's E-step and bounds on treepi.py's networks [TreePI Table 2]
+MPO_PREDICTIVE = ("--e-step", "mpo", "--epsilon", "0.1", "--epsilon-cov", "1e-4", "--policy-target-frequency", "20")
 VARIANTS: dict[str, Variant] = {
     "sac": Variant("sac.py", doc="SAC with the paper's settings"),
     "sac_cleanrl": Variant(
@@ -130,12 +132,12 @@ VARIANTS: dict[str, Variant] = {
     ),
     "mpo_predictive": Variant(
         "treepi.py",
-        ("--e-step", "mpo", "--epsilon", "0.1", "--epsilon-cov", "1e-4", "--policy-target-frequency", "20"),
+        MPO_PREDICTIVE,
         doc="MPO+Predictive ([TreePI] Table 2: E-step 0.1, mean 0.005, cov 1e-4, both targets every 200 at 10 updates/step)",
     ),
     "mpo_e_step_true_obs": Variant(
         "treepi.py",
-        ("--model", "true", "--e-step", "mpo", "--epsilon", "0.1", "--epsilon-cov", "1e-4", "--policy-target-frequency", "20"),
+        ("--model", "true", *MPO_PREDICTIVE),
         doc="MPO+Predictive's E-step and M-step on the true observations: no latent model, no search",
     ),
     "trpo_single": Variant("trpo.py", doc="TRPO, single-path estimator"),
