@@ -124,6 +124,9 @@ VARIANTS: dict[str, Variant] = {
     ),
     "ppo": Variant("ppo.py", doc="PPO (defaults are CleanRL's)"),
     "mpo": Variant("mpo.py", doc="MPO"),
+    "mpo_target100": Variant(
+        "mpo.py", ("--target-network-frequency", "100"), doc="MPO with ACME's target periods (100 updates, not Alg. 2's 1000)"
+    ),
     "treepi_pi": Variant("treepi.py", ("--act", "policy"), doc="TreePI acting with the policy"),
     "treepi_search": Variant("treepi.py", ("--act", "search"), doc="TreePI acting by search"),
     "treepi_depth1": Variant("treepi.py", ("--depth", "1"), doc="TreePI(1)/π: depth 1 at the fixed α"),
@@ -240,6 +243,14 @@ COMPARISONS: dict[str, Comparison] = {
         steps=10_000,
         extra_args=evaluate_every(2_500),
         paper="[MPO] Fig. 4 (there against DDPG, NAF, PPO and SVG; SAC is the later baseline)",
+    ),
+    "mpo_target_period": Comparison(
+        "MPO with the paper's target period (1000 updates) and ACME's (100), against SAC",
+        (Line("MPO, period 1000 (paper)", "mpo"), Line("MPO, period 100 (ACME)", "mpo_target100"), Line("SAC", "sac")),
+        envs=("InvertedDoublePendulum-v5", "Walker2d-v5"),
+        steps=15_000,
+        extra_args=evaluate_every(2_500),
+        paper="[MPO] Alg. 2 (target networks copied every 1000 updates) against ACME's MPOConfig (100)",
     ),
     "trpo_fig4": Comparison(
         "TRPO: single path vs vine",
