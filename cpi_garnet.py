@@ -17,11 +17,15 @@ Algorithm (iteration n on each of the M MDPs; the function that does each line i
        Qhat(s_i, a) for every a: take a in s_i, follow pi_n, sum the costs until it stops          [cpi_targets]
     2'. AGGREVATED-VI [DPI Sec. 3.3, 6.1]: N' episodes of pi_n; all transitions so far give P_hat [DPI eq. 2];
        eta_n by exact soft VI under P_hat on c' = c / mu - log pi_n [DPI eq. 10]; A^eta = Q - V of that VI at the
-       visited states                                                   [aggrevated_vi_targets, value_iteration]
+       visited states                                                           [model_targets, value_iteration]
     3. Both: one linear regressor per action on those targets, pi*_n(s) = argmin_a w_a . psi(s) [DPI eq. 5], and
        pi_{n+1} = (1 - beta) pi_n + beta pi*_n [DPI eq. 6] as a table  [fit_regressors, classify, conservative_update]
     4. J(pi_{n+1}) = rho0^T (I - gamma P_pi)^-1 c_pi, a linear solve [policy_cost]; Fig. 1a plots its mean and
        standard error over the MDPs against episodes [write_figure]
+    Ablation (--algorithms), where AGGREVATED-VI's gain comes from: cpi_model is 2' with eta_n = pi_n (mu = inf, the
+    alpha = 0 of [DPI Sec. 3.3 (a)]: A^pi_n on the learned model, by iterative evaluation); cpi_exact is 2 with the
+    exact Q^pi_n (a linear solve) in place of Qhat, for CPI's episodes; cpi_exact_visited also regresses at every
+    state its episodes visit, as 2' does                                                              [cpi_targets]
 
 Shapes: S states, A actions, F features (bits + 1), K non-zeros of a sparse transition model, N sampled states,
 R rollouts per (state, action), E episodes, T transitions.
@@ -41,7 +45,7 @@ import csv
 import functools
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -49,7 +53,16 @@ from numpy.random import Generator
 from torch import Tensor
 
 ALGO = "cpi_garnet"
-ALGORITHMS = ("cpi", "aggrevated_vi")  # the two curves of [DPI] Fig. 1a
+# the two curves of [DPI] Fig. 1a, then the ablation's; each draws from its own stream (the index)
+ALGORITHMS = ("cpi", "aggrevated_vi", "cpi_model", "cpi_exact", "cpi_exact_visited")
+CPI_DATA = ("cpi", "cpi_exact", "cpi_exact_visited")  # the curves that spend CPI's episodes; the others AGGREVATED-VI's
+LABELS = dict(
+    cpi="CPI",
+    aggrevated_vi="AGGREVATED-VI",
+    cpi_model="CPI, A^pi on the learned model",
+    cpi_exact="CPI, exact Q^pi",
+    cpi_exact_visited="CPI, exact Q^pi at every visited state",
+)
 VI_TOL = 1e-10  # value iteration stops when a sweep moves V by less (cost units)
 
 
@@ -86,6 +99,10 @@ class Args:
     """Episodes of pi_n from rho0 per AGGREVATED-VI iteration (all of them fill P_hat)."""
     mu: float = 0.5
     """Temperature mu of c' = c / mu - log pi_n [DPI eq. 10], in cost units (0: plain VI)."""
+    # Which curves run on every MDP (the last one's cost is the run's eval_return)
+    algorithms: tuple[Literal[ALGORITHMS], ...] = ("cpi", "aggrevated_vi")
+    """cpi (Monte Carlo Q^pi), aggrevated_vi (A^eta), and the ablation's cpi_model (A^pi on AGGREVATED-VI's learned
+    model), cpi_exact (exact Q^pi at CPI's states, for its episodes), cpi_exact_visited (the same at every visited state)."""
     # -- shared: identical in every file ------------------------------------------------------------------
     env: str = "Garnet"
     """Gymnasium id of the task (`module:Env-v0` imports `module` first, for an env it registers)."""
@@ -136,6 +153,7 @@ def algorithm_checks(args: Args) -> list[tuple[bool, str]]:
         (args.num_mdps > 0, f"--num-mdps must be positive, got {args.num_mdps}"),
         (min(args.cpi_states, args.q_rollouts, args.vi_episodes) > 0, "--cpi-states, --q-rollouts, --vi-episodes must be > 0"),
         (args.mu >= 0, f"--mu must be >= 0, got {args.mu}"),
+        (0 < len(args.algorithms) == len(set(args.algorithms)), f"--algorithms must name curves once each: {args.algorithms}"),
     ]
 
 
@@ -336,6 +354,7 @@ def value_iteration(
         Q(s, a) = c(s, a) + gamma sum_s' P(s'|s, a) V(s'),
         V(s) = -mu log sum_a pi_n(a|s) exp(-Q(s, a) / mu),
         eta(a|s) = pi_n(a|s) exp(-(Q(s, a) - V(s)) / mu).
+    mu = inf, their limit: eta = pi_n, V(s) = sum_a pi_n(a|s) Q(s, a), the iterative evaluation of pi_n (V^pi_n, Q^pi_n).
     Symbols: pi_n -> prior [S, A]; mu -> mu (cost units, c' = c / mu - log pi_n). Stops when a sweep moves V by
     less than tol, so |V - V*| <= tol gamma / (1 - gamma). Returns V [S], Q [S, A], eta [S, A], the sweeps."""
     S, A = mdp.costs.shape
@@ -350,6 +369,8 @@ def value_iteration(
         # functools.reduce over the A columns: numpy reduces a short last axis ten times slower
         if log_prior is None:
             V_new = functools.reduce(np.minimum, Q.T)  # min_a Q(s, a)
+        elif math.isinf(mu):
+            V_new = sum(prior.T * Q.T)  # sum_a pi_n(a|s) Q(s, a)
         else:
             z = log_prior - Q / mu  # [S, A]
             z_max = functools.reduce(np.maximum, z.T)  # [S]
@@ -404,22 +425,31 @@ def discounted_visitation(mdp: MDP, pi: np.ndarray) -> np.ndarray:
 
 # == 6. Updates ============================================================================================
 def cpi_targets(
-    mdp: MDP, pi: np.ndarray, num_states: int, num_rollouts: int, common_horizon: bool, rng: Generator
+    algo: str, mdp: MDP, pi: np.ndarray, num_states: int, num_rollouts: int, common_horizon: bool, rng: Generator
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float], int, int]:
     """CPI's regression data [CPI; DPI Sec. 6.1]: states s_i ~ d_pi_n (the last states of episodes from rho0) and
-    Monte Carlo Qhat^pi_n(s_i, a). Returns the states [N], targets [N, A], metrics, episodes and transitions used."""
+    Monte Carlo Qhat^pi_n(s_i, a). The ablation's oracles replace Qhat by its expectation Q^pi_n = c + gamma P V^pi_n
+    (a linear solve): cpi_exact at the same states, cpi_exact_visited at every state the episodes visited (d_pi_n, as
+    AGGREVATED-VI's); both are charged the rollouts they replace, at their mean 1 / (1 - gamma) transitions. Returns
+    the states [N], targets [N, A], metrics, episodes and transitions used."""
     data = sample_visitation(mdp, pi, num_states, rng)
-    q_hat, q = estimate_q(mdp, pi, data.end_states, num_rollouts, common_horizon, rng)
-    episodes = num_states * (1 + mdp.costs.shape[1] * num_rollouts)
-    return data.end_states, q_hat, {}, episodes, len(data.states) + len(q.states)
+    num_q_rollouts = num_states * mdp.costs.shape[1] * num_rollouts
+    episodes = num_states + num_q_rollouts
+    if algo == "cpi":
+        q_hat, q = estimate_q(mdp, pi, data.end_states, num_rollouts, common_horizon, rng)
+        return data.end_states, q_hat, {}, episodes, len(data.states) + len(q.states)
+    states = data.end_states if algo == "cpi_exact" else np.concatenate([data.states, data.end_states])
+    q_steps = round(num_q_rollouts / (1.0 - mdp.gamma))
+    return states, bellman_q(mdp, evaluate_policy(mdp, pi))[states], {}, episodes, len(data.states) + q_steps
 
 
-def aggrevated_vi_targets(
+def model_targets(
     mdp: MDP, pi: np.ndarray, counts: TransitionCounts, V: np.ndarray | None, num_episodes: int, mu: float, rng: Generator
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float], int, int, np.ndarray]:
     """AGGREVATED-VI's regression data [DPI Sec. 3.3 steps 1-2, Sec. 6.1]: P_hat from all transitions so far [DPI eq. 2],
     eta_n by VI under P_hat and c' [DPI eq. 10] warm-started at V, A^eta = Q - V at every visited state (step t is
-    reached w.p. gamma^t: d_pi_n). Returns the states [N], targets [N, A], metrics, episodes, transitions, V [S]."""
+    reached w.p. gamma^t: d_pi_n); mu = inf (the ablation's cpi_model): eta_n = pi_n, A^pi_n on P_hat. Returns the
+    states [N], targets [N, A], metrics, episodes, transitions, V [S]."""
     data = sample_visitation(mdp, pi, num_episodes, rng)
     counts.add(data.states, data.actions, data.costs, data.next_states)
     V, Q, _, sweeps = value_iteration(counts.model(mdp.rho0, mdp.gamma), V, mu, pi)  # eta_n [DPI eq. 10]
@@ -432,13 +462,14 @@ def aggrevated_vi_targets(
 def num_iterations(args: Args, algo: str) -> int:
     """Iterations that spend args.total_steps transitions in expectation, at least one: an episode from rho0 makes
     gamma / (1 - gamma) transitions on average, a Q rollout 1 / (1 - gamma); CPI runs N of the first and N A R of the
-    second. A fixed count (rather than stopping at the budget) gives every MDP the same iterations and episodes."""
+    second (cpi_exact is charged the same). A fixed count (rather than stopping at the budget) gives every MDP the same
+    iterations and episodes."""
     cpi = args.cpi_states * (args.gamma + args.num_actions * args.q_rollouts)
-    transitions = cpi if algo == "cpi" else args.vi_episodes * args.gamma  # times 1 / (1 - gamma) below
+    transitions = cpi if algo in CPI_DATA else args.vi_episodes * args.gamma  # times 1 / (1 - gamma) below
     return max(1, math.ceil(args.total_steps / (transitions / (1.0 - args.gamma))))
 
 
-def write_figure(results: list[dict], run_dir: str, writer: "SummaryWriter", title: str) -> None:
+def write_figure(results: list[dict], algorithms: tuple[str, ...], run_dir: str, writer: "SummaryWriter", title: str) -> None:
     """[DPI] Fig. 1a as curves.csv, fig1a.png and tensorboard scalars (step: episodes): per algorithm and iteration,
     the episodes so far and the mean and standard error of the cost over the MDPs (which share their iterations)."""
     from matplotlib.figure import Figure  # here: slow to import, and only this function needs it (no pyplot, no display)
@@ -446,7 +477,7 @@ def write_figure(results: list[dict], run_dir: str, writer: "SummaryWriter", tit
     rows, M, optimal = [], len(results), float(np.mean([r["optimal_cost"] for r in results]))
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.subplots()
-    for algo, label in zip(ALGORITHMS, ("CPI", "AGGREVATED-VI")):
+    for algo in algorithms:
         if len({len(r[algo]["costs"]) for r in results}) > 1:
             raise UsageError("the resumed MDPs ran other budgets: resume with the same arguments")
         costs, steps = (np.stack([r[algo][key].numpy() for r in results]) for key in ("costs", "steps"))  # [M, n]
@@ -460,7 +491,7 @@ def write_figure(results: list[dict], run_dir: str, writer: "SummaryWriter", tit
             writer.add_scalar(f"charts/cost_se_{algo}", cost_se, step)
             writer.add_scalar(f"charts/log2_cost_{algo}", math.log2(cost), step)
             writer.add_scalar("charts/cost_optimal", optimal, step)
-        ax.plot(episodes, np.log2(mean), label=label)
+        ax.plot(episodes, np.log2(mean), label=LABELS[algo])
         ax.fill_between(episodes, np.log2(mean - se), np.log2(mean + se), alpha=0.3)
     with open(os.path.join(run_dir, "curves.csv"), "w", newline="") as f:
         out = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -475,23 +506,31 @@ def write_figure(results: list[dict], run_dir: str, writer: "SummaryWriter", tit
     fig.savefig(os.path.join(run_dir, "fig1a.png"), dpi=120)
 
 
+def check_curves(results: list[dict], algorithms: tuple[str, ...]) -> None:
+    """Refuse a checkpoint whose finished MDPs lack one of the curves asked for."""
+    missing = [algo for algo in algorithms if any(algo not in r for r in results)]
+    if missing:
+        raise UsageError(f"the checkpoint's MDPs did not run {', '.join(missing)}: give the --algorithms they ran")
+
+
 def evaluate_only(results: list[dict], psi: np.ndarray, args: Args) -> dict:
     """--eval-only: regenerate each saved MDP, rebuild its mixtures from their classifiers (bit for bit the trained
     tables) and evaluate them exactly; print and return the costs."""
-    costs: dict[str, list[float]] = {name: [] for name in (*ALGORITHMS, "optimal")}
+    check_curves(results, args.algorithms)
+    costs: dict[str, list[float]] = {name: [] for name in (*args.algorithms, "optimal")}
     for i, result in enumerate(results):
         mdp = make_garnet(args.num_states, args.num_actions, args.branching, args.gamma, result["mdp_seed"])
-        for algo in ALGORITHMS:
+        for algo in args.algorithms:
             costs[algo].append(policy_cost(mdp, mixture_policy(result[algo]["classifiers"].numpy(), psi, args.beta)))
         costs["optimal"].append(float(mdp.rho0 @ policy_iteration(mdp)[0]))
         print(f"mdp {i + 1} (seed {result['mdp_seed']}) | " + " | ".join(f"{k} {v[-1]:.4f}" for k, v in costs.items()))
     means = {f"cost_{name}": float(np.mean(v)) for name, v in costs.items()}
     print(" | ".join(f"{k} {v:.4f}" for k, v in means.items()), flush=True)
-    return {**means, "costs": costs, "eval_return": -means["cost_aggrevated_vi"]}
+    return {**means, "costs": costs, "eval_return": -means[f"cost_{args.algorithms[-1]}"]}
 
 
 def train(args: Args) -> dict:
-    """Both algorithms on every Garnet MDP, then Fig. 1a; returns the final mean costs, counters and the run directory."""
+    """The algorithms on every Garnet MDP, then Fig. 1a; returns the final mean costs, counters and the run directory."""
     setup(args)  # seeds and torch threads; the MDPs and rollouts draw from their own seeded generators
     # -- environments: one seed per Garnet MDP (independent streams for different --seed), built in its turn
     seeds = [int(x) for x in np.random.SeedSequence(args.seed).generate_state(args.num_mdps)]
@@ -502,11 +541,12 @@ def train(args: Args) -> dict:
     if args.eval_only:
         return evaluate_only(results, psi, args)
     global_step, num_updates = run.start()
+    check_curves(results, args.algorithms)
     for i in range(len(results), args.num_mdps):
         mdp = make_garnet(args.num_states, args.num_actions, args.branching, args.gamma, seeds[i])
         optimal = float(mdp.rho0 @ policy_iteration(mdp)[0])  # J(pi*)
         result = {"mdp_seed": seeds[i], "optimal_cost": optimal}
-        for algo in ALGORITHMS:
+        for algo in args.algorithms:
             # its own random stream: the result does not depend on what ran before, so resuming is exact
             rng = np.random.default_rng([seeds[i], ALGORITHMS.index(algo)])
             pi = np.full((args.num_states, args.num_actions), 1.0 / args.num_actions)  # pi_0 uniform
@@ -514,10 +554,11 @@ def train(args: Args) -> dict:
             where = f"mdp {i + 1}/{args.num_mdps} | {algo}"
             episodes, steps, costs, classifiers, next_log = [0], [0], [policy_cost(mdp, pi)], [], args.log_every
             for _ in range(num_iterations(args, algo)):
-                if algo == "cpi":  # A^pi_n by Monte Carlo
-                    data = cpi_targets(mdp, pi, args.cpi_states, args.q_rollouts, args.common_horizon, rng)
-                else:  # A^eta_n under the learned model: the only difference [DPI Sec. 6.1]
-                    *data, V = aggrevated_vi_targets(mdp, pi, counts, V, args.vi_episodes, args.mu, rng)
+                if algo in CPI_DATA:  # Q^pi_n by Monte Carlo (cpi_exact*: exactly)
+                    data = cpi_targets(algo, mdp, pi, args.cpi_states, args.q_rollouts, args.common_horizon, rng)
+                else:  # A^eta_n under the learned model: the only difference [DPI Sec. 6.1] (cpi_model: A^pi_n there)
+                    mu = args.mu if algo == "aggrevated_vi" else math.inf
+                    *data, V = model_targets(mdp, pi, counts, V, args.vi_episodes, mu, rng)
                 states, targets, metrics, used_episodes, used_steps = data
                 # [DPI eq. 5-6], the same for both: the classifier pi*_n fitted at the states, the conservative update
                 W = fit_regressors(psi[states], targets, args.ridge)
@@ -540,15 +581,15 @@ def train(args: Args) -> dict:
             run.save(global_step, num_updates, True)
     # -- Fig. 1a (curves.csv, fig1a.png, tensorboard) and model.pt
     sizes = f"|S|={args.num_states}, |A|={args.num_actions}, b={args.branching}, gamma={args.gamma}, beta={args.beta}"
-    write_figure(results, run.run_dir, run.writer, f"[DPI] Fig. 1a: {args.num_mdps} Garnet MDPs, {sizes}")
+    write_figure(results, args.algorithms, run.run_dir, run.writer, f"[DPI] Fig. 1a: {args.num_mdps} Garnet MDPs, {sizes}")
     if args.save_model:
         run.save(global_step, num_updates, False)
     run.writer.close()
-    final = {f"cost_{algo}": float(np.mean([r[algo]["costs"][-1].item() for r in results])) for algo in ALGORITHMS}
+    final = {f"cost_{algo}": float(np.mean([r[algo]["costs"][-1].item() for r in results])) for algo in args.algorithms}
     final["cost_optimal"] = float(np.mean([r["optimal_cost"] for r in results]))
     print("done: " + " | ".join(f"{k} {v:.4f}" for k, v in final.items()) + f" | run {run.run_dir}", flush=True)
     final |= dict(
-        eval_return=-final["cost_aggrevated_vi"], global_step=global_step, num_updates=num_updates
+        eval_return=-final[f"cost_{args.algorithms[-1]}"], global_step=global_step, num_updates=num_updates
     )  # every file's keys
     return dict(final, run_dir=run.run_dir)
 

@@ -96,6 +96,8 @@ ALGORITHM = {
         ["--gamma", "1"],
         ["--beta", "0"],
         ["--num-states", "1"],
+        ["--algorithms", "cpi", "cpi"],  # a curve twice
+        ["--algorithms"],  # no curve
     ],
 }
 BAD_INPUTS = [(f, argv) for f in FILES for argv in SHARED + (SHARED_ENV if f != "cpi_garnet" else [])]
