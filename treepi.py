@@ -38,7 +38,7 @@ Readings of inconsistencies in the paper, and deviations from it:
       transition reward r(s_t, a_t) everywhere (eq. 3, Alg. 1: r(s)); the TD target at s_{t+1} (eq. 6 prints s_t).
     - Gymnasium ends Hopper episodes (the control suite never does): a termination head gives the tree gamma (1 - p);
       the true model uses the env's own termination. alpha is in reward units, tuned on the suite's [0, 1]: --reward-scale.
-    - CPU defaults (--help names each paper value): 64-wide networks, batch 64, N = 32, one update per env step with
+    - CPU defaults (--help names each paper value): 64-wide networks, batch 64, N = 16, one update per env step with
       target periods 20 and 50 (the paper's pace at 10 updates per step), a search from 16 random states per batch.
     - With the true model the policy loss stays eq. 6's (Sec. 6.2's switch serves 16 distributed actors). No uniform
       warm-up. The duals are softplus of parameters with Adam steps at --dual-lr, clamped below (ACME; no rate given).
@@ -115,8 +115,8 @@ class Args:
     """Branching factor M: actions sampled from pi^(i) per node, and for E_pi Q' [TreePI Table 1]."""
     depth: int = 10
     """Maximum depth K of the tree [TreePI Table 1]; 1 is TreePI(1): MPO's one-step weights at the fixed alpha (Fig. 1)."""
-    num_rollouts: int = 32
-    """Rollouts N per search, the root's included (paper: 100, Table 1; Sec. 6.1: 200; 32 for a CPU)."""
+    num_rollouts: int = 16
+    """Rollouts N per search, the root's included (paper: 100, Table 1; Sec. 6.1: 200; 16 for a CPU)."""
     # exp(Q-hat / alpha): the control suite pays [0, 1] per step; a trained Hopper-v5 3-4, HalfCheetah-v5 ~10, where 0.1
     # is nearly greedy (Hopper-v5: KL(w || 1/M) 2.3-2.9 of log 20 = 3.0); --reward-scale 1/r_max restores the paper's regime
     temperature: float = 0.1
