@@ -33,7 +33,8 @@ K mixture components, M prior points, B states in a batch, P policy parameters.
 Deviations from the paper (each marked where it happens): the known cost c(s, a) [DPI Sec. 2] is written per env from its
 reward (COSTS); pi_n in -log pi_n and the KL is linearised per step (GPS); A^eta is for the true cost c, not the augmented c';
 states in L(theta) weigh the same, not gamma^t; TRPO's line search checks the step; c is expanded exactly at the samples (GPS),
-not regressed; mu comes from GPS's bracket search, not projected gradient ascent; training episodes are cut at --horizon T.
+not regressed; mu comes from GPS's bracket search, not projected gradient ascent; training episodes are cut at --horizon T
+(charts/eval_return_horizon scores the first T steps of the evaluation episodes, charts/eval_return all of them).
 Changes to GPS: a dynamics ridge relative to each input's variance, GMM components with a pseudo-point of the global covariance
 started from a k-means step, the NIW mean shrunk to the prior's. The robust variants are ours.
 """

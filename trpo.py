@@ -10,6 +10,8 @@ References:
     [GAE] Schulman, Moritz, Levine, Jordan, Abbeel 2016, arXiv:1506.02438: the single path's A and learned V (TRPO-GAE).
     [SB3C], [SpinUp] Stable-Baselines3-contrib's and Spinning Up's TRPO: CG damping, line search and V fit (not in [TRPO]).
     [TreePI] Springenberg, Heess et al. 2020, arXiv:2010.05545: Table 2's network options (--activation, --layer-norm).
+    [DPI] Sun, Gordon, Boots, Bagnell 2018, arXiv:1805.10755: TRPO-GAE as its baseline (Sec. 6.2; --eval-horizon scores the
+        first T steps, DPI's training horizon) and robust policy optimisation (Sec. 6.3; --robust, dpi_ilqr.py's variants).
 
 Algorithm (one iteration; in brackets the function doing each line):
     1. Roll out pi_old, num_steps steps in each of num_envs envs; the vine saves the states, the trunk [Rollout, Simulator]
