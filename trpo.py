@@ -167,10 +167,8 @@ def algorithm_checks(args: Args) -> list[tuple[bool, str]]:
     rollout_size, vine = args.num_envs * args.num_steps, args.estimator == "vine"
     trust_region = args.delta > 0 and args.cg_iters > 0 and args.cg_damping >= 0 and args.backtrack_iters > 0
     value_fit = min(args.value_lr, args.value_epochs, args.value_minibatches) > 0
-    variants, ranges = (
-        (args.robust_train_variants, args.robust_test_variants),
-        (args.robust_mass_range, args.robust_length_range),
-    )
+    variants = (args.robust_train_variants, args.robust_test_variants)
+    ranges = (args.robust_mass_range, args.robust_length_range)
     return [
         (min(args.hidden_sizes, default=0) > 0, f"--hidden-sizes must be positive, got {args.hidden_sizes}"),
         (args.num_steps > 0, f"--num-steps must be positive, got {args.num_steps}"),

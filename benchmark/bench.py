@@ -233,7 +233,7 @@ def dpi_fig1(tag: str, scored: str) -> Comparison:
         (Line("AGGREVATED-ILQR", "dpi_ilqr", tag), Line("TRPO-GAE", "trpo_gae", tag)),
         envs=("InvertedPendulum-v5", "Swimmer-v5", "Hopper-v5", "HalfCheetah-v5"),
         steps=30_000,
-        env_steps={"Swimmer-v5": 100_000, "Hopper-v5": 100_000, "HalfCheetah-v5": 100_000},
+        env_steps={"Swimmer-v5": 100_000, "Hopper-v5": 100_000, "HalfCheetah-v5": 300_000},
         extra_args=evaluate_every(4_000),
         paper="[DPI] Fig. 1b, e-g",
         y_label="eval return" + (", first 200 steps" if tag.endswith("horizon") else ""),
