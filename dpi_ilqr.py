@@ -33,7 +33,8 @@ K mixture components, M prior points, B states in a batch, P policy parameters.
 Deviations from the paper (each marked where it happens): the known cost c(s, a) [DPI Sec. 2] is written per env from its
 reward (COSTS); pi_n in -log pi_n and the KL is linearised per step (GPS); A^eta is for the true cost c, not the augmented c';
 states in L(theta) weigh the same, not gamma^t; TRPO's line search checks the step; c is expanded exactly at the samples (GPS),
-not regressed; mu comes from GPS's bracket search, not projected gradient ascent; training episodes are cut at --horizon T.
+not regressed; mu comes from GPS's bracket search, not projected gradient ascent; training episodes are cut at --horizon T
+(charts/eval_return_horizon scores the first T steps of the evaluation episodes, charts/eval_return all of them).
 Changes to GPS: a dynamics ridge relative to each input's variance, GMM components with a pseudo-point of the global covariance
 started from a k-means step, the NIW mean shrunk to the prior's. The robust variants are ours.
 """
@@ -298,6 +299,25 @@ def robust_variants(args: Args) -> tuple[list[tuple[float, float]], list[tuple[f
         mass, length = rng.uniform(*args.robust_mass_range), rng.uniform(*args.robust_length_range)
         params.append((float(mass), float(length) if args.env == "InvertedPendulum-v5" else 1.0))
     return params[args.robust_test_variants :], params[: args.robust_test_variants]
+
+
+class FirstStepsReturn(gym.Wrapper):
+    """Records the undiscounted return of the first `steps` steps of each episode, one per reset, in `returns`."""
+
+    def __init__(self, env: gym.Env, steps: int):
+        super().__init__(env)
+        self.steps, self.returns, self.elapsed = steps, [], 0
+
+    def reset(self, **kwargs):
+        self.returns.append(0.0)
+        self.elapsed = 0
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.returns[-1] += float(reward) if self.elapsed < self.steps else 0.0
+        self.elapsed += 1
+        return obs, reward, terminated, truncated, info
 
 
 class TrainingEnvs(NamedTuple):
@@ -901,14 +921,24 @@ def update_actor(actor: Actor, targets: list[Imitation], args: Args) -> dict[str
 
 
 # == 7. Training ===========================================================================================
+def evaluation_scores(act: Callable, env: gym.Env, args: Args, device: torch.device) -> tuple[float, float]:
+    """Mean undiscounted return of the evaluation episodes (the plumbing's: seeds seed + 10000 + i) and of their first T
+    = --horizon steps, the part that training episodes cover."""
+    first_steps = FirstStepsReturn(env, args.horizon)
+    returns = evaluate(act, first_steps, args.eval_episodes, args.seed + 10_000, device)
+    return float(np.mean(returns)), float(np.mean(first_steps.returns))
+
+
 def evaluate_variants(act: Callable, envs: TrainingEnvs, args: Args, device: torch.device) -> dict[str, float]:
-    """--robust's evaluation [DPI Sec. 6.3]: charts/eval_return is the mean return over the held-out test variants,
-    charts/eval_return_train over the training ones (on a training env: rollouts reseed)."""
-    mean_return = lambda env: float(np.mean(evaluate(act, env, args.eval_episodes, args.seed + 10_000, device)))
-    train_return = float(np.mean([mean_return(group[0]) for group in envs.train]))
+    """--robust's evaluation [DPI Sec. 6.3]: charts/eval_return (and _horizon, over the first T steps) is the mean
+    return over the held-out test variants, charts/eval_return_train over the training ones (on a training env:
+    rollouts reseed)."""
+    train_return = float(np.mean([evaluation_scores(act, group[0], args, device)[0] for group in envs.train]))
+    test_returns, test_horizon_returns = np.mean([evaluation_scores(act, env, args, device) for env in envs.test], axis=0)
     return {
         "charts/eval_return_train": train_return,
-        "charts/eval_return": float(np.mean([mean_return(e) for e in envs.test])),
+        "charts/eval_return": float(test_returns),
+        "charts/eval_return_horizon": float(test_horizon_returns),
     }
 
 
@@ -934,7 +964,13 @@ def train(args: Args) -> dict:
     # -- run: directory, logging, evaluation, saving, resume (below the fence); act: the mean, clipped to the bounds
     act = lambda obs: actor(obs.float()).clamp(low, high)
     explore = torch.no_grad()(lambda obs: actor.sample(torch.as_tensor(obs, dtype=torch.float32, device=device)).numpy())
-    eval_fn = (lambda: evaluate_variants(act, envs, args, device)) if args.robust else None  # on the variants
+
+    def eval_fn() -> dict[str, float]:  # both scores of the evaluation episodes (on the variants with --robust)
+        if args.robust:
+            return evaluate_variants(act, envs, args, device)
+        full, horizon = evaluation_scores(act, run.eval_env, args, device)  # run.eval_env: the plumbing's, opened by start
+        return {"charts/eval_return": full, "charts/eval_return_horizon": horizon}
+
     run = Run(args, envs, model=dict(actor=actor), train_state=dict(mu=mus, **priors), act=act, eval_fn=eval_fn)
     if args.eval_only:
         return run.evaluate_only()

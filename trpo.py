@@ -10,6 +10,8 @@ References:
     [GAE] Schulman, Moritz, Levine, Jordan, Abbeel 2016, arXiv:1506.02438: the single path's A and learned V (TRPO-GAE).
     [SB3C], [SpinUp] Stable-Baselines3-contrib's and Spinning Up's TRPO: CG damping, line search and V fit (not in [TRPO]).
     [TreePI] Springenberg, Heess et al. 2020, arXiv:2010.05545: Table 2's network options (--activation, --layer-norm).
+    [DPI] Sun, Gordon, Boots, Bagnell 2018, arXiv:1805.10755: TRPO-GAE as its baseline (Sec. 6.2; --eval-horizon scores the
+        first T steps, DPI's training horizon) and robust policy optimisation (Sec. 6.3; --robust, dpi_ilqr.py's variants).
 
 Algorithm (one iteration; in brackets the function doing each line):
     1. Roll out pi_old, num_steps steps in each of num_envs envs; the vine saves the states, the trunk [Rollout, Simulator]
@@ -35,8 +37,10 @@ Deviations from the paper:
 """
 
 import functools
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, NamedTuple
 
 import gymnasium as gym
@@ -109,6 +113,20 @@ class Args:
     """Clip normalised observations to +-obs_clip."""
     reward_clip: float = 10.0
     """Clip scaled rewards to +-reward_clip."""
+    # Evaluation over a horizon, for [DPI] Sec. 6.2's comparison with a policy trained on T-step episodes
+    eval_horizon: int = 0
+    """Also log charts/eval_return_horizon, the return of the first this many steps of each evaluation episode (0: off)."""
+    # Robust policy optimisation [DPI Sec. 6.3: 10 perturbed envs, 7 to train, 3 to test], the variants of dpi_ilqr.py
+    robust: bool = False
+    """Train on perturbed variants of --env (--num-envs copies of each, one batch) and test on held-out ones."""
+    robust_train_variants: int = 7
+    """Training variants M."""
+    robust_test_variants: int = 3
+    """Held-out test variants, evaluated only."""
+    robust_mass_range: tuple[float, float] = (0.5, 1.5)
+    """Range of the uniform mass scale of the variants."""
+    robust_length_range: tuple[float, float] = (0.5, 1.5)
+    """Range of the uniform pole-length scale (InvertedPendulum-v5 only)."""
     # -- shared: identical in every file ------------------------------------------------------------------
     env: str = "Hopper-v5"
     """Gymnasium id of the task (`module:Env-v0` imports `module` first, for an env it registers)."""
@@ -149,6 +167,8 @@ def algorithm_checks(args: Args) -> list[tuple[bool, str]]:
     rollout_size, vine = args.num_envs * args.num_steps, args.estimator == "vine"
     trust_region = args.delta > 0 and args.cg_iters > 0 and args.cg_damping >= 0 and args.backtrack_iters > 0
     value_fit = min(args.value_lr, args.value_epochs, args.value_minibatches) > 0
+    variants = (args.robust_train_variants, args.robust_test_variants)
+    ranges = (args.robust_mass_range, args.robust_length_range)
     return [
         (min(args.hidden_sizes, default=0) > 0, f"--hidden-sizes must be positive, got {args.hidden_sizes}"),
         (args.num_steps > 0, f"--num-steps must be positive, got {args.num_steps}"),
@@ -161,6 +181,11 @@ def algorithm_checks(args: Args) -> list[tuple[bool, str]]:
         (0.0 < args.backtrack_coef < 1.0, f"--backtrack-coef must be in (0, 1), got {args.backtrack_coef}"),
         (value_fit, "--value-lr, --value-epochs and --value-minibatches must be positive"),
         (args.value_minibatches <= rollout_size, f"--value-minibatches must be at most the rollout's {rollout_size} steps"),
+        (args.eval_horizon >= 0, f"--eval-horizon must be >= 0, got {args.eval_horizon}"),
+        (not args.robust or min(variants) > 0, "--robust needs positive --robust-train-variants and --robust-test-variants"),
+        (not args.robust or not args.env.startswith("dm_control/"), "--robust perturbs gymnasium's models, not the suite's"),
+        (not args.robust or not vine, "--robust takes the single path: the vine's branches restore states in one simulator"),
+        (all(0.0 < low <= high for low, high in ranges), "--robust-mass-range and --robust-length-range need 0 < low <= high"),
     ]
 
 
@@ -420,6 +445,69 @@ class Simulator:
         return self.flatten(obs), float(reward), bool(terminated)
 
 
+class FirstStepsReturn(gym.Wrapper):
+    """Records the undiscounted return of the first `steps` steps of each episode, one per reset, in `returns`."""
+
+    def __init__(self, env: gym.Env, steps: int):
+        super().__init__(env)
+        self.steps, self.returns, self.elapsed = steps, [], 0
+
+    def reset(self, **kwargs):
+        self.returns.append(0.0)
+        self.elapsed = 0
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.returns[-1] += float(reward) if self.elapsed < self.steps else 0.0
+        self.elapsed += 1
+        return obs, reward, terminated, truncated, info
+
+
+def make_variant_env(env_id: str, mass_scale: float, length_scale: float) -> gym.Env:
+    """An env with perturbed physics [DPI Sec. 6.3: pole mass and length], as dpi_ilqr.py's. InvertedPendulum-v5: the pole
+    `length_scale` times as long (and heavy: masses come from geom volumes), then `mass_scale` times as heavy; other
+    gymnasium MuJoCo envs: every body's mass and inertia times `mass_scale`."""
+    if env_id != "InvertedPendulum-v5":
+        env = make_env(env_id)
+        if not isinstance(env.unwrapped, MujocoEnv):
+            raise UsageError(f"--robust scales the masses of a gymnasium MuJoCo model; {env_id} has none")
+        bodies = slice(1, None)  # every body but the world
+    else:
+        xml = (Path(gym.__file__).parent / "envs" / "mujoco" / "assets" / "inverted_pendulum.xml").read_text()
+        pole = 'fromto="0 0 0 0.001 0 0.6"'  # the pole geom, from the hinge up
+        if xml.count(pole) != 1:
+            raise RuntimeError("gymnasium's inverted_pendulum.xml no longer has the pole geom")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "inverted_pendulum.xml"
+            path.write_text(xml.replace(pole, f'fromto="0 0 0 0.001 0 {0.6 * length_scale}"'))
+            env = gym.make(env_id, xml_file=str(path))  # the model is compiled here
+        bodies = [env.unwrapped.model.body("pole").id]
+    model = env.unwrapped.model
+    model.body_mass[bodies] *= mass_scale
+    model.body_inertia[bodies] *= mass_scale
+    mujoco.mj_setConst(model, env.unwrapped.data)  # derived constants (subtree masses, ...)
+    return env
+
+
+def robust_variants(args: Args) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """(mass_scale, length_scale) of the training and the held-out test variants, uniform in the ranges, from their own
+    generator; the test variants first, so a seed gives one test set for any number of training variants (as dpi_ilqr.py)."""
+    rng = np.random.default_rng(args.seed)
+    params = []
+    for _ in range(args.robust_test_variants + args.robust_train_variants):
+        mass, length = rng.uniform(*args.robust_mass_range), rng.uniform(*args.robust_length_range)
+        params.append((float(mass), float(length) if args.env == "InvertedPendulum-v5" else 1.0))
+    return params[args.robust_test_variants :], params[: args.robust_test_variants]
+
+
+def make_variant_vec_env(env_id: str, params: list[tuple[float, float]], num_envs: int) -> gym.vector.VectorEnv:
+    """make_vec_env's training envs, `num_envs` copies of each variant in `params`, in that order."""
+    makers = [functools.partial(make_variant_env, env_id, *p) for p in params for _ in range(num_envs)]
+    envs = gym.vector.SyncVectorEnv(makers, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    return gym.wrappers.vector.RecordEpisodeStatistics(envs)
+
+
 # == 5. Algorithm ==========================================================================================
 CG_RESIDUAL_TOL = 1e-10  # stop CG once |r|^2 is below this ([SB3C]; modular_rl)
 STEP_EPS = 1e-12  # guards beta = sqrt(2 delta / s^T A s) against s^T A s = 0
@@ -630,11 +718,27 @@ def update_value(
 
 
 # == 7. Training ===========================================================================================
+def evaluation_scores(act: Callable, env: gym.Env, args: Args, device: torch.device) -> tuple[float, float]:
+    """Mean undiscounted return of the evaluation episodes (the plumbing's: seeds seed + 10000 + i) and of their first
+    --eval-horizon steps."""
+    first_steps = FirstStepsReturn(env, args.eval_horizon)
+    returns = evaluate(act, first_steps, args.eval_episodes, args.seed + 10_000, device)
+    return float(np.mean(returns)), float(np.mean(first_steps.returns))
+
+
 def train(args: Args) -> dict:
     """Train TRPO; returns the final metrics, counters and the run directory."""
     device = setup(args)  # seeds, torch threads, device
     # -- environments; the vine saves each training env's state at every step and branches on a copy of its own
-    envs = make_vec_env(args.env, args.num_envs)
+    # --robust [DPI Sec. 6.3]: --num-envs copies of each training variant, one rollout; the variants apart to evaluate on
+    train_params, test_params = robust_variants(args) if args.robust else ([], [])
+    envs = (
+        make_variant_vec_env(args.env, train_params, args.num_envs) if args.robust else make_vec_env(args.env, args.num_envs)
+    )
+    train_variants, test_variants = (
+        [make_variant_env(args.env, *p) for p in params] for params in (train_params, test_params)
+    )
+    num_envs = envs.num_envs  # --num-envs, times the training variants with --robust
     obs_dim, action_space, vine = envs.single_observation_space.shape[0], envs.single_action_space, args.estimator == "vine"
     trunk_sims = [Simulator(env, args.env) for env in envs.unwrapped.envs] if vine else []
     branch_sim = Simulator(make_env(args.env), args.env) if vine else None
@@ -642,7 +746,7 @@ def train(args: Args) -> dict:
     nets = (args.hidden_sizes, args.activation, args.layer_norm)
     actor, value = Actor(obs_dim, action_space, *nets).to(device), None if vine else Value(obs_dim, *nets).to(device)
     value_opt = None if vine else torch.optim.Adam(value.parameters(), lr=args.value_lr, fused=True)
-    obs_rms, reward_scaler = RunningMeanStd((obs_dim,)), RewardScaler(args.num_envs, args.gamma, args.reward_clip)
+    obs_rms, reward_scaler = RunningMeanStd((obs_dim,)), RewardScaler(num_envs, args.gamma, args.reward_clip)
     region = (args.delta, args.cg_iters, args.cg_damping, args.fisher_fraction, args.backtrack_coef, args.backtrack_iters)
     # the vine's branches follow pi with given noise, clipped for the env
     branch_act = lambda obs, noise: actor.env_action(actor.sample_with_noise(observe(obs, update=False), noise)).cpu().numpy()
@@ -656,17 +760,30 @@ def train(args: Args) -> dict:
         return torch.as_tensor(raw, dtype=torch.float32, device=device)
 
     # -- storage: the rollout; the vine's trunk, the simulator states [T, N, Z] and their episodes' steps so far [T, N]
-    shape = (args.num_steps, args.num_envs)  # [T, N]
+    shape = (args.num_steps, num_envs)  # [T, N]
     zeros = lambda *size, dtype=torch.float32: torch.zeros(*shape, *size, dtype=dtype, device=device)
     stored_actions = zeros(dtype=torch.long) if actor.discrete else zeros(*action_space.shape)
     rollout = Rollout(zeros(obs_dim), stored_actions, log_probs=zeros(), rewards=zeros(), dones=zeros(), values=zeros())
-    trunk_states = np.zeros((args.num_steps, args.num_envs, trunk_sims[0].size if vine else 0))
-    trunk_elapsed = np.zeros((args.num_steps, args.num_envs), dtype=np.int64)
+    trunk_states = np.zeros((args.num_steps, num_envs, trunk_sims[0].size if vine else 0))
+    trunk_elapsed = np.zeros((args.num_steps, num_envs), dtype=np.int64)
     sim_steps = torch.zeros((), dtype=torch.int64)  # trunk and branch steps (a tensor, so that resume.pt keeps it)
     # -- run: directory, logging, evaluation, saving, resume (below the fence)
     model = dict(actor=actor, value=value, obs_rms=obs_rms if args.norm_obs else None)
     train_state = dict(value_opt=value_opt, reward_rms=reward_scaler.rms, sim_steps=sim_steps)
-    run = Run(args, envs, model, train_state, act=lambda obs: actor.deterministic(observe(obs.cpu().numpy(), update=False)))
+    act = lambda obs: actor.deterministic(observe(obs.cpu().numpy(), update=False))
+
+    def eval_fn() -> dict[str, float]:
+        """--robust's and --eval-horizon's scores: on the test variants with --robust, else on the plumbing's env (its
+        start opens it); with --robust also charts/eval_return_train, on copies of the training variants (mid-episode)."""
+        mean_scores = lambda group: np.mean([evaluation_scores(act, env, args, device) for env in group], axis=0)
+        full, horizon = mean_scores(test_variants or [run.eval_env])
+        scores = {"charts/eval_return": float(full)}
+        scores |= {"charts/eval_return_horizon": float(horizon)} if args.eval_horizon else {}
+        scores |= {"charts/eval_return_train": float(mean_scores(train_variants)[0])} if args.robust else {}
+        return scores
+
+    custom_eval = args.robust or args.eval_horizon > 0
+    run = Run(args, envs, model, train_state, act=act, eval_fn=eval_fn if custom_eval else None)
     if args.eval_only:
         return run.evaluate_only()
     global_step, num_updates = run.start()
@@ -682,7 +799,7 @@ def train(args: Args) -> dict:
                 values = rollout.values[t] if vine else value(obs)
                 # step
                 next_obs, rewards, terminated, truncated, infos = envs.step(actor.env_action(actions).cpu().numpy())
-                global_step += args.num_envs
+                global_step += num_envs
                 run.add_episodes(global_step, infos)
                 ended = terminated | truncated
                 rewards = reward_scaler(rewards, ended) if args.norm_reward else rewards
@@ -695,7 +812,7 @@ def train(args: Args) -> dict:
                 rollout.obs[t], rollout.actions[t], rollout.log_probs[t], rollout.values[t] = obs, actions, log_probs, values
                 rollout.rewards[t], rollout.dones[t] = rewards, torch.as_tensor(ended, dtype=torch.float32, device=device)
                 obs = observe(next_obs)
-        sim_steps += args.num_steps * args.num_envs
+        sim_steps += args.num_steps * num_envs
         # update: one trust-region step [TRPO Sec. 6] on the surrogate of either estimator
         flat = Rollout(*(x.flatten(0, 1) for x in rollout))  # [T N, ...]
         if vine:  # [TRPO Sec. 5.2] the rollout set: R distinct trunk states, uniformly

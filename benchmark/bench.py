@@ -104,12 +104,15 @@ class Comparison:
     """Budgets of the variants that differ (for `speed`, where only the rate matters)."""
     variant_args: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Flags added to one variant's runs in this comparison only (part of the run's identity)."""
+    panel_titles: dict[str, str] = field(default_factory=dict)
+    """Titles of the env's panel and table that differ from the env id (the paper's figure letter, say)."""
 
     def budget(self, env: str, override: int | None = None, variant: str = "") -> int:
         """Env steps per run: the command line's --steps, else the variant's, the env's, steps."""
         return override or self.variant_steps.get(variant, self.env_steps.get(env, self.steps))
 
 
+DPI_HORIZON = ("--eval-horizon", "200")  # trpo.py's charts/eval_return_horizon over dpi_ilqr.py's default T
 # MPO+Predictive's E-step and bounds on treepi.py's networks [TreePI Table 2]
 MPO_PREDICTIVE = ("--e-step", "mpo", "--epsilon", "0.1", "--epsilon-cov", "1e-4", "--policy-target-frequency", "20")
 VARIANTS: dict[str, Variant] = {
@@ -150,8 +153,27 @@ VARIANTS: dict[str, Variant] = {
         doc="TRPO, vine estimator",
         env_args={"Swimmer-v5": ("--vine-rollout-length", "50")},
     ),
-    "trpo_gae": Variant("trpo.py", ("--num-steps", "2000"), doc="TRPO-GAE, the DPI baseline"),
+    # [DPI] Sec. 6.2-6.3: TRPO-GAE also scored over the first T = 200 steps, the horizon AGGREVATED-ILQR trains on
+    "trpo_gae": Variant("trpo.py", ("--num-steps", "2000", *DPI_HORIZON), doc="TRPO-GAE, the DPI baseline"),
     "dpi_ilqr": Variant("dpi_ilqr.py", ("--num-envs", "10"), doc="AGGREVATED-ILQR"),
+    "trpo_gae_robust": Variant(
+        "trpo.py",
+        ("--num-steps", "300", *DPI_HORIZON, "--robust"),
+        doc="TRPO-GAE on the 7 training variants (300 steps each per batch), tested on 3 held-out ones",
+    ),
+    "trpo_gae_one_variant": Variant(
+        "trpo.py",
+        ("--num-steps", "2000", *DPI_HORIZON, "--robust", "--robust-train-variants", "1"),
+        doc="TRPO-GAE on one training variant, tested on the same 3 held-out ones",
+    ),
+    "dpi_ilqr_robust": Variant(
+        "dpi_ilqr.py", ("--num-envs", "10", "--robust"), doc="AGGREVATED-ILQR on the 7 training variants, tested on 3 others"
+    ),
+    "dpi_ilqr_one_variant": Variant(
+        "dpi_ilqr.py",
+        ("--num-envs", "10", "--robust", "--robust-train-variants", "1"),
+        doc="AGGREVATED-ILQR on one training variant ([DPI] Fig. 2's non-robust), tested on the same 3",
+    ),
     "cpi_garnet": Variant("cpi_garnet.py", doc="CPI and AGGREVATED-VI on Garnet MDPs"),
     # CleanRL's files on the -v4 envs under gymnasium 0.29, stored under the -v5 name so they
     # share a subplot with ours; benchmark/cleanrl_compare.py runs them (made_by below)
@@ -202,6 +224,47 @@ def against_cleanrl(
         env_steps={"Hopper-v5": hopper_steps},
         made_by=f"python benchmark/cleanrl_compare.py learn --algo {algo} --stack {stack}",
         published=CLEANRL_PUBLISHED[algo],
+    )
+
+
+def dpi_fig1(tag: str, scored: str) -> Comparison:
+    """[DPI] Fig. 1 b, e-g: AGGREVATED-ILQR against TRPO-GAE, the evaluation episodes scored over `scored` (`tag`); the
+    two scores come from the same runs. The panels carry the paper's letters (Sec. 6: cart-pole b, hover c, funnel d,
+    Swimmer e, Hopper f, Half-Cheetah g); InvertedPendulum-v5 stands in for the cart-pole."""
+    return Comparison(
+        f"DPI: AGGREVATED-ILQR vs TRPO-GAE, evaluation return over {scored}",
+        (Line("AGGREVATED-ILQR", "dpi_ilqr", tag), Line("TRPO-GAE", "trpo_gae", tag)),
+        envs=("InvertedPendulum-v5", "Swimmer-v5", "Hopper-v5", "HalfCheetah-v5"),
+        steps=30_000,
+        env_steps={"Swimmer-v5": 100_000, "Hopper-v5": 100_000, "HalfCheetah-v5": 300_000},
+        extra_args=evaluate_every(4_000),
+        paper="[DPI] Fig. 1b, e-g",
+        y_label="eval return" + (", first 200 steps" if tag.endswith("horizon") else ""),
+        panel_titles={
+            "InvertedPendulum-v5": "InvertedPendulum-v5 (cart-pole, Fig. 1b)",
+            "Swimmer-v5": "Swimmer-v5 (Fig. 1e)",
+            "Hopper-v5": "Hopper-v5 (Fig. 1f)",
+            "HalfCheetah-v5": "HalfCheetah-v5 (Fig. 1g)",
+        },
+    )
+
+
+def dpi_fig2(tag: str, scored: str) -> Comparison:
+    """[DPI] Fig. 2: robust policy optimisation on InvertedPendulum-v5 (cart-pole) variants of pole mass and length, 7 to
+    train on and 3 held out (the same for every line of a seed); `tag` scores the held-out variants over `scored`."""
+    return Comparison(
+        f"DPI robust: return on 3 held-out variants over {scored}",
+        (
+            Line("AGGREVATED-ILQR, 7 variants", "dpi_ilqr_robust", tag),
+            Line("AGGREVATED-ILQR, 1 variant (non-robust)", "dpi_ilqr_one_variant", tag),
+            Line("TRPO-GAE, 7 variants", "trpo_gae_robust", tag),
+            Line("TRPO-GAE, 1 variant", "trpo_gae_one_variant", tag),
+        ),
+        envs=("InvertedPendulum-v5",),
+        steps=100_000,
+        extra_args=("--eval-every", "10000", "--eval-episodes", "2"),  # 10 variants are evaluated each time
+        paper="[DPI] Fig. 2 (cart-pole; there also helicopter funnel)",
+        y_label="held-out eval return" + (", first 200 steps" if tag.endswith("horizon") else ""),
     )
 
 
@@ -271,15 +334,10 @@ COMPARISONS: dict[str, Comparison] = {
         extra_args=evaluate_every(10_000),
         paper="[TRPO] Fig. 4",
     ),
-    "dpi_fig1": Comparison(
-        "DPI: AGGREVATED-ILQR vs TRPO-GAE",
-        (Line("AGGREVATED-ILQR", "dpi_ilqr"), Line("TRPO-GAE", "trpo_gae")),
-        envs=("InvertedPendulum-v5", "Swimmer-v5"),
-        steps=30_000,
-        env_steps={"Swimmer-v5": 100_000},
-        extra_args=evaluate_every(4_000),
-        paper="[DPI] Fig. 1b-c",
-    ),
+    "dpi_fig1": dpi_fig1("charts/eval_return", "the full episode (the env's time limit)"),
+    "dpi_fig1_horizon": dpi_fig1("charts/eval_return_horizon", "the first T = 200 steps, the horizon DPI trains on"),
+    "dpi_fig2": dpi_fig2("charts/eval_return", "the full episode"),
+    "dpi_fig2_horizon": dpi_fig2("charts/eval_return_horizon", "the first T = 200 steps"),
     "cpi_fig1a": Comparison(
         "DPI on Garnet MDPs: CPI vs AGGREVATED-VI (log2 of the cost, lower is better)",
         (
@@ -719,7 +777,7 @@ def num(x: float) -> str:
 def table(comp: Comparison, env: str, rows: list[dict]) -> str:
     """The markdown table of one env."""
     text = [
-        f"### {env}",
+        f"### {comp.panel_titles.get(env, env)}",
         "",
         (
             f"| line | final {comp.y_label or comp.lines[0].tag.split('/')[-1]} (mean ± 95% CI) | last of {comp.x_label} | "
@@ -769,7 +827,7 @@ def plot(comp: Comparison, name: str, data: dict, envs: tuple[str, ...], steps: 
                 axes[0, col].text(0.02, 0.97, f"{label} published: {value:.0f} ({note})",
                                   transform=axes[0, col].transAxes, va="top", fontsize=7)  # fmt: skip
         ylabel = comp.y_label or comp.lines[0].tag.split("/")[-1]
-        axes[0, col].set(title=env, xlabel=comp.x_label, ylabel=ylabel)
+        axes[0, col].set(title=comp.panel_titles.get(env, env), xlabel=comp.x_label, ylabel=ylabel)
         if comp.wall_clock:
             axes[1, col].set(xlabel="wall-clock seconds", ylabel=ylabel)
         for ax in axes[:, col]:

@@ -77,6 +77,12 @@ ALGORITHM = {
         ["--backtrack-coef", "1"],
         ["--value-minibatches", "0"],
         ["--env", "dm_control/quadruped-escape-v0", "--estimator", "vine"],  # a terrain per episode: not restorable
+        ["--eval-horizon", "-1"],
+        ["--robust", "--estimator", "vine"],  # the branches restore states in one unperturbed simulator
+        ["--robust", "--env", "Pendulum-v1"],  # no MuJoCo model to perturb
+        ["--env", "dm_control/cartpole-swingup-v0", "--robust"],  # the variants perturb gymnasium's models
+        ["--robust", "--robust-train-variants", "0"],
+        ["--robust-length-range", "0", "1"],
     ],
     "dpi_ilqr": [
         ["--env", "Walker2d-v5"],  # no known cost

@@ -695,7 +695,32 @@ def test_train_robust_logs_train_and_test_returns(log_dir):
     events = EventAccumulator(out["run_dir"])
     events.Reload()
     tags = events.Tags()["scalars"]
-    assert {"charts/eval_return", "charts/eval_return_train", "stats/mu"} <= set(tags)
+    assert {"charts/eval_return", "charts/eval_return_horizon", "charts/eval_return_train", "stats/mu"} <= set(tags)
+
+
+def test_eval_return_horizon_is_the_return_of_the_first_t_steps_of_the_evaluation_episodes(log_dir):
+    """charts/eval_return_horizon against a replay of the saved policy in a fresh Swimmer-v5 (1000-step episodes,
+    T = 20): the sum of the first T rewards of the same seeded episodes; charts/eval_return the sum of all."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = Args(env="Swimmer-v5", episodes=2, horizon=20, prior_em_iters=5, eval_episodes=2, total_steps=40, log_dir=log_dir)
+    out = train(args)
+    events = EventAccumulator(out["run_dir"])
+    events.Reload()
+    env = gym.make("Swimmer-v5")
+    act = loaded_policy(os.path.join(out["run_dir"], "model.pt"), args, env)
+    full, first = [], []
+    for i in range(2):
+        (obs, _), rewards, done = env.reset(seed=args.seed + 10_000 + i), [], False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(act(torch.as_tensor(obs)).detach().numpy())
+            rewards.append(reward)
+            done = terminated or truncated
+        full.append(sum(rewards))
+        first.append(sum(rewards[: args.horizon]))
+    assert events.Scalars("charts/eval_return")[-1].value == pytest.approx(np.mean(full), rel=1e-6)
+    assert events.Scalars("charts/eval_return_horizon")[-1].value == pytest.approx(np.mean(first), rel=1e-6)
+    assert out["eval_return"] == pytest.approx(np.mean(full)) and abs(np.mean(first) - np.mean(full)) > 1e-3
 
 
 def test_train_on_the_control_suite_and_refuse_its_other_tasks(log_dir, capsys):
