@@ -302,6 +302,16 @@ COMPARISONS: dict[str, Comparison] = {
         wall_clock=True,
         paper="[TreePI] Fig. 1",
     ),
+    "treepi_fig1_suite": Comparison(
+        "TreePI/search and TreePI/π against MPO+Predictive, MPO and SAC on the paper's own tasks",
+        (Line("TreePI/search", "treepi_search"), Line("TreePI/π", "treepi_pi"), *TREEPI_BASELINES),
+        envs=("dm_control/cartpole-swingup-v0", "dm_control/finger-turn_hard-v0"),
+        steps=100_000,
+        # resume.pt every 10 episodes, so that a run stopped without a signal loses at most 10k steps
+        extra_args=(*evaluate_every(10_000), "--checkpoint-every", "10000"),
+        x_label="env steps (1000 per episode)",
+        paper="[TreePI] Fig. 1 (its x axis in episodes of 1000 steps)",
+    ),
     "treepi_models": Comparison(
         "TreePI/π with the learned model and with the simulator, against the same E-step on latents and observations",
         (
