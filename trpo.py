@@ -845,6 +845,7 @@ def train(args: Args) -> dict:
         num_updates += 1
         run.add_metrics(metrics)
         run.writer.add_scalar("charts/sim_steps", int(sim_steps), global_step)
+        run.writer.add_scalar("charts/iteration", num_updates, global_step)  # [TRPO] Fig. 4's x axis
         run.step(global_step, num_updates)  # log, evaluate and save as scheduled; stop on a signal
     return dict(run.finish(global_step, num_updates), sim_steps=int(sim_steps))
 
