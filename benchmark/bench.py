@@ -96,12 +96,15 @@ class Comparison:
     log_y: bool = False
     """A logarithmic y axis (rates that differ by orders of magnitude)."""
     x_label: str = "env steps"
-    """What the scripts log as the step (cpi_garnet.py: episodes per MDP)."""
+    """What the scripts log as the step (cpi_garnet.py: episodes per MDP), or what `x_tag` counts."""
+    x_tag: str = ""
+    """A counter the scripts log (0 at step 0) to plot against instead of the step: each point's x is its value at that
+    step, interpolated between its events (trpo.py's charts/iteration, charts/sim_steps); rates in the table per unit."""
     made_by: str = ""
     """The command that makes this comparison's runs where `run` cannot (CleanRL needs its own
     virtual environment); `csv` and `plot` read them as any other."""
     variant_steps: dict[str, int] = field(default_factory=dict)
-    """Budgets of the variants that differ (for `speed`, where only the rate matters)."""
+    """Budgets of the variants that differ, on every env (`speed`, where only the rate matters; a vine's shorter trunk)."""
     variant_args: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Flags added to one variant's runs in this comparison only (part of the run's identity)."""
     panel_titles: dict[str, str] = field(default_factory=dict)
@@ -157,6 +160,26 @@ VARIANTS: dict[str, Variant] = {
         ("--estimator", "vine", "--vine-states", "125"),
         doc="TRPO, vine estimator",
         env_args={"Swimmer-v5": ("--vine-rollout-length", "50")},
+    ),
+    # [TRPO] Table 2's batches: single path N paths of 1000 steps, one env each; the vine's trunk 16 x 1000, R states x 4
+    # branches; evaluated every 5 iterations. Hopper: the paper's 1000 paths and 2500 Q-values divided by 10.
+    "trpo_single_table2": Variant(
+        "trpo.py",
+        ("--num-steps", "1000"),
+        doc="TRPO single path at [TRPO] Table 2's batch (Swimmer 50 paths x 1000; Hopper 100, the paper's 1000 / 10)",
+        env_args={
+            "Swimmer-v5": ("--num-envs", "50", "--eval-every", "250000"),
+            "Hopper-v5": ("--num-envs", "100", "--eval-every", "500000"),
+        },
+    ),
+    "trpo_vine_table2": Variant(
+        "trpo.py",
+        ("--estimator", "vine", "--num-envs", "16", "--num-steps", "1000", "--vine-actions", "4", "--eval-every", "80000"),
+        doc="TRPO vine at [TRPO] Table 2's batch (trunk 16 x 1000; Swimmer 125 x 4 x 50; Hopper 62 x 4 x 100, 2500 Q / 10)",
+        env_args={
+            "Swimmer-v5": ("--vine-states", "125", "--vine-rollout-length", "50"),
+            "Hopper-v5": ("--vine-states", "62", "--vine-rollout-length", "100"),
+        },
     ),
     # [DPI] Sec. 6.2-6.3: TRPO-GAE also scored over the first T = 200 steps, the horizon AGGREVATED-ILQR trains on
     "trpo_gae": Variant("trpo.py", ("--num-steps", "2000", *DPI_HORIZON), doc="TRPO-GAE, the DPI baseline"),
@@ -229,6 +252,23 @@ def against_cleanrl(
         env_steps={"Hopper-v5": hopper_steps},
         made_by=f"python benchmark/cleanrl_compare.py learn --algo {algo} --stack {stack}",
         published=CLEANRL_PUBLISHED[algo],
+    )
+
+
+def trpo_fig4_table2(x_tag: str, x_label: str) -> Comparison:
+    """[TRPO] Fig. 4 at Table 2's batches, 200 iterations (the paper's), against `x_tag`; the two axes share runs."""
+    return Comparison(
+        f"TRPO: single path vs vine at [TRPO] Table 2's batches (Hopper's / 10), 200 iterations, against {x_label}",
+        (Line("single path", "trpo_single_table2"), Line("vine", "trpo_vine_table2")),
+        envs=("Swimmer-v5", "Hopper-v5"),
+        steps=200 * 16_000,
+        env_steps={"Swimmer-v5": 200 * 50_000, "Hopper-v5": 200 * 100_000},  # the single path's; the vine's trunk below
+        variant_steps={"trpo_vine_table2": 200 * 16_000},
+        extra_args=("--eval-episodes", "5"),
+        x_tag=x_tag,
+        x_label=x_label,
+        paper="[TRPO] Fig. 4 (per iteration) and Table 2: Swimmer at its batches, Hopper's single-path paths and vine "
+        "Q-values / 10 (100 paths, 62 x 4 branches), the vine's 16 x 1000 trunk on both",
     )
 
 
@@ -354,6 +394,8 @@ COMPARISONS: dict[str, Comparison] = {
         extra_args=evaluate_every(10_000),
         paper="[TRPO] Fig. 4",
     ),
+    "trpo_fig4_table2": trpo_fig4_table2("charts/iteration", "policy iterations"),
+    "trpo_fig4_table2_steps": trpo_fig4_table2("charts/sim_steps", "env steps (the vine's branch steps included)"),
     "dpi_fig1": dpi_fig1("charts/eval_return", "the full episode (the env's time limit)"),
     "dpi_fig1_horizon": dpi_fig1("charts/eval_return_horizon", "the first T = 200 steps, the horizon DPI trains on"),
     "dpi_fig2": dpi_fig2("charts/eval_return", "the full episode"),
@@ -749,6 +791,18 @@ def to_wall_clock(grid: np.ndarray, values: np.ndarray, per_seed: list[np.ndarra
     return wall_grid, np.stack([np.interp(wall_grid, w, v) for w, v in zip(walls, values)])
 
 
+def along_tag(data: dict, x_tag: str) -> dict:
+    """The data with each event's step replaced by its run's `x_tag` at that step: the tag's events, with (0, 0) first,
+    interpolated linearly (clamped past its last event); the runs without the tag are left out."""
+    out = {}
+    for (variant, env, seed, tag), events in data.items():
+        counter = data.get((variant, env, seed, x_tag))
+        if counter is not None:
+            x = np.interp(events[:, 0], np.r_[0.0, counter[:, 0]], np.r_[0.0, counter[:, 2]])
+            out[(variant, env, seed, tag)] = np.column_stack([x, events[:, 1:]])
+    return out
+
+
 def speed(data: dict, variant: str, env: str, seeds: list[int]) -> float:
     """Steps/second over the second half of each run (off-policy warm-up and start-up excluded),
     from the wall times of its events: (N - N/2) / (t(N) - t(N/2)); the mean over seeds."""
@@ -774,6 +828,8 @@ def summarise(data: dict, comp: Comparison, env: str, steps: int | None) -> list
         if not seeds:
             continue
         total = comp.budget(env, steps, line.variant)
+        if comp.x_tag:  # episodes are binned over the counter's range
+            total = max(data[(line.variant, env, s, comp.x_tag)][-1, 0] for s in seeds)
         grid, values, per_seed = curves(data, line.variant, env, line.tag, seeds, total)
         if len(grid) == 0:
             continue
@@ -825,6 +881,7 @@ def plot(comp: Comparison, name: str, data: dict, envs: tuple[str, ...], steps: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    data = along_tag(data, comp.x_tag) if comp.x_tag else data
     summaries = {env: summarise(data, comp, env, steps) for env in envs}
     if not any(summaries.values()):
         raise UsageError(f"no data for comparison {name!r} in the CSV")
@@ -862,8 +919,14 @@ def plot(comp: Comparison, name: str, data: dict, envs: tuple[str, ...], steps: 
     fig.savefig(png, dpi=100)
     plt.close(fig)
     head = f"## {comp.title}\n\n{comp.paper + '. ' if comp.paper else ''}"
-    budgets = ", ".join(f"{env} {comp.budget(env, steps):,}" for env in envs)
-    head += f"Env steps per run: {budgets}; mean over seeds, 95% bootstrap CI over seeds; "
+
+    def budgets(env: str) -> str:  # one number per env, or one per line where they differ
+        per_line = {line.label: comp.budget(env, steps, line.variant) for line in comp.lines}
+        if len(set(per_line.values())) == 1:
+            return f"{env} {per_line[comp.lines[0].label]:,}"
+        return f"{env} (" + ", ".join(f"{label} {n:,}" for label, n in per_line.items()) + ")"
+
+    head += f"Env steps per run: {', '.join(map(budgets, envs))}; mean over seeds, 95% bootstrap CI over seeds; "
     head += "'mean over training' is the area under the curve divided by the step range.\n\n"
     text = head + "\n".join(table(comp, env, summaries[env]) for env in envs if summaries[env])
     with open(md, "w") as f:

@@ -1,6 +1,7 @@
 """benchmark/bench.py: the pure functions against hand-made data, and one tiny comparison end
 to end (sac.py and ppo.py on Pendulum-v1, 2 seeds, 384 steps, 2 jobs: about 30 s in all)."""
 
+import dataclasses
 import glob
 import importlib.util
 import itertools
@@ -76,6 +77,18 @@ def test_speed_is_the_rate_over_the_second_half_of_each_run():
     assert bench.speed(data, "v", "E", [1]) == pytest.approx(10.0)
     assert bench.speed(data, "v", "E", [1, 2]) == pytest.approx((10.0 + 20.0) / 2)
     assert np.isnan(bench.speed(data, "v", "E", [3]))
+
+
+def test_along_tag_puts_each_point_at_the_counter_interpolated_from_zero():
+    """A counter logged at steps 100 and 300 (values 1 and 2): a point at step 50 is at 0.5 (from (0, 0)), at 200 at 1.5,
+    at 400 at 2 (clamped); walls and values stay; a run without the counter is left out."""
+    counter = np.array([[100.0, 1.0, 1.0], [300.0, 3.0, 2.0]])
+    points = np.array([[50.0, 0.5, 7.0], [200.0, 2.0, 8.0], [400.0, 4.0, 9.0]])
+    data = {("v", "E", 1, "c"): counter, ("v", "E", 1, "y"): points, ("w", "E", 1, "y"): points}
+    out = bench.along_tag(data, "c")
+    np.testing.assert_array_equal(out["v", "E", 1, "y"], [[0.5, 0.5, 7.0], [1.5, 2.0, 8.0], [2.0, 4.0, 9.0]])
+    np.testing.assert_array_equal(out["v", "E", 1, "c"][:, 0], [1.0, 2.0])
+    assert ("w", "E", 1, "y") not in out
 
 
 def test_merge_events_lets_the_resumed_file_replace_the_lost_part(tmp_path):
@@ -412,3 +425,26 @@ def test_a_comparison_runs_on_a_control_suite_task(tmp_path, monkeypatch):
     assert len(returns) == 1 and returns[0][1] == env and int(returns[0][4]) == 1000  # the one 1000-step episode
     assert bench.main(["plot", "tiny_suite", "--out", out, "--figures", str(tmp_path)]) == 0
     assert (tmp_path / "tiny_suite.png").stat().st_size > 1000
+
+
+def test_a_comparison_plotted_against_trpo_iterations(tmp_path, monkeypatch):
+    """trpo.py's two estimators with different batches (64 and 32 steps) for 256 steps: against charts/iteration the table
+    ends at 256 / 64 = 4 and 256 / 32 = 8 iterations, against the step at 256 for both."""
+    common = ("--eval-every", "128", "--eval-episodes", "1", "--hidden-sizes", "8")
+    monkeypatch.setitem(bench.VARIANTS, "tiny_single", bench.Variant("trpo.py", ("--num-steps", "64", *common)))
+    vine = ("--estimator", "vine", "--num-steps", "32", "--vine-states", "4", "--vine-rollout-length", "5", *common)
+    monkeypatch.setitem(bench.VARIANTS, "tiny_vine", bench.Variant("trpo.py", vine))
+    lines = (bench.Line("single path", "tiny_single"), bench.Line("vine", "tiny_vine"))
+    per_step = bench.Comparison("tiny_trpo", lines, envs=("Pendulum-v1",), steps=256, seeds=(1,))
+    per_iteration = dataclasses.replace(per_step, x_tag="charts/iteration", x_label="iterations")
+    out, figures = str(tmp_path / "out"), tmp_path / "figures"
+    for name, comp in (("tiny_trpo", per_step), ("tiny_trpo_iter", per_iteration)):
+        monkeypatch.setitem(bench.COMPARISONS, name, comp)
+        assert bench.main(["run", name, "--out", out]) == bench.main(["csv", name, "--out", out]) == 0
+        assert bench.main(["plot", name, "--out", out, "--figures", str(figures)]) == 0
+    tables = {name: (figures / f"{name}.md").read_text() for name in ("tiny_trpo", "tiny_trpo_iter")}
+    last = {
+        name: [row.split(" | ")[2] for row in text.splitlines() if row.startswith("| ")][2:] for name, text in tables.items()
+    }
+    assert last == {"tiny_trpo": ["256", "256"], "tiny_trpo_iter": ["4", "8"]}
+    assert "| iterations/s, 2nd half |" in tables["tiny_trpo_iter"]
