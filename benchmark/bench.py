@@ -268,7 +268,8 @@ def trpo_fig4_table2(x_tag: str, x_label: str) -> Comparison:
         x_tag=x_tag,
         x_label=x_label,
         paper="[TRPO] Fig. 4 (per iteration) and Table 2: Swimmer at its batches, Hopper's single-path paths and vine "
-        "Q-values / 10 (100 paths, 62 x 4 branches), the vine's 16 x 1000 trunk on both",
+        "Q-values / 10 (100 paths, 62 x 4 branches), the vine's 16 x 1000 trunk on both; simulator steps count the "
+        "vine's branches too (charts/sim_steps)",
     )
 
 
@@ -395,7 +396,7 @@ COMPARISONS: dict[str, Comparison] = {
         paper="[TRPO] Fig. 4",
     ),
     "trpo_fig4_table2": trpo_fig4_table2("charts/iteration", "policy iterations"),
-    "trpo_fig4_table2_steps": trpo_fig4_table2("charts/sim_steps", "env steps (the vine's branch steps included)"),
+    "trpo_fig4_table2_steps": trpo_fig4_table2("charts/sim_steps", "simulator steps"),
     "dpi_fig1": dpi_fig1("charts/eval_return", "the full episode (the env's time limit)"),
     "dpi_fig1_horizon": dpi_fig1("charts/eval_return_horizon", "the first T = 200 steps, the horizon DPI trains on"),
     "dpi_fig2": dpi_fig2("charts/eval_return", "the full episode"),
@@ -864,7 +865,7 @@ def table(comp: Comparison, env: str, rows: list[dict]) -> str:
     for r in rows:
         half = (r["hi"][-1] - r["lo"][-1]) / 2
         final = f"{num(r['mean'][-1])} ± {num(half)} [{num(r['lo'][-1])}, {num(r['hi'][-1])}]"
-        sps = "–" if np.isnan(r["sps"]) else f"{r['sps']:.0f}"
+        sps = "–" if np.isnan(r["sps"]) else f"{r['sps']:.0f}" if r["sps"] >= 1 else f"{r['sps']:.2g}"  # iterations/s
         text.append(f"| {r['line'].label} | {final} | {r['grid'][-1]:.0f} | {num(r['auc'])} | "
                     f"{sps} | {len(r['seeds'])} |")  # fmt: skip
     for (label, penv), (steps, value, note) in comp.published.items():
