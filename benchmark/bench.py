@@ -21,7 +21,8 @@ A run's identity is (variant, env, seed, steps, flags), not the comparison, so t
 that need the same run share it. A comparison's `extra_args` and `variant_args` change the
 command, so they add a short hash of those flags to the directory name. A run is finished when done.json exists (exit
 status 0); an unfinished one is resumed from its resume.pt with `--resume`, or deleted and
-started again when it has none. The cleanrl_* comparisons' runs are made by
+started again when it has none. Ctrl-C, or `kill` (SIGTERM) of the runner, which passes it on, stops the running
+scripts after they write resume.pt and starts no other run. The cleanrl_* comparisons' runs are made by
 benchmark/cleanrl_compare.py (CleanRL needs its own virtual environment); `csv` and `plot`
 read them like any other.
 """
@@ -33,6 +34,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -132,6 +134,9 @@ VARIANTS: dict[str, Variant] = {
     "mpo": Variant("mpo.py", doc="MPO"),
     "mpo_target100": Variant(
         "mpo.py", ("--target-network-frequency", "100"), doc="MPO with ACME's target periods (100 updates, not Alg. 2's 1000)"
+    ),
+    "mpo_target25": Variant(
+        "mpo.py", ("--target-network-frequency", "25"), doc="MPO with its targets copied every 25 updates (Alg. 2: 1000)"
     ),
     "mpo_target100_cov1e3": Variant(
         "mpo.py",
@@ -380,6 +385,7 @@ COMPARISONS: dict[str, Comparison] = {
             Line("MPO, period 1000 (paper)", "mpo"),
             Line("MPO, period 100 (ACME)", "mpo_target100"),
             Line("MPO, period 100, ε_Σ 1e-3", "mpo_target100_cov1e3"),
+            Line("MPO, period 25", "mpo_target25"),
             Line("SAC", "sac"),
         ),
         envs=("InvertedDoublePendulum-v5", "Walker2d-v5"),
@@ -596,6 +602,13 @@ def run_all(runs: list[Run], jobs: int, nice: int = 0, status_every: float = 5.0
     print(f"{len(runs)} runs: {done} done, {len(queue)} to run, {jobs} at a time", flush=True)
     running: dict[Run, tuple[subprocess.Popen, tuple[str, ...], float]] = {}
     last_status, last_counts = 0.0, None
+
+    def stop(signum, frame):  # `kill` of the runner: pass SIGTERM on, so that each script writes resume.pt and stops
+        for proc, _, _ in running.values():
+            proc.terminate()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         while queue or running:
             while queue and len(running) < jobs:
@@ -633,10 +646,12 @@ def run_all(runs: list[Run], jobs: int, nice: int = 0, status_every: float = 5.0
                       f"queued {len(queue)} | failed {len(failed)} | {percent}", flush=True)  # fmt: skip
                 last_status, last_counts = now, counts
             time.sleep(0.2)
-    except KeyboardInterrupt:  # the children got the same SIGINT; wait so their files close
+    except KeyboardInterrupt:  # the children got the same SIGINT (Ctrl-C) or SIGTERM (stop); wait so their files close
         for proc, _, _ in running.values():
             proc.wait()
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"finished: {done} done, {len(failed)} failed", flush=True)
     return len(failed)
 
@@ -1031,6 +1046,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM during `run`: no new run started, the running ones wrote resume.pt
+        print("stopped: the unfinished runs continue from their resume.pt when the same command runs again", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

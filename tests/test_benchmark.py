@@ -448,3 +448,31 @@ def test_a_comparison_plotted_against_trpo_iterations(tmp_path, monkeypatch):
     }
     assert last == {"tiny_trpo": ["256", "256"], "tiny_trpo_iter": ["4", "8"]}
     assert "| iterations/s, 2nd half |" in tables["tiny_trpo_iter"]
+
+
+def test_sigterm_stops_the_runner_and_its_runs_with_resume_files(tmp_path, monkeypatch, capsys):
+    """`kill` of a runner in the background (where SIGINT is ignored): the running script gets SIGTERM, writes resume.pt
+    and stops; no queued run starts; `run` exits 130 with one line, and the same command would continue the run."""
+    import signal
+    import threading
+
+    monkeypatch.setitem(bench.VARIANTS, "long_sac", bench.Variant("sac.py", (
+        "--learning-starts", "100", "--batch-size", "32", "--hidden-sizes", "32", "32", "--log-every", "50")))  # fmt: skip
+    comp = bench.Comparison("long", (bench.Line("SAC", "long_sac"),), envs=("Pendulum-v1",), steps=1_000_000, seeds=(1, 2))
+    monkeypatch.setitem(bench.COMPARISONS, "long", comp)
+    out = str(tmp_path)
+    first, second = runs_of(out, comp)
+
+    def kill_once_training():  # SIGTERM to this process once the first run has printed a step past learning_starts
+        log = os.path.join(first.dir, "run.log")
+        while not os.path.exists(log) or bench.last_step(log) < 150:
+            threading.Event().wait(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=kill_once_training, daemon=True).start()
+    assert bench.main(["run", "long", "--out", out, "--jobs", "1"]) == 130
+    assert "stopped" in capsys.readouterr().err
+    assert bench.resume_file(first) is not None and not bench.is_done(first)
+    assert not os.path.exists(second.dir)  # queued, never started
+    assert signal.getsignal(signal.SIGTERM) == before  # the runner's handler is gone
