@@ -380,7 +380,7 @@ COMPARISONS: dict[str, Comparison] = {
         paper="[MPO] Fig. 4 (there against DDPG, NAF, PPO and SVG; SAC is the later baseline)",
     ),
     "mpo_target_period": Comparison(
-        "MPO with the paper's target period (1000 updates), ACME's (100) and a looser covariance bound, against SAC",
+        "MPO with the paper's target period (1000 updates), ACME's (100), 25, and a looser covariance bound, against SAC",
         (
             Line("MPO, period 1000 (paper)", "mpo"),
             Line("MPO, period 100 (ACME)", "mpo_target100"),
