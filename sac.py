@@ -616,8 +616,8 @@ class Run:
         video_dir = os.path.join(self.run_dir, "videos") if args.capture_video else None
         self.eval_env = make_eval_env(args.env, video_dir, args.eval_episodes)
         self.last = (time.perf_counter(), global_step, num_updates)
-        every = (args.log_every, args.eval_every, args.checkpoint_every)
-        self.next_log, self.next_eval, self.next_save = (global_step + n for n in every)
+        every = (args.log_every, args.eval_every, args.checkpoint_every)  # multiples of each, after --resume too
+        self.next_log, self.next_eval, self.next_save = ((global_step // n + 1) * n if n else 0 for n in every)
         for sig in (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ():
             self.handlers[sig] = signal.signal(sig, self.on_signal)
         return global_step, num_updates
@@ -642,12 +642,8 @@ class Run:
             self.writer.add_scalar("charts/episodic_length", int(infos["episode"]["l"][i]), global_step)
 
     def step(self, global_step: int, num_updates: int) -> None:
-        """End of a loop step: after a signal write resume.pt and stop; else log, evaluate and save as scheduled."""
+        """End of a loop step: log, evaluate and save as scheduled; then, after a signal, write resume.pt and stop."""
         args = self.args
-        if self.stop_signal is not None:
-            path, name = self.save(global_step, num_updates, True), signal.Signals(self.stop_signal).name
-            self.close()
-            raise Stopped(f"{name}: stopped at step {global_step}; continue with --resume {path}", 128 + self.stop_signal)
         if global_step >= self.next_log:
             self.log(global_step, num_updates)
             self.next_log += args.log_every
@@ -657,6 +653,10 @@ class Run:
         if args.checkpoint_every and global_step >= self.next_save:
             self.save(global_step, num_updates, True)
             self.next_save += args.checkpoint_every
+        if self.stop_signal is not None:  # after this step's scheduled work, so that a resumed run keeps its schedule
+            path, name = self.save(global_step, num_updates, True), signal.Signals(self.stop_signal).name
+            self.close()
+            raise Stopped(f"{name}: stopped at step {global_step}; continue with --resume {path}", 128 + self.stop_signal)
 
     def log(self, global_step: int, num_updates: int) -> None:
         """The progress line; the metrics' means since the last line to tensorboard."""

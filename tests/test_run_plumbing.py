@@ -126,6 +126,15 @@ def test_resume_with_a_new_budget_records_it_in_args_json(log_dir):
         assert json.load(f)["total_steps"] == 180
 
 
+def test_a_resumed_run_keeps_the_uninterrupted_schedule(log_dir):
+    """Stopped at step 150, a run resumes evaluating, logging and saving at the multiples of each period, as one that
+    was never stopped (before, the schedule restarted from the resume step: evaluations at 250, 350)."""
+    first = sac.train(small_args(log_dir, total_steps=150, eval_every=100, log_every=40, checkpoint_every=100))
+    assert sac.main(["--resume", os.path.join(first["run_dir"], "resume.pt"), "--total-steps", "350"]) == 0
+    assert [step for step, _ in scalars(first["run_dir"], "charts/eval_return")] == [100, 150, 200, 300, 350]
+    assert [step for step, _ in scalars(first["run_dir"], "charts/SPS")] == [40, 80, 120, 150, 160, 200, 240, 280, 320, 350]
+
+
 def test_log_dir_that_is_a_file_is_one_line(tmp_path, capsys):
     path = tmp_path / "a_file"
     path.write_text("x")
