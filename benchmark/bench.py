@@ -333,6 +333,12 @@ GARNET_RUNS = dict(
     x_label="episodes per MDP",
 )
 
+
+def garnet_lines(tag: str, curves: dict[str, str]) -> tuple[Line, ...]:
+    """cpi_garnet.py's curves (its --algorithms) as lines: the scalar charts/<tag>_<curve> of each, labelled."""
+    return tuple(Line(label, "cpi_garnet", f"charts/{tag}_{curve}") for curve, label in curves.items())
+
+
 COMPARISONS: dict[str, Comparison] = {
     "treepi_fig1": Comparison(
         "TreePI/search, TreePI/π and TreePI(1)/π against MPO+Predictive, MPO and SAC",
@@ -409,22 +415,22 @@ COMPARISONS: dict[str, Comparison] = {
     "dpi_fig2_horizon": dpi_fig2("charts/eval_return_horizon", "the first T = 200 steps"),
     "cpi_fig1a": Comparison(
         "DPI on Garnet MDPs: CPI vs AGGREVATED-VI (log2 of the cost, lower is better)",
-        (
-            Line("CPI", "cpi_garnet", "charts/log2_cost_cpi"),
-            Line("AGGREVATED-VI", "cpi_garnet", "charts/log2_cost_aggrevated_vi"),
-        ),
+        garnet_lines("log2_cost", {"cpi": "CPI", "aggrevated_vi": "AGGREVATED-VI"}),
         y_label="log2 cost",
         paper="[DPI] Fig. 1a, its axes: log2 of the cost J(pi) against episodes (each seed averages 4 random MDPs)",
         **GARNET_RUNS,
     ),
     "cpi_ablation": Comparison(
         "Where AGGREVATED-VI's gain over CPI comes from (cost, lower is better)",
-        (
-            Line("CPI (Monte Carlo Q^pi)", "cpi_garnet", "charts/cost_cpi"),
-            Line("CPI, exact Q^pi", "cpi_garnet", "charts/cost_cpi_exact"),
-            Line("CPI, exact Q^pi at every visited state", "cpi_garnet", "charts/cost_cpi_exact_visited"),
-            Line("CPI, A^pi on the learned model", "cpi_garnet", "charts/cost_cpi_model"),
-            Line("AGGREVATED-VI (A^eta on the learned model)", "cpi_garnet", "charts/cost_aggrevated_vi"),
+        garnet_lines(
+            "cost",
+            {
+                "cpi": "CPI (Monte Carlo Q^pi)",
+                "cpi_exact": "CPI, exact Q^pi",
+                "cpi_exact_visited": "CPI, exact Q^pi at every visited state",
+                "cpi_model": "CPI, A^pi on the learned model",
+                "aggrevated_vi": "AGGREVATED-VI (A^eta on the learned model)",
+            },
         ),
         y_label="cost",
         paper="[DPI] Sec. 6.1 names A^eta for A^pi as the difference; the same runs as cpi_fig1a",
