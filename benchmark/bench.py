@@ -988,6 +988,8 @@ class RunCmd(Select):
     """Runs at once (one torch thread each); a serial comparison uses 1."""
     nice: int = 0
     """Niceness added to each run's process (0: as this process)."""
+    variants: tuple[str, ...] | None = None
+    """Only these of the comparison's variants (e.g. the ones whose script is not being changed)."""
     python: str = sys.executable
     """The Python that runs the scripts."""
 
@@ -1041,6 +1043,11 @@ def main(argv: list[str] | None = None) -> int:
             if cmd.jobs <= 0:
                 raise UsageError(f"--jobs must be positive, got {cmd.jobs}")
             runs = plan(comp, seeds, envs, steps, cmd.out, cmd.python)
+            known = tuple(dict.fromkeys(r.variant for r in runs))
+            for name in cmd.variants or ():
+                if name not in known:
+                    raise UsageError(f"variant {name!r} is not in this comparison; its variants: {known}")
+            runs = [r for r in runs if r.variant in (cmd.variants or known)]
             return 1 if run_all(runs, 1 if comp.serial else cmd.jobs, cmd.nice) else 0
         if isinstance(cmd, CsvCmd):
             rows = write_csv(plan(comp, seeds, envs, steps, cmd.out), csv)

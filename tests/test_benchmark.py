@@ -115,7 +115,7 @@ def test_runs_are_shared_between_comparisons_and_errors_exit_2(tmp_path, monkeyp
     run_b = bench.plan(b, (1,), b.envs, 100, str(tmp_path))
     assert run_a[0].dir == run_b[0].dir and len(run_b) == 2
     monkeypatch.setitem(bench.COMPARISONS, "a", a)
-    for argv in (["run", "nope"], ["run", "a", "--envs", "Walker2d-v5"], ["csv", "a", "--out", str(tmp_path)], ["plot", "a", "--out", str(tmp_path)]):  # fmt: skip
+    for argv in (["run", "nope"], ["run", "a", "--envs", "Walker2d-v5"], ["run", "a", "--variants", "ppo"], ["csv", "a", "--out", str(tmp_path)], ["plot", "a", "--out", str(tmp_path)]):  # fmt: skip
         assert bench.main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, err
@@ -313,6 +313,17 @@ def test_second_run_starts_no_process(tiny, monkeypatch):
     monkeypatch.setattr(bench.subprocess, "Popen", no_popen)
     assert bench.main(["run", "tiny", "--out", out]) == 0
     assert mtimes == [os.path.getmtime(os.path.join(r.dir, "done.json")) for r in runs_of(out, comp)]
+
+
+def test_variants_runs_only_those_variants(tiny, monkeypatch):
+    out, comp, _ = tiny
+    started = []
+    monkeypatch.setattr(bench, "run_all", lambda runs, jobs, nice: started.extend(runs) or 0)
+    assert bench.main(["run", "tiny", "--out", out, "--variants", "tiny_ppo"]) == 0
+    assert sorted((r.variant, r.seed) for r in started) == [("tiny_ppo", 1), ("tiny_ppo", 2)]
+    started.clear()
+    assert bench.main(["run", "tiny", "--out", out]) == 0
+    assert {r.variant for r in started} == {"tiny_sac", "tiny_ppo"}
 
 
 def test_unfinished_run_without_resume_file_starts_over(tiny):
