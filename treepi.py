@@ -40,6 +40,8 @@ Readings of inconsistencies in the paper, and deviations from it:
       the true model uses the env's own termination. alpha is in reward units, tuned on the suite's [0, 1]: --reward-scale.
     - CPU defaults (--help names each paper value): 64-wide networks, batch 64, N = 16, one update per env step with
       target periods 20 and 50 (the paper's pace at 10 updates per step), a search from 16 random states per batch.
+      E_{pi^(i)} Q'(s_{t+1}, .) in L_Q, whose sample count eq. 6 leaves open, averages 4 actions (M = 20 made the TD
+      target a quarter of an update's time).
     - With the true model the policy loss stays eq. 6's (Sec. 6.2's switch serves 16 distributed actors). No uniform
       warm-up. The duals are softplus of parameters with Adam steps at --dual-lr, clamped below (ACME; no rate given).
 """
@@ -104,6 +106,8 @@ class Args:
     """Discount factor gamma of the TD target and of the tree [TreePI Table 1]."""
     target_network_frequency: int = 20
     """Gradient steps between copies Q' <- Q (paper: 200, Table 1, at 10 updates per env step: the same pace)."""
+    target_samples: int = 4
+    """Actions a ~ pi^(i) per next state for E_pi Q'(s_{t+1}, .) in L_Q's target (eq. 6 gives no count; 20 = M: 1/4 slower)."""
     policy_target_frequency: int = 50
     """Gradient steps between policy rounds pi^(i+1) <- pi (paper: 500, Sec. 5, at 10 updates per env step)."""
     q_lr: float = 3e-4
@@ -177,8 +181,8 @@ class Args:
 def algorithm_checks(args: Args) -> list[tuple[bool, str]]:
     """(condition, message) for each algorithm argument; `check_args` raises the first that fails."""
     positive = ["batch_size", "snippet_length", "target_network_frequency", "policy_target_frequency", "num_samples"]
-    positive += ["depth", "num_rollouts", "temperature", "epsilon_mean", "alpha_mean_init", "q_lr", "policy_lr", "dual_lr"]
-    positive += ["epsilon", "eta_init", "reward_scale"]
+    positive += ["target_samples", "depth", "num_rollouts", "temperature", "epsilon_mean", "alpha_mean_init", "q_lr"]
+    positive += ["policy_lr", "dual_lr", "epsilon", "eta_init", "reward_scale"]
     nonnegative = min(args.learning_starts, args.updates_per_step, args.search_states) >= 0
     covariance_bound = args.alpha_cov_init > 0 and (args.epsilon_cov is None or args.epsilon_cov > 0)
     return [
@@ -640,6 +644,7 @@ def update(
     batch: Batch,
     search_states: int,
     num_samples: int,
+    target_samples: int,
     gamma: float,
     epsilon_mean: float,
     epsilon_cov: float | None,
@@ -663,7 +668,7 @@ def update(
     # L_Q [eq. 6]: TD to r_t + gamma (1 - terminated_t) E_{a ~ pi^(i)} Q'(s_{t+1}, a)
     with torch.no_grad():
         next_flat = next_states.flatten(0, 1)
-        next_actions, _ = actor_target.candidates(actor_target(next_flat), num_samples)
+        next_actions, _ = actor_target.candidates(actor_target(next_flat), target_samples)
         next_q = critic_target(next_flat.unsqueeze(1), actor_target.critic_input(next_actions))
         target = q_target(batch.rewards, batch.terminated, next_q.view(*valid.shape, -1), gamma)
     q = critic(flat_states, actor_target.critic_input(batch.actions.flatten(0, 1)))  # [B T]
@@ -925,7 +930,8 @@ def train(args: Args) -> dict:
 
     acting = plan if args.act == "search" else None  # TreePI/search acts by searching, TreePI/pi with pi^(i)
     nets = (actor, actor_target, critic, critic_target, model, plan, (actor_opt, critic_opt, dual_opt))  # update's inputs
-    numbers = (args.search_states, args.num_samples, args.gamma, args.epsilon_mean, args.epsilon_cov, log_eta, args.epsilon)
+    numbers = (args.search_states, args.num_samples, args.target_samples, args.gamma, args.epsilon_mean, args.epsilon_cov)
+    numbers += (log_eta, args.epsilon)
     # -- storage: never more rows than the run can fill (Table 1's 2e6 would be 0.5 GB)
     capacity = min(args.buffer_size, args.total_steps + args.num_envs * args.snippet_length)
     widths = dict(obs=(obs_dim,), actions=(action_dim,), next_obs=(obs_dim,), physics=(0 if learned else model.state_size,))

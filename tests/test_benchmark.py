@@ -316,7 +316,7 @@ def test_second_run_starts_no_process(tiny, monkeypatch):
 
 
 def test_variants_runs_only_those_variants(tiny, monkeypatch):
-    out, comp, _ = tiny
+    out, _, _ = tiny
     started = []
     monkeypatch.setattr(bench, "run_all", lambda runs, jobs, nice: started.extend(runs) or 0)
     assert bench.main(["run", "tiny", "--out", out, "--variants", "tiny_ppo"]) == 0

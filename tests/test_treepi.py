@@ -510,7 +510,7 @@ def test_one_update_moves_the_multipliers_of_the_bounds_it_uses(epsilon_cov):
         torch.optim.Adam(duals, lr=0.01),
     )
     nets = [agent[k] for k in ("actor", "actor_target", "critic", "critic_target", "model")]
-    numbers = (args.search_states, args.num_samples, args.gamma, args.epsilon_mean, args.epsilon_cov)
+    numbers = (args.search_states, args.num_samples, args.target_samples, args.gamma, args.epsilon_mean, args.epsilon_cov)
     batch = replay.sample(args.batch_size)
     metrics = treepi.update(*nets, plan_of(args, agent, agent["model"]), opts, *duals, batch, *numbers)
     assert metrics["stats/kl_mean"].item() == pytest.approx(0.0, abs=1e-6)
@@ -663,6 +663,7 @@ def test_discrete_and_unknown_envs_are_refused(capsys, log_dir):
     [
         ["--total-steps", "0"],
         ["--num-rollouts", "0"],
+        ["--target-samples", "0"],
         ["--depth", "0"],
         ["--temperature", "0"],
         ["--model-sizes", "64"],

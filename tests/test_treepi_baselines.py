@@ -1,5 +1,6 @@
 """TreePI's baselines and scales: MPO+Predictive (--e-step mpo) against mpo.py's E-step, the searched roots drawn
-at random from the valid states, the policy's variance [TreePI App. B], and --reward-scale against the temperature."""
+at random from the valid states, L_Q's target with --target-samples, the policy's variance [TreePI App. B], and
+--reward-scale against the temperature."""
 
 import inspect
 import math
@@ -109,7 +110,7 @@ def test_mpo_mode_update_weights_every_valid_state_by_mpos_e_step(epsilon, one_t
         raise AssertionError("MPO's E-step searches nothing")
 
     order = ("actor", "actor_target", "critic", "critic_target", "model")
-    numbers = (args.search_states, args.num_samples, args.gamma, args.epsilon_mean, args.epsilon_cov)
+    numbers = (args.search_states, args.num_samples, args.target_samples, args.gamma, args.epsilon_mean, args.epsilon_cov)
     metrics = treepi.update(*(nets[k] for k in order), plan, opts, *duals[:2], batch, *numbers, duals[2], epsilon)
     actions, log_prior = calls[-1]  # the E-step's draw (the first call is the TD target's)
     assert actions.shape == (int(valid.sum()), args.num_samples, 1)
@@ -122,6 +123,42 @@ def test_mpo_mode_update_weights_every_valid_state_by_mpos_e_step(epsilon, one_t
     assert metrics["stats/kl_q"].item() == pytest.approx(kl, rel=1e-5) and metrics["stats/eta"].item() == eta.item()
     step = (duals[2] - log_eta_before).item()
     assert step == pytest.approx(-0.01 if kl < epsilon else 0.01, abs=1e-4)
+
+
+@pytest.mark.parametrize("target_samples", [1, 3])
+def test_td_loss_averages_q_prime_over_target_samples_actions_of_the_target_policy(target_samples, one_thread):
+    """One update's L_Q [TreePI eq. 6] recomputed by hand: the latents of the unroll, the TD target
+    r_t + gamma (1 - terminated_t) (1/K) sum_k Q'(s_{t+1}, a_k) with the K = --target-samples actions the update drew
+    from pi^(i) at s_{t+1} (a terminated step keeps r_t alone), and the squared error of Q(s_t, a_t) over valid steps."""
+    torch.manual_seed(7)
+    args = tiny_args(e_step="mpo", target_samples=target_samples, epsilon_cov=1e-4)
+    nets = tiny_nets(args)
+    batch = filled_replay().sample(args.batch_size)
+    batch = batch._replace(terminated=(torch.rand_like(batch.rewards) < 0.3).float())
+    with torch.no_grad():
+        latents = nets["model"].unroll(batch.obs[:, 0], batch.actions)[0]  # [B, T+1, L]
+        q = nets["critic"](latents[:, :-1].flatten(0, 1), batch.actions.flatten(0, 1).clamp(-1, 1))
+    calls = []
+    candidates = nets["actor_target"].candidates
+    nets["actor_target"].candidates = lambda params, m: calls.append(candidates(params, m)) or calls[-1]
+    duals = [treepi.log_dual(x, torch.device("cpu")) for x in (args.alpha_mean_init, args.alpha_cov_init, args.eta_init)]
+    opts = [torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)] * 3
+    order = ("actor", "actor_target", "critic", "critic_target", "model")
+    numbers = (args.search_states, args.num_samples, args.target_samples, args.gamma, args.epsilon_mean, args.epsilon_cov)
+    metrics = treepi.update(*(nets[k] for k in order), None, opts, *duals[:2], batch, *numbers, duals[2], args.epsilon)
+    next_actions, _ = calls[0]  # the TD target's draw, at every s_{t+1} of the batch
+    assert next_actions.shape == (args.batch_size * args.snippet_length, target_samples, 1)
+    loss, count = 0.0, 0
+    for i in range(args.batch_size):
+        for t in range(args.snippet_length):
+            if not batch.valid[i, t]:
+                continue
+            s_next = latents[i, t + 1].expand(target_samples, -1)
+            with torch.no_grad():
+                q_next = nets["critic_target"](s_next, next_actions[i * args.snippet_length + t].clamp(-1, 1)).mean()
+            target = batch.rewards[i, t] + args.gamma * (1 - batch.terminated[i, t]) * q_next
+            loss, count = loss + (q[i * args.snippet_length + t] - target).item() ** 2, count + 1
+    assert metrics["losses/q"].item() == pytest.approx(loss / count, rel=1e-5)
 
 
 # -- the searched roots -------------------------------------------------------------------
@@ -150,7 +187,7 @@ def test_searched_roots_are_drawn_uniformly_from_the_valid_states(one_thread):
     duals = [treepi.log_dual(1.0, torch.device("cpu")) for _ in range(2)]
     opts = [torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)] * 3  # nothing changes between updates
     order = ("actor", "actor_target", "critic", "critic_target")
-    numbers = (args.search_states, args.num_samples, args.gamma, args.epsilon_mean, args.epsilon_cov)
+    numbers = (args.search_states, args.num_samples, args.target_samples, args.gamma, args.epsilon_mean, args.epsilon_cov)
     for _ in range(200):
         treepi.update(*(nets[k] for k in order), IndexModel(), plan, opts, *duals, batch, *numbers)
     assert all(len(p) == 4 and len(set(p.tolist())) == 4 for p in picked)
