@@ -16,17 +16,21 @@ raw / search (1 = the search costs no more than what it calls).
     python benchmark/treepi_speed.py --roots 16 64 --flags="--num-rollouts 100 --model-sizes
         256 256 --policy-hidden-sizes 256 256 256 --critic-hidden-sizes 256 256 256"
 
-Measured with the defaults (M=20, K=10, N=32, 64-wide nets, one torch thread) on a 2-core VM
-shared with another job, 2026-12-06, interleaved with the previous revision (within noise of it);
-B = 1 / 16 / 64 roots:
-    learned: 16-19 / 28-30 / 57-58 ms per search, 53-65 / 540-580 / 1100 roots/s;
-             network/search 0.6-0.76 / 0.60-0.66 / 0.68-0.78
-    true (HalfCheetah-v5): 18 / 46 ms, 55 / 350 roots/s; (mj_step + network)/search 0.39 / 0.59
+Measured with the defaults (M=20, K=10, N=16, 64-wide nets, one torch thread) on a 2-core VM with
+nothing else running, 2026-12-06; B = 1 / 16 / 64 roots:
+    learned: 8.5 / 12.2 / 24 ms per search, 118 / 1312 / 2629 roots/s; network/search 0.58 / 0.66 / 0.74
+    true (HalfCheetah-v5): 8.4 / 22 / 63 ms, 119 / 724 / 1016 roots/s; (mj_step+network)/search 0.42 / 0.60 / 0.71
+(with N=32, the default before: learned 16-19 / 28-30 / 57-58 ms, true 18 / 46 ms at B = 1 / 16, on a shared VM).
 The rest is the tree's bookkeeping, whose numpy calls per level of a descent and backup do not
 depend on B: a profile of training (Hopper-v5, trees ~8 levels deep once Q is trained) puts
 ~35% of a search in search()'s own numpy work and ~60% in the network calls (ELU ~25% of
 those, the linear layers ~25%); the true model adds the saved-state copies and the numpy
-recomputation of observations and rewards.
+recomputation of observations and rewards (a line profile of Simulator.step, HalfCheetah-v5,
+16 states: mj_step 63%, mj_setState / mj_getState and the carried arrays 24%). Tried and not
+kept (2026-12-06): every node's Gumbel draw at once and the path followed by child pointers,
+with the backup's rows gathered once; the trees were identical bit for bit and a search took
+1.00-1.02 times as long (real trees of a Hopper-v5 run, 4-5 levels deep), so the bookkeeping's
+cost is the number of numpy calls per rollout, not how they are arranged.
 --bf16 (interleaved with float32): with the paper's 256-wide networks a search of B = 16 / 64
 roots takes 0.89 / 0.84 of float32's time and B = 1 twice as long; with the 64-wide defaults
 bfloat16 is slower at every B (autocast's casts cost more than the smaller products save).
