@@ -9,6 +9,7 @@ Usage (from anywhere; paths are relative to the current directory):
     python benchmark/bench.py list                          # comparisons and the runs they need
     python benchmark/bench.py run trpo_fig4 --jobs 2        # run what is not finished
     python benchmark/bench.py run mpo_vs_sac_ppo --seeds 1 --steps 20000 --envs Walker2d-v5
+    python benchmark/bench.py run treepi_fig1_suite --variants mpo sac   # some variants only
     python benchmark/bench.py csv trpo_fig4                 # runs/bench/csv/trpo_fig4.csv
     python benchmark/bench.py plot trpo_fig4                # benchmark/figures/trpo_fig4.{png,md}
 
