@@ -386,6 +386,20 @@ COMPARISONS: dict[str, Comparison] = {
         extra_args=evaluate_every(2_500),
         paper="[MPO] Fig. 4 (there against DDPG, NAF, PPO and SVG; SAC is the later baseline)",
     ),
+    "mpo_vs_sac_ppo_100k": Comparison(
+        "MPO with the paper's target period (1000 updates) and with 25 against SAC and PPO, at 100k env steps",
+        (
+            Line("MPO, period 1000 (paper)", "mpo"),
+            Line("MPO, period 25", "mpo_target25"),
+            Line("SAC", "sac"),
+            Line("PPO", "ppo"),
+        ),
+        envs=("HalfCheetah-v5", "Walker2d-v5", "dm_control/cartpole-swingup-v0"),
+        steps=100_000,
+        # treepi_fig1_suite's flags: the suite task's MPO and SAC runs are the same runs
+        extra_args=(*evaluate_every(10_000), "--checkpoint-every", "10000"),
+        paper="[MPO] Fig. 4 (there against DDPG, NAF, PPO and SVG; SAC is the later baseline)",
+    ),
     "mpo_target_period": Comparison(
         "MPO with the paper's target period (1000 updates), ACME's (100), 25, and a looser covariance bound, against SAC",
         (
