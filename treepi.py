@@ -107,7 +107,7 @@ class Args:
     target_network_frequency: int = 20
     """Gradient steps between copies Q' <- Q (paper: 200, Table 1, at 10 updates per env step: the same pace)."""
     target_samples: int = 4
-    """Actions a ~ pi^(i) per next state for E_pi Q'(s_{t+1}, .) in L_Q's target (eq. 6 gives no count; 20 = M: 1/4 slower)."""
+    """Actions a ~ pi^(i) per next state for E_pi Q'(s_{t+1}, .) in L_Q's target (eq. 6 gives no count; M = 20: 1.3x the update)."""
     policy_target_frequency: int = 50
     """Gradient steps between policy rounds pi^(i+1) <- pi (paper: 500, Sec. 5, at 10 updates per env step)."""
     q_lr: float = 3e-4
