@@ -357,7 +357,12 @@ COMPARISONS: dict[str, Comparison] = {
     ),
     "treepi_fig1_suite": Comparison(
         "TreePI/search and TreePI/π against MPO+Predictive, MPO and SAC on the paper's own tasks",
-        (Line("TreePI/search", "treepi_search"), Line("TreePI/π", "treepi_pi"), *TREEPI_BASELINES),
+        (
+            Line("TreePI/search", "treepi_search"),
+            Line("TreePI/π", "treepi_pi"),
+            Line("TreePI/π, true model (Sec. 6.2)", "treepi_true"),  # the search without the learned model's errors
+            *TREEPI_BASELINES,
+        ),
         envs=("dm_control/cartpole-swingup-v0", "dm_control/finger-turn_hard-v0"),
         steps=100_000,
         # resume.pt every 10 episodes, so that a run stopped without a signal loses at most 10k steps
