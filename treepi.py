@@ -11,6 +11,8 @@ References:
     [MPO] Abdolmaleki, Springenberg, Tassa, Munos, Heess, Riedmiller 2018, "Maximum a Posteriori Policy Optimisation",
         arXiv:1806.06920: the sampled-action E-step (--e-step mpo: MPO+Predictive) and the KL-bounded M-step, as in mpo.py.
     [ACME] Hoffman et al. 2020, arXiv:2006.00979, acme/jax/losses/mpo.py: the softplus duals, their learning rate, clamp.
+    [MuZero] Schrittwieser et al. 2020, arXiv:1911.08265: its value target z_t = u_{t+1} + ... + gamma^n nu_{t+n} bootstraps
+        from the search value nu_{t+n} at the observed o_{t+n}, not at the unrolled latent (--bootstrap-state).
 
 Names: the paper's fixed search temperature alpha is `temperature`; its trust-region multiplier eta keeps mpo.py's (and
 ACME's) name `alpha_mean` (`alpha_cov` for MPO's covariance bound), MPO's E-step temperature is mpo.py's `eta`, so that
@@ -35,7 +37,9 @@ N rollouts, C nodes per tree, L latent size, S node state (L, or O + P: the simu
 
 Readings of inconsistencies in the paper, and deviations from it:
     - N = 100 (Table 1 "lists all parameters"; Sec. 6.1: 200); Table 1's period 200 is Q''s, Sec. 5's 500 pi^(i)'s; the
-      transition reward r(s_t, a_t) everywhere (eq. 3, Alg. 1: r(s)); the TD target at s_{t+1} (eq. 6 prints s_t).
+      transition reward r(s_t, a_t) everywhere (eq. 3, Alg. 1: r(s)); the TD target at s_{t+1} (eq. 6 prints s_t), with
+      a learned model at f_enc(o_{t+1}) of the observed o_{t+1} (MuZero's bootstrap; eq. 6's unrolled f(o_1, a_1..a_t),
+      --bootstrap-state unrolled, left TreePI/pi near 100-200 on InvertedDoublePendulum-v5, where this balances it).
     - Gymnasium ends Hopper episodes (the control suite never does): a termination head gives the tree gamma (1 - p);
       the true model uses the env's own termination. alpha is in reward units, tuned on the suite's [0, 1]: --reward-scale.
     - CPU defaults (--help names each paper value): 64-wide networks, batch 64, N = 16, one update per env step with
@@ -108,6 +112,9 @@ class Args:
     """Gradient steps between copies Q' <- Q (paper: 200, Table 1, at 10 updates per env step: the same pace)."""
     target_samples: int = 4
     """Actions a ~ pi^(i) per next state for E_pi Q'(s_{t+1}, .) in L_Q's target (eq. 6 gives no count; M = 20: 1.3x the update)."""
+    bootstrap_state: Literal["observed", "unrolled"] = "observed"
+    """The learned model's s_{t+1} in L_Q's target: f_enc(o_{t+1}) of the observed o_{t+1} (as MuZero bootstraps), or
+    the unroll's f(o_1, a_1..a_t) (eq. 6's notation read literally; it stalls on InvertedDoublePendulum-v5); no gradient."""
     policy_target_frequency: int = 50
     """Gradient steps between policy rounds pi^(i+1) <- pi (paper: 500, Sec. 5, at 10 updates per env step)."""
     q_lr: float = 3e-4
@@ -650,6 +657,7 @@ def update(
     epsilon_cov: float | None,
     log_eta: Tensor | None = None,
     epsilon: float = 0.1,
+    bootstrap_state: str = "observed",
 ) -> dict[str, Tensor]:
     """One gradient step on L = sum_t L_r + L_Q + L_pi [TreePI eq. 6]: the model, the critic and the policy in one backward
     pass (they share the latent states), and the multipliers on alpha (epsilon - KL); then the duals are clamped. The
@@ -658,7 +666,9 @@ def update(
     states, next_states, model_loss = batch.obs, batch.next_obs, 0.0  # s_t: the true state (--model true), or
     if learned:  # the latent unroll from o_1 on the stored actions [TreePI Sec. 5]
         latents, rewards, logits = model.unroll(batch.obs[:, 0], batch.actions)  # [B, T+1, L]
-        states, next_states = latents[:, :-1], latents[:, 1:].detach()  # s_{t+1} of the TD target: online, no gradient
+        states = latents[:, :-1]
+        with torch.no_grad():  # s_{t+1} of the TD target, no gradient: the observed o_{t+1} encoded, or the unroll's
+            next_states = model.encoder(batch.next_obs) if bootstrap_state == "observed" else latents[:, 1:].detach()
         reward_loss = ((rewards - batch.rewards).pow(2) * valid).sum() / count  # [eq. 6] L_r
         # Deviation: a termination head, so that the tree stops where the env would
         term_loss = F.binary_cross_entropy_with_logits(logits, batch.terminated, reduction="none")
@@ -931,7 +941,7 @@ def train(args: Args) -> dict:
     acting = plan if args.act == "search" else None  # TreePI/search acts by searching, TreePI/pi with pi^(i)
     nets = (actor, actor_target, critic, critic_target, model, plan, (actor_opt, critic_opt, dual_opt))  # update's inputs
     numbers = (args.search_states, args.num_samples, args.target_samples, args.gamma, args.epsilon_mean, args.epsilon_cov)
-    numbers += (log_eta, args.epsilon)
+    numbers += (log_eta, args.epsilon, args.bootstrap_state)
     # -- storage: never more rows than the run can fill (Table 1's 2e6 would be 0.5 GB)
     capacity = min(args.buffer_size, args.total_steps + args.num_envs * args.snippet_length)
     widths = dict(obs=(obs_dim,), actions=(action_dim,), next_obs=(obs_dim,), physics=(0 if learned else model.state_size,))

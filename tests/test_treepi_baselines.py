@@ -125,13 +125,17 @@ def test_mpo_mode_update_weights_every_valid_state_by_mpos_e_step(epsilon, one_t
     assert step == pytest.approx(-0.01 if kl < epsilon else 0.01, abs=1e-4)
 
 
-@pytest.mark.parametrize("target_samples", [1, 3])
-def test_td_loss_averages_q_prime_over_target_samples_actions_of_the_target_policy(target_samples, one_thread):
-    """One update's L_Q [TreePI eq. 6] recomputed by hand: the latents of the unroll, the TD target
+@pytest.mark.parametrize("target_samples,bootstrap_state", [(1, "observed"), (3, "observed"), (3, "unrolled")])
+def test_td_loss_averages_q_prime_over_target_samples_actions_of_the_target_policy(
+    target_samples, bootstrap_state, one_thread
+):
+    """One update's L_Q [TreePI eq. 6] recomputed by hand: Q(s_t, a_t) at the latents of the unroll, the TD target
     r_t + gamma (1 - terminated_t) (1/K) sum_k Q'(s_{t+1}, a_k) with the K = --target-samples actions the update drew
-    from pi^(i) at s_{t+1} (a terminated step keeps r_t alone), and the squared error of Q(s_t, a_t) over valid steps."""
+    from pi^(i) at s_{t+1} (a terminated step keeps r_t alone), s_{t+1} the encoder's latent of the stored next
+    observation (--bootstrap-state observed) or the unroll's next latent (unrolled), and the squared error over valid
+    steps."""
     torch.manual_seed(7)
-    args = tiny_args(e_step="mpo", target_samples=target_samples, epsilon_cov=1e-4)
+    args = tiny_args(e_step="mpo", target_samples=target_samples, epsilon_cov=1e-4, bootstrap_state=bootstrap_state)
     nets = tiny_nets(args)
     batch = filled_replay().sample(args.batch_size)
     batch = batch._replace(terminated=(torch.rand_like(batch.rewards) < 0.3).float())
@@ -145,7 +149,9 @@ def test_td_loss_averages_q_prime_over_target_samples_actions_of_the_target_poli
     opts = [torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)] * 3
     order = ("actor", "actor_target", "critic", "critic_target", "model")
     numbers = (args.search_states, args.num_samples, args.target_samples, args.gamma, args.epsilon_mean, args.epsilon_cov)
-    metrics = treepi.update(*(nets[k] for k in order), None, opts, *duals[:2], batch, *numbers, duals[2], args.epsilon)
+    metrics = treepi.update(
+        *(nets[k] for k in order), None, opts, *duals[:2], batch, *numbers, duals[2], args.epsilon, bootstrap_state
+    )
     next_actions, _ = calls[0]  # the TD target's draw, at every s_{t+1} of the batch
     assert next_actions.shape == (args.batch_size * args.snippet_length, target_samples, 1)
     loss, count = 0.0, 0
@@ -153,7 +159,11 @@ def test_td_loss_averages_q_prime_over_target_samples_actions_of_the_target_poli
         for t in range(args.snippet_length):
             if not batch.valid[i, t]:
                 continue
-            s_next = latents[i, t + 1].expand(target_samples, -1)
+            with torch.no_grad():  # the observed o_{t+1} encoded, or the latent unrolled one step further
+                next_latent = (
+                    nets["model"].encoder(batch.next_obs[i, t]) if bootstrap_state == "observed" else latents[i, t + 1]
+                )
+            s_next = next_latent.expand(target_samples, -1)
             with torch.no_grad():
                 q_next = nets["critic_target"](s_next, next_actions[i * args.snippet_length + t].clamp(-1, 1)).mean()
             target = batch.rewards[i, t] + args.gamma * (1 - batch.terminated[i, t]) * q_next
