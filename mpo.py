@@ -605,6 +605,7 @@ import contextlib
 import dataclasses
 import difflib
 import importlib
+import io
 import json
 import os
 import random
@@ -928,15 +929,32 @@ class Run:
             closable.close()
 
 
+def command_line(argv: list[str] | None, defaults: Args | None = None) -> Args:
+    """tyro's parse, its usage errors (a box of several lines: a wrong type or choice, an unknown flag) turned into
+    one line, the box's message (UsageError)."""
+    box = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(box):
+            args = tyro.cli(Args, args=argv, **({} if defaults is None else dict(default=defaults)))
+    except SystemExit as e:
+        if not e.code:  # --help
+            raise
+        rows = [row.strip("│ ") for row in box.getvalue().splitlines()[1:]]  # below the box's title
+        end = next((i for i, row in enumerate(rows) if row.startswith(("─", "╰"))), len(rows))
+        raise UsageError(" ".join(rows[:end]) or box.getvalue().strip()) from None
+    print(box.getvalue(), end="", file=sys.stderr)  # tyro's warnings, if any
+    return args
+
+
 def parse_args(argv: list[str] | None) -> Args:
     """tyro parse; with --checkpoint or --resume the saved run's arguments become the defaults, so flags given
     now override them and everything else matches the saved run."""
-    args = tyro.cli(Args, args=argv)
+    args = command_line(argv)
     if args.resume or args.checkpoint:
         saved = load_checkpoint(args.resume or args.checkpoint, training=args.resume is not None)["args"]
         fields = {f.name for f in dataclasses.fields(Args)}
         defaults = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
-        args = tyro.cli(Args, args=argv, default=defaults)
+        args = command_line(argv, defaults)
     return args
 
 

@@ -21,6 +21,8 @@ SHARED = [
     ["--checkpoint", "{tmp}/notes.pt", "--eval-only"],  # a text file, not a checkpoint
     ["--resume", "{tmp}/notes.pt"],
     ["--log-dir", "{tmp}/notes.pt"],  # a file, not a directory
+    ["--total-steps", "abc"],  # tyro's own errors (a wrong type, an unknown flag) come as one line too
+    ["--no-such-flag"],
 ]
 SHARED_ENV = [
     ["--env", "NoSuchEnv-v0"],
@@ -68,6 +70,7 @@ ALGORITHM = {
         ["--e-step", "mpo", "--epsilon", "0"],
         ["--eta-init", "-1"],
         ["--reward-scale", "0"],
+        ["--bootstrap-state", "predicted"],  # not one of tyro's choices
     ],
     "trpo": [
         ["--estimator", "vine", "--vine-actions", "1"],
@@ -135,10 +138,3 @@ def test_cuda_without_a_gpu_is_one_line(name, tmp_path, capsys):
     code = importlib.import_module(name).main(["--cuda", "--log-dir", str(tmp_path)])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "CUDA" in lines[0]
-
-
-@pytest.mark.parametrize("name", FILES)
-def test_badly_typed_value_is_tyros_usage_error_without_traceback(name, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        importlib.import_module(name).main(["--total-steps", "many"])
-    assert exit_info.value.code == 2 and "Traceback" not in capsys.readouterr().err
