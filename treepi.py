@@ -23,7 +23,7 @@ Algorithm (one environment step; the function that does each line in brackets):
        search: TreePI/search); store the step per env in time order                 [select_actions, SnippetReplay]
     2. updates_per_step times, on B snippets of T steps: s_t = f_trans(f_enc(o_1), a_1..a_{t-1}) (--model learned) or
        the true state (--model true); L_r = (r_t - r(s_t, a_t))^2 (learned model); L_Q = (r_t + gamma (1 - terminated_t)
-       E_{pi^(i)} Q'(s_{t+1}, .) - Q(s_t, a_t))^2                                       [LatentModel.unroll, q_target]
+       E_{pi^(i)} Q'(s_{t+1}, .) - Q(s_t, a_t))^2, s_{t+1} = f_enc(o_{t+1}) (learned)  [LatentModel.unroll, q_target]
     3. E-step: a search (Alg. 1) from valid s_t drawn at random, M actions per node, depth K, N rollouts; the root's
        actions a_j, weights w_j = softmax_j(Q-hat_j / alpha) (eq. 4)                 [proposals, search, root_weights]
        or, --e-step mpo (MPO+Predictive, Sec. 6.1, App. D), at every valid s_t: a_j ~ pi^(i), w_j = softmax_j(Q'(s_t,
@@ -667,7 +667,7 @@ def update(
     if learned:  # the latent unroll from o_1 on the stored actions [TreePI Sec. 5]
         latents, rewards, logits = model.unroll(batch.obs[:, 0], batch.actions)  # [B, T+1, L]
         states = latents[:, :-1]
-        with torch.no_grad():  # s_{t+1} of the TD target, no gradient: the observed o_{t+1} encoded, or the unroll's
+        with torch.no_grad():  # s_{t+1} of the TD target, no gradient: the observed o_{t+1} encoded [MuZero], or the unroll's
             next_states = model.encoder(batch.next_obs) if bootstrap_state == "observed" else latents[:, 1:].detach()
         reward_loss = ((rewards - batch.rewards).pow(2) * valid).sum() / count  # [eq. 6] L_r
         # Deviation: a termination head, so that the tree stops where the env would
