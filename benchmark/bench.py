@@ -356,7 +356,7 @@ COMPARISONS: dict[str, Comparison] = {
         paper="[TreePI] Fig. 1",
     ),
     "treepi_fig1_suite": Comparison(
-        "TreePI/search and TreePI/π (learned model; true model) against MPO+Predictive, MPO and SAC on the paper's tasks",
+        "TreePI against MPO+Predictive, MPO and SAC on the paper's tasks",
         (
             Line("TreePI/search", "treepi_search"),
             Line("TreePI/π", "treepi_pi"),
