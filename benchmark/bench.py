@@ -217,6 +217,10 @@ VARIANTS: dict[str, Variant] = {
         "runs/bench/cleanrl_gymnasium1/sac_continuous_action.py",
         doc="CleanRL's SAC patched for gymnasium 1.x, on the -v5 envs (our stack)",
     ),
+    "cleanrl_ppo_gymnasium1": Variant(
+        "runs/bench/cleanrl_gymnasium1/ppo_continuous_action.py",
+        doc="CleanRL's PPO patched for gymnasium 1.x, on the -v5 envs (our stack)",
+    ),
 }
 
 # Budgets are what a 2-core CPU runs in an afternoon, far below the papers'; `--steps` overrides.
@@ -499,6 +503,14 @@ COMPARISONS: dict[str, Comparison] = {
         30_000,
         stack="ours",
         seeds=tuple(range(1, 9)),
+    ),
+    "cleanrl_ppo_same_stack": against_cleanrl(
+        "ppo",
+        "ppo",
+        "PPO against CleanRL's on one simulator stack (-v5, gymnasium 1.x, mujoco 3)",
+        300_000,
+        300_000,
+        stack="ours",
     ),
 }
 

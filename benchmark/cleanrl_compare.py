@@ -15,15 +15,18 @@ Then, from the repository root:
     python benchmark/cleanrl_compare.py learn --algo sac                  # 3 seeds x 2 envs, both
     python benchmark/bench.py csv cleanrl_sac && python benchmark/bench.py plot cleanrl_sac
 
-With `--stack ours` CleanRL's SAC runs on our simulator stack instead (-v5 envs, gymnasium 1.x,
-mujoco 3, the Python that runs our files): a copy of its file is patched for gymnasium 1.x's
-vector API (same-step autoreset, which 0.29 did by default, and the `final_obs` and
-`final_info` keys that replaced `final_observation` and the list of final infos) and nothing
-else, so a difference in returns is the two implementations' and not the simulators':
+With `--stack ours` CleanRL's SAC or PPO runs on our simulator stack instead (-v5 envs,
+gymnasium 1.x, mujoco 3, the Python that runs our files): a copy of its file is patched for
+gymnasium 1.x's API (same-step autoreset, which 0.29 did by default; the `final_obs` and
+`final_info` keys that replaced `final_observation` and the list of final infos; for PPO the
+observation space that 1.x's TransformObservation takes) and nothing else, so a difference in
+returns is the two implementations' and not the simulators':
 
     python benchmark/cleanrl_compare.py learn --algo sac --stack ours     # 8 seeds x 2 envs
     python benchmark/cleanrl_compare.py speed --algo sac --stack ours     # both on HalfCheetah-v5
     python benchmark/bench.py csv cleanrl_sac_same_stack && python benchmark/bench.py plot cleanrl_sac_same_stack
+    python benchmark/cleanrl_compare.py learn --algo ppo --stack ours     # 300k steps, 3 seeds x 2 envs
+    python benchmark/bench.py csv cleanrl_ppo_same_stack && python benchmark/bench.py plot cleanrl_ppo_same_stack
 
 Both implementations get the same hyperparameters: CleanRL's (ours with `--q-lr 1e-3
 --alpha-lr 1e-3 --policy-frequency 2` for SAC; ppo.py's defaults are already CleanRL's).
@@ -38,7 +41,7 @@ with one torch thread each, into benchmark/bench.py's layout (`<out>/runs/<varia
 seed<S>_<N>/` with run.log and, once it finished, done.json; CleanRL's runs are stored under
 the -v5 name so that they share a subplot with ours). A finished run is not run again. The
 budgets and seeds are those of bench.py's `cleanrl_sac`, `cleanrl_ppo` and
-`cleanrl_sac_same_stack` comparisons, whose `csv` and `plot` then draw both implementations'
+`cleanrl_sac_same_stack` (`cleanrl_ppo_same_stack`) comparisons, whose `csv` and `plot` then draw both implementations'
 training returns (`charts/episodic_return`, which both write) with CleanRL's published
 1M-step numbers as reference levels.
 """
@@ -100,9 +103,9 @@ class Args:
     bf16: bool = False
     """speed: our file with --bf16 (its matrix products in bfloat16; CleanRL's stay float32)"""
     stack: Literal["cleanrl", "ours"] = "cleanrl"
-    """cleanrl: CleanRL in its own environment on the -v4 envs; ours: CleanRL's SAC patched for
-    gymnasium 1.x and run by --python on the -v5 envs (SAC only; bench.py's
-    cleanrl_sac_same_stack)"""
+    """cleanrl: CleanRL in its own environment on the -v4 envs; ours: CleanRL's file patched for
+    gymnasium 1.x and run by --python on the -v5 envs (bench.py's cleanrl_sac_same_stack and
+    cleanrl_ppo_same_stack)"""
 
 
 LEARNING_STARTS = 5_000  # CleanRL's and sac.py's default
@@ -115,41 +118,64 @@ def env_for(threads: int, cleanrl: Args | None = None) -> dict:
     return env
 
 
-# CleanRL's SAC (fe8d8a0) under gymnasium 1.x: (what its file says, what it says instead)
-GYMNASIUM1_PATCH = (
-    (  # 0.29's vector envs reset an ended env in the same step; 1.x's default is the next step
-        "for i in range(args.num_envs)]\n    )",
-        ("for i in range(args.num_envs)],\n        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,\n    )"),
-    ),
-    (  # 1.x gives the final infos as one dict of arrays with a mask, not a list of dicts
-        """            for info in infos["final_info"]:
+# CleanRL's files (fe8d8a0) under gymnasium 1.x: (what its file says, what it says instead), per algorithm
+SAME_STEP_AUTORESET = (  # 0.29's vector envs reset an ended env in the same step; 1.x's default is the next step
+    "for i in range(args.num_envs)]\n    )",
+    "for i in range(args.num_envs)],\n        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,\n    )",
+)
+GYMNASIUM1_PATCH = {
+    "sac": (
+        SAME_STEP_AUTORESET,
+        (  # 1.x gives the final infos as one dict of arrays with a mask, not a list of dicts
+            """            for info in infos["final_info"]:
                 if info is not None:
                     print(f"global_step={global_step}, episodic_return={info['episode']['r']}")
                     writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
                     writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
                     break""",
-        """            for i in np.flatnonzero(infos["_final_info"]):
+            """            for i in np.flatnonzero(infos["_final_info"]):
                 episode = infos["final_info"]["episode"]
                 print(f"global_step={global_step}, episodic_return={episode['r'][i]}")
                 writer.add_scalar("charts/episodic_return", episode["r"][i], global_step)
                 writer.add_scalar("charts/episodic_length", episode["l"][i], global_step)
                 break""",
+        ),
+        ('infos["final_observation"]', 'infos["final_obs"]'),  # renamed in 1.x
     ),
-    ('infos["final_observation"]', 'infos["final_obs"]'),  # renamed in 1.x
-)
+    "ppo": (
+        SAME_STEP_AUTORESET,
+        (  # the final infos as above; PPO logs every ended env's episode, not the first
+            """                for info in infos["final_info"]:
+                    if info and "episode" in info:
+                        print(f"global_step={global_step}, episodic_return={info['episode']['r']}")
+                        writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
+                        writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)""",
+            """                for i in np.flatnonzero(infos["_final_info"]):
+                    episode = infos["final_info"]["episode"]
+                    print(f"global_step={global_step}, episodic_return={episode['r'][i]}")
+                    writer.add_scalar("charts/episodic_return", episode["r"][i], global_step)
+                    writer.add_scalar("charts/episodic_length", episode["l"][i], global_step)""",
+        ),
+        (  # 1.x's TransformObservation takes the transformed observation space (clipping keeps the normalised one)
+            "TransformObservation(env, lambda obs: np.clip(obs, -10, 10))",
+            "TransformObservation(env, lambda obs: np.clip(obs, -10, 10), env.observation_space)",
+        ),
+    ),
+}
+FILES = {"sac": "sac_continuous_action.py", "ppo": "ppo_continuous_action.py"}
 
 
-def cleanrl_for_gymnasium1(args: Args) -> str:
-    """A copy of CleanRL's SAC with GYMNASIUM1_PATCH applied, under --out; returns its path."""
-    src = os.path.join(os.path.abspath(args.cleanrl_dir), "cleanrl", "sac_continuous_action.py")
+def cleanrl_for_gymnasium1(args: Args, algo: str) -> str:
+    """A copy of CleanRL's file for `algo` with GYMNASIUM1_PATCH[algo] applied, under --out; returns its path."""
+    src = os.path.join(os.path.abspath(args.cleanrl_dir), "cleanrl", FILES[algo])
     with open(src) as f:
         text = f.read()
-    for old, new in GYMNASIUM1_PATCH:
+    for old, new in GYMNASIUM1_PATCH[algo]:
         if text.count(old) != 1:
             sys.exit(f"error: {src} is not the CleanRL file the gymnasium 1.x patch expects "
                      f"(fe8d8a0); it lacks {old.strip().splitlines()[0]!r}")  # fmt: skip
         text = text.replace(old, new)
-    dst = os.path.join(os.path.abspath(args.out), "cleanrl_gymnasium1", "sac_continuous_action.py")
+    dst = os.path.join(os.path.abspath(args.out), "cleanrl_gymnasium1", FILES[algo])
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     with open(dst, "w") as f:
         f.write(text)
@@ -158,10 +184,9 @@ def cleanrl_for_gymnasium1(args: Args) -> str:
 
 def cleanrl_cmd(args: Args, algo: str, env_id: str, steps: int, seed: int) -> list[str]:
     if args.stack == "ours":  # the patched copy, our Python, the -v5 env
-        python, script, version = args.python, cleanrl_for_gymnasium1(args), "v5"
+        python, script, version = args.python, cleanrl_for_gymnasium1(args, algo), "v5"
     else:
-        name = {"sac": "sac_continuous_action.py", "ppo": "ppo_continuous_action.py"}[algo]
-        script = os.path.join(os.path.abspath(args.cleanrl_dir), "cleanrl", name)
+        script = os.path.join(os.path.abspath(args.cleanrl_dir), "cleanrl", FILES[algo])
         python, version = args.cleanrl_python, "v4"
     return [python, script, "--env-id", f"{env_id}-{version}", "--total-timesteps", str(steps),
             "--seed", str(seed), "--no-cuda"]  # fmt: skip
@@ -225,6 +250,7 @@ COMPARISONS = {
     ("sac", "cleanrl"): ("cleanrl_sac", "sac_cleanrl", "cleanrl_sac"),
     ("ppo", "cleanrl"): ("cleanrl_ppo", "ppo", "cleanrl_ppo"),
     ("sac", "ours"): ("cleanrl_sac_same_stack", "sac_cleanrl", "cleanrl_sac_gymnasium1"),
+    ("ppo", "ours"): ("cleanrl_ppo_same_stack", "ppo", "cleanrl_ppo_gymnasium1"),
 }
 
 
@@ -286,8 +312,6 @@ def main() -> None:
     args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
     if args.bf16 and args.algo != "sac":
         sys.exit("error: --bf16 is a flag of sac.py only: use --algo sac")
-    if args.stack == "ours" and args.algo != "sac":
-        sys.exit("error: --stack ours patches CleanRL's SAC only: use --algo sac")
     if args.stack == "cleanrl" and not os.path.exists(args.cleanrl_python):
         sys.exit(f"error: no CleanRL Python at {args.cleanrl_python} (see --help for the setup)")
     {"speed": speed, "learn": learn}[args.mode](args)

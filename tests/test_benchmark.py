@@ -154,54 +154,78 @@ def load_cleanrl_compare():
     return module
 
 
-def test_gymnasium1_patch_reads_what_gymnasium_1_gives(tmp_path):
-    """CleanRL's SAC patched for gymnasium 1.x: the file is patched or refused with a clear
-    message, and the patched lines, run against gymnasium 1.x's vector env, log the ended
-    episode's return and store its true final observation (not the next episode's first)."""
+@pytest.mark.parametrize("algo", ["sac", "ppo"])
+def test_gymnasium1_patch_reads_what_gymnasium_1_gives(tmp_path, algo):
+    """CleanRL's SAC and PPO patched for gymnasium 1.x: the file is patched or refused with a
+    clear message, and the patched lines, run against gymnasium 1.x's vector env, log the ended
+    episodes' returns (SAC the first ended env's, PPO every one's) and, for SAC, store the true
+    final observation (not the next episode's first)."""
     import gymnasium as gym
 
     cc = load_cleanrl_compare()
+    patch = cc.GYMNASIUM1_PATCH[algo]
     cleanrl = tmp_path / "cleanrl"
     (cleanrl / "cleanrl").mkdir(parents=True)
-    script = cleanrl / "cleanrl" / "sac_continuous_action.py"
-    script.write_text("\n#\n".join(old for old, _ in cc.GYMNASIUM1_PATCH))
+    script = cleanrl / "cleanrl" / cc.FILES[algo]
+    script.write_text("\n#\n".join(old for old, _ in patch))
     args = cc.Args(mode="learn", stack="ours", cleanrl_dir=str(cleanrl), out=str(tmp_path))
-    cmd = cc.cleanrl_cmd(args, "sac", "Hopper", 30_000, 4)
+    cmd = cc.cleanrl_cmd(args, algo, "Hopper", 30_000, 4)
     assert cmd[0] == args.python and cmd[2:4] == ["--env-id", "Hopper-v5"]
     with open(cmd[1]) as f:
         patched = f.read()
-    assert all(new in patched and old not in patched for old, new in cc.GYMNASIUM1_PATCH)
+    assert all(new in patched and old not in patched for old, new in patch)
     script.write_text("a different file")
     with pytest.raises(SystemExit, match="not the CleanRL file"):
-        cc.cleanrl_for_gymnasium1(args)
+        cc.cleanrl_for_gymnasium1(args, algo)
 
-    def make():
-        return gym.wrappers.RecordEpisodeStatistics(gym.make("Pendulum-v1", max_episode_steps=5))
+    def make(steps):
+        return lambda: gym.wrappers.RecordEpisodeStatistics(gym.make("Pendulum-v1", max_episode_steps=steps))
 
-    assert "autoreset_mode=gym.vector.AutoresetMode.SAME_STEP" in cc.GYMNASIUM1_PATCH[0][1]
-    envs = gym.vector.SyncVectorEnv([make, make], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
-    logged, rewards = [], []
+    assert "autoreset_mode=gym.vector.AutoresetMode.SAME_STEP" in patch[0][1]
+    lengths, steps = ((5, 5), 5) if algo == "sac" else ((6, 3), 6)  # PPO's: one env ends twice, the last step both
+    envs = gym.vector.SyncVectorEnv([make(n) for n in lengths], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    logged, expected = [], []
 
     class Writer:
         def add_scalar(self, tag, value, step):
-            logged.append((tag, float(value)))
+            logged.append((tag, float(value), step))
 
     envs.reset(seed=0)
-    single = make()  # the same episode without a vector env: its last observation is the truth
-    single.reset(seed=0)
-    for global_step in range(5):
+    singles = [make(n)() for n in lengths]  # the same episodes without a vector env: the truth
+    for i, single in enumerate(singles):
+        single.reset(seed=i)
+    returns = np.zeros(2)
+    for global_step in range(steps):
         actions = envs.action_space.sample()
-        next_obs, reward, _, truncations, infos = envs.step(actions)
-        true_last, *_ = single.step(actions[0])
-        rewards.append(reward[0])
+        next_obs, reward, terminations, truncations, infos = envs.step(actions)
+        true_last = [single.step(action)[0] for single, action in zip(singles, actions)]
+        returns += reward
+        ended = np.flatnonzero(terminations | truncations)
+        expected += [(lengths[i], returns[i], global_step) for i in (ended[:1] if algo == "sac" else ended)]
         if "final_info" in infos:
             namespace = {"infos": infos, "np": np, "writer": Writer(), "global_step": global_step}
-            exec("for _ in [0]:\n" + cc.GYMNASIUM1_PATCH[1][1], namespace)  # noqa: S102 (the patch)
-    assert truncations.all() and dict(logged)["charts/episodic_length"] == 5
-    assert dict(logged)["charts/episodic_return"] == pytest.approx(sum(rewards), rel=1e-5)
-    final = eval(cc.GYMNASIUM1_PATCH[2][1] + "[0]", {"infos": infos})
-    assert final == pytest.approx(true_last)
-    assert not np.allclose(final, next_obs[0])  # next_obs holds the next episode's first
+            exec("for _ in [0]:\n" + patch[1][1], namespace)  # noqa: S102 (the patch)
+        for i in ended:  # the vector env resets an ended env from its own generator; so do the singles
+            returns[i] = 0.0
+            singles[i].reset()
+    assert len(expected) == (1 if algo == "sac" else 3)  # PPO: env 1 at steps 2 and 5, env 0 at 5
+    lengths_logged = [(value, step) for tag, value, step in logged if tag == "charts/episodic_length"]
+    returns_logged = [(value, step) for tag, value, step in logged if tag == "charts/episodic_return"]
+    assert lengths_logged == [(n, step) for n, _, step in expected]
+    assert returns_logged == [(pytest.approx(r, rel=1e-5), step) for _, r, step in expected]
+    if algo == "sac":
+        final = eval(patch[2][1] + "[0]", {"infos": infos})
+        assert final == pytest.approx(true_last[0])
+        assert not np.allclose(final, next_obs[0])  # next_obs holds the next episode's first
+    else:  # 1.x's TransformObservation needs the space: the file's line fails there, the patched one clips
+        normalized = gym.wrappers.NormalizeObservation(make(5)())
+        with pytest.raises(TypeError):
+            eval("gym.wrappers." + patch[2][0], {"gym": gym, "np": np, "env": normalized})
+        clipped = eval("gym.wrappers." + patch[2][1], {"gym": gym, "np": np, "env": normalized})
+        assert clipped.observation_space == normalized.observation_space
+        assert np.array_equal(clipped.observation(np.array([20.0, -30.0, 5.0])), [10.0, -10.0, 5.0])
+        obs, _ = clipped.reset(seed=0)
+        assert obs.shape == (3,) and np.abs(obs).max() <= 10
 
 
 def test_sac_update_flop_count_matches_torch_flop_counter():
