@@ -25,7 +25,7 @@ returns is the two implementations' and not the simulators':
     python benchmark/cleanrl_compare.py learn --algo sac --stack ours     # 8 seeds x 2 envs
     python benchmark/cleanrl_compare.py speed --algo sac --stack ours     # both on HalfCheetah-v5
     python benchmark/bench.py csv cleanrl_sac_same_stack && python benchmark/bench.py plot cleanrl_sac_same_stack
-    python benchmark/cleanrl_compare.py learn --algo ppo --stack ours     # 300k steps, 3 seeds x 2 envs
+    python benchmark/cleanrl_compare.py learn --algo ppo --stack ours     # 300k steps, 8 seeds x 2 envs
     python benchmark/bench.py csv cleanrl_ppo_same_stack && python benchmark/bench.py plot cleanrl_ppo_same_stack
 
 Both implementations get the same hyperparameters: CleanRL's (ours with `--q-lr 1e-3
