@@ -265,6 +265,12 @@ def against_cleanrl(
     )
 
 
+def on_one_stack(algo: str, ours: str, steps: int, hopper_steps: int) -> Comparison:
+    """Our file against CleanRL's patched copy, both on our simulator stack, 8 seeds."""
+    title = f"{algo.upper()} against CleanRL's on one simulator stack (-v5, gymnasium 1.x, mujoco 3)"
+    return against_cleanrl(algo, ours, title, steps, hopper_steps, stack="ours", seeds=tuple(range(1, 9)))
+
+
 def trpo_fig4_table2(x_tag: str, x_label: str) -> Comparison:
     """[TRPO] Fig. 4 at Table 2's batches, 200 iterations (the paper's), against `x_tag`; the two axes share runs."""
     return Comparison(
@@ -495,24 +501,8 @@ COMPARISONS: dict[str, Comparison] = {
         steps=15_000,
         env_steps={"Hopper-v5": 30_000},
     ),
-    "cleanrl_sac_same_stack": against_cleanrl(
-        "sac",
-        "sac_cleanrl",
-        "SAC against CleanRL's on one simulator stack (-v5, gymnasium 1.x, mujoco 3)",
-        15_000,
-        30_000,
-        stack="ours",
-        seeds=tuple(range(1, 9)),
-    ),
-    "cleanrl_ppo_same_stack": against_cleanrl(
-        "ppo",
-        "ppo",
-        "PPO against CleanRL's on one simulator stack (-v5, gymnasium 1.x, mujoco 3)",
-        300_000,
-        300_000,
-        stack="ours",
-        seeds=tuple(range(1, 9)),
-    ),
+    "cleanrl_sac_same_stack": on_one_stack("sac", "sac_cleanrl", 15_000, 30_000),
+    "cleanrl_ppo_same_stack": on_one_stack("ppo", "ppo", 300_000, 300_000),
 }
 
 
