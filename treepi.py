@@ -210,7 +210,17 @@ Sizes = tuple[int, ...]  # layer widths
 Plan = Callable[[Tensor], tuple[Tensor, Tensor]]  # the E-step: roots [n, S] -> root actions [n, M, A], weights [n, M]
 
 
-def mlp(in_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool) -> nn.Sequential:
+class MLP(nn.Sequential):
+    """nn.Sequential that calls its layers' forward directly: the same arithmetic without nn.Module.__call__'s dispatch
+    (about 2 us a layer), which the search's many small network passes make about 5% of an update at the CPU defaults."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self:
+            x = layer.forward(x)
+        return x
+
+
+def mlp(in_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm: bool) -> MLP:
     """Linear + activation layers; optional LayerNorm after the first Linear ([TreePI] '256-LN')."""
     layers: list[nn.Module] = []
     for i, size in enumerate(hidden_sizes):
@@ -219,7 +229,7 @@ def mlp(in_dim: int, hidden_sizes: tuple[int, ...], activation: str, layer_norm:
             layers.append(nn.LayerNorm(size))
         layers.append(ACTIVATIONS[activation]())
         in_dim = size
-    return nn.Sequential(*layers)
+    return MLP(*layers)
 
 
 class GaussianActor(nn.Module):
@@ -311,8 +321,8 @@ class LatentModel(nn.Module):
         super().__init__()
         inputs = sizes[-1] + action_dim  # [s, a]; sizes: encoder and transition, the last the latent size
         self.encoder = mlp(obs_dim, sizes, activation, layer_norm)
-        self.transition = nn.Sequential(mlp(inputs, sizes[:-1], activation, layer_norm), nn.Linear(sizes[-2], sizes[-1]))
-        self.reward = nn.Sequential(mlp(inputs, reward_sizes, activation, layer_norm), nn.Linear(reward_sizes[-1], 2))
+        self.transition = MLP(mlp(inputs, sizes[:-1], activation, layer_norm), nn.Linear(sizes[-2], sizes[-1]))
+        self.reward = MLP(mlp(inputs, reward_sizes, activation, layer_norm), nn.Linear(reward_sizes[-1], 2))
 
     def roots(self, obs: Tensor, physics: np.ndarray | None) -> Tensor:
         return self.encoder(obs)  # the search's root states for observations [n, O]: their latents [n, L]

@@ -449,6 +449,21 @@ def test_q_target_matches_elementwise_formula():
             assert y[i, t].item() == pytest.approx(rewards[i, t].item() + bootstrap, abs=1e-6)
 
 
+def test_mlp_computes_what_nn_sequential_computes_bit_for_bit():
+    """MLP skips nn.Module's call dispatch only: outputs and gradients equal nn.Sequential's over the same layers, and the
+    parameter names (so checkpoints) are nn.Sequential's."""
+    torch.manual_seed(12)
+    net = treepi.MLP(treepi.mlp(5, (16, 16), "elu", True), torch.nn.Linear(16, 3))
+    reference = torch.nn.Sequential(torch.nn.Sequential(*net[0]), net[1])
+    assert list(net.state_dict()) == list(reference.state_dict())
+    x = torch.randn(7, 2, 5)
+    out, ref = net(x), reference(x)
+    assert torch.equal(out, ref)
+    grads = torch.autograd.grad(out.square().sum(), list(net.parameters()))
+    ref_grads = torch.autograd.grad(ref.square().sum(), list(reference.parameters()))
+    assert all(torch.equal(g, r) for g, r in zip(grads, ref_grads, strict=True))
+
+
 def test_latent_unroll_is_causal_and_matches_stepwise_predictions():
     """s_t = f(o_1, a_1..a_{t-1}): changing a_3 leaves s_1..s_3 and r_1, r_2 unchanged, and
     the unroll equals encoding o_1 and calling predict step by step."""
