@@ -39,7 +39,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated
 
 import numpy as np
@@ -265,10 +265,12 @@ def against_cleanrl(
     )
 
 
-def on_one_stack(algo: str, ours: str, steps: int, hopper_steps: int) -> Comparison:
-    """Our file against CleanRL's patched copy, both on our simulator stack, 8 seeds."""
+def on_one_stack(algo: str, ours: str, steps: int, hopper_steps: int, seeds: int = 8, name: str = "") -> Comparison:
+    """Our file against CleanRL's patched copy, both on our simulator stack, seeds 1..seeds; name: the comparison's, when
+    it is not the default one of cleanrl_compare.py's --algo and --stack."""
     title = f"{algo.upper()} against CleanRL's on one simulator stack (-v5, gymnasium 1.x, mujoco 3)"
-    return against_cleanrl(algo, ours, title, steps, hopper_steps, stack="ours", seeds=tuple(range(1, 9)))
+    comp = against_cleanrl(algo, ours, title, steps, hopper_steps, stack="ours", seeds=tuple(range(1, seeds + 1)))
+    return replace(comp, made_by=f"{comp.made_by} --comparison {name}") if name else comp
 
 
 def trpo_fig4_table2(x_tag: str, x_label: str) -> Comparison:
@@ -503,6 +505,8 @@ COMPARISONS: dict[str, Comparison] = {
     ),
     "cleanrl_sac_same_stack": on_one_stack("sac", "sac_cleanrl", 15_000, 30_000),
     "cleanrl_ppo_same_stack": on_one_stack("ppo", "ppo", 300_000, 300_000),
+    # SAC at PPO's budget: 12 runs of about 70 minutes on one core (cleanrl_compare.py --comparison; ours resumes)
+    "cleanrl_sac_same_stack_300k": on_one_stack("sac", "sac_cleanrl", 300_000, 300_000, 3, "cleanrl_sac_same_stack_300k"),
 }
 
 

@@ -27,6 +27,7 @@ returns is the two implementations' and not the simulators':
     python benchmark/bench.py csv cleanrl_sac_same_stack && python benchmark/bench.py plot cleanrl_sac_same_stack
     python benchmark/cleanrl_compare.py learn --algo ppo --stack ours     # 300k steps, 8 seeds x 2 envs
     python benchmark/bench.py csv cleanrl_ppo_same_stack && python benchmark/bench.py plot cleanrl_ppo_same_stack
+    python benchmark/cleanrl_compare.py learn --algo sac --stack ours --comparison cleanrl_sac_same_stack_300k
 
 Both implementations get the same hyperparameters: CleanRL's (ours with `--q-lr 1e-3
 --alpha-lr 1e-3 --policy-frequency 2` for SAC; ppo.py's defaults are already CleanRL's).
@@ -39,9 +40,12 @@ one gradient step of the critics, so that rate is updates per second.
 `learn` runs every (algo, env, seed, implementation) as its own process, `--jobs` at a time,
 with one torch thread each, into benchmark/bench.py's layout (`<out>/runs/<variant>/<env>/
 seed<S>_<N>/` with run.log and, once it finished, done.json; CleanRL's runs are stored under
-the -v5 name so that they share a subplot with ours). A finished run is not run again. The
+the -v5 name so that they share a subplot with ours). A finished run is not run again; an
+interrupted one of ours continues from its resume.pt (`kill` passes SIGTERM on to it, Ctrl-C
+reaches it directly, and no queued run starts), an interrupted CleanRL run starts over. The
 budgets and seeds are those of bench.py's `cleanrl_sac`, `cleanrl_ppo` and
-`cleanrl_sac_same_stack` (`cleanrl_ppo_same_stack`) comparisons, whose `csv` and `plot` then draw both implementations'
+`cleanrl_sac_same_stack` (`cleanrl_ppo_same_stack`; `--comparison` names another of the same
+two variants, such as `cleanrl_sac_same_stack_300k`) comparisons, whose `csv` and `plot` then draw both implementations'
 training returns (`charts/episodic_return`, which both write) with CleanRL's published
 1M-step numbers as reference levels.
 """
@@ -49,13 +53,16 @@ training returns (`charts/episodic_return`, which both write) with CleanRL's pub
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib.util
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
@@ -106,9 +113,18 @@ class Args:
     """cleanrl: CleanRL in its own environment on the -v4 envs; ours: CleanRL's file patched for
     gymnasium 1.x and run by --python on the -v5 envs (bench.py's cleanrl_sac_same_stack and
     cleanrl_ppo_same_stack)"""
+    comparison: str = ""
+    """learn: another bench.py comparison of the same two variants to run, with its budgets and
+    seeds (e.g. cleanrl_sac_same_stack_300k); default: --algo's and --stack's own"""
 
 
 LEARNING_STARTS = 5_000  # CleanRL's and sac.py's default
+
+
+def fail(message: str) -> None:
+    """A bad input: one line on stderr and exit status 2, as the algorithm files do."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def env_for(threads: int, cleanrl: Args | None = None) -> dict:
@@ -172,8 +188,8 @@ def cleanrl_for_gymnasium1(args: Args, algo: str) -> str:
         text = f.read()
     for old, new in GYMNASIUM1_PATCH[algo]:
         if text.count(old) != 1:
-            sys.exit(f"error: {src} is not the CleanRL file the gymnasium 1.x patch expects "
-                     f"(fe8d8a0); it lacks {old.strip().splitlines()[0]!r}")  # fmt: skip
+            fail(f"{src} is not the CleanRL file the gymnasium 1.x patch expects (fe8d8a0); it lacks "
+                 f"{old.strip().splitlines()[0]!r}")  # fmt: skip
         text = text.replace(old, new)
     dst = os.path.join(os.path.abspath(args.out), "cleanrl_gymnasium1", FILES[algo])
     os.makedirs(os.path.dirname(dst), exist_ok=True)
@@ -212,7 +228,7 @@ def wall_time(cmd: list[str], env: dict, cwd: str) -> float:
 
 def speed(args: Args) -> None:
     if args.algo == "both":
-        sys.exit("error: speed measures one algorithm at a time: --algo sac or --algo ppo")
+        fail("speed measures one algorithm at a time: --algo sac or --algo ppo")
     offset = LEARNING_STARTS if args.algo == "sac" else 0
     n1, n2 = args.sac_updates if args.algo == "sac" else args.ppo_steps
     scratch = os.path.abspath(os.path.join(args.out, "speed"))
@@ -258,11 +274,21 @@ def algos(args: Args) -> list[str]:
     return ["ppo", "sac"] if args.algo == "both" else [args.algo]
 
 
+def resume_file(run_dir: str) -> str | None:
+    """The resume.pt that our interrupted run wrote under run_dir, if any (CleanRL writes none)."""
+    found = sorted(glob.glob(os.path.join(run_dir, "*", "resume.pt")))
+    return found[0] if found else None
+
+
 def learn(args: Args) -> None:
     jobs = []
     for algo in algos(args):
         name, *variants = COMPARISONS[algo, args.stack]
-        comp = bench.COMPARISONS[name]
+        name = args.comparison or name
+        comp = bench.COMPARISONS.get(name)
+        if comp is None or [line.variant for line in comp.lines] != variants:
+            fail(f"--comparison {name} is not a bench.py comparison of {' and '.join(variants)} (--algo {algo} "
+                 f"--stack {args.stack})")  # fmt: skip
         for env_id in args.envs:
             steps = comp.budget(f"{env_id}-v5")
             for seed in args.seeds or comp.seeds:
@@ -283,16 +309,28 @@ def learn(args: Args) -> None:
                         cmd = cleanrl_cmd(args, algo, env_id, steps, seed)
                         jobs.append((cmd, env_for(args.threads, args), run_dir))
     print(f"{len(jobs)} runs to do, {args.jobs} at a time, in {args.out}/runs", flush=True)
+    running: set[subprocess.Popen] = set()
+    stopping = threading.Event()
 
     def run(job: tuple) -> None:
         cmd, env, run_dir = job
-        if os.path.exists(run_dir):
-            shutil.rmtree(run_dir)  # an interrupted run starts over
-        os.makedirs(run_dir)
+        if stopping.is_set():
+            return
+        resume = resume_file(run_dir)  # ours continues from its resume.pt; an interrupted CleanRL run starts over
+        if resume is None and os.path.exists(run_dir):
+            shutil.rmtree(run_dir)
+        os.makedirs(run_dir, exist_ok=True)
+        cmd = cmd + ["--resume", resume] if resume else cmd
         start = time.perf_counter()
-        with open(os.path.join(run_dir, "run.log"), "w") as f:
-            code = subprocess.run(cmd, cwd=run_dir, env=env, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
+        with open(os.path.join(run_dir, "run.log"), "a") as f:
+            proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=f, stderr=subprocess.STDOUT)
+            running.add(proc)
+            code = proc.wait()
+            running.discard(proc)
         wall = time.perf_counter() - start
+        if stopping.is_set():
+            print(f"stopped: {os.path.relpath(run_dir, args.out)}", flush=True)
+            return
         inner = os.path.join(run_dir, "runs")
         for name in os.listdir(inner) if os.path.isdir(inner) else []:  # CleanRL's run directory
             os.rename(os.path.join(inner, name), os.path.join(run_dir, name))
@@ -304,16 +342,31 @@ def learn(args: Args) -> None:
         print(f"{'done' if code == 0 else f'FAILED ({code})'} in {wall / 60:.1f} min: "
               f"{os.path.relpath(run_dir, args.out)}", flush=True)  # fmt: skip
 
-    with ThreadPoolExecutor(args.jobs) as pool:
+    def stop(signum: int, frame: object) -> None:  # `kill`: pass SIGTERM on (ours writes resume.pt), start nothing more
+        stopping.set()
+        for proc in list(running):
+            proc.terminate()
+        raise KeyboardInterrupt
+
+    previous, pool = signal.signal(signal.SIGTERM, stop), ThreadPoolExecutor(args.jobs)
+    try:
         list(pool.map(run, jobs))
+    except KeyboardInterrupt:  # SIGTERM, or Ctrl-C, which reached the running scripts too
+        stopping.set()
+        pool.shutdown(wait=True, cancel_futures=True)  # the running scripts end (ours after writing resume.pt)
+        print("stopped: the same command continues our unfinished runs from their resume.pt", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        pool.shutdown(wait=True)
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main() -> None:
     args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
     if args.bf16 and args.algo != "sac":
-        sys.exit("error: --bf16 is a flag of sac.py only: use --algo sac")
+        fail("--bf16 is a flag of sac.py only: use --algo sac")
     if args.stack == "cleanrl" and not os.path.exists(args.cleanrl_python):
-        sys.exit(f"error: no CleanRL Python at {args.cleanrl_python} (see --help for the setup)")
+        fail(f"no CleanRL Python at {args.cleanrl_python} (see --help for the setup)")
     {"speed": speed, "learn": learn}[args.mode](args)
 
 

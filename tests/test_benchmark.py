@@ -228,6 +228,55 @@ def test_gymnasium1_patch_reads_what_gymnasium_1_gives(tmp_path, algo):
         assert obs.shape == (3,) and np.abs(obs).max() <= 10
 
 
+def test_cleanrl_learn_stops_on_sigterm_and_resumes_ours(tmp_path, monkeypatch, capsys):
+    """cleanrl_compare.py learn under `kill`: our running script gets SIGTERM and writes resume.pt, no queued run starts,
+    exit 130; the same command then continues ours from its resume.pt (and runs CleanRL's afresh). A comparison that
+    is not of the two variants is refused with exit 2."""
+    import signal
+    import threading
+
+    cc = load_cleanrl_compare()
+    comp = cc.bench.Comparison("t", (cc.bench.Line("sac.py", "sac_cleanrl"), cc.bench.Line("CleanRL", "cleanrl_sac_gymnasium1")),
+                               envs=("HalfCheetah-v5",), steps=1_000_000, seeds=(1,))  # fmt: skip
+    monkeypatch.setitem(cc.bench.COMPARISONS, "t", comp)
+    total = ["1000000"]  # ours' budget, lowered for the second call
+
+    def ours_cmd(args, algo, env_id, steps, seed):  # a small sac.py on Pendulum, in place of the -v5 task
+        return [sys.executable, os.path.join(ROOT, "sac.py"), "--env", "Pendulum-v1", "--total-steps", total[0],
+                "--learning-starts", "100", "--batch-size", "32", "--hidden-sizes", "32", "32", "--log-every", "50"]  # fmt: skip
+
+    monkeypatch.setattr(cc, "ours_cmd", ours_cmd)
+    monkeypatch.setattr(cc, "cleanrl_cmd", lambda *a: [sys.executable, "-c", "pass"])
+    args = cc.Args("learn", algo="sac", stack="ours", comparison="t", envs=("HalfCheetah",), jobs=1, out=str(tmp_path))
+    ours_dir = os.path.join(tmp_path, "runs", "sac_cleanrl", "HalfCheetah-v5", "seed1_1000000")
+    theirs_dir = os.path.join(tmp_path, "runs", "cleanrl_sac_gymnasium1", "HalfCheetah-v5", "seed1_1000000")
+
+    def kill_once_training():
+        log = os.path.join(ours_dir, "run.log")
+        while not os.path.exists(log) or bench.last_step(log) < 150:
+            threading.Event().wait(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=kill_once_training, daemon=True).start()
+    with pytest.raises(SystemExit) as stopped:
+        cc.learn(args)
+    assert stopped.value.code == 130 and "stopped" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before
+    resume = cc.resume_file(ours_dir)
+    assert resume is not None and not os.path.exists(os.path.join(ours_dir, "done.json"))
+    assert not os.path.exists(theirs_dir)  # queued, never started
+    total[0] = "300"
+    cc.learn(args)
+    with open(os.path.join(ours_dir, "done.json")) as f:
+        assert json.load(f)["command"][-2:] == ["--resume", resume]
+    assert os.path.exists(os.path.join(theirs_dir, "done.json"))
+    assert len(glob.glob(os.path.join(ours_dir, "*", "events.out.tfevents.*"))) == 2  # one run directory, resumed
+    with pytest.raises(SystemExit) as refused:
+        cc.learn(dataclasses.replace(args, comparison="cleanrl_ppo_same_stack"))
+    assert refused.value.code == 2 and "is not a bench.py comparison" in capsys.readouterr().err
+
+
 def test_sac_update_flop_count_matches_torch_flop_counter():
     """sac_update_speed.py's hand count of one update's matrix-product FLOPs (a critic step and
     an actor step) equals what torch's FlopCounterMode sees sac.py's update functions do."""
