@@ -21,6 +21,9 @@ nothing else running, 2026-12-06; B = 1 / 16 / 64 roots:
     learned: 8.5 / 12.2 / 24 ms per search, 118 / 1312 / 2629 roots/s; network/search 0.58 / 0.66 / 0.74
     true (HalfCheetah-v5): 8.4 / 22 / 63 ms, 119 / 724 / 1016 roots/s; (mj_step+network)/search 0.42 / 0.60 / 0.71
 (with N=32, the default before: learned 16-19 / 28-30 / 57-58 ms, true 18 / 46 ms at B = 1 / 16, on a shared VM).
+With treepi.MLP (its layers' forward called directly, no nn.Module call dispatch), three runs interleaved with the
+version before it: learned B = 16 11.8-12.3 ms against 13.1-17.2, network/search 0.60-0.64 (both sides faster);
+true (mj_step+network)/search 0.54-0.59 at B = 16 either way.
 The rest is the tree's bookkeeping, whose numpy calls per level of a descent and backup do not
 depend on B: a profile of training (Hopper-v5, trees ~8 levels deep once Q is trained) puts
 ~35% of a search in search()'s own numpy work and ~60% in the network calls (ELU ~25% of
