@@ -155,7 +155,7 @@ def load_cleanrl_compare():
 
 
 @pytest.mark.parametrize("algo", ["sac", "ppo"])
-def test_gymnasium1_patch_reads_what_gymnasium_1_gives(tmp_path, algo):
+def test_gymnasium1_patch_reads_what_gymnasium_1_gives(tmp_path, algo, capsys):
     """CleanRL's SAC and PPO patched for gymnasium 1.x: the file is patched or refused with a
     clear message, and the patched lines, run against gymnasium 1.x's vector env, log the ended
     episodes' returns (SAC the first ended env's, PPO every one's) and, for SAC, store the true
@@ -175,8 +175,9 @@ def test_gymnasium1_patch_reads_what_gymnasium_1_gives(tmp_path, algo):
         patched = f.read()
     assert all(new in patched and old not in patched for old, new in patch)
     script.write_text("a different file")
-    with pytest.raises(SystemExit, match="not the CleanRL file"):
+    with pytest.raises(SystemExit) as refused:
         cc.cleanrl_for_gymnasium1(args, algo)
+    assert refused.value.code == 2 and "not the CleanRL file" in capsys.readouterr().err
 
     def make(steps):
         return lambda: gym.wrappers.RecordEpisodeStatistics(gym.make("Pendulum-v1", max_episode_steps=steps))
