@@ -572,17 +572,17 @@ def is_done(run: Run) -> bool:
     return os.path.exists(os.path.join(run.dir, "done.json"))
 
 
-def script_dirs(run: Run) -> list[str]:
-    """The script's own run directories inside the run's directory (one, unless a bug)."""
-    if not os.path.isdir(run.dir):
+def script_dirs(run_dir: str) -> list[str]:
+    """The script's own run directories inside a run's directory (one, unless a bug)."""
+    if not os.path.isdir(run_dir):
         return []
-    subs = [os.path.join(run.dir, d) for d in sorted(os.listdir(run.dir))]
+    subs = [os.path.join(run_dir, d) for d in sorted(os.listdir(run_dir))]
     return [d for d in subs if os.path.isdir(d)]
 
 
-def resume_file(run: Run) -> str | None:
-    """The resume.pt of an interrupted run, if it wrote one."""
-    for sub in script_dirs(run):
+def resume_file(run_dir: str) -> str | None:
+    """The resume.pt of an interrupted run in run_dir, if it wrote one (cleanrl_compare.py's runs too)."""
+    for sub in script_dirs(run_dir):
         if os.path.exists(os.path.join(sub, "resume.pt")):
             return os.path.join(sub, "resume.pt")
     return None
@@ -610,7 +610,7 @@ def log_tail(log: str, lines: int = 15) -> str:
 
 def start(run: Run, nice: int) -> tuple[subprocess.Popen, tuple[str, ...], float]:
     """Start a run: resume it from its resume.pt, or clear its directory and begin afresh."""
-    resume = resume_file(run)
+    resume = resume_file(run.dir)
     if resume is None and os.path.exists(run.dir):
         shutil.rmtree(run.dir)
     os.makedirs(run.dir, exist_ok=True)
@@ -726,7 +726,7 @@ def run_scalars(run: Run) -> dict[str, list[tuple[int, float, float]]]:
     """The merged scalars of a finished run, wall times as seconds since its first event."""
     paths = [
         os.path.join(sub, name)
-        for sub in script_dirs(run)
+        for sub in script_dirs(run.dir)
         for name in sorted(os.listdir(sub))
         if name.startswith("events.out.tfevents")
     ]

@@ -53,7 +53,6 @@ training returns (`charts/episodic_return`, which both write) with CleanRL's pub
 from __future__ import annotations
 
 import dataclasses
-import glob
 import importlib.util
 import json
 import os
@@ -274,12 +273,6 @@ def algos(args: Args) -> list[str]:
     return ["ppo", "sac"] if args.algo == "both" else [args.algo]
 
 
-def resume_file(run_dir: str) -> str | None:
-    """The resume.pt that our interrupted run wrote under run_dir, if any (CleanRL writes none)."""
-    found = sorted(glob.glob(os.path.join(run_dir, "*", "resume.pt")))
-    return found[0] if found else None
-
-
 def learn(args: Args) -> None:
     jobs = []
     for algo in algos(args):
@@ -316,7 +309,7 @@ def learn(args: Args) -> None:
         cmd, env, run_dir = job
         if stopping.is_set():
             return
-        resume = resume_file(run_dir)  # ours continues from its resume.pt; an interrupted CleanRL run starts over
+        resume = bench.resume_file(run_dir)  # ours continues from its resume.pt; an interrupted CleanRL run starts over
         if resume is None and os.path.exists(run_dir):
             shutil.rmtree(run_dir)
         os.makedirs(run_dir, exist_ok=True)

@@ -264,7 +264,7 @@ def test_cleanrl_learn_stops_on_sigterm_and_resumes_ours(tmp_path, monkeypatch, 
         cc.learn(args)
     assert stopped.value.code == 130 and "stopped" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == before
-    resume = cc.resume_file(ours_dir)
+    resume = cc.bench.resume_file(ours_dir)
     assert resume is not None and not os.path.exists(os.path.join(ours_dir, "done.json"))
     assert not os.path.exists(theirs_dir)  # queued, never started
     total[0] = "300"
@@ -427,7 +427,7 @@ def test_interrupted_run_is_resumed_and_its_csv_has_no_duplicate_steps(tiny):
     cmd[cmd.index("--total-steps") + 1] = "200"
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     subprocess.run(cmd, cwd=run.dir, env=env, check=True, capture_output=True)
-    (sub,) = bench.script_dirs(run)
+    (sub,) = bench.script_dirs(run.dir)
     assert os.path.exists(os.path.join(sub, "resume.pt"))
     writer = SummaryWriter(sub)
     for tag in ("charts/eval_return", "charts/episodic_return", "charts/SPS"):
@@ -438,7 +438,7 @@ def test_interrupted_run_is_resumed_and_its_csv_has_no_duplicate_steps(tiny):
     with open(os.path.join(run.dir, "done.json")) as f:
         command = json.load(f)["command"]
     assert command[-2:] == ["--resume", os.path.join(sub, "resume.pt")]
-    assert bench.script_dirs(run) == [sub]  # the same run directory, a third events file
+    assert bench.script_dirs(run.dir) == [sub]  # the same run directory, a third events file
     assert len(glob.glob(os.path.join(sub, "events.out.tfevents*"))) == 3
 
     assert bench.main(["csv", "tiny", "--out", out]) == 0
@@ -558,6 +558,6 @@ def test_sigterm_stops_the_runner_and_its_runs_with_resume_files(tmp_path, monke
     threading.Thread(target=kill_once_training, daemon=True).start()
     assert bench.main(["run", "long", "--out", out, "--jobs", "1"]) == 130
     assert "stopped" in capsys.readouterr().err
-    assert bench.resume_file(first) is not None and not bench.is_done(first)
+    assert bench.resume_file(first.dir) is not None and not bench.is_done(first)
     assert not os.path.exists(second.dir)  # queued, never started
     assert signal.getsignal(signal.SIGTERM) == before  # the runner's handler is gone
