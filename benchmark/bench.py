@@ -17,6 +17,13 @@ Layout under --out (default runs/bench):
     runs/<variant>/<env>/seed<S>_<N>/     one run: run.log, done.json and the script's own
         <env>__<algo>__<S>__<stamp>/      run directory (tensorboard events, resume.pt, ...)
     csv/<comparison>.csv                  variant,env,seed,tag,step,wall,value
+and, for each finished run, its record in the repository (--results, default benchmark/results):
+    <variant>/<env>/seed<S>_<N>.csv       tag,step,wall,value of the run's `charts/` scalars
+
+The records are what to commit: a run directory holds replay buffers and checkpoints and is lost
+with the machine, while a finished run with a record is never run again, and `csv` and `plot`
+read it as if its directory were there. So a comparison of many hours can be finished over
+several machines: commit the new records after each session.
 
 A run's identity is (variant, env, seed, steps, flags), not the comparison, so two comparisons
 that need the same run share it. A comparison's `extra_args` and `variant_args` change the
@@ -46,6 +53,7 @@ import numpy as np
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmark", "results")  # the finished runs' records, committed
 
 
 class UsageError(Exception):
@@ -521,6 +529,8 @@ class Run:
     steps: int
     dir: str
     cmd: tuple[str, ...]
+    record: str
+    """The finished run's charts/ scalars (tag,step,wall,value), kept in the repository."""
 
 
 def get_comparison(name: str) -> Comparison:
@@ -542,12 +552,17 @@ def select(
     return seeds or comp.seeds, envs or comp.envs, steps
 
 
+def record_path(variant: str, env: str, leaf: str, results: str | None = None) -> str:
+    """Where the record of the run <out>/runs/<variant>/<env>/<leaf> is kept (RESULTS unless `results`)."""
+    return os.path.join(results or RESULTS, variant, env, leaf + ".csv")
+
+
 def plan(
     comp: Comparison, seeds: tuple[int, ...], envs: tuple[str, ...], steps: int | None, out: str,
-    python: str = sys.executable,
+    python: str = sys.executable, results: str | None = None,
 ) -> list[Run]:  # fmt: skip
     """Every run the comparison needs, one per (variant, env, seed), in a fixed order; `steps`
-    overrides the comparison's budgets."""
+    overrides the comparison's budgets; their records under `results` (default RESULTS)."""
     runs = []
     for env in envs:
         for name in dict.fromkeys(line.variant for line in comp.lines):  # two tags: one run
@@ -564,12 +579,13 @@ def plan(
                     "--total-steps", str(env_budget), "--threads", "1", "--log-dir", run_dir,
                     *variant.args, *variant.env_args.get(env, ()), *extra,
                 )  # fmt: skip
-                runs.append(Run(name, env, seed, env_budget, run_dir, cmd))
+                runs.append(Run(name, env, seed, env_budget, run_dir, cmd, record_path(name, env, leaf, results)))
     return runs
 
 
 def is_done(run: Run) -> bool:
-    return os.path.exists(os.path.join(run.dir, "done.json"))
+    """Finished here (done.json), or on another machine (its record)."""
+    return os.path.exists(os.path.join(run.dir, "done.json")) or os.path.exists(run.record)
 
 
 def script_dirs(run_dir: str) -> list[str]:
@@ -663,7 +679,8 @@ def run_all(runs: list[Run], jobs: int, nice: int = 0, status_every: float = 5.0
                     }
                     with open(os.path.join(run.dir, "done.json"), "w") as f:
                         json.dump(record, f, indent=2)
-                    print(f"done    {name_of(run)} in {wall / 60:.1f} min", flush=True)
+                    write_record(run)
+                    print(f"done    {name_of(run)} in {wall / 60:.1f} min; commit {run.record}", flush=True)
                 else:
                     failed.append(run)
                     log = os.path.join(run.dir, "run.log")
@@ -736,9 +753,24 @@ def run_scalars(run: Run) -> dict[str, list[tuple[int, float, float]]]:
     return {tag: [(s, w - t0, v) for s, w, v in events] for tag, events in merged.items()}
 
 
+def write_record(run: Run) -> None:
+    """The run's record from its tensorboard events: tag,step,wall,value of its `charts/` scalars."""
+    os.makedirs(os.path.dirname(run.record), exist_ok=True)
+    with open(run.record + ".tmp", "w") as f:
+        f.write("tag,step,wall,value\n")
+        for tag, events in sorted(run_scalars(run).items()):
+            if tag.startswith("charts/"):
+                f.writelines(f"{tag},{step},{wall:.3f},{value!r}\n" for step, wall, value in events)
+    os.replace(run.record + ".tmp", run.record)
+
+
 def write_csv(runs: list[Run], path: str) -> int:
-    """variant,env,seed,tag,step,wall,value of the finished runs' `charts/` scalars; row count."""
-    finished = [r for r in runs if is_done(r)]
+    """variant,env,seed,tag,step,wall,value of the finished runs' records (written afresh from the events of the
+    runs finished here); row count."""
+    for run in runs:
+        if os.path.exists(os.path.join(run.dir, "done.json")):
+            write_record(run)
+    finished = [r for r in runs if os.path.exists(r.record)]
     if not finished:
         raise UsageError("no finished runs for this selection; `run` it first")
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -746,11 +778,10 @@ def write_csv(runs: list[Run], path: str) -> int:
     with open(path + ".tmp", "w") as f:
         f.write("variant,env,seed,tag,step,wall,value\n")
         for run in finished:
-            for tag, events in sorted(run_scalars(run).items()):
-                if not tag.startswith("charts/"):
-                    continue
-                for step, wall, value in events:
-                    f.write(f"{run.variant},{run.env},{run.seed},{tag},{step},{wall:.3f},{value!r}\n")
+            with open(run.record) as record:
+                next(record)
+                for row in record:
+                    f.write(f"{run.variant},{run.env},{run.seed},{row}")
                     rows += 1
     os.replace(path + ".tmp", path)
     return rows
@@ -997,6 +1028,8 @@ class Select:
     """Env steps per run instead of the comparison's budget."""
     out: str = "runs/bench"
     """Directory of the runs (runs/) and CSV files (csv/)."""
+    results: str | None = None
+    """Directory of the finished runs' records, to commit (default: the repository's benchmark/results)."""
 
 
 @dataclass
@@ -1005,6 +1038,8 @@ class ListCmd:
 
     out: str = "runs/bench"
     """Directory of the runs, to show which are done."""
+    results: str | None = None
+    """Directory of the finished runs' records (default: the repository's benchmark/results)."""
 
 
 @dataclass
@@ -1042,9 +1077,9 @@ Command = (
 )
 
 
-def list_comparisons(out: str) -> None:
+def list_comparisons(out: str, results: str | None = None) -> None:
     for name, comp in COMPARISONS.items():
-        runs = plan(comp, comp.seeds, comp.envs, None, out)
+        runs = plan(comp, comp.seeds, comp.envs, None, out, results=results)
         done = sum(is_done(r) for r in runs)
         lines = ", ".join(f"{line.label}={line.variant}" for line in comp.lines)
         print(f"{name}: {comp.title}" + (f" ({comp.paper})" if comp.paper else ""))
@@ -1052,14 +1087,15 @@ def list_comparisons(out: str) -> None:
               f"{comp.steps:,} steps{'; serial' if comp.serial else ''}; {done}/{len(runs)} done")  # fmt: skip
         for r in runs:
             state = "done" if is_done(r) else "partial" if os.path.exists(r.dir) else "todo"
-            print(f"    {state:7s} {name_of(r)} {r.steps} steps")
+            state = "recorded" if state == "done" and not os.path.exists(r.dir) else state
+            print(f"    {state:8s} {name_of(r)} {r.steps} steps")
 
 
 def main(argv: list[str] | None = None) -> int:
     cmd = tyro.cli(Command, args=argv, description=__doc__.split("\n\n")[0])
     try:
         if isinstance(cmd, ListCmd):
-            list_comparisons(cmd.out)
+            list_comparisons(cmd.out, cmd.results)
             return 0
         comp = get_comparison(cmd.name)
         seeds, envs, steps = select(comp, cmd.seeds, cmd.envs, cmd.steps)
@@ -1069,7 +1105,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(f"{cmd.name}'s runs are made by `{comp.made_by}`; csv/plot read them")
             if cmd.jobs <= 0:
                 raise UsageError(f"--jobs must be positive, got {cmd.jobs}")
-            runs = plan(comp, seeds, envs, steps, cmd.out, cmd.python)
+            runs = plan(comp, seeds, envs, steps, cmd.out, cmd.python, cmd.results)
             known = tuple(dict.fromkeys(r.variant for r in runs))
             for name in cmd.variants or ():
                 if name not in known:
@@ -1077,7 +1113,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = [r for r in runs if r.variant in (cmd.variants or known)]
             return 1 if run_all(runs, 1 if comp.serial else cmd.jobs, cmd.nice) else 0
         if isinstance(cmd, CsvCmd):
-            rows = write_csv(plan(comp, seeds, envs, steps, cmd.out), csv)
+            rows = write_csv(plan(comp, seeds, envs, steps, cmd.out, results=cmd.results), csv)
             print(f"{rows} rows -> {csv}")
             return 0
         png, md = plot(comp, cmd.name, read_csv(csv), envs, steps, cmd.figures)

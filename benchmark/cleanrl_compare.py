@@ -286,12 +286,12 @@ def learn(args: Args) -> None:
             steps = comp.budget(f"{env_id}-v5")
             for seed in args.seeds or comp.seeds:
                 for impl, variant in zip(("ours", "cleanrl"), variants):  # side by side
-                    run_dir = os.path.join(
-                        os.path.abspath(args.out), "runs", variant, f"{env_id}-v5",
-                        f"seed{seed}_{steps}",
-                    )  # fmt: skip
+                    leaf = f"seed{seed}_{steps}"
+                    run_dir = os.path.join(os.path.abspath(args.out), "runs", variant, f"{env_id}-v5", leaf)
                     if os.path.exists(os.path.join(run_dir, "done.json")):
                         continue
+                    if os.path.exists(bench.record_path(variant, f"{env_id}-v5", leaf)):
+                        continue  # finished on another machine: its record is in the repository
                     if impl == "ours":
                         cmd = ours_cmd(args, algo, env_id, steps, seed)
                         every = "10000" if algo == "sac" else "50000"  # CleanRL does not evaluate

@@ -7,6 +7,7 @@ import importlib.util
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -27,6 +28,14 @@ def load_bench():
 
 
 bench = load_bench()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def results_outside_the_repository(tmp_path_factory):
+    """The finished runs' records of this module's runs go to a scratch directory, not benchmark/results."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench, "RESULTS", str(tmp_path_factory.mktemp("results")))
+        yield bench.RESULTS
 
 
 # -- pure functions ----------------------------------------------------------------------------
@@ -237,6 +246,7 @@ def test_cleanrl_learn_stops_on_sigterm_and_resumes_ours(tmp_path, monkeypatch, 
     import threading
 
     cc = load_cleanrl_compare()
+    monkeypatch.setattr(cc.bench, "RESULTS", str(tmp_path / "results"))
     comp = cc.bench.Comparison("t", (cc.bench.Line("sac.py", "sac_cleanrl"), cc.bench.Line("CleanRL", "cleanrl_sac_gymnasium1")),
                                envs=("HalfCheetah-v5",), steps=1_000_000, seeds=(1,))  # fmt: skip
     monkeypatch.setitem(cc.bench.COMPARISONS, "t", comp)
@@ -404,6 +414,7 @@ def test_unfinished_run_without_resume_file_starts_over(tiny):
     out, comp, _ = tiny
     run = next(r for r in runs_of(out, comp) if (r.variant, r.seed) == ("tiny_ppo", 2))
     os.remove(os.path.join(run.dir, "done.json"))
+    os.remove(run.record)
     for path in glob.glob(os.path.join(run.dir, "*", "resume.pt")):
         os.remove(path)
     open(os.path.join(run.dir, "stale"), "w").close()
@@ -421,7 +432,7 @@ def test_interrupted_run_is_resumed_and_its_csv_has_no_duplicate_steps(tiny):
 
     out, comp, _ = tiny
     run = next(r for r in runs_of(out, comp) if (r.variant, r.seed) == ("tiny_sac", 1))
-    subprocess.run(["rm", "-rf", run.dir], check=True)
+    subprocess.run(["rm", "-rf", run.dir, run.record], check=True)
     os.makedirs(run.dir)
     cmd = list(run.cmd)
     cmd[cmd.index("--total-steps") + 1] = "200"
@@ -449,6 +460,45 @@ def test_interrupted_run_is_resumed_and_its_csv_has_no_duplicate_steps(tiny):
         assert steps == sorted(set(steps)), tag  # strictly increasing: no step twice
     eval_steps = [int(r["step"]) for r in mine if r["tag"] == "charts/eval_return"]
     assert eval_steps[0] <= 200 and eval_steps[-1] == STEPS  # both parts are there
+
+
+def test_a_run_lost_with_its_machine_is_read_from_its_record_and_not_run_again(tiny, monkeypatch, tmp_path, capsys):
+    """Each finished run leaves a record (tag,step,wall,value of its charts/ scalars) under RESULTS. With the run
+    directories gone, `run` starts nothing, `list` says recorded, and `csv` gives the rows it gave from the events."""
+    out, comp, _ = tiny
+    runs = runs_of(out, comp)
+    assert bench.main(["csv", "tiny", "--out", out]) == 0
+    before = read_rows(out)
+    for run in runs:  # the record holds every charts/ event of the run, as the events files do
+        with open(run.record) as f:
+            assert next(f) == "tag,step,wall,value\n"
+            recorded = [line.rstrip("\n").split(",") for line in f]
+        events = bench.run_scalars(run)
+        assert {tag for tag, *_ in recorded} == {tag for tag in events if tag.startswith("charts/")}
+        for tag, step, wall, value in recorded:
+            assert (int(step), float(value)) in [(s, v) for s, _, v in events[tag]]
+    moved = tmp_path / "machine_lost"
+    os.rename(os.path.join(out, "runs"), moved)
+    try:
+
+        def no_popen(*args, **kwargs):
+            raise AssertionError("a recorded run was started again")
+
+        monkeypatch.setattr(bench.subprocess, "Popen", no_popen)
+        assert bench.main(["run", "tiny", "--out", out]) == 0
+        assert "4 runs: 4 done, 0 to run" in capsys.readouterr().out
+        bench.list_comparisons(out)
+        assert f"recorded tiny_ppo/Pendulum-v1/seed2 {STEPS} steps" in capsys.readouterr().out
+        os.remove(os.path.join(out, "csv", "tiny.csv"))
+        assert bench.main(["csv", "tiny", "--out", out]) == 0
+        assert read_rows(out) == before
+        os.remove(runs[0].record)  # neither a run directory nor a record: not finished
+        with pytest.raises(AssertionError, match="started again"):
+            bench.main(["run", "tiny", "--out", out, "--jobs", "1"])
+    finally:
+        shutil.rmtree(os.path.join(out, "runs"), ignore_errors=True)
+        os.rename(moved, os.path.join(out, "runs"))
+        bench.write_record(runs[0])
 
 
 def test_failed_run_is_reported_and_the_command_exits_nonzero(tiny, monkeypatch, capsys):
