@@ -815,7 +815,7 @@ def drawn_model_fields(env_id: str) -> list[str]:
 
 class Simulator:
     """The true model [TreePI Sec. 6.2]: the env's MuJoCo simulation stepped from saved node states [obs (O) | physics (P)]
-    in float64, physics = [mj_getState (MJ_STATE) | CARRIED arrays | the model arrays that the env's resets randomise
+    in float64, physics = [mj_getState (MJ_STATE) | CARRIED arrays (not FAST_ENVS') | the model arrays that resets randomise
     (a suite task's target)], so that every step returns exactly the env's own observation, reward and termination (tests
     replay them bit for bit). FAST_ENVS by frame_skip mj_steps, other gymnasium v5 envs by their own step(), suite tasks
     by the steps of dm_control's Environment.step with the task's own reward; never through TimeLimit or Environment.step
@@ -836,8 +836,9 @@ class Simulator:
         self.action_scale, self.action_bias = (high - low) / 2, (high + low) / 2  # GaussianActor.env_action's
         self.outcome = FAST_ENVS.get(f"{type(env).__module__}:{type(env).__name__}")
         self.suite, self.model_fields = not isinstance(env, MujocoEnv), drawn_model_fields(env_id)
+        self.carried = () if self.outcome is not None else CARRIED  # FAST_ENVS read qpos and qvel only
         parts = [("state", mujoco.mj_stateSize(self.mj_model, MJ_STATE))]
-        parts += [(name, getattr(self.data, name).size) for name in CARRIED]
+        parts += [(name, getattr(self.data, name).size) for name in self.carried]
         parts += [(name, getattr(self.mj_model, name).size) for name in self.model_fields]
         ends = np.cumsum([size for _, size in parts])
         self.parts = {name: slice(end - size, end) for (name, size), end in zip(parts, ends)}  # where each lies in P
@@ -847,7 +848,7 @@ class Simulator:
 
     def save(self, model: mujoco.MjModel, data: mujoco.MjData, out: np.ndarray) -> None:
         mujoco.mj_getState(model, data, out[self.parts["state"]], MJ_STATE)
-        for name in CARRIED:
+        for name in self.carried:
             out[self.parts[name]] = getattr(data, name).ravel()
         for name in self.model_fields:
             out[self.parts[name]] = getattr(model, name).ravel()
@@ -856,7 +857,7 @@ class Simulator:
         for name in self.model_fields:
             getattr(self.mj_model, name).flat[:] = physics[self.parts[name]]
         mujoco.mj_setState(self.mj_model, self.data, physics[self.parts["state"]], MJ_STATE)
-        for name in CARRIED:
+        for name in self.carried:
             getattr(self.data, name).flat[:] = physics[self.parts[name]]
 
     def physics(self, env: gym.Env) -> np.ndarray:

@@ -8,6 +8,9 @@ a shared machine's load hits both sides alike:
            on B rows (learned model), or N x (policy samples + critic) (true model);
   physics  (true model) the N-1 env steps of B states alone: the Simulator's restore of each
            saved state and frame_skip mj_steps on its MjData, no observation or reward;
+  alternating (true model) the same physics and network calls in the search's order, each
+           rollout's B env steps then its network pass on B rows, so that each side finds the
+           CPU's caches as the other left them, as in a search;
 and reports roots searched per second, model transitions per second, and the ratios
 raw / search (1 = the search costs no more than what it calls).
 
@@ -24,6 +27,10 @@ nothing else running, 2026-12-06; B = 1 / 16 / 64 roots:
 With treepi.MLP (its layers' forward called directly, no nn.Module call dispatch), three runs interleaved with the
 version before it: learned B = 16 11.8-12.3 ms against 13.1-17.2, network/search 0.60-0.64 (both sides faster);
 true (mj_step+network)/search 0.54-0.59 at B = 16 either way.
+2026-12-07, nine runs with the other jobs paused: (mj_step+network)/search 0.58-0.64 at B = 16 and 0.66-0.78 at 64;
+the two alternating take 1.08-1.23 times the sum of the two timed apart (each finds the caches as the other left
+them) and are 0.65-0.75 of a search at B = 16, 0.71-0.80 at 64. The Simulator's saved states of the FAST_ENVS no
+longer carry xpos and xipos (their steps read qpos and qvel only): the same trees, search times within this noise.
 The rest is the tree's bookkeeping, whose numpy calls per level of a descent and backup do not
 depend on B: a profile of training (Hopper-v5, trees ~8 levels deep once Q is trained) puts
 ~35% of a search in search()'s own numpy work and ~60% in the network calls (ELU ~25% of
@@ -124,23 +131,38 @@ def main() -> None:
         def search():
             treepi.search(roots, propose, step, n, args.depth, args.temperature, args.gamma)
 
-        results = {"search": [], "network": [], "mj_step": []}
+        results = {"search": [], "network": [], "mj_step": [], "alternating": []}
         if simulator is not None:
             controls = actions[:, 0].clamp(-1, 1) * simulator.action_scale + simulator.action_bias
             controls = np.repeat(controls.numpy()[:, None].astype(np.float64), model.env.frame_skip, 1)
 
+            def physics_of_one_rollout():
+                for b in range(num_roots):
+                    model.restore(physics_rows[b])
+                    model.data.ctrl[:] = controls[b, 0]
+                    mujoco.mj_step(model.mj_model, model.data, nstep=model.env.frame_skip)
+
+            def network_of_one_rollout():
+                sampled, _ = actor.candidates(actor(features), args.num_samples)
+                critic(features.unsqueeze(1), actor.critic_input(sampled))
+
             def mj_step():
                 for _ in range(n - 1):
-                    for b in range(num_roots):
-                        model.restore(physics_rows[b])
-                        model.data.ctrl[:] = controls[b, 0]
-                        mujoco.mj_step(model.mj_model, model.data, nstep=model.env.frame_skip)
+                    physics_of_one_rollout()
+
+            @torch.inference_mode()
+            def alternating():  # the same calls in the search's order: each rollout's physics, then its network pass
+                network_of_one_rollout()
+                for _ in range(n - 1):
+                    physics_of_one_rollout()
+                    network_of_one_rollout()
 
         for _ in range(cli.repeats):  # interleaved: load changes hit every side alike
             results["search"].append(timed(search, 1))
             results["network"].append(timed(networks, 1))
             if simulator is not None:
                 results["mj_step"].append(timed(mj_step, 1))
+                results["alternating"].append(timed(alternating, 1))
         t = {k: statistics.median(v) for k, v in results.items() if v}
         transitions = num_roots * (n - 1)
         line = (
@@ -154,7 +176,8 @@ def main() -> None:
             line += (
                 f" | physics: mj_step {t['mj_step'] * 1e3:7.1f} ms | mj_step/search "
                 f"{t['mj_step'] / t['search']:.2f}, (mj_step+network)/search "
-                f"{(t['mj_step'] + t['network']) / t['search']:.2f}"
+                f"{(t['mj_step'] + t['network']) / t['search']:.2f} | the two alternating {t['alternating'] * 1e3:7.1f} "
+                f"ms: /search {t['alternating'] / t['search']:.2f}"
             )
         print(line, flush=True)
 
