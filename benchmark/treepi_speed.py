@@ -29,7 +29,7 @@ version before it: learned B = 16 11.8-12.3 ms against 13.1-17.2, network/search
 true (mj_step+network)/search 0.54-0.59 at B = 16 either way.
 2026-12-07, nine runs with the other jobs paused: (mj_step+network)/search 0.58-0.64 at B = 16 and 0.66-0.78 at 64;
 the two alternating take 1.08-1.23 times the sum of the two timed apart (each finds the caches as the other left
-them) and are 0.65-0.75 of a search at B = 16, 0.71-0.80 at 64. The Simulator's saved states of the FAST_ENVS no
+them) and are 0.65-0.75 of a search at B = 16, 0.71-0.80 at 64 (and one outlier, 1.03). The Simulator's saved states of the FAST_ENVS no
 longer carry xpos and xipos (their steps read qpos and qvel only): the same trees, search times within this noise.
 The rest is the tree's bookkeeping, whose numpy calls per level of a descent and backup do not
 depend on B: a profile of training (Hopper-v5, trees ~8 levels deep once Q is trained) puts
