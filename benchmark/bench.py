@@ -12,6 +12,8 @@ Usage (from anywhere; paths are relative to the current directory):
     python benchmark/bench.py run treepi_fig1_suite --variants mpo sac   # some variants only
     python benchmark/bench.py csv trpo_fig4                 # runs/bench/csv/trpo_fig4.csv
     python benchmark/bench.py plot trpo_fig4                # benchmark/figures/trpo_fig4.{png,md}
+    python benchmark/bench.py plot treepi_fig1_suite --envs dm_control/cartpole-swingup-v0
+                                            # benchmark/figures/treepi_fig1_suite__cartpole-swingup-v0.{png,md}
 
 Layout under --out (default runs/bench):
     runs/<variant>/<env>/seed<S>_<N>/     one run: run.log, done.json and the script's own
@@ -955,7 +957,8 @@ def table(comp: Comparison, env: str, rows: list[dict]) -> str:
 
 def plot(comp: Comparison, name: str, data: dict, envs: tuple[str, ...], steps: int | None,
          figures: str) -> tuple[str, str]:  # fmt: skip
-    """Write <figures>/<name>.png and <figures>/<name>.md; return their paths."""
+    """Write <figures>/<stem>.png and <figures>/<stem>.md; return their paths. The stem is the comparison's name, with
+    the envs' names after it where they are a subset (`--envs`), so that the figure of one env never replaces another's."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -995,7 +998,8 @@ def plot(comp: Comparison, name: str, data: dict, envs: tuple[str, ...], steps: 
     fig.suptitle(comp.title, fontsize=9)
     fig.tight_layout()
     os.makedirs(figures, exist_ok=True)
-    png, md = os.path.join(figures, f"{name}.png"), os.path.join(figures, f"{name}.md")
+    stem = name if set(envs) == set(comp.envs) else "__".join([name, *(env.split("/")[-1] for env in envs)])
+    png, md = os.path.join(figures, f"{stem}.png"), os.path.join(figures, f"{stem}.md")
     fig.savefig(png, dpi=100)
     plt.close(fig)
     head = f"## {comp.title}\n\n{comp.paper + '. ' if comp.paper else ''}"

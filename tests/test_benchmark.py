@@ -387,6 +387,23 @@ def test_plot_writes_png_and_one_table_row_per_line(tiny, tmp_path, capsys):
     assert "| SAC |" in capsys.readouterr().out
 
 
+def test_the_figure_of_some_envs_is_named_by_them_and_leaves_the_whole_comparisons_alone(tmp_path):
+    comp = bench.Comparison(
+        "two", (bench.Line("SAC", "sac"),), envs=("Pendulum-v1", "dm_control/cartpole-swingup-v0"), steps=20
+    )
+    steps = np.arange(0, 21, 5.0)
+    data = {("sac", env, seed, "charts/eval_return"): np.stack([steps, steps, steps * seed], 1)
+            for env in comp.envs for seed in (1, 2)}  # fmt: skip
+    whole = bench.plot(comp, "two", data, comp.envs, None, str(tmp_path))
+    assert whole == (str(tmp_path / "two.png"), str(tmp_path / "two.md"))
+    before = (tmp_path / "two.png").read_bytes()
+    png, md = bench.plot(comp, "two", data, ("dm_control/cartpole-swingup-v0",), None, str(tmp_path))
+    assert (png, md) == (str(tmp_path / "two__cartpole-swingup-v0.png"), str(tmp_path / "two__cartpole-swingup-v0.md"))
+    assert (tmp_path / "two.png").read_bytes() == before
+    table = (tmp_path / "two__cartpole-swingup-v0.md").read_text()
+    assert "Pendulum-v1" not in table and "cartpole-swingup-v0" in table
+
+
 def test_second_run_starts_no_process(tiny, monkeypatch):
     out, comp, _ = tiny
     mtimes = [os.path.getmtime(os.path.join(r.dir, "done.json")) for r in runs_of(out, comp)]
