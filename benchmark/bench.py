@@ -20,7 +20,8 @@ Layout under --out (default runs/bench):
         <env>__<algo>__<S>__<stamp>/      run directory (tensorboard events, resume.pt, ...)
     csv/<comparison>.csv                  variant,env,seed,tag,step,wall,value
 and, for each finished run, its record in the repository (--results, default benchmark/results):
-    <variant>/<env>/seed<S>_<N>.csv       tag,step,wall,value of the run's `charts/` scalars
+    <variant>/<env>/<run>.csv             tag,step,wall,value of the run's `charts/` scalars, <run> the
+                                          name of its directory under runs/ (seed<S>_<N>, and a flags hash)
 
 The records are what to commit: a run directory holds replay buffers and checkpoints and is lost
 with the machine, while a finished run with a record is never run again, and `csv` and `plot`
