@@ -29,8 +29,8 @@ version before it: learned B = 16 11.8-12.3 ms against 13.1-17.2, network/search
 true (mj_step+network)/search 0.54-0.59 at B = 16 either way.
 2026-12-07, nine runs with the other jobs paused: (mj_step+network)/search 0.58-0.64 at B = 16 and 0.66-0.78 at 64;
 the two alternating take 1.08-1.23 times the sum of the two timed apart (each finds the caches as the other left
-them) and are 0.65-0.75 of a search at B = 16, 0.71-0.80 at 64 (and one outlier, 1.03). The Simulator's saved states of the FAST_ENVS no
-longer carry xpos and xipos (their steps read qpos and qvel only): the same trees, search times within this noise.
+them) and are 0.65-0.75 of a search at B = 16, 0.71-0.80 at 64 (and one outlier, 1.03). The Simulator's saved
+states of the FAST_ENVS no longer carry xpos and xipos (their steps read qpos and qvel only): the same trees, search times within this noise.
 The rest is the tree's bookkeeping, whose numpy calls per level of a descent and backup do not
 depend on B: a profile of training (Hopper-v5, trees ~8 levels deep once Q is trained) puts
 ~35% of a search in search()'s own numpy work and ~60% in the network calls (ELU ~25% of
@@ -118,14 +118,17 @@ def main() -> None:
         features = model.features(roots).float()
         actions = actor.candidates(actor(features), args.num_samples)[0]
 
+        def network_pass():  # one rollout's policy samples and critic on B rows
+            sampled, _ = actor.candidates(actor(features), args.num_samples)
+            critic(features.unsqueeze(1), actor.critic_input(sampled))
+
         @torch.inference_mode()  # as treepi.train runs its searches
         @precision
         def networks():
             for i in range(n):
                 if simulator is None and i > 0:
                     model.step(roots, actions[:, 0])
-                sampled, _ = actor.candidates(actor(features), args.num_samples)
-                critic(features.unsqueeze(1), actor.critic_input(sampled))
+                network_pass()
 
         @torch.inference_mode()  # as treepi.train runs its searches
         def search():
@@ -142,20 +145,16 @@ def main() -> None:
                     model.data.ctrl[:] = controls[b, 0]
                     mujoco.mj_step(model.mj_model, model.data, nstep=model.env.frame_skip)
 
-            def network_of_one_rollout():
-                sampled, _ = actor.candidates(actor(features), args.num_samples)
-                critic(features.unsqueeze(1), actor.critic_input(sampled))
-
             def mj_step():
                 for _ in range(n - 1):
                     physics_of_one_rollout()
 
             @torch.inference_mode()
             def alternating():  # the same calls in the search's order: each rollout's physics, then its network pass
-                network_of_one_rollout()
+                network_pass()
                 for _ in range(n - 1):
                     physics_of_one_rollout()
-                    network_of_one_rollout()
+                    network_pass()
 
         for _ in range(cli.repeats):  # interleaved: load changes hit every side alike
             results["search"].append(timed(search, 1))
