@@ -48,6 +48,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field, replace
 from typing import Annotated
@@ -1011,7 +1012,7 @@ def plot(comp: Comparison, name: str, data: dict, envs: tuple[str, ...], steps: 
             if comp.log_y:
                 ax.set_yscale("log")
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle(comp.title, fontsize=9)
+    fig.suptitle(textwrap.fill(comp.title, int(15 * fig.get_figwidth())), fontsize=9)  # wrapped to the figure's width
     fig.tight_layout()
     os.makedirs(figures, exist_ok=True)
     stem = name if set(envs) == set(comp.envs) else "__".join([name, *(env.split("/")[-1] for env in envs)])
