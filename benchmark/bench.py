@@ -411,7 +411,7 @@ COMPARISONS: dict[str, Comparison] = {
         paper="[TreePI] Sec. 6.2 (the true model) against Sec. 5 (the learned one)",
     ),
     "treepi_activation": Comparison(
-        "TreePI/π with Table 1's ELU and with ReLU, which costs 0.89 of its time on a CPU",
+        "TreePI/π with Table 1's ELU and with ReLU, which is cheaper on a CPU",
         (
             Line("TreePI/π, ELU (Table 1, the default)", "treepi_pi"),
             Line("TreePI/π, ReLU", "treepi_pi_relu"),
@@ -420,6 +420,19 @@ COMPARISONS: dict[str, Comparison] = {
         envs=("InvertedDoublePendulum-v5",),
         steps=15_000,
         extra_args=evaluate_every(2_500),  # treepi_models' runs of TreePI/π and SAC
+        paper="[TreePI] Table 1 (ELU activations)",
+    ),
+    "treepi_activation_suite": Comparison(
+        "TreePI/π with Table 1's ELU and with ReLU on cartpole-swingup",
+        (
+            Line("TreePI/π, ELU (Table 1, the default)", "treepi_pi"),
+            Line("TreePI/π, ReLU", "treepi_pi_relu"),
+            Line("SAC", "sac"),
+        ),
+        envs=("dm_control/cartpole-swingup-v0",),
+        steps=100_000,
+        extra_args=(*evaluate_every(10_000), "--checkpoint-every", "10000"),  # treepi_fig1_suite's runs of TreePI/π and SAC
+        x_label="env steps (1000 per episode)",
         paper="[TreePI] Table 1 (ELU activations)",
     ),
     "mpo_vs_sac_ppo": Comparison(
