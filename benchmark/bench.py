@@ -349,6 +349,15 @@ def dpi_fig2(tag: str, scored: str) -> Comparison:
 
 # the baselines of [TreePI] Fig. 1, in two comparisons
 TREEPI_BASELINES = (Line("MPO+Predictive", "mpo_predictive"), Line("MPO", "mpo"), Line("SAC", "sac"))
+# the 100k-step runs on the suite's tasks: resume.pt every 10 episodes, so that a run stopped without a signal loses at
+# most 10k steps; the comparisons that use these flags share their runs of the same variant
+SUITE_ARGS = (*evaluate_every(10_000), "--checkpoint-every", "10000")
+# TreePI/π with Table 1's ELU against ReLU (cheaper on a CPU), and SAC for scale
+ACTIVATION_LINES = (
+    Line("TreePI/π, ELU (Table 1, the default)", "treepi_pi"),
+    Line("TreePI/π, ReLU", "treepi_pi_relu"),
+    Line("SAC", "sac"),
+)
 
 # cpi_fig1a and cpi_ablation share their runs: each draws CPI, AGGREVATED-VI and the ablation's three CPI curves
 # on the same 4 Garnet MDPs per seed (cpi_garnet.py's curves are independent: adding some changes none)
@@ -392,8 +401,7 @@ COMPARISONS: dict[str, Comparison] = {
         ),
         envs=("dm_control/cartpole-swingup-v0", "dm_control/finger-turn_hard-v0"),
         steps=100_000,
-        # resume.pt every 10 episodes, so that a run stopped without a signal loses at most 10k steps
-        extra_args=(*evaluate_every(10_000), "--checkpoint-every", "10000"),
+        extra_args=SUITE_ARGS,
         x_label="env steps (1000 per episode)",
         paper="[TreePI] Fig. 1 (its x axis in episodes of 1000 steps)",
     ),
@@ -412,11 +420,7 @@ COMPARISONS: dict[str, Comparison] = {
     ),
     "treepi_activation": Comparison(
         "TreePI/π with Table 1's ELU and with ReLU, which is cheaper on a CPU",
-        (
-            Line("TreePI/π, ELU (Table 1, the default)", "treepi_pi"),
-            Line("TreePI/π, ReLU", "treepi_pi_relu"),
-            Line("SAC", "sac"),
-        ),
+        ACTIVATION_LINES,
         envs=("InvertedDoublePendulum-v5",),
         steps=15_000,
         extra_args=evaluate_every(2_500),  # treepi_models' runs of TreePI/π and SAC
@@ -424,14 +428,10 @@ COMPARISONS: dict[str, Comparison] = {
     ),
     "treepi_activation_suite": Comparison(
         "TreePI/π with Table 1's ELU and with ReLU on cartpole-swingup",
-        (
-            Line("TreePI/π, ELU (Table 1, the default)", "treepi_pi"),
-            Line("TreePI/π, ReLU", "treepi_pi_relu"),
-            Line("SAC", "sac"),
-        ),
+        ACTIVATION_LINES,
         envs=("dm_control/cartpole-swingup-v0",),
         steps=100_000,
-        extra_args=(*evaluate_every(10_000), "--checkpoint-every", "10000"),  # treepi_fig1_suite's runs of TreePI/π and SAC
+        extra_args=SUITE_ARGS,  # treepi_fig1_suite's runs of TreePI/π and SAC
         x_label="env steps (1000 per episode)",
         paper="[TreePI] Table 1 (ELU activations)",
     ),
@@ -453,8 +453,7 @@ COMPARISONS: dict[str, Comparison] = {
         ),
         envs=("HalfCheetah-v5", "Walker2d-v5", "dm_control/cartpole-swingup-v0"),
         steps=100_000,
-        # treepi_fig1_suite's flags: the suite task's MPO and SAC runs are the same runs
-        extra_args=(*evaluate_every(10_000), "--checkpoint-every", "10000"),
+        extra_args=SUITE_ARGS,  # the suite task's MPO and SAC runs are treepi_fig1_suite's
         paper="[MPO] Fig. 4 (there against DDPG, NAF, PPO and SVG; SAC is the later baseline)",
     ),
     "mpo_target_period": Comparison(
