@@ -132,7 +132,8 @@ class Comparison:
 
 DPI_HORIZON = ("--eval-horizon", "200")  # trpo.py's charts/eval_return_horizon over dpi_ilqr.py's default T
 # MPO+Predictive's E-step and bounds on treepi.py's networks [TreePI Table 2]
-MPO_PREDICTIVE = ("--e-step", "mpo", "--epsilon", "0.1", "--epsilon-cov", "1e-4", "--policy-target-frequency", "20")
+ELU = ("--activation", "elu")  # [TreePI] Table 1's activation
+MPO_PREDICTIVE = ("--e-step", "mpo", "--epsilon", "0.1", "--epsilon-cov", "1e-4", "--policy-target-frequency", "20", *ELU)
 VARIANTS: dict[str, Variant] = {
     "sac": Variant("sac.py", doc="SAC with the paper's settings"),
     "sac_cleanrl": Variant(
@@ -156,14 +157,15 @@ VARIANTS: dict[str, Variant] = {
         ("--target-network-frequency", "100", "--epsilon-cov", "1e-3"),
         doc="MPO with ACME's target periods and a 10x looser covariance bound (Table 2: 1e-4)",
     ),
-    "treepi_pi": Variant("treepi.py", ("--act", "policy"), doc="TreePI acting with the policy"),
+    # treepi.py's lines with Table 1's ELU, as their records ran (the CPU default is ReLU since; treepi_pi_relu)
+    "treepi_pi": Variant("treepi.py", ("--act", "policy", *ELU), doc="TreePI acting with the policy"),
     "treepi_pi_relu": Variant(
         "treepi.py", ("--act", "policy", "--activation", "relu"), doc="TreePI/π with ReLU for Table 1's ELU (speed)"
     ),
-    "treepi_search": Variant("treepi.py", ("--act", "search"), doc="TreePI acting by search"),
-    "treepi_depth1": Variant("treepi.py", ("--depth", "1"), doc="TreePI(1)/π: depth 1 at the fixed α"),
+    "treepi_search": Variant("treepi.py", ("--act", "search", *ELU), doc="TreePI acting by search"),
+    "treepi_depth1": Variant("treepi.py", ("--depth", "1", *ELU), doc="TreePI(1)/π: depth 1 at the fixed α"),
     "treepi_true": Variant(
-        "treepi.py", ("--model", "true"), doc="TreePI/π searching the simulator itself ([TreePI] Sec. 6.2)"
+        "treepi.py", ("--model", "true", *ELU), doc="TreePI/π searching the simulator itself ([TreePI] Sec. 6.2)"
     ),
     "mpo_predictive": Variant(
         "treepi.py",
@@ -354,8 +356,8 @@ TREEPI_BASELINES = (Line("MPO+Predictive", "mpo_predictive"), Line("MPO", "mpo")
 SUITE_ARGS = (*evaluate_every(10_000), "--checkpoint-every", "10000")
 # TreePI/π with Table 1's ELU against ReLU (cheaper on a CPU), and SAC for scale
 ACTIVATION_LINES = (
-    Line("TreePI/π, ELU (Table 1, the default)", "treepi_pi"),
-    Line("TreePI/π, ReLU", "treepi_pi_relu"),
+    Line("TreePI/π, ELU (Table 1)", "treepi_pi"),
+    Line("TreePI/π, ReLU (the CPU default)", "treepi_pi_relu"),
     Line("SAC", "sac"),
 )
 
@@ -514,7 +516,7 @@ COMPARISONS: dict[str, Comparison] = {
             Line("SAC", "sac", "charts/SPS"),
             Line("PPO", "ppo", "charts/SPS"),
             Line("MPO", "mpo", "charts/SPS"),
-            Line("TreePI/π", "treepi_pi", "charts/SPS"),
+            Line("TreePI/π (ELU)", "treepi_pi", "charts/SPS"),
             Line("TRPO", "trpo_single", "charts/SPS"),
             Line("AGGREVATED-ILQR", "dpi_ilqr", "charts/SPS"),
         ),
