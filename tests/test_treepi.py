@@ -708,41 +708,48 @@ def test_checkpoint_of_another_env_or_algorithm_is_refused(capsys, log_dir, tmp_
 def test_true_model_search_improves_on_the_untrained_policy():
     """[TreePI Sec. 6.2] With the true model the search alone improves on pi: on
     HalfCheetah-v5 (reward: forward velocity - control cost) with untrained networks and Q' set
-    to 0, the greedy search (K = 4, M = 8, N = 12: up to three steps of true rewards) earns
-    more over 40 steps than pi's greedy action. Seed 0; threshold: the search's return exceeds
-    pi's by 10 (measured at N = 16, 60 steps: +37 against -37)."""
-    torch.manual_seed(0)
-    np.random.seed(0)
-    args = treepi.Args(
-        env="HalfCheetah-v5",
-        model="true",
-        act="search",
-        num_samples=8,
-        depth=4,
-        num_rollouts=12,
-        policy_hidden_sizes=(16,),
-        critic_hidden_sizes=(16,),
-    )
-    env = make_env(args.env)
-    agent = networks(args, 17, env.action_space)
-    with torch.no_grad():
-        agent["critic_target"].head.weight.zero_()
-        agent["critic_target"].head.bias.zero_()
-    simulator = Simulator(args.env)
+    to 0, the greedy search (K = 4, M = 8, N = 32: up to three steps of true rewards) earns
+    more over 40 steps than pi's greedy action, on average over four network seeds. Table 1's
+    ELU networks; measured: search 11.8, 17.9, 6.4, -3.4 against pi's -22.8, -16.4, -0.1, -5.8
+    (threshold: 10 more on average). One seed alone is noise (at N = 12 seed 2 gave -11.2 against
+    -0.1), and so is the initialisation: with ReLU networks the same seeds average -7.2 for the
+    search against -6.4 for pi, whose untrained means move the cheetah less."""
+    differences = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        args = treepi.Args(
+            env="HalfCheetah-v5",
+            model="true",
+            act="search",
+            num_samples=8,
+            depth=4,
+            num_rollouts=32,
+            policy_hidden_sizes=(16,),
+            critic_hidden_sizes=(16,),
+            activation="elu",
+        )
+        env = make_env(args.env)
+        agent = networks(args, 17, env.action_space)
+        with torch.no_grad():
+            agent["critic_target"].head.weight.zero_()
+            agent["critic_target"].head.bias.zero_()
+        simulator, actor = Simulator(args.env), agent["actor_target"]
+        searched = greedy_return(env, simulator, actor, plan_of(args, agent, simulator))
+        differences.append(searched - greedy_return(env, simulator, actor, None))
+    assert np.mean(differences) > 10, differences
 
-    def episode_return(plan, seed: int) -> float:
-        """40 steps of the greedy rule: the heaviest root action of plan's search, or pi's mean (plan None)."""
-        obs, _ = env.reset(seed=seed)
-        total = 0.0
-        for _ in range(40):
-            obs_tensor, physics = torch.as_tensor(obs[None], dtype=torch.float32), simulator.physics(env)[None]
-            actor = agent["actor_target"]
-            actions = treepi.select_actions(obs_tensor, physics, simulator, actor, plan, greedy=True)
-            obs, reward, _, _, _ = env.step(actor.env_action(actions)[0].numpy())
-            total += float(reward)
-        return total
 
-    assert episode_return(plan_of(args, agent, simulator), 0) > episode_return(None, 0) + 10
+def greedy_return(env, simulator, actor, plan) -> float:
+    """40 steps of the greedy rule from reset seed 0: the heaviest root action of plan's search, or pi's mean (plan None)."""
+    obs, _ = env.reset(seed=0)
+    total = 0.0
+    for _ in range(40):
+        obs_tensor, physics = torch.as_tensor(obs[None], dtype=torch.float32), simulator.physics(env)[None]
+        actions = treepi.select_actions(obs_tensor, physics, simulator, actor, plan, greedy=True)
+        obs, reward, _, _, _ = env.step(actor.env_action(actions)[0].numpy())
+        total += float(reward)
+    return total
 
 
 def test_learns_to_hold_the_pendulum(log_dir):
