@@ -40,7 +40,11 @@ recomputation of observations and rewards (a line profile of Simulator.step, Hal
 kept (2026-12-06): every node's Gumbel draw at once and the path followed by child pointers,
 with the backup's rows gathered once; the trees were identical bit for bit and a search took
 1.00-1.02 times as long (real trees of a Hopper-v5 run, 4-5 levels deep), so the bookkeeping's
-cost is the number of numpy calls per rollout, not how they are arranged.
+cost is the number of numpy calls per rollout, not how they are arranged. Tried and not kept (2026-12-07): for the
+FAST_ENVS, the action written into the saved states' ctrl and mj_setState / mj_step / mj_getState called without
+the Simulator's per-state wrappers, and the Gumbel noise transformed per level only for the trees still descending
+(the same trees): in CPU time, seven runs interleaved with the code before beside two benchmark jobs,
+(mj_step+network)/search 0.55-0.67 against 0.55-0.70 at B = 16, no gain beyond the noise.
 --bf16 (interleaved with float32): with the paper's 256-wide networks a search of B = 16 / 64
 roots takes 0.89 / 0.84 of float32's time and B = 1 twice as long; with the 64-wide defaults
 bfloat16 is slower at every B (autocast's casts cost more than the smaller products save).
