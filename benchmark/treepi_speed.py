@@ -45,6 +45,10 @@ FAST_ENVS, the action written into the saved states' ctrl and mj_setState / mj_s
 the Simulator's per-state wrappers, and the Gumbel noise transformed per level only for the trees still descending
 (the same trees): in CPU time, seven runs interleaved with the code before beside two benchmark jobs,
 (mj_step+network)/search 0.55-0.67 against 0.55-0.70 at B = 16, no gain beyond the noise.
+Tried and not kept (2026-12-07, the second VM): torch.compile (inductor's CPU code, dynamic=False) of the search's
+propose (policy and critic on 16 states, 20 actions each) and of the learned model's step: propose 0.79-0.91 of eager's
+CPU time, the step 1.04-1.13, after 22 s of compiling; the networks' cost at these sizes is their arithmetic on the
+critic's 320 rows, not torch's per-operator dispatch, so compiling cannot buy the 1.25x that 0.5x sac.py needs here.
 --bf16 (interleaved with float32): with the paper's 256-wide networks a search of B = 16 / 64
 roots takes 0.89 / 0.84 of float32's time and B = 1 twice as long; with the 64-wide defaults
 bfloat16 is slower at every B (autocast's casts cost more than the smaller products save).
