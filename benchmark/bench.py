@@ -157,6 +157,11 @@ VARIANTS: dict[str, Variant] = {
         ("--target-network-frequency", "100", "--epsilon-cov", "1e-3"),
         doc="MPO with ACME's target periods and a 10x looser covariance bound (Table 2: 1e-4)",
     ),
+    "mpo_cov1e2": Variant(
+        "mpo.py",
+        ("--epsilon-cov", "1e-2"),
+        doc="MPO with a 100x looser covariance bound (Table 2: 1e-4): its exploration noise may shrink faster",
+    ),
     # treepi.py's lines with Table 1's ELU, as their records ran (the CPU default is ReLU since; treepi_pi_relu)
     "treepi_pi": Variant("treepi.py", ("--act", "policy", *ELU), doc="TreePI acting with the policy"),
     "treepi_pi_relu": Variant(
@@ -457,6 +462,19 @@ COMPARISONS: dict[str, Comparison] = {
         steps=100_000,
         extra_args=SUITE_ARGS,  # the suite task's MPO and SAC runs are treepi_fig1_suite's
         paper="[MPO] Fig. 4 (there against DDPG, NAF, PPO and SVG; SAC is the later baseline)",
+    ),
+    "mpo_exploration_100k": Comparison(
+        "MPO's exploration on Walker2d: the paper's covariance bound, a 100x looser one and a shorter target period, against SAC",
+        (
+            Line("MPO, ε_Σ 1e-4, period 1000 (paper)", "mpo"),
+            Line("MPO, ε_Σ 1e-2", "mpo_cov1e2"),
+            Line("MPO, period 25", "mpo_target25"),
+            Line("SAC", "sac"),
+        ),
+        envs=("Walker2d-v5",),
+        steps=100_000,
+        extra_args=SUITE_ARGS,  # mpo_vs_sac_ppo_100k's runs of the paper's MPO, period 25 and SAC
+        paper="[MPO] App. D (a much smaller bound on the covariance 'to keep the exploration'), Table 2 (ε_Σ 1e-4)",
     ),
     "mpo_target_period": Comparison(
         "MPO with the paper's target period (1000 updates), ACME's (100), 25, and a looser covariance bound, against SAC",
