@@ -464,14 +464,14 @@ COMPARISONS: dict[str, Comparison] = {
         paper="[MPO] Fig. 4 (there against DDPG, NAF, PPO and SVG; SAC is the later baseline)",
     ),
     "mpo_exploration_100k": Comparison(
-        "MPO's exploration on Walker2d: the paper's covariance bound, a 100x looser one and a shorter target period, against SAC",
+        "MPO's exploration: the paper's covariance bound, a 100x looser one and a shorter target period, against SAC",
         (
             Line("MPO, ε_Σ 1e-4, period 1000 (paper)", "mpo"),
             Line("MPO, ε_Σ 1e-2", "mpo_cov1e2"),
             Line("MPO, period 25", "mpo_target25"),
             Line("SAC", "sac"),
         ),
-        envs=("Walker2d-v5",),
+        envs=("Walker2d-v5", "HalfCheetah-v5"),
         steps=100_000,
         extra_args=SUITE_ARGS,  # mpo_vs_sac_ppo_100k's runs of the paper's MPO, period 25 and SAC
         paper="[MPO] App. D (a much smaller bound on the covariance 'to keep the exploration'), Table 2 (ε_Σ 1e-4)",
