@@ -356,6 +356,7 @@ def dpi_fig2(tag: str, scored: str) -> Comparison:
 
 # the baselines of [TreePI] Fig. 1, in two comparisons
 TREEPI_BASELINES = (Line("MPO+Predictive", "mpo_predictive"), Line("MPO", "mpo"), Line("SAC", "sac"))
+MPO_PAPER, MPO_PERIOD_25 = Line("MPO, period 1000 (paper)", "mpo"), Line("MPO, period 25", "mpo_target25")  # target periods
 # the 100k-step runs on the suite's tasks: resume.pt every 10 episodes, so that a run stopped without a signal loses at
 # most 10k steps; the comparisons that use these flags share their runs of the same variant
 SUITE_ARGS = (*evaluate_every(10_000), "--checkpoint-every", "10000")
@@ -452,12 +453,7 @@ COMPARISONS: dict[str, Comparison] = {
     ),
     "mpo_vs_sac_ppo_100k": Comparison(
         "MPO with the paper's target period (1000 updates) and with 25 against SAC and PPO, at 100k env steps",
-        (
-            Line("MPO, period 1000 (paper)", "mpo"),
-            Line("MPO, period 25", "mpo_target25"),
-            Line("SAC", "sac"),
-            Line("PPO", "ppo"),
-        ),
+        (MPO_PAPER, MPO_PERIOD_25, Line("SAC", "sac"), Line("PPO", "ppo")),
         envs=("HalfCheetah-v5", "Walker2d-v5", "dm_control/cartpole-swingup-v0"),
         steps=100_000,
         extra_args=SUITE_ARGS,  # the suite task's MPO and SAC runs are treepi_fig1_suite's
@@ -465,12 +461,7 @@ COMPARISONS: dict[str, Comparison] = {
     ),
     "mpo_exploration_100k": Comparison(
         "MPO's exploration: the paper's covariance bound, a 100x looser one and a shorter target period, against SAC",
-        (
-            Line("MPO, ε_Σ 1e-4, period 1000 (paper)", "mpo"),
-            Line("MPO, ε_Σ 1e-2", "mpo_cov1e2"),
-            Line("MPO, period 25", "mpo_target25"),
-            Line("SAC", "sac"),
-        ),
+        (MPO_PAPER, Line("MPO, ε_Σ 1e-2", "mpo_cov1e2"), MPO_PERIOD_25, Line("SAC", "sac")),
         envs=("Walker2d-v5", "HalfCheetah-v5"),
         steps=100_000,
         extra_args=SUITE_ARGS,  # mpo_vs_sac_ppo_100k's runs of the paper's MPO, period 25 and SAC
@@ -479,10 +470,10 @@ COMPARISONS: dict[str, Comparison] = {
     "mpo_target_period": Comparison(
         "MPO with the paper's target period (1000 updates), ACME's (100), 25, and a looser covariance bound, against SAC",
         (
-            Line("MPO, period 1000 (paper)", "mpo"),
+            MPO_PAPER,
             Line("MPO, period 100 (ACME)", "mpo_target100"),
             Line("MPO, period 100, ε_Σ 1e-3", "mpo_target100_cov1e3"),
-            Line("MPO, period 25", "mpo_target25"),
+            MPO_PERIOD_25,
             Line("SAC", "sac"),
         ),
         envs=("InvertedDoublePendulum-v5", "Walker2d-v5"),
