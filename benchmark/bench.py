@@ -162,6 +162,11 @@ VARIANTS: dict[str, Variant] = {
         ("--epsilon-cov", "1e-2"),
         doc="MPO with a 100x looser covariance bound (Table 2: 1e-4): its exploration noise may shrink faster",
     ),
+    "mpo_twin_q": Variant(
+        "mpo.py",
+        ("--num-critics", "2"),
+        doc="MPO with two Q-functions, their minimum read as Q' (clipped double Q; the paper: one)",
+    ),
     # treepi.py's lines with Table 1's ELU, as their records ran (the CPU default is ReLU since; treepi_pi_relu)
     "treepi_pi": Variant("treepi.py", ("--act", "policy", *ELU), doc="TreePI acting with the policy"),
     "treepi_pi_relu": Variant(
@@ -466,6 +471,14 @@ COMPARISONS: dict[str, Comparison] = {
         steps=100_000,
         extra_args=SUITE_ARGS,  # mpo_vs_sac_ppo_100k's runs of the paper's MPO, period 25 and SAC
         paper="[MPO] App. D (a much smaller bound on the covariance 'to keep the exploration'), Table 2 (ε_Σ 1e-4)",
+    ),
+    "mpo_critic_100k": Comparison(
+        "MPO's critic: the paper's one Q-function against two with their minimum as Q' (clipped double Q), against SAC",
+        (MPO_PAPER, Line("MPO, two Q-functions (min)", "mpo_twin_q"), Line("SAC", "sac")),
+        envs=("Walker2d-v5", "HalfCheetah-v5"),
+        steps=100_000,
+        extra_args=SUITE_ARGS,  # mpo_vs_sac_ppo_100k's runs of the paper's MPO and SAC
+        paper="[MPO] Sec. 4 (one Q-function, Retrace); [TD3] Sec. 4.2 (clipped double Q, which sac.py uses)",
     ),
     "mpo_target_period": Comparison(
         "MPO with the paper's target period (1000 updates), ACME's (100), 25, and a looser covariance bound, against SAC",

@@ -93,6 +93,11 @@ def one_step_batch(obs: torch.Tensor, actions: torch.Tensor, rewards: torch.Tens
     return Batch(*(x.unsqueeze(1) for x in steps))
 
 
+def one_critic(q_function):
+    """A Q-function [...] as the critic ensemble of one that `update` reads: [1, ...]."""
+    return lambda obs, actions: q_function(obs, actions).unsqueeze(0)
+
+
 def assert_critic_step(critic, before, obs, critic_actions, target, lr):
     """critic is its snapshot `before` after one SGD step (lr) on (Q(s, a) - target)^2 / 2, from autograd."""
     loss = 0.5 * (before(obs, critic_actions) - target).pow(2).mean()
@@ -269,13 +274,15 @@ def test_retrace_is_one_step_target_when_traces_are_zero():
 
 
 # -- Categorical MPO by hand -----------------------------------------------------------------
-def test_categorical_e_and_m_step_match_hand_computation():
+@pytest.mark.parametrize("num_critics", [1, 2])
+def test_categorical_e_and_m_step_match_hand_computation(num_critics):
     """One update step on a single state with 3 actions and plain SGD, against the
     hand-derived quantities: q(a) = pi_old(a) exp(Q(a)/eta) / Z; the logits move by
     -[(p - q) + alpha (p - p_old)]; the parameter x of eta = softplus(x) + 1e-8 by
     -sigmoid(x) g'(eta) with g'(eta) = epsilon + log Z - sum_a q(a) Q(a) / eta; that of alpha
     by -sigmoid(x) (epsilon_mean - KL(p_old || p)); the critic by one step on
-    (Q(s, a) - r - gamma sum_a' p_old(a') Q'(a'))^2 / 2 (a one-step snippet)."""
+    (Q(s, a) - r - gamma sum_a' p_old(a') Q'(a'))^2 / 2 (a one-step snippet). With two critics Q' is the minimum of
+    two target tables, each above it at some action, and each critic steps to the same target."""
     logits_old, logits = [0.2, -0.5, 1.0], [0.6, -0.1, 0.4]
     q_values, eta, alpha, epsilon, epsilon_mean = [1.0, 2.0, 0.5], 0.7, 2.0, 0.1, 0.05
     p_old = [math.exp(x) / sum(math.exp(y) for y in logits_old) for x in logits_old]
@@ -307,13 +314,16 @@ def test_categorical_e_and_m_step_match_hand_computation():
         net.head.bias.data = torch.tensor(values)
     actor_target.requires_grad_(False)
 
+    # the target critics' tables: their minimum at every action is q_values
+    tables = [q_t] if num_critics == 1 else [q_t + torch.tensor([[0.0, 0.5, 0.3]]), q_t + torch.tensor([[0.4, 0.0, 0.0]])]
+
     def critic_target(obs: torch.Tensor, one_hot: torch.Tensor) -> torch.Tensor:
-        return (one_hot * q_t).sum(-1)  # Q(s, a) from the table q_values
+        return torch.stack([(one_hot * table).sum(-1) for table in tables])  # Q'_e(s, a) from the tables [E, ...]
 
     log_eta = torch.tensor(x_eta, requires_grad=True)
     log_alpha_mean = torch.tensor(x_alpha, requires_grad=True)
     log_alpha_cov = torch.tensor(0.0, requires_grad=True)
-    critic = Critic(2, 3, (4,), "relu", False)
+    critic = Critic(2, 3, (4,), "relu", False, num_critics)
     before = copy.deepcopy(critic)
     optimizers = [torch.optim.SGD(params, lr=1.0) for params in (actor.parameters(), critic.parameters())]
     optimizers.append(torch.optim.SGD([log_eta, log_alpha_mean, log_alpha_cov], lr=1.0))
@@ -329,7 +339,8 @@ def test_categorical_e_and_m_step_match_hand_computation():
     assert log_alpha_cov.item() == 0.0  # a categorical policy has no covariance bound
     assert metrics["stats/kl_mean"].item() == pytest.approx(kl, rel=1e-5)
     target = reward + args.gamma * sum(p_old[a] * q_values[a] for a in range(3))
-    assert_critic_step(critic, before, torch.zeros(1, 2), torch.tensor([[0.0, 0.0, 1.0]]), target, lr=1.0)
+    for member, member_before in zip(critic.members, before.members, strict=True):
+        assert_critic_step(member, member_before, torch.zeros(1, 2), torch.tensor([[0.0, 0.0, 1.0]]), target, lr=1.0)
 
 
 @pytest.mark.parametrize("diagonal", [True, False])
@@ -390,14 +401,16 @@ def test_gaussian_e_and_m_step_match_an_independent_lagrangian(diagonal):
 
     log_eta, log_alpha_mean, log_alpha_cov = map(dual_param, (eta, alpha_mean, alpha_cov))
     x = [p.item() for p in (log_eta, log_alpha_mean, log_alpha_cov)]
-    critic = Critic(2, dim, (4,), "relu", False).double()
+    critic = Critic(2, dim, (4,), "relu", False, 1).double()
     before_critic = copy.deepcopy(critic)
     stored, rewards = 2 * torch.randn(num_states, dim, dtype=torch.float64), torch.randn(num_states, dtype=torch.float64)
     optimizers = [torch.optim.SGD(params, lr=lr) for params in (actor.parameters(), critic.parameters())]
     optimizers.append(torch.optim.SGD([log_eta, log_alpha_mean, log_alpha_cov], lr=lr))
     args = Args(num_samples=num_samples, epsilon=epsilon, epsilon_mean=epsilon_mean, epsilon_cov=epsilon_cov)
     batch = one_step_batch(obs, stored, rewards)
-    update(actor, actor_target, critic, critic_target, optimizers, log_eta, log_alpha_mean, log_alpha_cov, batch, args)
+    update(
+        actor, actor_target, critic, one_critic(critic_target), optimizers, log_eta, log_alpha_mean, log_alpha_cov, batch, args
+    )
     for new, old, grad in zip(actor.parameters(), before.parameters(), grads):
         assert torch.allclose(new, old - lr * grad, rtol=1e-9, atol=1e-12)
     assert any(g.abs().max() > 1e-3 for g in grads)  # the step is not trivially zero
@@ -471,7 +484,7 @@ def test_all_steps_update_matches_a_per_step_loop(policy):
             return torch.distributions.Categorical(logits=params[0])
 
     actor, actor_target = actor.double(), actor_target.double().requires_grad_(False)
-    critic = Critic(2, actor.critic_action_dim, (4,), "relu", False).double()
+    critic = Critic(2, actor.critic_action_dim, (4,), "relu", False, 1).double()
     before_actor, before_critic = copy.deepcopy(actor), copy.deepcopy(critic)
     # snippets as SnippetReplay returns them: s_{t+1} = s'_t while valid, anything after the end
     lengths, terminated = torch.tensor([3, 1, 2, 3]), torch.zeros(num_snippets, steps, dtype=torch.float64)
@@ -536,7 +549,7 @@ def test_all_steps_update_matches_a_per_step_loop(policy):
     optimizers = [torch.optim.SGD(p, lr=lr) for p in (actor.parameters(), critic.parameters(), duals)]
     args = Args(num_samples=num_samples, epsilon=epsilon, epsilon_mean=epsilon_mean, epsilon_cov=epsilon_cov, gamma=gamma)
     args.retrace_lambda = lam
-    update(actor, actor_target, critic, critic_target, optimizers, *duals, batch, args)
+    update(actor, actor_target, critic, one_critic(critic_target), optimizers, *duals, batch, args)
     for new, old, grad in zip([*actor.parameters(), *critic.parameters()], params, grads, strict=True):
         assert torch.allclose(new, old - lr * grad, rtol=1e-9, atol=1e-12)
     assert all(g.abs().max() > 1e-3 for g in grads[-2:])  # the critic's head moves
@@ -591,7 +604,7 @@ def test_shared_sample_sets_update_is_unbiased_against_separate_ones(float64_one
     space = gym.spaces.Box(-1.0, 1.0, (dim,), np.float32)
     actor = GaussianActor(obs_dim, space, (4,), "relu", False, True).double()
     actor_target = GaussianActor(obs_dim, space, (4,), "relu", False, True).double().requires_grad_(False)
-    critic = Critic(obs_dim, dim, (4,), "relu", False).double()
+    critic = Critic(obs_dim, dim, (4,), "relu", False, 1).double()
     duals = [torch.tensor(inverse_softplus(value - 1e-8), requires_grad=True) for value in (eta, alpha_mean, alpha_cov)]
     params = [*actor.parameters(), *critic.parameters()]
     start = [p.detach().clone() for p in (*params, *duals)]  # every draw starts here
@@ -633,7 +646,7 @@ def test_shared_sample_sets_update_is_unbiased_against_separate_ones(float64_one
     stats_a = []
     for _ in range(draws):
         restart()
-        update(actor, actor_target, critic, critic_target, optimizers, *duals, batch, args)
+        update(actor, actor_target, critic, one_critic(critic_target), optimizers, *duals, batch, args)
         with torch.no_grad():  # SGD: the change is -lr times the gradient
             grads = [(p0 - p) / lr for p, p0 in zip([*params, duals[0]], start)]
             stats_a.append(summary(grads[:-1], grads[-1]))
@@ -753,7 +766,7 @@ def event_files(run_dir: str) -> list[str]:
         ("Pendulum-v1", {}),
         ("Pendulum-v1", {"full_covariance": True, "bf16": True}),
         ("CartPole-v1", {}),
-        ("Hopper-v5", {"full_covariance": True}),  # MuJoCo: 3-D actions, early terminations
+        ("Hopper-v5", {"full_covariance": True, "num_critics": 2}),  # MuJoCo: 3-D actions, early terminations
     ],
     ids=["continuous", "full-covariance-bf16", "discrete", "mujoco"],
 )
@@ -792,6 +805,7 @@ def test_help_exits_zero(capsys):
         ["--retrace-steps", "0"],
         ["--retrace-lambda", "1.5"],
         ["--num-samples", "0"],
+        ["--num-critics", "0"],
         ["--batch-size", "0"],
         ["--buffer-size", "3", "--retrace-steps", "5"],
         ["--eta-init", "0"],
