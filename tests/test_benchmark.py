@@ -318,6 +318,51 @@ def test_sac_update_flop_count_matches_torch_flop_counter():
     assert counter.get_total_flops() == speed.flops_per_update()
 
 
+def load_critic_bias():
+    spec = importlib.util.spec_from_file_location("critic_bias", os.path.join(ROOT, "benchmark", "critic_bias.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["critic_bias"] = module  # tyro resolves Args' annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_critic_bias_returns_match_a_double_sum():
+    """critic_bias.py's G_t against sum_{k>=t} gamma^(k-t) r_k + sum_{k>t} gamma^(k-t) bonus_k, term by term."""
+    rng = np.random.default_rng(0)
+    rewards, bonus, gamma, n = rng.normal(size=7), rng.normal(size=7), 0.9, 7
+    brute = [sum(gamma ** (k - t) * (rewards[k] + (bonus[k] if k > t else 0.0)) for k in range(t, n)) for t in range(n)]
+    assert load_critic_bias().discounted_returns(rewards, bonus, gamma) == pytest.approx(brute, rel=1e-12)
+
+
+@pytest.mark.parametrize("algo", ["mpo", "sac"])
+def test_critic_bias_counts_only_steps_with_an_observed_tail(algo, tmp_path, capsys):
+    """critic_bias.py end to end on a tiny run's model.pt: Pendulum-v1 truncates every episode at 200 steps; at
+    gamma 0.9 the tail after 44 steps weighs under 1%, so each episode gives its first 156 steps; the bias printed is
+    mean Q - mean G. A missing file, no file, or a torch file of no algorithm here: one line and exit 2."""
+    module = importlib.import_module(algo)
+    nets = (
+        dict(policy_hidden_sizes=(16,), critic_hidden_sizes=(16,), num_critics=2)
+        if algo == "mpo"
+        else dict(hidden_sizes=(16,))
+    )
+    result = module.train(module.Args(env="Pendulum-v1", total_steps=300, learning_starts=100, batch_size=16, gamma=0.9,
+                                      eval_episodes=1, log_dir=str(tmp_path), **nets))  # fmt: skip
+    capsys.readouterr()
+    critic_bias = load_critic_bias()
+    assert critic_bias.main([os.path.join(result["run_dir"], "model.pt"), "--episodes", "2"]) == 0
+    line = capsys.readouterr().out.strip().split(": ", 1)[1]
+    fields = dict(field.split(" ", 1) for field in line.split(" | "))
+    assert fields["length"] == "200" and fields["steps"] == str(2 * (200 - 44))
+    q, g, bias = float(fields["Q"]), float(fields["G"]), float(fields["bias"].split(" ")[0])
+    assert np.isfinite([q, g]).all() and bias == pytest.approx(q - g, abs=0.11)
+    other = str(tmp_path / "other.pt")
+    torch.save({"algo": "ppo"}, other)
+    for argv in ([], [str(tmp_path / "missing.pt")], [other]):
+        assert critic_bias.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1
+
+
 # -- end to end --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
