@@ -89,7 +89,7 @@ def measure(path: str, episodes: int, seed: int) -> dict:
     """Mean Q and mean G over the compared steps of `episodes` episodes, their difference and the episodes' lengths."""
     args, act, env = load(path)
     torch.manual_seed(seed)
-    tail = math.ceil(math.log(0.01) / math.log(args["gamma"])) if args["gamma"] < 1 else None
+    tail = math.ceil(math.log(0.01) / math.log(args["gamma"])) if args["gamma"] < 1 else math.inf  # gamma^tail < 1%
     q_all, g_all, lengths = [], [], []
     for episode in range(episodes):
         obs, _ = env.reset(seed=seed + episode)
@@ -101,16 +101,17 @@ def measure(path: str, episodes: int, seed: int) -> dict:
             rewards.append(float(reward))
             bonus.append(b.item())
         returns = discounted_returns(np.array(rewards), np.array(bonus), args["gamma"])
-        keep = len(rewards) if terminated else max(len(rewards) - tail, 0) if tail is not None else 0
+        keep = len(rewards) if terminated else max(len(rewards) - tail, 0)
         q_all += values[:keep]
         g_all += returns[:keep].tolist()
         lengths.append(len(rewards))
     env.close()
+    if not q_all:
+        raise ValueError(f"no step has its return observed: episodes of {np.mean(lengths):.0f} steps all truncated")
     q, g = np.array(q_all), np.array(g_all)
-    bias = float((q - g).mean()) if len(q) else float("nan")
-    relative = bias / float(np.abs(g).mean()) if len(g) and np.abs(g).mean() > 0 else float("nan")
-    return dict(length=float(np.mean(lengths)), steps=len(q), q=float(q.mean()) if len(q) else float("nan"),
-                g=float(g.mean()) if len(g) else float("nan"), bias=bias, relative=relative)  # fmt: skip
+    bias, scale = float((q - g).mean()), float(np.abs(g).mean())  # scale 0: a sparse task with no reward seen
+    return dict(length=float(np.mean(lengths)), steps=len(q), q=float(q.mean()), g=float(g.mean()), bias=bias,
+                relative=bias / scale if scale > 0 else float("nan"))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
