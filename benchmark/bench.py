@@ -970,10 +970,10 @@ def summarise(data: dict, comp: Comparison, env: str, steps: int | None) -> list
             continue
         mean, lo, hi = bootstrap_ci(values)
         span = grid[-1] - grid[0]
-        auc = np.trapezoid(values, grid, axis=1) / span if span > 0 else values[:, 0]
+        auc = np.trapezoid(values, grid, axis=1) / span if span > 0 else values[:, 0]  # each seed's [S]
         out.append({
             "line": line, "seeds": seeds, "grid": grid, "values": values, "per_seed": per_seed,
-            "mean": mean, "lo": lo, "hi": hi, "auc": float(np.mean(auc)),
+            "mean": mean, "lo": lo, "hi": hi, "auc": [float(x[0]) for x in bootstrap_ci(auc[:, None])],  # mean, lo, hi
             # CleanRL's SPS is a running average from the start, ours a windowed rate: no column
             "sps": float("nan") if comp.made_by else speed(data, line.variant, env, seeds),
         })  # fmt: skip
@@ -985,6 +985,11 @@ def num(x: float) -> str:
     return f"{x:.0f}" if abs(x) >= 100 else f"{x:.1f}" if abs(x) >= 10 else f"{x:.3g}"
 
 
+def interval(mean: float, lo: float, hi: float) -> str:
+    """A mean over seeds with its 95% bootstrap interval: half its width after ±, then its ends."""
+    return f"{num(mean)} ± {num((hi - lo) / 2)} [{num(lo)}, {num(hi)}]"
+
+
 def table(comp: Comparison, env: str, rows: list[dict]) -> str:
     """The markdown table of one env."""
     text = [
@@ -992,15 +997,14 @@ def table(comp: Comparison, env: str, rows: list[dict]) -> str:
         "",
         (
             f"| line | final {comp.y_label or comp.lines[0].tag.split('/')[-1]} (mean ± 95% CI) | last of {comp.x_label} | "
-            f"mean over training | {comp.x_label}/s, 2nd half | seeds |"
+            f"mean over training (mean ± 95% CI) | {comp.x_label}/s, 2nd half | seeds |"
         ),
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        half = (r["hi"][-1] - r["lo"][-1]) / 2
-        final = f"{num(r['mean'][-1])} ± {num(half)} [{num(r['lo'][-1])}, {num(r['hi'][-1])}]"
+        final = interval(r["mean"][-1], r["lo"][-1], r["hi"][-1])
         sps = "–" if np.isnan(r["sps"]) else f"{r['sps']:.0f}" if r["sps"] >= 1 else f"{r['sps']:.2g}"  # iterations/s
-        text.append(f"| {r['line'].label} | {final} | {r['grid'][-1]:.0f} | {num(r['auc'])} | "
+        text.append(f"| {r['line'].label} | {final} | {r['grid'][-1]:.0f} | {interval(*r['auc'])} | "
                     f"{sps} | {len(r['seeds'])} |")  # fmt: skip
     for (label, penv), (steps, value, note) in comp.published.items():
         if penv == env:

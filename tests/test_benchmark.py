@@ -449,6 +449,19 @@ def test_the_figure_of_some_envs_is_named_by_them_and_leaves_the_whole_compariso
     assert "Pendulum-v1" not in table and "cartpole-swingup-v0" in table
 
 
+def test_table_gives_the_mean_over_training_with_its_interval_over_seeds(tmp_path):
+    # seed s's curve is s * step on steps 0..20: its area over the range is s * 10, so the seeds' means over training
+    # are 10 and 20; resampling two seeds gives 10, 15 or 20, so the 95% interval is [10, 20] around their mean 15
+    comp = bench.Comparison("lin", (bench.Line("SAC", "sac"),), envs=("Pendulum-v1",), steps=20)
+    steps = np.arange(0, 21, 5.0)
+    data = {("sac", "Pendulum-v1", seed, "charts/eval_return"): np.stack([steps, steps, steps * seed], 1) for seed in (1, 2)}
+    _, md = bench.plot(comp, "lin", data, comp.envs, None, str(tmp_path))
+    with open(md) as f:
+        row = next(line for line in f if line.startswith("| SAC |")).split(" | ")
+    assert row[1] == "30.0 ± 10.0 [20.0, 40.0]"  # final: 20 and 40
+    assert row[3] == "15.0 ± 5 [10.0, 20.0]"
+
+
 def test_second_run_starts_no_process(tiny, monkeypatch):
     out, comp, _ = tiny
     mtimes = [os.path.getmtime(os.path.join(r.dir, "done.json")) for r in runs_of(out, comp)]
