@@ -167,6 +167,11 @@ VARIANTS: dict[str, Variant] = {
         ("--num-critics", "2"),
         doc="MPO with two Q-functions, their minimum read as Q' (clipped double Q; the paper: one)",
     ),
+    "mpo_twin_q_target25": Variant(
+        "mpo.py",
+        ("--num-critics", "2", "--target-network-frequency", "25"),
+        doc="MPO with two Q-functions and its targets copied every 25 updates (the paper: one, every 1000)",
+    ),
     # treepi.py's lines with Table 1's ELU, as their records ran (the CPU default is ReLU since; treepi_pi_relu)
     "treepi_pi": Variant("treepi.py", ("--act", "policy", *ELU), doc="TreePI acting with the policy"),
     "treepi_pi_relu": Variant(
@@ -479,6 +484,20 @@ COMPARISONS: dict[str, Comparison] = {
         steps=100_000,
         extra_args=SUITE_ARGS,  # mpo_vs_sac_ppo_100k's runs of the paper's MPO and SAC
         paper="[MPO] Sec. 4 (one Q-function, Retrace); [TD3] Sec. 4.2 (clipped double Q, which sac.py uses)",
+    ),
+    "mpo_single_machine_100k": Comparison(
+        "MPO's two single-machine changes, alone and together: two Q-functions (min) and the target period 25, against SAC",
+        (
+            MPO_PAPER,
+            Line("MPO, two Q-functions (min)", "mpo_twin_q"),
+            MPO_PERIOD_25,
+            Line("MPO, two Q-functions, period 25", "mpo_twin_q_target25"),
+            Line("SAC", "sac"),
+        ),
+        envs=("Walker2d-v5", "HalfCheetah-v5"),
+        steps=100_000,
+        extra_args=SUITE_ARGS,  # the other MPO comparisons' runs but the last MPO line's
+        paper="[MPO] Sec. 4 (one Q-function), Alg. 2 (targets copied every 1000 updates); [TD3] Sec. 4.2",
     ),
     "mpo_target_period": Comparison(
         "MPO with the paper's target period (1000 updates), ACME's (100), 25, and a looser covariance bound, against SAC",

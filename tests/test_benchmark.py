@@ -148,6 +148,26 @@ def test_budgets_per_env_and_variant_and_their_flags_make_distinct_runs(tmp_path
     assert {r.steps for r in overridden} == {7}
 
 
+def test_every_planned_command_is_one_its_script_accepts(tmp_path):
+    # a mistyped flag or a bad value in a variant would otherwise fail only when its run starts, maybe hours in
+    scripts, checked = {}, 0
+    for comp in bench.COMPARISONS.values():
+        if comp.made_by:  # run by cleanrl_compare.py, partly with CleanRL's scripts
+            continue
+        for run in bench.plan(comp, comp.seeds, comp.envs, None, str(tmp_path)):
+            path = run.cmd[1]
+            if path not in scripts:
+                spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+                scripts[path] = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(scripts[path])
+            script = scripts[path]
+            args = script.tyro.cli(script.Args, args=list(run.cmd[2:]))
+            script.check_args(args)  # raises UsageError with the script's one-line message
+            assert (args.env, args.seed, args.total_steps) == (run.env, run.seed, run.steps)
+            checked += 1
+    assert checked > 100 and len(scripts) >= 6
+
+
 def test_comparisons_made_elsewhere_are_refused_by_run(tmp_path, capsys):
     assert bench.COMPARISONS["cleanrl_sac"].made_by
     assert bench.main(["run", "cleanrl_sac", "--out", str(tmp_path)]) == 2
