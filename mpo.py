@@ -39,7 +39,7 @@ Deviations from the paper:
     - One Q-function, as the paper; --num-critics 2 trains two to the same Q_ret and reads Q' as their minimum in lines 2-3
       (clipped double Q [TD3]): at 100k env steps on Walker2d-v5 one critic overestimates the return by 11-56%, and two
       raise the mean return over training on each of 3 seeds (295 to 395; sac.py 465), at 0.72x the env steps/s; on
-      HalfCheetah-v5, where one critic already underestimates, two lower that mean (2 seeds; README).
+      HalfCheetah-v5, where one critic already underestimates, two lower that mean on each of 3 seeds (867 to 772; README).
     - A diagonal covariance unless --full-covariance (App. D: a full Cholesky factor). Not for speed (3% per update here):
       at 10k steps on Walker2d-v5 the full one learned less (3 seeds; README).
     - Retrace and the E-step use pi' (the paper's pi(a|s, theta_i)), as ACME does; C_mean uses the online covariance, as
