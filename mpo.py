@@ -42,7 +42,8 @@ Deviations from the paper:
       HalfCheetah-v5, where one critic already underestimates, two lower that mean on each of 3 seeds (867 to 772; README).
     - Single-machine setting: --num-critics 2 --target-network-frequency 25 (the default stays one critic, Alg. 2's 1000)
       raises the mean return over 100k env steps from 295 to 701 on Walker2d-v5 (3 seeds, one lower; sac.py 465), from
-      996 to 2020 on HalfCheetah-v5 (2 seeds) and from 401 to 684 on cartpole-swingup (3 seeds; sac.py 576; README).
+      867 to 2386 on HalfCheetah-v5 (3 seeds; sac.py 2855) and from 401 to 684 on cartpole-swingup (3 seeds; sac.py 576;
+      README).
     - A diagonal covariance unless --full-covariance (App. D: a full Cholesky factor). Not for speed (3% per update here):
       at 10k steps on Walker2d-v5 the full one learned less (3 seeds; README).
     - Retrace and the E-step use pi' (the paper's pi(a|s, theta_i)), as ACME does; C_mean uses the online covariance, as
